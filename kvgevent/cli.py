@@ -1,0 +1,128 @@
+"""``python run_server.py``: the server's command line.
+
+Every flag can also come from a ``KVGEVENT_*`` environment variable (the flag wins), and
+``--help`` shows the defaults of :mod:`kvgevent.config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gevent
+import gevent.event
+
+from .config import DEFAULT_HOST, DEFAULT_MAX_LINE, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, DEFAULT_SHUTDOWN_FLUSH
+from .logs import DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, LOG_FORMATS, LOG_LEVELS, configure_logging, get_logger
+from .server import KeyValueServer
+from .store import MemoryStore
+
+ENV_PREFIX = "KVGEVENT_"
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0 = any free port)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number of seconds >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(text)
+    return value
+
+
+def add_env_option(parser: argparse.ArgumentParser, flag: str, default: Any, help: str,
+                   type: Callable[[str], Any] = str, choices: Sequence[str] | None = None) -> None:
+    """Add ``--flag`` whose default comes from ``KVGEVENT_FLAG`` when set, else ``default``.
+
+    A malformed environment value is reported like a malformed flag (exit status 2)."""
+    env = ENV_PREFIX + flag.upper().replace("-", "_")
+    raw = os.environ.get(env)
+    value = default
+    if raw is not None:
+        try:
+            value = type(raw)
+            if choices is not None and value not in choices:
+                raise ValueError(raw)
+        except ValueError:
+            parser.error(f"invalid value in {env}: {raw!r}")
+    parser.add_argument(
+        "--" + flag, default=value, type=type, choices=choices,
+        metavar=None if choices else flag.upper().replace("-", "_"),
+        help=f"{help} (default: {default}; env {env})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_server.py",
+        description="kvgevent: a key-value server speaking the p0 line protocol "
+        "(PUT:key:value, GET:key, UPDATE:key:old:new, DELETE:key, PING, STATS).",
+        epilog="Stops cleanly on SIGINT or SIGTERM (exit status 0); exits with status 1 if "
+        "the address cannot be bound.",
+    )
+    add_env_option(parser, "host", DEFAULT_HOST, "address to listen on; loopback by default")
+    add_env_option(parser, "port", DEFAULT_PORT, "TCP port; 0 picks a free one", type=port_number)
+    add_env_option(parser, "queue-size", DEFAULT_QUEUE_SIZE,
+                   "reply lines queued per client before replies to it are dropped", type=positive_int)
+    add_env_option(parser, "max-line", DEFAULT_MAX_LINE,
+                   "longest request line in bytes; longer ones get 'ERR line too long'", type=positive_int)
+    add_env_option(parser, "shutdown-flush", DEFAULT_SHUTDOWN_FLUSH,
+                   "seconds allowed on shutdown for sending queued replies", type=non_negative_float)
+    add_env_option(parser, "log-format", DEFAULT_LOG_FORMAT,
+                   "json: one JSON object per line on stderr; console: for people; "
+                   "auto: console on a terminal, else json", choices=LOG_FORMATS)
+    add_env_option(parser, "log-level", DEFAULT_LOG_LEVEL, "least severe level logged", choices=LOG_LEVELS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM; return the process exit status."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    log = get_logger()
+    server = KeyValueServer(MemoryStore(), queue_size=args.queue_size, max_line=args.max_line)
+    try:
+        server.start(args.port, args.host)
+    except OSError as exc:
+        log.error("server_start_failed", host=args.host, port=args.port,
+                  error=exc.strerror or str(exc), errno=exc.errno)
+        return 1
+    stop = gevent.event.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    # gevent.signal_handler runs the callback in a new greenlet, outside the hub.
+    handlers = [gevent.signal_handler(sig, on_signal, sig) for sig in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        stop.wait()
+        log.info("shutdown_requested", signal=received[0] if received else None)
+        server.close(flush_timeout=args.shutdown_flush)
+    finally:
+        for handler in handlers:
+            handler.cancel()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Tunables: every number the server or the CLI uses, named and documented in one place.
+
+The command-line programs read their defaults from here, so ``--help`` always shows
+the value the code really uses.
+"""
+
+from __future__ import annotations
+
+DEFAULT_HOST = "127.0.0.1"
+"""Address the server binds and the client connects to: loopback unless told otherwise."""
+
+DEFAULT_PORT = 9999
+"""TCP port of the original p0 server, kept for compatibility with its clients."""
+
+DEFAULT_QUEUE_SIZE = 500
+"""Reply lines queued for one client before further replies to it are dropped (the p0 rule)."""
+
+DEFAULT_MAX_LINE = 1 << 20
+"""Longest request line accepted, in bytes before the newline; longer lines get ``ERR line too long``."""
+
+DEFAULT_BACKLOG = 1024
+"""Listen backlog. gevent's default of 128 refuses connections during bursts of connects."""
+
+RECV_SIZE = 64 * 1024
+"""Bytes asked of one ``recv``: large reads let one wake-up parse many pipelined requests."""
+
+MAX_SEND_BATCH = 1 << 20
+"""Most bytes the writer joins into one ``sendall``; bounds the memory a stalled client pins."""
+
+DROP_GRACE = 0.25
+"""Seconds a reply waits for room in a full queue before its client is treated as not reading.
+
+A client that reads promptly but receives large replies can momentarily fill its queue while
+the writer is inside ``sendall``; waiting this long (once per episode, not per reply) keeps
+such a client from losing replies, while a client that really stopped reading only costs its
+own reader greenlet this pause before replies to it are dropped.
+"""
+
+EOF_FLUSH_STALL = 0.5
+"""After a client half-closes: seconds without write progress before queued replies are abandoned."""
+
+DEFAULT_SHUTDOWN_FLUSH = 2.0
+"""On SIGINT/SIGTERM or ``close()``: seconds allowed for flushing queued replies to clients."""
+
+DEFAULT_CLIENT_TIMEOUT = 10.0
+"""Seconds the client library waits for a connection or a reply before giving up."""

@@ -1,0 +1,298 @@
+"""The kvgevent wire protocol, as pure code: no sockets, no gevent, no clock.
+
+Requests are lines ending in ``\\n``; a ``\\r`` right before the ``\\n`` is dropped, so telnet
+works. Verbs are case-insensitive::
+
+    PUT:key:value        append value to key's list              no reply
+    GET:key              one "key:value" line per value           (nothing if none)
+    UPDATE:key:old:new   p0 semantics, see MemoryStore.update      no reply
+    DELETE:key           remove the key and all its values         no reply
+    PING                 "PONG" once every earlier command applied
+    STATS                one line of space-separated name=value pairs
+
+Anything else gets one ``ERR <reason>`` line. Status lines (``PONG``, ``ERR ...``, the
+``STATS`` line) never contain ':', so a reply line with ':' is always a GET value.
+
+Two pieces, both byte-exact and independently testable:
+
+* :class:`LineBuffer` turns a byte stream, in any chunking, into complete lines and enforces
+  the line-length bound itself: it never holds more than ``max_line`` bytes of a partial line.
+* :func:`parse` turns one line into a command tuple, or *returns* (does not raise) the
+  :class:`~kvgevent.errors.ProtocolError` whose ``reply`` is the ``ERR`` line to send.
+
+The encoding helpers at the bottom are what the client library sends and reads, so client
+and server share this one module.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+from .config import DEFAULT_MAX_LINE
+from .errors import InvalidArgument, ProtocolError
+
+
+class Put(NamedTuple):
+    """``PUT:key:value``: append ``value`` to the list of ``key``."""
+
+    key: bytes
+    value: bytes
+
+
+class Get(NamedTuple):
+    """``GET:key``: reply one ``key:value`` line per stored value."""
+
+    key: bytes
+
+
+class Update(NamedTuple):
+    """``UPDATE:key:old:new``: replace the first ``old`` by ``new`` (p0 semantics)."""
+
+    key: bytes
+    old: bytes
+    new: bytes
+
+
+class Delete(NamedTuple):
+    """``DELETE:key``: remove the key and all its values."""
+
+    key: bytes
+
+
+class Ping(NamedTuple):
+    """``PING``: reply ``PONG`` once every earlier command on the connection was applied."""
+
+
+class Stats(NamedTuple):
+    """``STATS``: reply one line of ``name=value`` counters."""
+
+
+Command = Union[Put, Get, Update, Delete, Ping, Stats]
+PING = Ping()
+STATS = Stats()
+
+# The fixed ERR phrases. Each is a shared instance: parsing never allocates an error.
+ERR_EMPTY_LINE = ProtocolError("empty command")
+ERR_UNKNOWN = ProtocolError("unknown command")
+ERR_EMPTY_KEY = ProtocolError("empty key")
+ERR_LINE_TOO_LONG = ProtocolError("line too long")
+ERR_FIELDS = {
+    verb: ProtocolError("wrong number of fields for " + verb)
+    for verb in ("PUT", "GET", "UPDATE", "DELETE", "PING", "STATS")
+}
+
+PONG = b"PONG\n"
+
+
+class LineBuffer:
+    """Reassembles request lines from a byte stream.
+
+    :meth:`feed` takes the bytes of one ``recv`` and returns the complete lines they finish,
+    in order, without their ``\\n`` (and without a ``\\r`` right before it). A line longer
+    than ``max_line`` bytes (counted before the ``\\n``) is replaced, exactly once, by
+    :data:`ERR_LINE_TOO_LONG`; its bytes are dropped as they arrive, never buffered, and the
+    line after it is parsed normally. So the buffer never holds more than ``max_line`` bytes.
+    Bytes after the last newline wait for the next :meth:`feed`; at end of stream they are an
+    incomplete request and are discarded (a client that vanished mid-line changes nothing).
+    """
+
+    __slots__ = ("max_line", "_parts", "_size", "_discarding")
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        if max_line < 1:
+            raise ValueError("max_line must be positive")
+        self.max_line = max_line
+        self._parts: list[bytes] = []  # the partial line, in pieces: no quadratic joins
+        self._size = 0
+        self._discarding = False  # inside a too-long line, dropping bytes up to its newline
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete line held now (always <= ``max_line``)."""
+        return self._size
+
+    def feed(self, data: bytes) -> list[bytes | ProtocolError]:
+        """Add received bytes; return the lines (or too-long markers) they complete."""
+        out: list[bytes | ProtocolError] = []
+        if self._discarding or self._parts:
+            newline = data.find(b"\n")
+            if newline < 0:
+                if not self._discarding:
+                    self._hold(data, out)
+                return out
+            head, data = data[:newline], data[newline + 1 :]
+            if self._discarding:
+                self._discarding = False
+            else:
+                size = self._size + len(head)
+                self._parts.append(head)
+                line = b"".join(self._parts)
+                self._parts = []
+                self._size = 0
+                if size > self.max_line:
+                    out.append(ERR_LINE_TOO_LONG)
+                else:
+                    out.append(line[:-1] if line[-1:] == b"\r" else line)
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if lines:
+            if max(map(len, lines)) > self.max_line:
+                limit = self.max_line
+                lines = [ERR_LINE_TOO_LONG if len(x) > limit else x for x in lines]  # type: ignore[misc]
+            if b"\r" in data:
+                lines = [x[:-1] if x[-1:] == b"\r" else x for x in lines]  # type: ignore[index]
+            if out:
+                out.extend(lines)
+            else:
+                out = lines  # type: ignore[assignment]
+        if tail:
+            self._hold(tail, out)
+        return out
+
+    def _hold(self, chunk: bytes, out: list[bytes | ProtocolError]) -> None:
+        """Keep ``chunk`` as part of the incomplete line, unless that makes it too long."""
+        if self._size + len(chunk) > self.max_line:
+            out.append(ERR_LINE_TOO_LONG)
+            self._parts = []
+            self._size = 0
+            self._discarding = True
+        else:
+            self._parts.append(chunk)
+            self._size += len(chunk)
+
+
+def _parse_put(rest: bytes, has_args: bool) -> Command | ProtocolError:
+    key, sep, value = rest.partition(b":")
+    if not (has_args and sep):
+        return ERR_FIELDS["PUT"]
+    if not key:
+        return ERR_EMPTY_KEY
+    return Put(key, value)
+
+
+def _parse_get(rest: bytes, has_args: bool) -> Command | ProtocolError:
+    if not has_args or b":" in rest:
+        return ERR_FIELDS["GET"]
+    return Get(rest) if rest else ERR_EMPTY_KEY
+
+
+def _parse_update(rest: bytes, has_args: bool) -> Command | ProtocolError:
+    key, sep1, tail = rest.partition(b":")
+    old, sep2, new = tail.partition(b":")
+    if not (has_args and sep1 and sep2):
+        return ERR_FIELDS["UPDATE"]
+    if not key:
+        return ERR_EMPTY_KEY
+    return Update(key, old, new)
+
+
+def _parse_delete(rest: bytes, has_args: bool) -> Command | ProtocolError:
+    if not has_args or b":" in rest:
+        return ERR_FIELDS["DELETE"]
+    return Delete(rest) if rest else ERR_EMPTY_KEY
+
+
+def _parse_ping(rest: bytes, has_args: bool) -> Command | ProtocolError:
+    return ERR_FIELDS["PING"] if has_args else PING
+
+
+def _parse_stats(rest: bytes, has_args: bool) -> Command | ProtocolError:
+    return ERR_FIELDS["STATS"] if has_args else STATS
+
+
+_VERBS = {
+    b"PUT": _parse_put,
+    b"GET": _parse_get,
+    b"UPDATE": _parse_update,
+    b"DELETE": _parse_delete,
+    b"PING": _parse_ping,
+    b"STATS": _parse_stats,
+}
+
+
+def parse(line: bytes) -> Command | ProtocolError:
+    """Parse one request line (without its newline) into a command or a protocol error.
+
+    Never raises. Fields are split on ':'; the key is the second field and may not be empty;
+    the last field of PUT (value) and UPDATE (new) is the rest of the line, ':' included.
+    """
+    verb, sep, rest = line.partition(b":")
+    handler = _VERBS.get(verb) or _VERBS.get(verb.upper())
+    if handler is None:
+        return ERR_UNKNOWN if line else ERR_EMPTY_LINE
+    return handler(rest, bool(sep))
+
+
+# --- replies -----------------------------------------------------------------------------
+
+
+def value_line(key: bytes, value: bytes) -> bytes:
+    """The reply line for one value of a GET: ``key:value\\n``."""
+    return b"".join((key, b":", value, b"\n"))
+
+
+def stats_line(counters: dict[str, int]) -> bytes:
+    """The reply line of STATS: ``name=value`` pairs separated by spaces."""
+    return " ".join(f"{name}={value}" for name, value in counters.items()).encode() + b"\n"
+
+
+def parse_stats(line: bytes) -> dict[str, int]:
+    """Inverse of :func:`stats_line` (without the newline). Raises ValueError if malformed."""
+    counters: dict[str, int] = {}
+    for pair in line.decode("ascii").split():
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"not a STATS line: {line!r}")
+        counters[name] = int(value)
+    return counters
+
+
+def parse_value(line: bytes) -> bytes:
+    """The value of a GET reply line ``key:value`` (keys never contain ':')."""
+    return line.partition(b":")[2]
+
+
+# --- requests, for clients -----------------------------------------------------------------
+
+
+def _check_key(key: bytes) -> None:
+    if not key:
+        raise InvalidArgument("empty key")
+    if b":" in key or b"\n" in key:
+        raise InvalidArgument("a key may not contain ':' or a newline")
+
+
+def _check_tail(field: bytes, what: str) -> None:
+    if b"\n" in field:
+        raise InvalidArgument(f"a {what} may not contain a newline")
+
+
+def encode(command: Command) -> bytes:
+    """The request line for ``command``; raises InvalidArgument for what cannot be sent.
+
+    Besides the rules on keys, a newline anywhere is refused, and so is a ``\\r`` at the very
+    end of the line (the server would take it for a telnet line ending and drop it).
+    """
+    if isinstance(command, Ping):
+        return b"PING\n"
+    if isinstance(command, Stats):
+        return b"STATS\n"
+    _check_key(command.key)
+    if isinstance(command, Put):
+        _check_tail(command.value, "value")
+        line = b"PUT:" + command.key + b":" + command.value
+    elif isinstance(command, Get):
+        line = b"GET:" + command.key
+    elif isinstance(command, Delete):
+        line = b"DELETE:" + command.key
+    elif isinstance(command, Update):
+        _check_tail(command.old, "value")
+        _check_tail(command.new, "value")
+        if b":" in command.old:
+            raise InvalidArgument("the old value of an UPDATE may not contain ':'")
+        line = b"UPDATE:" + command.key + b":" + command.old + b":" + command.new
+    else:  # pragma: no cover - the Command union is closed
+        raise TypeError(f"not a command: {command!r}")
+    if line.endswith(b"\r"):
+        raise InvalidArgument("a request may not end in '\\r'")
+    return line + b"\n"
