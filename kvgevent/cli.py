@@ -17,7 +17,14 @@ import gevent
 import gevent.event
 
 from .config import DEFAULT_HOST, DEFAULT_MAX_LINE, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, DEFAULT_SHUTDOWN_FLUSH
-from .logs import DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, LOG_FORMATS, LOG_LEVELS, configure_logging, get_logger
+from .logs import (
+    DEFAULT_LOG_FORMAT,
+    DEFAULT_LOG_LEVEL,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    configure_logging,
+    get_logger,
+)
 from .server import KeyValueServer
 from .store import MemoryStore
 
@@ -48,8 +55,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def add_env_option(parser: argparse.ArgumentParser, flag: str, default: Any, help: str,
-                   type: Callable[[str], Any] = str, choices: Sequence[str] | None = None) -> None:
+def add_env_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    default: Any,
+    help: str,
+    type: Callable[[str], Any] = str,
+    choices: Sequence[str] | None = None,
+) -> None:
     """Add ``--flag`` whose default comes from ``KVGEVENT_FLAG`` when set, else ``default``.
 
     A malformed environment value is reported like a malformed flag (exit status 2)."""
@@ -64,7 +77,10 @@ def add_env_option(parser: argparse.ArgumentParser, flag: str, default: Any, hel
         except ValueError:
             parser.error(f"invalid value in {env}: {raw!r}")
     parser.add_argument(
-        "--" + flag, default=value, type=type, choices=choices,
+        "--" + flag,
+        default=value,
+        type=type,
+        choices=choices,
         metavar=None if choices else flag.upper().replace("-", "_"),
         help=f"{help} (default: {default}; env {env})",
     )
@@ -80,15 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_env_option(parser, "host", DEFAULT_HOST, "address to listen on; loopback by default")
     add_env_option(parser, "port", DEFAULT_PORT, "TCP port; 0 picks a free one", type=port_number)
-    add_env_option(parser, "queue-size", DEFAULT_QUEUE_SIZE,
-                   "reply lines queued per client before replies to it are dropped", type=positive_int)
-    add_env_option(parser, "max-line", DEFAULT_MAX_LINE,
-                   "longest request line in bytes; longer ones get 'ERR line too long'", type=positive_int)
-    add_env_option(parser, "shutdown-flush", DEFAULT_SHUTDOWN_FLUSH,
-                   "seconds allowed on shutdown for sending queued replies", type=non_negative_float)
-    add_env_option(parser, "log-format", DEFAULT_LOG_FORMAT,
-                   "json: one JSON object per line on stderr; console: for people; "
-                   "auto: console on a terminal, else json", choices=LOG_FORMATS)
+    add_env_option(
+        parser,
+        "queue-size",
+        DEFAULT_QUEUE_SIZE,
+        "reply lines queued per client before replies to it are dropped",
+        type=positive_int,
+    )
+    add_env_option(
+        parser,
+        "max-line",
+        DEFAULT_MAX_LINE,
+        "longest request line in bytes; longer ones get 'ERR line too long'",
+        type=positive_int,
+    )
+    add_env_option(
+        parser,
+        "shutdown-flush",
+        DEFAULT_SHUTDOWN_FLUSH,
+        "seconds allowed on shutdown for sending queued replies",
+        type=non_negative_float,
+    )
+    add_env_option(
+        parser,
+        "log-format",
+        DEFAULT_LOG_FORMAT,
+        "json: one JSON object per line on stderr; console: for people; "
+        "auto: console on a terminal, else json",
+        choices=LOG_FORMATS,
+    )
     add_env_option(parser, "log-level", DEFAULT_LOG_LEVEL, "least severe level logged", choices=LOG_LEVELS)
     return parser
 
@@ -102,8 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start(args.port, args.host)
     except OSError as exc:
-        log.error("server_start_failed", host=args.host, port=args.port,
-                  error=exc.strerror or str(exc), errno=exc.errno)
+        log.error(
+            "server_start_failed",
+            host=args.host,
+            port=args.port,
+            error=exc.strerror or str(exc),
+            errno=exc.errno,
+        )
         return 1
     stop = gevent.event.Event()
     received: list[str] = []

@@ -64,8 +64,12 @@ class Client:
     anything is sent.
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 timeout: float | None = DEFAULT_CLIENT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        timeout: float | None = DEFAULT_CLIENT_TIMEOUT,
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -80,8 +84,7 @@ class Client:
         try:
             self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
-            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: "
-                                 f"{exc.strerror or exc}") from exc
+            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = LineBuffer(MAX_REPLY_LINE)
         self._lines.clear()
@@ -138,8 +141,7 @@ class Client:
         ``None`` for PUT/UPDATE/DELETE, a list of values for GET, True for PING, a dict for
         STATS. An ``ERR`` raises the first :class:`ServerError` after all replies were read,
         or takes the command's place in the results when ``raise_on_error`` is False."""
-        payload = b"".join(encode(c) if c.__class__ is Ping else encode(c) + b"PING\n"
-                           for c in commands)
+        payload = b"".join(encode(c) if c.__class__ is Ping else encode(c) + b"PING\n" for c in commands)
         sock = self._require()
         try:
             sock.sendall(payload)

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("lines", nargs="*", metavar="LINE", help="a request, e.g. GET:fruit")
     add_env_option(parser, "host", DEFAULT_HOST, "server address")
     add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
-    add_env_option(parser, "timeout", DEFAULT_CLIENT_TIMEOUT,
-                   "seconds to wait for the server", type=non_negative_float)
+    add_env_option(
+        parser, "timeout", DEFAULT_CLIENT_TIMEOUT, "seconds to wait for the server", type=non_negative_float
+    )
     return parser
 
 

@@ -70,7 +70,8 @@ def _log_hub_exception(context: Any, etype: Any, value: Any, tb: Any) -> None:
     try:
         where = repr(context)[:200] if context is not None else None
         text = "".join(traceback.format_exception(etype, value, tb)) if etype else repr(value)
-        get_logger().error("unhandled_error", context=where, error_type=getattr(etype, "__name__", "?"),
-                           traceback=text)
+        get_logger().error(
+            "unhandled_error", context=where, error_type=getattr(etype, "__name__", "?"), traceback=text
+        )
     except Exception:  # never let error reporting itself raise inside the hub
         pass

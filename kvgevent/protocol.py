@@ -26,7 +26,7 @@ and server share this one module.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from .config import DEFAULT_MAX_LINE
 from .errors import InvalidArgument, ProtocolError
@@ -67,7 +67,7 @@ class Stats(NamedTuple):
     """``STATS``: reply one line of ``name=value`` counters."""
 
 
-Command = Union[Put, Get, Update, Delete, Ping, Stats]
+Command = Put | Get | Update | Delete | Ping | Stats
 PING = Ping()
 STATS = Stats()
 

@@ -62,12 +62,24 @@ class Connection:
     beyond queueing a reply; the server drives it."""
 
     __slots__ = (
-        "client_id", "peer", "sock", "queue", "buffer", "writer", "reader", "log",
-        "reading", "dropping", "messages_dropped", "bytes_sent", "failed",
+        "client_id",
+        "peer",
+        "sock",
+        "queue",
+        "buffer",
+        "writer",
+        "reader",
+        "log",
+        "reading",
+        "dropping",
+        "messages_dropped",
+        "bytes_sent",
+        "failed",
     )
 
-    def __init__(self, client_id: int, peer: str, sock: Any, queue_size: int, max_line: int,
-                 log: Any) -> None:
+    def __init__(
+        self, client_id: int, peer: str, sock: Any, queue_size: int, max_line: int, log: Any
+    ) -> None:
         self.client_id = client_id
         self.peer = peer
         self.sock = sock
@@ -141,8 +153,9 @@ class KeyValueServer:
         server.start()
         self._server = server
         self._started_at = time.monotonic()
-        self.log.info("server_started", host=host, port=self.port, queue_size=self.queue_size,
-                      max_line=self.max_line)
+        self.log.info(
+            "server_started", host=host, port=self.port, queue_size=self.queue_size, max_line=self.max_line
+        )
 
     @property
     def port(self) -> int:
@@ -192,8 +205,13 @@ class KeyValueServer:
         self._pool.kill(block=True, timeout=1.0)
         self._writers.kill(block=True, timeout=1.0)
         self.store.close()
-        self.log.info("server_stopped", dropped=self._dropped, connections=self._accepted,
-                      commands=self._commands, messages_dropped=self._messages_dropped)
+        self.log.info(
+            "server_stopped",
+            dropped=self._dropped,
+            connections=self._accepted,
+            commands=self._commands,
+            messages_dropped=self._messages_dropped,
+        )
         self._closed.set()
 
     # --- one client -------------------------------------------------------------------------
@@ -202,8 +220,14 @@ class KeyValueServer:
         """Serve one client until it disconnects; the socket is closed when this returns."""
         peer = f"{address[0]}:{address[1]}"
         client_id = next(self._ids)
-        conn = Connection(client_id, peer, sock, self.queue_size, self.max_line,
-                          self.log.bind(client_id=client_id, peer=peer))
+        conn = Connection(
+            client_id,
+            peer,
+            sock,
+            self.queue_size,
+            self.max_line,
+            self.log.bind(client_id=client_id, peer=peer),
+        )
         self._conns[conn.client_id] = conn
         self._accepted += 1
         conn.log.info("client_connected", active=len(self._conns))
@@ -303,8 +327,9 @@ class KeyValueServer:
                 return
             except Full:
                 conn.dropping = True
-                conn.log.warning("messages_dropping", queue_size=self.queue_size,
-                                 messages_dropped=conn.messages_dropped)
+                conn.log.warning(
+                    "messages_dropping", queue_size=self.queue_size, messages_dropped=conn.messages_dropped
+                )
         conn.messages_dropped += 1
         self._messages_dropped += 1
 
@@ -340,7 +365,9 @@ class KeyValueServer:
                 if eof:
                     return
         except OSError as exc:
-            conn.failed = "reset" if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else "write_error"
+            conn.failed = (
+                "reset" if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else "write_error"
+            )
             while not queue.empty():  # free a reader waiting for room
                 queue.get_nowait()
             try:
@@ -385,5 +412,10 @@ class KeyValueServer:
             conn.sock.close()
         except OSError:
             pass
-        conn.log.info("client_dropped", reason=reason, active=len(self._conns),
-                      dropped=self._dropped, messages_dropped=conn.messages_dropped)
+        conn.log.info(
+            "client_dropped",
+            reason=reason,
+            active=len(self._conns),
+            dropped=self._dropped,
+            messages_dropped=conn.messages_dropped,
+        )

@@ -54,7 +54,7 @@ class KVStore(abc.ABC):
     def count_keys(self) -> int:
         """Number of keys holding at least one value."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the store holds (connections, files). The default does nothing."""
 
 

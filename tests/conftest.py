@@ -1,0 +1,212 @@
+"""Shared fixtures. The whole test process is monkey-patched by gevent, so the in-process
+server serves while a test blocks in a socket call, and helper greenlets play concurrent
+clients. Every test runs under a deadline, and every socket and server it opens is closed."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+import pytest  # noqa: E402
+
+from kvgevent import KeyValueServer, MemoryStore, configure_logging  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DEADLINE = 60.0
+"""Seconds any single test may take before it fails (the slowest ones take about 12)."""
+
+
+@pytest.fixture(autouse=True)
+def deadline() -> Iterator[None]:
+    """Fail a test that blocks past TEST_DEADLINE instead of hanging the suite."""
+    timeout = gevent.Timeout(TEST_DEADLINE, AssertionError(f"test exceeded {TEST_DEADLINE} s"))
+    timeout.start()
+    try:
+        yield
+    finally:
+        timeout.cancel()
+
+
+@pytest.fixture
+def log_stream() -> io.StringIO:
+    """In-process server logs, as JSON lines (parse them with :func:`log_events`)."""
+    stream = io.StringIO()
+    configure_logging("json", "debug", stream=stream)
+    return stream
+
+
+def log_events(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+def make_server(log_stream: io.StringIO) -> Iterator[Callable[..., KeyValueServer]]:
+    """Factory of started servers on free loopback ports; all are closed after the test."""
+    servers: list[KeyValueServer] = []
+
+    def make(**options: Any) -> KeyValueServer:
+        server = KeyValueServer(MemoryStore(), **options)
+        server.start(0, host="127.0.0.1")
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close(flush_timeout=0.5)
+
+
+@pytest.fixture
+def server(make_server: Callable[..., KeyValueServer]) -> KeyValueServer:
+    return make_server()
+
+
+class Peer:
+    """A raw protocol client over a (gevent-patched) socket, for byte-exact assertions."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_lines(self, count: int) -> list[bytes]:
+        """Exactly ``count`` lines (without newlines), or fail at the socket timeout."""
+        while self.buffer.count(b"\n") < count:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise AssertionError(f"connection closed after {self.buffer!r}")
+            self.buffer += chunk
+        lines = self.buffer.split(b"\n")
+        taken, rest = lines[:count], lines[count:]
+        self.buffer = b"\n".join(rest)
+        return taken
+
+    def request(self, data: bytes) -> list[bytes]:
+        """Send ``data`` then PING; return every reply line before the PONG."""
+        self.send(data + b"PING\n")
+        lines = []
+        while (line := self.read_lines(1)[0]) != b"PONG":
+            lines.append(line)
+        return lines
+
+    def expect_no_reply(self) -> None:
+        """Assert that nothing is pending: a PING's PONG is the very next line."""
+        assert self.request(b"") == [], "unexpected reply lines"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., Peer]]:
+    """Factory of :class:`Peer` connections, all closed after the test."""
+    peers: list[Peer] = []
+
+    def make(port: int, **options: Any) -> Peer:
+        peer = Peer(port, **options)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, message: str = "") -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(message or "condition not reached in time")
+        gevent.sleep(0.01)
+
+
+class ServerProcess:
+    """``python run_server.py`` in a subprocess, on a free port, with JSON logs captured."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.args = [
+            sys.executable,
+            str(ROOT / "run_server.py"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-format",
+            "json",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
+        self.stderr = b""
+
+    def wait_listening(self, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.proc.communicate()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+                gevent.sleep(0.05)
+
+    def stop(self, sig: int = 15, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            _, self.stderr = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, self.stderr = self.proc.communicate()
+            raise
+        return self.proc.returncode
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every stderr line, parsed as JSON (fails if any line is not JSON)."""
+        return [json.loads(line) for line in self.stderr.decode().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server_process() -> Iterator[Callable[..., ServerProcess]]:
+    """Factory of ``run_server.py`` subprocesses, each stopped (by pid) after the test."""
+    procs: list[ServerProcess] = []
+
+    def make(*args: str, wait: bool = True, **options: Any) -> ServerProcess:
+        proc = ServerProcess(*args, **options)
+        procs.append(proc)
+        if wait:
+            proc.wait_listening()
+        return proc
+
+    yield make
+    for proc in procs:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.communicate()

@@ -1,0 +1,430 @@
+"""Integration tests of KeyValueServer over real loopback sockets: the protocol, bad input,
+slow and fast readers, counts, shutdown and logs."""
+
+import socket
+import struct
+
+import gevent
+import pytest
+from conftest import Peer, log_events, wait_until
+
+from kvgevent import KeyValueServer, MemoryStore, StoreError
+
+# --- the protocol over the wire --------------------------------------------------------------
+
+
+def test_put_then_get_returns_key_value_lines(server, connect):
+    """PUT has no reply; GET replies one 'key:value' line per value, in stored order."""
+    peer = connect(server.port)
+    assert peer.request(b"PUT:fruit:apple\nPUT:fruit:pear\nGET:fruit\n") == [
+        b"fruit:apple",
+        b"fruit:pear",
+    ]
+
+
+def test_get_of_absent_key_replies_nothing(server, connect):
+    peer = connect(server.port)
+    assert peer.request(b"GET:nothing\n") == []
+
+
+def test_update_follows_the_original_semantics(server, connect):
+    """UPDATE removes the first old value and appends new; on an absent key it creates [new]."""
+    peer = connect(server.port)
+    lines = peer.request(
+        b"PUT:k:a\nPUT:k:b\nPUT:k:a\nUPDATE:k:a:z\nGET:k\nUPDATE:fresh:x:y\nGET:fresh\n"
+        b"UPDATE:k:nomatch:w\nGET:k\n"
+    )
+    assert lines == [b"k:b", b"k:a", b"k:z", b"fresh:y", b"k:b", b"k:a", b"k:z", b"k:w"]
+
+
+def test_delete_removes_all_values(server, connect):
+    peer = connect(server.port)
+    assert peer.request(b"PUT:k:1\nPUT:k:2\nDELETE:k\nGET:k\nDELETE:k\n") == []
+
+
+def test_verbs_are_case_insensitive(server, connect):
+    """The original's tests send Put:/Get:, its README shows PUT:; both work."""
+    peer = connect(server.port)
+    assert peer.request(b"Put:k:1\nput:k:2\nPUT:k:3\nGet:k\nUpdate:k:1:4\nget:k\n") == [
+        b"k:1",
+        b"k:2",
+        b"k:3",
+        b"k:2",
+        b"k:3",
+        b"k:4",
+    ]
+
+
+def test_values_are_binary_safe(server, connect):
+    """':', spaces, \\r inside a value, NUL and non-UTF-8 bytes round-trip exactly."""
+    value = b"a:b c\rd\x00\xff\xfe:"
+    peer = connect(server.port)
+    assert peer.request(b"PUT:bin:" + value + b"\nPUT:bin:\nGET:bin\n") == [b"bin:" + value, b"bin:"]
+
+
+def test_crlf_line_endings_work(server, connect):
+    """A telnet client ends lines with \\r\\n; the \\r is not part of the value."""
+    peer = connect(server.port)
+    assert peer.request(b"PUT:t:v\r\nGET:t\r\n") == [b"t:v"]
+
+
+def test_ping_replies_pong_after_earlier_commands(server, connect):
+    """PONG comes after everything sent before it was applied: a barrier."""
+    writer, reader = connect(server.port), connect(server.port)
+    writer.send(b"".join(b"PUT:barrier:%d\n" % i for i in range(1000)) + b"PING\n")
+    assert writer.read_lines(1) == [b"PONG"]
+    assert len(reader.request(b"GET:barrier\n")) == 1000
+
+
+def test_stats_reports_counters(server, connect):
+    """STATS is one line of name=value pairs with the documented counters."""
+    peer = connect(server.port)
+    peer.request(b"PUT:a:1\nPUT:b:2\nbogus\n")
+    (line,) = peer.request(b"STATS\n")
+    assert b":" not in line
+    stats = dict(pair.split(b"=") for pair in line.split(b" "))
+    for name in (b"active", b"dropped", b"messages_dropped", b"keys", b"commands", b"uptime_s"):
+        assert stats[name].isdigit(), name
+    assert stats[b"active"] == b"1"
+    assert stats[b"keys"] == b"2"
+    assert stats[b"errors"] == b"1"
+    assert int(stats[b"commands"]) >= 5
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (b"HELLO", b"ERR unknown command"),
+        (b"", b"ERR empty command"),
+        (b"PUT:k", b"ERR wrong number of fields for PUT"),
+        (b"PUT::v", b"ERR empty key"),
+        (b"GET:a:b", b"ERR wrong number of fields for GET"),
+        (b"GET", b"ERR wrong number of fields for GET"),
+        (b"UPDATE:k:old", b"ERR wrong number of fields for UPDATE"),
+        (b"DELETE:", b"ERR empty key"),
+        (b"\x00\xff\xfe", b"ERR unknown command"),
+    ],
+)
+def test_bad_line_gets_one_err_and_connection_stays_usable(server, connect, line, reply):
+    """A bad line changes nothing, gets exactly one ERR line, and the next command works."""
+    peer = connect(server.port)
+    assert peer.request(line + b"\n") == [reply]
+    assert peer.request(b"PUT:still:ok\nGET:still\n") == [b"still:ok"]
+    assert server.count_active() == 1
+
+
+def test_bad_lines_do_not_change_the_store(server, connect):
+    peer = connect(server.port)
+    peer.request(b"PUT:k:v\nPUT:k\nUPDATE:k:v\nDELETE:k:x\nGET:k:\n")
+    assert peer.request(b"GET:k\n") == [b"k:v"]
+    assert server.store.count_keys() == 1
+
+
+def test_line_too_long_gets_one_err_and_is_discarded(make_server, connect):
+    """A line over --max-line is answered once, its bytes are dropped, the connection lives."""
+    server = make_server(max_line=1000)
+    peer = connect(server.port)
+    peer.send(b"PUT:big:" + b"x" * 5000)  # reported before its newline arrives
+    assert peer.read_lines(1) == [b"ERR line too long"]
+    peer.send(b"y" * 100_000)
+    assert peer.request(b"tail-of-the-long-line\nPUT:small:ok\nGET:small\nGET:big\n") == [b"small:ok"]
+
+
+def test_line_over_one_mebibyte_is_refused_by_default(server, connect):
+    """The default limit is 1 MiB; a value just under it is stored."""
+    peer = connect(server.port)
+    just_under = b"v" * ((1 << 20) - len(b"PUT:k:"))
+    assert peer.request(b"PUT:k:" + just_under + b"\n") == []
+    assert peer.request(b"PUT:k:" + just_under + b"vv\n") == [b"ERR line too long"]
+    assert peer.request(b"GET:k\n") == [b"k:" + just_under]
+
+
+def test_client_sending_one_byte_at_a_time(server, connect):
+    """A client that sends its requests byte by byte gets the same replies."""
+    peer = connect(server.port)
+    for byte in b"PUT:slow:v1\r\nPUT:slow:v2\nGET:slow\n":
+        peer.send(bytes([byte]))
+    assert peer.read_lines(2) == [b"slow:v1", b"slow:v2"]
+
+
+def test_incomplete_last_line_is_not_applied(server, connect):
+    """A client that vanishes mid-line changes nothing: the partial request is discarded."""
+    gone = connect(server.port)
+    gone.send(b"PUT:partial:1\nPUT:partial:2")
+    gone.close()
+    wait_until(lambda: server.count_dropped() == 1)
+    assert connect(server.port).request(b"GET:partial\n") == [b"partial:1"]
+
+
+# --- many clients, slow and fast readers -----------------------------------------------------
+
+
+def test_clients_share_one_store(server, connect):
+    a, b = connect(server.port), connect(server.port)
+    a.request(b"PUT:shared:from-a\n")
+    assert b.request(b"GET:shared\n") == [b"shared:from-a"]
+
+
+def _fill(server: KeyValueServer, count: int, size: int) -> list[bytes]:
+    """Store one value of ``size`` bytes under each of k0..k{count-1}; return the GET lines."""
+    lines = []
+    for i in range(count):
+        value = b"%d:" % i + b"x" * (size - 8)
+        server.store.put(b"k%d" % i, value)
+        lines.append(b"k%d:" % i + value)
+    return lines
+
+
+def test_prompt_reader_gets_every_reply_of_a_deep_pipeline(server, connect):
+    """10,000 GETs in one write, read concurrently: every reply arrives, none is dropped."""
+    expected = _fill(server, 10_000, 16)
+    peer = connect(server.port)
+    peer.send(b"".join(b"GET:k%d\n" % i for i in range(10_000)))
+    assert peer.read_lines(10_000) == expected
+    assert server.stats()["messages_dropped"] == 0
+
+
+def test_prompt_reader_gets_every_large_reply(server, connect):
+    """2,000 GETs of 4 KB values (8 MB, more than the queue and the kernel buffers hold),
+    read concurrently: nothing is dropped even though the writer blocks in sendall."""
+    expected = _fill(server, 2000, 4096)
+    peer = connect(server.port)
+    sender = gevent.spawn(peer.send, b"".join(b"GET:k%d\n" % i for i in range(2000)))
+    assert peer.read_lines(2000) == expected
+    sender.get(timeout=10)
+    assert server.stats()["messages_dropped"] == 0
+
+
+def test_slow_reader_does_not_block_other_clients(server, connect):
+    """A client that floods GETs and never reads gets replies dropped, while another client's
+    round trips keep completing; when the slow one reads, its queued replies arrive in order."""
+    expected = _fill(server, 5000, 4096)  # 20 MB of replies: more than any buffer holds
+    slow = connect(server.port)
+    slow.send(b"".join(b"GET:k%d\n" % i for i in range(5000)))
+    fast = connect(server.port, timeout=5)
+    wait_until(lambda: server.stats()["messages_dropped"] > 0, timeout=10)
+    for i in range(50):
+        assert fast.request(b"PUT:fast:%d\nGET:fast\n" % i)[-1] == b"fast:%d" % i
+    dropped = server.stats()["messages_dropped"]
+    # Now the slow client reads everything that was kept for it.
+    slow.sock.settimeout(1.0)
+    received = []
+    try:
+        while True:
+            received += slow.read_lines(1)
+    except TimeoutError:
+        pass
+    assert len(received) >= 500
+    assert received[:500] == expected[:500]
+    positions = [int(line.split(b":")[1]) for line in received]
+    assert positions == sorted(positions), "replies arrived out of order"
+    assert all(line == expected[p] for line, p in zip(received, positions, strict=True))
+    assert len(received) + dropped == 5000
+
+
+def test_messages_dropping_is_logged_once_per_episode(server, connect, log_stream):
+    """One 'messages_dropping' event for a stuck client, not one per dropped message."""
+    _fill(server, 3000, 4096)
+    slow = connect(server.port)
+    slow.send(b"".join(b"GET:k%d\n" % i for i in range(3000)))
+    wait_until(lambda: server.stats()["messages_dropped"] > 100, timeout=10)
+    connect(server.port).request(b"")  # the server is responsive and has processed the flood
+    events = [e for e in log_events(log_stream) if e["event"] == "messages_dropping"]
+    assert len(events) == 1
+    assert events[0]["client_id"] == 1 and events[0]["level"] == "warning"
+
+
+# --- counts ----------------------------------------------------------------------------------
+
+
+def _reset(peer: Peer) -> None:
+    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.sock.close()
+
+
+def test_every_kind_of_disconnect_counts_once(server, connect):
+    """Clean close, reset, half-close and connect-then-close each count as one dropped client."""
+    peers = [connect(server.port) for _ in range(4)]
+    wait_until(lambda: server.count_active() == 4)
+    peers[0].close()
+    _reset(peers[1])
+    peers[2].sock.shutdown(socket.SHUT_WR)
+    connect(server.port).close()  # never sends anything
+    wait_until(lambda: server.count_dropped() == 4, timeout=2)
+    assert server.count_active() == 1
+    assert peers[3].request(b"") == []
+    gevent.sleep(0.2)  # nothing counts twice
+    assert server.count_dropped() == 4
+
+
+def test_half_closed_client_still_gets_its_replies(server, connect):
+    """Like 'printf ... | nc -N': after the client's FIN, queued replies are sent, then EOF."""
+    peer = connect(server.port)
+    peer.send(b"PUT:h:1\nPUT:h:2\nGET:h\n")
+    peer.sock.shutdown(socket.SHUT_WR)
+    assert peer.read_lines(2) == [b"h:1", b"h:2"]
+    assert peer.sock.recv(10) == b""
+    wait_until(lambda: server.count_dropped() == 1)
+
+
+def test_drop_reasons_are_logged(server, connect, log_stream):
+    """client_connected and client_dropped carry client_id, peer, reason and the counts."""
+    a = connect(server.port)
+    a.request(b"")
+    a_peer = f"127.0.0.1:{a.sock.getsockname()[1]}"
+    a.close()
+    _reset(connect(server.port))
+    wait_until(lambda: server.count_dropped() == 2)
+    events = log_events(log_stream)
+    connected = [e for e in events if e["event"] == "client_connected"]
+    dropped = [e for e in events if e["event"] == "client_dropped"]
+    assert [e["client_id"] for e in connected] == [1, 2]
+    assert connected[0]["peer"] == a_peer
+    assert {e["reason"] for e in dropped} == {"closed", "reset"}
+    for event in dropped:
+        assert set(event) >= {
+            "client_id",
+            "peer",
+            "reason",
+            "active",
+            "dropped",
+            "messages_dropped",
+            "timestamp",
+            "level",
+        }
+    assert dropped[-1]["dropped"] == 2 and dropped[-1]["active"] == 0
+
+
+# --- stores that yield or fail ---------------------------------------------------------------
+
+
+class YieldingStore(MemoryStore):
+    """A store whose every call yields to other greenlets, as a networked store would."""
+
+    def put(self, key, value):
+        gevent.sleep(0)
+        super().put(key, value)
+
+    def get(self, key):
+        gevent.sleep(0)
+        return super().get(key)
+
+    def update(self, key, old, new):
+        gevent.sleep(0)
+        super().update(key, old, new)
+
+
+def test_a_yielding_store_keeps_per_client_order(log_stream, connect):
+    """Commands of one client apply in order and PONG waits for them, even when the store
+    yields between them and other clients interleave."""
+    server = KeyValueServer(YieldingStore())
+    server.start(0)
+    try:
+        peers = [connect(server.port) for _ in range(5)]
+        jobs = [
+            gevent.spawn(p.request, b"".join(b"PUT:y%d:%d\n" % (n, i) for i in range(200)) + b"GET:y%d\n" % n)
+            for n, p in enumerate(peers)
+        ]
+        for n, job in enumerate(jobs):
+            assert job.get(timeout=10) == [b"y%d:%d" % (n, i) for i in range(200)]
+    finally:
+        server.close()
+
+
+class FailingStore(MemoryStore):
+    def get(self, key):
+        if key == b"boom":
+            raise RuntimeError("a bug, not a client mistake")
+        if key == b"unavailable":
+            raise StoreError("store unavailable")
+        return super().get(key)
+
+
+def test_store_error_becomes_err_reply(log_stream, connect):
+    """A StoreError is a reply (its fixed phrase), and the connection stays usable."""
+    server = KeyValueServer(FailingStore())
+    server.start(0)
+    try:
+        peer = connect(server.port)
+        assert peer.request(b"GET:unavailable\nPUT:k:v\nGET:k\n") == [b"ERR store unavailable", b"k:v"]
+    finally:
+        server.close()
+
+
+def test_unexpected_exception_closes_only_that_client_and_is_logged(log_stream, connect):
+    """A bug hit by one client closes that client, logs one JSON event, and spares the rest."""
+    server = KeyValueServer(FailingStore())
+    server.start(0)
+    try:
+        victim, bystander = connect(server.port), connect(server.port)
+        victim.send(b"GET:boom\n")
+        assert victim.sock.recv(100) == b""
+        assert bystander.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        wait_until(lambda: server.count_dropped() == 1)
+        events = log_events(log_stream)  # every line parses as JSON
+        (error,) = [e for e in events if e["event"] == "client_error"]
+        assert error["level"] == "error" and "exception" in error
+        (drop,) = [e for e in events if e["event"] == "client_dropped"]
+        assert drop["reason"] == "internal_error"
+    finally:
+        server.close()
+
+
+# --- lifecycle -------------------------------------------------------------------------------
+
+
+def test_port_zero_picks_a_free_port_and_a_taken_port_raises(server, log_stream):
+    assert server.port > 0
+    other = KeyValueServer()
+    with pytest.raises(OSError):
+        other.start(server.port)
+
+
+def test_close_disconnects_everyone_and_is_idempotent(log_stream, connect):
+    """close() stops accepting, closes every client, counts them, and can be called twice."""
+    server = KeyValueServer()
+    server.start(0)
+    port = server.port
+    peers = [connect(port) for _ in range(3)]
+    for peer in peers:
+        peer.request(b"")
+    server.close()
+    assert server.count_active() == 0
+    assert server.count_dropped() == 3
+    for peer in peers:
+        assert peer.sock.recv(10) == b""
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    server.close()
+    reasons = [e["reason"] for e in log_events(log_stream) if e["event"] == "client_dropped"]
+    assert reasons == ["server_shutdown"] * 3
+
+
+def test_close_flushes_queued_replies(log_stream, connect):
+    """Replies queued when close() starts still reach a client that reads."""
+    server = KeyValueServer()
+    server.start(0)
+    _fill(server, 300, 4096)
+    peer = connect(server.port)
+    peer.send(b"".join(b"GET:k%d\n" % i for i in range(300)))
+    wait_until(lambda: server.stats()["commands"] >= 300)
+    closer = gevent.spawn(server.close)
+    assert len(peer.read_lines(300)) == 300
+    closer.get(timeout=10)
+
+
+def test_close_does_not_wait_long_for_a_client_that_never_reads(log_stream, connect):
+    """A stuck client delays close() by at most the flush timeout."""
+    server = KeyValueServer()
+    server.start(0)
+    _fill(server, 3000, 4096)
+    stuck = connect(server.port)
+    stuck.send(b"".join(b"GET:k%d\n" % i for i in range(3000)))
+    wait_until(lambda: server.stats()["messages_dropped"] > 0, timeout=10)
+    closer = gevent.spawn(server.close, flush_timeout=0.5)
+    closer.get(timeout=5)
+    assert server.count_active() == 0

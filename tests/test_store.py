@@ -1,0 +1,86 @@
+"""Unit tests of MemoryStore: the original's operations, byte-exact."""
+
+import gevent
+
+from kvgevent import KVStore, MemoryStore
+
+
+def test_get_of_absent_key_is_empty():
+    assert MemoryStore().get(b"nope") == []
+
+
+def test_put_appends_in_order():
+    """PUT appends; GET returns every value in stored order, duplicates included."""
+    store = MemoryStore()
+    for value in (b"1", b"2", b"1", b""):
+        store.put(b"k", value)
+    assert store.get(b"k") == [b"1", b"2", b"1", b""]
+
+
+def test_update_of_absent_key_creates_it_with_new():
+    store = MemoryStore()
+    store.update(b"k", b"old", b"new")
+    assert store.get(b"k") == [b"new"]
+
+
+def test_update_removes_first_match_and_appends_new():
+    """p0 semantics: the FIRST value equal to old is removed, new is appended at the end."""
+    store = MemoryStore()
+    for value in (b"a", b"b", b"a", b"c"):
+        store.put(b"k", value)
+    store.update(b"k", b"a", b"z")
+    assert store.get(b"k") == [b"b", b"a", b"c", b"z"]
+
+
+def test_update_without_match_still_appends_new():
+    store = MemoryStore()
+    store.put(b"k", b"a")
+    store.update(b"k", b"missing", b"z")
+    assert store.get(b"k") == [b"a", b"z"]
+
+
+def test_delete_removes_key_and_values():
+    store = MemoryStore()
+    store.put(b"k", b"a")
+    store.put(b"other", b"b")
+    store.delete(b"k")
+    store.delete(b"never-there")
+    assert store.get(b"k") == []
+    assert store.get(b"other") == [b"b"]
+    assert store.count_keys() == 1
+
+
+def test_get_returns_a_snapshot():
+    """The list GET returns is the caller's: later mutations do not change it."""
+    store = MemoryStore()
+    store.put(b"k", b"a")
+    values = store.get(b"k")
+    store.put(b"k", b"b")
+    store.delete(b"k")
+    assert values == [b"a"]
+
+
+def test_str_keys_are_the_same_as_utf8_bytes():
+    store = MemoryStore()
+    store.put("clé", b"v")
+    assert store.get("clé".encode()) == [b"v"]
+
+
+def test_values_are_binary_safe():
+    store = MemoryStore()
+    value = bytes(range(256)).replace(b"\n", b"")
+    store.put(b"\xff\x00key", value)
+    assert store.get(b"\xff\x00key") == [value]
+
+
+def test_mutations_take_the_semaphore():
+    """A mutation waits while another holder has the store's lock."""
+    store = MemoryStore()
+    assert isinstance(store, KVStore)
+    store.lock.acquire()
+    writer = gevent.spawn(store.put, b"k", b"v")
+    gevent.idle()  # the writer has run as far as it can
+    assert store.get(b"k") == [] and not writer.dead
+    store.lock.release()
+    writer.join(timeout=5)
+    assert store.get(b"k") == [b"v"]
