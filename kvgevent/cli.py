@@ -147,21 +147,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     stop = gevent.event.Event()
-    received: list[str] = []
 
     def on_signal(signum: int) -> None:
-        received.append(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():  # shutdown is already under way, and bounded in time
+            log.info("shutdown_in_progress", signal=name)
+            return
+        log.info("shutdown_requested", signal=name)
         stop.set()
 
-    # gevent.signal_handler runs the callback in a new greenlet, outside the hub.
-    handlers = [gevent.signal_handler(sig, on_signal, sig) for sig in (signal.SIGINT, signal.SIGTERM)]
-    try:
-        stop.wait()
-        log.info("shutdown_requested", signal=received[0] if received else None)
-        server.close(flush_timeout=args.shutdown_flush)
-    finally:
-        for handler in handlers:
-            handler.cancel()
+    # gevent.signal_handler runs the callback in a new greenlet, outside the hub; the handlers
+    # stay installed until the process exits, so a second signal cannot interrupt shutdown.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, on_signal, sig)
+    stop.wait()
+    server.close(flush_timeout=args.shutdown_flush)
     return 0
 
 

@@ -134,7 +134,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, message: str
 
 
 class ServerProcess:
-    """``python run_server.py`` in a subprocess, on a free port, with JSON logs captured."""
+    """``python run_server.py`` in a subprocess, on a free port, with its stderr (JSON logs)
+    collected by a greenlet as it is written."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
@@ -157,29 +158,34 @@ class ServerProcess:
             env={**os.environ, **(env or {})},
         )
         self.stderr = b""
+        self._collector = gevent.spawn(self._collect)
+
+    def _collect(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr += line
 
     def wait_listening(self, timeout: float = 10.0) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.communicate()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > end:
-                    raise
-                gevent.sleep(0.05)
+        """Wait for the server_started event (without connecting, which would count)."""
+        wait_until(
+            lambda: b'"server_started"' in self.stderr or self.proc.poll() is not None,
+            timeout=timeout,
+            message="server did not start",
+        )
+        if b'"server_started"' not in self.stderr:
+            raise AssertionError(f"server exited: {self.stderr.decode()}")
 
-    def stop(self, sig: int = 15, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
+    def stop(self, sig: int | None = 15, timeout: float = 10.0) -> int:
+        """Send ``sig`` (by pid; None: send nothing) and wait for the exit; return its status."""
+        if sig is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            _, self.stderr = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, self.stderr = self.proc.communicate()
+            self.proc.wait()
             raise
+        self._collector.join(timeout=timeout)
         return self.proc.returncode
 
     def events(self) -> list[dict[str, Any]]:
@@ -209,4 +215,8 @@ def server_process() -> Iterator[Callable[..., ServerProcess]]:
     for proc in procs:
         if proc.proc.poll() is None:
             proc.proc.kill()
-            proc.proc.communicate()
+            proc.proc.wait()
+        proc._collector.join(timeout=5)
+        for pipe in (proc.proc.stdout, proc.proc.stderr):
+            if pipe is not None:
+                pipe.close()

@@ -1,0 +1,151 @@
+"""The programs as a user runs them: run_server.py (flags, JSON logs, signals, exit
+statuses) and run_client.py, each in a subprocess on a free loopback port."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, Peer, free_port, wait_until
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
+
+
+def run(script: str, *args: str, stdin: bytes = b"", env: dict | None = None, timeout: float = 20):
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_server_logs_are_json_with_connect_and_drop_events(server_process):
+    """Every stderr line is a JSON object with timestamp/level/event; connects and drops are
+    logged with client_id, peer, reason and counts; SIGTERM stops with exit status 0."""
+    proc = server_process()
+    peer = Peer(proc.port)
+    assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+    local = f"127.0.0.1:{peer.sock.getsockname()[1]}"
+    peer.close()
+    wait_until(lambda: b'"client_dropped"' in proc.stderr)
+    assert proc.stop(signal.SIGTERM) == 0
+    events = proc.events()
+    for event in events:
+        assert {"timestamp", "level", "event"} <= set(event)
+        assert ISO_UTC.match(event["timestamp"]), event["timestamp"]
+    names = [e["event"] for e in events]
+    assert names[0] == "server_started" and names[-1] == "server_stopped"
+    assert events[0]["port"] == proc.port and events[0]["host"] == "127.0.0.1"
+    connected = [e for e in events if e["event"] == "client_connected"]
+    dropped = [e for e in events if e["event"] == "client_dropped"]
+    assert connected[0]["peer"] == local and connected[0]["active"] >= 1
+    assert dropped[0]["peer"] == local and dropped[0]["reason"] == "closed"
+    assert dropped[0]["client_id"] == connected[0]["client_id"]
+    assert {"active", "dropped", "messages_dropped"} <= set(dropped[0])
+    assert "shutdown_requested" in names
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_closes_clients_and_exits_zero(server_process, sig):
+    """On SIGINT or SIGTERM connected clients are closed (they see EOF) and the exit is 0."""
+    proc = server_process()
+    peer = Peer(proc.port)
+    assert peer.request(b"") == []
+    proc.proc.send_signal(sig)
+    assert peer.sock.recv(10) == b""
+    peer.close()
+    assert proc.stop(None) == 0
+    events = proc.events()
+    (drop,) = [e for e in events if e["event"] == "client_dropped"]
+    assert drop["reason"] == "server_shutdown"
+    assert not any("Traceback" in line for line in proc.stderr.decode().splitlines())
+
+
+def test_port_in_use_prints_one_line_and_exits_1(server_process):
+    """A second server on a taken port fails fast: exit status 1, one clear line on stderr."""
+    first = server_process()
+    result = run("run_server.py", "--port", str(first.port), "--log-format", "json")
+    assert result.returncode == 1
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1
+    assert "in use" in lines[0] and str(first.port) in lines[0]
+
+
+def test_help_shows_every_flag_with_its_default():
+    result = run("run_server.py", "--help")
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    for flag, default in [
+        ("--host", "127.0.0.1"),
+        ("--port", "9999"),
+        ("--queue-size", "500"),
+        ("--max-line", "1048576"),
+        ("--log-format", "auto"),
+        ("--log-level", "info"),
+    ]:
+        assert flag in text and default in text
+    assert "KVGEVENT_PORT" in text
+
+
+def test_flags_can_come_from_the_environment(server_process):
+    """KVGEVENT_MAX_LINE sets --max-line (and a bad environment value is a usage error)."""
+    proc = server_process(env={"KVGEVENT_MAX_LINE": "10"})
+    peer = Peer(proc.port)
+    assert peer.request(b"PUT:k:0123456789\n") == [b"ERR line too long"]
+    peer.close()
+    bad = run("run_server.py", env={"KVGEVENT_QUEUE_SIZE": "lots"})
+    assert bad.returncode == 2 and b"KVGEVENT_QUEUE_SIZE" in bad.stderr
+
+
+def test_bad_flag_value_is_a_usage_error():
+    result = run("run_server.py", "--port", "70000")
+    assert result.returncode == 2 and b"--port" in result.stderr
+
+
+def test_client_sends_arguments_and_prints_replies(server_process):
+    proc = server_process()
+    port = str(proc.port)
+    assert run("run_client.py", "--port", port, "PUT:k:v1", "Put:k:v2").returncode == 0
+    result = run("run_client.py", "--port", port, "GET:k", "PING")
+    assert (result.returncode, result.stdout) == (0, b"k:v1\nk:v2\n")
+
+
+def test_client_reads_stdin_when_given_no_lines(server_process):
+    proc = server_process()
+    lines = b"".join(b"PUT:many:%d\n" % i for i in range(3000)) + b"GET:many\n"
+    result = run("run_client.py", "--port", str(proc.port), stdin=lines)
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [b"many:%d" % i for i in range(3000)]
+
+
+def test_client_exit_status_on_err_and_on_connection_failure(server_process):
+    """ERR from the server: exit 1. No server: exit 3 and one line on stderr."""
+    proc = server_process()
+    result = run("run_client.py", "--port", str(proc.port), "NOPE")
+    assert (result.returncode, result.stdout) == (1, b"ERR unknown command\n")
+    result = run("run_client.py", "--port", str(free_port()), "PING")
+    assert result.returncode == 3
+    assert len(result.stderr.decode().splitlines()) == 1
+
+
+def test_server_survives_a_client_that_resets_mid_reply(server_process):
+    """A client that vanishes while replies are in flight costs the server nothing."""
+    proc = server_process()
+    loader = Peer(proc.port)
+    loader.request(b"".join(b"PUT:big:%s\n" % (b"x" * 4000) for _ in range(500)))
+    rude = socket.create_connection(("127.0.0.1", proc.port))
+    rude.sendall(b"GET:big\n" * 20)
+    rude.recv(1000)
+    rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    rude.close()
+    assert len(loader.request(b"GET:big\n")) == 500
+    loader.close()
+    assert proc.stop() == 0
+    reasons = sorted(e["reason"] for e in proc.events() if e["event"] == "client_dropped")
+    assert reasons == ["closed", "reset"]
