@@ -138,13 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start(args.port, args.host)
     except OSError as exc:
-        log.error(
-            "server_start_failed",
-            host=args.host,
-            port=args.port,
-            error=exc.strerror or str(exc),
-            errno=exc.errno,
-        )
+        # gevent appends the address to strerror; the event carries it in its own fields.
+        if exc.errno and exc.errno > 0:
+            reason = os.strerror(exc.errno)
+        else:  # a resolver error (negative errno)
+            reason = (exc.strerror or str(exc)).split(": (")[0]
+        log.error("server_start_failed", host=args.host, port=args.port, error=reason, errno=exc.errno)
         return 1
     stop = gevent.event.Event()
 

@@ -232,6 +232,7 @@ class KeyValueServer:
         self._accepted += 1
         conn.log.info("client_connected", active=len(self._conns))
         reason = "closed"
+        error: str | None = None
         try:
             # Replies are small and sent once per batch: Nagle would only delay them.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -244,7 +245,7 @@ class KeyValueServer:
             reason = "reset"
         except OSError as exc:
             reason = "socket_error"
-            conn.log.info("client_socket_error", errno=exc.errno, error=exc.strerror)
+            error = exc.strerror or type(exc).__name__
         except gevent.GreenletExit:  # close() gave up waiting and killed the reader
             reason = "server_shutdown"
             raise
@@ -259,7 +260,7 @@ class KeyValueServer:
             except _Closing:
                 pass
             finally:
-                self._drop(conn, conn.failed or reason)
+                self._drop(conn, conn.failed or reason, error)
 
     def _read_loop(self, conn: Connection) -> str:
         """Read, parse and execute requests until end of stream; return the drop reason."""
@@ -404,7 +405,8 @@ class KeyValueServer:
                 break  # no progress: the client is not reading
         writer.kill(block=True)
 
-    def _drop(self, conn: Connection, reason: str) -> None:
+    def _drop(self, conn: Connection, reason: str, error: str | None = None) -> None:
+        """Close the client's socket, count it as dropped and log it; exactly once."""
         if self._conns.pop(conn.client_id, None) is None:
             return
         self._dropped += 1
@@ -412,10 +414,12 @@ class KeyValueServer:
             conn.sock.close()
         except OSError:
             pass
+        extra = {"error": error} if error else {}
         conn.log.info(
             "client_dropped",
             reason=reason,
             active=len(self._conns),
             dropped=self._dropped,
             messages_dropped=conn.messages_dropped,
+            **extra,
         )
