@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -129,11 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit (as Redis does): every client is
+    a file descriptor, and the usual soft limit of 1024 would refuse the 1021st client.
+    Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; return the process exit status."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     log = get_logger()
+    log.debug("fd_limit", max_open_files=raise_fd_limit())
     server = KeyValueServer(MemoryStore(), queue_size=args.queue_size, max_line=args.max_line)
     try:
         server.start(args.port, args.host)

@@ -428,3 +428,14 @@ def test_close_does_not_wait_long_for_a_client_that_never_reads(log_stream, conn
     closer = gevent.spawn(server.close, flush_timeout=0.5)
     closer.get(timeout=5)
     assert server.count_active() == 0
+
+
+def test_errors_escaping_a_greenlet_are_logged_as_json(log_stream):
+    """gevent would print a raw traceback to stderr; it becomes one JSON event instead."""
+
+    def fail():
+        raise ValueError("boom")
+
+    gevent.spawn(fail).join()
+    (event,) = [e for e in log_events(log_stream) if e["event"] == "unhandled_error"]
+    assert event["error_type"] == "ValueError" and "boom" in event["traceback"]
