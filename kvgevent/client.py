@@ -34,6 +34,7 @@ from .protocol import (
     Stats,
     Update,
     encode,
+    parse,
     parse_stats,
     parse_value,
 )
@@ -69,6 +70,7 @@ class Client:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         timeout: float | None = DEFAULT_CLIENT_TIMEOUT,
+        connect: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -76,7 +78,8 @@ class Client:
         self._sock: socket.socket | None = None
         self._buffer = LineBuffer(MAX_REPLY_LINE)
         self._lines: deque[bytes] = deque()
-        self.connect()
+        if connect:
+            self.connect()
 
     def connect(self) -> None:
         """(Re)connect; a fresh connection forgets anything unread on the old one."""
@@ -159,12 +162,16 @@ class Client:
 
     def send_raw(self, lines: list[bytes]) -> list[list[bytes]]:
         """Send protocol lines as typed (no validation, one write) and return each one's reply
-        lines, up to its barrier. For tools that relay what a user typed."""
+        lines. For tools that relay what a user typed: a ``PING`` line's reply is its
+        ``[b"PONG"]``; any other line is followed by a barrier ``PING`` on the wire."""
         sock = self._require()
-        payload = b"".join(line.rstrip(b"\n") + b"\nPING\n" for line in lines)
+        pings = [parse(line) is PING for line in lines]
+        payload = b"".join(
+            line + b"\n" if ping else line + b"\nPING\n" for line, ping in zip(lines, pings, strict=True)
+        )
         try:
             sock.sendall(payload)
-            return [self._read_until_pong() for _ in lines]
+            return [[b"PONG"] if ping else self._read_until_pong() for ping in pings]
         except OSError as exc:
             self.close()
             raise ConnectionLost(_describe(exc)) from exc

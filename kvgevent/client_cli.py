@@ -1,9 +1,18 @@
-"""``python run_client.py``: send protocol lines to a server and print the replies.
+"""``python run_client.py``: the command-line client.
 
-Lines come from the command line (``run_client.py PUT:k:v GET:k``) or, when none are given,
-from stdin, one request per line. Each request is followed by ``PING`` on the wire, so the
-replies printed for it are complete. Exit status: 0 if every request succeeded, 1 if the
-server answered ``ERR`` to any, 3 if the connection failed (with one line on stderr).
+Modes, chosen by the arguments:
+
+* ``run_client.py get KEY`` (also ``put``, ``update``, ``delete``, ``ping``, ``stats``):
+  one command, its result, an exit status.
+* ``run_client.py PUT:k:v GET:k``: protocol lines, sent as typed; the server's reply lines.
+* no command, stdin a terminal: the interactive REPL (:mod:`kvgevent.client_repl`).
+* no command, stdin not a terminal: one request per stdin line, words or protocol lines.
+* ``--pipe``: mass insertion of protocol lines from stdin; ``--stat``: live counters;
+  ``--latency``: PING round trips (:mod:`kvgevent.client_tools`).
+
+Output is for people on a terminal and raw otherwise (one value per line, nothing else);
+``--raw`` and ``--no-raw`` force either. Exit status: 0 success, 1 the server answered ``ERR``
+(or a request was malformed), 2 bad usage, 3 the connection failed; messages go to stderr.
 """
 
 from __future__ import annotations
@@ -11,64 +20,198 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TextIO
 
-from .cli import add_env_option, non_negative_float, port_number
+from .cli import add_env_option, non_negative_float, port_number, positive_int
 from .client import Client
+from .client_commands import (
+    HELP,
+    Request,
+    command_from_words,
+    parse_request,
+    reply_error,
+    show_raw_reply,
+    show_result,
+)
+from .client_repl import run_repl
+from .client_tools import run_latency, run_pipe, run_stat
 from .config import DEFAULT_CLIENT_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT
-from .errors import ConnectionLost
+from .errors import ConnectionLost, InvalidArgument, ServerError
 
-EXIT_ERR_REPLY = 1
+EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_CONNECTION = 3
-STDIN_BATCH = 1000
-"""Requests sent per write when reading stdin: one round trip per batch, not per line."""
+BATCH = 1000
+"""Requests sent per write when reading requests from stdin: one round trip per batch."""
+DEFAULT_INTERVAL = 1.0
+"""Seconds between two lines of --stat and --latency."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_client.py",
-        description="Send kvgevent protocol lines (PUT:key:value, GET:key, "
-        "UPDATE:key:old:new, DELETE:key, PING, STATS) and print the replies.",
-        epilog="With no LINE arguments, requests are read from stdin, one per line. "
-        "Exit status: 0 ok, 1 the server answered ERR, 3 connection failed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The kvgevent client.\n\n" + HELP,
+        epilog="examples:\n"
+        "  run_client.py                      interactive, with history and help\n"
+        "  run_client.py put fruit apple      one command (exit 0; 1 on ERR; 3 if unreachable)\n"
+        "  run_client.py get fruit            one value per line when piped\n"
+        "  run_client.py PUT:k:v GET:k        protocol lines, sent as typed\n"
+        "  run_client.py --pipe < data.txt    mass insertion of protocol lines\n"
+        "  run_client.py --stat               live counters, one line a second\n"
+        "  run_client.py --latency            PING round-trip times",
     )
-    parser.add_argument("lines", nargs="*", metavar="LINE", help="a request, e.g. GET:fruit")
+    parser.add_argument("request", nargs="*", metavar="COMMAND", help="a command and its arguments")
     add_env_option(parser, "host", DEFAULT_HOST, "server address")
     add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
     add_env_option(
         parser, "timeout", DEFAULT_CLIENT_TIMEOUT, "seconds to wait for the server", type=non_negative_float
     )
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--pipe", action="store_true", help="send protocol lines from stdin as fast as possible"
+    )
+    modes.add_argument("--stat", action="store_true", help="print the server's counters every --interval")
+    modes.add_argument("--latency", action="store_true", help="measure PING round trips")
+    parser.add_argument(
+        "--interval",
+        type=non_negative_float,
+        default=DEFAULT_INTERVAL,
+        help=f"seconds between lines of --stat/--latency (default: {DEFAULT_INTERVAL})",
+    )
+    parser.add_argument("--count", type=positive_int, help="stop --stat/--latency after this many lines")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--raw", action="store_true", help="raw output even on a terminal")
+    output.add_argument("--no-raw", action="store_true", help="formatted output even when piped")
     return parser
 
 
-def _batches(lines: Iterable[str], size: int) -> Iterator[list[bytes]]:
-    batch: list[bytes] = []
-    for line in lines:
-        line = line.rstrip("\r\n")
-        if line:
-            batch.append(line.encode("utf-8", "surrogateescape"))
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    source: Iterable[str] = args.lines if args.lines else sys.stdin
-    out = sys.stdout.buffer
-    status = 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.request and (args.pipe or args.stat or args.latency):
+        parser.error("--pipe, --stat and --latency take no COMMAND")
+    tty = args.no_raw or (not args.raw and sys.stdout.isatty())
+    timeout = args.timeout or None
     try:
-        with Client(args.host, args.port, timeout=args.timeout or None) as client:
-            for batch in _batches(source, STDIN_BATCH):
-                for reply in client.send_raw(batch):
-                    for line in reply:
-                        out.write(line + b"\n")
-                        if line.startswith(b"ERR "):
-                            status = EXIT_ERR_REPLY
-                out.flush()
+        if args.pipe:
+            progress = sys.stderr if sys.stderr.isatty() else None
+            summary = run_pipe(args.host, args.port, timeout or 60.0, sys.stdin.buffer, progress)
+            for error in summary.first_errors:
+                print(f"(error) {error}", file=sys.stderr)
+            print(summary.line())
+            return EXIT_ERROR if summary.errors else 0
+        client = Client(args.host, args.port, timeout=timeout, connect=False)
+        if args.stat or args.latency:
+            client.connect()
+            if args.stat:
+                run_stat(client, args.interval, args.count, sys.stdout, tty)
+            else:
+                run_latency(client, args.interval, args.count, sys.stdout)
+            return 0
+        if not args.request and sys.stdin.isatty():
+            return run_repl(client)
+        one_shot: list[Request] | None = None
+        if args.request and ":" not in args.request[0]:
+            try:  # checked before connecting: a usage error is reported as such
+                one_shot = [Request(command=command_from_words(args.request))]
+            except InvalidArgument as exc:
+                parser.error(str(exc))
+        client.connect()
+        with client:
+            if one_shot is not None:
+                return run_requests(client, [], sys.stdout, tty, commands=one_shot)
+            return run_requests(client, args.request or sys.stdin, sys.stdout, tty)
     except ConnectionLost as exc:
-        out.flush()
         print(f"run_client.py: {exc}", file=sys.stderr)
         return EXIT_CONNECTION
+    except KeyboardInterrupt:
+        return 0
+
+
+def _requests(lines: Iterable[str], errors: list[str]) -> Iterator[Request]:
+    for text in lines:
+        if not text.strip():
+            continue
+        try:
+            yield parse_request(text)
+        except InvalidArgument as exc:
+            errors.append(f"{exc}: {text.strip()}")
+
+
+def run_requests(
+    client: Client,
+    lines: Iterable[str],
+    out: TextIO,
+    tty: bool,
+    commands: list[Request] | None = None,
+) -> int:
+    """Run requests (typed lines, or ready ``commands``) in batches; print each result in
+    order; report errors on stderr (or inline on a terminal). Returns the exit status."""
+    parse_errors: list[str] = []
+    requests = commands if commands is not None else _requests(lines, parse_errors)
+    status = 0
+    sink = out.buffer if hasattr(out, "buffer") else None
+    batch: list[Request] = []
+
+    def emit(line: bytes) -> None:
+        if sink is not None:
+            sink.write(line + b"\n")
+        else:
+            out.write(line.decode("utf-8", "backslashreplace") + "\n")
+
+    def flush() -> None:
+        nonlocal status
+        for lines_out, error in _execute(client, batch, tty):
+            for line in lines_out:
+                emit(line)
+            if error is not None:
+                status = EXIT_ERROR
+                message = f"(error) ERR {error.reason}"
+                if tty:  # inline, where the value would have been
+                    emit(message.encode())
+                else:  # stdout stays values only
+                    out.flush()
+                    print(message, file=sys.stderr)
+        out.flush()
+        batch.clear()
+
+    for request in requests:
+        for message in parse_errors:
+            print(f"(error) {message}", file=sys.stderr)
+            status = EXIT_ERROR
+        parse_errors.clear()
+        batch.append(request)
+        if len(batch) >= BATCH:
+            flush()
+    flush()
+    for message in parse_errors:
+        print(f"(error) {message}", file=sys.stderr)
+        status = EXIT_ERROR
     return status
+
+
+def _execute(
+    client: Client, batch: list[Request], tty: bool
+) -> Iterator[tuple[list[bytes], ServerError | None]]:
+    """Send a batch (consecutive word commands in one write, protocol lines in another) and
+    yield, per request in order, its output lines and its error."""
+    start = 0
+    while start < len(batch):
+        raw = batch[start].raw is not None
+        end = start
+        while end < len(batch) and (batch[end].raw is not None) == raw:
+            end += 1
+        group = batch[start:end]
+        if raw:
+            for reply in client.send_raw([r.raw for r in group if r.raw is not None]):
+                yield show_raw_reply(reply, tty), reply_error(reply)
+        else:
+            commands = [r.command for r in group if r.command is not None]
+            results = client.execute(commands, raise_on_error=False)
+            for command, result in zip(commands, results, strict=True):
+                if isinstance(result, ServerError):
+                    yield [], result
+                else:
+                    yield show_result(command, result, tty), None
+        start = end

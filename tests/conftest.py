@@ -9,6 +9,7 @@ monkey.patch_all()
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import select  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -137,8 +138,8 @@ class ServerProcess:
     """``python run_server.py`` in a subprocess, on a free port, with its stderr (JSON logs)
     collected by a greenlet as it is written."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.args = [
             sys.executable,
             str(ROOT / "run_server.py"),
@@ -191,6 +192,56 @@ class ServerProcess:
     def events(self) -> list[dict[str, Any]]:
         """Every stderr line, parsed as JSON (fails if any line is not JSON)."""
         return [json.loads(line) for line in self.stderr.decode().splitlines()]
+
+
+class Terminal:
+    """A program on a pseudo-terminal, driven like a user at a keyboard."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        master, slave = os.openpty()
+        self.proc = subprocess.Popen(
+            args,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=ROOT,
+            start_new_session=True,
+            env={**os.environ, "TERM": "xterm", **(env or {})},
+        )
+        os.close(slave)
+        self.master = master
+        self.output = b""
+        self.seen = 0  # output before this offset was matched already
+
+    def send(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def expect(self, text: bytes, timeout: float = 10.0) -> bytes:
+        """Wait until ``text`` appears after what was matched before; return the output up
+        to and including it."""
+        end = time.monotonic() + timeout
+        while (found := self.output.find(text, self.seen)) < 0:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{text!r} not seen; output: {self.output[self.seen :]!r}")
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:  # EIO: the program exited
+                    chunk = b""
+                if not chunk:
+                    raise AssertionError(f"{text!r} not seen before exit: {self.output[self.seen :]!r}")
+                self.output += chunk
+        start, self.seen = self.seen, found + len(text)
+        return self.output[start : self.seen]
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        code = self.proc.wait(timeout=10)
+        os.close(self.master)
+        return code
 
 
 def free_port() -> int:

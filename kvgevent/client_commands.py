@@ -1,0 +1,141 @@
+"""What the command-line client understands and how it shows results; no I/O.
+
+A request is typed either as a protocol line (``PUT:fruit:apple``, ``GET:fruit``), sent as is,
+or as words (``put fruit apple``, ``get fruit``), checked and encoded by the client library.
+The rule: a request whose first word contains ':' is a protocol line; anything else is words.
+Words follow shell quoting (``put greeting "hello world"``).
+
+Results are shown for people on a terminal (``1) "apple"``, ``(empty)``, ``(error) ...``)
+and raw otherwise: one value per line and nothing else, so the output composes with shell
+tools.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from .errors import InvalidArgument, ServerError
+from .protocol import PING, STATS, Command, Delete, Get, Put, Stats, Update, encode
+
+USAGE = {
+    "get": ("get KEY", "the values of KEY, in stored order"),
+    "put": ("put KEY VALUE", "append VALUE to KEY"),
+    "update": ("update KEY OLD NEW", "replace the first OLD by NEW, appended at the end"),
+    "delete": ("delete KEY", "remove KEY and all its values"),
+    "ping": ("ping", "round trip to the server"),
+    "stats": ("stats", "the server's counters"),
+}
+
+HELP = "\n".join(
+    [
+        "Commands, as words (shell quoting) or as protocol lines:",
+        *(f"  {usage:<22} {text}" for usage, text in USAGE.values()),
+        "  PUT:key:value, GET:key, UPDATE:key:old:new, DELETE:key, PING, STATS",
+        "                         sent as typed; the replies are shown as the server sent them",
+        "  help                   this text",
+        "  quit, exit, Ctrl-D     leave",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request typed by a user: a checked command, or a protocol line sent as typed."""
+
+    command: Command | None = None
+    raw: bytes | None = None
+
+
+def parse_request(text: str) -> Request:
+    """Turn what a user typed into a :class:`Request`; raises InvalidArgument with a usage
+    message for words that do not make a command."""
+    text = text.strip()
+    if not text:
+        raise InvalidArgument("empty request")
+    first = text.split(None, 1)[0]
+    if ":" in first:
+        return Request(raw=text.encode("utf-8", "surrogateescape"))
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"cannot parse the request: {exc}") from None
+    return Request(command=command_from_words(words))
+
+
+def command_from_words(words: list[str]) -> Command:
+    """``["put", "k", "v"]`` → ``Put(b"k", b"v")``; raises InvalidArgument on bad usage."""
+    name, args = words[0].lower(), [w.encode("utf-8", "surrogateescape") for w in words[1:]]
+    arity = {"get": 1, "put": 2, "update": 3, "delete": 1, "ping": 0, "stats": 0}
+    if name not in arity:
+        raise InvalidArgument(f"unknown command '{words[0]}' (try: help)")
+    if len(args) != arity[name]:
+        raise InvalidArgument(f"usage: {USAGE[name][0]}")
+    command: Command
+    if name == "get":
+        command = Get(args[0])
+    elif name == "put":
+        command = Put(args[0], args[1])
+    elif name == "update":
+        command = Update(args[0], args[1], args[2])
+    elif name == "delete":
+        command = Delete(args[0])
+    elif name == "ping":
+        command = PING
+    else:
+        command = STATS
+    encode(command)  # refuse now what could not be sent (':' in a key, a newline, ...)
+    return command
+
+
+def escape(value: bytes) -> str:
+    """A value as a double-quoted string: printable UTF-8 as is; quotes, backslashes,
+    control characters and bytes that are not UTF-8 as escapes (``"a\\x00b"``)."""
+    out = []
+    for char in value.decode("utf-8", "surrogateescape"):
+        if char == '"' or char == "\\":
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        elif "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8
+            out.append(f"\\x{ord(char) - 0xDC00:02x}")
+        else:
+            out.append(char.encode("unicode_escape").decode("ascii"))
+    return '"' + "".join(out) + '"'
+
+
+def show_result(command: Command, result: object, tty: bool) -> list[bytes]:
+    """The output lines for a word command's result (errors are shown by the caller)."""
+    if isinstance(command, Get):
+        values: list[bytes] = result  # type: ignore[assignment]
+        if not tty:
+            return values
+        if not values:
+            return [b"(empty)"]
+        width = len(str(len(values)))
+        return [f"{i:>{width}}) {escape(v)}".encode() for i, v in enumerate(values, 1)]
+    if isinstance(command, Stats):
+        counters: dict[str, int] = result  # type: ignore[assignment]
+        if tty:
+            width = max(map(len, counters), default=0)
+            return [f"{name:<{width}}  {value}".encode() for name, value in counters.items()]
+        return [f"{name}={value}".encode() for name, value in counters.items()]
+    if command is PING:
+        return [b"PONG"]
+    return [b"OK"] if tty else []
+
+
+def show_raw_reply(lines: list[bytes], tty: bool) -> list[bytes]:
+    """The output for a protocol line: the server's reply lines, as sent (``(no reply)`` on a
+    terminal when there were none)."""
+    if tty and not lines:
+        return [b"(no reply)"]
+    return lines
+
+
+def reply_error(lines: list[bytes]) -> ServerError | None:
+    """The first ``ERR`` among reply lines, as an exception, if any."""
+    for line in lines:
+        if line.startswith(b"ERR "):
+            return ServerError(line[4:].decode(errors="replace"))
+    return None

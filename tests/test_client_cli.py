@@ -1,0 +1,220 @@
+"""run_client.py as a user runs it: one-shot commands and exit statuses, raw output when
+piped, requests from stdin, --pipe, --stat, --latency, and the REPL on a pseudo-terminal."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, Peer, Terminal, free_port
+
+from kvgevent.client_commands import escape
+
+
+def client(port: int, *args: str, stdin: bytes = b"", env: dict | None = None, timeout: float = 60):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def port(server_process):
+    return server_process().port
+
+
+# --- one-shot commands -------------------------------------------------------------------------
+
+
+def test_one_shot_commands_and_raw_output(port):
+    """put/get/update/delete as words; piped output is one value per line and nothing else."""
+    assert client(port, "put", "fruit", "apple").returncode == 0
+    assert client(port, "put", "fruit", "pear tree:ripe").returncode == 0
+    result = client(port, "get", "fruit")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"apple\npear tree:ripe\n", b"")
+    assert client(port, "update", "fruit", "apple", "fig").returncode == 0
+    assert client(port, "get", "fruit").stdout == b"pear tree:ripe\nfig\n"
+    assert client(port, "delete", "fruit").returncode == 0
+    assert client(port, "get", "fruit").stdout == b""
+
+
+def test_one_shot_ping_and_stats(port):
+    assert client(port, "ping").stdout == b"PONG\n"
+    lines = client(port, "stats").stdout.decode().splitlines()
+    stats = dict(line.split("=") for line in lines)
+    assert {"active", "dropped", "messages_dropped", "keys", "commands", "uptime_s"} <= set(stats)
+
+
+def test_formatted_output_for_people(port):
+    """On a terminal (forced here with --no-raw) values are numbered and quoted, and a key
+    with no values shows (empty)."""
+    client(port, "put", "k", "a\x01b")
+    result = client(port, "--no-raw", "get", "k")
+    assert result.stdout == b'1) "a\\x01b"\n'
+    assert client(port, "--no-raw", "get", "nothing").stdout == b"(empty)\n"
+    assert client(port, "--no-raw", "put", "k", "v").stdout == b"OK\n"
+
+
+def test_exit_status_on_server_err(port):
+    """ERR from the server: exit 1 and a one-line message on stderr."""
+    result = client(port, "PUT:k")
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == ["(error) ERR wrong number of fields for PUT"]
+
+
+def test_exit_status_on_bad_usage():
+    for args in (["get"], ["put", "k"], ["frobnicate", "k"], ["put", "a:b", "v"]):
+        result = client(free_port(), *args)
+        assert result.returncode == 2, args
+        assert b"run_client.py: error:" in result.stderr
+
+
+def test_exit_status_when_the_server_is_unreachable():
+    result = client(free_port(), "get", "k")
+    assert result.returncode == 3
+    assert len(result.stderr.decode().splitlines()) == 1
+    assert "cannot connect" in result.stderr.decode()
+
+
+def test_host_and_port_from_the_environment(port):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_client.py"), "ping"],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        env={**os.environ, "KVGEVENT_HOST": "127.0.0.1", "KVGEVENT_PORT": str(port)},
+    )
+    assert (result.returncode, result.stdout) == (0, b"PONG\n")
+
+
+def test_requests_from_stdin_mix_words_and_protocol_lines(port):
+    result = client(port, stdin=b"put k v1\nPUT:k:v2\nget k\nGET:k\n\nbogus\n")
+    assert result.stdout == b"v1\nv2\nk:v1\nk:v2\n"
+    assert result.returncode == 1
+    assert b"unknown command 'bogus'" in result.stderr
+
+
+# --- --pipe, --stat, --latency ---------------------------------------------------------------
+
+
+def test_pipe_mass_inserts_100000_lines(port):
+    """--pipe sends 100,000 protocol lines and reports them; every value is stored."""
+    lines = b"".join(b"PUT:bulk%d:%d\n" % (i % 100, i) for i in range(100_000))
+    result = client(port, "--pipe", stdin=lines)
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.decode()
+    assert "sent 100000 commands" in summary and "0 errors" in summary
+    peer = Peer(port)
+    assert peer.request(b"GET:bulk7\n") == [b"bulk7:%d" % i for i in range(7, 100_000, 100)]
+    peer.close()
+
+
+def test_pipe_counts_errors_and_survives_user_pings(port):
+    result = client(port, "--pipe", stdin=b"PUT:a:1\nBOGUS\nPING\nGET:a\nPUT:b:")
+    assert result.returncode == 1
+    assert "sent 5 commands" in result.stdout.decode() and "1 errors" in result.stdout.decode()
+    assert b"ERR unknown command" in result.stderr
+    assert client(port, "get", "b").stdout == b"\n"  # the unterminated last line was sent too
+
+
+def test_stat_prints_a_line_per_interval(port):
+    result = client(port, "--stat", "--interval", "0.1", "--count", "3")
+    lines = result.stdout.decode().splitlines()
+    assert result.returncode == 0
+    assert lines[0].split()[:3] == ["time", "active", "dropped"]
+    assert len(lines) == 4
+    assert lines[1].split()[1] == "1"  # the --stat client itself
+
+
+def test_latency_prints_round_trip_statistics(port):
+    result = client(port, "--latency", "--interval", "0.2", "--count", "2")
+    lines = result.stdout.decode().splitlines()
+    assert result.returncode == 0 and len(lines) == 2
+    assert all(line.startswith("latency ms: min ") and "p99" in line for line in lines)
+
+
+# --- the REPL ------------------------------------------------------------------------------
+
+
+def repl(port: int, tmp_path) -> Terminal:
+    env = {"HOME": str(tmp_path), "KVGEVENT_HISTFILE": str(tmp_path / "history")}
+    return Terminal([sys.executable, str(ROOT / "run_client.py"), "--port", str(port)], env=env)
+
+
+def test_repl_runs_words_and_protocol_lines(port, tmp_path):
+    term = repl(port, tmp_path)
+    try:
+        prompt = f"127.0.0.1:{port}> ".encode()
+        term.expect(prompt)
+        term.send(b"put fruit 'green apple'\r")
+        term.expect(b"OK")
+        term.send(b"get fruit\r")
+        term.expect(b'1) "green apple"')
+        term.send(b"get nothing\r")
+        term.expect(b"(empty)")
+        term.send(b"GET:fruit\r")
+        term.expect(b"fruit:green apple")
+        term.send(b"PUT:k\r")
+        term.expect(b"(error) ERR wrong number of fields for PUT")
+        term.send(b"get\r")
+        term.expect(b"(error) usage: get KEY")
+        term.send(b"help\r")
+        term.expect(b"Commands")
+        term.send(b"quit\r")
+        assert term.proc.wait(timeout=10) == 0
+    finally:
+        term.close()
+
+
+def test_repl_history_is_recalled_and_persisted(port, tmp_path):
+    """Up-arrow recalls the previous line, and the history survives a restart."""
+    term = repl(port, tmp_path)
+    try:
+        term.expect(b"> ")
+        term.send(b"put h remembered\r")
+        term.expect(b"OK")
+        term.send(b"get h\r")
+        term.expect(b'1) "remembered"')
+        term.send(b"\x1b[A\r")  # up arrow: 'get h' again
+        term.expect(b'1) "remembered"')
+        term.send(b"\x04")  # Ctrl-D
+        assert term.proc.wait(timeout=10) == 0
+    finally:
+        term.close()
+    assert "put h remembered" in (tmp_path / "history").read_text()
+    again = repl(port, tmp_path)
+    try:
+        again.expect(b"> ")
+        again.send(b"\x1b[A\x1b[A\r")  # two lines back: 'get h'... the last one was 'get h'
+        again.expect(b'1) "remembered"')
+    finally:
+        again.close()
+
+
+def test_repl_reports_a_lost_connection_and_reconnects(server_process, tmp_path):
+    first = server_process()
+    term = repl(first.port, tmp_path)
+    try:
+        term.expect(b"> ")
+        term.send(b"ping\r")
+        term.expect(b"PONG")
+        assert first.stop() == 0
+        term.send(b"ping\r")
+        term.expect(b"(error) connection lost")
+        term.expect(b"(not connected)> ")
+        server_process(port=first.port)
+        term.send(b"ping\r")
+        term.expect(b"PONG")
+        term.expect(f"127.0.0.1:{first.port}> ".encode())
+    finally:
+        term.close()
+
+
+def test_escape_shows_every_byte_unambiguously():
+    assert escape(b"plain text") == '"plain text"'
+    assert escape(b'q"b\\s') == '"q\\"b\\\\s"'
+    assert escape(b"\x00\r\xff\xc3\xa9") == '"\\x00\\r\\xffé"'
