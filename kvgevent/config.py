@@ -15,6 +15,22 @@ DEFAULT_PORT = 9999
 DEFAULT_QUEUE_SIZE = 500
 """Reply lines queued for one client before further replies to it are dropped (the p0 rule)."""
 
+DEFAULT_QUEUE_BYTES = 16 << 20
+"""Reply bytes queued for one client before further replies are dropped: far above what 500
+ordinary replies need, yet one stuck client reading huge values cannot take the server's memory."""
+
+DEFAULT_MAX_CLIENTS = 10_000
+"""Clients served at once; one more gets ``ERR max clients reached`` and is closed."""
+
+DEFAULT_IDLE_TIMEOUT = 0.0
+"""Seconds a client may send nothing before it is closed; 0 = never (as in Redis)."""
+
+TLS_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a TLS client has to complete its handshake."""
+
+MAX_AUTH_FAILURES = 10
+"""Wrong passwords one connection may send before it is closed."""
+
 DEFAULT_MAX_LINE = 1 << 20
 """Longest request line accepted, in bytes before the newline; longer lines get ``ERR line too long``."""
 

@@ -9,6 +9,7 @@ works. Verbs are case-insensitive::
     DELETE:key           remove the key and all its values         no reply
     PING                 "PONG" once every earlier command applied
     STATS                one line of space-separated name=value pairs
+    AUTH:password        "OK", or ERR (only when the server has a password)
 
 Anything else gets one ``ERR <reason>`` line. Status lines (``PONG``, ``ERR ...``, the
 ``STATS`` line) never contain ':', so a reply line with ':' is always a GET value.
@@ -67,7 +68,13 @@ class Stats(NamedTuple):
     """``STATS``: reply one line of ``name=value`` counters."""
 
 
-Command = Put | Get | Update | Delete | Ping | Stats
+class Auth(NamedTuple):
+    """``AUTH:password``: authenticate the connection (when the server has a password)."""
+
+    password: bytes
+
+
+Command = Put | Get | Update | Delete | Ping | Stats | Auth
 PING = Ping()
 STATS = Stats()
 
@@ -78,10 +85,14 @@ ERR_EMPTY_KEY = ProtocolError("empty key")
 ERR_LINE_TOO_LONG = ProtocolError("line too long")
 ERR_FIELDS = {
     verb: ProtocolError("wrong number of fields for " + verb)
-    for verb in ("PUT", "GET", "UPDATE", "DELETE", "PING", "STATS")
+    for verb in ("PUT", "GET", "UPDATE", "DELETE", "PING", "STATS", "AUTH")
 }
+ERR_AUTH_REQUIRED = ProtocolError("auth required")
+ERR_INVALID_PASSWORD = ProtocolError("invalid password")
+ERR_NO_PASSWORD = ProtocolError("no password is set")
 
 PONG = b"PONG\n"
+OK = b"OK\n"
 
 
 class LineBuffer:
@@ -200,6 +211,10 @@ def _parse_stats(rest: bytes, has_args: bool) -> Command | ProtocolError:
     return ERR_FIELDS["STATS"] if has_args else STATS
 
 
+def _parse_auth(rest: bytes, has_args: bool) -> Command | ProtocolError:
+    return Auth(rest) if has_args else ERR_FIELDS["AUTH"]
+
+
 _VERBS = {
     b"PUT": _parse_put,
     b"GET": _parse_get,
@@ -207,6 +222,7 @@ _VERBS = {
     b"DELETE": _parse_delete,
     b"PING": _parse_ping,
     b"STATS": _parse_stats,
+    b"AUTH": _parse_auth,
 }
 
 
@@ -277,6 +293,12 @@ def encode(command: Command) -> bytes:
         return b"PING\n"
     if isinstance(command, Stats):
         return b"STATS\n"
+    if isinstance(command, Auth):
+        _check_tail(command.password, "password")
+        line = b"AUTH:" + command.password
+        if line.endswith(b"\r"):
+            raise InvalidArgument("a password may not end in '\\r'")
+        return line + b"\n"
     _check_key(command.key)
     if isinstance(command, Put):
         _check_tail(command.value, "value")

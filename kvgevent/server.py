@@ -1,98 +1,84 @@
-"""The gevent I/O of kvgevent: accepting clients, reading requests, writing replies.
+"""The gevent I/O of kvgevent: accepting clients, reading requests, applying them.
 
 Shape: a ``gevent.server.StreamServer`` spawns one reader greenlet per client through a
-``gevent.pool.Pool`` (so :meth:`KeyValueServer.close` can stop them). Each client has a
-bounded ``gevent.queue.Queue`` of reply lines feeding one writer greenlet, started on the
-first reply (an idle or write-only client costs no writer). The protocol is parsed by the
-pure :mod:`kvgevent.protocol`; values live in a :class:`~kvgevent.store.KVStore`.
+``gevent.pool.Pool`` (so :meth:`KeyValueServer.close` can stop them). Each client is a
+:class:`~kvgevent.connection.Connection`: a bounded queue of reply lines feeding one writer
+greenlet (see there for what happens when it is full). Requests are parsed by the pure
+:mod:`kvgevent.protocol`; values live in a :class:`~kvgevent.store.KVStore`.
 
-Ownership: the reader greenlet owns its client's socket and is the only one that closes it;
-the writer never closes it, it records a failure and shuts the socket down so that a reader
-blocked in ``recv`` wakes up.
-
-Full queues: a reply that finds its client's queue full first waits up to
-:data:`~kvgevent.config.DROP_GRACE` for room (yielding lets the writer drain; gevent's
-``recv`` does not yield while data is ready, so without this a fast pipelining client that
-reads promptly would lose replies). If the queue is still full the client is not reading:
-that reply and every further one that finds the queue full is dropped and counted, without
-waiting, until the queue has room again (one ``messages_dropping`` log event per episode).
+Fairness: a reader handles at most one ``recv`` (RECV_SIZE bytes) of requests per wake-up;
+when more is waiting it yields first, so a client sending faster than the server can apply
+cannot starve the others.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import itertools
 import socket
+import ssl
 import time
 from typing import Any
 
 import gevent
 import gevent.event
-from gevent.greenlet import Greenlet
+from gevent.lock import Semaphore
 from gevent.pool import Group, Pool
-from gevent.queue import Full, Queue
 from gevent.server import StreamServer
 
 from .config import (
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_LINE,
     DEFAULT_PORT,
+    DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
     DEFAULT_SHUTDOWN_FLUSH,
-    DROP_GRACE,
     EOF_FLUSH_STALL,
-    MAX_SEND_BATCH,
+    MAX_AUTH_FAILURES,
     RECV_SIZE,
+    TLS_HANDSHAKE_TIMEOUT,
 )
+from .connection import Connection, Counters
 from .errors import KVError, ProtocolError
 from .logs import get_logger
-from .protocol import PONG, Delete, Get, LineBuffer, Ping, Put, Stats, Update, parse, stats_line, value_line
+from .protocol import (
+    ERR_AUTH_REQUIRED,
+    ERR_INVALID_PASSWORD,
+    ERR_LINE_TOO_LONG,
+    ERR_NO_PASSWORD,
+    OK,
+    PONG,
+    Auth,
+    Delete,
+    Get,
+    Ping,
+    Put,
+    Stats,
+    Update,
+    parse,
+    stats_line,
+    value_line,
+)
 from .store import KVStore, MemoryStore
+from .tls import TlsStream
 
-_EOF = object()
-"""Queue sentinel: the writer sends everything queued before it, then exits."""
+ERR_MAX_CLIENTS = ProtocolError("max clients reached")
 
 
 class _Closing(Exception):
     """Thrown into reader greenlets by :meth:`KeyValueServer.close`."""
 
 
-class Connection:
-    """One client: its socket, its reply queue and writer, its counters. No logic of its own
-    beyond queueing a reply; the server drives it."""
+class _Idle(Exception):
+    """Thrown into the reader of a client idle for longer than ``idle_timeout``."""
 
-    __slots__ = (
-        "client_id",
-        "peer",
-        "sock",
-        "queue",
-        "buffer",
-        "writer",
-        "reader",
-        "log",
-        "reading",
-        "dropping",
-        "messages_dropped",
-        "bytes_sent",
-        "failed",
-    )
 
-    def __init__(
-        self, client_id: int, peer: str, sock: Any, queue_size: int, max_line: int, log: Any
-    ) -> None:
-        self.client_id = client_id
-        self.peer = peer
-        self.sock = sock
-        self.queue: Queue = Queue(queue_size)
-        self.buffer = LineBuffer(max_line)
-        self.writer: Greenlet | None = None
-        self.reader: Greenlet = gevent.getcurrent()  # type: ignore[assignment]
-        self.log = log
-        self.reading = True  # False once the reader stopped reading and is flushing
-        self.dropping = False  # inside an episode of dropped replies
-        self.messages_dropped = 0
-        self.bytes_sent = 0
-        self.failed: str | None = None  # why writing failed, once it has
+class _TooManyAuthFailures(Exception):
+    """A connection sent MAX_AUTH_FAILURES wrong passwords."""
 
 
 class KeyValueServer:
@@ -104,7 +90,9 @@ class KeyValueServer:
     >>> server.close()             # idempotent; returns when every client is closed
 
     Everything runs in the caller's gevent hub: the server serves while the caller's greenlet
-    waits (``gevent.sleep``, a gevent socket, ``Event.wait``...).
+    waits (``gevent.sleep``, a gevent socket, ``Event.wait``...). Options are the limits of
+    :mod:`kvgevent.config`; ``password`` requires ``AUTH:<password>`` first; ``tls`` (a server
+    ``ssl.SSLContext``, see :func:`kvgevent.tls.server_context`) makes every client speak TLS.
     """
 
     def __init__(
@@ -112,33 +100,43 @@ class KeyValueServer:
         store: KVStore | None = None,
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         max_line: int = DEFAULT_MAX_LINE,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        password: str | bytes | None = None,
+        tls: ssl.SSLContext | None = None,
         backlog: int = DEFAULT_BACKLOG,
     ) -> None:
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
-        if max_line < 1:
-            raise ValueError("max_line must be at least 1")
+        for name, value in (
+            ("queue_size", queue_size),
+            ("queue_bytes", queue_bytes),
+            ("max_line", max_line),
+            ("max_clients", max_clients),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1")
         self.store = store if store is not None else MemoryStore()
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.max_line = max_line
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
         self.backlog = backlog
+        self._password = password.encode() if isinstance(password, str) else password
+        self._tls = tls
         self.log = get_logger()
+        self.counters = Counters()
         self._server: StreamServer | None = None
         self._pool = Pool()
         self._writers = Group()
+        self._sweeper: gevent.Greenlet | None = None
         self._conns: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._started_at = time.monotonic()
         self._closing = False
         self._closed = gevent.event.Event()
         self._flush_deadline = 0.0
-        # counters for STATS
-        self._dropped = 0
-        self._accepted = 0
-        self._messages_dropped = 0
-        self._commands = 0
-        self._errors = 0
 
     # --- public API -------------------------------------------------------------------------
 
@@ -153,9 +151,29 @@ class KeyValueServer:
         server.start()
         self._server = server
         self._started_at = time.monotonic()
+        if self.idle_timeout > 0:
+            self._sweeper = gevent.spawn(self._sweep_idle)
+        bound = server.address[0]
         self.log.info(
-            "server_started", host=host, port=self.port, queue_size=self.queue_size, max_line=self.max_line
+            "server_started",
+            host=bound,
+            port=self.port,
+            tls=self._tls is not None,
+            auth=self._password is not None,
+            queue_size=self.queue_size,
+            queue_bytes=self.queue_bytes,
+            max_line=self.max_line,
+            max_clients=self.max_clients,
+            idle_timeout=self.idle_timeout,
         )
+        if not _is_loopback(bound) and self._password is None:
+            self.log.warning(
+                "unprotected_bind",
+                host=bound,
+                port=self.port,
+                hint="anyone who can reach this address can read and write every key; "
+                "set --password (and --tls-cert/--tls-key)",
+            )
 
     @property
     def port(self) -> int:
@@ -170,18 +188,23 @@ class KeyValueServer:
 
     def count_dropped(self) -> int:
         """Clients that have disconnected (for any reason) since the server started."""
-        return self._dropped
+        return self.counters.dropped
 
     def stats(self) -> dict[str, int]:
         """The counters of ``STATS``. May raise StoreError (``keys`` asks the store)."""
+        c = self.counters
         return {
             "active": len(self._conns),
-            "dropped": self._dropped,
-            "messages_dropped": self._messages_dropped,
+            "dropped": c.dropped,
+            "messages_dropped": c.messages_dropped,
             "keys": self.store.count_keys(),
-            "commands": self._commands,
-            "errors": self._errors,
-            "connections": self._accepted,
+            "commands": c.commands,
+            "errors": c.errors,
+            "connections": c.accepted,
+            "rejected": c.rejected,
+            "auth_failures": c.auth_failures,
+            "idle_closed": c.idle_closed,
+            "lines_too_long": c.lines_too_long,
             "uptime_s": int(time.monotonic() - self._started_at),
         }
 
@@ -198,6 +221,8 @@ class KeyValueServer:
         self._flush_deadline = time.monotonic() + flush_timeout
         if self._server is not None:
             self._server.close()  # stops accepting and closes the listening socket
+        if self._sweeper is not None:
+            self._sweeper.kill()
         for conn in list(self._conns.values()):
             if conn.reading:
                 conn.reader.kill(_Closing, block=False)
@@ -205,12 +230,14 @@ class KeyValueServer:
         self._pool.kill(block=True, timeout=1.0)
         self._writers.kill(block=True, timeout=1.0)
         self.store.close()
+        c = self.counters
         self.log.info(
             "server_stopped",
-            dropped=self._dropped,
-            connections=self._accepted,
-            commands=self._commands,
-            messages_dropped=self._messages_dropped,
+            dropped=c.dropped,
+            connections=c.accepted,
+            commands=c.commands,
+            messages_dropped=c.messages_dropped,
+            rejected=c.rejected,
         )
         self._closed.set()
 
@@ -219,17 +246,24 @@ class KeyValueServer:
     def _handle(self, sock: Any, address: Any) -> None:
         """Serve one client until it disconnects; the socket is closed when this returns."""
         peer = f"{address[0]}:{address[1]}"
+        if len(self._conns) >= self.max_clients:
+            self._reject(sock, peer)
+            return
         client_id = next(self._ids)
         conn = Connection(
             client_id,
             peer,
             sock,
-            self.queue_size,
-            self.max_line,
-            self.log.bind(client_id=client_id, peer=peer),
+            queue_size=self.queue_size,
+            queue_bytes=self.queue_bytes,
+            max_line=self.max_line,
+            log=self.log.bind(client_id=client_id, peer=peer),
+            counters=self.counters,
+            writers=self._writers,
         )
-        self._conns[conn.client_id] = conn
-        self._accepted += 1
+        conn.authenticated = self._password is None
+        self._conns[client_id] = conn
+        self.counters.accepted += 1
         conn.log.info("client_connected", active=len(self._conns))
         reason = "closed"
         error: str | None = None
@@ -238,13 +272,27 @@ class KeyValueServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._closing:
                 raise _Closing
-            reason = self._read_loop(conn)
+            if self._tls is not None:
+                reason = "tls_handshake_failed"
+                self._start_tls(conn)
+                reason = "closed"
+            self._read_loop(conn)
         except _Closing:
             reason = "server_shutdown"
+        except _Idle:
+            reason = "idle"
+            self.counters.idle_closed += 1
+        except _TooManyAuthFailures:
+            reason = "auth_failures"
+        except gevent.Timeout:
+            reason = "tls_handshake_timeout"
+        except ssl.SSLError as exc:
+            reason = "tls_handshake_failed" if reason == "tls_handshake_failed" else "tls_error"
+            error = exc.reason or str(exc)
         except ConnectionResetError:
-            reason = "reset"
+            reason = "reset" if reason == "closed" else reason
         except OSError as exc:
-            reason = "socket_error"
+            reason = "socket_error" if reason == "closed" else reason
             error = exc.strerror or type(exc).__name__
         except gevent.GreenletExit:  # close() gave up waiting and killed the reader
             reason = "server_shutdown"
@@ -256,35 +304,64 @@ class KeyValueServer:
             conn.reading = False
             try:
                 if conn.failed is None:
-                    self._flush(conn)
+                    conn.flush(EOF_FLUSH_STALL, self._flush_deadline if self._closing else None)
             except _Closing:
                 pass
             finally:
                 self._drop(conn, conn.failed or reason, error)
 
-    def _read_loop(self, conn: Connection) -> str:
-        """Read, parse and execute requests until end of stream; return the drop reason."""
-        recv = conn.sock.recv
+    def _reject(self, sock: Any, peer: str) -> None:
+        """Over --max-clients: say why (plain TCP only) and close at once."""
+        self.counters.rejected += 1
+        if self._tls is None:
+            try:
+                sock.send(ERR_MAX_CLIENTS.reply)  # a few bytes into an empty buffer: never blocks
+            except OSError:
+                pass
+        self.log.warning(
+            "client_rejected",
+            peer=peer,
+            reason="max_clients",
+            active=len(self._conns),
+            rejected=self.counters.rejected,
+        )
+
+    def _start_tls(self, conn: Connection) -> None:
+        stream = TlsStream(conn.sock, self._tls, server_side=True, lock_factory=Semaphore)  # type: ignore[arg-type]
+        with gevent.Timeout(TLS_HANDSHAKE_TIMEOUT):
+            stream.handshake()
+        conn.recv = stream.recv
+        conn.sendall = stream.sendall
+
+    def _read_loop(self, conn: Connection) -> None:
+        """Read, parse and execute requests until end of stream."""
+        recv = conn.recv
         feed = conn.buffer.feed
         execute = self._execute
+        track_idle = self.idle_timeout > 0
         while True:
             data = recv(RECV_SIZE)
             if not data:
-                return "closed"
+                return
+            if track_idle:
+                conn.last_seen = time.monotonic()
             items = feed(data)
             if items:
                 execute(conn, items)
-            if len(data) == RECV_SIZE:
+            if len(data) >= RECV_SIZE:
                 # More is probably waiting, and gevent's recv would return it without
                 # yielding: give the writer and the other clients their turn first.
                 gevent.sleep(0)
 
     def _execute(self, conn: Connection, items: list[bytes | ProtocolError]) -> None:
         """Apply parsed requests in order; the one place where errors become ``ERR`` lines."""
+        counters = self.counters
+        counters.commands += len(items)  # counted up front, so a STATS in this batch sees them
+        if not conn.authenticated:
+            items = self._authenticate(conn, items)
         store = self.store
-        send = self._send
+        send = conn.send
         errors = 0
-        self._commands += len(items)  # counted up front, so a STATS in this batch sees them
         for item in items:
             cmd = parse(item) if item.__class__ is bytes else item
             kind = cmd.__class__
@@ -292,7 +369,7 @@ class KeyValueServer:
                 if kind is Get:
                     key = cmd.key  # type: ignore[union-attr]
                     for value in store.get(key):
-                        send(conn, value_line(key, value))
+                        send(value_line(key, value))
                 elif kind is Put:
                     store.put(cmd.key, cmd.value)  # type: ignore[union-attr]
                 elif kind is Update:
@@ -300,126 +377,96 @@ class KeyValueServer:
                 elif kind is Delete:
                     store.delete(cmd.key)  # type: ignore[union-attr]
                 elif kind is Ping:
-                    send(conn, PONG)
+                    send(PONG)
                 elif kind is Stats:
-                    send(conn, stats_line(self.stats()))
+                    send(stats_line(self.stats()))
+                elif kind is Auth:
+                    self._check_password(conn, cmd)  # type: ignore[arg-type]
                 else:  # a ProtocolError, returned by the parser (or the line buffer)
                     errors += 1
-                    send(conn, cmd.reply)  # type: ignore[union-attr]
-            except KVError as exc:  # raised by the store
+                    if cmd is ERR_LINE_TOO_LONG:
+                        self._line_too_long(conn)
+                    send(cmd.reply)  # type: ignore[union-attr]
+            except KVError as exc:  # raised by the store, or a refused AUTH
                 errors += 1
-                send(conn, exc.reply)
-        self._errors += errors
+                send(exc.reply)
+        counters.errors += errors
 
-    def _send(self, conn: Connection, line: bytes) -> None:
-        """Queue one reply line for ``conn`` (see the module docstring for a full queue)."""
-        if conn.failed is not None:
-            return  # the client is gone: nothing can reach it
-        queue = conn.queue
-        if not queue.full():
-            queue.put_nowait(line)
-            if conn.writer is None:
-                conn.writer = self._writers.spawn(self._write_loop, conn)
-            conn.dropping = False
-            return
-        if not conn.dropping:
-            try:
-                queue.put(line, timeout=DROP_GRACE)
-                return
-            except Full:
-                conn.dropping = True
-                conn.log.warning(
-                    "messages_dropping", queue_size=self.queue_size, messages_dropped=conn.messages_dropped
-                )
-        conn.messages_dropped += 1
-        self._messages_dropped += 1
-
-    def _write_loop(self, conn: Connection) -> None:
-        """The writer greenlet: send queued lines in batches of up to MAX_SEND_BATCH bytes,
-        one ``sendall`` per batch, until the _EOF sentinel or a socket error."""
-        queue = conn.queue
-        sendall = conn.sock.sendall
-        try:
-            while True:
-                line = queue.get()
-                if line is _EOF:
-                    return
-                waiting = queue.qsize()
-                if not waiting:
-                    sendall(line)
-                    conn.bytes_sent += len(line)
-                    continue
-                batch = [line]
-                size = len(line)
-                eof = False
-                for _ in range(waiting):
-                    line = queue.get_nowait()
-                    if line is _EOF:
-                        eof = True
-                        break
-                    batch.append(line)
-                    size += len(line)
-                    if size >= MAX_SEND_BATCH:
-                        break
-                sendall(b"".join(batch))
-                conn.bytes_sent += size
-                if eof:
-                    return
-        except OSError as exc:
-            conn.failed = (
-                "reset" if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else "write_error"
-            )
-            while not queue.empty():  # free a reader waiting for room
-                queue.get_nowait()
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if it is in recv
-            except OSError:
-                pass
-
-    def _flush(self, conn: Connection) -> None:
-        """Let the writer send what is queued, then stop it.
-
-        Gives up when the client accepts no bytes for EOF_FLUSH_STALL seconds, or, during
-        shutdown, at the close() deadline."""
-        writer = conn.writer
-        if writer is None or writer.dead:
-            return
-        queued_eof = False
-        while not writer.dead:
-            wait = EOF_FLUSH_STALL
-            if self._closing:
-                wait = min(wait, self._flush_deadline - time.monotonic())
-                if wait <= 0:
-                    break
-            sent = conn.bytes_sent
-            if not queued_eof:
+    def _authenticate(
+        self, conn: Connection, items: list[bytes | ProtocolError]
+    ) -> list[bytes | ProtocolError]:
+        """Before AUTH succeeds only AUTH and PING are served; returns the items after a
+        successful AUTH (to be executed normally), or nothing."""
+        for index, item in enumerate(items):
+            cmd = parse(item) if item.__class__ is bytes else item
+            if cmd.__class__ is Auth:
                 try:
-                    conn.queue.put(_EOF, timeout=wait)
-                    queued_eof = True
+                    self._check_password(conn, cmd)  # type: ignore[arg-type]
+                except KVError as exc:
+                    self.counters.errors += 1
+                    conn.send(exc.reply)
                     continue
-                except Full:
-                    pass
+                return items[index + 1 :]
+            if cmd.__class__ is Ping:
+                conn.send(PONG)
             else:
-                writer.join(wait)
-            if not writer.dead and conn.bytes_sent == sent:
-                break  # no progress: the client is not reading
-        writer.kill(block=True)
+                self.counters.errors += 1
+                conn.send(ERR_AUTH_REQUIRED.reply)
+        return []
+
+    def _check_password(self, conn: Connection, cmd: Auth) -> None:
+        """Reply OK and mark the connection authenticated, or raise the ERR to send."""
+        if self._password is None:
+            raise ERR_NO_PASSWORD
+        if not hmac.compare_digest(cmd.password, self._password):  # constant time
+            conn.authenticated = False
+            self.counters.auth_failures += 1
+            conn.auth_failures += 1
+            conn.log.warning("auth_failed", auth_failures=conn.auth_failures)
+            if conn.auth_failures >= MAX_AUTH_FAILURES:
+                conn.send(ERR_INVALID_PASSWORD.reply)
+                raise _TooManyAuthFailures
+            raise ERR_INVALID_PASSWORD
+        conn.authenticated = True
+        conn.send(OK)
+
+    def _line_too_long(self, conn: Connection) -> None:
+        self.counters.lines_too_long += 1
+        conn.long_lines += 1
+        if conn.long_lines == 1:  # once per connection: a hostile client cannot flood the log
+            conn.log.warning("line_too_long", max_line=self.max_line)
+
+    def _sweep_idle(self) -> None:
+        """Close clients that sent nothing for ``idle_timeout`` seconds (checked twice per timeout,
+        at most once a second)."""
+        period = min(1.0, self.idle_timeout / 2)
+        while True:
+            gevent.sleep(period)
+            limit = time.monotonic() - self.idle_timeout
+            for conn in list(self._conns.values()):
+                if conn.reading and conn.last_seen < limit:
+                    conn.reading = False
+                    conn.reader.kill(_Idle, block=False)
 
     def _drop(self, conn: Connection, reason: str, error: str | None = None) -> None:
         """Close the client's socket, count it as dropped and log it; exactly once."""
         if self._conns.pop(conn.client_id, None) is None:
             return
-        self._dropped += 1
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
+        self.counters.dropped += 1
+        conn.close()
         extra = {"error": error} if error else {}
         conn.log.info(
             "client_dropped",
             reason=reason,
             active=len(self._conns),
-            dropped=self._dropped,
+            dropped=self.counters.dropped,
             messages_dropped=conn.messages_dropped,
             **extra,
         )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

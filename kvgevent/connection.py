@@ -1,0 +1,246 @@
+"""One client connection: its reply queue, its writer greenlet, and the rules for a full queue.
+
+Ownership: the server's reader greenlet owns the socket and is the only one that closes it.
+The writer greenlet never closes it: on a write error it records :attr:`Connection.failed`,
+empties the queue and shuts the socket down, which wakes a reader blocked in ``recv``.
+
+Full queues. A client's queue is bounded both in lines (``queue_size``) and in bytes
+(``queue_bytes``). A reply that finds it full first waits up to :data:`DROP_GRACE` for the
+writer to make room (yielding: gevent's ``recv`` does not yield while data is ready, so
+without this a fast pipelining client that reads promptly would lose replies). If there is
+still no room the client is not reading: that reply, and every further one that finds the
+queue full, is dropped and counted without waiting, until the queue has room again. Each such
+episode logs one ``messages_dropping`` event.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent.greenlet import Greenlet
+from gevent.pool import Group
+from gevent.queue import Full, Queue
+
+from .config import DROP_GRACE, MAX_SEND_BATCH
+from .protocol import LineBuffer
+
+_EOF = b""
+"""Queue sentinel (never a reply: every reply ends in a newline): the writer sends what was
+queued before it, then exits."""
+
+
+class Counters:
+    """Server-wide counters, shared by the server and its connections (read by STATS)."""
+
+    __slots__ = (
+        "accepted",
+        "dropped",
+        "rejected",
+        "messages_dropped",
+        "commands",
+        "errors",
+        "auth_failures",
+        "idle_closed",
+        "lines_too_long",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+class Connection:
+    """A client, as the server sees it. Created and driven by the reader greenlet."""
+
+    __slots__ = (
+        "client_id",
+        "peer",
+        "sock",
+        "recv",
+        "sendall",
+        "queue",
+        "queue_bytes",
+        "queued_bytes",
+        "buffer",
+        "writer",
+        "reader",
+        "log",
+        "counters",
+        "writers",
+        "reading",
+        "dropping",
+        "waiting",
+        "room",
+        "messages_dropped",
+        "bytes_sent",
+        "failed",
+        "last_seen",
+        "authenticated",
+        "auth_failures",
+        "long_lines",
+    )
+
+    def __init__(
+        self,
+        client_id: int,
+        peer: str,
+        sock: Any,
+        *,
+        queue_size: int,
+        queue_bytes: int,
+        max_line: int,
+        log: Any,
+        counters: Counters,
+        writers: Group,
+    ) -> None:
+        self.client_id = client_id
+        self.peer = peer
+        self.sock = sock
+        # The byte stream: the socket itself, or a TlsStream over it (see KeyValueServer).
+        self.recv: Callable[[int], bytes] = sock.recv
+        self.sendall: Callable[[bytes], Any] = sock.sendall
+        self.queue: Queue = Queue(queue_size)
+        self.queue_bytes = queue_bytes
+        self.queued_bytes = 0
+        self.buffer = LineBuffer(max_line)
+        self.writer: Greenlet | None = None  # started with the first reply
+        self.reader: Greenlet = gevent.getcurrent()  # type: ignore[assignment]
+        self.log = log
+        self.counters = counters
+        self.writers = writers
+        self.reading = True  # False once the reader stopped reading (flushing, closing)
+        self.dropping = False  # inside an episode of dropped replies
+        self.waiting = False  # the reader waits for room; the writer must signal it
+        self.room: gevent.event.Event | None = None
+        self.messages_dropped = 0
+        self.bytes_sent = 0
+        self.failed: str | None = None  # why writing failed, once it has
+        self.last_seen = time.monotonic()  # when the client last sent bytes
+        self.authenticated = False
+        self.auth_failures = 0  # wrong passwords sent on this connection
+        self.long_lines = 0  # lines over max_line sent on this connection
+
+    def send(self, line: bytes) -> None:
+        """Queue one reply line (ending in a newline); see the module docstring when full."""
+        if self.failed is not None:
+            return  # the client is gone: nothing can reach it
+        queue = self.queue
+        if not queue.full() and self.queued_bytes + len(line) <= self.queue_bytes:
+            queue.put_nowait(line)
+            self.queued_bytes += len(line)
+            if self.writer is None:
+                self.writer = self.writers.spawn(self._write_loop)
+            self.dropping = False
+            return
+        if not self.dropping and len(line) <= self.queue_bytes and self._wait_for_room(len(line)):
+            queue.put_nowait(line)
+            self.queued_bytes += len(line)
+            return
+        if not self.dropping:
+            self.dropping = True
+            self.log.warning(
+                "messages_dropping",
+                queue_size=queue.maxsize,
+                queued_bytes=self.queued_bytes,
+                messages_dropped=self.messages_dropped,
+            )
+        self.messages_dropped += 1
+        self.counters.messages_dropped += 1
+
+    def _wait_for_room(self, size: int) -> bool:
+        """Wait up to DROP_GRACE for the writer to make room for ``size`` bytes."""
+        if self.room is None:
+            self.room = gevent.event.Event()
+        deadline = time.monotonic() + DROP_GRACE
+        self.waiting = True
+        try:
+            while self.queue.full() or self.queued_bytes + size > self.queue_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.failed is not None:
+                    return False
+                self.room.clear()
+                self.room.wait(left)
+            return True
+        finally:
+            self.waiting = False
+
+    def _write_loop(self) -> None:
+        """The writer greenlet: send queued lines in batches of up to MAX_SEND_BATCH bytes,
+        one ``sendall`` per batch, until the _EOF sentinel or a socket error."""
+        queue = self.queue
+        sendall = self.sendall
+        try:
+            while True:
+                line = queue.get()
+                if not line:  # _EOF
+                    return
+                batch = [line]
+                size = len(line)
+                eof = False
+                for _ in range(queue.qsize()):
+                    line = queue.get_nowait()
+                    if not line:  # _EOF
+                        eof = True
+                        break
+                    batch.append(line)
+                    size += len(line)
+                    if size >= MAX_SEND_BATCH:
+                        break
+                self.queued_bytes -= size
+                if self.waiting:
+                    self.room.set()  # type: ignore[union-attr]
+                sendall(batch[0] if len(batch) == 1 else b"".join(batch))
+                self.bytes_sent += size
+                if eof:
+                    return
+        except OSError as exc:
+            self.failed = (
+                "reset" if isinstance(exc, ConnectionResetError | BrokenPipeError) else "write_error"
+            )
+            while not queue.empty():
+                queue.get_nowait()
+            self.queued_bytes = 0
+            if self.room is not None:
+                self.room.set()  # a reader waiting for room gives up at once
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if it is in recv
+            except OSError:
+                pass
+
+    def flush(self, stall: float, deadline: float | None) -> None:
+        """Let the writer send what is queued, then stop it. Gives up when no bytes leave for
+        ``stall`` seconds (the client is not reading) or at ``deadline`` (monotonic)."""
+        writer = self.writer
+        if writer is None or writer.dead:
+            return
+        queued_eof = False
+        while not writer.dead:
+            wait = stall
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+            sent = self.bytes_sent
+            if not queued_eof:
+                try:
+                    self.queue.put(_EOF, timeout=wait)
+                    queued_eof = True
+                    continue
+                except Full:
+                    pass
+            else:
+                writer.join(wait)
+            if not writer.dead and self.bytes_sent == sent:
+                break  # no progress: the client is not reading
+        writer.kill(block=True)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

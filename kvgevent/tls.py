@@ -1,0 +1,148 @@
+"""TLS over a plain socket with ``ssl.MemoryBIO``, for one reader and one writer at a time.
+
+Why not ``SSLSocket``: with gevent 26.9 a reader greenlet blocked in ``recv`` and a writer
+greenlet in ``sendall`` on one gevent ``SSLSocket`` deadlocked (the reply never left). Here
+the socket stays plain: :meth:`TlsStream.recv` reads ciphertext from the socket and decrypts
+it, :meth:`TlsStream.sendall` encrypts and writes ciphertext, and neither waits for the other.
+
+Two locks, made by ``lock_factory`` (``threading.Lock`` for threads, ``gevent.lock.Semaphore``
+for greenlets): one is held only around calls into the ``SSLObject`` (OpenSSL is not safe
+for concurrent use from threads), the other around draining the outgoing BIO into the socket,
+so TLS records leave in the order they were made even when the reader must send (handshake
+data, alerts) while the writer is sending replies.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+RECORD_READ = 1 << 16
+"""Ciphertext bytes asked of one socket ``recv``."""
+
+
+def server_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
+    """A server context: TLS 1.2 or newer, no renegotiation. Raises OSError/SSLError if the
+    certificate or key cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def client_context(cafile: str | None = None, verify: bool = True) -> ssl.SSLContext:
+    """A client context checking the server against ``cafile`` (or the system's CAs)."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class TlsStream:
+    """A TLS session over ``sock``: ``handshake()``, then ``recv``/``sendall`` of plaintext.
+
+    ``recv`` returns ``b""`` at the end of the stream (close_notify or EOF). Errors are the
+    socket's OSError, or ``ssl.SSLError`` for a TLS failure. The caller owns and closes the
+    socket.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        server_side: bool,
+        server_hostname: str | None = None,
+        lock_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        make_lock = lock_factory or _NoLock
+        self.sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        self._tls_lock = make_lock()
+        self._send_lock = make_lock()
+        self._eof = False
+
+    def handshake(self) -> None:
+        """Run the handshake to completion (blocking in the socket's own way)."""
+        while True:
+            try:
+                with self._tls_lock:
+                    self._tls.do_handshake()
+                self._flush()
+                return
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._fill():
+                    raise ssl.SSLEOFError("connection closed during the TLS handshake") from None
+
+    @property
+    def version(self) -> str | None:
+        return self._tls.version()
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes of plaintext; waits for at least one byte or the end."""
+        while True:
+            chunks = []
+            total = 0
+            try:
+                with self._tls_lock:
+                    while total < size:
+                        chunk = self._tls.read(size - total)
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                        total += len(chunk)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:  # the peer's close_notify
+                self._eof = True
+            if self._outgoing.pending:
+                self._flush()
+            if chunks:
+                return b"".join(chunks)
+            if self._eof or not self._fill():
+                return b""
+
+    def sendall(self, data: bytes) -> None:
+        """Encrypt ``data`` and write it all to the socket."""
+        with self._send_lock:
+            with self._tls_lock:
+                self._tls.write(data)
+                ciphertext = self._outgoing.read()
+            self.sock.sendall(ciphertext)
+
+    def _fill(self) -> bool:
+        """Read ciphertext from the socket into the TLS engine; False at end of stream."""
+        data = self.sock.recv(RECORD_READ)
+        with self._tls_lock:
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+        return bool(data)
+
+    def _flush(self) -> None:
+        """Send whatever the TLS engine has produced (handshake messages, alerts)."""
+        with self._send_lock:
+            with self._tls_lock:
+                ciphertext = self._outgoing.read()
+            if ciphertext:
+                self.sock.sendall(ciphertext)
+
+
+class _NoLock:
+    """For a single greenlet or thread: nothing to exclude."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
