@@ -10,6 +10,7 @@ import argparse
 import os
 import resource
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +18,17 @@ from typing import Any
 import gevent
 import gevent.event
 
-from .config import DEFAULT_HOST, DEFAULT_MAX_LINE, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, DEFAULT_SHUTDOWN_FLUSH
+from .config import (
+    DEFAULT_BACKLOG,
+    DEFAULT_HOST,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_LINE,
+    DEFAULT_PORT,
+    DEFAULT_QUEUE_BYTES,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_SHUTDOWN_FLUSH,
+)
 from .logs import (
     DEFAULT_LOG_FORMAT,
     DEFAULT_LOG_LEVEL,
@@ -28,6 +39,7 @@ from .logs import (
 )
 from .server import KeyValueServer
 from .store import MemoryStore
+from .tls import server_context
 
 ENV_PREFIX = "KVGEVENT_"
 
@@ -83,7 +95,7 @@ def add_env_option(
         type=type,
         choices=choices,
         metavar=None if choices else flag.upper().replace("-", "_"),
-        help=f"{help} (default: {default}; env {env})",
+        help=f"{help} (default: {'none' if default is None else default}; env {env})",
     )
 
 
@@ -104,6 +116,37 @@ def build_parser() -> argparse.ArgumentParser:
         "reply lines queued per client before replies to it are dropped",
         type=positive_int,
     )
+    add_env_option(
+        parser,
+        "queue-bytes",
+        DEFAULT_QUEUE_BYTES,
+        "reply bytes queued per client before replies to it are dropped",
+        type=positive_int,
+    )
+    add_env_option(
+        parser,
+        "max-clients",
+        DEFAULT_MAX_CLIENTS,
+        "clients served at once; more get 'ERR max clients reached' and are closed",
+        type=positive_int,
+    )
+    add_env_option(
+        parser,
+        "idle-timeout",
+        DEFAULT_IDLE_TIMEOUT,
+        "close a client that sends nothing for this many seconds; 0 = never",
+        type=non_negative_float,
+    )
+    add_env_option(parser, "backlog", DEFAULT_BACKLOG, "listen backlog (pending connects)", type=positive_int)
+    add_env_option(
+        parser,
+        "password",
+        None,
+        "require 'AUTH:<password>' before any command but PING (prefer the environment "
+        "variable: a flag is visible to other users in ps)",
+    )
+    add_env_option(parser, "tls-cert", None, "serve TLS with this certificate chain (PEM)")
+    add_env_option(parser, "tls-key", None, "private key of --tls-cert (PEM), if not in that file")
     add_env_option(
         parser,
         "max-line",
@@ -130,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
+    if args.password == "":
+        parser.error("--password may not be empty")
+
+
 def raise_fd_limit() -> int:
     """Raise the soft limit on open files to the hard limit (as Redis does): every client is
     a file descriptor, and the usual soft limit of 1024 would refuse the 1021st client.
@@ -147,11 +197,33 @@ def raise_fd_limit() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; return the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     configure_logging(args.log_format, args.log_level)
     log = get_logger()
     log.debug("fd_limit", max_open_files=raise_fd_limit())
-    server = KeyValueServer(MemoryStore(), queue_size=args.queue_size, max_line=args.max_line)
+    try:
+        tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    except (OSError, ssl.SSLError) as exc:
+        log.error(
+            "server_start_failed",
+            error=f"cannot load the TLS certificate or key: {exc}",
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+        return 1
+    server = KeyValueServer(
+        MemoryStore(),
+        queue_size=args.queue_size,
+        queue_bytes=args.queue_bytes,
+        max_line=args.max_line,
+        max_clients=args.max_clients,
+        idle_timeout=args.idle_timeout,
+        password=args.password,
+        tls=tls,
+        backlog=args.backlog,
+    )
     try:
         server.start(args.port, args.host)
     except OSError as exc:

@@ -17,6 +17,8 @@ which command an ``ERR`` belongs to, even in a pipeline.
 from __future__ import annotations
 
 import socket
+import ssl
+import threading
 from collections import deque
 from typing import Any
 
@@ -25,6 +27,7 @@ from .errors import ConnectionLost, InvalidArgument, ServerError
 from .protocol import (
     PING,
     STATS,
+    Auth,
     Command,
     Delete,
     Get,
@@ -38,6 +41,7 @@ from .protocol import (
     parse_stats,
     parse_value,
 )
+from .tls import TlsStream, client_context
 
 MAX_REPLY_LINE = 1 << 26
 """Longest reply line the client accepts (64 MiB), well above any value the server stores."""
@@ -71,30 +75,61 @@ class Client:
         port: int = DEFAULT_PORT,
         timeout: float | None = DEFAULT_CLIENT_TIMEOUT,
         connect: bool = True,
+        *,
+        password: str | bytes | None = None,
+        tls: bool | ssl.SSLContext = False,
+        tls_ca: str | None = None,
     ) -> None:
+        """``tls=True`` checks the server's certificate against ``tls_ca`` (or the system's
+        CAs); an ``ssl.SSLContext`` is used as given. ``password`` is sent as ``AUTH`` on
+        every (re)connect."""
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.password = to_bytes(password, "password") if password is not None else None
+        if tls is True:
+            tls = client_context(tls_ca)
+        self.tls: ssl.SSLContext | None = tls or None
         self._sock: socket.socket | None = None
+        self.stream: Any = None  # the socket, or a TlsStream over it: recv() and sendall()
         self._buffer = LineBuffer(MAX_REPLY_LINE)
         self._lines: deque[bytes] = deque()
         if connect:
             self.connect()
 
     def connect(self) -> None:
-        """(Re)connect; a fresh connection forgets anything unread on the old one."""
+        """(Re)connect, handshake and authenticate; a fresh connection forgets anything
+        unread on the old one. Raises ConnectionLost, or ServerError for a refused password."""
         self.close()
         try:
-            self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
             raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self.stream = sock, sock
         self._buffer = LineBuffer(MAX_REPLY_LINE)
         self._lines.clear()
+        if self.tls is not None:
+            tls = TlsStream(
+                sock, self.tls, server_side=False, server_hostname=self.host, lock_factory=threading.Lock
+            )
+            try:
+                tls.handshake()
+            except (OSError, ssl.SSLError) as exc:
+                self.close()
+                why = getattr(exc, "reason", None) or exc
+                raise ConnectionLost(f"TLS handshake with {self.host}:{self.port} failed: {why}") from exc
+            self.stream = tls
+        if self.password is not None:
+            try:
+                self.execute([Auth(self.password)])
+            except ServerError:
+                self.close()
+                raise
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
-        sock, self._sock = self._sock, None
+        sock, self._sock, self.stream = self._sock, None, None
         if sock is not None:
             sock.close()
 
@@ -181,10 +216,10 @@ class Client:
 
     # --- replies ----------------------------------------------------------------------------
 
-    def _require(self) -> socket.socket:
-        if self._sock is None:
+    def _require(self) -> Any:
+        if self.stream is None:
             raise ConnectionLost("not connected")
-        return self._sock
+        return self.stream
 
     def _read_line(self) -> bytes:
         while not self._lines:
@@ -211,7 +246,7 @@ class Client:
         kind = command.__class__
         if kind is Get:
             return [parse_value(line) for line in lines]
-        if kind is Ping:
+        if kind is Ping or kind is Auth:
             return True
         if kind is Stats:
             if len(lines) != 1:

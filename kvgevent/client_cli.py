@@ -18,6 +18,7 @@ Output is for people on a terminal and raw otherwise (one value per line, nothin
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TextIO
@@ -37,6 +38,7 @@ from .client_repl import run_repl
 from .client_tools import run_latency, run_pipe, run_stat
 from .config import DEFAULT_CLIENT_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT
 from .errors import ConnectionLost, InvalidArgument, ServerError
+from .tls import client_context
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -67,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_env_option(
         parser, "timeout", DEFAULT_CLIENT_TIMEOUT, "seconds to wait for the server", type=non_negative_float
     )
+    add_env_option(parser, "password", None, "send 'AUTH:<password>' first (prefer the environment variable)")
+    parser.add_argument("--tls", action="store_true", help="speak TLS (checking the server's certificate)")
+    add_env_option(parser, "tls-ca", None, "CA certificate (PEM) to check the server with; implies --tls")
+    parser.add_argument(
+        "--tls-insecure", action="store_true", help="speak TLS without checking the server's certificate"
+    )
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument(
         "--pipe", action="store_true", help="send protocol lines from stdin as fast as possible"
@@ -94,14 +102,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     tty = args.no_raw or (not args.raw and sys.stdout.isatty())
     timeout = args.timeout or None
     try:
+        tls: bool | ssl.SSLContext = False
+        if args.tls_insecure:
+            tls = client_context(verify=False)
+        elif args.tls or args.tls_ca:
+            tls = client_context(args.tls_ca)
+        client = Client(args.host, args.port, timeout=timeout, connect=False, password=args.password, tls=tls)
         if args.pipe:
+            client.connect()
             progress = sys.stderr if sys.stderr.isatty() else None
-            summary = run_pipe(args.host, args.port, timeout or 60.0, sys.stdin.buffer, progress)
+            summary = run_pipe(client, sys.stdin.buffer, progress)
             for error in summary.first_errors:
                 print(f"(error) {error}", file=sys.stderr)
             print(summary.line())
             return EXIT_ERROR if summary.errors else 0
-        client = Client(args.host, args.port, timeout=timeout, connect=False)
         if args.stat or args.latency:
             client.connect()
             if args.stat:
@@ -123,6 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_requests(client, [], sys.stdout, tty, commands=one_shot)
             return run_requests(client, args.request or sys.stdin, sys.stdout, tty)
     except ConnectionLost as exc:
+        print(f"run_client.py: {exc}", file=sys.stderr)
+        return EXIT_CONNECTION
+    except ServerError as exc:  # a refused AUTH
+        print(f"run_client.py: ERR {exc.reason}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # e.g. an unreadable --tls-ca
         print(f"run_client.py: {exc}", file=sys.stderr)
         return EXIT_CONNECTION
     except KeyboardInterrupt:

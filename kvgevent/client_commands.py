@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass
 
 from .errors import InvalidArgument, ServerError
-from .protocol import PING, STATS, Command, Delete, Get, Put, Stats, Update, encode
+from .protocol import PING, STATS, Auth, Command, Delete, Get, Put, Stats, Update, encode
 
 USAGE = {
     "get": ("get KEY", "the values of KEY, in stored order"),
@@ -25,13 +25,14 @@ USAGE = {
     "delete": ("delete KEY", "remove KEY and all its values"),
     "ping": ("ping", "round trip to the server"),
     "stats": ("stats", "the server's counters"),
+    "auth": ("auth PASSWORD", "authenticate, when the server has a password"),
 }
 
 HELP = "\n".join(
     [
         "Commands, as words (shell quoting) or as protocol lines:",
         *(f"  {usage:<22} {text}" for usage, text in USAGE.values()),
-        "  PUT:key:value, GET:key, UPDATE:key:old:new, DELETE:key, PING, STATS",
+        "  PUT:key:value, GET:key, UPDATE:key:old:new, DELETE:key, PING, STATS, AUTH:password",
         "                         sent as typed; the replies are shown as the server sent them",
         "  help                   this text",
         "  quit, exit, Ctrl-D     leave",
@@ -66,7 +67,7 @@ def parse_request(text: str) -> Request:
 def command_from_words(words: list[str]) -> Command:
     """``["put", "k", "v"]`` → ``Put(b"k", b"v")``; raises InvalidArgument on bad usage."""
     name, args = words[0].lower(), [w.encode("utf-8", "surrogateescape") for w in words[1:]]
-    arity = {"get": 1, "put": 2, "update": 3, "delete": 1, "ping": 0, "stats": 0}
+    arity = {"get": 1, "put": 2, "update": 3, "delete": 1, "ping": 0, "stats": 0, "auth": 1}
     if name not in arity:
         raise InvalidArgument(f"unknown command '{words[0]}' (try: help)")
     if len(args) != arity[name]:
@@ -82,6 +83,8 @@ def command_from_words(words: list[str]) -> Command:
         command = Delete(args[0])
     elif name == "ping":
         command = PING
+    elif name == "auth":
+        command = Auth(args[0])
     else:
         command = STATS
     encode(command)  # refuse now what could not be sent (':' in a key, a newline, ...)
@@ -122,6 +125,8 @@ def show_result(command: Command, result: object, tty: bool) -> list[bytes]:
         return [f"{name}={value}".encode() for name, value in counters.items()]
     if command is PING:
         return [b"PONG"]
+    if isinstance(command, Auth):
+        return [b"OK"]
     return [b"OK"] if tty else []
 
 

@@ -5,12 +5,11 @@ not monkey-patched."""
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from .client import Client
 from .errors import ConnectionLost
@@ -51,9 +50,9 @@ class PipeSummary:
 class _ReplyCounter(threading.Thread):
     """Reads every reply of a --pipe connection, counting PONGs, ERR lines and the rest."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, stream: Any) -> None:
         super().__init__(daemon=True)
-        self.sock = sock
+        self.stream = stream
         self.pongs = 0
         self.errors = 0
         self.replies = 0
@@ -65,7 +64,7 @@ class _ReplyCounter(threading.Thread):
     def run(self) -> None:
         buffer = LineBuffer(1 << 26)
         try:
-            while data := self.sock.recv(1 << 16):
+            while data := self.stream.recv(1 << 16):
                 pongs = errors = other = 0
                 for line in buffer.feed(data):
                     if line == b"PONG":
@@ -100,16 +99,16 @@ class _ReplyCounter(threading.Thread):
                 self.changed.wait(0.1)
 
 
-def run_pipe(host: str, port: int, timeout: float, source: BinaryIO, progress: TextIO | None) -> PipeSummary:
-    """Send every line of ``source`` as fast as the server takes it; count replies and errors.
-
-    ``progress``, when given (a terminal), gets a progress line while the input lasts."""
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise ConnectionLost(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
-    sock.settimeout(None)  # the reader blocks; stalls are detected by wait_for
-    counter = _ReplyCounter(sock)
+def run_pipe(client: Client, source: BinaryIO, progress: TextIO | None) -> PipeSummary:
+    """Send every line of ``source`` on ``client``'s connection as fast as the server takes
+    it; count replies and errors. ``progress``, when given (a terminal), gets a progress line
+    while the input lasts. The client's connection is used up: it is closed at the end."""
+    stream = client.stream
+    if stream is None:
+        raise ConnectionLost("not connected")
+    stall = max(client.timeout or 60.0, 1.0)
+    client._sock.settimeout(None)  # type: ignore[union-attr]  # the reader blocks; stalls are detected by wait_for
+    counter = _ReplyCounter(stream)
     counter.start()
     summary = PipeSummary()
     start = last_progress = time.monotonic()
@@ -127,7 +126,7 @@ def run_pipe(host: str, port: int, timeout: float, source: BinaryIO, progress: T
             if data:
                 summary.commands += data.count(b"\n")
                 expected_pongs += 1 + len(_USER_PING.findall(data))
-                sock.sendall(data + b"PING\n")
+                stream.sendall(data + b"PING\n")
                 summary.bytes_sent += len(data)
             now = time.monotonic()
             if progress is not None and now - last_progress >= PROGRESS_EVERY:
@@ -140,13 +139,13 @@ def run_pipe(host: str, port: int, timeout: float, source: BinaryIO, progress: T
                 progress.flush()
             if not chunk:
                 break
-        counter.wait_for(expected_pongs, stall=max(timeout, 1.0))
+        counter.wait_for(expected_pongs, stall=stall)
     except OSError as exc:
         raise ConnectionLost(f"connection failed: {exc.strerror or exc}") from exc
     finally:
         if progress is not None and time.monotonic() - start >= PROGRESS_EVERY:
             progress.write("\n")
-        sock.close()
+        client.close()
     summary.seconds = time.monotonic() - start
     summary.errors = counter.errors
     summary.replies = counter.replies

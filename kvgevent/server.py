@@ -288,7 +288,7 @@ class KeyValueServer:
             reason = "tls_handshake_timeout"
         except ssl.SSLError as exc:
             reason = "tls_handshake_failed" if reason == "tls_handshake_failed" else "tls_error"
-            error = exc.reason or str(exc)
+            error = getattr(exc, "reason", None) or str(exc)
         except ConnectionResetError:
             reason = "reset" if reason == "closed" else reason
         except OSError as exc:
