@@ -149,9 +149,11 @@ class LineBuffer:
         if lines:
             if max(map(len, lines)) > self.max_line:
                 limit = self.max_line
-                lines = [ERR_LINE_TOO_LONG if len(x) > limit else x for x in lines]  # type: ignore[misc]
-            if b"\r" in data:
-                lines = [x[:-1] if x[-1:] == b"\r" else x for x in lines]  # type: ignore[index]
+                lines = [
+                    ERR_LINE_TOO_LONG if len(x) > limit else x[:-1] if x[-1:] == b"\r" else x for x in lines
+                ]  # type: ignore[misc]
+            elif b"\r" in data:
+                lines = [x[:-1] if x[-1:] == b"\r" else x for x in lines]
             if out:
                 out.extend(lines)
             else:

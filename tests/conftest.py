@@ -11,8 +11,10 @@ import json  # noqa: E402
 import os  # noqa: E402
 import select  # noqa: E402
 import socket  # noqa: E402
+import ssl  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -22,6 +24,7 @@ import gevent  # noqa: E402
 import pytest  # noqa: E402
 
 from kvgevent import KeyValueServer, MemoryStore, configure_logging  # noqa: E402
+from kvgevent.tls import TlsStream, client_context, server_context  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DEADLINE = 60.0
@@ -37,6 +40,27 @@ def deadline() -> Iterator[None]:
         yield
     finally:
         timeout.cancel()
+
+
+class Certificates:
+    """A throwaway CA and a server certificate for 127.0.0.1, as files and as contexts."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        self.server_pem = directory / "server.pem"
+        self.ca_pem = directory / "ca.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.server_pem))
+        ca.cert_pem.write_to_path(str(self.ca_pem))
+        self.server = server_context(str(self.server_pem))
+        self.client = client_context(str(self.ca_pem))
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return Certificates(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
@@ -73,19 +97,26 @@ def server(make_server: Callable[..., KeyValueServer]) -> KeyValueServer:
 
 
 class Peer:
-    """A raw protocol client over a (gevent-patched) socket, for byte-exact assertions."""
+    """A raw protocol client over a (gevent-patched) socket, for byte-exact assertions; with
+    ``tls`` (a client SSLContext) it speaks TLS through kvgevent's own TlsStream."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.stream: Any = self.sock
+        if tls is not None:
+            self.stream = TlsStream(
+                self.sock, tls, server_side=False, server_hostname="127.0.0.1", lock_factory=threading.Lock
+            )
+            self.stream.handshake()
         self.buffer = b""
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        self.stream.sendall(data)
 
     def read_lines(self, count: int) -> list[bytes]:
         """Exactly ``count`` lines (without newlines), or fail at the socket timeout."""
         while self.buffer.count(b"\n") < count:
-            chunk = self.sock.recv(1 << 16)
+            chunk = self.stream.recv(1 << 16)
             if not chunk:
                 raise AssertionError(f"connection closed after {self.buffer!r}")
             self.buffer += chunk

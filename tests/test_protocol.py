@@ -234,3 +234,8 @@ def test_encode_refuses_what_cannot_round_trip(command):
     """Keys with ':' or newlines, empty keys, newlines in values, a trailing \\r: refused."""
     with pytest.raises(InvalidArgument):
         encode(command)
+
+
+def test_too_long_line_and_crlf_line_in_one_chunk():
+    """Found by fuzzing: a too-long line next to a \\r\\n line in one chunk (this crashed)."""
+    assert LineBuffer(max_line=3).feed(b"toolong\r\nok\r\n") == [ERR_LINE_TOO_LONG, b"ok"]

@@ -178,33 +178,46 @@ def _fill(server: KeyValueServer, count: int, size: int) -> list[bytes]:
     return lines
 
 
-def test_prompt_reader_gets_every_reply_of_a_deep_pipeline(server, connect):
+@pytest.fixture(params=["plain", "tls"])
+def transport(request, make_server, connect, certs):
+    """A started server and a connect() for it, over plain TCP and over TLS."""
+    if request.param == "plain":
+        server = make_server()
+        return server, lambda **kw: connect(server.port, **kw)
+    server = make_server(tls=certs.server)
+    return server, lambda **kw: connect(server.port, tls=certs.client, **kw)
+
+
+def test_prompt_reader_gets_every_reply_of_a_deep_pipeline(transport):
     """10,000 GETs in one write, read concurrently: every reply arrives, none is dropped."""
+    server, connect_to = transport
     expected = _fill(server, 10_000, 16)
-    peer = connect(server.port)
+    peer = connect_to()
     peer.send(b"".join(b"GET:k%d\n" % i for i in range(10_000)))
     assert peer.read_lines(10_000) == expected
     assert server.stats()["messages_dropped"] == 0
 
 
-def test_prompt_reader_gets_every_large_reply(server, connect):
+def test_prompt_reader_gets_every_large_reply(transport):
     """2,000 GETs of 4 KB values (8 MB, more than the queue and the kernel buffers hold),
     read concurrently: nothing is dropped even though the writer blocks in sendall."""
+    server, connect_to = transport
     expected = _fill(server, 2000, 4096)
-    peer = connect(server.port)
+    peer = connect_to()
     sender = gevent.spawn(peer.send, b"".join(b"GET:k%d\n" % i for i in range(2000)))
     assert peer.read_lines(2000) == expected
     sender.get(timeout=10)
     assert server.stats()["messages_dropped"] == 0
 
 
-def test_slow_reader_does_not_block_other_clients(server, connect):
+def test_slow_reader_does_not_block_other_clients(transport):
     """A client that floods GETs and never reads gets replies dropped, while another client's
     round trips keep completing; when the slow one reads, its queued replies arrive in order."""
+    server, connect_to = transport
     expected = _fill(server, 5000, 4096)  # 20 MB of replies: more than any buffer holds
-    slow = connect(server.port)
+    slow = connect_to()
     slow.send(b"".join(b"GET:k%d\n" % i for i in range(5000)))
-    fast = connect(server.port, timeout=5)
+    fast = connect_to(timeout=5)
     wait_until(lambda: server.stats()["messages_dropped"] > 0, timeout=10)
     for i in range(50):
         assert fast.request(b"PUT:fast:%d\nGET:fast\n" % i)[-1] == b"fast:%d" % i

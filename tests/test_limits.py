@@ -1,0 +1,274 @@
+"""Limits and security, against an in-process server: queue bytes, max clients, idle clients,
+fairness, AUTH, TLS, and the warning for an unprotected bind."""
+
+import socket
+import ssl
+import time
+
+import gevent
+import pytest
+from conftest import Peer, log_events, wait_until
+
+from kvgevent import KeyValueServer
+from kvgevent import server as server_module
+from kvgevent.client import Client
+from kvgevent.errors import ConnectionLost, ServerError
+from kvgevent.tls import client_context
+
+# --- queue bytes ----------------------------------------------------------------------------
+
+
+def test_queue_bytes_bound_the_memory_a_stuck_client_pins(make_server, connect):
+    """With 4 KB replies and a 64 KiB byte bound, a client that never reads has at most 64 KiB
+    queued (far fewer than 500 lines), and the rest is dropped and counted."""
+    server = make_server(queue_bytes=64 * 1024)
+    value = b"v" * 4096
+    server.store.put(b"big", value)
+    stuck = connect(server.port)
+    stuck.send(b"GET:big\n" * 3000)
+    wait_until(lambda: server.stats()["messages_dropped"] > 0, timeout=10)
+    connect(server.port).request(b"")  # the flood has been processed
+    (conn,) = [c for c in server._conns.values() if c.messages_dropped]
+    assert conn.queued_bytes <= 64 * 1024
+    assert conn.queue.qsize() <= 64 * 1024 // 4096
+
+
+def test_reply_larger_than_queue_bytes_is_dropped(make_server, connect):
+    """A reply that could never fit is dropped like one that finds the queue full."""
+    server = make_server(queue_bytes=1000)
+    server.store.put(b"k", b"x" * 2000)
+    peer = connect(server.port)
+    assert peer.request(b"GET:k\n") == []
+    assert server.stats()["messages_dropped"] == 1
+
+
+# --- max clients -----------------------------------------------------------------------------
+
+
+def test_client_over_max_clients_is_told_and_closed(make_server, connect, log_stream):
+    """The client over the limit gets one ERR line and EOF, counts as rejected (not active or
+    dropped), and once a slot frees a new client is served."""
+    server = make_server(max_clients=3)
+    peers = [connect(server.port) for _ in range(3)]
+    for peer in peers:
+        peer.request(b"")
+    extra = connect(server.port)
+    assert extra.read_lines(1) == [b"ERR max clients reached"]
+    assert extra.sock.recv(10) == b""
+    stats = peers[0].request(b"STATS\n")[0]
+    assert b"rejected=1" in stats and b"active=3" in stats and b"dropped=0" in stats
+    peers[0].close()
+    wait_until(lambda: server.count_active() == 2)
+    assert connect(server.port).request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+    (event,) = [e for e in log_events(log_stream) if e["event"] == "client_rejected"]
+    assert event["reason"] == "max_clients"
+
+
+def test_listen_backlog_is_set_explicitly(make_server):
+    """The listening socket's backlog is ours (gevent's default of 128 loses bursts)."""
+    server = make_server(backlog=2048)
+    assert server.backlog == 2048
+    assert server._server.backlog == 2048
+
+
+# --- idle clients ------------------------------------------------------------------------------
+
+
+def test_idle_client_is_closed_and_logged(make_server, connect, log_stream):
+    """A client silent for longer than idle_timeout is closed (reason idle); a client that
+    keeps talking is not."""
+    server = make_server(idle_timeout=0.5)
+    idle, busy = connect(server.port), connect(server.port)
+    idle.request(b"")
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:  # busy talks every 0.1 s for 2 s (4 idle timeouts)
+        assert busy.request(b"") == []
+        gevent.sleep(0.1)
+    assert idle.sock.recv(10) == b""
+    assert server.count_active() == 1
+    assert server.stats()["idle_closed"] == 1
+    (drop,) = [e for e in log_events(log_stream) if e["event"] == "client_dropped"]
+    assert drop["reason"] == "idle"
+
+
+def test_idle_timeout_is_off_by_default(server, connect):
+    assert server.idle_timeout == 0
+    assert server._sweeper is None
+
+
+# --- fairness ------------------------------------------------------------------------------
+
+
+def test_a_flooding_client_does_not_starve_others(server, connect):
+    """One client pipelines GETs as fast as it can (reading them); another client's round
+    trips keep completing meanwhile."""
+    server.store.put(b"k", b"v" * 100)
+    flooder = connect(server.port)
+    stop = False
+
+    def flood():
+        while not stop:
+            flooder.send(b"GET:k\n" * 2000)
+            flooder.read_lines(2000)
+
+    job = gevent.spawn(flood)
+    try:
+        polite = connect(server.port, timeout=5)
+        worst = 0.0
+        for i in range(100):
+            begin = time.monotonic()
+            assert polite.request(b"PUT:p:%d\nGET:p\n" % i)[-1] == b"p:%d" % i
+            worst = max(worst, time.monotonic() - begin)
+        assert worst < 5.0
+        assert not job.dead, "the flooder stopped early"
+    finally:
+        stop = True
+        job.join(timeout=10)
+
+
+# --- AUTH ----------------------------------------------------------------------------------
+
+
+def test_auth_required_before_other_commands(make_server, connect):
+    """Before AUTH every command but PING gets 'ERR auth required' and changes nothing."""
+    server = make_server(password="s3cret")
+    peer = connect(server.port)
+    assert peer.request(b"PUT:k:v\nGET:k\nSTATS\nbogus\n") == [b"ERR auth required"] * 4
+    peer.send(b"PING\n")
+    assert peer.read_lines(1) == [b"PONG"]
+    assert server.store.count_keys() == 0
+
+
+def test_wrong_password_is_refused_and_counted(make_server, connect, log_stream):
+    server = make_server(password="s3cret")
+    peer = connect(server.port)
+    assert peer.request(b"AUTH:nope\nGET:k\n") == [b"ERR invalid password", b"ERR auth required"]
+    assert server.stats()["auth_failures"] == 1
+    assert any(e["event"] == "auth_failed" for e in log_events(log_stream))
+
+
+def test_right_password_opens_the_connection_in_the_same_write(make_server, connect):
+    """AUTH and the commands after it may arrive in one write; a password may contain ':'."""
+    server = make_server(password="pa:ss")
+    peer = connect(server.port)
+    assert peer.request(b"AUTH:pa:ss\nPUT:k:v\nGET:k\n") == [b"OK", b"k:v"]
+    assert connect(server.port).request(b"GET:k\n") == [b"ERR auth required"]
+
+
+def test_too_many_wrong_passwords_close_the_connection(make_server, connect, log_stream):
+    server = make_server(password="s3cret")
+    peer = connect(server.port)
+    peer.send(b"AUTH:guess\n" * 20)
+    assert peer.read_lines(10) == [b"ERR invalid password"] * 10
+    assert peer.sock.recv(10) == b""
+    wait_until(lambda: server.count_dropped() == 1)
+    (drop,) = [e for e in log_events(log_stream) if e["event"] == "client_dropped"]
+    assert drop["reason"] == "auth_failures"
+
+
+def test_auth_without_a_password_set(server, connect):
+    assert connect(server.port).request(b"AUTH:x\n") == [b"ERR no password is set"]
+
+
+def test_client_library_authenticates(make_server):
+    server = make_server(password="s3cret")
+    with Client(port=server.port, password="s3cret") as kv:
+        kv.put("k", b"v")
+        assert kv.get("k") == [b"v"]
+    with pytest.raises(ServerError) as info:
+        Client(port=server.port, password="wrong")
+    assert info.value.reason == "invalid password"
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+
+def test_tls_round_trip_with_the_client_library(make_server, certs):
+    server = make_server(tls=certs.server)
+    with Client(port=server.port, tls=certs.client) as kv:
+        kv.put("secret", b"value:with\x00bytes")
+        assert kv.get("secret") == [b"value:with\x00bytes"]
+        with kv.pipeline() as pipe:
+            for i in range(10_000):
+                pipe.put("n", b"%d" % i)
+            pipe.get("n")
+        assert len(pipe.results[-1]) == 10_000
+
+
+def test_plain_client_on_the_tls_port_is_one_log_event(make_server, certs, log_stream):
+    """A plain-TCP client is dropped with one JSON event (no traceback); TLS clients go on."""
+    server = make_server(tls=certs.server)
+    plain = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    plain.sendall(b"PING\n")
+    while plain.recv(100):  # whatever comes (a TLS alert at most), then EOF
+        pass
+    plain.close()
+    wait_until(lambda: server.count_dropped() == 1)
+    events = log_events(log_stream)
+    assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]
+    (drop,) = [e for e in events if e["event"] == "client_dropped"]
+    assert drop["reason"] == "tls_handshake_failed" and drop["error"]
+    assert Peer(server.port, tls=certs.client).request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+
+
+def test_failed_handshake_is_one_log_event(make_server, certs, log_stream):
+    """A client that distrusts the server's certificate: the client gets a clear error, the
+    server logs one client_dropped event."""
+    server = make_server(tls=certs.server)
+    with pytest.raises(ConnectionLost, match="TLS handshake"):
+        Client(port=server.port, tls=client_context())  # the system CAs do not know ours
+    wait_until(lambda: server.count_dropped() == 1)
+    events = log_events(log_stream)
+    assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]
+    (drop,) = [e for e in events if e["event"] == "client_dropped"]
+    assert drop["reason"] == "tls_handshake_failed"
+
+
+def test_silent_client_on_the_tls_port_times_out(make_server, certs, log_stream, monkeypatch):
+    monkeypatch.setattr(server_module, "TLS_HANDSHAKE_TIMEOUT", 0.3)
+    server = make_server(tls=certs.server)
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        assert silent.recv(10) == b""
+        wait_until(lambda: server.count_dropped() == 1)
+        (drop,) = [e for e in log_events(log_stream) if e["event"] == "client_dropped"]
+        assert drop["reason"] == "tls_handshake_timeout"
+    finally:
+        silent.close()
+
+
+def test_tls_with_auth_and_a_byte_at_a_time(make_server, certs):
+    """TLS records of one byte each still make whole lines."""
+    server = make_server(tls=certs.server, password="pw")
+    peer = Peer(server.port, tls=certs.client)
+    for byte in b"AUTH:pw\nPUT:k:v\nGET:k\n":
+        peer.send(bytes([byte]))
+    assert peer.read_lines(2) == [b"OK", b"k:v"]
+    peer.close()
+
+
+# --- binding -------------------------------------------------------------------------------
+
+
+def test_unprotected_non_loopback_bind_logs_a_warning(log_stream, monkeypatch):
+    """Without a password, a server reachable beyond loopback warns (protected-mode idea).
+    (The address is faked: tests bind loopback only.)"""
+    monkeypatch.setattr(server_module, "_is_loopback", lambda host: False)
+    server = KeyValueServer()
+    server.start(0)
+    server.close()
+    protected = KeyValueServer(password="pw")
+    protected.start(0)
+    protected.close()
+    warnings = [e for e in log_events(log_stream) if e["event"] == "unprotected_bind"]
+    assert len(warnings) == 1
+
+
+def test_is_loopback():
+    assert server_module._is_loopback("127.0.0.1") and server_module._is_loopback("::1")
+    assert not server_module._is_loopback("0.0.0.0") and not server_module._is_loopback("10.1.2.3")
+
+
+def test_tls_contexts_refuse_old_protocols(certs):
+    assert certs.server.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert certs.client.minimum_version >= ssl.TLSVersion.TLSv1_2
