@@ -40,6 +40,16 @@ DEFAULT_BACKLOG = 1024
 RECV_SIZE = 64 * 1024
 """Bytes asked of one ``recv``: large reads let one wake-up parse many pipelined requests."""
 
+TURN_BYTES = 4096
+"""Bytes of requests one client may have applied before the others get a turn (~450 GETs,
+under a millisecond). A whole 64 KiB read is ~8,000 GETs (15 ms); measured with
+bench/stuck_clients.py, 1,000 clients flooding GETs made a polite client wait 11 s (p99) when
+each took a whole read per turn."""
+
+TURN_BUDGET = 0.002
+"""Seconds per event-loop iteration given to clients with a backlog of requests, after all
+ready I/O was served (see kvgevent.turns)."""
+
 MAX_SEND_BATCH = 1 << 20
 """Most bytes the writer joins into one ``sendall``; bounds the memory a stalled client pins."""
 

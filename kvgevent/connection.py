@@ -194,7 +194,10 @@ class Connection:
                 self.queued_bytes -= size
                 if self.waiting:
                     self.room.set()  # type: ignore[union-attr]
-                sendall(batch[0] if len(batch) == 1 else b"".join(batch))
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
+                del batch  # while sendall blocks, hold the bytes once, not twice
+                sendall(data)
+                del data
                 self.bytes_sent += size
                 if eof:
                     return

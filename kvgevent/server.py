@@ -6,9 +6,9 @@ Shape: a ``gevent.server.StreamServer`` spawns one reader greenlet per client th
 greenlet (see there for what happens when it is full). Requests are parsed by the pure
 :mod:`kvgevent.protocol`; values live in a :class:`~kvgevent.store.KVStore`.
 
-Fairness: a reader handles at most one ``recv`` (RECV_SIZE bytes) of requests per wake-up;
-when more is waiting it yields first, so a client sending faster than the server can apply
-cannot starve the others.
+Fairness: a reader applies at most TURN_BYTES of requests per turn; with more waiting it
+queues for its next turn (:mod:`kvgevent.turns`), so a client sending faster than the server
+can apply cannot starve the others.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from .config import (
     MAX_AUTH_FAILURES,
     RECV_SIZE,
     TLS_HANDSHAKE_TIMEOUT,
+    TURN_BYTES,
 )
 from .connection import Connection, Counters
 from .errors import KVError, ProtocolError
@@ -65,6 +66,7 @@ from .protocol import (
 )
 from .store import KVStore, MemoryStore
 from .tls import TlsStream
+from .turns import Turns
 
 ERR_MAX_CLIENTS = ProtocolError("max clients reached")
 
@@ -131,6 +133,7 @@ class KeyValueServer:
         self._pool = Pool()
         self._writers = Group()
         self._sweeper: gevent.Greenlet | None = None
+        self._turns = Turns()
         self._conns: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._started_at = time.monotonic()
@@ -230,6 +233,7 @@ class KeyValueServer:
         self._pool.kill(block=True, timeout=1.0)
         self._writers.kill(block=True, timeout=1.0)
         self.store.close()
+        self._turns.close()
         c = self.counters
         self.log.info(
             "server_stopped",
@@ -338,6 +342,7 @@ class KeyValueServer:
         recv = conn.recv
         feed = conn.buffer.feed
         execute = self._execute
+        turns = self._turns
         track_idle = self.idle_timeout > 0
         while True:
             data = recv(RECV_SIZE)
@@ -345,13 +350,22 @@ class KeyValueServer:
                 return
             if track_idle:
                 conn.last_seen = time.monotonic()
-            items = feed(data)
-            if items:
-                execute(conn, items)
-            if len(data) >= RECV_SIZE:
-                # More is probably waiting, and gevent's recv would return it without
-                # yielding: give the writer and the other clients their turn first.
-                gevent.sleep(0)
+            if len(data) <= TURN_BYTES:
+                items = feed(data)
+                if items:
+                    execute(conn, items)
+                continue
+            # A big read: a client with a backlog. Apply it a turn at a time, each turn
+            # queued behind the other clients' (gevent's recv never yields while data is
+            # ready, so without this one flooding client would hold the loop).
+            worked = True
+            for start in range(0, len(data), TURN_BYTES):
+                if worked:
+                    turns.wait()
+                items = feed(data[start : start + TURN_BYTES])
+                worked = bool(items)
+                if worked:
+                    execute(conn, items)
 
     def _execute(self, conn: Connection, items: list[bytes | ProtocolError]) -> None:
         """Apply parsed requests in order; the one place where errors become ``ERR`` lines."""

@@ -145,26 +145,27 @@ def repl(port: int, tmp_path) -> Terminal:
     return Terminal([sys.executable, str(ROOT / "run_client.py"), "--port", str(port)], env=env)
 
 
+def type_at_prompt(term: Terminal, keys: bytes, prompt: bytes = b"> ") -> None:
+    """Wait for the prompt (readline is then reading keys in raw mode), then type."""
+    term.expect(prompt)
+    term.send(keys)
+
+
 def test_repl_runs_words_and_protocol_lines(port, tmp_path):
     term = repl(port, tmp_path)
     try:
-        prompt = f"127.0.0.1:{port}> ".encode()
-        term.expect(prompt)
-        term.send(b"put fruit 'green apple'\r")
-        term.expect(b"OK")
-        term.send(b"get fruit\r")
-        term.expect(b'1) "green apple"')
-        term.send(b"get nothing\r")
-        term.expect(b"(empty)")
-        term.send(b"GET:fruit\r")
-        term.expect(b"fruit:green apple")
-        term.send(b"PUT:k\r")
-        term.expect(b"(error) ERR wrong number of fields for PUT")
-        term.send(b"get\r")
-        term.expect(b"(error) usage: get KEY")
-        term.send(b"help\r")
-        term.expect(b"Commands")
-        term.send(b"quit\r")
+        for keys, shown in [
+            (b"put fruit 'green apple'\r", b"OK"),
+            (b"get fruit\r", b'1) "green apple"'),
+            (b"get nothing\r", b"(empty)"),
+            (b"GET:fruit\r", b"fruit:green apple"),
+            (b"PUT:k\r", b"(error) ERR wrong number of fields for PUT"),
+            (b"get\r", b"(error) usage: get KEY"),
+            (b"help\r", b"Commands"),
+        ]:
+            type_at_prompt(term, keys, f"127.0.0.1:{port}> ".encode())
+            term.expect(shown)
+        type_at_prompt(term, b"quit\r")
         assert term.proc.wait(timeout=10) == 0
     finally:
         term.close()
@@ -174,22 +175,20 @@ def test_repl_history_is_recalled_and_persisted(port, tmp_path):
     """Up-arrow recalls the previous line, and the history survives a restart."""
     term = repl(port, tmp_path)
     try:
-        term.expect(b"> ")
-        term.send(b"put h remembered\r")
+        type_at_prompt(term, b"put h remembered\r")
         term.expect(b"OK")
-        term.send(b"get h\r")
+        type_at_prompt(term, b"get h\r")
         term.expect(b'1) "remembered"')
-        term.send(b"\x1b[A\r")  # up arrow: 'get h' again
+        type_at_prompt(term, b"\x1b[A\r")  # up arrow: 'get h' again
         term.expect(b'1) "remembered"')
-        term.send(b"\x04")  # Ctrl-D
+        type_at_prompt(term, b"\x04")  # Ctrl-D
         assert term.proc.wait(timeout=10) == 0
     finally:
         term.close()
     assert "put h remembered" in (tmp_path / "history").read_text()
     again = repl(port, tmp_path)
     try:
-        again.expect(b"> ")
-        again.send(b"\x1b[A\x1b[A\r")  # two lines back: 'get h'... the last one was 'get h'
+        type_at_prompt(again, b"\x1b[A\r")  # the last line of the previous session: 'get h'
         again.expect(b'1) "remembered"')
     finally:
         again.close()
@@ -199,15 +198,13 @@ def test_repl_reports_a_lost_connection_and_reconnects(server_process, tmp_path)
     first = server_process()
     term = repl(first.port, tmp_path)
     try:
-        term.expect(b"> ")
-        term.send(b"ping\r")
+        type_at_prompt(term, b"ping\r")
         term.expect(b"PONG")
         assert first.stop() == 0
-        term.send(b"ping\r")
+        type_at_prompt(term, b"ping\r")
         term.expect(b"(error) connection lost")
-        term.expect(b"(not connected)> ")
         server_process(port=first.port)
-        term.send(b"ping\r")
+        type_at_prompt(term, b"ping\r", b"(not connected)> ")
         term.expect(b"PONG")
         term.expect(f"127.0.0.1:{first.port}> ".encode())
     finally:
