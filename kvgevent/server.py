@@ -46,6 +46,7 @@ from .config import (
 from .connection import Connection, Counters
 from .errors import KVError, ProtocolError
 from .logs import get_logger
+from .memory import MEMORY_TRIM_INTERVAL, release_free_memory, rss_kb
 from .protocol import (
     ERR_AUTH_REQUIRED,
     ERR_INVALID_PASSWORD,
@@ -134,6 +135,7 @@ class KeyValueServer:
         self._writers = Group()
         self._sweeper: gevent.Greenlet | None = None
         self._turns = Turns()
+        self._janitor: gevent.Greenlet | None = None
         self._conns: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._started_at = time.monotonic()
@@ -156,6 +158,7 @@ class KeyValueServer:
         self._started_at = time.monotonic()
         if self.idle_timeout > 0:
             self._sweeper = gevent.spawn(self._sweep_idle)
+        self._janitor = gevent.spawn(self._release_memory)
         bound = server.address[0]
         self.log.info(
             "server_started",
@@ -224,8 +227,9 @@ class KeyValueServer:
         self._flush_deadline = time.monotonic() + flush_timeout
         if self._server is not None:
             self._server.close()  # stops accepting and closes the listening socket
-        if self._sweeper is not None:
-            self._sweeper.kill()
+        for helper in (self._sweeper, self._janitor):
+            if helper is not None:
+                helper.kill()
         for conn in list(self._conns.values()):
             if conn.reading:
                 conn.reader.kill(_Closing, block=False)
@@ -461,6 +465,25 @@ class KeyValueServer:
                 if conn.reading and conn.last_seen < limit:
                     conn.reading = False
                     conn.reader.kill(_Idle, block=False)
+
+    def _release_memory(self) -> None:
+        """Every MEMORY_TRIM_INTERVAL, if clients left meanwhile (their queues are freed),
+        give the allocator's free pages back to the OS (see kvgevent.memory)."""
+        seen = self.counters.dropped
+        while True:
+            gevent.sleep(MEMORY_TRIM_INTERVAL)
+            if self.counters.dropped == seen:
+                continue
+            seen = self.counters.dropped
+            before, began = rss_kb(), time.perf_counter()
+            if not release_free_memory():
+                return
+            self.log.debug(
+                "memory_released",
+                rss_before_kb=before,
+                rss_after_kb=rss_kb(),
+                ms=round((time.perf_counter() - began) * 1000, 2),
+            )
 
     def _drop(self, conn: Connection, reason: str, error: str | None = None) -> None:
         """Close the client's socket, count it as dropped and log it; exactly once."""
