@@ -50,6 +50,9 @@ TURN_BUDGET = 0.002
 """Seconds per event-loop iteration given to clients with a backlog of requests, after all
 ready I/O was served (see kvgevent.turns)."""
 
+REPLY_CHUNK = 256
+"""Reply lines collected before they are handed to the writer as one queue item."""
+
 MAX_SEND_BATCH = 1 << 20
 """Most bytes the writer joins into one ``sendall``; bounds the memory a stalled client pins."""
 

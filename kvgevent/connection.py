@@ -64,7 +64,9 @@ class Connection:
         "recv",
         "sendall",
         "queue",
+        "queue_size",
         "queue_bytes",
+        "queued_lines",
         "queued_bytes",
         "buffer",
         "writer",
@@ -104,8 +106,12 @@ class Connection:
         # The byte stream: the socket itself, or a TlsStream over it (see KeyValueServer).
         self.recv: Callable[[int], bytes] = sock.recv
         self.sendall: Callable[[bytes], Any] = sock.sendall
+        # Items are chunks of one or more reply lines; the bounds below are in lines and
+        # bytes, and since every item holds a line the queue itself can never be full first.
         self.queue: Queue = Queue(queue_size)
+        self.queue_size = queue_size
         self.queue_bytes = queue_bytes
+        self.queued_lines = 0
         self.queued_bytes = 0
         self.buffer = LineBuffer(max_line)
         self.writer: Greenlet | None = None  # started with the first reply
@@ -125,41 +131,61 @@ class Connection:
         self.auth_failures = 0  # wrong passwords sent on this connection
         self.long_lines = 0  # lines over max_line sent on this connection
 
+    def send_lines(self, lines: list[bytes]) -> None:
+        """Queue reply lines (each ending in a newline) as one chunk when they fit; otherwise
+        line by line with :meth:`send`'s rules for a full queue."""
+        if self.failed is not None:
+            return  # the client is gone: nothing can reach it
+        count = len(lines)
+        if self.queued_lines + count <= self.queue_size:
+            data = lines[0] if count == 1 else b"".join(lines)
+            if self.queued_bytes + len(data) <= self.queue_bytes:
+                self.queue.put_nowait(data)  # never full: an item holds at least one line
+                self.queued_lines += count
+                self.queued_bytes += len(data)
+                if self.writer is None:
+                    self.writer = self.writers.spawn(self._write_loop)
+                self.dropping = False
+                return
+        for line in lines:
+            self.send(line)
+
     def send(self, line: bytes) -> None:
         """Queue one reply line (ending in a newline); see the module docstring when full."""
         if self.failed is not None:
-            return  # the client is gone: nothing can reach it
-        queue = self.queue
-        if not queue.full() and self.queued_bytes + len(line) <= self.queue_bytes:
-            queue.put_nowait(line)
+            return
+        if self._fits(len(line)) or (
+            not self.dropping and len(line) <= self.queue_bytes and self._wait_for_room(len(line))
+        ):
+            self.queue.put_nowait(line)
+            self.queued_lines += 1
             self.queued_bytes += len(line)
             if self.writer is None:
                 self.writer = self.writers.spawn(self._write_loop)
             self.dropping = False
             return
-        if not self.dropping and len(line) <= self.queue_bytes and self._wait_for_room(len(line)):
-            queue.put_nowait(line)
-            self.queued_bytes += len(line)
-            return
         if not self.dropping:
             self.dropping = True
             self.log.warning(
                 "messages_dropping",
-                queue_size=queue.maxsize,
+                queue_size=self.queue_size,
                 queued_bytes=self.queued_bytes,
                 messages_dropped=self.messages_dropped,
             )
         self.messages_dropped += 1
         self.counters.messages_dropped += 1
 
+    def _fits(self, size: int) -> bool:
+        return self.queued_lines < self.queue_size and self.queued_bytes + size <= self.queue_bytes
+
     def _wait_for_room(self, size: int) -> bool:
-        """Wait up to DROP_GRACE for the writer to make room for ``size`` bytes."""
+        """Wait up to DROP_GRACE for the writer to make room for one line of ``size`` bytes."""
         if self.room is None:
             self.room = gevent.event.Event()
         deadline = time.monotonic() + DROP_GRACE
         self.waiting = True
         try:
-            while self.queue.full() or self.queued_bytes + size > self.queue_bytes:
+            while not self._fits(size):
                 left = deadline - time.monotonic()
                 if left <= 0 or self.failed is not None:
                     return False
@@ -170,32 +196,35 @@ class Connection:
             self.waiting = False
 
     def _write_loop(self) -> None:
-        """The writer greenlet: send queued lines in batches of up to MAX_SEND_BATCH bytes,
+        """The writer greenlet: send queued chunks in batches of up to MAX_SEND_BATCH bytes,
         one ``sendall`` per batch, until the _EOF sentinel or a socket error."""
         queue = self.queue
         sendall = self.sendall
         try:
             while True:
-                line = queue.get()
-                if not line:  # _EOF
+                data = queue.get()
+                if not data:  # _EOF
                     return
-                batch = [line]
-                size = len(line)
                 eof = False
-                for _ in range(queue.qsize()):
-                    line = queue.get_nowait()
-                    if not line:  # _EOF
-                        eof = True
-                        break
-                    batch.append(line)
-                    size += len(line)
-                    if size >= MAX_SEND_BATCH:
-                        break
+                if queue.qsize():
+                    batch = [data]
+                    size = len(data)
+                    for _ in range(queue.qsize()):
+                        chunk = queue.get_nowait()
+                        if not chunk:  # _EOF
+                            eof = True
+                            break
+                        batch.append(chunk)
+                        size += len(chunk)
+                        if size >= MAX_SEND_BATCH:
+                            break
+                    data = b"".join(batch)
+                    del batch  # while sendall blocks, hold the bytes once, not twice
+                size = len(data)
+                self.queued_lines -= data.count(b"\n")  # values never hold a newline
                 self.queued_bytes -= size
                 if self.waiting:
                     self.room.set()  # type: ignore[union-attr]
-                data = batch[0] if len(batch) == 1 else b"".join(batch)
-                del batch  # while sendall blocks, hold the bytes once, not twice
                 sendall(data)
                 del data
                 self.bytes_sent += size
@@ -207,7 +236,7 @@ class Connection:
             )
             while not queue.empty():
                 queue.get_nowait()
-            self.queued_bytes = 0
+            self.queued_lines = self.queued_bytes = 0
             if self.room is not None:
                 self.room.set()  # a reader waiting for room gives up at once
             try:

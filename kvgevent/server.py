@@ -40,6 +40,7 @@ from .config import (
     EOF_FLUSH_STALL,
     MAX_AUTH_FAILURES,
     RECV_SIZE,
+    REPLY_CHUNK,
     TLS_HANDSHAKE_TIMEOUT,
     TURN_BYTES,
 )
@@ -63,7 +64,7 @@ from .protocol import (
     Update,
     parse,
     stats_line,
-    value_line,
+    value_lines,
 )
 from .store import KVStore, MemoryStore
 from .tls import TlsStream
@@ -372,42 +373,55 @@ class KeyValueServer:
                     execute(conn, items)
 
     def _execute(self, conn: Connection, items: list[bytes | ProtocolError]) -> None:
-        """Apply parsed requests in order; the one place where errors become ``ERR`` lines."""
+        """Apply parsed requests in order; the one place where errors become ``ERR`` lines.
+
+        Replies are collected and queued together (one queue item per REPLY_CHUNK lines, not
+        one per line): at 50 clients x 16 pipelined GETs, per-line queueing was a fifth of the
+        server's time."""
         counters = self.counters
         counters.commands += len(items)  # counted up front, so a STATS in this batch sees them
         if not conn.authenticated:
             items = self._authenticate(conn, items)
         store = self.store
-        send = conn.send
+        out: list[bytes] = []
         errors = 0
         for item in items:
             cmd = parse(item) if item.__class__ is bytes else item
             kind = cmd.__class__
             try:
                 if kind is Get:
-                    key = cmd.key  # type: ignore[union-attr]
-                    for value in store.get(key):
-                        send(value_line(key, value))
+                    values = store.get(cmd[0])  # type: ignore[index]
+                    if values:
+                        out += value_lines(cmd[0], values)  # type: ignore[index]
+                        if len(out) >= REPLY_CHUNK:
+                            conn.send_lines(out)
+                            out = []
                 elif kind is Put:
-                    store.put(cmd.key, cmd.value)  # type: ignore[union-attr]
+                    store.put(cmd[0], cmd[1])  # type: ignore[index]
                 elif kind is Update:
-                    store.update(cmd.key, cmd.old, cmd.new)  # type: ignore[union-attr]
+                    store.update(cmd[0], cmd[1], cmd[2])  # type: ignore[index]
                 elif kind is Delete:
-                    store.delete(cmd.key)  # type: ignore[union-attr]
+                    store.delete(cmd[0])  # type: ignore[index]
                 elif kind is Ping:
-                    send(PONG)
+                    out.append(PONG)
                 elif kind is Stats:
-                    send(stats_line(self.stats()))
+                    out.append(stats_line(self.stats()))
                 elif kind is Auth:
-                    self._check_password(conn, cmd)  # type: ignore[arg-type]
+                    out.append(self._check_password(conn, cmd))  # type: ignore[arg-type]
                 else:  # a ProtocolError, returned by the parser (or the line buffer)
                     errors += 1
                     if cmd is ERR_LINE_TOO_LONG:
                         self._line_too_long(conn)
-                    send(cmd.reply)  # type: ignore[union-attr]
+                    out.append(cmd.reply)  # type: ignore[union-attr]
             except KVError as exc:  # raised by the store, or a refused AUTH
                 errors += 1
-                send(exc.reply)
+                out.append(exc.reply)
+            except _TooManyAuthFailures:
+                out.append(ERR_INVALID_PASSWORD.reply)
+                conn.send_lines(out)
+                raise
+        if out:
+            conn.send_lines(out)
         counters.errors += errors
 
     def _authenticate(
@@ -415,25 +429,34 @@ class KeyValueServer:
     ) -> list[bytes | ProtocolError]:
         """Before AUTH succeeds only AUTH and PING are served; returns the items after a
         successful AUTH (to be executed normally), or nothing."""
+        out: list[bytes] = []
+        rest: list[bytes | ProtocolError] = []
         for index, item in enumerate(items):
             cmd = parse(item) if item.__class__ is bytes else item
             if cmd.__class__ is Auth:
                 try:
-                    self._check_password(conn, cmd)  # type: ignore[arg-type]
+                    out.append(self._check_password(conn, cmd))  # type: ignore[arg-type]
+                    rest = items[index + 1 :]
+                    break
                 except KVError as exc:
                     self.counters.errors += 1
-                    conn.send(exc.reply)
-                    continue
-                return items[index + 1 :]
-            if cmd.__class__ is Ping:
-                conn.send(PONG)
+                    out.append(exc.reply)
+                except _TooManyAuthFailures:
+                    out.append(ERR_INVALID_PASSWORD.reply)
+                    conn.send_lines(out)
+                    raise
+            elif cmd.__class__ is Ping:
+                out.append(PONG)
             else:
                 self.counters.errors += 1
-                conn.send(ERR_AUTH_REQUIRED.reply)
-        return []
+                out.append(ERR_AUTH_REQUIRED.reply)
+        if out:
+            conn.send_lines(out)
+        return rest
 
-    def _check_password(self, conn: Connection, cmd: Auth) -> None:
-        """Reply OK and mark the connection authenticated, or raise the ERR to send."""
+    def _check_password(self, conn: Connection, cmd: Auth) -> bytes:
+        """Mark the connection authenticated and return the OK line, or raise the ERR to
+        send (_TooManyAuthFailures after MAX_AUTH_FAILURES wrong ones)."""
         if self._password is None:
             raise ERR_NO_PASSWORD
         if not hmac.compare_digest(cmd.password, self._password):  # constant time
@@ -442,11 +465,10 @@ class KeyValueServer:
             conn.auth_failures += 1
             conn.log.warning("auth_failed", auth_failures=conn.auth_failures)
             if conn.auth_failures >= MAX_AUTH_FAILURES:
-                conn.send(ERR_INVALID_PASSWORD.reply)
                 raise _TooManyAuthFailures
             raise ERR_INVALID_PASSWORD
         conn.authenticated = True
-        conn.send(OK)
+        return OK
 
     def _line_too_long(self, conn: Connection) -> None:
         self.counters.lines_too_long += 1
