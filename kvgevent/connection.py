@@ -27,6 +27,7 @@ from gevent.pool import Group
 from gevent.queue import Full, Queue
 
 from .config import DROP_GRACE, MAX_SEND_BATCH
+from .fastio import wrap
 from .protocol import LineBuffer
 
 _EOF = b""
@@ -104,8 +105,9 @@ class Connection:
         self.peer = peer
         self.sock = sock
         # The byte stream: the socket itself, or a TlsStream over it (see KeyValueServer).
-        self.recv: Callable[[int], bytes] = sock.recv
-        self.sendall: Callable[[bytes], Any] = sock.sendall
+        fast = wrap(sock)
+        self.recv: Callable[[int], bytes] = fast.recv if fast else sock.recv
+        self.sendall: Callable[[bytes], Any] = fast.sendall if fast else sock.sendall
         # Items are chunks of one or more reply lines; the bounds below are in lines and
         # bytes, and since every item holds a line the queue itself can never be full first.
         self.queue: Queue = Queue(queue_size)
