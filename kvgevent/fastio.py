@@ -30,17 +30,19 @@ class FastSocket:
         self._raw = sock._sock  # the non-blocking _socket.socket under gevent's wrapper
         self._wait = sock._wait
         self._read_event = sock._read_event
-        self._drained = False  # the last read returned less than asked: the socket is empty
+        self._drained = True  # the last read returned less than asked: the socket is empty
 
     def recv(self, size: int) -> bytes:
         """Like gevent's ``recv``: waits cooperatively for at least one byte (or EOF)."""
-        if self._drained:
-            self._wait(self._read_event)
         while True:
+            if self._drained:
+                # Outside any except block: a wait inside one would keep the exception and
+                # its traceback alive for as long as the client stays idle.
+                self._wait(self._read_event)
             try:
                 data = self._raw.recv(size)
             except BlockingIOError:
-                self._wait(self._read_event)
+                self._drained = True
                 continue
             self._drained = len(data) < size
             return data

