@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  run_client.py PUT:k:v GET:k        protocol lines, sent as typed\n"
         "  run_client.py --pipe < data.txt    mass insertion of protocol lines\n"
         "  run_client.py --stat               live counters, one line a second\n"
-        "  run_client.py --latency            PING round-trip times",
+        "  run_client.py --latency            PING round-trip times\n"
+        "  run_client.py bench -c 50 -P 16    load test (see: run_client.py bench --help)",
     )
     parser.add_argument("request", nargs="*", metavar="COMMAND", help="a command and its arguments")
     add_env_option(parser, "host", DEFAULT_HOST, "server address")
@@ -95,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "bench" in argv:  # its own flags (run_client.py bench --help); --host/--port may come first
+        where = argv.index("bench")
+        before = argv[:where]
+        if all(a in ("--host", "--port") for a in before[::2]) and len(before) % 2 == 0:
+            from .bench import main as bench_main
+
+            return bench_main(before + argv[where + 1 :])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.request and (args.pipe or args.stat or args.latency):

@@ -1,6 +1,7 @@
 """run_client.py as a user runs it: one-shot commands and exit statuses, raw output when
 piped, requests from stdin, --pipe, --stat, --latency, and the REPL on a pseudo-terminal."""
 
+import json
 import os
 import subprocess
 import sys
@@ -215,3 +216,39 @@ def test_escape_shows_every_byte_unambiguously():
     assert escape(b"plain text") == '"plain text"'
     assert escape(b'q"b\\s') == '"q\\"b\\\\s"'
     assert escape(b"\x00\r\xff\xc3\xa9") == '"\\x00\\r\\xffé"'
+
+
+def test_bench_reports_every_test_as_json(port):
+    """run_client.py bench runs each test to completion without errors and cleans up."""
+    result = client(
+        port,
+        "bench",
+        "--port",
+        str(port),
+        "-c",
+        "4",
+        "-P",
+        "8",
+        "-n",
+        "2000",
+        "--keys",
+        "50",
+        "-t",
+        "put,get,update,delete,ping",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["test"] for r in reports] == ["put", "get", "update", "delete", "ping"]
+    for report in reports:
+        assert report["requests"] == 2000 and report["errors"] == 0 and report["failed_connections"] == 0
+        assert report["ops_s"] > 0 and 0 < report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
+    assert client(port, "stats").stdout.count(b"keys=0") == 1
+
+
+def test_bench_in_several_processes(port):
+    result = client(
+        port, "bench", "--port", str(port), "-c", "4", "-n", "400", "-t", "get", "--processes", "2"
+    )
+    assert result.returncode == 0, result.stderr
+    assert b"400 requests completed" in result.stdout and b"2 bench process(es)" in result.stdout

@@ -1,0 +1,279 @@
+"""``python run_client.py bench``: a load generator in the spirit of redis-benchmark.
+
+Each test (``-t put,get,...``) runs ``-n`` requests over ``-c`` connections, ``-P`` requests
+per write. A connection sends a batch, then reads its replies: one line per GET or PING; a
+batch of PUT/UPDATE/DELETE (which have no reply) ends with a PING, whose PONG proves the batch
+was applied. Latency is per batch (per request when ``-P 1``), from the write to the last
+reply line. GET and UPDATE run against ``--keys`` keys that hold one value each.
+
+Python costs about as much CPU per request as the server does: at ``-P 1`` one bench process
+saturates before a fast server does. ``--processes N`` splits the connections over N
+processes; the summary shows the bench's own CPU use so you can tell which side is the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .cli import add_env_option, port_number, positive_int
+from .config import DEFAULT_HOST, DEFAULT_PORT
+
+TESTS = ("put", "get", "update", "delete", "ping")
+PROGRESS_EVERY = 0.25
+"""Seconds between two progress lines on a terminal."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_client.py bench",
+        description="Load a kvgevent server and report ops/s and latency percentiles.",
+    )
+    add_env_option(parser, "host", DEFAULT_HOST, "server address")
+    add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
+    parser.add_argument("-c", dest="clients", type=positive_int, default=50, help="connections (default 50)")
+    parser.add_argument(
+        "-P", dest="pipeline", type=positive_int, default=1, help="requests per write (default 1)"
+    )
+    parser.add_argument("-n", dest="requests", type=positive_int, default=100_000, help="requests per test")
+    parser.add_argument(
+        "-d", dest="size", type=positive_int, default=16, help="value size in bytes (default 16)"
+    )
+    parser.add_argument("-t", dest="tests", default="put,get", help=f"tests to run, of {','.join(TESTS)}")
+    parser.add_argument("--keys", type=positive_int, default=10_000, help="keys used (default 10000)")
+    parser.add_argument("--processes", type=positive_int, default=1, help="bench processes (default 1)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per test on stdout")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    return parser
+
+
+def _requests(test: str, key: bytes, value: bytes) -> bytes:
+    if test == "get":
+        return b"GET:" + key + b"\n"
+    if test == "put":
+        return b"PUT:" + key + b":" + value + b"\n"
+    if test == "update":
+        return b"UPDATE:" + key + b":" + value + b":" + value + b"\n"
+    if test == "delete":
+        return b"DELETE:" + key + b"\n"
+    return b"PING\n"
+
+
+def _worker(
+    args: dict[str, Any], clients: int, quota: int, seed: int, progress: Any, slot: int, results: Any
+) -> None:
+    """One bench process: ``clients`` greenlets, ``quota`` requests in all."""
+    import gevent
+    from gevent import socket
+
+    rng = random.Random(seed)
+    test, pipeline = args["test"], args["pipeline"]
+    value = (b"v" * args["size"])[: args["size"]]
+    # GET and UPDATE use the preloaded keys (one value each, and UPDATE keeps it so); PUT and
+    # DELETE use keys of their own, so they never change what a GET returns.
+    space = args["prefix"] + (b"w" if test in ("put", "delete") else b"k")
+    replies_per_batch = pipeline if test in ("get", "ping") else 1
+    barrier = b"" if test in ("get", "ping") else b"PING\n"
+    latencies: list[float] = []
+    state = {"done": 0, "errors": 0}
+
+    def connection(share: int) -> None:
+        sock = socket.create_connection((args["host"], args["port"]))
+        try:
+            while share > 0:
+                count = min(pipeline, share)
+                keys = [space + b"%d" % rng.randrange(args["keys"]) for _ in range(count)]
+                payload = b"".join(_requests(test, k, value) for k in keys) + barrier
+                want = count if replies_per_batch != 1 else 1
+                begin = time.perf_counter()
+                sock.sendall(payload)
+                data = b""
+                while data.count(b"\n") < want:
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        raise ConnectionError("the server closed the connection")
+                    data += chunk
+                latencies.append(time.perf_counter() - begin)
+                if b"ERR " in data:
+                    state["errors"] += data.count(b"ERR ")
+                share -= count
+                state["done"] += count
+        finally:
+            sock.close()
+
+    def report() -> None:
+        while True:
+            progress[slot] = state["done"]
+            gevent.sleep(0.1)
+
+    reporter = gevent.spawn(report)
+    start_cpu = time.process_time()
+    shares = [quota // clients + (1 if i < quota % clients else 0) for i in range(clients)]
+    jobs = [gevent.spawn(connection, share) for share in shares if share]
+    gevent.joinall(jobs)
+    reporter.kill()
+    progress[slot] = state["done"]
+    failed = [str(job.exception) for job in jobs if job.exception is not None]
+    results.put(
+        {
+            "latencies": latencies,
+            "errors": state["errors"],
+            "failed": failed,
+            "cpu": time.process_time() - start_cpu,
+        }
+    )
+
+
+def _preload(host: str, port: int, prefix: bytes, keys: int, size: int) -> None:
+    """Every key holds exactly one value (GET then replies one line, UPDATE has a match)."""
+    from .client import Client
+
+    value = (b"v" * size)[:size]
+    with Client(host, port, timeout=60) as client:
+        for start in range(0, keys, 5000):
+            lines = []
+            for i in range(start, min(start + 5000, keys)):
+                key = prefix + b"k%d" % i
+                lines += [b"DELETE:" + key, b"PUT:" + key + b":" + value]
+            client.send_raw(lines)
+
+
+def _cleanup(host: str, port: int, prefix: bytes, keys: int) -> None:
+    """Delete every key the bench used."""
+    from .client import Client
+
+    with Client(host, port, timeout=60) as client:
+        for start in range(0, keys, 5000):
+            client.send_raw(
+                [
+                    b"DELETE:" + prefix + space + b"%d" % i
+                    for i in range(start, min(start + 5000, keys))
+                    for space in (b"k", b"w")
+                ]
+            )
+
+
+def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    progress = context.Array("q", opts.processes)
+    results = context.Queue()
+    args = {
+        "test": test,
+        "pipeline": opts.pipeline,
+        "size": opts.size,
+        "prefix": prefix,
+        "keys": opts.keys,
+        "host": opts.host,
+        "port": opts.port,
+    }
+    per_process = [
+        opts.clients // opts.processes + (1 if i < opts.clients % opts.processes else 0)
+        for i in range(opts.processes)
+    ]
+    per_process = [c for c in per_process if c]
+    quotas = [opts.requests * c // opts.clients for c in per_process]
+    quotas[0] += opts.requests - sum(quotas)
+    procs = [
+        context.Process(target=_worker, args=(args, clients, quota, i, progress, i, results), daemon=True)
+        for i, (clients, quota) in enumerate(zip(per_process, quotas, strict=True))
+    ]
+    begin = time.perf_counter()
+    for proc in procs:
+        proc.start()
+    show = out is not None and not opts.quiet and sys.stderr.isatty()
+    gathered = []
+    while len(gathered) < len(procs):
+        try:
+            gathered.append(results.get(timeout=PROGRESS_EVERY))
+        except Exception:  # queue.Empty: time for a progress line
+            pass
+        if show:
+            done, elapsed = sum(progress), time.perf_counter() - begin
+            sys.stderr.write(f"\r{test.upper()}: {done}/{opts.requests} ({done / elapsed:,.0f} ops/s)   ")
+            sys.stderr.flush()
+        if all(not p.is_alive() for p in procs) and results.empty() and len(gathered) < len(procs):
+            break
+    seconds = time.perf_counter() - begin
+    for proc in procs:
+        proc.join(timeout=10)
+    if show:
+        sys.stderr.write("\r" + " " * 60 + "\r")
+    latencies = sorted(x for r in gathered for x in r["latencies"])
+    failed = [f for r in gathered for f in r["failed"]]
+    done = sum(progress)
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1000 if latencies else 0.0
+
+    return {
+        "test": test,
+        "requests": done,
+        "seconds": round(seconds, 3),
+        "ops_s": round(done / seconds),
+        "clients": opts.clients,
+        "pipeline": opts.pipeline,
+        "size": opts.size,
+        "latency_of": "request" if opts.pipeline == 1 else "batch",
+        "p50_ms": round(pct(0.50), 3),
+        "p99_ms": round(pct(0.99), 3),
+        "p999_ms": round(pct(0.999), 3),
+        "max_ms": round(latencies[-1] * 1000, 3) if latencies else 0.0,
+        "errors": sum(r["errors"] for r in gathered),
+        "failed_connections": len(failed),
+        "bench_cpu_pct": round(100 * sum(r["cpu"] for r in gathered) / seconds),
+        "processes": len(procs),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    tests = [t.strip().lower() for t in opts.tests.split(",") if t.strip()]
+    unknown = [t for t in tests if t not in TESTS]
+    if unknown:
+        parser.error(f"unknown test {', '.join(unknown)} (known: {', '.join(TESTS)})")
+    prefix = b"bench%d:" % os.getpid()
+    prefix = prefix.replace(b":", b"_")
+    from .errors import ConnectionLost
+
+    try:
+        if any(t in ("get", "update") for t in tests):
+            _preload(opts.host, opts.port, prefix, opts.keys, opts.size)
+    except ConnectionLost as exc:
+        print(f"run_client.py bench: {exc}", file=sys.stderr)
+        return 3
+    status = 0
+    for test in tests:
+        if test == "get":  # a DELETE or PUT test before cannot have touched these, but be sure
+            _preload(opts.host, opts.port, prefix, opts.keys, opts.size)
+        result = run_test(opts, test, prefix, sys.stdout)
+        if result["errors"] or result["failed_connections"]:
+            status = 1
+        if opts.json:
+            print(json.dumps(result), flush=True)
+            continue
+        print(f"====== {test.upper()} ======")
+        print(f"  {result['requests']} requests completed in {result['seconds']:.2f} seconds")
+        print(
+            f"  {opts.clients} parallel clients, pipeline {opts.pipeline}, {opts.size} bytes payload, "
+            f"{result['processes']} bench process(es) at {result['bench_cpu_pct']}% CPU"
+        )
+        print(f"  throughput: {result['ops_s']:,} requests per second")
+        print(
+            f"  latency per {result['latency_of']} (ms): p50 {result['p50_ms']:.3f}  "
+            f"p99 {result['p99_ms']:.3f}  p99.9 {result['p999_ms']:.3f}  max {result['max_ms']:.3f}"
+        )
+        if result["errors"] or result["failed_connections"]:
+            print(
+                f"  ERRORS: {result['errors']} ERR replies, {result['failed_connections']} failed connections"
+            )
+        print(flush=True)
+    _cleanup(opts.host, opts.port, prefix, opts.keys)
+    return status
