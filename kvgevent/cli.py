@@ -18,6 +18,7 @@ from typing import Any
 import gevent
 import gevent.event
 
+from .aof import DEFAULT_FSYNC, FSYNC_POLICIES, AofCorrupt
 from .config import (
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
@@ -29,6 +30,7 @@ from .config import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_SHUTDOWN_FLUSH,
 )
+from .durable import DEFAULT_REWRITE_GROWTH, DEFAULT_REWRITE_MIN_SIZE, DurableStore
 from .logs import (
     DEFAULT_LOG_FORMAT,
     DEFAULT_LOG_LEVEL,
@@ -38,7 +40,7 @@ from .logs import (
     get_logger,
 )
 from .server import KeyValueServer
-from .store import MemoryStore
+from .store import KVStore, MemoryStore
 from .tls import server_context
 
 ENV_PREFIX = "KVGEVENT_"
@@ -147,6 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_env_option(parser, "tls-cert", None, "serve TLS with this certificate chain (PEM)")
     add_env_option(parser, "tls-key", None, "private key of --tls-cert (PEM), if not in that file")
+    add_env_option(parser, "aof", None, "append every write to this file and replay it at start")
+    add_env_option(
+        parser,
+        "fsync",
+        DEFAULT_FSYNC,
+        "with --aof: always (PONG once earlier writes are on disk), everysec (lose at most "
+        "about a second), no (the OS decides)",
+        choices=FSYNC_POLICIES,
+    )
+    parser.add_argument(
+        "--aof-repair",
+        action="store_true",
+        help="with --aof: truncate a corrupt file at the last good record instead of refusing to start",
+    )
+    add_env_option(
+        parser,
+        "aof-rewrite-min-size",
+        DEFAULT_REWRITE_MIN_SIZE,
+        "with --aof: compact the file once it is at least this many bytes...",
+        type=positive_int,
+    )
+    add_env_option(
+        parser,
+        "aof-rewrite-growth",
+        DEFAULT_REWRITE_GROWTH,
+        "...and this many times its size after the last compaction",
+        type=growth_ratio,
+    )
     add_env_option(
         parser,
         "max-line",
@@ -195,6 +225,60 @@ def raise_fd_limit() -> int:
     return soft
 
 
+def growth_ratio(text: str) -> float:
+    """argparse type: a ratio above 1."""
+    value = float(text)
+    if not value > 1:
+        raise ValueError(text)
+    return value
+
+
+def open_store(args: argparse.Namespace, log: Any) -> KVStore | None:
+    """The store the flags ask for, loaded; None (after logging why) if it cannot be."""
+    if not args.aof:
+        return MemoryStore()
+    store = DurableStore(args.aof, args.fsync, args.aof_rewrite_min_size, args.aof_rewrite_growth, log)
+    try:
+        report = store.open(repair=args.aof_repair)
+    except AofCorrupt as exc:
+        log.error(
+            "aof_corrupt",
+            path=exc.path,
+            offset=exc.offset,
+            bytes_after=exc.bytes_after,
+            records_after=exc.records_after,
+            hint="start with --aof-repair to truncate it there",
+        )
+        return None
+    except (OSError, ValueError) as exc:
+        log.error("aof_unreadable", path=args.aof, error=str(exc))
+        return None
+    if "truncated_at" in report:
+        log.warning(
+            "aof_torn_tail_truncated",
+            path=args.aof,
+            offset=report["truncated_at"],
+            dropped_bytes=report["dropped_bytes"],
+        )
+    if "repaired_at" in report:
+        log.warning(
+            "aof_repaired",
+            path=args.aof,
+            offset=report["repaired_at"],
+            dropped_records=report["dropped_records"],
+            dropped_bytes=report["dropped_bytes"],
+        )
+    log.info(
+        "aof_replayed",
+        path=args.aof,
+        records=report["records"],
+        seconds=report["replay_s"],
+        keys=store.count_keys(),
+        fsync=args.fsync,
+    )
+    return store
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; return the process exit status."""
     parser = build_parser()
@@ -213,8 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_key=args.tls_key,
         )
         return 1
+    store = open_store(args, log)
+    if store is None:
+        return 1
     server = KeyValueServer(
-        MemoryStore(),
+        store,
         queue_size=args.queue_size,
         queue_bytes=args.queue_bytes,
         max_line=args.max_line,

@@ -209,6 +209,7 @@ class KeyValueServer:
             "idle_closed": c.idle_closed,
             "lines_too_long": c.lines_too_long,
             "uptime_s": int(time.monotonic() - self._started_at),
+            **self.store.stats(),
         }
 
     def close(self, flush_timeout: float = DEFAULT_SHUTDOWN_FLUSH) -> None:
@@ -392,6 +393,11 @@ class KeyValueServer:
                 run = []
             try:
                 if kind is Ping:
+                    if self.store.needs_barrier:  # PONG only once earlier writes are durable
+                        if out:
+                            conn.send_lines(out)
+                            out = []
+                        self.store.barrier()
                     out.append(PONG)
                 elif kind is Stats:
                     out.append(stats_line(self.stats()))
