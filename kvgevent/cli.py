@@ -39,9 +39,11 @@ from .logs import (
     configure_logging,
     get_logger,
 )
+from .redis_store import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT, RedisStore
 from .server import KeyValueServer
 from .store import KVStore, MemoryStore
 from .tls import server_context
+from .workers import supervise
 
 ENV_PREFIX = "KVGEVENT_"
 
@@ -149,6 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_env_option(parser, "tls-cert", None, "serve TLS with this certificate chain (PEM)")
     add_env_option(parser, "tls-key", None, "private key of --tls-cert (PEM), if not in that file")
+    add_env_option(
+        parser,
+        "store",
+        "memory",
+        "where values live: memory (this process), redis://host:port/db, or "
+        "redis+cluster://host:port (any node of a Redis Cluster)",
+    )
+    add_env_option(parser, "redis-prefix", DEFAULT_PREFIX, "with a Redis store: prefix of every key")
+    add_env_option(
+        parser,
+        "redis-timeout",
+        DEFAULT_REDIS_TIMEOUT,
+        "with a Redis store: seconds before a call fails with 'ERR store unavailable'",
+        type=positive_float,
+    )
+    add_env_option(
+        parser,
+        "workers",
+        1,
+        "processes serving the port (SO_REUSEPORT), supervised by this one; above 1 needs a "
+        "shared store (--store redis...)",
+        type=positive_int,
+    )
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for workers
     add_env_option(parser, "aof", None, "append every write to this file and replay it at start")
     add_env_option(
         parser,
@@ -203,7 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    redis = args.store.startswith(("redis://", "rediss://", "redis+cluster://"))
+    if args.store != "memory" and not redis:
+        parser.error("--store must be memory, redis://host:port/db or redis+cluster://host:port")
+    if args.workers > 1 and not redis:
+        parser.error(
+            "--workers above 1 needs a shared store (--store redis://...): with the memory store "
+            "each worker would hold its own data and clients would see them diverge"
+        )
+    if args.aof and redis:
+        parser.error("--aof is for the memory store; Redis has its own persistence (appendonly)")
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     if args.password == "":
@@ -235,6 +279,8 @@ def growth_ratio(text: str) -> float:
 
 def open_store(args: argparse.Namespace, log: Any) -> KVStore | None:
     """The store the flags ask for, loaded; None (after logging why) if it cannot be."""
+    if args.store != "memory":
+        return RedisStore(args.store, prefix=args.redis_prefix, timeout=args.redis_timeout, log=log)
     if not args.aof:
         return MemoryStore()
     store = DurableStore(args.aof, args.fsync, args.aof_rewrite_min_size, args.aof_rewrite_growth, log)
@@ -284,8 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    configure_logging(args.log_format, args.log_level)
+    configure_logging(args.log_format, args.log_level, worker=os.getpid() if args.reuse_port else None)
     log = get_logger()
+    if args.workers > 1:
+        return supervise(args, list(sys.argv[1:] if argv is None else argv), log)
     log.debug("fd_limit", max_open_files=raise_fd_limit())
     try:
         tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
@@ -310,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         password=args.password,
         tls=tls,
         backlog=args.backlog,
+        reuse_port=args.reuse_port,
     )
     try:
         server.start(args.port, args.host)
@@ -321,6 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             reason = (exc.strerror or str(exc)).split(": (")[0]
         log.error("server_start_failed", host=args.host, port=args.port, error=reason, errno=exc.errno)
         return 1
+    stop_requested(log).wait()
+    server.close(flush_timeout=args.shutdown_flush)
+    return 0
+
+
+def stop_requested(log: Any) -> gevent.event.Event:
+    """An event set by the first SIGINT or SIGTERM (later ones are logged and ignored)."""
     stop = gevent.event.Event()
 
     def on_signal(signum: int) -> None:
@@ -335,9 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stay installed until the process exits, so a second signal cannot interrupt shutdown.
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, on_signal, sig)
-    stop.wait()
-    server.close(flush_timeout=args.shutdown_flush)
-    return 0
+    return stop
 
 
 if __name__ == "__main__":  # pragma: no cover

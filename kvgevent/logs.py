@@ -26,9 +26,13 @@ DEFAULT_LOG_LEVEL = "info"
 
 
 def configure_logging(
-    fmt: str = DEFAULT_LOG_FORMAT, level: str = DEFAULT_LOG_LEVEL, stream: IO[str] | None = None
+    fmt: str = DEFAULT_LOG_FORMAT,
+    level: str = DEFAULT_LOG_LEVEL,
+    stream: IO[str] | None = None,
+    worker: int | None = None,
 ) -> None:
-    """Configure structlog for the whole process; may be called again to reconfigure."""
+    """Configure structlog for the whole process; may be called again to reconfigure.
+    ``worker`` (a worker process's pid) is added to every event when given."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
     if level not in LOG_LEVELS:
@@ -39,6 +43,7 @@ def configure_logging(
         fmt = "console" if stream.isatty() else "json"
     processors: list[Any] = [
         structlog.processors.add_log_level,
+        *([_add_worker(worker)] if worker is not None else []),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if fmt == "json":
@@ -48,10 +53,20 @@ def configure_logging(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write() per event, newline included: with --workers several processes share
+        # stderr, and print() writes the newline separately (lines interleaved in a test).
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     _route_hub_errors()
+
+
+def _add_worker(worker: int) -> Any:
+    def add(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("worker", worker)
+        return event
+
+    return add
 
 
 def get_logger(**bound: Any) -> Any:

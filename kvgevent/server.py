@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import itertools
+import os
 import socket
 import ssl
 import time
@@ -107,6 +108,7 @@ class KeyValueServer:
         password: str | bytes | None = None,
         tls: ssl.SSLContext | None = None,
         backlog: int = DEFAULT_BACKLOG,
+        reuse_port: bool = False,
     ) -> None:
         for name, value in (
             ("queue_size", queue_size),
@@ -123,6 +125,7 @@ class KeyValueServer:
         self.max_clients = max_clients
         self.idle_timeout = idle_timeout
         self.backlog = backlog
+        self.reuse_port = reuse_port  # several processes on one port (SO_REUSEPORT)
         self._password = password.encode() if isinstance(password, str) else password
         self._tls = tls
         self.log = get_logger()
@@ -133,6 +136,7 @@ class KeyValueServer:
         self._sweeper: gevent.Greenlet | None = None
         self._turns = Turns()
         self._janitor: gevent.Greenlet | None = None
+        self._reporter: gevent.Greenlet | None = None
         self._conns: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._started_at = time.monotonic()
@@ -149,13 +153,20 @@ class KeyValueServer:
         RuntimeError if the server was started before."""
         if self._server is not None:
             raise RuntimeError("a KeyValueServer can be started only once")
-        server = StreamServer((host, port), self._handle, backlog=self.backlog, spawn=self._pool)
+        listener: Any = (host, port)
+        if self.reuse_port:
+            listener = _reuse_port_listener(host, port, self.backlog)
+        server = StreamServer(
+            listener, self._handle, backlog=None if self.reuse_port else self.backlog, spawn=self._pool
+        )
         server.start()
         self._server = server
         self._started_at = time.monotonic()
         if self.idle_timeout > 0:
             self._sweeper = gevent.spawn(self._sweep_idle)
         self._janitor = gevent.spawn(self._release_memory)
+        if self.store.shared:
+            self._reporter = gevent.spawn(self._report_clients)
         bound = server.address[0]
         self.log.info(
             "server_started",
@@ -210,6 +221,7 @@ class KeyValueServer:
             "lines_too_long": c.lines_too_long,
             "uptime_s": int(time.monotonic() - self._started_at),
             **self.store.stats(),
+            **(self.store.cluster_stats() if self.store.shared else {}),
         }
 
     def close(self, flush_timeout: float = DEFAULT_SHUTDOWN_FLUSH) -> None:
@@ -225,7 +237,7 @@ class KeyValueServer:
         self._flush_deadline = time.monotonic() + flush_timeout
         if self._server is not None:
             self._server.close()  # stops accepting and closes the listening socket
-        for helper in (self._sweeper, self._janitor):
+        for helper in (self._sweeper, self._janitor, self._reporter):
             if helper is not None:
                 helper.kill()
         for conn in list(self._conns.values()):
@@ -506,6 +518,19 @@ class KeyValueServer:
                     conn.reading = False
                     conn.reader.kill(_Idle, block=False)
 
+    def _report_clients(self) -> None:
+        """Every REPORT_INTERVAL, publish this worker's counts to the shared store (so that
+        STATS on any worker can give cluster-wide totals)."""
+        worker, reported = worker_name(), 0
+        while True:
+            dropped = self.counters.dropped
+            try:
+                self.store.report_clients(worker, len(self._conns), dropped - reported)
+                reported = dropped
+            except KVError:
+                pass  # the store logged its outage; the delta is sent when it is back
+            gevent.sleep(REPORT_INTERVAL)
+
     def _release_memory(self) -> None:
         """Every MEMORY_TRIM_INTERVAL, if clients left meanwhile (their queues are freed),
         give the allocator's free pages back to the OS (see kvgevent.memory)."""
@@ -540,6 +565,32 @@ class KeyValueServer:
             messages_dropped=conn.messages_dropped,
             **extra,
         )
+
+
+REPORT_INTERVAL = 1.0
+"""Seconds between two reports of a worker's client counts to a shared store."""
+
+
+def worker_name() -> str:
+    """This process, as named in a shared store's worker table."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _reuse_port_listener(host: str, port: int, backlog: int) -> Any:
+    """A listening socket that other processes may bind too (the kernel spreads connects)."""
+    from gevent import socket as gsocket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = gsocket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_loopback(host: str) -> bool:

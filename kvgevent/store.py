@@ -97,6 +97,17 @@ class KVStore(abc.ABC):
     needs_barrier = False
     """True if :meth:`barrier` may wait: the server then sends earlier replies first."""
 
+    shared = False
+    """True if other server processes use the same data (e.g. Redis): the server then
+    publishes its client counts with :meth:`report_clients` and adds :meth:`cluster_stats`."""
+
+    def report_clients(self, worker: str, active: int, dropped_delta: int) -> None:  # noqa: B027
+        """Publish one worker's client counts (shared stores only)."""
+
+    def cluster_stats(self) -> dict[str, int]:
+        """Totals over every worker sharing the store (shared stores only)."""
+        return {}
+
     def stats(self) -> dict[str, int]:
         """The store's own counters, added to the server's STATS line."""
         return {}

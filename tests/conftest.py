@@ -10,12 +10,14 @@ import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import select  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import ssl  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -80,8 +82,8 @@ def make_server(log_stream: io.StringIO) -> Iterator[Callable[..., KeyValueServe
     """Factory of started servers on free loopback ports; all are closed after the test."""
     servers: list[KeyValueServer] = []
 
-    def make(**options: Any) -> KeyValueServer:
-        server = KeyValueServer(MemoryStore(), **options)
+    def make(store: Any = None, **options: Any) -> KeyValueServer:
+        server = KeyValueServer(store if store is not None else MemoryStore(), **options)
         server.start(0, host="127.0.0.1")
         servers.append(server)
         return server
@@ -91,9 +93,86 @@ def make_server(log_stream: io.StringIO) -> Iterator[Callable[..., KeyValueServe
         server.close(flush_timeout=0.5)
 
 
-@pytest.fixture
-def server(make_server: Callable[..., KeyValueServer]) -> KeyValueServer:
-    return make_server()
+class RedisProcess:
+    """A throwaway redis-server on a free loopback port (no persistence), stopped by pid."""
+
+    def __init__(self, directory: Path, port: int | None = None, *extra: str) -> None:
+        self.port = port or free_port()
+        self.directory = directory
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, timeout=10, message="redis-server did not start")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(100).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+REDIS_SERVER = shutil.which("redis-server") or ""
+needs_redis = pytest.mark.skipif(
+    not REDIS_SERVER,
+    reason="redis-server is not installed here (apt-get install redis-server; .ci/run installs it)",
+)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One redis-server for the session; each test uses its own key prefix."""
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed here (apt-get install redis-server; .ci/run installs it)")
+    redis = RedisProcess(tmp_path_factory.mktemp("redis"))
+    yield redis
+    redis.kill()
+
+
+def redis_store(url: str) -> Any:
+    from kvgevent.redis_store import RedisStore
+
+    return RedisStore(url, prefix=f"test{uuid.uuid4().hex[:12]}:")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def server(request: pytest.FixtureRequest, make_server: Callable[..., KeyValueServer]) -> KeyValueServer:
+    """A started server, once over the memory store and once over Redis (the protocol suite
+    runs on both)."""
+    if request.param == "memory":
+        return make_server()
+    redis = request.getfixturevalue("redis_server")
+    return make_server(store=redis_store(redis.url))
 
 
 class Peer:
@@ -221,8 +300,9 @@ class ServerProcess:
         return self.proc.returncode
 
     def events(self) -> list[dict[str, Any]]:
-        """Every stderr line, parsed as JSON (fails if any line is not JSON)."""
-        return [json.loads(line) for line in self.stderr.decode().splitlines()]
+        """Every complete stderr line, parsed as JSON (fails if any line is not JSON)."""
+        complete = self.stderr[: self.stderr.rfind(b"\n") + 1]
+        return [json.loads(line) for line in complete.decode().splitlines()]
 
 
 class Terminal:

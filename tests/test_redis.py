@@ -1,0 +1,263 @@
+"""Scale-out on Redis: the Redis store's own behaviour, workers sharing one port, an outage
+and recovery, and a three-node Redis Cluster. Every Redis here is a throwaway redis-server on a
+free loopback port (the protocol suite itself also runs over Redis: see the ``server``
+fixture)."""
+
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+from conftest import (
+    REDIS_SERVER,
+    ROOT,
+    Peer,
+    RedisProcess,
+    log_events,
+    needs_redis,
+    redis_store,
+    wait_until,
+)
+
+from kvgevent import KeyValueServer, Put, Update
+from kvgevent.client import Client
+from kvgevent.redis_store import UPDATE_SCRIPT
+
+pytestmark = needs_redis
+
+
+def stats_of(peer: Peer) -> dict[str, int]:
+    peer.send(b"STATS\n")
+    return {k.decode(): int(v) for k, v in (x.split(b"=") for x in peer.read_lines(1)[0].split())}
+
+
+def test_keys_are_namespaced_lists(redis_server):
+    """Each key is a Redis list under the prefix; other users' keys are not touched."""
+    import redis
+
+    store = redis_store(redis_server.url)
+    raw = redis.Redis(port=redis_server.port)
+    raw.set(b"someone-elses", b"x")
+    store.apply([Put(b"k", b"1"), Put(b"k", b"2:3")])
+    assert raw.lrange(store.prefix + b"k", 0, -1) == [b"1", b"2:3"]
+    assert store.count_keys() == 1
+    assert raw.get(b"someone-elses") == b"x"
+    assert "LREM" in UPDATE_SCRIPT and "RPUSH" in UPDATE_SCRIPT
+
+
+def test_update_keeps_p0_semantics_on_redis(redis_server):
+    store = redis_store(redis_server.url)
+    for value in (b"a", b"b", b"a"):
+        store.put(b"k", value)
+    store.update(b"k", b"a", b"z")
+    store.update(b"k", b"missing", b"w")
+    store.update(b"fresh", b"x", b"new")
+    assert store.get(b"k") == [b"b", b"a", b"z", b"w"]
+    assert store.get(b"fresh") == [b"new"]
+
+
+def test_concurrent_updates_on_one_key_lose_and_duplicate_nothing(redis_server):
+    """Many clients replacing values of one key at once (each UPDATE is one atomic script)."""
+    store = redis_store(redis_server.url)
+    server = KeyValueServer(store)
+    server.start(0)
+    try:
+        Peer(server.port).request(b"".join(b"PUT:hot:v%d\n" % i for i in range(400)))
+
+        def client(n):
+            peer = Peer(server.port)
+            peer.request(b"".join(b"UPDATE:hot:v%d:w%d\n" % (i, i) for i in range(n, 400, 8)))
+            peer.close()
+
+        gevent.joinall([gevent.spawn(client, n) for n in range(8)], raise_error=True)
+        values = [line.split(b":", 1)[1] for line in Peer(server.port).request(b"GET:hot\n")]
+        assert sorted(values) == sorted(b"w%d" % i for i in range(400))
+    finally:
+        server.close()
+
+
+def test_a_redis_outage_is_an_err_then_service_resumes(tmp_path, log_stream):
+    """Redis dies: commands get 'ERR store unavailable' at once (no hang, no crash); Redis
+    comes back on the same port: the same client connection works again; both are logged."""
+    redis = RedisProcess(tmp_path)
+    store = redis_store(redis.url)
+    server = KeyValueServer(store)
+    server.start(0)
+    try:
+        peer = Peer(server.port, timeout=10)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        redis.kill()
+        began = time.monotonic()
+        assert peer.request(b"GET:k\nPUT:k:w\n") == [b"ERR store unavailable"] * 2
+        assert time.monotonic() - began < 5
+        redis.start()
+        wait_until(lambda: peer.request(b"PUT:k:again\nGET:k\n") == [b"k:again"], timeout=10)
+        events = [e["event"] for e in log_events(log_stream)]
+        assert events.count("store_unavailable") == 1 and "store_recovered" in events
+    finally:
+        server.close()
+        redis.kill()
+
+
+def test_two_workers_serve_one_port_over_redis(server_process, redis_server):
+    """run_server.py --workers 2: both workers serve the port, see the same data, UPDATE on one
+    key from many connections loses and duplicates nothing, and STATS totals both workers."""
+    prefix = f"w{time.time_ns()}:"
+    proc = server_process("--workers", "2", "--store", redis_server.url, "--redis-prefix", prefix, wait=False)
+    wait_until(
+        lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20, message="workers did not start"
+    )
+    loader = Peer(proc.port)
+    loader.request(b"".join(b"PUT:shared:v%d\n" % i for i in range(300)))
+
+    def client(n):
+        peer = Peer(proc.port)
+        for i in range(n, 300, 10):
+            assert peer.request(b"UPDATE:shared:v%d:w%d\n" % (i, i)) == []
+        peer.close()
+
+    gevent.joinall([gevent.spawn(client, n) for n in range(10)], raise_error=True)
+    values = [line.split(b":", 1)[1] for line in loader.request(b"GET:shared\n")]
+    assert sorted(values) == sorted(b"w%d" % i for i in range(300))
+    peers = [Peer(proc.port) for _ in range(6)]
+    for peer in peers:
+        peer.request(b"")
+    wait_until(lambda: stats_of(loader)["cluster_active"] == 7, timeout=10)
+    assert stats_of(loader)["workers"] == 2
+    for peer in [*peers, loader]:
+        peer.close()
+    assert proc.stop() == 0
+    events = proc.events()
+    served_by = {e["worker"] for e in events if e["event"] == "client_connected"}
+    assert len(served_by) == 2, "one worker served every connection"
+    assert events[-1]["event"] == "workers_stopped"
+
+
+def test_a_worker_that_dies_is_restarted(server_process, redis_server):
+    proc = server_process("--workers", "2", "--store", redis_server.url, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    (first,) = [e for e in proc.events() if e["event"] == "worker_started"][:1]
+    subprocess.run(["kill", "-9", str(first["pid"])], check=True)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 3, timeout=20, message="no restart")
+    with Client(port=proc.port) as kv:
+        kv.put("after", b"restart")
+        assert kv.get("after") == [b"restart"]
+    assert proc.stop() == 0
+    assert any(e["event"] == "worker_exited" and e["pid"] == first["pid"] for e in proc.events())
+
+
+def cluster_port() -> int:
+    """A free port whose cluster-bus port (+10,000) is free and valid too."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randrange(20000, 50000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port pair")
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """Three redis-server nodes made into one cluster (no replicas)."""
+    nodes = []
+    try:
+        for n in range(3):
+            directory = tmp_path / f"node{n}"
+            directory.mkdir()
+            port = cluster_port()
+            nodes.append(
+                RedisProcess(
+                    directory,
+                    port,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{port}.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                )
+            )
+        cli = REDIS_SERVER.replace("redis-server", "redis-cli")
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{node.port}" for node in nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+        def ready():  # every node must agree, not just the first
+            return all(
+                b"cluster_state:ok"
+                in subprocess.run([cli, "-p", str(node.port), "cluster", "info"], capture_output=True).stdout
+                for node in nodes
+            )
+
+        wait_until(ready, timeout=30, message="the cluster did not become ready")
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def test_redis_cluster_store(redis_cluster, log_stream):
+    """redis+cluster://: keys spread over the three nodes' slots; every command works."""
+    from kvgevent.redis_store import RedisStore
+
+    store = RedisStore(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", prefix="c:")
+    server = KeyValueServer(store)
+    server.start(0)
+    try:
+        peer = Peer(server.port)
+        assert peer.request(b"".join(b"PUT:key%d:v%d\n" % (i, i) for i in range(200))) == []
+        assert peer.request(b"".join(b"GET:key%d\n" % i for i in range(0, 200, 20))) == [
+            b"key%d:v%d" % (i, i) for i in range(0, 200, 20)
+        ]
+        assert peer.request(b"PUT:u:a\nPUT:u:b\nUPDATE:u:a:c\nGET:u\nDELETE:key0\nGET:key0\n") == [
+            b"u:b",
+            b"u:c",
+        ]
+        assert stats_of(peer)["keys"] == 200
+        used = set()
+        import redis
+
+        for node in redis_cluster:
+            if redis.Redis(port=node.port).dbsize():
+                used.add(node.port)
+        assert len(used) == 3, "keys did not spread over the cluster"
+    finally:
+        server.close()
+
+
+def test_workers_refused_with_the_memory_store():
+    result = subprocess.run(
+        [sys.executable, "run_server.py", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "shared store" in result.stderr
+
+
+def test_update_pipelined_with_other_commands(redis_server):
+    """UPDATE (a script) mixed with PUT/GET/DELETE in one pipeline keeps its place in order."""
+    store = redis_store(redis_server.url)
+    results = store.apply([Put(b"k", b"1"), Update(b"k", b"1", b"2"), Put(b"k", b"3")])
+    assert results == [None, None, None]
+    assert store.get(b"k") == [b"2", b"3"]
