@@ -7,9 +7,11 @@ Redis side, so workers updating one key never lose or duplicate a value. A key's
 in one list, hence in one cluster slot. kvgevent's own bookkeeping lives under
 ``<prefix>_meta:``, which no client key can reach (client keys never contain ':').
 
-Each batch of commands the server parsed from one read is one pipeline (one round trip), and
-the connection pool lets every client greenlet have its own round trip in flight: the store's
-semaphore is not held around network calls. Calls are cooperative because the process is
+Batches are not sent one round trip each: every batch queued while a round trip is in flight
+goes out together in the next one (:mod:`kvgevent.resp`), so a worker serves many requests per
+Redis round trip; the store's semaphore is not held around network calls (Redis itself makes
+each command, and the UPDATE script, atomic). Redis Cluster goes through redis-py's cluster
+pipeline, one per batch. Calls are cooperative because the process is
 monkey-patched (``run_server.py`` patches before anything else).
 
 When Redis cannot be reached or does not answer within ``timeout``, commands fail with
@@ -26,6 +28,7 @@ from urllib.parse import urlparse
 from .errors import KVError, StoreError
 from .logs import get_logger
 from .protocol import Delete, Get, Put, Update
+from .resp import Dispatcher, RespConnection
 from .store import DataCommand, Key, KVStore, _key
 
 DEFAULT_PREFIX = "kvgevent:"
@@ -45,6 +48,12 @@ WORKER_TTL = 5.0
 
 # Atomic p0 UPDATE: remove the first `old` (if any), append `new` (an absent key becomes [new]).
 UPDATE_SCRIPT = "redis.call('LREM', KEYS[1], 1, ARGV[1]) return redis.call('RPUSH', KEYS[1], ARGV[2])"
+_SCRIPT = UPDATE_SCRIPT.encode()
+_NOT_NOW = ("CLUSTERDOWN", "LOADING", "TRYAGAIN", "MASTERDOWN", "BUSY")
+"""Error replies that mean Redis cannot serve now: ERR store unavailable, not store error."""
+
+DISPATCH_CONNECTIONS = 4
+"""Round trips in flight at once from one process (each carries every batch queued meanwhile)."""
 
 ERR_UNAVAILABLE = StoreError("store unavailable")
 
@@ -90,8 +99,21 @@ class RedisStore(KVStore):
             self.client: Any = RedisCluster(
                 host=parsed.hostname or "127.0.0.1", port=parsed.port or 6379, **options
             )
-        elif parsed.scheme in ("redis", "rediss"):
+        elif parsed.scheme == "redis":
+            # redis-py for the occasional calls (SCAN, bookkeeping); the dispatcher for data.
             self.client = redis.Redis.from_url(url, max_connections=MAX_CONNECTIONS, **options)
+            db = int(parsed.path.strip("/") or 0)
+            self._dispatcher = Dispatcher(
+                lambda: RespConnection(
+                    parsed.hostname or "127.0.0.1",
+                    parsed.port or 6379,
+                    db,
+                    parsed.password,
+                    parsed.username,
+                    timeout,
+                ),
+                connections=DISPATCH_CONNECTIONS,
+            )
         else:
             raise ValueError(f"not a Redis URL: {url!r} (redis://host:port/db or redis+cluster://host:port)")
         self._meta = self.prefix + b"_meta:"
@@ -101,6 +123,26 @@ class RedisStore(KVStore):
     # --- the store interface ---------------------------------------------------------------
 
     def apply(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
+        if self.cluster:
+            return self._apply_cluster(commands)
+        prefix, encoded = self.prefix, []
+        for cmd in commands:
+            kind, key = cmd.__class__, prefix + cmd[0]
+            if kind is Get:
+                encoded.append((b"LRANGE", key, b"0", b"-1"))
+            elif kind is Put:
+                encoded.append((b"RPUSH", key, cmd[1]))
+            elif kind is Update:
+                encoded.append((b"EVAL", _SCRIPT, b"1", key, cmd[1], cmd[2]))  # type: ignore[misc]
+            elif kind is Delete:
+                encoded.append((b"DEL", key))
+            else:
+                raise TypeError(f"not a data command: {cmd!r}")
+        replies = self._call(self._dispatcher.execute, encoded)
+        return self._results(commands, replies)
+
+    def _apply_cluster(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
+        """Through redis-py's cluster pipeline, which routes each command to its slot's node."""
         prefix = self.prefix
         pipe = self.client.pipeline(transaction=False)
         for cmd in commands:
@@ -116,11 +158,15 @@ class RedisStore(KVStore):
                 pipe.delete(key)
             else:
                 raise TypeError(f"not a data command: {cmd!r}")
-        replies = self._call(pipe.execute, raise_on_error=False)
+        return self._results(commands, self._call(pipe.execute, raise_on_error=False))
+
+    def _results(
+        self, commands: Sequence[DataCommand], replies: list[Any]
+    ) -> list[list[bytes] | KVError | None]:
         results: list[list[bytes] | KVError | None] = []
         for cmd, reply in zip(commands, replies, strict=True):
             if isinstance(reply, Exception):
-                if isinstance(reply, self._unavailable):
+                if isinstance(reply, self._unavailable) or str(reply).startswith(_NOT_NOW):
                     results.append(ERR_UNAVAILABLE)
                 else:
                     self.log.warning("store_error", error=str(reply)[:200])
@@ -169,6 +215,8 @@ class RedisStore(KVStore):
         return count
 
     def close(self) -> None:
+        if not self.cluster:
+            self._dispatcher.close()
         try:
             self.client.close()
         except Exception:

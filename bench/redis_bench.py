@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Throughput over Redis: one worker over memory, against one and two workers over a local
+redis-server (started here on a free loopback port, no persistence).
+
+Each configuration is loaded with ``run_client.py bench`` (GET and PUT, ``-c`` connections,
+``-P`` requests per write, ``--processes`` bench processes). Everything shares this machine's
+cores (server workers, Redis, the bench), so the figures say how the pieces compare here, not
+what separate machines would do.
+
+usage: python bench/redis_bench.py [-c 50] [-P 16] [-n 200000] [--processes 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.soak import free_port  # noqa: E402
+from kvgevent.client import Client  # noqa: E402
+
+
+def wait_serving(port: int) -> None:
+    for _ in range(200):
+        try:
+            Client(port=port).close()
+            return
+        except Exception:
+            time.sleep(0.1)
+    raise RuntimeError("the server did not start")
+
+
+def measure(server_args: list[str], bench_args: list[str]) -> dict[str, dict]:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "run_server.py"),
+            "--port",
+            str(port),
+            "--log-format",
+            "json",
+            "--log-level",
+            "warning",
+            *server_args,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_serving(port)
+        time.sleep(1.0)  # every worker up
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "run_client.py"),
+                "bench",
+                "--port",
+                str(port),
+                "-t",
+                "get,put",
+                "--json",
+                "-q",
+                *bench_args,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return {r["test"]: r for r in map(json.loads, out.splitlines())}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", dest="clients", default="50")
+    parser.add_argument("-P", dest="pipeline", default="16")
+    parser.add_argument("-n", dest="requests", default="200000")
+    parser.add_argument("--processes", default="1")
+    args = parser.parse_args()
+    if not shutil.which("redis-server"):
+        print("redis-server is not installed (apt-get install redis-server)", file=sys.stderr)
+        return 1
+    bench_args = ["-c", args.clients, "-P", args.pipeline, "-n", args.requests, "--processes", args.processes]
+    with tempfile.TemporaryDirectory() as directory:
+        redis_port = free_port()
+        redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                directory,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(0.5)
+            url = f"redis://127.0.0.1:{redis_port}/0"
+            configs = [
+                ("1 worker, memory store", []),
+                ("1 worker, Redis store", ["--store", url]),
+                ("2 workers, Redis store", ["--store", url, "--workers", "2"]),
+            ]
+            print(
+                f"{args.clients} connections x pipeline {args.pipeline}, {args.requests} requests per test, "
+                f"{args.processes} bench process(es):"
+            )
+            print(f"{'config':<26} {'GET ops/s':>11} {'PUT ops/s':>11} {'GET p99 ms':>11}")
+            for name, server_args in configs:
+                r = measure(server_args, bench_args)
+                get, put = r["get"], r["put"]
+                row = f"{name:<26} {get['ops_s']:>11,} {put['ops_s']:>11,} {get['p99_ms']:>11.2f}"
+                print(row, flush=True)
+        finally:
+            redis.terminate()
+            redis.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
