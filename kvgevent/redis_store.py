@@ -236,8 +236,9 @@ class RedisStore(KVStore):
 
         self._call(report)
 
-    def cluster_stats(self) -> dict[str, int]:
-        """Cluster-wide totals: clients connected to live workers, clients dropped by any."""
+    def cluster_stats(self, worker: str, active: int) -> dict[str, int]:
+        """Cluster-wide totals: clients connected to live workers (this one's counted now,
+        the others' as last reported), clients dropped by any."""
 
         def read() -> tuple[dict[bytes, bytes], bytes | None]:
             pipe = self.client.pipeline(transaction=False)
@@ -247,13 +248,13 @@ class RedisStore(KVStore):
             return workers, dropped
 
         workers, dropped = self._call(read)
-        now, active, live = time.time(), 0, 0
-        for entry in workers.values():
+        now, total, live = time.time(), active, 1
+        for name, entry in workers.items():
             count, at = entry.split()
-            if now - float(at) <= WORKER_TTL:
-                active += int(count)
+            if name != worker.encode() and now - float(at) <= WORKER_TTL:
+                total += int(count)
                 live += 1
-        return {"cluster_active": active, "cluster_dropped": int(dropped or 0), "workers": live}
+        return {"cluster_active": total, "cluster_dropped": int(dropped or 0), "workers": live}
 
     # --- outages -------------------------------------------------------------------------------
 

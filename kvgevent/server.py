@@ -137,6 +137,7 @@ class KeyValueServer:
         self._turns = Turns()
         self._janitor: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
+        self._worker = worker_name()
         self._conns: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._started_at = time.monotonic()
@@ -221,7 +222,7 @@ class KeyValueServer:
             "lines_too_long": c.lines_too_long,
             "uptime_s": int(time.monotonic() - self._started_at),
             **self.store.stats(),
-            **(self.store.cluster_stats() if self.store.shared else {}),
+            **(self.store.cluster_stats(self._worker, len(self._conns)) if self.store.shared else {}),
         }
 
     def close(self, flush_timeout: float = DEFAULT_SHUTDOWN_FLUSH) -> None:
@@ -521,7 +522,7 @@ class KeyValueServer:
     def _report_clients(self) -> None:
         """Every REPORT_INTERVAL, publish this worker's counts to the shared store (so that
         STATS on any worker can give cluster-wide totals)."""
-        worker, reported = worker_name(), 0
+        worker, reported = self._worker, 0
         while True:
             dropped = self.counters.dropped
             try:

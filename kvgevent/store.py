@@ -104,8 +104,9 @@ class KVStore(abc.ABC):
     def report_clients(self, worker: str, active: int, dropped_delta: int) -> None:  # noqa: B027
         """Publish one worker's client counts (shared stores only)."""
 
-    def cluster_stats(self) -> dict[str, int]:
-        """Totals over every worker sharing the store (shared stores only)."""
+    def cluster_stats(self, worker: str, active: int) -> dict[str, int]:
+        """Totals over every worker sharing the store, with this ``worker``'s own current
+        ``active`` count rather than its last report (shared stores only)."""
         return {}
 
     def stats(self) -> dict[str, int]:
