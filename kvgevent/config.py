@@ -73,3 +73,6 @@ DEFAULT_SHUTDOWN_FLUSH = 2.0
 
 DEFAULT_CLIENT_TIMEOUT = 10.0
 """Seconds the client library waits for a connection or a reply before giving up."""
+
+REPORT_INTERVAL = 1.0
+"""Seconds between two reports of a worker's client counts to a shared store."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import time
 from collections.abc import Callable
+from typing import Any
 
 MEMORY_TRIM_INTERVAL = 10.0
 """Seconds between two attempts to return freed memory to the OS (only after clients left)."""
@@ -50,3 +52,25 @@ def rss_kb() -> int | None:
     except OSError:
         pass
     return None
+
+
+def release_memory_loop(dropped: Callable[[], int], log: Any) -> None:
+    """Every MEMORY_TRIM_INTERVAL, if clients left meanwhile (``dropped()`` changed: their
+    queues were freed), give the allocator's free pages back to the OS. Runs until killed."""
+    import gevent
+
+    seen = dropped()
+    while True:
+        gevent.sleep(MEMORY_TRIM_INTERVAL)
+        if dropped() == seen:
+            continue
+        seen = dropped()
+        before, began = rss_kb(), time.perf_counter()
+        if not release_free_memory():
+            return
+        log.debug(
+            "memory_released",
+            rss_before_kb=before,
+            rss_after_kb=rss_kb(),
+            ms=round((time.perf_counter() - began) * 1000, 2),
+        )

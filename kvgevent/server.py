@@ -13,10 +13,7 @@ can apply cannot starve the others.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import itertools
-import os
 import socket
 import ssl
 import time
@@ -39,31 +36,18 @@ from .config import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_SHUTDOWN_FLUSH,
     EOF_FLUSH_STALL,
-    MAX_AUTH_FAILURES,
     RECV_SIZE,
-    REPLY_CHUNK,
+    REPORT_INTERVAL,
     TLS_HANDSHAKE_TIMEOUT,
     TURN_BYTES,
 )
 from .connection import Connection, Counters
 from .errors import KVError, ProtocolError
+from .executor import Executor, TooManyAuthFailures
 from .logs import get_logger
-from .memory import MEMORY_TRIM_INTERVAL, release_free_memory, rss_kb
-from .protocol import (
-    ERR_AUTH_REQUIRED,
-    ERR_INVALID_PASSWORD,
-    ERR_LINE_TOO_LONG,
-    ERR_NO_PASSWORD,
-    OK,
-    PONG,
-    Auth,
-    Ping,
-    Stats,
-    parse,
-    stats_line,
-    value_lines,
-)
-from .store import DATA_COMMANDS, KVStore, MemoryStore
+from .memory import release_memory_loop
+from .net import _is_loopback, _reuse_port_listener, worker_name
+from .store import KVStore, MemoryStore
 from .tls import TlsStream
 from .turns import Turns
 
@@ -76,10 +60,6 @@ class _Closing(Exception):
 
 class _Idle(Exception):
     """Thrown into the reader of a client idle for longer than ``idle_timeout``."""
-
-
-class _TooManyAuthFailures(Exception):
-    """A connection sent MAX_AUTH_FAILURES wrong passwords."""
 
 
 class KeyValueServer:
@@ -135,6 +115,7 @@ class KeyValueServer:
         self._writers = Group()
         self._sweeper: gevent.Greenlet | None = None
         self._turns = Turns()
+        self._executor = Executor(self.store, self.counters, self._password, self.stats)
         self._janitor: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
         self._worker = worker_name()
@@ -165,7 +146,7 @@ class KeyValueServer:
         self._started_at = time.monotonic()
         if self.idle_timeout > 0:
             self._sweeper = gevent.spawn(self._sweep_idle)
-        self._janitor = gevent.spawn(self._release_memory)
+        self._janitor = gevent.spawn(release_memory_loop, lambda: self.counters.dropped, self.log)
         if self.store.shared:
             self._reporter = gevent.spawn(self._report_clients)
         bound = server.address[0]
@@ -301,7 +282,7 @@ class KeyValueServer:
         except _Idle:
             reason = "idle"
             self.counters.idle_closed += 1
-        except _TooManyAuthFailures:
+        except TooManyAuthFailures:
             reason = "auth_failures"
         except gevent.Timeout:
             reason = "tls_handshake_timeout"
@@ -356,7 +337,7 @@ class KeyValueServer:
         """Read, parse and execute requests until end of stream."""
         recv = conn.recv
         feed = conn.buffer.feed
-        execute = self._execute
+        execute = self._executor.execute
         turns = self._turns
         track_idle = self.idle_timeout > 0
         while True:
@@ -381,131 +362,6 @@ class KeyValueServer:
                 worked = bool(items)
                 if worked:
                     execute(conn, items)
-
-    def _execute(self, conn: Connection, items: list[bytes | ProtocolError]) -> None:
-        """Apply parsed requests in order; the one place where errors become ``ERR`` lines.
-
-        Each run of data commands (PUT/GET/UPDATE/DELETE) goes to the store as one batch
-        (:meth:`KVStore.apply`), and the replies are queued in chunks, not one per line: at 50
-        clients x 16 pipelined GETs, per-line queueing was a fifth of the server's time."""
-        counters = self.counters
-        counters.commands += len(items)  # counted up front, so a STATS in this batch sees them
-        if not conn.authenticated:
-            items = self._authenticate(conn, items)
-        out: list[bytes] = []
-        run: list[Any] = []
-        errors = 0
-        for item in items:
-            cmd = parse(item) if item.__class__ is bytes else item
-            kind = cmd.__class__
-            if kind in DATA_COMMANDS:
-                run.append(cmd)
-                continue
-            if run:
-                errors += self._apply(conn, run, out)
-                run = []
-            try:
-                if kind is Ping:
-                    if self.store.needs_barrier:  # PONG only once earlier writes are durable
-                        if out:
-                            conn.send_lines(out)
-                            out = []
-                        self.store.barrier()
-                    out.append(PONG)
-                elif kind is Stats:
-                    out.append(stats_line(self.stats()))
-                elif kind is Auth:
-                    out.append(self._check_password(conn, cmd))  # type: ignore[arg-type]
-                else:  # a ProtocolError, returned by the parser (or the line buffer)
-                    errors += 1
-                    if cmd is ERR_LINE_TOO_LONG:
-                        self._line_too_long(conn)
-                    out.append(cmd.reply)  # type: ignore[union-attr]
-            except KVError as exc:  # a StoreError from STATS, or a refused AUTH
-                errors += 1
-                out.append(exc.reply)
-            except _TooManyAuthFailures:
-                out.append(ERR_INVALID_PASSWORD.reply)
-                conn.send_lines(out)
-                raise
-        if run:
-            errors += self._apply(conn, run, out)
-        if out:
-            conn.send_lines(out)
-        counters.errors += errors
-
-    def _apply(self, conn: Connection, run: list[Any], out: list[bytes]) -> int:
-        """Have the store apply a run of data commands; add the GET replies and an ERR per
-        failed command to ``out``, handing full chunks to the writer. Returns the errors."""
-        try:
-            results = self.store.apply(run)
-        except KVError as exc:  # the store failed as a whole
-            out += [exc.reply] * len(run)
-            return len(run)
-        errors = 0
-        for cmd, values in zip(run, results, strict=True):
-            if values:
-                if values.__class__ is list:
-                    out += value_lines(cmd[0], values)  # type: ignore[arg-type]
-                    if len(out) >= REPLY_CHUNK:
-                        conn.send_lines(out)
-                        out.clear()  # send_lines has joined (or queued) the lines already
-                else:  # a KVError
-                    errors += 1
-                    out.append(values.reply)  # type: ignore[union-attr]
-        return errors
-
-    def _authenticate(
-        self, conn: Connection, items: list[bytes | ProtocolError]
-    ) -> list[bytes | ProtocolError]:
-        """Before AUTH succeeds only AUTH and PING are served; returns the items after a
-        successful AUTH (to be executed normally), or nothing."""
-        out: list[bytes] = []
-        rest: list[bytes | ProtocolError] = []
-        for index, item in enumerate(items):
-            cmd = parse(item) if item.__class__ is bytes else item
-            if cmd.__class__ is Auth:
-                try:
-                    out.append(self._check_password(conn, cmd))  # type: ignore[arg-type]
-                    rest = items[index + 1 :]
-                    break
-                except KVError as exc:
-                    self.counters.errors += 1
-                    out.append(exc.reply)
-                except _TooManyAuthFailures:
-                    out.append(ERR_INVALID_PASSWORD.reply)
-                    conn.send_lines(out)
-                    raise
-            elif cmd.__class__ is Ping:
-                out.append(PONG)
-            else:
-                self.counters.errors += 1
-                out.append(ERR_AUTH_REQUIRED.reply)
-        if out:
-            conn.send_lines(out)
-        return rest
-
-    def _check_password(self, conn: Connection, cmd: Auth) -> bytes:
-        """Mark the connection authenticated and return the OK line, or raise the ERR to
-        send (_TooManyAuthFailures after MAX_AUTH_FAILURES wrong ones)."""
-        if self._password is None:
-            raise ERR_NO_PASSWORD
-        if not hmac.compare_digest(cmd.password, self._password):  # constant time
-            conn.authenticated = False
-            self.counters.auth_failures += 1
-            conn.auth_failures += 1
-            conn.log.warning("auth_failed", auth_failures=conn.auth_failures)
-            if conn.auth_failures >= MAX_AUTH_FAILURES:
-                raise _TooManyAuthFailures
-            raise ERR_INVALID_PASSWORD
-        conn.authenticated = True
-        return OK
-
-    def _line_too_long(self, conn: Connection) -> None:
-        self.counters.lines_too_long += 1
-        conn.long_lines += 1
-        if conn.long_lines == 1:  # once per connection: a hostile client cannot flood the log
-            conn.log.warning("line_too_long", max_line=self.max_line)
 
     def _sweep_idle(self) -> None:
         """Close clients that sent nothing for ``idle_timeout`` seconds (checked twice per timeout,
@@ -532,25 +388,6 @@ class KeyValueServer:
                 pass  # the store logged its outage; the delta is sent when it is back
             gevent.sleep(REPORT_INTERVAL)
 
-    def _release_memory(self) -> None:
-        """Every MEMORY_TRIM_INTERVAL, if clients left meanwhile (their queues are freed),
-        give the allocator's free pages back to the OS (see kvgevent.memory)."""
-        seen = self.counters.dropped
-        while True:
-            gevent.sleep(MEMORY_TRIM_INTERVAL)
-            if self.counters.dropped == seen:
-                continue
-            seen = self.counters.dropped
-            before, began = rss_kb(), time.perf_counter()
-            if not release_free_memory():
-                return
-            self.log.debug(
-                "memory_released",
-                rss_before_kb=before,
-                rss_after_kb=rss_kb(),
-                ms=round((time.perf_counter() - began) * 1000, 2),
-            )
-
     def _drop(self, conn: Connection, reason: str, error: str | None = None) -> None:
         """Close the client's socket, count it as dropped and log it; exactly once."""
         if self._conns.pop(conn.client_id, None) is None:
@@ -566,36 +403,3 @@ class KeyValueServer:
             messages_dropped=conn.messages_dropped,
             **extra,
         )
-
-
-REPORT_INTERVAL = 1.0
-"""Seconds between two reports of a worker's client counts to a shared store."""
-
-
-def worker_name() -> str:
-    """This process, as named in a shared store's worker table."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _reuse_port_listener(host: str, port: int, backlog: int) -> Any:
-    """A listening socket that other processes may bind too (the kernel spreads connects)."""
-    from gevent import socket as gsocket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = gsocket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
