@@ -25,44 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.soak import free_port  # noqa: E402
+from bench.common import server  # noqa: E402
 from kvgevent.aof import MAGIC, encode_record  # noqa: E402
-from kvgevent.client import Client  # noqa: E402
 from kvgevent.durable import DurableStore  # noqa: E402
 
 
-def pinned(cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") else []
-
-
 def run_config(name: str, server_args: list[str], bench_args: list[str]) -> dict:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            *pinned(0),
-            sys.executable,
-            str(ROOT / "run_server.py"),
-            "--port",
-            str(port),
-            "--log-format",
-            "json",
-            "--log-level",
-            "warning",
-            *server_args,
-        ],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            try:
-                Client(port=port).close()
-                break
-            except Exception:
-                time.sleep(0.1)
+    with server(*server_args, cpu=0) as (_, port):
+        pin = ["taskset", "-c", "1"] if shutil.which("taskset") else []
         result = subprocess.run(
             [
-                *pinned(1),
+                *pin,
                 sys.executable,
                 str(ROOT / "run_client.py"),
                 "bench",
@@ -79,12 +52,9 @@ def run_config(name: str, server_args: list[str], bench_args: list[str]) -> dict
             text=True,
             check=True,
         )
-        report = json.loads(result.stdout.splitlines()[-1])
-        report["config"] = name
-        return report
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    report = json.loads(result.stdout.splitlines()[-1])
+    report["config"] = name
+    return report
 
 
 def replay_speed(records: int, directory: str) -> tuple[float, int]:

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.soak import free_port, proc_status  # noqa: E402
+from bench.common import proc_status, server  # noqa: E402
 from kvgevent.client import Client  # noqa: E402
 
 PLAIN_DICT = """
@@ -44,32 +44,10 @@ def main() -> int:
     parser.add_argument("--value-size", type=int, default=10)
     args = parser.parse_args()
 
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "run_server.py"),
-            "--port",
-            str(port),
-            "--log-format",
-            "json",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            try:
-                probe = Client(port=port)
-                break
-            except Exception:
-                time.sleep(0.1)
-        else:
-            return 1
+    with server() as (proc, port):
+        probe = Client(port=port)
         time.sleep(0.5)
-        before, _ = proc_status(server.pid)
+        before, _ = proc_status(proc.pid)
         lines = b"".join(
             b"PUT:key%d:%s\n" % (i, (b"%0*d" % (args.value_size, i))[: args.value_size])
             for i in range(args.values)
@@ -83,11 +61,8 @@ def main() -> int:
         )
         assert probe.stats()["keys"] == args.values, loaded.stdout
         time.sleep(0.5)
-        after, _ = proc_status(server.pid)
+        after, _ = proc_status(proc.pid)
         probe.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     plain = int(
         subprocess.run(
             [sys.executable, "-c", PLAIN_DICT, str(args.values), str(args.value_size)],

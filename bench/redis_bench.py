@@ -24,39 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.soak import free_port  # noqa: E402
-from kvgevent.client import Client  # noqa: E402
-
-
-def wait_serving(port: int) -> None:
-    for _ in range(200):
-        try:
-            Client(port=port).close()
-            return
-        except Exception:
-            time.sleep(0.1)
-    raise RuntimeError("the server did not start")
+from bench.common import free_port, server  # noqa: E402
 
 
 def measure(server_args: list[str], bench_args: list[str]) -> dict[str, dict]:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "run_server.py"),
-            "--port",
-            str(port),
-            "--log-format",
-            "json",
-            "--log-level",
-            "warning",
-            *server_args,
-        ],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_serving(port)
+    with server(*server_args) as (_, port):
         time.sleep(1.0)  # every worker up
         out = subprocess.run(
             [
@@ -76,10 +48,7 @@ def measure(server_args: list[str], bench_args: list[str]) -> dict[str, dict]:
             text=True,
             check=True,
         ).stdout
-        return {r["test"]: r for r in map(json.loads, out.splitlines())}
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    return {r["test"]: r for r in map(json.loads, out.splitlines())}
 
 
 def main() -> int:

@@ -22,11 +22,9 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 import socket  # noqa: E402
 import struct  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -36,22 +34,10 @@ import gevent  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import proc_status, server  # noqa: E402
 from kvgevent.client import Client  # noqa: E402
 
 RESET = struct.pack("ii", 1, 0)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def proc_status(pid: int) -> tuple[int, int]:
-    """(RSS in kB, open fds) of a process."""
-    with open(f"/proc/{pid}/status") as status:
-        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
 class Churn:
@@ -103,31 +89,8 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     args = parser.parse_args()
 
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "run_server.py"),
-            "--port",
-            str(port),
-            "--log-format",
-            "json",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            try:
-                good = Client(port=port, timeout=30)
-                break
-            except Exception:
-                time.sleep(0.1)
-        else:
-            print("server did not start", file=sys.stderr)
-            return 1
+    with server() as (server_proc, port):
+        good = Client(port=port, timeout=30)
         good.put("slow", b"s" * args.value_size)
         monitor = Client(port=port, timeout=30)  # its own connection: one greenlet per socket
         latencies: list[float] = []
@@ -156,7 +119,7 @@ def main() -> int:
         )
         while time.monotonic() - start < args.minutes * 60:
             gevent.sleep(args.every)
-            rss, fds = proc_status(server.pid)
+            rss, fds = proc_status(server_proc.pid)
             stats = monitor.stats()
             recent = sorted(latencies[-2000:]) or [0.0]
             p99 = recent[len(recent) * 99 // 100] * 1000
@@ -174,12 +137,13 @@ def main() -> int:
         while monitor.stats()["active"] != 1 and time.monotonic() < deadline:
             gevent.sleep(0.1)
         stats = monitor.stats()
-        rss, fds = proc_status(server.pid)
+        rss, fds = proc_status(server_proc.pid)
         # Still connected: the monitor. Churned, plus the well-behaved client, all dropped.
         exact = stats["active"] == 1 and stats["dropped"] == stats["connections"] - 1
         exact = exact and stats["connections"] == churn.connections + 2
-        middle = max(r for t, r in samples if t <= samples[-1][0] / 2) if len(samples) > 1 else rss
-        end = max(r for t, r in samples if t > samples[-1][0] / 2) if samples else rss
+        half = max(1, len(samples) // 2)  # RSS in the first half of the run against the second
+        middle = max((r for _, r in samples[:half]), default=rss)
+        end = max((r for _, r in samples[half:]), default=middle)
         growth = (end - middle) / middle
         latencies.sort()
         p50, p99 = latencies[len(latencies) // 2] * 1000, latencies[len(latencies) * 99 // 100] * 1000
@@ -204,9 +168,6 @@ def main() -> int:
         )
         monitor.close()
         return 0 if stable and exact else 1
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""What the bench scripts share: a run_server.py started on a free loopback port, and reading
+a process's memory from /proc."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def proc_status(pid: int) -> tuple[int, int]:
+    """(RSS in kB, open fds) of a process."""
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_serving(port: int, timeout: float = 20.0) -> None:
+    """Until a PING on ``port`` gets its PONG."""
+    sys.path.insert(0, str(ROOT))
+    from kvgevent.client import Client
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            Client(port=port, timeout=5).close()
+            return
+        except Exception:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def server(*args: str, cpu: int | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``run_server.py`` with ``args`` on a free port (pinned to ``cpu`` when taskset
+    exists), serving; stopped with SIGTERM on exit. Yields (process, port)."""
+    port = free_port()
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None and _has("taskset") else []
+    proc = subprocess.Popen(
+        [
+            *pin,
+            sys.executable,
+            str(ROOT / "run_server.py"),
+            "--port",
+            str(port),
+            "--log-format",
+            "json",
+            "--log-level",
+            "warning",
+            *args,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_serving(port)
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _has(program: str) -> bool:
+    import shutil
+
+    return shutil.which(program) is not None
