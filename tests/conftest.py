@@ -25,7 +25,7 @@ from typing import Any  # noqa: E402
 import gevent  # noqa: E402
 import pytest  # noqa: E402
 
-from kvgevent import KeyValueServer, MemoryStore, configure_logging  # noqa: E402
+from kvgevent import KeyValueServer, KVStore, MemoryStore, configure_logging  # noqa: E402
 from kvgevent.tls import TlsStream, client_context, server_context  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,6 +173,30 @@ def server(request: pytest.FixtureRequest, make_server: Callable[..., KeyValueSe
         return make_server()
     redis = request.getfixturevalue("redis_server")
     return make_server(store=redis_store(redis.url))
+
+
+class WrappedStore(KVStore):
+    """A store built on the KVStore interface alone (its default apply() calls the methods
+    one by one), delegating to a MemoryStore: the base of the test stores below."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = MemoryStore()
+
+    def put(self, key, value):
+        self.inner.put(key, value)
+
+    def get(self, key):
+        return self.inner.get(key)
+
+    def update(self, key, old, new):
+        self.inner.update(key, old, new)
+
+    def delete(self, key):
+        self.inner.delete(key)
+
+    def count_keys(self):
+        return self.inner.count_keys()
 
 
 class Peer:

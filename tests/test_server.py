@@ -6,9 +6,9 @@ import struct
 
 import gevent
 import pytest
-from conftest import Peer, log_events, wait_until
+from conftest import Peer, WrappedStore, log_events, wait_until
 
-from kvgevent import KeyValueServer, KVStore, MemoryStore, StoreError
+from kvgevent import KeyValueServer, StoreError
 
 # --- the protocol over the wire --------------------------------------------------------------
 
@@ -313,30 +313,6 @@ def test_drop_reasons_are_logged(server, connect, log_stream):
 
 
 # --- stores that yield or fail ---------------------------------------------------------------
-
-
-class WrappedStore(KVStore):
-    """A store built on the KVStore interface alone (its default apply() calls the methods
-    one by one), delegating to a MemoryStore: the base of the test stores below."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = MemoryStore()
-
-    def put(self, key, value):
-        self.inner.put(key, value)
-
-    def get(self, key):
-        return self.inner.get(key)
-
-    def update(self, key, old, new):
-        self.inner.update(key, old, new)
-
-    def delete(self, key):
-        self.inner.delete(key)
-
-    def count_keys(self):
-        return self.inner.count_keys()
 
 
 class YieldingStore(WrappedStore):
