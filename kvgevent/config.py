@@ -57,13 +57,11 @@ MAX_SEND_BATCH = 1 << 20
 """Most bytes the writer joins into one ``sendall``; bounds the memory a stalled client pins."""
 
 DROP_GRACE = 0.25
-"""Seconds a reply waits for room in a full queue before its client is treated as not reading.
+"""Seconds without progress in sending to a client, while its queue is full, after which it
+counts as not reading and replies to it are dropped (once per episode, not per reply)."""
 
-A client that reads promptly but receives large replies can momentarily fill its queue while
-the writer is inside ``sendall``; waiting this long (once per episode, not per reply) keeps
-such a client from losing replies, while a client that really stopped reading only costs its
-own reader greenlet this pause before replies to it are dropped.
-"""
+ROOM_WAIT_LIMIT = 2.5
+"""Most seconds a reply waits for room in a full queue, even if the writer never got to run."""
 
 EOF_FLUSH_STALL = 0.5
 """After a client half-closes: seconds without write progress before queued replies are abandoned."""

@@ -5,12 +5,13 @@ The writer greenlet never closes it: on a write error it records :attr:`Connecti
 empties the queue and shuts the socket down, which wakes a reader blocked in ``recv``.
 
 Full queues. A client's queue is bounded both in lines (``queue_size``) and in bytes
-(``queue_bytes``). A reply that finds it full first waits up to :data:`DROP_GRACE` for the
-writer to make room (yielding: gevent's ``recv`` does not yield while data is ready, so
-without this a fast pipelining client that reads promptly would lose replies). If there is
-still no room the client is not reading: that reply, and every further one that finds the
-queue full, is dropped and counted without waiting, until the queue has room again. Each such
-episode logs one ``messages_dropping`` event.
+(``queue_bytes``). A reply that finds it full waits for the writer to make room (yielding:
+gevent's ``recv`` does not yield while data is ready, so without this a fast pipelining client
+that reads promptly would lose replies). It gives up when the writer's send has made no
+progress for :data:`DROP_GRACE` (the kernel takes nothing: the client is not reading): that
+reply, and every further one that finds the queue full, is dropped and counted without
+waiting, until the queue has room again. Each such episode logs one ``messages_dropping``
+event. A client that reads, however slowly, is waited for: it slows only itself.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.queue import Full, Queue
 
-from .config import DROP_GRACE, MAX_SEND_BATCH
+from .config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
 from .fastio import wrap
 from .protocol import LineBuffer
 
@@ -62,6 +63,7 @@ class Connection:
         "client_id",
         "peer",
         "sock",
+        "io",
         "recv",
         "sendall",
         "queue",
@@ -80,7 +82,6 @@ class Connection:
         "waiting",
         "room",
         "messages_dropped",
-        "bytes_sent",
         "failed",
         "last_seen",
         "authenticated",
@@ -105,9 +106,9 @@ class Connection:
         self.peer = peer
         self.sock = sock
         # The byte stream: the socket itself, or a TlsStream over it (see KeyValueServer).
-        fast = wrap(sock)
-        self.recv: Callable[[int], bytes] = fast.recv if fast else sock.recv
-        self.sendall: Callable[[bytes], Any] = fast.sendall if fast else sock.sendall
+        self.io = wrap(sock)  # counts what the kernel accepted, and since when it accepts nothing
+        self.recv: Callable[[int], bytes] = self.io.recv
+        self.sendall: Callable[[bytes], Any] = self.io.sendall
         # Items are chunks of one or more reply lines; the bounds below are in lines and
         # bytes, and since every item holds a line the queue itself can never be full first.
         # Made with the writer, at the first reply: an idle client holds neither (a gevent
@@ -128,7 +129,6 @@ class Connection:
         self.waiting = False  # the reader waits for room; the writer must signal it
         self.room: gevent.event.Event | None = None
         self.messages_dropped = 0
-        self.bytes_sent = 0
         self.failed: str | None = None  # why writing failed, once it has
         self.last_seen = time.monotonic()  # when the client last sent bytes
         self.authenticated = False
@@ -153,7 +153,7 @@ class Connection:
         count = len(lines)
         if self.queued_lines + count <= self.queue_size:
             data = lines[0] if count == 1 else b"".join(lines)
-            if self.queued_bytes + len(data) <= self.queue_bytes:
+            if self.queued_bytes + len(data) <= self.queue_bytes or not self.queued_bytes:
                 queue = self.queue or self._start_writer()
                 queue.put_nowait(data)  # never full: an item holds at least one line
                 self.queued_lines += count
@@ -167,9 +167,7 @@ class Connection:
         """Queue one reply line (ending in a newline); see the module docstring when full."""
         if self.failed is not None:
             return
-        if self._fits(len(line)) or (
-            not self.dropping and len(line) <= self.queue_bytes and self._wait_for_room(len(line))
-        ):
+        if self._fits(len(line)) or (not self.dropping and self._wait_for_room(len(line))):
             (self.queue or self._start_writer()).put_nowait(line)
             self.queued_lines += 1
             self.queued_bytes += len(line)
@@ -187,21 +185,30 @@ class Connection:
         self.counters.messages_dropped += 1
 
     def _fits(self, size: int) -> bool:
-        return self.queued_lines < self.queue_size and self.queued_bytes + size <= self.queue_bytes
+        # One line larger than the byte bound still goes into an empty queue: the bound is
+        # there to stop a stuck client from hoarding, not to refuse a big value.
+        return self.queued_lines < self.queue_size and (
+            self.queued_bytes + size <= self.queue_bytes or not self.queued_bytes
+        )
 
     def _wait_for_room(self, size: int) -> bool:
-        """Wait up to DROP_GRACE for the writer to make room for one line of ``size`` bytes."""
+        """Wait while the writer makes room for one line of ``size`` bytes. Give up (the
+        client is not reading) once the writer's send has made no progress for DROP_GRACE,
+        or in any case after ROOM_WAIT_LIMIT (the writer never got to run)."""
         if self.room is None:
             self.room = gevent.event.Event()
-        deadline = time.monotonic() + DROP_GRACE
+        give_up = time.monotonic() + ROOM_WAIT_LIMIT
         self.waiting = True
         try:
             while not self._fits(size):
-                left = deadline - time.monotonic()
-                if left <= 0 or self.failed is not None:
+                if self.failed is not None:
+                    return False
+                now = time.monotonic()
+                stalled = self.io.stalled_since
+                if (stalled and now - stalled >= DROP_GRACE) or now >= give_up:
                     return False
                 self.room.clear()
-                self.room.wait(left)
+                self.room.wait(DROP_GRACE / 5)
             return True
         finally:
             self.waiting = False
@@ -237,7 +244,6 @@ class Connection:
                     self.room.set()  # type: ignore[union-attr]
                 sendall(data)
                 del data
-                self.bytes_sent += size
                 if eof:
                     return
         except OSError as exc:
@@ -255,8 +261,9 @@ class Connection:
                 pass
 
     def flush(self, stall: float, deadline: float | None) -> None:
-        """Let the writer send what is queued, then stop it. Gives up when no bytes leave for
-        ``stall`` seconds (the client is not reading) or at ``deadline`` (monotonic)."""
+        """Let the writer send what is queued, then stop it. Gives up when no byte leaves for
+        ``stall`` seconds (the client is not reading) or at ``deadline`` (monotonic); what
+        was still queued then counts as dropped."""
         writer = self.writer
         if writer is None or writer.dead:
             return
@@ -267,7 +274,7 @@ class Connection:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     break
-            sent = self.bytes_sent
+            sent = self.io.sent  # bytes the kernel took, partial sends included
             if not queued_eof:
                 try:
                     self.queue.put(_EOF, timeout=wait)  # type: ignore[union-attr]
@@ -277,8 +284,11 @@ class Connection:
                     pass
             else:
                 writer.join(wait)
-            if not writer.dead and self.bytes_sent == sent:
+            if not writer.dead and self.io.sent == sent:
                 break  # no progress: the client is not reading
+        if not writer.dead and self.queued_lines:
+            self.messages_dropped += self.queued_lines
+            self.counters.messages_dropped += self.queued_lines
         writer.kill(block=True)
 
     def close(self) -> None:

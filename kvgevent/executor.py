@@ -90,6 +90,7 @@ class Executor:
                 errors += 1
                 out.append(exc.reply)
             except TooManyAuthFailures:
+                counters.errors += errors + 1
                 out.append(ERR_INVALID_PASSWORD.reply)
                 conn.send_lines(out)
                 raise
@@ -138,11 +139,16 @@ class Executor:
                     self.counters.errors += 1
                     out.append(exc.reply)
                 except TooManyAuthFailures:
+                    self.counters.errors += 1
                     out.append(ERR_INVALID_PASSWORD.reply)
                     conn.send_lines(out)
                     raise
             elif cmd.__class__ is Ping:
-                out.append(PONG)
+                out.append(PONG)  # nothing to wait for: this connection has written nothing yet
+            elif cmd is ERR_LINE_TOO_LONG:  # the line's length, not its content, is the problem
+                self.counters.errors += 1
+                self._line_too_long(conn)
+                out.append(cmd.reply)
             else:
                 self.counters.errors += 1
                 out.append(ERR_AUTH_REQUIRED.reply)
@@ -156,7 +162,7 @@ class Executor:
         if self.password is None:
             raise ERR_NO_PASSWORD
         if not hmac.compare_digest(cmd.password, self.password):  # constant time
-            conn.authenticated = False
+            # (an authenticated connection stays so, as in Redis: a wrong AUTH changes nothing)
             self.counters.auth_failures += 1
             conn.auth_failures += 1
             conn.log.warning("auth_failed", auth_failures=conn.auth_failures)

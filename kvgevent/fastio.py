@@ -1,4 +1,5 @@
-"""Cheaper socket I/O for the hot path of plain-TCP clients, over gevent's socket internals.
+"""Socket I/O for a client connection: cheaper than gevent's on the hot path, and it reports
+how sending is going.
 
 gevent's ``socket.recv`` tries the read and, when nothing is there, catches the
 ``BlockingIOError`` and waits; ``socket.sendall`` is Python code that also asks the kernel for
@@ -7,29 +8,61 @@ are paid per request: strace showed a failed ``recvfrom`` and a ``getsockopt`` p
 and py-spy put the exception path and the wrappers at about a tenth of the server's time.
 
 :class:`FastSocket` keeps gevent's waiting (the socket's own read/write watchers, so no new
-watcher per call) but: waits for readability *before* reading when the last read drained the
-socket, so no exception is raised; and sends on the underlying non-blocking socket, falling
-back to gevent's ``sendall`` only for what the kernel did not take at once.
+watcher per call) but waits for readability *before* reading when the last read drained the
+socket, so no exception is raised, and sends on the underlying non-blocking socket. It relies
+on attributes gevent has kept since 1.x (``_sock``, ``_wait``, ``_read_event``,
+``_write_event``); without them :class:`PlainSocket` does the same through gevent's public
+``recv``/``send``.
 
-It relies on attributes gevent has kept since 1.x (``_sock``, ``_read_event``, ``_wait``);
-:func:`wrap` returns None when they are missing, and the caller then uses the socket as is.
+Both count the bytes the kernel accepted (``sent``) and, while a send waits for the kernel,
+since when no byte left (``stalled_since``): the connection tells a client that does not read
+(no progress for a while) from one that reads slowly, and a flush that makes progress from one
+that does not.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
-class FastSocket:
-    """recv/sendall for one gevent socket, used by one reader and one writer greenlet."""
+class PlainSocket:
+    """recv/sendall over gevent's public socket API, with the progress counters."""
 
-    __slots__ = ("sock", "_raw", "_wait", "_read_event", "_drained")
+    __slots__ = ("sock", "sent", "stalled_since")
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock
+        self.sent = 0  # bytes the kernel accepted
+        self.stalled_since = 0.0  # while a send waits: when the last byte left; 0.0 otherwise
+
+    def recv(self, size: int) -> bytes:
+        return self.sock.recv(size)  # type: ignore[no-any-return]
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        send = self.sock.send  # gevent's: waits until it can send some
+        try:
+            while view:
+                self.stalled_since = time.monotonic()
+                sent = send(view)
+                self.sent += sent
+                view = view[sent:]
+        finally:
+            self.stalled_since = 0.0
+
+
+class FastSocket(PlainSocket):
+    """recv/sendall for one gevent socket, used by one reader and one writer greenlet."""
+
+    __slots__ = ("_raw", "_wait", "_read_event", "_write_event", "_drained")
+
+    def __init__(self, sock: Any) -> None:
+        super().__init__(sock)
         self._raw = sock._sock  # the non-blocking _socket.socket under gevent's wrapper
         self._wait = sock._wait
         self._read_event = sock._read_event
+        self._write_event = sock._write_event
         self._drained = True  # the last read returned less than asked: the socket is empty
 
     def recv(self, size: int) -> bytes:
@@ -48,17 +81,34 @@ class FastSocket:
             return data
 
     def sendall(self, data: bytes) -> None:
-        """Send everything: at once when the kernel takes it, else waiting through gevent."""
+        """Send everything: at once when the kernel takes it (the usual case), else piece by
+        piece as the socket becomes writable."""
+        raw = self._raw
         try:
-            sent = self._raw.send(data)
+            sent = raw.send(data)
         except BlockingIOError:
             sent = 0
-        if sent < len(data):
-            self.sock.sendall(memoryview(data)[sent:])
+        self.sent += sent
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        try:
+            self.stalled_since = time.monotonic()
+            while view:
+                self._wait(self._write_event)
+                try:
+                    sent = raw.send(view)
+                except BlockingIOError:
+                    continue
+                self.sent += sent
+                view = view[sent:]
+                self.stalled_since = time.monotonic()
+        finally:
+            self.stalled_since = 0.0
 
 
-def wrap(sock: Any) -> FastSocket | None:
-    """A FastSocket for ``sock``, or None if this gevent does not have the expected internals."""
-    if not all(hasattr(sock, name) for name in ("_sock", "_wait", "_read_event")):
-        return None
-    return FastSocket(sock)
+def wrap(sock: Any) -> PlainSocket:
+    """A FastSocket for ``sock``, or a PlainSocket if gevent lacks the expected internals."""
+    if all(hasattr(sock, name) for name in ("_sock", "_wait", "_read_event", "_write_event")):
+        return FastSocket(sock)
+    return PlainSocket(sock)

@@ -224,12 +224,16 @@ class RedisStore(KVStore):
 
     # --- many workers, one store -------------------------------------------------------------
 
-    def report_clients(self, worker: str, active: int, dropped_delta: int) -> None:
-        """Publish this worker's client counts (called every second by the server)."""
+    def report_clients(self, worker: str, active: int, dropped_delta: int, final: bool = False) -> None:
+        """Publish this worker's client counts (called every second by the server, and a last
+        time, ``final``, when it stops: then it leaves the table)."""
 
         def report() -> None:
             pipe = self.client.pipeline(transaction=False)
-            pipe.hset(self._meta + b"workers", worker, f"{active} {time.time():.3f}")
+            if final:
+                pipe.hdel(self._meta + b"workers", worker)
+            else:
+                pipe.hset(self._meta + b"workers", worker, f"{active} {time.time():.3f}")
             if dropped_delta:
                 pipe.incrby(self._meta + b"dropped", dropped_delta)
             pipe.execute()

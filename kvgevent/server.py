@@ -119,6 +119,7 @@ class KeyValueServer:
         self._janitor: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
         self._worker = worker_name()
+        self._reported = 0  # dropped clients already published to a shared store
         self._conns: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._started_at = time.monotonic()
@@ -216,30 +217,34 @@ class KeyValueServer:
             self._closed.wait()
             return
         self._closing = True
-        self._flush_deadline = time.monotonic() + flush_timeout
-        if self._server is not None:
-            self._server.close()  # stops accepting and closes the listening socket
-        for helper in (self._sweeper, self._janitor, self._reporter):
-            if helper is not None:
-                helper.kill()
-        for conn in list(self._conns.values()):
-            if conn.reading:
-                conn.reader.kill(_Closing, block=False)
-        self._pool.join(timeout=flush_timeout + 1.0)
-        self._pool.kill(block=True, timeout=1.0)
-        self._writers.kill(block=True, timeout=1.0)
-        self.store.close()
-        self._turns.close()
-        c = self.counters
-        self.log.info(
-            "server_stopped",
-            dropped=c.dropped,
-            connections=c.accepted,
-            commands=c.commands,
-            messages_dropped=c.messages_dropped,
-            rejected=c.rejected,
-        )
-        self._closed.set()
+        try:
+            self._flush_deadline = time.monotonic() + flush_timeout
+            if self._server is not None:
+                self._server.close()  # stops accepting and closes the listening socket
+            for helper in (self._sweeper, self._janitor, self._reporter):
+                if helper is not None:
+                    helper.kill()
+            for conn in list(self._conns.values()):
+                if conn.reading:
+                    conn.reader.kill(_Closing, block=False)
+            self._pool.join(timeout=flush_timeout + 1.0)
+            self._pool.kill(block=True, timeout=1.0)
+            self._writers.kill(block=True, timeout=1.0)
+            if self.store.shared:
+                self._publish_counts(final=True)  # the last drops, and this worker leaves the table
+            self.store.close()
+            self._turns.close()
+            c = self.counters
+            self.log.info(
+                "server_stopped",
+                dropped=c.dropped,
+                connections=c.accepted,
+                commands=c.commands,
+                messages_dropped=c.messages_dropped,
+                rejected=c.rejected,
+            )
+        finally:
+            self._closed.set()  # even if something above failed: a later close() must not hang
 
     # --- one client -------------------------------------------------------------------------
 
@@ -305,7 +310,7 @@ class KeyValueServer:
             try:
                 if conn.failed is None:
                     conn.flush(EOF_FLUSH_STALL, self._flush_deadline if self._closing else None)
-            except _Closing:
+            except (_Closing, _Idle):  # delivered late, while flushing: the client goes anyway
                 pass
             finally:
                 self._drop(conn, conn.failed or reason, error)
@@ -327,7 +332,8 @@ class KeyValueServer:
         )
 
     def _start_tls(self, conn: Connection) -> None:
-        stream = TlsStream(conn.sock, self._tls, server_side=True, lock_factory=Semaphore)  # type: ignore[arg-type]
+        # Over the connection's own socket I/O, so that progress is counted for TLS too.
+        stream = TlsStream(conn.io, self._tls, server_side=True, lock_factory=Semaphore)  # type: ignore[arg-type]
         with gevent.Timeout(TLS_HANDSHAKE_TIMEOUT):
             stream.handshake()
         conn.recv = stream.recv
@@ -378,15 +384,17 @@ class KeyValueServer:
     def _report_clients(self) -> None:
         """Every REPORT_INTERVAL, publish this worker's counts to the shared store (so that
         STATS on any worker can give cluster-wide totals)."""
-        worker, reported = self._worker, 0
         while True:
-            dropped = self.counters.dropped
-            try:
-                self.store.report_clients(worker, len(self._conns), dropped - reported)
-                reported = dropped
-            except KVError:
-                pass  # the store logged its outage; the delta is sent when it is back
+            self._publish_counts()
             gevent.sleep(REPORT_INTERVAL)
+
+    def _publish_counts(self, final: bool = False) -> None:
+        dropped = self.counters.dropped
+        try:
+            self.store.report_clients(self._worker, len(self._conns), dropped - self._reported, final)
+            self._reported = dropped
+        except KVError:
+            pass  # the store logged its outage; the delta goes out with the next report
 
     def _drop(self, conn: Connection, reason: str, error: str | None = None) -> None:
         """Close the client's socket, count it as dropped and log it; exactly once."""

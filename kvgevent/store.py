@@ -101,8 +101,10 @@ class KVStore(abc.ABC):
     """True if other server processes use the same data (e.g. Redis): the server then
     publishes its client counts with :meth:`report_clients` and adds :meth:`cluster_stats`."""
 
-    def report_clients(self, worker: str, active: int, dropped_delta: int) -> None:  # noqa: B027
-        """Publish one worker's client counts (shared stores only)."""
+    def report_clients(  # noqa: B027
+        self, worker: str, active: int, dropped_delta: int, final: bool = False
+    ) -> None:
+        """Publish one worker's client counts (shared stores only); ``final``: it is leaving."""
 
     def cluster_stats(self, worker: str, active: int) -> dict[str, int]:
         """Totals over every worker sharing the store, with this ``worker``'s own current

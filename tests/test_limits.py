@@ -33,13 +33,14 @@ def test_queue_bytes_bound_the_memory_a_stuck_client_pins(make_server, connect):
     assert conn.queue.qsize() <= 64 * 1024 // 4096
 
 
-def test_reply_larger_than_queue_bytes_is_dropped(make_server, connect):
-    """A reply that could never fit is dropped like one that finds the queue full."""
+def test_reply_larger_than_queue_bytes_still_reaches_a_reader(make_server, connect):
+    """One reply line bigger than the byte bound goes into an empty queue: the bound stops a
+    stuck client from hoarding, it does not refuse a big value to one that reads."""
     server = make_server(queue_bytes=1000)
     server.store.put(b"k", b"x" * 2000)
     peer = connect(server.port)
-    assert peer.request(b"GET:k\n") == []
-    assert server.stats()["messages_dropped"] == 1
+    assert peer.request(b"GET:k\nGET:k\n") == [b"k:" + b"x" * 2000] * 2
+    assert server.stats()["messages_dropped"] == 0
 
 
 # --- max clients -----------------------------------------------------------------------------
@@ -280,3 +281,27 @@ def test_freed_memory_can_be_given_back_to_the_os():
 
     assert release_free_memory() is True
     assert rss_kb() > 0
+
+
+def test_a_wrong_auth_does_not_log_an_authenticated_client_out(make_server, connect):
+    server = make_server(password="pw")
+    peer = connect(server.port)
+    assert peer.request(b"AUTH:pw\nPUT:k:v\n") == [b"OK"]
+    assert peer.request(b"AUTH:nope\nGET:k\n") == [b"ERR invalid password", b"k:v"]
+    assert peer.request(b"GET:k\n") == [b"k:v"]
+
+
+def test_a_too_long_line_before_auth_is_reported_as_such(make_server, connect):
+    server = make_server(password="pw", max_line=20)
+    peer = connect(server.port)
+    assert peer.request(b"PUT:k:" + b"x" * 100 + b"\n") == [b"ERR line too long"]
+    assert server.stats()["lines_too_long"] == 1
+
+
+def test_errors_are_counted_when_auth_failures_close_a_connection(make_server, connect):
+    server = make_server(password="pw")
+    peer = connect(server.port)
+    peer.send(b"AUTH:guess\n" * 10)
+    assert peer.read_lines(10) == [b"ERR invalid password"] * 10
+    wait_until(lambda: server.count_dropped() == 1)
+    assert server.stats()["errors"] == 10

@@ -452,3 +452,39 @@ def test_errors_escaping_a_greenlet_are_logged_as_json(log_stream):
     gevent.spawn(fail).join()
     (event,) = [e for e in log_events(log_stream) if e["event"] == "unhandled_error"]
     assert event["error_type"] == "ValueError" and "boom" in event["traceback"]
+
+
+def _read_slowly(peer: Peer, total: int, chunk: int = 64 * 1024, pause: float = 0.02) -> bytes:
+    """Read ``total`` bytes, ``chunk`` at a time with a pause between reads: a slow reader."""
+    data = b""
+    while len(data) < total:
+        piece = peer.sock.recv(chunk)
+        if not piece:
+            break
+        data += piece
+        gevent.sleep(pause)
+    return data
+
+
+def test_a_slow_but_steady_reader_loses_nothing(server, connect):
+    """A client reading at a trickle is waited for (it only slows itself): every one of 1,500
+    replies of 4 KB arrives, none is dropped."""
+    expected = _fill(server, 1500, 4096)
+    peer = connect(server.port, timeout=30)
+    gevent.spawn(peer.send, b"".join(b"GET:k%d\n" % i for i in range(1500)))
+    data = _read_slowly(peer, sum(len(x) + 1 for x in expected))
+    assert data.split(b"\n")[:-1] == expected
+    assert server.stats()["messages_dropped"] == 0
+
+
+def test_a_half_closed_slow_reader_gets_every_byte(server, connect):
+    """After its FIN a client still gets all its replies even when one batch takes longer
+    than the flush's stall limit to leave (progress is counted per byte, not per batch)."""
+    values = [b"%d" % i + b"v" * (1 << 20) for i in range(2)]
+    for value in values:
+        server.store.put(b"big", value)
+    peer = connect(server.port, timeout=30)
+    peer.send(b"GET:big\n")
+    peer.sock.shutdown(socket.SHUT_WR)
+    data = _read_slowly(peer, 10 * (1 << 20), chunk=32 * 1024, pause=0.01)
+    assert data == b"".join(b"big:" + v + b"\n" for v in values)
