@@ -95,10 +95,13 @@ def scan(data: bytes) -> Scan:
         length, checksum = unpack(data, offset)
         start, stop = offset + HEADER.size, offset + HEADER.size + length
         if length > MAX_RECORD or stop > end:
-            if length > MAX_RECORD and stop < end:
+            # Cut short by the end of the file (a torn append), unless a good record follows:
+            # then it is a damaged length in the middle, and everything after it matters.
+            if _good_record_after(data, offset + HEADER.size):
                 result.corrupt_at = offset
+                result.records_after = _count_records_from_first_good(data, offset + HEADER.size)
             else:
-                result.torn = True  # cut short by the end of the file
+                result.torn = True
             break
         payload = data[start:stop]
         if crc(payload) != checksum:
@@ -112,6 +115,27 @@ def scan(data: bytes) -> Scan:
         offset = stop
     result.good_end = offset
     return result
+
+
+def _good_record_after(data: bytes, start: int) -> bool:
+    """Whether a well-formed record (sane length, matching checksum) begins anywhere from
+    ``start`` on. Only called on a damaged file, so a byte-by-byte search is affordable."""
+    return _first_good(data, start) is not None
+
+
+def _first_good(data: bytes, start: int) -> int | None:
+    end = len(data)
+    for offset in range(start, end - HEADER.size + 1):
+        length, checksum = HEADER.unpack_from(data, offset)
+        stop = offset + HEADER.size + length
+        if length and stop <= end and zlib.crc32(data[offset + HEADER.size : stop]) == checksum:
+            return offset
+    return None
+
+
+def _count_records_from_first_good(data: bytes, start: int) -> int:
+    first = _first_good(data, start)
+    return 0 if first is None else _count_records(data, first)
 
 
 def _count_records(data: bytes, offset: int) -> int:
@@ -169,6 +193,7 @@ class AppendOnlyLog:
         self._pending = b""  # encoded records a failed write could not hand to the OS
         self._syncing = False
         self._wanted = 0  # the size barrier() callers want synced
+        self._generation = 0  # which file: changes when a rewrite replaces it
         self._round_done = gevent.event.Event()
         self._ticker: gevent.Greenlet | None = None
 
@@ -238,6 +263,11 @@ class AppendOnlyLog:
         if self._pending:
             self.append([])
 
+    @property
+    def has_pending(self) -> bool:
+        """Records a failed write could not hand to the OS yet."""
+        return bool(self._pending)
+
     def barrier(self) -> None:
         """Under ``always``: return once everything written so far is on disk. Callers that
         arrive while an fsync runs share the next one (group commit). Raises
@@ -261,14 +291,22 @@ class AppendOnlyLog:
             raise ERR_PERSISTENCE
 
     def sync(self) -> bool:
-        """fsync now (in the threadpool); True on success."""
-        target = self.size
+        """fsync now (in the threadpool); True on success.
+
+        The fsync runs on a duplicate of the descriptor: a rewrite may switch files and close
+        the old descriptor meanwhile. It only counts for the file it was made on."""
+        target, generation = self.size, self._generation
+        fd = os.dup(self.fd)
         try:
-            gevent.get_hub().threadpool.apply(os.fsync, (self.fd,))
+            gevent.get_hub().threadpool.apply(os.fsync, (fd,))
         except OSError as exc:
             self.fsync_errors += 1
             self._fail("aof_fsync_failed", exc)
             return False
+        finally:
+            os.close(fd)
+        if generation != self._generation:  # the file was replaced meanwhile (it came synced)
+            return True
         self.synced = max(self.synced, target)
         self.last_fsync = time.monotonic()
         if self.failed and self.failed.startswith("fsync"):
@@ -312,7 +350,8 @@ class AppendOnlyLog:
     def replace_with(self, fd: int, size: int, records: int) -> None:
         """Continue on a rewritten file, already synced and renamed over ``path``."""
         old, self.fd = self.fd, fd
-        self.size = self.synced = size
+        self._generation += 1
+        self.size = self.synced = self._wanted = size
         self.records = records
         self.rewrites += 1
         self.last_fsync = time.monotonic()

@@ -153,6 +153,12 @@ class DurableStore(KVStore):
         temporary = path + ".rewrite"
         began = time.perf_counter()
         before = self.aof.size
+        self.aof.retry_pending()
+        if self.aof.has_pending:  # records a failed write still holds would be duplicated
+            self.log.warning("aof_rewrite_postponed", path=path, reason="a write to the log is failing")
+            self._base_size = self.aof.size
+            self._rewriter = None
+            return
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         reader = -1
         try:
@@ -187,6 +193,9 @@ class DurableStore(KVStore):
                 gevent.sleep(0)
             pool = gevent.get_hub().threadpool
             with self.lock:  # no mutation until the new file is in place
+                self.aof.retry_pending()
+                if self.aof.has_pending:
+                    raise OSError("records could not be written to the current log")
                 while copied < self.aof.size:
                     chunk = os.pread(reader, self.aof.size - copied, copied)
                     write_all(fd, chunk)
@@ -194,9 +203,13 @@ class DurableStore(KVStore):
                     size += len(chunk)
                 pool.apply(os.fsync, (fd,))
                 os.rename(temporary, path)
-                pool.apply(fsync_directory, (path,))
+                # From the rename on, the new file is the log: switch before anything can fail.
                 self.aof.replace_with(fd, size, records + self.aof.records - tail_records_from)
                 fd = -1
+                try:
+                    pool.apply(fsync_directory, (path,))
+                except OSError as exc:
+                    self.log.error("aof_directory_fsync_failed", path=path, error=str(exc))
             self._base_size = size
             if self.log is not None:
                 self.log.info(
@@ -209,6 +222,7 @@ class DurableStore(KVStore):
                 )
         except Exception as exc:
             self.rewrite_failures += 1
+            self._base_size = self.aof.size  # try again only once the file has grown as much again
             if self.log is not None:
                 self.log.error("aof_rewrite_failed", path=path, error=str(exc))
             try:

@@ -77,12 +77,19 @@ class RedisStore(KVStore):
             OSError,
         )
         # Errors that mean "not now" rather than "not this": for them, ERR store unavailable.
+        import hiredis
+
         self._unavailable = (
             *self._errors,
             redis.exceptions.ClusterDownError,
             redis.exceptions.TryAgainError,
             redis.exceptions.BusyLoadingError,
+            redis.exceptions.MasterDownError,
+            redis.exceptions.SlotNotCoveredError,
+            redis.exceptions.RedisClusterException,
+            hiredis.ProtocolError,
         )
+
         self.url = url
         self.prefix = prefix.encode()
         self.log = log if log is not None else get_logger()
@@ -267,7 +274,7 @@ class RedisStore(KVStore):
         per outage, as is the recovery)."""
         try:
             result = function(*args, **kwargs)
-        except self._errors as exc:
+        except self._unavailable as exc:
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 self.log.error("store_unavailable", store=_redacted(self.url), error=str(exc)[:200])

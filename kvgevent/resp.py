@@ -112,11 +112,16 @@ class Dispatcher:
 
     def __init__(self, make_connection: Any, connections: int = 4) -> None:
         self._queue: Queue = Queue()
-        self._senders = [gevent.spawn(self._send_loop, make_connection()) for _ in range(connections)]
+        self._closed = False
+        self._connections = [make_connection() for _ in range(connections)]
+        self._senders = [gevent.spawn(self._send_loop, c) for c in self._connections]
 
     def execute(self, commands: Sequence[Sequence[bytes]]) -> list[Any]:
         """Send ``commands`` (in a round trip shared with other callers); wait for their
-        replies, in order. Raises what the connection raised if the round trip failed."""
+        replies, in order. Raises what the connection raised if the round trip failed, and
+        ConnectionError once the dispatcher is closed."""
+        if self._closed:
+            raise ConnectionError("the Redis dispatcher is closed")
         request = _Request(b"".join([pack(c) for c in commands]), len(commands))
         self._queue.put(request)
         return request.result.get()  # type: ignore[no-any-return]
@@ -132,9 +137,12 @@ class Dispatcher:
                 count += request.count
             try:
                 replies = connection.round_trip(b"".join(r.payload for r in batch), count)
-            except Exception as exc:
+            except BaseException as exc:  # GreenletExit too (close()): nobody may wait forever
+                failure = exc if isinstance(exc, Exception) else ConnectionError("the dispatcher closed")
                 for request in batch:
-                    request.result.set_exception(exc)
+                    request.result.set_exception(failure)
+                if not isinstance(exc, Exception):
+                    raise
                 continue
             start = 0
             for request in batch:
@@ -142,5 +150,11 @@ class Dispatcher:
                 start += request.count
 
     def close(self) -> None:
+        """Stop: requests in flight and queued fail with ConnectionError, later ones too."""
+        self._closed = True
         for sender in self._senders:
             sender.kill()
+        while not self._queue.empty():
+            self._queue.get_nowait().result.set_exception(ConnectionError("the dispatcher closed"))
+        for connection in self._connections:
+            connection.close()

@@ -32,6 +32,9 @@ GIVE_UP_AFTER = 5
 STARTUP_GRACE = 2.0
 """A worker that dies sooner than this after starting counts as failing to start."""
 
+PR_SET_PDEATHSIG = 1
+"""Linux prctl option: the signal a process gets when its parent dies."""
+
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -87,7 +90,7 @@ def supervise(args: argparse.Namespace, argv: list[str], log: Any) -> int:
     quick_deaths = 0
 
     def start(slot: int) -> None:
-        workers[slot] = subprocess.Popen(command, env=env)
+        workers[slot] = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
         started[slot] = time.monotonic()
         log.info("worker_started", slot=slot, pid=workers[slot].pid)  # type: ignore[union-attr]
 
@@ -116,6 +119,18 @@ def supervise(args: argparse.Namespace, argv: list[str], log: Any) -> int:
     _stop_all(workers, args, log)
     log.info("workers_stopped", workers=args.workers)
     return 0
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM it if the supervisor dies (even by SIGKILL), so no
+    worker is left serving on its own."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor's SIGTERM handling is all there is
 
 
 def _stop_all(workers: list[Any], args: argparse.Namespace, log: Any) -> None:

@@ -9,7 +9,7 @@ import threading
 
 import gevent
 import pytest
-from conftest import Peer, log_events, wait_until
+from conftest import Peer, log_events
 from gevent.monkey import get_original
 
 from kvgevent import KeyValueServer
@@ -17,11 +17,29 @@ from kvgevent import aof as aof_module
 from kvgevent.aof import MAGIC, AofCorrupt, encode_record, scan
 from kvgevent.durable import DurableStore
 
+_stores: list[DurableStore] = []
+
+
+def new_store(path, **options) -> DurableStore:
+    """A DurableStore (not opened yet), closed after the test."""
+    store = DurableStore(str(path), **options)
+    _stores.append(store)
+    return store
+
 
 def opened(path, **options) -> DurableStore:
-    store = DurableStore(str(path), **options)
+    store = new_store(path, **options)
     store.open()
     return store
+
+
+@pytest.fixture(autouse=True)
+def close_stores():
+    yield
+    while _stores:
+        store = _stores.pop()
+        if store.aof.fd >= 0:
+            store.close()
 
 
 def test_replay_restores_every_command(tmp_path):
@@ -56,7 +74,7 @@ def test_torn_tail_is_truncated(tmp_path, cut):
     path = tmp_path / "kv.aof"
     good = MAGIC + encode_record(b"PUT:k:1") + encode_record(b"PUT:k:2")
     path.write_bytes(good + encode_record(b"PUT:k:3")[:cut])
-    store = DurableStore(str(path))
+    store = new_store(path)
     report = store.open()
     assert report["truncated_at"] == len(good)
     assert store.get(b"k") == [b"1", b"2"]
@@ -73,7 +91,7 @@ def test_half_written_last_record_is_truncated(tmp_path):
     last = bytearray(encode_record(b"PUT:k:2"))
     last[-1] ^= 0xFF
     path.write_bytes(good + bytes(last))
-    store = DurableStore(str(path))
+    store = new_store(path)
     assert store.open()["truncated_at"] == len(good)
     assert store.get(b"k") == [b"1"]
 
@@ -86,7 +104,7 @@ def test_corruption_in_the_middle_stops_start_up(tmp_path):
     bad[10] ^= 0x01
     path.write_bytes(first + bytes(bad) + encode_record(b"PUT:k:3") + encode_record(b"PUT:k:4"))
     with pytest.raises(AofCorrupt) as info:
-        DurableStore(str(path)).open()
+        new_store(path).open()
     assert info.value.offset == len(first)
     assert str(path) in str(info.value) and str(len(first)) in str(info.value)
     assert path.stat().st_size > len(first)  # nothing was changed
@@ -98,7 +116,7 @@ def test_repair_truncates_at_the_last_good_record(tmp_path):
     bad = bytearray(encode_record(b"PUT:k:2"))
     bad[10] ^= 0x01
     path.write_bytes(first + bytes(bad) + encode_record(b"PUT:k:3") + encode_record(b"PUT:k:4"))
-    store = DurableStore(str(path))
+    store = new_store(path)
     report = store.open(repair=True)
     assert report["repaired_at"] == len(first)
     assert report["dropped_records"] == 3
@@ -110,7 +128,7 @@ def test_compaction_under_concurrent_writes(tmp_path, log_stream, connect):
     """While clients write, the file is rewritten (automatically and on demand) and replaced;
     after a restart the data is exactly what the clients wrote, from a smaller file."""
     path = tmp_path / "kv.aof"
-    store = DurableStore(str(path), rewrite_min_size=32 * 1024, rewrite_growth=2.0)
+    store = new_store(path, rewrite_min_size=32 * 1024, rewrite_growth=2.0)
     store.open()
     server = KeyValueServer(store)
     server.start(0)
@@ -164,7 +182,7 @@ def test_compaction_under_concurrent_writes(tmp_path, log_stream, connect):
 def test_fsync_failure_is_logged_and_surfaced(tmp_path, log_stream, connect, monkeypatch):
     """Under --fsync always a failed fsync turns PONG into 'ERR persistence failed', shows in
     STATS and the log; once fsync works again, PONG comes back."""
-    store = DurableStore(str(tmp_path / "kv.aof"), fsync="always")
+    store = new_store(tmp_path / "kv.aof", fsync="always")
     store.open()
     server = KeyValueServer(store)
     server.start(0)
@@ -192,7 +210,7 @@ def test_fsync_failure_is_logged_and_surfaced(tmp_path, log_stream, connect, mon
 
 def test_write_failure_is_retried_and_surfaced(tmp_path, log_stream, connect, monkeypatch):
     """A failed write (disk full) is kept and retried; PONG says ERR until it succeeds."""
-    store = DurableStore(str(tmp_path / "kv.aof"), fsync="always")
+    store = new_store(tmp_path / "kv.aof", fsync="always")
     store.open()
     server = KeyValueServer(store)
     server.start(0)
@@ -216,7 +234,7 @@ def test_write_failure_is_retried_and_surfaced(tmp_path, log_stream, connect, mo
 
 def test_concurrent_pings_share_fsyncs(tmp_path, connect, monkeypatch):
     """Group commit: 20 clients each doing 20 write+PING rounds need far fewer fsyncs."""
-    store = DurableStore(str(tmp_path / "kv.aof"), fsync="always")
+    store = new_store(tmp_path / "kv.aof", fsync="always")
     store.open()
     server = KeyValueServer(store)
     server.start(0)
@@ -245,7 +263,7 @@ def test_concurrent_pings_share_fsyncs(tmp_path, connect, monkeypatch):
 
 
 def test_stats_report_the_log(tmp_path, connect):
-    store = DurableStore(str(tmp_path / "kv.aof"))
+    store = new_store(tmp_path / "kv.aof")
     store.open()
     server = KeyValueServer(store)
     server.start(0)
@@ -284,7 +302,7 @@ def test_graceful_shutdown_keeps_everything(server_process, tmp_path):
     path = tmp_path / "kv.aof"
     proc = server_process("--aof", str(path), "--fsync", "no")
     peer = Peer(proc.port)
-    peer.send(b"".join(b"PUT:s:%d\n" % i for i in range(1000)))
+    peer.request(b"".join(b"PUT:s:%d\n" % i for i in range(1000)))  # applied (not yet synced)
     assert proc.stop(signal.SIGTERM) == 0
     peer.close()
     restarted = server_process("--aof", str(path))
@@ -339,4 +357,110 @@ def test_sigkill_loses_no_acknowledged_write(server_process, tmp_path):
         assert values == list(range(len(values))), "out of order or invented"
         assert acked[n] <= len(values) <= sent[n]
     peer.close()
-    wait_until(lambda: True)
+
+
+def test_a_damaged_length_in_the_middle_is_corruption_not_a_torn_tail(tmp_path):
+    """A length field that points past the end, with good records after it, stops start-up
+    instead of silently dropping the rest of the file."""
+    path = tmp_path / "kv.aof"
+    first = MAGIC + encode_record(b"PUT:k:1")
+    bad = bytearray(encode_record(b"PUT:k:2"))
+    bad[3] = 0x7F  # the length's high byte: now far beyond the end of the file
+    path.write_bytes(first + bytes(bad) + b"".join(encode_record(b"PUT:k:%d" % i) for i in range(3, 100)))
+    with pytest.raises(AofCorrupt) as info:
+        new_store(path).open()
+    assert info.value.offset == len(first)
+
+
+def test_pong_waits_for_the_fsync(tmp_path, connect, monkeypatch):
+    """Under --fsync always the PONG after a write leaves only once an fsync has returned."""
+    store = new_store(tmp_path / "kv.aof", fsync="always")
+    store.open()
+    server = KeyValueServer(store)
+    server.start(0)
+    gate_out, gate_in = os.pipe()  # an OS-level gate: the fsync runs in another thread
+    real_fsync = os.fsync
+
+    def held(fd):
+        os.read(gate_out, 1)  # a disk that has not answered yet
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held)
+    try:
+        peer = connect(server.port)
+        peer.send(b"PUT:k:1\nPING\n")
+        peer.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            peer.read_lines(1)
+        os.write(gate_in, b"x")
+        peer.sock.settimeout(10)
+        assert peer.read_lines(1) == [b"PONG"]
+    finally:
+        os.write(gate_in, b"xxxx")  # whatever else is waiting
+        server.close()
+        os.close(gate_out)
+        os.close(gate_in)
+
+
+def test_compaction_under_fsync_always_keeps_acknowledgements_honest(tmp_path, connect, monkeypatch):
+    """After a rewrite, barriers still wait for real fsyncs of the new file (and do not spin)."""
+    store = new_store(tmp_path / "kv.aof", fsync="always")
+    store.open()
+    server = KeyValueServer(store)
+    server.start(0)
+    calls = []
+    real_fsync = os.fsync
+
+    def counting(fd):
+        calls.append(fd)
+        real_fsync(fd)
+
+    try:
+        peer = connect(server.port)
+        for i in range(50):
+            assert peer.request(b"PUT:k:%d\nPUT:k:%d\n" % (i, i)) == []
+        store.rewrite()
+        monkeypatch.setattr(os, "fsync", counting)
+        assert peer.request(b"PUT:k:after\n") == []
+        gevent.sleep(0.2)
+        assert 1 <= len(calls) <= 2, f"{len(calls)} fsyncs for one acknowledged write"
+    finally:
+        server.close()
+    assert opened(tmp_path / "kv.aof").get(b"k")[-1] == b"after"
+
+
+def test_a_failed_directory_fsync_keeps_writing_to_the_new_file(tmp_path, monkeypatch):
+    from kvgevent import durable
+
+    def broken(path):
+        raise OSError(5, "Input/output error")
+
+    store = opened(tmp_path / "kv.aof")
+    store.put(b"k", b"1")
+    monkeypatch.setattr(durable, "fsync_directory", broken)
+    store.rewrite()
+    assert store.aof.rewrites == 1
+    store.put(b"k", b"2")
+    store.close()
+    assert opened(tmp_path / "kv.aof").get(b"k") == [b"1", b"2"]
+
+
+def test_a_rewrite_waits_while_writes_to_the_log_fail(tmp_path, monkeypatch):
+    """Records a failed write still holds are not duplicated by a rewrite."""
+    store = opened(tmp_path / "kv.aof")
+    store.put(b"k", b"1")
+    real_write = os.write
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aof_module.os, "write", full)
+    store.put(b"k", b"2")
+    store.rewrite()
+    assert store.aof.rewrites == 0
+    monkeypatch.setattr(aof_module.os, "write", real_write)
+    store.put(b"k", b"3")
+    store.rewrite()
+    assert store.aof.rewrites == 1
+    store.close()
+    assert opened(tmp_path / "kv.aof").get(b"k") == [b"1", b"2", b"3"]

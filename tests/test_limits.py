@@ -78,13 +78,11 @@ def test_listen_backlog_is_set_explicitly(make_server):
 def test_idle_client_is_closed_and_logged(make_server, connect, log_stream):
     """A client silent for longer than idle_timeout is closed (reason idle); a client that
     keeps talking is not."""
-    server = make_server(idle_timeout=0.5)
+    server = make_server(idle_timeout=1.0)
     idle, busy = connect(server.port), connect(server.port)
     idle.request(b"")
-    end = time.monotonic() + 2.0
-    while time.monotonic() < end:  # busy talks every 0.1 s for 2 s (4 idle timeouts)
-        assert busy.request(b"") == []
-        gevent.sleep(0.1)
+    # busy talks every 0.1 s until the idle one is closed (a margin of 0.9 s per talk)
+    wait_until(lambda: busy.request(b"") == [] and server.stats()["idle_closed"] == 1, timeout=10)
     assert idle.sock.recv(10) == b""
     assert server.count_active() == 1
     assert server.stats()["idle_closed"] == 1
@@ -120,7 +118,7 @@ def test_a_flooding_client_does_not_starve_others(server, connect):
             begin = time.monotonic()
             assert polite.request(b"PUT:p:%d\nGET:p\n" % i)[-1] == b"p:%d" % i
             worst = max(worst, time.monotonic() - begin)
-        assert worst < 5.0
+        assert worst < 2.0  # and not stuck behind the flood (the socket timeout is 5 s)
         assert not job.dead, "the flooder stopped early"
     finally:
         stop = True

@@ -32,11 +32,18 @@ def stats_of(peer: Peer) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in (x.split(b"=") for x in peer.read_lines(1)[0].split())}
 
 
-def test_keys_are_namespaced_lists(redis_server):
+@pytest.fixture
+def store(redis_server):
+    """A RedisStore with a prefix of its own, closed after the test."""
+    store = redis_store(redis_server.url)
+    yield store
+    store.close()
+
+
+def test_keys_are_namespaced_lists(redis_server, store):
     """Each key is a Redis list under the prefix; other users' keys are not touched."""
     import redis
 
-    store = redis_store(redis_server.url)
     raw = redis.Redis(port=redis_server.port)
     raw.set(b"someone-elses", b"x")
     store.apply([Put(b"k", b"1"), Put(b"k", b"2:3")])
@@ -44,10 +51,10 @@ def test_keys_are_namespaced_lists(redis_server):
     assert store.count_keys() == 1
     assert raw.get(b"someone-elses") == b"x"
     assert "LREM" in UPDATE_SCRIPT and "RPUSH" in UPDATE_SCRIPT
+    raw.close()
 
 
-def test_update_keeps_p0_semantics_on_redis(redis_server):
-    store = redis_store(redis_server.url)
+def test_update_keeps_p0_semantics_on_redis(store):
     for value in (b"a", b"b", b"a"):
         store.put(b"k", value)
     store.update(b"k", b"a", b"z")
@@ -57,13 +64,12 @@ def test_update_keeps_p0_semantics_on_redis(redis_server):
     assert store.get(b"fresh") == [b"new"]
 
 
-def test_concurrent_updates_on_one_key_lose_and_duplicate_nothing(redis_server):
+def test_concurrent_updates_on_one_key_lose_and_duplicate_nothing(redis_server, connect):
     """Many clients replacing values of one key at once (each UPDATE is one atomic script)."""
-    store = redis_store(redis_server.url)
-    server = KeyValueServer(store)
+    server = KeyValueServer(redis_store(redis_server.url))
     server.start(0)
     try:
-        Peer(server.port).request(b"".join(b"PUT:hot:v%d\n" % i for i in range(400)))
+        connect(server.port).request(b"".join(b"PUT:hot:v%d\n" % i for i in range(400)))
 
         def client(n):
             peer = Peer(server.port)
@@ -71,7 +77,7 @@ def test_concurrent_updates_on_one_key_lose_and_duplicate_nothing(redis_server):
             peer.close()
 
         gevent.joinall([gevent.spawn(client, n) for n in range(8)], raise_error=True)
-        values = [line.split(b":", 1)[1] for line in Peer(server.port).request(b"GET:hot\n")]
+        values = [line.split(b":", 1)[1] for line in connect(server.port).request(b"GET:hot\n")]
         assert sorted(values) == sorted(b"w%d" % i for i in range(400))
     finally:
         server.close()
@@ -255,9 +261,39 @@ def test_workers_refused_with_the_memory_store():
     assert result.returncode == 2 and "shared store" in result.stderr
 
 
-def test_update_pipelined_with_other_commands(redis_server):
+def test_update_pipelined_with_other_commands(store):
     """UPDATE (a script) mixed with PUT/GET/DELETE in one pipeline keeps its place in order."""
-    store = redis_store(redis_server.url)
     results = store.apply([Put(b"k", b"1"), Update(b"k", b"1", b"2"), Put(b"k", b"3")])
     assert results == [None, None, None]
     assert store.get(b"k") == [b"2", b"3"]
+
+
+def test_closing_the_store_fails_waiting_calls_instead_of_hanging(redis_server):
+    """Calls in flight or made after close() get an error, never a wait forever."""
+    from kvgevent import Get, StoreError
+
+    store = redis_store(redis_server.url)
+    store.put(b"k", b"v")
+    store.close()
+    with pytest.raises(StoreError):
+        store.apply([Get(b"k")])
+
+
+def test_workers_stop_when_the_supervisor_is_killed(server_process, redis_server):
+    """A SIGKILLed supervisor leaves no worker serving on its own."""
+    proc = server_process("--workers", "2", "--store", redis_server.url, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    pids = [e["pid"] for e in proc.events() if e["event"] == "worker_started"]
+    proc.proc.kill()
+    proc.proc.wait()
+
+    def gone(pid):
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                return "zombie" in status.read() or False
+        except FileNotFoundError:
+            return True
+
+    wait_until(
+        lambda: all(gone(pid) for pid in pids), timeout=15, message="workers outlived their supervisor"
+    )
