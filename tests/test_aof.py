@@ -9,7 +9,7 @@ import threading
 
 import gevent
 import pytest
-from conftest import Peer, log_events
+from conftest import Peer, log_events, wait_until
 from gevent.monkey import get_original
 
 from kvgevent import KeyValueServer
@@ -464,3 +464,40 @@ def test_a_rewrite_waits_while_writes_to_the_log_fail(tmp_path, monkeypatch):
     assert store.aof.rewrites == 1
     store.close()
     assert opened(tmp_path / "kv.aof").get(b"k") == [b"1", b"2", b"3"]
+
+
+def test_everysec_syncs_in_the_background(tmp_path, monkeypatch):
+    """Under everysec, written records reach the disk within about a second, with no PING."""
+    calls = []
+    real_fsync = os.fsync
+
+    def counting(fd):
+        calls.append(fd)
+        real_fsync(fd)
+
+    store = opened(tmp_path / "kv.aof", fsync="everysec")
+    monkeypatch.setattr(os, "fsync", counting)
+    store.put(b"k", b"v")
+    wait_until(lambda: store.aof.synced == store.aof.size, timeout=5, message="never synced")
+    assert calls
+
+
+def test_fsync_no_never_syncs_on_its_own(tmp_path, monkeypatch):
+    calls = []
+    store = opened(tmp_path / "kv.aof", fsync="no")
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd))
+    store.put(b"k", b"v")
+    store.barrier()
+    gevent.sleep(1.5)
+    assert calls == []
+
+
+def test_a_rewrite_left_by_a_crash_is_removed_at_start(tmp_path):
+    path = tmp_path / "kv.aof"
+    store = opened(path)
+    store.put(b"k", b"v")
+    store.close()
+    (tmp_path / "kv.aof.rewrite").write_bytes(MAGIC + encode_record(b"PUT:k:half-done"))
+    again = opened(path)
+    assert again.get(b"k") == [b"v"]
+    assert not (tmp_path / "kv.aof.rewrite").exists()

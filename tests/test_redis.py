@@ -297,3 +297,55 @@ def test_workers_stop_when_the_supervisor_is_killed(server_process, redis_server
     wait_until(
         lambda: all(gone(pid) for pid in pids), timeout=15, message="workers outlived their supervisor"
     )
+
+
+def test_a_stalled_redis_times_out_and_recovers(tmp_path, connect):
+    """A Redis that stops answering (SIGSTOP) costs --redis-timeout, then ERR; when it
+    answers again, so does the store."""
+    import os
+    import signal
+
+    from kvgevent.redis_store import RedisStore
+
+    redis = RedisProcess(tmp_path)
+    server = KeyValueServer(RedisStore(redis.url, prefix="s:", timeout=0.5))
+    server.start(0)
+    try:
+        peer = connect(server.port, timeout=10)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        assert peer.request(b"GET:k\n") == [b"ERR store unavailable"]
+        assert time.monotonic() - began < 5
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        wait_until(lambda: peer.request(b"GET:k\n") == [b"k:v"], timeout=10)
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        server.close()
+        redis.kill()
+
+
+def test_a_database_number_in_the_url_is_used(redis_server):
+    """redis://host:port/3 keeps kvgevent's keys in database 3."""
+    import redis
+
+    from kvgevent.redis_store import RedisStore
+
+    store = RedisStore(f"redis://127.0.0.1:{redis_server.port}/3", prefix="db:")
+    try:
+        store.put(b"k", b"v")
+        raw = redis.Redis(port=redis_server.port, db=3)
+        assert raw.lrange(b"db:k", 0, -1) == [b"v"]
+        raw.close()
+    finally:
+        store.close()
+
+
+def test_the_supervisor_gives_up_on_workers_that_cannot_start(server_process, redis_server, tmp_path):
+    """Workers that exit as soon as they start (here: an unreadable TLS key) stop the
+    supervisor with exit status 1 instead of a restart loop."""
+    proc = server_process(
+        "--workers", "2", "--store", redis_server.url, "--tls-cert", str(tmp_path / "missing.pem"), wait=False
+    )
+    assert proc.stop(None, timeout=60) == 1
+    assert any(e["event"] == "workers_failing" for e in proc.events())
