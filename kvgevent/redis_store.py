@@ -100,6 +100,7 @@ class RedisStore(KVStore):
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),  # fail fast; the client decides whether to retry
         }
+        self._dispatcher: Dispatcher | None = None  # the fast data path (plain redis:// only)
         if self.cluster:
             from redis.cluster import RedisCluster
 
@@ -121,6 +122,8 @@ class RedisStore(KVStore):
                 ),
                 connections=DISPATCH_CONNECTIONS,
             )
+        elif parsed.scheme == "rediss":  # TLS to Redis: redis-py's pipelines (no dispatcher)
+            self.client = redis.Redis.from_url(url, max_connections=MAX_CONNECTIONS, **options)
         else:
             raise ValueError(f"not a Redis URL: {url!r} (redis://host:port/db or redis+cluster://host:port)")
         self._meta = self.prefix + b"_meta:"
@@ -130,8 +133,8 @@ class RedisStore(KVStore):
     # --- the store interface ---------------------------------------------------------------
 
     def apply(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
-        if self.cluster:
-            return self._apply_cluster(commands)
+        if self._dispatcher is None:
+            return self._apply_redis_py(commands)
         prefix, encoded = self.prefix, []
         for cmd in commands:
             kind, key = cmd.__class__, prefix + cmd[0]
@@ -148,8 +151,9 @@ class RedisStore(KVStore):
         replies = self._call(self._dispatcher.execute, encoded)
         return self._results(commands, replies)
 
-    def _apply_cluster(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
-        """Through redis-py's cluster pipeline, which routes each command to its slot's node."""
+    def _apply_redis_py(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
+        """Through one redis-py pipeline (for a cluster, it routes each command to its slot's
+        node; for rediss://, it speaks TLS)."""
         prefix = self.prefix
         pipe = self.client.pipeline(transaction=False)
         for cmd in commands:
@@ -222,7 +226,7 @@ class RedisStore(KVStore):
         return count
 
     def close(self) -> None:
-        if not self.cluster:
+        if self._dispatcher is not None:
             self._dispatcher.close()
         try:
             self.client.close()

@@ -349,3 +349,24 @@ def test_the_supervisor_gives_up_on_workers_that_cannot_start(server_process, re
     )
     assert proc.stop(None, timeout=60) == 1
     assert any(e["event"] == "workers_failing" for e in proc.events())
+
+
+def test_the_redis_py_path_gives_the_same_results(redis_server):
+    """The path used for rediss:// (and, routed, for a cluster) agrees with the dispatcher's."""
+    from kvgevent import Delete, Get
+
+    fast = redis_store(redis_server.url)
+    try:
+        batch = [
+            Put(b"k", b"1"),
+            Put(b"k", b"2"),
+            Update(b"k", b"1", b"3"),
+            Get(b"k"),
+            Delete(b"x"),
+            Get(b"x"),
+        ]
+        expected = fast.apply(batch)
+        fast.apply([Delete(b"k")])
+        assert fast._apply_redis_py(batch) == expected == [None, None, None, [b"2", b"3"], None, None]
+    finally:
+        fast.close()
