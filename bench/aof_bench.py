@@ -13,10 +13,7 @@ usage: python bench/aof_bench.py [-c 50] [-P 16] [-n 300000] [--replay-records 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,34 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import server  # noqa: E402
+from bench.common import load, server  # noqa: E402
 from kvgevent.aof import MAGIC, encode_record  # noqa: E402
 from kvgevent.durable import DurableStore  # noqa: E402
 
 
 def run_config(name: str, server_args: list[str], bench_args: list[str]) -> dict:
     with server(*server_args, cpu=0) as (_, port):
-        pin = ["taskset", "-c", "1"] if shutil.which("taskset") else []
-        result = subprocess.run(
-            [
-                *pin,
-                sys.executable,
-                str(ROOT / "run_client.py"),
-                "bench",
-                "--port",
-                str(port),
-                "-t",
-                "put",
-                "--json",
-                "-q",
-                *bench_args,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    report = json.loads(result.stdout.splitlines()[-1])
+        report = load(port, "put", *bench_args, cpu=1)["put"]
     report["config"] = name
     return report
 

@@ -4,6 +4,7 @@ a process's memory from /proc."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -72,6 +73,32 @@ def server(*args: str, cpu: int | None = None) -> Iterator[tuple[subprocess.Pope
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def load(port: int, tests: str, *args: str, cpu: int | None = None) -> dict[str, dict]:
+    """``run_client.py bench -t tests`` against ``port`` (pinned to ``cpu`` when taskset
+    exists); its JSON report, by test."""
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None and _has("taskset") else []
+    out = subprocess.run(
+        [
+            *pin,
+            sys.executable,
+            str(ROOT / "run_client.py"),
+            "bench",
+            "--port",
+            str(port),
+            "-t",
+            tests,
+            "--json",
+            "-q",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {report["test"]: report for report in map(json.loads, out.splitlines())}
 
 
 def _has(program: str) -> bool:

@@ -13,7 +13,6 @@ usage: python bench/redis_bench.py [-c 50] [-P 16] [-n 200000] [--processes 1]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -24,31 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, server  # noqa: E402
+from bench.common import free_port, load, server  # noqa: E402
 
 
 def measure(server_args: list[str], bench_args: list[str]) -> dict[str, dict]:
     with server(*server_args) as (_, port):
         time.sleep(1.0)  # every worker up
-        out = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "run_client.py"),
-                "bench",
-                "--port",
-                str(port),
-                "-t",
-                "get,put",
-                "--json",
-                "-q",
-                *bench_args,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    return {r["test"]: r for r in map(json.loads, out.splitlines())}
+        return load(port, "get,put", *bench_args)
 
 
 def main() -> int:

@@ -97,9 +97,10 @@ def scan(data: bytes) -> Scan:
         if length > MAX_RECORD or stop > end:
             # Cut short by the end of the file (a torn append), unless a good record follows:
             # then it is a damaged length in the middle, and everything after it matters.
-            if _good_record_after(data, offset + HEADER.size):
+            first = _first_good(data, offset + HEADER.size)
+            if first is not None:
                 result.corrupt_at = offset
-                result.records_after = _count_records_from_first_good(data, offset + HEADER.size)
+                result.records_after = _count_records(data, first)
             else:
                 result.torn = True
             break
@@ -117,13 +118,9 @@ def scan(data: bytes) -> Scan:
     return result
 
 
-def _good_record_after(data: bytes, start: int) -> bool:
-    """Whether a well-formed record (sane length, matching checksum) begins anywhere from
-    ``start`` on. Only called on a damaged file, so a byte-by-byte search is affordable."""
-    return _first_good(data, start) is not None
-
-
 def _first_good(data: bytes, start: int) -> int | None:
+    """Where the first well-formed record (sane length, matching checksum) from ``start`` on
+    begins. Only called on a damaged file, so a byte-by-byte search is affordable."""
     end = len(data)
     for offset in range(start, end - HEADER.size + 1):
         length, checksum = HEADER.unpack_from(data, offset)
@@ -131,11 +128,6 @@ def _first_good(data: bytes, start: int) -> int | None:
         if length and stop <= end and zlib.crc32(data[offset + HEADER.size : stop]) == checksum:
             return offset
     return None
-
-
-def _count_records_from_first_good(data: bytes, start: int) -> int:
-    first = _first_good(data, start)
-    return 0 if first is None else _count_records(data, first)
 
 
 def _count_records(data: bytes, offset: int) -> int:
@@ -279,16 +271,16 @@ class AppendOnlyLog:
         target = self.size
         while self.synced < target:
             if self._pending:
-                raise ERR_PERSISTENCE
+                raise ERR_PERSISTENCE.fresh()
             self._wanted = max(self._wanted, target)
             if not self._syncing:
                 self._syncing = True  # now, not when the greenlet starts: one syncer at a time
                 gevent.spawn(self._sync_rounds)
             self._round_done.wait()
             if self.failed:
-                raise ERR_PERSISTENCE
+                raise ERR_PERSISTENCE.fresh()
         if self._pending:
-            raise ERR_PERSISTENCE
+            raise ERR_PERSISTENCE.fresh()
 
     def sync(self) -> bool:
         """fsync now (in the threadpool); True on success.

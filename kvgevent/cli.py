@@ -48,28 +48,25 @@ from .workers import supervise
 ENV_PREFIX = "KVGEVENT_"
 
 
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0..65535 (0 = any free port)."""
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError(text)
-    return value
+def _number(convert: Callable[[str], Any], accept: Callable[[Any], bool], name: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text, refuse values ``accept`` rejects. ``name`` is
+    what argparse says in its error ("invalid port_number value")."""
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if not accept(value):
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a number of seconds >= 0."""
-    value = float(text)
-    if not value >= 0:
-        raise ValueError(text)
-    return value
+port_number = _number(int, lambda v: 0 <= v <= 65535, "port_number")  # 0 = any free port
+positive_int = _number(int, lambda v: v >= 1, "positive_int")
+non_negative_float = _number(float, lambda v: v >= 0, "non_negative_float")  # NaN refused too
+positive_float = _number(float, lambda v: v > 0, "positive_float")
+growth_ratio = _number(float, lambda v: v > 1, "growth_ratio")
 
 
 def add_env_option(
@@ -229,14 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
-    return value
-
-
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     redis = args.store.startswith(("redis://", "rediss://", "redis+cluster://"))
     if args.store != "memory" and not redis:
@@ -267,14 +256,6 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
-
-
-def growth_ratio(text: str) -> float:
-    """argparse type: a ratio above 1."""
-    value = float(text)
-    if not value > 1:
-        raise ValueError(text)
-    return value
 
 
 def open_store(args: argparse.Namespace, log: Any) -> KVStore | None:

@@ -67,10 +67,9 @@ def parse_request(text: str) -> Request:
 def command_from_words(words: list[str]) -> Command:
     """``["put", "k", "v"]`` → ``Put(b"k", b"v")``; raises InvalidArgument on bad usage."""
     name, args = words[0].lower(), [w.encode("utf-8", "surrogateescape") for w in words[1:]]
-    arity = {"get": 1, "put": 2, "update": 3, "delete": 1, "ping": 0, "stats": 0, "auth": 1}
-    if name not in arity:
+    if name not in USAGE:
         raise InvalidArgument(f"unknown command '{words[0]}' (try: help)")
-    if len(args) != arity[name]:
+    if len(args) != len(USAGE[name][0].split()) - 1:  # the usage line names every argument
         raise InvalidArgument(f"usage: {USAGE[name][0]}")
     command: Command
     if name == "get":

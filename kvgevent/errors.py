@@ -20,6 +20,11 @@ class KVError(Exception):
             self.reason = reason
         super().__init__(self.reason)
 
+    def fresh(self) -> KVError:
+        """A new instance with the same reason. Raise this, not a shared constant: a raised
+        exception keeps its traceback, and with it the frames (and the connection) it left."""
+        return type(self)(self.reason)
+
     @property
     def reply(self) -> bytes:
         """The protocol line for this error: ``ERR <reason>\\n``."""

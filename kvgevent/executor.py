@@ -160,7 +160,7 @@ class Executor:
         """Mark the connection authenticated and return the OK line, or raise the ERR to
         send (TooManyAuthFailures after MAX_AUTH_FAILURES wrong ones)."""
         if self.password is None:
-            raise ERR_NO_PASSWORD
+            raise ERR_NO_PASSWORD.fresh()
         if not hmac.compare_digest(cmd.password, self.password):  # constant time
             # (an authenticated connection stays so, as in Redis: a wrong AUTH changes nothing)
             self.counters.auth_failures += 1
@@ -168,7 +168,7 @@ class Executor:
             conn.log.warning("auth_failed", auth_failures=conn.auth_failures)
             if conn.auth_failures >= MAX_AUTH_FAILURES:
                 raise TooManyAuthFailures
-            raise ERR_INVALID_PASSWORD
+            raise ERR_INVALID_PASSWORD.fresh()
         conn.authenticated = True
         return OK
 

@@ -271,7 +271,7 @@ def parse(line: bytes) -> Command | ProtocolError:
 
 def value_line(key: bytes, value: bytes) -> bytes:
     """The reply line for one value of a GET: ``key:value\\n``."""
-    return b"".join((key, b":", value, b"\n"))
+    return value_lines(key, [value])[0]
 
 
 def value_lines(key: bytes, values: list[bytes]) -> list[bytes]:

@@ -282,7 +282,7 @@ class RedisStore(KVStore):
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 self.log.error("store_unavailable", store=_redacted(self.url), error=str(exc)[:200])
-            raise ERR_UNAVAILABLE from None
+            raise ERR_UNAVAILABLE.fresh() from None
         if self._down_since is not None:
             self.log.info(
                 "store_recovered",

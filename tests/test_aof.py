@@ -33,6 +33,14 @@ def opened(path, **options) -> DurableStore:
     return store
 
 
+def serving(path, **options) -> tuple[DurableStore, KeyValueServer]:
+    """An opened DurableStore and a started server over it (the test closes the server)."""
+    store = opened(path, **options)
+    server = KeyValueServer(store)
+    server.start(0)
+    return store, server
+
+
 @pytest.fixture(autouse=True)
 def close_stores():
     yield
@@ -128,10 +136,7 @@ def test_compaction_under_concurrent_writes(tmp_path, log_stream, connect):
     """While clients write, the file is rewritten (automatically and on demand) and replaced;
     after a restart the data is exactly what the clients wrote, from a smaller file."""
     path = tmp_path / "kv.aof"
-    store = new_store(path, rewrite_min_size=32 * 1024, rewrite_growth=2.0)
-    store.open()
-    server = KeyValueServer(store)
-    server.start(0)
+    store, server = serving(path, rewrite_min_size=32 * 1024, rewrite_growth=2.0)
     models: list[dict[bytes, list[bytes]]] = []
 
     def client(n: int) -> None:
@@ -182,10 +187,7 @@ def test_compaction_under_concurrent_writes(tmp_path, log_stream, connect):
 def test_fsync_failure_is_logged_and_surfaced(tmp_path, log_stream, connect, monkeypatch):
     """Under --fsync always a failed fsync turns PONG into 'ERR persistence failed', shows in
     STATS and the log; once fsync works again, PONG comes back."""
-    store = new_store(tmp_path / "kv.aof", fsync="always")
-    store.open()
-    server = KeyValueServer(store)
-    server.start(0)
+    _store, server = serving(tmp_path / "kv.aof", fsync="always")
     try:
         peer = connect(server.port)
         assert peer.request(b"PUT:k:1\n") == []
@@ -210,10 +212,7 @@ def test_fsync_failure_is_logged_and_surfaced(tmp_path, log_stream, connect, mon
 
 def test_write_failure_is_retried_and_surfaced(tmp_path, log_stream, connect, monkeypatch):
     """A failed write (disk full) is kept and retried; PONG says ERR until it succeeds."""
-    store = new_store(tmp_path / "kv.aof", fsync="always")
-    store.open()
-    server = KeyValueServer(store)
-    server.start(0)
+    _store, server = serving(tmp_path / "kv.aof", fsync="always")
     real_write = os.write
     try:
         peer = connect(server.port)
@@ -234,10 +233,7 @@ def test_write_failure_is_retried_and_surfaced(tmp_path, log_stream, connect, mo
 
 def test_concurrent_pings_share_fsyncs(tmp_path, connect, monkeypatch):
     """Group commit: 20 clients each doing 20 write+PING rounds need far fewer fsyncs."""
-    store = new_store(tmp_path / "kv.aof", fsync="always")
-    store.open()
-    server = KeyValueServer(store)
-    server.start(0)
+    _store, server = serving(tmp_path / "kv.aof", fsync="always")
     calls = []
     real_fsync = os.fsync
     real_sleep = get_original("time", "sleep")
@@ -263,10 +259,7 @@ def test_concurrent_pings_share_fsyncs(tmp_path, connect, monkeypatch):
 
 
 def test_stats_report_the_log(tmp_path, connect):
-    store = new_store(tmp_path / "kv.aof")
-    store.open()
-    server = KeyValueServer(store)
-    server.start(0)
+    _store, server = serving(tmp_path / "kv.aof")
     try:
         line = connect(server.port).request(b"PUT:k:v\nSTATS\n")[0]
         stats = dict(x.split(b"=") for x in line.split())
@@ -374,10 +367,7 @@ def test_a_damaged_length_in_the_middle_is_corruption_not_a_torn_tail(tmp_path):
 
 def test_pong_waits_for_the_fsync(tmp_path, connect, monkeypatch):
     """Under --fsync always the PONG after a write leaves only once an fsync has returned."""
-    store = new_store(tmp_path / "kv.aof", fsync="always")
-    store.open()
-    server = KeyValueServer(store)
-    server.start(0)
+    _store, server = serving(tmp_path / "kv.aof", fsync="always")
     gate_out, gate_in = os.pipe()  # an OS-level gate: the fsync runs in another thread
     real_fsync = os.fsync
 
@@ -404,10 +394,7 @@ def test_pong_waits_for_the_fsync(tmp_path, connect, monkeypatch):
 
 def test_compaction_under_fsync_always_keeps_acknowledgements_honest(tmp_path, connect, monkeypatch):
     """After a rewrite, barriers still wait for real fsyncs of the new file (and do not spin)."""
-    store = new_store(tmp_path / "kv.aof", fsync="always")
-    store.open()
-    server = KeyValueServer(store)
-    server.start(0)
+    store, server = serving(tmp_path / "kv.aof", fsync="always")
     calls = []
     real_fsync = os.fsync
 
