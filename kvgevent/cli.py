@@ -18,7 +18,8 @@ from typing import Any
 import gevent
 import gevent.event
 
-from .aof import DEFAULT_FSYNC, FSYNC_POLICIES, AofCorrupt
+from .aof import AofCorrupt
+from .aof_log import DEFAULT_FSYNC, FSYNC_POLICIES
 from .config import (
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="kvgevent: a key-value server speaking the p0 line protocol "
         "(PUT:key:value, GET:key, UPDATE:key:old:new, DELETE:key, PING, STATS).",
         epilog="Stops cleanly on SIGINT or SIGTERM (exit status 0); exits with status 1 if "
-        "the address cannot be bound.",
+        "the address cannot be bound, the --aof file cannot be loaded, or (at shutdown) "
+        "writes it holds could not be made durable.",
     )
     add_env_option(parser, "host", DEFAULT_HOST, "address to listen on; loopback by default")
     add_env_option(parser, "port", DEFAULT_PORT, "TCP port; 0 picks a free one", type=port_number)
@@ -353,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     stop_requested(log).wait()
     server.close(flush_timeout=args.shutdown_flush)
+    if isinstance(store, DurableStore) and store.unsaved_records:
+        return 1  # aof_unwritten was logged: some applied writes may not be on disk
     return 0
 
 

@@ -87,6 +87,7 @@ class Connection:
         "authenticated",
         "auth_failures",
         "long_lines",
+        "write_mark",
     )
 
     def __init__(
@@ -134,6 +135,7 @@ class Connection:
         self.authenticated = False
         self.auth_failures = 0  # wrong passwords sent on this connection
         self.long_lines = 0  # lines over max_line sent on this connection
+        self.write_mark = 0  # the store's write position after this client's last batch
 
     @property
     def log(self) -> Any:

@@ -75,7 +75,7 @@ class Executor:
                         if out:
                             conn.send_lines(out)
                             out = []
-                        self.store.barrier()
+                        self.store.barrier(conn.write_mark)
                     out.append(PONG)
                 elif kind is Stats:
                     out.append(stats_line(self.stats()))
@@ -103,11 +103,14 @@ class Executor:
     def _apply(self, conn: Connection, run: list[Any], out: list[bytes]) -> int:
         """Have the store apply a run of data commands; add the GET replies and an ERR per
         failed command to ``out``, handing full chunks to the writer. Returns the errors."""
+        store = self.store
         try:
-            results = self.store.apply(run)
+            results = store.apply(run)
         except KVError as exc:  # the store failed as a whole
             out += [exc.reply] * len(run)
             return len(run)
+        if store.needs_barrier:  # what this connection's next PING waits for
+            conn.write_mark = store.write_position()
         errors = 0
         for cmd, values in zip(run, results, strict=True):
             if values:

@@ -29,7 +29,7 @@ from .errors import KVError, StoreError
 from .logs import get_logger
 from .protocol import Delete, Get, Put, Update
 from .resp import Dispatcher, RespConnection
-from .store import DataCommand, Key, KVStore, _key
+from .store import DataCommand, Key, KVStore, key_bytes
 
 DEFAULT_PREFIX = "kvgevent:"
 """Namespace of kvgevent's keys in a Redis that others may share."""
@@ -189,19 +189,19 @@ class RedisStore(KVStore):
         return results
 
     def put(self, key: Key, value: bytes) -> None:
-        self._raise_first(self.apply([Put(_key(key), value)]))
+        self._raise_first(self.apply([Put(key_bytes(key), value)]))
 
     def get(self, key: Key) -> list[bytes]:
-        result = self.apply([Get(_key(key))])[0]
+        result = self.apply([Get(key_bytes(key))])[0]
         if isinstance(result, KVError):
             raise result
         return result or []
 
     def update(self, key: Key, old: bytes, new: bytes) -> None:
-        self._raise_first(self.apply([Update(_key(key), old, new)]))
+        self._raise_first(self.apply([Update(key_bytes(key), old, new)]))
 
     def delete(self, key: Key) -> None:
-        self._raise_first(self.apply([Delete(_key(key))]))
+        self._raise_first(self.apply([Delete(key_bytes(key))]))
 
     def count_keys(self) -> int:
         """Keys under the prefix (a SCAN of the keyspace, reused for COUNT_KEYS_EVERY s)."""

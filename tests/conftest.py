@@ -259,6 +259,12 @@ def connect() -> Iterator[Callable[..., Peer]]:
         peer.close()
 
 
+def read_stats(peer: Peer) -> dict[str, int]:
+    """The STATS line of ``peer``'s server, as numbers by name."""
+    line = peer.request(b"STATS\n")[0].decode()
+    return {name: int(value) for name, value in (pair.split("=") for pair in line.split())}
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, message: str = "") -> None:
     """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
     end = time.monotonic() + timeout
@@ -272,11 +278,17 @@ class ServerProcess:
     """``python run_server.py`` in a subprocess, on a free port, with its stderr (JSON logs)
     collected by a greenlet as it is written."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        script: Path = ROOT / "run_server.py",
+    ) -> None:
         self.port = port or free_port()
         self.args = [
             sys.executable,
-            str(ROOT / "run_server.py"),
+            str(script),
             "--host",
             "127.0.0.1",
             "--port",

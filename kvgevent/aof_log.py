@@ -1,0 +1,500 @@
+"""The open append-only file: writing records, syncing them by policy, and what happens when
+the disk fails.
+
+Positions. Every byte appended since the file was opened has a place in one sequence,
+:attr:`AppendOnlyLog.written`, that goes on across compactions (which replace the file and
+restart its offsets). :attr:`AppendOnlyLog.durable` is how far that sequence is known to be
+on disk *in the file at the log's path*. A barrier waits for a position, never for a file
+offset, so an acknowledgement spanning a compaction waits for the file that survives.
+
+Writing is write-ahead: :meth:`AppendOnlyLog.append` writes a batch's records before the
+store applies them, at the offset after the last whole record. If the write fails (disk
+full, I/O error), whatever part of it reached the file is truncated away and the batch is
+refused: nothing the log could not take is applied, served, or retried later.
+
+Failures. A failed write or fsync opens an *episode* (logged once: ``aof_write_failed`` or
+``aof_fsync_failed``). During it every write is refused (``ERR persistence failed``; reads
+go on) and a recovery greenlet retries on a timer with backoff (:data:`RETRY_MIN` doubling to
+:data:`RETRY_MAX`): cut any torn tail, make what was written durable (an fsync; after a
+failed fsync the kernel may have dropped the data, so only a rewrite of the whole file from
+the data in memory counts), then write and fsync a probe file of :data:`PROBE_BYTES` beside
+the log. When every step succeeds the episode ends with one ``aof_recovered`` event and
+writes are accepted again.
+
+Policies: ``always`` (:meth:`AppendOnlyLog.barrier` returns once a position is durable;
+concurrent callers share one fsync), ``everysec`` (a background fsync each second), ``no``
+(the OS decides; fsync only at close). Every fsync runs in gevent's threadpool: the event
+loop never waits for the disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import gevent.event
+
+from .aof import MAGIC, AofCorrupt, Scan, Scanner, encode_record
+from .errors import StoreError
+from .logs import get_logger
+
+FSYNC_POLICIES = ("always", "everysec", "no")
+DEFAULT_FSYNC = "everysec"
+EVERYSEC_INTERVAL = 1.0
+"""Seconds between background fsyncs under ``everysec``."""
+
+RETRY_MIN = 0.05
+"""Seconds before the first attempt to recover a failing log: space an operator frees is
+used again at once."""
+
+RETRY_MAX = 1.0
+"""Most seconds between two recovery attempts (each costs a few system calls)."""
+
+RELAPSE_WINDOW = 10.0
+"""A failure this soon after a recovery continues the last backoff instead of starting over,
+so a disk that keeps failing again cannot turn into a stream of log events."""
+
+PROBE_BYTES = 64 << 10
+"""Bytes the recovery writes and fsyncs in ``<path>.probe`` before writes are accepted again."""
+
+REWRITE_SUFFIX = ".rewrite"
+PROBE_SUFFIX = ".probe"
+
+ERR_PERSISTENCE = StoreError("persistence failed")
+
+Payloads = Sequence[bytes]
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+
+def fsync_directory(path: str) -> None:
+    """Make a rename in ``path``'s directory durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
+    """Write ``buffers`` one after the other at ``offset`` (``pwritev``, IOV_MAX at a time),
+    going on after short writes; returns the bytes written. On OSError some of the bytes
+    may be in the file: the caller truncates them away."""
+    views = [memoryview(b) for b in buffers if len(b)]
+    total = index = 0
+    while index < len(views):
+        done = os.pwritev(fd, views[index : index + IOV_MAX], offset)
+        if done == 0:
+            raise OSError(errno.EIO, "the file took no bytes")
+        offset += done
+        total += done
+        while done:
+            if done >= len(views[index]):
+                done -= len(views[index])
+                index += 1
+            else:
+                views[index] = views[index][done:]
+                done = 0
+    return total
+
+
+def _error_text(exc: BaseException) -> str:
+    return (getattr(exc, "strerror", None) or str(exc)) or type(exc).__name__
+
+
+@dataclass
+class Episode:
+    """A time during which the log cannot be trusted to take writes: they are refused."""
+
+    error: str
+    errno: int | None
+    began: float = field(default_factory=time.monotonic)
+    logged: set[str] = field(default_factory=set)  # the failure kinds already logged
+    refused: int = 0  # writes refused meanwhile
+    attempts: int = 0  # recovery attempts
+
+
+class AppendOnlyLog:
+    """The open log file. Used from greenlets of one hub; not thread-safe.
+
+    ``rebuild`` (given by the store) rewrites the whole file from the data in memory and
+    switches to it (:meth:`switch_to`, :meth:`finish_switch`); the recovery calls it after a
+    failed fsync. It raises OSError when it cannot."""
+
+    def __init__(
+        self,
+        path: str,
+        fsync: str = DEFAULT_FSYNC,
+        log: Any = None,
+        rebuild: Callable[[], None] | None = None,
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
+        self.path, self.policy = path, fsync
+        self.log = log if log is not None else get_logger()
+        self.rebuild = rebuild
+        self.fd = -1
+        self.size = 0  # bytes of whole records in the current file: where the next one goes
+        self.records = 0  # records in the current file
+        self.written = 0  # position: bytes appended since opening, across files
+        self.written_records = 0
+        self.durable = 0  # position known to be on disk in the file at ``path``
+        self.durable_records = 0
+        self.generation = 0  # which file: a compaction's switch starts the next one
+        self.failure: Episode | None = None
+        self.torn = False  # bytes past ``size`` may be in the file (a failed write, not cut yet)
+        self.lost = False  # an fsync failed: only a rebuild makes what was written durable
+        self.rewrites = 0
+        self.fsync_errors = 0
+        self.write_errors = 0
+        self.writes_refused = 0
+        self.last_fsync = time.monotonic()
+        self._switching: gevent.event.Event | None = None  # set while a new file is not in place
+        self._syncing = False
+        self._wanted = 0  # the position barrier() callers wait for
+        self._round_done = gevent.event.Event()
+        self._ticker: gevent.Greenlet | None = None
+        self._recovery: gevent.Greenlet | None = None
+        self._resting = False  # the recovery greenlet sleeps between attempts (it may be killed)
+        self._recovered_at = -RELAPSE_WINDOW
+        self._last_delay = RETRY_MIN
+        self._closed = False
+
+    # --- opening --------------------------------------------------------------------------
+
+    def load(self, apply: Callable[[list[bytes]], None], repair: bool = False) -> dict[str, Any]:
+        """Stream the file's good records to ``apply`` (in batches), cut a torn tail (or, with
+        ``repair``, a corrupt one), and open the file for appending. Creates a missing file.
+        Raises AofCorrupt for corruption without ``repair`` (``apply`` has then seen the
+        records before it), OSError if the file cannot be read or written."""
+        for leftover in (self.path + REWRITE_SUFFIX, self.path + PROBE_SUFFIX):
+            if os.path.exists(leftover):  # left by a crash: the log itself is intact
+                os.unlink(leftover)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            found = self._replay(fd, apply)
+            report = self._check(found, repair)
+            if found.good_end < found.size:
+                os.ftruncate(fd, found.good_end)
+                os.fsync(fd)
+            if found.good_end == 0:
+                pwrite_all(fd, [MAGIC], 0)
+                os.fsync(fd)
+                fsync_directory(self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.size = max(found.good_end, len(MAGIC))
+        self.records = found.records
+        if self.policy == "everysec":
+            self._ticker = gevent.spawn(self._every_second)
+        return report
+
+    @staticmethod
+    def _replay(fd: int, apply: Callable[[list[bytes]], None]) -> Scan:
+        scanner = Scanner(lambda offset, count: os.pread(fd, count, offset), os.fstat(fd).st_size)
+        for batch in scanner.batches():
+            apply(batch)
+        return scanner.result
+
+    def _check(self, found: Scan, repair: bool) -> dict[str, Any]:
+        report: dict[str, Any] = {"records": found.records, "bytes": found.size}
+        if found.corrupt_at is not None:
+            if not repair:
+                raise AofCorrupt(
+                    self.path, found.corrupt_at, found.records_after, found.size - found.corrupt_at
+                )
+            after = found.records_after
+            report.update(
+                repaired_at=found.corrupt_at,
+                dropped_records=None if after is None else 1 + after,
+                dropped_bytes=found.size - found.corrupt_at,
+            )
+        elif found.torn:
+            report.update(truncated_at=found.good_end, dropped_bytes=found.size - found.good_end)
+        return report
+
+    # --- writing --------------------------------------------------------------------------
+
+    @property
+    def ok(self) -> bool:
+        """False while writes are refused (a failure episode)."""
+        return self.failure is None
+
+    def append(self, payloads: Payloads) -> bool:
+        """Write records before they are applied. True once the OS has all of them; False if
+        the log is failing or this write failed (then none of them is in the file)."""
+        if self.failure is None:
+            data = b"".join([encode_record(p) for p in payloads])
+            try:
+                pwrite_all(self.fd, [data], self.size)
+            except OSError as exc:
+                self.write_errors += 1
+                self.torn = True
+                self._cut_torn_tail()
+                self._fail("write", exc)
+            else:
+                self.size += len(data)
+                self.written += len(data)
+                self.records += len(payloads)
+                self.written_records += len(payloads)
+                return True
+        self.writes_refused += len(payloads)
+        self.failure.refused += len(payloads)  # type: ignore[union-attr]
+        return False
+
+    def _cut_torn_tail(self) -> None:
+        try:
+            os.ftruncate(self.fd, self.size)
+            self.torn = False
+        except OSError:
+            pass  # the recovery tries again before anything else
+
+    # --- syncing --------------------------------------------------------------------------
+
+    def barrier(self, position: int | None = None) -> None:
+        """Under ``always``: return once ``position`` (default: everything written) is on
+        disk. Callers that arrive while an fsync runs share the next one (group commit).
+        Raises StoreError('persistence failed') while the log is failing. Other policies
+        return at once."""
+        if self.policy != "always":
+            return
+        target = self.written if position is None else position
+        while self.durable < target:
+            if self.failure is not None:
+                raise ERR_PERSISTENCE.fresh()
+            self._request_sync(target)
+            self._round_done.wait()
+
+    def _request_sync(self, target: int) -> None:
+        self._wanted = max(self._wanted, target)
+        if not self._syncing:
+            self._syncing = True  # now, not when the greenlet starts: one syncer at a time
+            gevent.spawn(self._sync_rounds)
+
+    def _sync_rounds(self) -> None:
+        """fsync until every barrier() caller is served; each round serves all who were
+        waiting when it started (they wait on the event that round sets)."""
+        try:
+            while self.failure is None and self.durable < self._wanted:
+                if self._switching is not None:  # a compaction is putting its file in place
+                    self._switching.wait()
+                    continue
+                done, self._round_done = self._round_done, gevent.event.Event()
+                try:
+                    self._sync_round()
+                finally:
+                    done.set()
+        except Exception as exc:  # a bug: fail the log (waiters get ERR) rather than spin or hang
+            self.log.exception("aof_sync_error")
+            self._fail("fsync", exc)
+        finally:
+            self._syncing = False
+            # Callers that began waiting during the last round: let them look again.
+            late, self._round_done = self._round_done, gevent.event.Event()
+            late.set()
+
+    def _sync_round(self) -> None:
+        position, records, generation = self.written, self.written_records, self.generation
+        try:
+            self._fsync_current()
+        except OSError as exc:
+            self._fail("fsync", exc)
+            return
+        if generation == self.generation:  # else the file was replaced meanwhile
+            self._mark_durable(position, records)
+
+    def _fsync_current(self) -> None:
+        """fsync the current file in the threadpool. On a duplicate of its descriptor: a
+        compaction may close the descriptor while the thread waits for the disk. A failed
+        fsync (not a failed dup) sets :attr:`lost`."""
+        try:
+            fd = os.dup(self.fd)
+        except OSError:  # (EMFILE): no fsync happened, so nothing is lost
+            self.fsync_errors += 1
+            raise
+        try:
+            gevent.get_hub().threadpool.apply(os.fsync, (fd,))
+        except OSError:
+            self.fsync_errors += 1
+            self.lost = True  # the kernel may have dropped the pages it could not write
+            raise
+        finally:
+            os.close(fd)
+
+    def _mark_durable(self, position: int, records: int) -> None:
+        self.durable = max(self.durable, position)
+        self.durable_records = max(self.durable_records, records)
+        self.last_fsync = time.monotonic()
+
+    def _every_second(self) -> None:
+        while True:
+            gevent.sleep(EVERYSEC_INTERVAL)
+            if self.failure is None and self.durable < self.written:
+                self._request_sync(self.written)
+
+    # --- failing and recovering -------------------------------------------------------------
+
+    def _fail(self, kind: str, exc: BaseException) -> None:
+        """Open an episode (or add to the current one); log each kind of failure once per
+        episode."""
+        error, number = _error_text(exc), getattr(exc, "errno", None)
+        episode = self.failure
+        if episode is None:
+            episode = self.failure = Episode(error, number)
+            if self._recovery is None and not self._closed:
+                self._recovery = gevent.spawn(self._recover)
+        if kind not in episode.logged:
+            episode.logged.add(kind)
+            self.log.error(
+                f"aof_{kind}_failed",
+                path=self.path,
+                error=error,
+                errno=number,
+                hint="writes get 'ERR persistence failed' until the log recovers; reads go on",
+            )
+
+    def _recover(self) -> None:
+        """Retry until the log works again (see the module docstring)."""
+        relapse = time.monotonic() - self._recovered_at < RELAPSE_WINDOW
+        delay = min(self._last_delay * 2, RETRY_MAX) if relapse else RETRY_MIN
+        try:
+            while self.failure is not None and not self._closed:
+                self._resting = True
+                try:
+                    gevent.sleep(delay)
+                finally:
+                    self._resting = False
+                if self._closed:
+                    break
+                self.failure.attempts += 1
+                try:
+                    self.make_durable()
+                    self._probe()
+                except Exception as exc:
+                    if not isinstance(exc, OSError):
+                        self.log.exception("aof_recovery_error")
+                    self._last_delay = delay
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                self._end_episode()
+        finally:
+            self._recovery = None
+
+    def make_durable(self) -> None:
+        """Bring the file to a known good state holding everything written, on disk: cut a
+        torn tail, then fsync, or after a failed fsync rebuild the file. Raises OSError."""
+        if self.lost:
+            if self.rebuild is None:
+                raise OSError(errno.EIO, "an fsync failed and nothing can rebuild the file")
+            self.rebuild()  # switches to a new file, and clears ``lost`` once it is in place
+            return
+        if self.torn:
+            os.ftruncate(self.fd, self.size)
+            self.torn = False
+        position, records = self.written, self.written_records
+        self._fsync_current()
+        self._mark_durable(position, records)
+
+    def _probe(self) -> None:
+        """Write and fsync PROBE_BYTES in a scratch file beside the log (the disk takes
+        writes again), then remove it. Raises OSError."""
+        path = self.path + PROBE_SUFFIX
+
+        def probe() -> None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                pwrite_all(fd, [bytes(PROBE_BYTES)], 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+
+        gevent.get_hub().threadpool.apply(probe)
+
+    def _end_episode(self) -> None:
+        episode, self.failure = self.failure, None
+        assert episode is not None
+        self._recovered_at = time.monotonic()
+        self.log.info(
+            "aof_recovered",
+            path=self.path,
+            seconds=round(self._recovered_at - episode.began, 3),
+            writes_refused=episode.refused,
+            attempts=episode.attempts,
+        )
+
+    # --- switching files (compaction) --------------------------------------------------------
+
+    def switch_to(self, fd: int, size: int, records: int) -> None:
+        """Append to ``fd`` from now on: a rewritten file holding every record written so far
+        (called with the store's lock held). It is not in place yet: no position after this
+        counts as durable until :meth:`finish_switch`."""
+        os.close(self.fd)
+        self.fd, self.size, self.records = fd, size, records
+        self.generation += 1
+        self.torn = False
+        self._switching = gevent.event.Event()
+
+    def finish_switch(self, position: int, records: int, kind: str | None, exc: BaseException | None) -> None:
+        """The switched-to file is in place, fsynced up to ``position`` (``exc`` is None), or
+        it could not be put in place (``kind`` of failure and ``exc``): then only a rebuild
+        makes anything written since the switch durable."""
+        if exc is None:
+            self._mark_durable(position, records)
+            self.rewrites += 1
+            self.lost = False
+        else:
+            if kind == "fsync":
+                self.fsync_errors += 1
+            else:
+                self.write_errors += 1
+            self.lost = True
+            self._fail(kind or "fsync", exc)
+        switching, self._switching = self._switching, None
+        if switching is not None:
+            switching.set()
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def close(self) -> int:
+        """Stop the background work, make everything written durable if the disk allows (a
+        last recovery attempt if the log is failing), and close the file. Returns how many
+        records could not be made durable (0: all are on disk). Idempotent."""
+        if self._closed:
+            return self.written_records - self.durable_records
+        self._closed = True
+        if self._ticker is not None:
+            self._ticker.kill()
+        if self._recovery is not None:
+            if self._resting:
+                self._recovery.kill()
+            else:
+                self._recovery.join()  # an attempt under way (a rebuild) is not cut short
+        if self.fd < 0:
+            return 0
+        if self.failure is not None or self.durable < self.written:
+            try:
+                self.make_durable()
+            except OSError as exc:
+                self._fail("fsync" if self.lost else "write", exc)
+        os.close(self.fd)
+        self.fd = -1
+        return self.written_records - self.durable_records
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "aof_bytes": self.size,
+            "aof_records": self.records,
+            "aof_last_fsync_ms": int((time.monotonic() - self.last_fsync) * 1000),
+            "aof_rewrites": self.rewrites,
+            "aof_fsync_errors": self.fsync_errors,
+            "aof_write_errors": self.write_errors,
+            "aof_writes_refused": self.writes_refused,
+            "aof_ok": int(self.failure is None),
+        }

@@ -1,0 +1,268 @@
+"""Compaction: rewriting the append-only file from the data while the server serves.
+
+A :class:`Rewrite` writes the state as it was when it began (T0), then the records appended
+since, and switches the log to the new file:
+
+1. **Snapshot.** The keys are listed at T0 and their values written as ``PUT`` records, at
+   most :data:`TURN_BYTES` or :data:`TURN_RECORDS` per turn of the event loop; a key with
+   many or big values is split across turns. A mutation of a key not written yet first saves
+   that key's T0 values (copy on first write: a list of references, not of bytes). Values
+   are written from where they are (``pwritev``, no copy), in gevent's threadpool, so the
+   event loop never waits for the disk; the checksum of a very big value is computed there
+   too (zlib releases the GIL).
+2. **Tail.** The records appended to the old file since T0 are copied as they are, in the
+   threadpool, until less than :data:`TAIL_FINAL` is left; the bulk is fsynced (no lock
+   held), and the copy catches up again.
+3. **Switch**, under the store's lock but with no wait for the disk: the last records are
+   copied and the log appends to the new file from then on (:meth:`AppendOnlyLog.switch_to`).
+4. **In place**, with no lock: fsync the new file, rename it over the old one, fsync the
+   directory. Only then do positions written after T0 count as durable, so a ``PONG`` under
+   ``--fsync always`` always waits for the file that survives a crash. A failure here leaves
+   the log failing (writes refused) until a rebuild succeeds.
+
+Memory: the T0 key list and the set of keys not written yet (about 40 bytes a key), the
+lists saved by copy on first write, and one turn of records (about 1 MiB).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import gevent
+
+from .aof import HEADER, MAGIC
+from .aof_log import REWRITE_SUFFIX, fsync_directory, pwrite_all
+
+if TYPE_CHECKING:
+    from .durable import DurableStore
+
+TURN_BYTES = 1 << 20
+"""Most bytes of records prepared between two turns of the event loop."""
+
+TURN_RECORDS = 2000
+"""Most records encoded in one turn (about 2 ms of Python for small ones)."""
+
+JOIN_BELOW = 4096
+"""Values shorter than this are copied into one buffer with their header; longer ones are
+handed to ``pwritev`` where they are."""
+
+CRC_IN_THREAD = 4 << 20
+"""Values at least this long get their checksum in the threadpool (4 MiB is ~1.5 ms of CRC)."""
+
+TAIL_FINAL = 1 << 20
+"""Bytes of new records left for the switch, which holds mutations while it copies them."""
+
+COPY_CHUNK = 1 << 20
+"""Bytes copied from the old file to the new one per read."""
+
+RESERVE_FRACTION = 0.05
+"""A compaction stops (and is retried later) rather than leave less than this share of the
+disk free: the log's own appends must not fail because a compaction took the last bytes..."""
+
+RESERVE_MAX = 64 << 20
+"""...but never asks for more than this."""
+
+
+class Aborted(Exception):
+    """The log started failing, or the store is closing: the old file stays the log."""
+
+
+def copy_range(source: int, target: int, start: int, end: int, offset: int) -> int:
+    """Copy bytes ``start:end`` of ``source`` to ``target`` at ``offset``; returns the count."""
+    copied = 0
+    while start < end:
+        chunk = os.pread(source, min(COPY_CHUNK, end - start), start)
+        if not chunk:
+            raise OSError(errno.EIO, "the log is shorter than its records")
+        pwrite_all(target, [chunk], offset)
+        start += len(chunk)
+        offset += len(chunk)
+        copied += len(chunk)
+    return copied
+
+
+class Rewrite:
+    """One compaction of a :class:`~kvgevent.durable.DurableStore`'s file.
+
+    ``recovery``: a rebuild while the log is failing (writes are refused meanwhile, so no
+    record is appended during it); it goes on despite the failure, which an ordinary
+    compaction does not."""
+
+    def __init__(self, store: DurableStore, recovery: bool = False) -> None:
+        self.store = store
+        self.aof = store.aof
+        self.recovery = recovery
+        self.path = self.aof.path
+        self.temporary = self.path + REWRITE_SUFFIX
+        self.pool = gevent.get_hub().threadpool
+        self.pending: set[bytes] = set()  # T0 keys not written yet
+        self.saved: dict[bytes, list[bytes]] = {}  # their T0 values, saved on first write
+        self.fd = -1
+        self.size = 0  # bytes in the new file
+        self.records = 0
+        self.copied = 0  # offset in the old file up to which records are copied
+        self.tail_records_from = 0
+        self._buffers: list[bytes] = []  # the turn being prepared
+        self._turn_bytes = self._turn_records = 0
+
+    def before_mutations(self, commands: Sequence[Any]) -> None:
+        """Called (with the lock held) before the store applies mutations: save the T0
+        values of keys they touch that are not written yet."""
+        pending, saved, data = self.pending, self.saved, self.store.memory.data
+        for command in commands:
+            key = command[0]
+            if key in pending and key not in saved:
+                saved[key] = list(data.get(key, ()))
+
+    def run(self) -> dict[str, Any]:
+        """Compact; returns what to log. Raises Aborted, or OSError (the old file stays the
+        log if it is raised before the switch; after it, the log is failing)."""
+        self._check()
+        began = time.perf_counter()
+        before = self.aof.size
+        self._create()
+        try:
+            self._write_snapshot()
+            self._copy_tail(TAIL_FINAL)
+            self.pool.apply(os.fsync, (self.fd,))  # the bulk, with no lock held
+            self._copy_tail(TAIL_FINAL)
+            self._switch()
+        except BaseException:
+            os.close(self.fd)
+            try:
+                os.unlink(self.temporary)
+            except OSError:
+                pass
+            raise
+        self._put_in_place()
+        return {
+            "bytes_before": before,
+            "bytes_after": self.aof.size,
+            "records": self.aof.records,
+            "seconds": round(time.perf_counter() - began, 3),
+        }
+
+    def _create(self) -> None:
+        try:
+            os.unlink(self.temporary)  # a fresh file, even if a failed switch left this name
+        except FileNotFoundError:
+            pass
+        self.fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.size = pwrite_all(self.fd, [MAGIC], 0)
+
+    def _check(self, writing: int = 0) -> None:
+        """Stop unless the compaction should go on and ``writing`` more bytes leave the disk
+        its reserve (a rebuild, which runs while writes are refused anyway, takes what it needs)."""
+        if self.recovery:
+            return
+        if self.store.closing:
+            raise Aborted("the store is closing")
+        if self.aof.failure is not None:
+            raise Aborted("the log is failing")
+        if writing:
+            disk = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            reserve = min(RESERVE_MAX, int(disk.f_blocks * disk.f_frsize * RESERVE_FRACTION))
+            if disk.f_bavail * disk.f_frsize - writing < reserve:
+                raise OSError(errno.ENOSPC, f"compaction stopped to keep {reserve} bytes free for the log")
+
+    # --- 1. the snapshot ----------------------------------------------------------------------
+
+    def _write_snapshot(self) -> None:
+        store = self.store
+        data = store.memory.data
+        keys = list(data)  # T0: with no yield between this and the next three lines
+        self.pending = set(keys)
+        self.copied, self.tail_records_from = self.aof.size, self.aof.records
+        store.compaction = self
+        try:
+            for key in keys:
+                self._write_key(key, data)
+            self._flush()
+        finally:
+            store.compaction = None
+            self.pending, self.saved = set(), {}
+
+    def _write_key(self, key: bytes, data: dict[bytes, list[bytes]]) -> None:
+        prefix = b"PUT:" + key + b":"
+        seed = zlib.crc32(prefix)
+        saved = self.saved
+        index = 0
+        while True:
+            # Looked up again after every turn: a mutation may have saved the T0 list meanwhile.
+            values = saved[key] if key in saved else data.get(key, ())
+            if index >= len(values):
+                break
+            value = values[index]
+            index += 1
+            if len(value) >= CRC_IN_THREAD:
+                self._flush()
+                self._write_big(prefix, seed, value)
+                continue
+            header = HEADER.pack(len(prefix) + len(value), zlib.crc32(value, seed))
+            if len(value) < JOIN_BELOW:
+                self._buffers.append(b"".join((header, prefix, value)))
+            else:
+                self._buffers += (header, prefix, value)
+            self._turn_bytes += HEADER.size + len(prefix) + len(value)
+            self._turn_records += 1
+            if self._turn_bytes >= TURN_BYTES or self._turn_records >= TURN_RECORDS:
+                self._flush()
+        self.pending.discard(key)
+        saved.pop(key, None)
+
+    def _flush(self) -> None:
+        """Write the turn's records in the threadpool (other greenlets run meanwhile)."""
+        self._check(self._turn_bytes)
+        if self._buffers:
+            self.size += self.pool.apply(pwrite_all, (self.fd, self._buffers, self.size))
+            self.records += self._turn_records
+        self._buffers = []
+        self._turn_bytes = self._turn_records = 0
+
+    def _write_big(self, prefix: bytes, seed: int, value: bytes) -> None:
+        self._check(HEADER.size + len(prefix) + len(value))
+
+        def write(fd: int, offset: int) -> int:  # in a thread: the checksum too
+            header = HEADER.pack(len(prefix) + len(value), zlib.crc32(value, seed))
+            return pwrite_all(fd, [header, prefix, value], offset)
+
+        self.size += self.pool.apply(write, (self.fd, self.size))
+        self.records += 1
+
+    # --- 2. the tail, 3. the switch, 4. in place -------------------------------------------------
+
+    def _copy_tail(self, leave: int) -> None:
+        while self.aof.size - self.copied > leave:
+            end = self.aof.size
+            self._check(end - self.copied)
+            self.size += self.pool.apply(copy_range, (self.aof.fd, self.fd, self.copied, end, self.size))
+            self.copied = end
+
+    def _switch(self) -> None:
+        aof = self.aof
+        with self.store.lock:  # no mutation until the log appends to the new file
+            self._check()
+            self.size += copy_range(aof.fd, self.fd, self.copied, aof.size, self.size)
+            self.copied = aof.size
+            aof.switch_to(self.fd, self.size, self.records + aof.records - self.tail_records_from)
+
+    def _put_in_place(self) -> None:
+        """fsync, rename, fsync the directory; then the log's positions count as durable."""
+        position, records = self.aof.written, self.aof.written_records
+        kind = "fsync"
+        try:
+            self.pool.apply(os.fsync, (self.fd,))
+            kind = "rename"
+            os.rename(self.temporary, self.path)
+            kind = "fsync"
+            self.pool.apply(fsync_directory, (self.path,))
+        except BaseException as exc:  # killed too: the log must not believe the file is in place
+            failure = exc if isinstance(exc, Exception) else OSError(errno.EINTR, "interrupted")
+            self.aof.finish_switch(position, records, kind, failure)
+            raise
+        self.aof.finish_switch(position, records, None, None)
