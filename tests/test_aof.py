@@ -19,7 +19,7 @@ from kvgevent import KeyValueServer
 from kvgevent.aof import HEADER, MAGIC, READ_CHUNK, SEARCH_BUDGET, AofCorrupt, Scanner, encode_record, scan
 from kvgevent.durable import DurableStore
 from kvgevent.errors import StoreError
-from kvgevent.protocol import Put
+from kvgevent.protocol import Put, parse
 
 _stores: list[DurableStore] = []
 
@@ -803,3 +803,33 @@ def test_compaction_of_big_values_neither_stalls_clients_nor_copies_them(tmp_pat
         assert peak < 64 << 20, f"the compaction allocated {peak / 2**20:.0f} MiB"
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("mutation", ["PUT", "UPDATE", "DELETE", "DELETE+PUT"])
+def test_a_key_mutated_while_its_values_are_being_written(tmp_path, monkeypatch, mutation):
+    """A key with 5,000 values is written over several turns; between two of them the key is
+    mutated. The compacted file still holds the state as of the compaction's start plus the
+    mutation's own record, so after a restart the data is exactly what memory holds."""
+    from kvgevent import rewrite
+
+    path = tmp_path / "kv.aof"
+    store = opened(path)
+    store.apply([Put(b"big", b"%d" % i) for i in range(5000)] + [Put(b"other", b"x")])
+    real_flush = rewrite.Rewrite._flush
+    turns = []
+
+    def flush_then_mutate(self):
+        real_flush(self)
+        turns.append(self.current)
+        if len(turns) == 1:
+            assert self.current == b"big", "the test wants to be in the middle of the big key"
+            for verb in mutation.split("+"):
+                line = {"PUT": b"PUT:big:new", "UPDATE": b"UPDATE:big:10:u", "DELETE": b"DELETE:big"}[verb]
+                store.apply([parse(line)])
+
+    monkeypatch.setattr(rewrite.Rewrite, "_flush", flush_then_mutate)
+    store.rewrite()
+    assert store.aof.rewrites == 1 and len(turns) >= 3
+    expected = {key: list(values) for key, values in store.memory.data.items()}
+    store.close()
+    assert opened(path).memory.data == expected
