@@ -76,6 +76,19 @@ def events_named(proc, name: str) -> list[dict]:
     return [e for e in proc.events() if e["event"] == name]
 
 
+def after_restart(server_process, path: Path, request: bytes):
+    """Start a new server on the log at ``path``, send ``request`` (then a PING), stop it;
+    returns (its reply lines, the process)."""
+    restarted = server_process("--aof", str(path))
+    check = Peer(restarted.port)
+    try:
+        replies = check.request(request)
+    finally:
+        check.close()
+    assert restarted.stop() == 0
+    return replies, restarted
+
+
 def test_a_disk_full_mid_record_leaves_a_log_that_starts(server_process, tiny_disk):
     """The reproduction of the torn-record bug: on a 1 MiB disk, PUT 400 KB (PONG), PUT 800 KB
     (the disk takes part of it, then ENOSPC), grow the disk, PUT c (PONG), restart. The part
@@ -104,14 +117,9 @@ def test_a_disk_full_mid_record_leaves_a_log_that_starts(server_process, tiny_di
         peer.close()
         watcher.close()
     assert proc.stop() == 0
-    restarted = server_process("--aof", str(path))
-    check = Peer(restarted.port)
-    try:
-        assert check.request(b"GET:a\nGET:b\nGET:c\n") == [b"a:" + a, b"c:after"]
-    finally:
-        check.close()
+    replies, restarted = after_restart(server_process, path, b"GET:a\nGET:b\nGET:c\n")
+    assert replies == [b"a:" + a, b"c:after"]
     assert not events_named(restarted, "aof_torn_tail_truncated")
-    assert restarted.stop() == 0
 
 
 def test_a_full_disk_refuses_writes_without_a_crawl_or_a_flood(server_process, tiny_disk):
@@ -157,13 +165,8 @@ def test_a_full_disk_refuses_writes_without_a_crawl_or_a_flood(server_process, t
         peer.close()
         watcher.close()
     assert proc.stop() == 0
-    restarted = server_process("--aof", str(path))
-    check = Peer(restarted.port)
-    try:
-        assert check.request(b"GET:k\nGET:f\n") == [b"k:before", b"k:after"] + [b"f:x"] * accepted
-    finally:
-        check.close()
-    restarted.stop()
+    replies, _ = after_restart(server_process, path, b"GET:k\nGET:f\n")
+    assert replies == [b"k:before", b"k:after"] + [b"f:x"] * accepted
 
 
 def test_sigterm_while_the_disk_is_full_keeps_every_acknowledged_write(server_process, tiny_disk):
@@ -192,15 +195,8 @@ def test_sigterm_while_the_disk_is_full_keeps_every_acknowledged_write(server_pr
     assert proc.stop() == 0
     assert not events_named(proc, "aof_unwritten")
     disk.resize("4m")
-    restarted = server_process("--aof", str(path))
-    check = Peer(restarted.port)
-    try:
-        for n in range(4):
-            values = [int(line.split(b":")[1]) for line in check.request(b"GET:w%d\n" % n)]
-            assert values == acknowledged[n]
-    finally:
-        check.close()
-    restarted.stop()
+    replies, _ = after_restart(server_process, path, b"".join(b"GET:w%d\n" % n for n in range(4)))
+    assert replies == [b"w%d:%d:%s" % (n, i, b"v" * 1000) for n in range(4) for i in acknowledged[n]]
 
 
 def test_sigterm_with_writes_it_could_not_sync_exits_non_zero(server_process, tmp_path):
@@ -228,13 +224,8 @@ def test_sigterm_with_writes_it_could_not_sync_exits_non_zero(server_process, tm
     (unwritten,) = events_named(proc, "aof_unwritten")
     assert unwritten["records"] == 3 and unwritten["path"] == str(path)
     trigger.unlink()
-    restarted = server_process("--aof", str(path))  # the page cache still had them
-    check = Peer(restarted.port)
-    try:
-        assert check.request(b"GET:k\n") == [b"k:1", b"k:2", b"k:3"]
-    finally:
-        check.close()
-    restarted.stop()
+    replies, _ = after_restart(server_process, path, b"GET:k\n")  # the page cache still had them
+    assert replies == [b"k:1", b"k:2", b"k:3"]
 
 
 def test_compactions_under_fsync_always_never_strand_a_ping(server_process, tmp_path):
@@ -282,16 +273,10 @@ def test_compactions_under_fsync_always_never_strand_a_ping(server_process, tmp_
         watcher.close()
     assert rewrites >= 3, f"only {rewrites} compactions in 30 s"
     assert proc.stop() == 0
-    restarted = server_process("--aof", str(path))
-    check = Peer(restarted.port)
-    try:
-        for n in range(8):
-            assert check.request(b"GET:keep%d\nGET:tmp%d\n" % (n, n)) == [
-                b"keep%d:%d" % (n, i) for i in range(acknowledged[n])
-            ]
-    finally:
-        check.close()
-    restarted.stop()
+    replies, _ = after_restart(
+        server_process, path, b"".join(b"GET:keep%d\nGET:tmp%d\n" % (n, n) for n in range(8))
+    )
+    assert replies == [b"keep%d:%d" % (n, i) for n in range(8) for i in range(acknowledged[n])]
 
 
 @pytest.mark.parametrize("repair", [False, True])
