@@ -167,7 +167,11 @@ class Scanner:
                 return
             if end <= base + len(buffer):
                 payload = buffer[offset + HEADER.size - base : end - base]
-            elif length > READ_CHUNK:  # read on its own: one copy of a big record, not two
+            elif length > READ_CHUNK:
+                # Checked in chunks before it is read whole (a damaged length must not make
+                # the scan allocate what it claims), then read on its own: one copy, not two.
+                if not self._payload_matches(offset + HEADER.size, length, checksum):
+                    return
                 payload = self._read(offset + HEADER.size, length)
                 buffer, base = b"", end
             else:
@@ -230,8 +234,8 @@ class Scanner:
                     header = self._read(window_start + at - HEADER.size, HEADER.size)
                 length, checksum = HEADER.unpack(header)
                 payload_at = window_start + at
-                if length > MAX_RECORD or payload_at + length > self.size:
-                    continue
+                if not len(match.group()) <= length <= MAX_RECORD or payload_at + length > self.size:
+                    continue  # (a payload holds at least its verb: never empty)
                 budget -= length
                 if budget < 0:
                     raise _GaveUp

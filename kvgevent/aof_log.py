@@ -60,7 +60,12 @@ RELAPSE_WINDOW = 10.0
 so a disk that keeps failing again cannot turn into a stream of log events."""
 
 PROBE_BYTES = 64 << 10
-"""Bytes the recovery writes and fsyncs in ``<path>.probe`` before writes are accepted again."""
+"""Least bytes the recovery writes and fsyncs in ``<path>.probe`` before writes are accepted
+again; as many as the write that failed, if more..."""
+
+PROBE_MAX = 16 << 20
+"""...up to this: a disk with room for a small write but not for the big one that failed
+would otherwise recover and fail again at every attempt."""
 
 REWRITE_SUFFIX = ".rewrite"
 PROBE_SUFFIX = ".probe"
@@ -102,6 +107,24 @@ def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> i
     return total
 
 
+def in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in gevent's threadpool (the calling greenlet waits; the others
+    run). An exception is raised here, in the caller, and only here: gevent would also hand
+    one raised in the worker to the hub's error handler, which reports it as a bug, and a
+    failed fsync on a failing disk is not one."""
+
+    def capture() -> tuple[Any, BaseException | None]:
+        try:
+            return function(*args), None
+        except Exception as exc:
+            return None, exc
+
+    result, error = gevent.get_hub().threadpool.apply(capture)
+    if error is not None:
+        raise error
+    return result
+
+
 def _error_text(exc: BaseException) -> str:
     return (getattr(exc, "strerror", None) or str(exc)) or type(exc).__name__
 
@@ -116,6 +139,7 @@ class Episode:
     logged: set[str] = field(default_factory=set)  # the failure kinds already logged
     refused: int = 0  # writes refused meanwhile
     attempts: int = 0  # recovery attempts
+    failed_bytes: int = 0  # the largest write that failed (the probe writes as much)
 
 
 class AppendOnlyLog:
@@ -236,8 +260,9 @@ class AppendOnlyLog:
             except OSError as exc:
                 self.write_errors += 1
                 self.torn = True
-                self._cut_torn_tail()
                 self._fail("write", exc)
+                self.failure.failed_bytes = max(self.failure.failed_bytes, len(data))  # type: ignore[union-attr]
+                self._cut_torn_tail()
             else:
                 self.size += len(data)
                 self.written += len(data)
@@ -249,8 +274,11 @@ class AppendOnlyLog:
         return False
 
     def _cut_torn_tail(self) -> None:
+        """Truncate what a failed write left, and fsync the truncation (in the threadpool):
+        else a power loss could bring back whole records of a batch that was refused."""
         try:
             os.ftruncate(self.fd, self.size)
+            self._fsync_current()
             self.torn = False
         except OSError:
             pass  # the recovery tries again before anything else
@@ -319,7 +347,7 @@ class AppendOnlyLog:
             self.fsync_errors += 1
             raise
         try:
-            gevent.get_hub().threadpool.apply(os.fsync, (fd,))
+            in_thread(os.fsync, fd)
         except OSError:
             self.fsync_errors += 1
             self.lost = True  # the kernel may have dropped the pages it could not write
@@ -372,23 +400,30 @@ class AppendOnlyLog:
                     self._resting = False
                 if self._closed:
                     break
-                self.failure.attempts += 1
+                episode = self.failure
+                episode.attempts += 1
+                self._last_delay = delay  # a relapse soon after goes on from here
+                delay = min(delay * 2, RETRY_MAX)
                 try:
                     self.make_durable()
-                    self._probe()
+                    self._probe(episode.failed_bytes)
                 except Exception as exc:
-                    if not isinstance(exc, OSError):
+                    if not isinstance(exc, OSError) and "recovery_error" not in episode.logged:
+                        episode.logged.add("recovery_error")  # a bug: once, not every attempt
                         self.log.exception("aof_recovery_error")
-                    self._last_delay = delay
-                    delay = min(delay * 2, RETRY_MAX)
                     continue
-                self._end_episode()
+                # Only a log in a known good state ends the episode: something may have failed
+                # meanwhile (a compaction's rename, say) while this attempt waited for the disk.
+                if not (self.lost or self.torn or self._switching is not None):
+                    self._end_episode()
         finally:
             self._recovery = None
 
     def make_durable(self) -> None:
         """Bring the file to a known good state holding everything written, on disk: cut a
         torn tail, then fsync, or after a failed fsync rebuild the file. Raises OSError."""
+        if self._switching is not None:  # a compaction's new file is not in place yet
+            self._switching.wait()  # (it ends either way, setting ``lost`` if it failed)
         if self.lost:
             if self.rebuild is None:
                 raise OSError(errno.EIO, "an fsync failed and nothing can rebuild the file")
@@ -397,25 +432,29 @@ class AppendOnlyLog:
         if self.torn:
             os.ftruncate(self.fd, self.size)
             self.torn = False
-        position, records = self.written, self.written_records
+        position, records, generation = self.written, self.written_records, self.generation
         self._fsync_current()
+        if generation != self.generation or self._switching is not None:
+            raise OSError(errno.EAGAIN, "the file was replaced while it was synced")
         self._mark_durable(position, records)
 
-    def _probe(self) -> None:
-        """Write and fsync PROBE_BYTES in a scratch file beside the log (the disk takes
-        writes again), then remove it. Raises OSError."""
+    def _probe(self, failed_bytes: int) -> None:
+        """Write and fsync as many bytes as the write that failed (at least PROBE_BYTES, at
+        most PROBE_MAX) in a scratch file beside the log, then remove it: the disk takes
+        such a write again. Raises OSError."""
         path = self.path + PROBE_SUFFIX
+        size = min(max(PROBE_BYTES, failed_bytes), PROBE_MAX)
 
         def probe() -> None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                pwrite_all(fd, [bytes(PROBE_BYTES)], 0)
+                pwrite_all(fd, [bytes(size)], 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
                 os.unlink(path)
 
-        gevent.get_hub().threadpool.apply(probe)
+        in_thread(probe)
 
     def _end_episode(self) -> None:
         episode, self.failure = self.failure, None
@@ -435,11 +474,14 @@ class AppendOnlyLog:
         """Append to ``fd`` from now on: a rewritten file holding every record written so far
         (called with the store's lock held). It is not in place yet: no position after this
         counts as durable until :meth:`finish_switch`."""
-        os.close(self.fd)
-        self.fd, self.size, self.records = fd, size, records
+        old, self.fd, self.size, self.records = self.fd, fd, size, records
         self.generation += 1
         self.torn = False
         self._switching = gevent.event.Event()
+        try:
+            os.close(old)
+        except OSError:
+            pass  # nothing is written through it any more
 
     def finish_switch(self, position: int, records: int, kind: str | None, exc: BaseException | None) -> None:
         """The switched-to file is in place, fsynced up to ``position`` (``exc`` is None), or
@@ -478,7 +520,7 @@ class AppendOnlyLog:
                 self._recovery.join()  # an attempt under way (a rebuild) is not cut short
         if self.fd < 0:
             return 0
-        if self.failure is not None or self.durable < self.written:
+        if self.failure is not None or self.lost or self.torn or self.durable < self.written:
             try:
                 self.make_durable()
             except OSError as exc:

@@ -223,8 +223,8 @@ class DurableStore(KVStore):
         delay = self._retry_delay
         self._retry_at = time.monotonic() + delay
         self._retry_delay = min(delay * 2, REWRITE_RETRY_MAX)
-        if self._rewrite_failing:
-            return  # once per streak
+        if self._rewrite_failing or self.aof.failure is not None:
+            return  # once per streak; and a failure that fails the log is the log's to report
         self._rewrite_failing = True
         if isinstance(exc, OSError):
             self.log.error(

@@ -659,6 +659,15 @@ def _logged(stream, event):
     return [e for e in log_events(stream) if e["event"] == event]
 
 
+@pytest.fixture(autouse=True)
+def no_bug_reported(request):
+    """A fault of the disk is expected: it may never be reported as a bug (unhandled_error)."""
+    stream = request.getfixturevalue("log_stream") if "log_stream" in request.fixturenames else None
+    yield
+    if stream is not None:
+        assert not _logged(stream, "unhandled_error")
+
+
 def test_a_failed_fsync_is_not_forgotten(tmp_path, log_stream, connect, monkeypatch):
     """After an fsync fails the kernel may have dropped the pages it could not write, and the
     next fsync succeeding proves nothing about them. So the PING waiting for them gets ERR,
@@ -820,9 +829,9 @@ def test_a_key_mutated_while_its_values_are_being_written(tmp_path, monkeypatch,
 
     def flush_then_mutate(self):
         real_flush(self)
-        turns.append(self.current)
+        turns.append(self.records)
         if len(turns) == 1:
-            assert self.current == b"big", "the test wants to be in the middle of the big key"
+            assert 0 < self.records < 5000, "the test wants to be in the middle of the big key"
             for verb in mutation.split("+"):
                 line = {"PUT": b"PUT:big:new", "UPDATE": b"UPDATE:big:10:u", "DELETE": b"DELETE:big"}[verb]
                 store.apply([parse(line)])
@@ -833,3 +842,96 @@ def test_a_key_mutated_while_its_values_are_being_written(tmp_path, monkeypatch,
     expected = {key: list(values) for key, values in store.memory.data.items()}
     store.close()
     assert opened(path).memory.data == expected
+
+
+def test_a_failure_during_a_compactions_switch_never_ends_the_episode_early(tmp_path, monkeypatch):
+    """While a compaction's new file is being put in place (its fsync is slow), a write fails
+    and the recovery starts; then the compaction's rename fails. The recovery must neither
+    count the new file as durable before it is at the log's path, nor end the episode while
+    the log appends to a file that is not there: acknowledged writes survive a restart.
+    (Injected: a slow fsync of the new file and of the probe, one ENOSPC at os.pwritev, one
+    EACCES at os.rename: the reviewer's reproduction.)"""
+    from kvgevent import rewrite
+
+    path = tmp_path / "kv.aof"
+    store = opened(path, fsync="always", rewrite_min_size=1 << 40)
+    for i in range(100):
+        store.put(b"k", b"v%d" % i)
+    store.barrier()
+    real_fsync, real_pwritev, real_rename = os.fsync, os.pwritev, os.rename
+    real_sleep = get_original("time", "sleep")  # the fsyncs run in threads: a real wait
+    faults = {"slow": False, "write": False, "rename": True}
+
+    def fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith(".rewrite") and faults["slow"]:
+            faults["slow"] = False
+            real_sleep(0.3)
+        elif name.endswith(".probe"):
+            real_sleep(0.5)
+        real_fsync(fd)
+
+    def pwritev(fd, buffers, offset):
+        if faults["write"]:
+            faults["write"] = False
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwritev(fd, buffers, offset)
+
+    def rename(source, target):
+        if source.endswith(".rewrite") and faults["rename"]:
+            faults["rename"] = False
+            raise OSError(errno.EACCES, "Permission denied")
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "rename", rename)
+    real_put_in_place = rewrite.Rewrite._put_in_place
+
+    def slowly(self):
+        faults["slow"] = True
+        real_put_in_place(self)
+
+    monkeypatch.setattr(rewrite.Rewrite, "_put_in_place", slowly)
+    compacting = gevent.spawn(store.rewrite)
+    wait_until(lambda: store.aof._switching is not None, 10, "the compaction did not switch")
+    faults["write"] = True
+    with pytest.raises(StoreError):
+        store.put(b"x", b"refused")
+    compacting.join()
+    wait_until(lambda: store.aof.ok, 20, "the log did not recover")
+    assert not store.aof.lost and os.readlink(f"/proc/self/fd/{store.aof.fd}") == str(path)
+    for i in range(5):
+        store.put(b"acked", b"%d" % i)
+        store.barrier(store.write_position())
+    store.close()
+    assert store.unsaved_records == 0
+    again = opened(path)
+    assert again.get(b"acked") == [b"%d" % i for i in range(5)] and again.get(b"x") == []
+
+
+def test_the_search_after_damage_never_takes_an_empty_record():
+    """NUL bytes before a 'PUT:' look like an empty record with a matching checksum: a
+    payload holds at least its verb, so this is still a torn tail."""
+    good = MAGIC + encode_record(b"PUT:k:1")
+    _, found = scan(good + bytes(16) + b"PUT:")
+    assert found.torn and found.corrupt_at is None and found.good_end == len(good)
+
+
+def test_a_damaged_length_does_not_make_the_scan_allocate_it():
+    """A header claiming a 400 MB record in a (virtual) 401 MB file: the checksum is checked
+    in chunks before the record is read whole, so no read asks for more than a chunk."""
+    size = 401 << 20
+    head = MAGIC + HEADER.pack(400 << 20, 1)
+    asked = []
+
+    def read_at(offset, count):
+        asked.append(count)
+        data = head[offset : offset + count]
+        return data + bytes(min(count, size - offset) - len(data))
+
+    scanner = Scanner(read_at, size)
+    for _ in scanner.batches():
+        pass
+    assert scanner.result.torn and scanner.result.good_end == len(MAGIC)
+    assert max(asked) <= 2 * READ_CHUNK

@@ -76,6 +76,11 @@ def events_named(proc, name: str) -> list[dict]:
     return [e for e in proc.events() if e["event"] == name]
 
 
+def assert_no_bug_reported(proc) -> None:
+    """Faults of the disk are expected: none may be reported as a bug (unhandled_error)."""
+    assert not events_named(proc, "unhandled_error"), events_named(proc, "unhandled_error")[0]
+
+
 def after_restart(server_process, path: Path, request: bytes):
     """Start a new server on the log at ``path``, send ``request`` (then a PING), stop it;
     returns (its reply lines, the process)."""
@@ -117,6 +122,7 @@ def test_a_disk_full_mid_record_leaves_a_log_that_starts(server_process, tiny_di
         peer.close()
         watcher.close()
     assert proc.stop() == 0
+    assert_no_bug_reported(proc)
     replies, restarted = after_restart(server_process, path, b"GET:a\nGET:b\nGET:c\n")
     assert replies == [b"a:" + a, b"c:after"]
     assert not events_named(restarted, "aof_torn_tail_truncated")
@@ -165,6 +171,7 @@ def test_a_full_disk_refuses_writes_without_a_crawl_or_a_flood(server_process, t
         peer.close()
         watcher.close()
     assert proc.stop() == 0
+    assert_no_bug_reported(proc)
     replies, _ = after_restart(server_process, path, b"GET:k\nGET:f\n")
     assert replies == [b"k:before", b"k:after"] + [b"f:x"] * accepted
 
@@ -193,6 +200,7 @@ def test_sigterm_while_the_disk_is_full_keeps_every_acknowledged_write(server_pr
     gevent.joinall([gevent.spawn(writer, n) for n in range(4)], raise_error=True)
     assert all(acknowledged), "no write was acknowledged before the disk filled"
     assert proc.stop() == 0
+    assert_no_bug_reported(proc)
     assert not events_named(proc, "aof_unwritten")
     disk.resize("4m")
     replies, _ = after_restart(server_process, path, b"".join(b"GET:w%d\n" % n for n in range(4)))
@@ -221,6 +229,7 @@ def test_sigterm_with_writes_it_could_not_sync_exits_non_zero(server_process, tm
     finally:
         peer.close()
     assert proc.stop() == 1
+    assert_no_bug_reported(proc)
     (unwritten,) = events_named(proc, "aof_unwritten")
     assert unwritten["records"] == 3 and unwritten["path"] == str(path)
     trigger.unlink()
@@ -273,6 +282,7 @@ def test_compactions_under_fsync_always_never_strand_a_ping(server_process, tmp_
         watcher.close()
     assert rewrites >= 3, f"only {rewrites} compactions in 30 s"
     assert proc.stop() == 0
+    assert_no_bug_reported(proc)
     replies, _ = after_restart(
         server_process, path, b"".join(b"GET:keep%d\nGET:tmp%d\n" % (n, n) for n in range(8))
     )
@@ -295,6 +305,7 @@ def test_a_log_ending_in_zero_bytes_starts_with_a_warning(server_process, tmp_pa
     (torn,) = events_named(proc, "aof_torn_tail_truncated")
     assert torn["offset"] == len(good) and torn["dropped_bytes"] == 8192
     assert proc.stop() == 0
+    assert_no_bug_reported(proc)
     assert path.stat().st_size == len(good)
 
 
@@ -329,3 +340,33 @@ def test_a_compaction_that_does_not_fit_leaves_the_log_working(server_process, t
     finally:
         peer.close()
     assert proc.stop() == 0
+    assert_no_bug_reported(proc)
+
+
+def test_a_disk_with_room_for_small_writes_only_does_not_flap(server_process, tiny_disk):
+    """A disk with about 300 KiB free, and a client that keeps retrying a 400 KB PUT: each
+    attempt is refused, and the log does not recover and fail again at every attempt (its
+    probe writes as much as the write that failed): one aof_write_failed, no aof_recovered,
+    until the disk has room."""
+    disk = tiny_disk("1m")
+    path = disk.path / "kv.aof"
+    (disk.path / "ballast").write_bytes(bytes(700 << 10))
+    proc = server_process("--aof", str(path))
+    peer = Peer(proc.port)
+    try:
+        end = time.monotonic() + 3
+        attempts = 0
+        while time.monotonic() < end:
+            assert peer.request(b"PUT:big:" + b"b" * 400_000 + b"\n") == [b"ERR persistence failed"]
+            attempts += 1
+            gevent.sleep(0.02)
+        assert attempts > 20
+        assert len(events_named(proc, "aof_write_failed")) == 1
+        assert not events_named(proc, "aof_recovered")
+        (disk.path / "ballast").unlink()
+        wait_until(lambda: events_named(proc, "aof_recovered"), 10, "the log did not recover")
+        assert peer.request(b"PUT:big:" + b"b" * 400_000 + b"\n") == []
+    finally:
+        peer.close()
+    assert proc.stop() == 0
+    assert_no_bug_reported(proc)
