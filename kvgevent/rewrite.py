@@ -44,8 +44,9 @@ if TYPE_CHECKING:
 TURN_BYTES = 1 << 20
 """Most bytes of records prepared between two turns of the event loop."""
 
-TURN_RECORDS = 2000
-"""Most records encoded in one turn (about 2 ms of Python for small ones)."""
+TURN_RECORDS = 500
+"""Most records encoded in one turn: a turn of 2,000 small ones took up to 10 ms of the event
+loop on the 2-core VM (bench/compaction_bench.py)."""
 
 JOIN_BELOW = 4096
 """Values shorter than this are copied into one buffer with their header; longer ones are
