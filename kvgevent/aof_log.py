@@ -18,8 +18,8 @@ go on) and a recovery greenlet retries on a timer with backoff (:data:`RETRY_MIN
 :data:`RETRY_MAX`): cut any torn tail, make what was written durable (an fsync; after a
 failed fsync the kernel may have dropped the data, so only a rewrite of the whole file from
 the data in memory counts), then write and fsync a probe file beside the log, as big as the
-write that failed (:data:`PROBE_BYTES` to :data:`PROBE_MAX`). When every step succeeds the episode ends with one ``aof_recovered`` event and
-writes are accepted again.
+write that failed (:data:`PROBE_BYTES` to :data:`PROBE_MAX`). When every step succeeds the
+episode ends with one ``aof_recovered`` event and writes are accepted again.
 
 Policies: ``always`` (:meth:`AppendOnlyLog.barrier` returns once a position is durable;
 concurrent callers share one fsync), ``everysec`` (a background fsync each second), ``no``
