@@ -27,6 +27,7 @@ from .config import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_LINE,
+    DEFAULT_MAX_MEMORY,
     DEFAULT_PORT,
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
@@ -69,6 +70,30 @@ positive_int = _number(int, lambda v: v >= 1, "positive_int")
 non_negative_float = _number(float, lambda v: v >= 0, "non_negative_float")  # NaN refused too
 positive_float = _number(float, lambda v: v > 0, "positive_float")
 growth_ratio = _number(float, lambda v: v > 1, "growth_ratio")
+
+BYTE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+"""Suffixes of a size (any case, optionally followed by B or iB): powers of 1024, as in
+systemd's MemoryMax= (Redis reads 1k as 1000 but 1kb as 1024; here both are 1024)."""
+
+
+def _byte_count(text: str) -> int:
+    """``536870912``, ``512M``, ``512mb``, ``0.5G``: a whole number of bytes, at least 0."""
+    stripped = text.strip().upper()
+    if stripped.endswith("IB") and stripped[-3:-2].isalpha():
+        stripped = stripped[:-2]
+    elif stripped.endswith("B"):
+        stripped = stripped[:-1]
+    unit = stripped[-1:] if stripped[-1:].isalpha() else ""
+    if unit not in BYTE_SUFFIXES:
+        raise ValueError(text)
+    digits = stripped[: len(stripped) - len(unit)]
+    try:
+        return int(float(digits) * BYTE_SUFFIXES[unit]) if unit else int(digits)
+    except OverflowError:  # "inf"
+        raise ValueError(text) from None
+
+
+byte_size = _number(_byte_count, lambda v: v >= 0, "byte_size")
 
 
 def add_env_option(
@@ -133,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_CLIENTS,
         "clients served at once; more get 'ERR max clients reached' and are closed",
         type=positive_int,
+    )
+    add_env_option(
+        parser,
+        "max-memory",
+        DEFAULT_MAX_MEMORY,
+        "memory the server may use, in bytes (K, M, G suffixes: powers of 1024); above it "
+        "PUT and UPDATE get 'ERR out of memory' and the clients holding the biggest buffers "
+        "are disconnected; 0 = no limit",
+        type=byte_size,
     )
     add_env_option(
         parser,
@@ -356,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls=tls,
         backlog=args.backlog,
         reuse_port=args.reuse_port,
+        max_memory=args.max_memory,
     )
     try:
         server.start(args.port, args.host)

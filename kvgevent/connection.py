@@ -5,13 +5,20 @@ The writer greenlet never closes it: on a write error it records :attr:`Connecti
 empties the queue and shuts the socket down, which wakes a reader blocked in ``recv``.
 
 Full queues. A client's queue is bounded both in lines (``queue_size``) and in bytes
-(``queue_bytes``). A reply that finds it full waits for the writer to make room (yielding:
-gevent's ``recv`` does not yield while data is ready, so without this a fast pipelining client
-that reads promptly would lose replies). It gives up when the writer's send has made no
-progress for :data:`DROP_GRACE` (the kernel takes nothing: the client is not reading): that
-reply, and every further one that finds the queue full, is dropped and counted without
-waiting, until the queue has room again. Each such episode logs one ``messages_dropping``
-event. A client that reads, however slowly, is waited for: it slows only itself.
+(``queue_bytes``, counting the batch the writer is sending: what a client that never reads
+pins is at most ``queue_bytes``, or one reply line when that is bigger). A chunk of lines
+that could never fit goes line by line. A reply that finds the queue full waits for the
+writer to make room (yielding: gevent's ``recv`` does not yield while data is ready, so
+without this a fast pipelining client that reads promptly would lose replies). It gives up
+when the writer's send has made no progress for :data:`DROP_GRACE` (the kernel takes
+nothing: the client is not reading): that reply, and every further one that finds the queue
+full, is dropped and counted without waiting, until the queue has room again. Each such
+episode logs one ``messages_dropping`` event. A client that reads, however slowly, is waited
+for: it slows only itself.
+
+Memory. Every byte a connection holds (its incomplete request line, its queued and in-flight
+replies) is added to the server's :class:`~kvgevent.memory.MemoryGuard` ``buffered`` figure
+while held, and given back by :meth:`Connection.release` when the client is dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from gevent.queue import Full, Queue
 
 from .config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
 from .fastio import wrap
+from .memory import MemoryGuard
 from .protocol import LineBuffer
 
 _EOF = b""
@@ -88,6 +96,10 @@ class Connection:
         "auth_failures",
         "long_lines",
         "write_mark",
+        "guard",
+        "input_held",
+        "released",
+        "work",
     )
 
     def __init__(
@@ -102,6 +114,7 @@ class Connection:
         log: Any,
         counters: Counters,
         writers: Group,
+        guard: MemoryGuard,
     ) -> None:
         self.client_id = client_id
         self.peer = peer
@@ -136,6 +149,10 @@ class Connection:
         self.auth_failures = 0  # wrong passwords sent on this connection
         self.long_lines = 0  # lines over max_line sent on this connection
         self.write_mark = 0  # the store's write position after this client's last batch
+        self.guard = guard
+        self.input_held = 0  # bytes of an incomplete request line counted in guard.buffered
+        self.released = False  # release() has run: nothing more is counted
+        self.work = 0  # work done in this client's current turn (TURN_WORK units)
 
     @property
     def log(self) -> Any:
@@ -148,20 +165,26 @@ class Connection:
         return self.queue
 
     def send_lines(self, lines: list[bytes]) -> None:
-        """Queue reply lines (each ending in a newline) as one chunk when they fit; otherwise
-        line by line with :meth:`send`'s rules for a full queue."""
+        """Queue reply lines (each ending in a newline) as one chunk, with :meth:`send`'s
+        rules for a full queue; a chunk that could never fit goes line by line."""
         if self.failed is not None:
             return  # the client is gone: nothing can reach it
         count = len(lines)
-        if self.queued_lines + count <= self.queue_size:
-            data = lines[0] if count == 1 else b"".join(lines)
-            if self.queued_bytes + len(data) <= self.queue_bytes or not self.queued_bytes:
-                queue = self.queue or self._start_writer()
-                queue.put_nowait(data)  # never full: an item holds at least one line
-                self.queued_lines += count
-                self.queued_bytes += len(data)
-                self.dropping = False
-                return
+        data = lines[0] if count == 1 else b"".join(lines)
+        size = len(data)
+        if self._fits(count, size) or (
+            count > 1
+            and not self.dropping
+            and count <= self.queue_size
+            and size <= self.queue_bytes
+            and self._wait_for_room(count, size)
+        ):
+            self._put(data, count, size)
+            return
+        if count == 1:
+            self.send(data)
+            return
+        del data
         for line in lines:
             self.send(line)
 
@@ -169,12 +192,15 @@ class Connection:
         """Queue one reply line (ending in a newline); see the module docstring when full."""
         if self.failed is not None:
             return
-        if self._fits(len(line)) or (not self.dropping and self._wait_for_room(len(line))):
-            (self.queue or self._start_writer()).put_nowait(line)
-            self.queued_lines += 1
-            self.queued_bytes += len(line)
-            self.dropping = False
+        size = len(line)
+        if self._fits(1, size) or (not self.dropping and self._wait_for_room(1, size)):
+            self._put(line, 1, size)
             return
+        self.drop(1)
+
+    def drop(self, count: int) -> None:
+        """Count ``count`` reply lines as dropped (the queue is full and the client does not
+        read), logging ``messages_dropping`` once per episode."""
         if not self.dropping:
             self.dropping = True
             self.log.warning(
@@ -183,26 +209,42 @@ class Connection:
                 queued_bytes=self.queued_bytes,
                 messages_dropped=self.messages_dropped,
             )
-        self.messages_dropped += 1
-        self.counters.messages_dropped += 1
+        self.messages_dropped += count
+        self.counters.messages_dropped += count
 
-    def _fits(self, size: int) -> bool:
-        # One line larger than the byte bound still goes into an empty queue: the bound is
-        # there to stop a stuck client from hoarding, not to refuse a big value.
-        return self.queued_lines < self.queue_size and (
-            self.queued_bytes + size <= self.queue_bytes or not self.queued_bytes
+    @property
+    def full(self) -> bool:
+        """True while dropping and nothing more fits: a reply can be counted unbuilt."""
+        return self.failed is not None or (self.dropping and not self._fits(1, 1))
+
+    def _put(self, data: bytes, count: int, size: int) -> None:
+        (self.queue or self._start_writer()).put_nowait(data)  # never full: see __init__
+        self.queued_lines += count
+        self.queued_bytes += size
+        self.dropping = False
+        guard = self.guard
+        guard.buffered += size
+        if guard.buffered > guard.mark:
+            guard.check()
+
+    def _fits(self, count: int, size: int) -> bool:
+        # One line larger than the byte bound still goes into an empty queue (nothing in
+        # flight either): the bound is there to stop a stuck client from hoarding, not to
+        # refuse a big value.
+        return self.queued_lines + count <= self.queue_size and (
+            self.queued_bytes + size <= self.queue_bytes or (count == 1 and not self.queued_bytes)
         )
 
-    def _wait_for_room(self, size: int) -> bool:
-        """Wait while the writer makes room for one line of ``size`` bytes. Give up (the
-        client is not reading) once the writer's send has made no progress for DROP_GRACE,
-        or in any case after ROOM_WAIT_LIMIT (the writer never got to run)."""
+    def _wait_for_room(self, count: int, size: int) -> bool:
+        """Wait while the writer makes room for ``count`` lines of ``size`` bytes. Give up
+        (the client is not reading) once the writer's send has made no progress for
+        DROP_GRACE, or in any case after ROOM_WAIT_LIMIT (the writer never got to run)."""
         if self.room is None:
             self.room = gevent.event.Event()
         give_up = time.monotonic() + ROOM_WAIT_LIMIT
         self.waiting = True
         try:
-            while not self._fits(size):
+            while not self._fits(count, size):
                 if self.failed is not None:
                     return False
                 now = time.monotonic()
@@ -214,6 +256,54 @@ class Connection:
             return True
         finally:
             self.waiting = False
+
+    def note_input(self) -> None:
+        """Count the incomplete request line the buffer holds now (after a ``feed``)."""
+        held = self.buffer.pending
+        delta = held - self.input_held
+        if delta and not self.released:
+            self.input_held = held
+            guard = self.guard
+            guard.buffered += delta
+            if guard.buffered > guard.mark:
+                guard.check()
+
+    def buffered(self) -> int:
+        """Bytes this client holds now: its incomplete line, queued and in-flight replies."""
+        return self.input_held + self.queued_bytes
+
+    def release(self) -> None:
+        """Give back everything this connection counted in the guard (when it is dropped);
+        nothing is counted afterwards."""
+        if not self.released:
+            self.released = True
+            self.guard.buffered -= self.input_held + self.queued_bytes
+            self.input_held = 0
+
+    def abort(self, reason: str) -> None:
+        """Disconnect now, from any greenlet, dropping what is queued: record ``reason`` as
+        the failure, stop the writer, free the queue and shut the socket down (the reader
+        wakes, sees :attr:`failed` and ends; it still closes the socket)."""
+        if self.failed is None:
+            self.failed = reason
+        if self.writer is not None and not self.writer.dead:
+            self.writer.kill(block=False)
+        self._discard_queue()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _discard_queue(self) -> None:
+        """Empty the queue (its replies are lost), wake a reader waiting for room."""
+        queue = self.queue
+        while queue is not None and not queue.empty():
+            queue.get_nowait()
+        if not self.released:
+            self.guard.buffered -= self.queued_bytes
+        self.queued_lines = self.queued_bytes = 0
+        if self.room is not None:
+            self.room.set()  # a reader waiting for room gives up at once
 
     def _write_loop(self, queue: Queue) -> None:
         """The writer greenlet: send queued chunks in batches of up to MAX_SEND_BATCH bytes,
@@ -241,22 +331,26 @@ class Connection:
                     del batch  # while sendall blocks, hold the bytes once, not twice
                 size = len(data)
                 self.queued_lines -= data.count(b"\n")  # values never hold a newline
-                self.queued_bytes -= size
                 if self.waiting:
                     self.room.set()  # type: ignore[union-attr]
                 sendall(data)
                 del data
+                if self.failed is not None:
+                    return  # aborted meanwhile: abort() has discarded the queue and its bytes
+                # Only now are its bytes free: until sendall returned, the batch was pinned.
+                self.queued_bytes -= size
+                if not self.released:
+                    self.guard.buffered -= size
+                if self.waiting:
+                    self.room.set()  # type: ignore[union-attr]
                 if eof:
                     return
         except OSError as exc:
-            self.failed = (
-                "reset" if isinstance(exc, ConnectionResetError | BrokenPipeError) else "write_error"
-            )
-            while not queue.empty():
-                queue.get_nowait()
-            self.queued_lines = self.queued_bytes = 0
-            if self.room is not None:
-                self.room.set()  # a reader waiting for room gives up at once
+            if self.failed is None:
+                self.failed = (
+                    "reset" if isinstance(exc, ConnectionResetError | BrokenPipeError) else "write_error"
+                )
+            self._discard_queue()
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if it is in recv
             except OSError:

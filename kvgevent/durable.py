@@ -107,6 +107,14 @@ class DurableStore(KVStore):
             self._rewriter = gevent.spawn(self._rewrite_in_background)
         return results
 
+    def apply_some(self, commands: Sequence[DataCommand], budget: int) -> tuple[list[Result], int]:
+        # Cut the batch before logging it: what is logged must be applied at once.
+        count, work = self.memory.affordable(commands, budget)
+        return self.apply(commands[:count] if count < len(commands) else commands), work
+
+    def memory_used(self) -> int:
+        return self.memory.used_bytes
+
     def _refused(self, commands: Sequence[DataCommand]) -> list[Result]:
         """The log could not take the batch: reads are answered, every write is refused."""
         data = self.memory.data

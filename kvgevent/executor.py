@@ -4,6 +4,16 @@
 (request lines, or too-long markers), parses them, hands each run of data commands to the
 store in one call (:meth:`~kvgevent.store.KVStore.apply`), answers PING, STATS and AUTH
 itself, and queues the replies on the connection in chunks. It does no I/O of its own.
+
+Work per turn. A client's turn ends after TURN_WORK units of work (values the store scans,
+reply lines and bytes built), not only after TURN_BYTES of requests: the executor then hands
+the replies built so far to the writer and waits for the client's next turn (``pause``). A GET
+of a huge key is built and queued in pieces of at most REPLY_CHUNK lines and MAX_SEND_BATCH
+bytes; once its client's queue is full and the client does not read, the rest of the reply is
+counted as dropped without being built.
+
+Memory. While the server is over ``--max-memory`` (:class:`~kvgevent.memory.MemoryGuard`),
+PUT and UPDATE get ``ERR out of memory``; GET and DELETE are applied as usual.
 """
 
 from __future__ import annotations
@@ -12,9 +22,17 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-from .config import MAX_AUTH_FAILURES, REPLY_CHUNK
+from .config import (
+    INLINE_REPLY_BYTES,
+    INLINE_REPLY_VALUES,
+    MAX_AUTH_FAILURES,
+    MAX_SEND_BATCH,
+    REPLY_CHUNK,
+    TURN_WORK,
+)
 from .connection import Connection, Counters
 from .errors import KVError, ProtocolError
+from .memory import ERR_OUT_OF_MEMORY, MemoryGuard
 from .protocol import (
     ERR_AUTH_REQUIRED,
     ERR_INVALID_PASSWORD,
@@ -29,7 +47,10 @@ from .protocol import (
     stats_line,
     value_lines,
 )
-from .store import DATA_COMMANDS, KVStore
+from .store import DATA_COMMANDS, WRITES, KVStore, Result
+
+REPLY_LINE_WORK = 18
+"""Work units of building one reply line (about 180 ns), besides one per 8 of its bytes."""
 
 
 class TooManyAuthFailures(Exception):
@@ -40,12 +61,20 @@ class Executor:
     """Applies one client's requests in order; shared by every connection of a server."""
 
     def __init__(
-        self, store: KVStore, counters: Counters, password: bytes | None, stats: Callable[[], dict[str, int]]
+        self,
+        store: KVStore,
+        counters: Counters,
+        password: bytes | None,
+        stats: Callable[[], dict[str, int]],
+        guard: MemoryGuard,
+        pause: Callable[[], None],
     ) -> None:
         self.store = store
         self.counters = counters
         self.password = password
         self.stats = stats
+        self.guard = guard
+        self.pause = pause  # waits for the calling client's next turn (Turns.wait)
 
     def execute(self, conn: Connection, items: list[bytes | ProtocolError]) -> None:
         """Apply parsed requests in order; the one place where errors become ``ERR`` lines.
@@ -101,28 +130,103 @@ class Executor:
         counters.errors += errors
 
     def _apply(self, conn: Connection, run: list[Any], out: list[bytes]) -> int:
-        """Have the store apply a run of data commands; add the GET replies and an ERR per
-        failed command to ``out``, handing full chunks to the writer. Returns the errors."""
+        """Have the store apply a run of data commands, a turn's work at a time; add the GET
+        replies and an ERR per failed command to ``out``, handing full chunks to the writer.
+        Returns the errors."""
+        errors = 0
+        while True:
+            try:
+                results, work = self._apply_some(conn, run)
+            except KVError as exc:  # the store failed as a whole
+                out += [exc.reply] * len(run)
+                return errors + len(run)
+            conn.work += work
+            errors += self._replies(conn, run, results, out)
+            if len(results) == len(run):
+                return errors
+            run = run[len(results) :]
+            if conn.work >= TURN_WORK:
+                self._pause(conn, out)
+
+    def _apply_some(self, conn: Connection, run: list[Any]) -> tuple[list[Result], int]:
+        """Apply the first commands of ``run`` within the turn's remaining work; over the
+        memory limit, refuse the writes that lead ``run``, or apply what comes before the
+        first write."""
+        guard = self.guard
+        if guard.limit and guard.over():
+            writes = 0
+            for cmd in run:
+                if cmd.__class__ not in WRITES:
+                    break
+                writes += 1
+            if writes:
+                guard.refused(writes)
+                return [ERR_OUT_OF_MEMORY] * writes, 0
+            end = next((i for i, cmd in enumerate(run) if cmd.__class__ in WRITES), len(run))
+            run = run[:end]
         store = self.store
-        try:
-            results = store.apply(run)
-        except KVError as exc:  # the store failed as a whole
-            out += [exc.reply] * len(run)
-            return len(run)
+        results, work = store.apply_some(run, TURN_WORK - conn.work)
         if store.needs_barrier:  # what this connection's next PING waits for
             conn.write_mark = store.write_position()
+        return results, work
+
+    def _replies(self, conn: Connection, run: list[Any], results: list[Result], out: list[bytes]) -> int:
+        """Add the replies of ``results`` (of the first commands of ``run``) to ``out``;
+        returns the errors among them."""
         errors = 0
-        for cmd, values in zip(run, results, strict=True):
+        for cmd, values in zip(run, results, strict=False):
             if values:
                 if values.__class__ is list:
-                    out += value_lines(cmd[0], values)  # type: ignore[arg-type]
-                    if len(out) >= REPLY_CHUNK:
-                        conn.send_lines(out)
-                        out.clear()  # send_lines has joined (or queued) the lines already
+                    count = len(values)  # type: ignore[arg-type]
+                    if (count == 1 and len(values[0]) <= INLINE_REPLY_BYTES) or (  # type: ignore[index]
+                        count <= INLINE_REPLY_VALUES and sum(map(len, values)) <= INLINE_REPLY_BYTES  # type: ignore[arg-type]
+                    ):
+                        out += value_lines(cmd[0], values)  # type: ignore[arg-type]
+                        if len(out) >= REPLY_CHUNK:
+                            conn.send_lines(out)
+                            out.clear()  # send_lines has joined (or queued) the lines already
+                    else:
+                        self._send_values(conn, cmd[0], values, out)  # type: ignore[arg-type]
                 else:  # a KVError
                     errors += 1
                     out.append(values.reply)  # type: ignore[union-attr]
         return errors
+
+    def _send_values(self, conn: Connection, key: bytes, values: list[bytes], out: list[bytes]) -> None:
+        """Build and queue a big GET reply in pieces, yielding the turn as the work adds up;
+        once the client's queue is full and it does not read, count the rest as dropped."""
+        if out:
+            conn.send_lines(out)  # the replies before this one go first
+            out.clear()
+        prefix = key + b":"
+        count = len(values)
+        index = 0
+        while index < count:
+            first = index
+            if conn.full:
+                if conn.failed is None:
+                    conn.drop(count - index)
+                return
+            piece: list[bytes] = []
+            size = 0
+            while index < count and len(piece) < REPLY_CHUNK and size < MAX_SEND_BATCH:
+                line = prefix + values[index] + b"\n"
+                piece.append(line)
+                size += len(line)
+                index += 1
+            conn.send_lines(piece)
+            del piece
+            conn.work += REPLY_LINE_WORK * (index - first) + (size >> 3)
+            if conn.work >= TURN_WORK and index < count:
+                self._pause(conn, out)
+
+    def _pause(self, conn: Connection, out: list[bytes]) -> None:
+        """End this client's turn: queue the replies built so far, wait for the next turn."""
+        if out:
+            conn.send_lines(out)
+            out.clear()
+        self.pause()
+        conn.work = 0
 
     def _authenticate(
         self, conn: Connection, items: list[bytes | ProtocolError]

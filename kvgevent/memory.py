@@ -1,4 +1,10 @@
-"""Giving freed memory back to the operating system.
+"""Memory: what the server uses (the ``--max-memory`` rule) and giving freed memory back.
+
+:class:`MemoryGuard` accounts for the memory in use and enforces ``--max-memory``: writes are
+refused while the server is over it (Redis's ``noeviction``), and clients holding the biggest
+buffers are disconnected when their buffers are what fills it (Redis's client eviction).
+
+Giving freed memory back to the operating system:
 
 CPython hands objects over 512 bytes (reply lines, values) to the C allocator. After a burst
 (say, a thousand clients that never read, each holding 500 queued replies) glibc keeps the
@@ -13,6 +19,21 @@ import ctypes.util
 import time
 from collections.abc import Callable
 from typing import Any
+
+from .config import (
+    CLIENT_ALLOWANCE,
+    CONNECTION_COST,
+    EVICT_MIN_BYTES,
+    MEMORY_CHECK_INTERVAL,
+    MEMORY_CHECK_STEP,
+    MEMORY_OK_QUIET,
+)
+from .errors import StoreError
+
+ERR_OUT_OF_MEMORY = StoreError("out of memory")
+"""The reply to a PUT or UPDATE while the server is over ``--max-memory``."""
+
+_NO_LIMIT = 1 << 62  # a buffer level never reached: no check is ever due
 
 MEMORY_TRIM_INTERVAL = 10.0
 """Seconds between two attempts to return freed memory to the OS (only after clients left)."""
@@ -73,4 +94,120 @@ def release_memory_loop(dropped: Callable[[], int], log: Any) -> None:
             rss_before_kb=before,
             rss_after_kb=rss_kb(),
             ms=round((time.perf_counter() - began) * 1000, 2),
+        )
+
+
+class MemoryGuard:
+    """The memory in use, by accounting, and the ``--max-memory`` rule (``limit``; 0 = none).
+
+    ``used()`` is ``base`` (the process apart from what is accounted: the interpreter, its
+    libraries; measured by :meth:`calibrate` as the RSS minus the store's bytes) plus what the
+    store reports holding (:meth:`~kvgevent.store.KVStore.memory_used`), plus ``buffered`` (the
+    bytes every client holds: an incomplete request line, queued and in-flight replies, kept
+    up to date by the connections), plus CONNECTION_COST per connection.
+
+    Connections add to ``buffered`` and, when it passes ``mark``, call :meth:`check`, which
+    wakes :meth:`run` when the server is over the limit; :meth:`run` then asks the server to
+    disconnect clients (``evict(excess)``, biggest buffers first). Writes are refused by the
+    executor while :meth:`over` (it calls :meth:`refused`). Each episode over the limit logs
+    one ``max_memory_reached`` and one ``max_memory_ok``.
+    """
+
+    def __init__(self, limit: int, store: Any, connections: Callable[[], int], log: Any) -> None:
+        self.limit = limit
+        self.store = store
+        self.connections = connections
+        self.log = log
+        self.base = 0
+        self.buffered = 0
+        self.mark = MEMORY_CHECK_STEP if limit else _NO_LIMIT
+        self.oom_rejected = 0
+        self.evicted = 0
+        self._wake: Any = None  # a gevent Event, made by run()
+        self._episode: dict[str, Any] | None = None
+        self._last_refusal = 0.0
+
+    def calibrate(self) -> None:
+        """Measure ``base`` (call once the store is loaded, before clients connect)."""
+        rss = rss_kb()
+        if rss is not None:
+            self.base = rss * 1024 - self.store.memory_used()
+
+    def used(self) -> int:
+        return self.base + self.store.memory_used() + self.buffered + CONNECTION_COST * self.connections()
+
+    def over(self) -> bool:
+        """True while a limit is set and the memory in use is above it."""
+        return bool(self.limit) and self.used() > self.limit
+
+    def refused(self, count: int) -> None:
+        """``count`` writes were refused for memory: count them (and start an episode)."""
+        self.oom_rejected += count
+        self._last_refusal = time.monotonic()
+        self._begin()
+
+    def check(self) -> None:
+        """Client buffers grew past ``mark``: wake :meth:`run` if that put the server over."""
+        self.mark = self.buffered + MEMORY_CHECK_STEP
+        if self._wake is not None and self.over():
+            self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "maxmemory": self.limit,
+            "used_memory": max(self.used(), 0),
+            "used_memory_clients": self.buffered,
+            "oom_rejected": self.oom_rejected,
+            "evicted_clients": self.evicted,
+        }
+
+    def run(self, evict: Callable[[int, int], int]) -> None:
+        """The guard's greenlet (with a limit only): every MEMORY_CHECK_INTERVAL, or at once
+        when woken by :meth:`check`, disconnect clients if their buffers put the server over
+        the limit, and end an episode once under it. Runs until killed.
+
+        ``evict(excess, floor)`` disconnects clients holding at least ``floor`` bytes, the
+        biggest first, until they held ``excess`` bytes; it returns how many it disconnected."""
+        import gevent.event
+
+        self._wake = gevent.event.Event()
+        while True:
+            self._wake.wait(MEMORY_CHECK_INTERVAL)
+            self._wake.clear()
+            self.mark = self.buffered + MEMORY_CHECK_STEP
+            excess = self.used() - self.limit
+            if excess > 0:
+                # Client buffers up to the allowance are never the reason: with the store
+                # full, refusing writes is enough, and a client can still read values out.
+                excess = min(excess, self.buffered - self.limit // CLIENT_ALLOWANCE)
+                if excess > 0:
+                    evicted = evict(excess, EVICT_MIN_BYTES)
+                    if evicted:
+                        self.evicted += evicted
+                        self._begin()
+                        self._episode["evicted_clients"] += evicted  # type: ignore[index]
+            elif self._episode is not None and time.monotonic() - self._last_refusal >= MEMORY_OK_QUIET:
+                self._end()
+
+    def _begin(self) -> None:
+        if self._episode is not None:
+            return
+        self._episode = {"since": time.monotonic(), "rejected": self.oom_rejected, "evicted_clients": 0}
+        self.log.warning(
+            "max_memory_reached",
+            maxmemory=self.limit,
+            used_memory=self.used(),
+            used_memory_clients=self.buffered,
+        )
+
+    def _end(self) -> None:
+        episode, self._episode = self._episode, None
+        assert episode is not None
+        self.log.info(
+            "max_memory_ok",
+            maxmemory=self.limit,
+            used_memory=self.used(),
+            seconds=round(time.monotonic() - episode["since"], 3),
+            oom_rejected=self.oom_rejected - episode["rejected"],
+            evicted_clients=episode["evicted_clients"],
         )

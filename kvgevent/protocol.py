@@ -112,25 +112,26 @@ class LineBuffer:
     incomplete request and are discarded (a client that vanished mid-line changes nothing).
     """
 
-    __slots__ = ("max_line", "_parts", "_size", "_discarding")
+    __slots__ = ("max_line", "_partial", "_discarding")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         if max_line < 1:
             raise ValueError("max_line must be positive")
         self.max_line = max_line
-        self._parts: list[bytes] = []  # the partial line, in pieces: no quadratic joins
-        self._size = 0
+        # The partial line, in one bytearray: appending is amortised O(1), and a client that
+        # sends a line a byte at a time costs its bytes, not a 50-byte object per recv.
+        self._partial = bytearray()
         self._discarding = False  # inside a too-long line, dropping bytes up to its newline
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete line held now (always <= ``max_line``)."""
-        return self._size
+        return len(self._partial)
 
     def feed(self, data: bytes) -> list[bytes | ProtocolError]:
         """Add received bytes; return the lines (or too-long markers) they complete."""
         out: list[bytes | ProtocolError] = []
-        if self._discarding or self._parts:
+        if self._discarding or self._partial:
             newline = data.find(b"\n")
             if newline < 0:
                 if not self._discarding:
@@ -140,11 +141,9 @@ class LineBuffer:
             if self._discarding:
                 self._discarding = False
             else:
-                size = self._size + len(head)
-                self._parts.append(head)
-                line = b"".join(self._parts)
-                self._parts = []
-                self._size = 0
+                size = len(self._partial) + len(head)
+                line = bytes(self._partial) + head if size <= self.max_line else b""
+                self._partial = bytearray()
                 if size > self.max_line:
                     out.append(ERR_LINE_TOO_LONG)
                 else:
@@ -169,14 +168,12 @@ class LineBuffer:
 
     def _hold(self, chunk: bytes, out: list[bytes | ProtocolError]) -> None:
         """Keep ``chunk`` as part of the incomplete line, unless that makes it too long."""
-        if self._size + len(chunk) > self.max_line:
+        if len(self._partial) + len(chunk) > self.max_line:
             out.append(ERR_LINE_TOO_LONG)
-            self._parts = []
-            self._size = 0
+            self._partial = bytearray()
             self._discarding = True
         else:
-            self._parts.append(chunk)
-            self._size += len(chunk)
+            self._partial += chunk
 
 
 # The parse functions build commands with tuple.__new__: a NamedTuple's own constructor is a

@@ -31,6 +31,7 @@ from .config import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_LINE,
+    DEFAULT_MAX_MEMORY,
     DEFAULT_PORT,
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
@@ -45,7 +46,7 @@ from .connection import Connection, Counters
 from .errors import KVError, ProtocolError
 from .executor import Executor, TooManyAuthFailures
 from .logs import get_logger
-from .memory import release_memory_loop
+from .memory import MemoryGuard, release_memory_loop
 from .net import _is_loopback, _reuse_port_listener, worker_name
 from .store import KVStore, MemoryStore
 from .tls import TlsStream
@@ -89,6 +90,7 @@ class KeyValueServer:
         tls: ssl.SSLContext | None = None,
         backlog: int = DEFAULT_BACKLOG,
         reuse_port: bool = False,
+        max_memory: int = DEFAULT_MAX_MEMORY,
     ) -> None:
         for name, value in (
             ("queue_size", queue_size),
@@ -98,6 +100,8 @@ class KeyValueServer:
         ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if max_memory < 0:
+            raise ValueError("max_memory must be 0 (no limit) or positive")
         self.store = store if store is not None else MemoryStore()
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
@@ -115,12 +119,16 @@ class KeyValueServer:
         self._writers = Group()
         self._sweeper: gevent.Greenlet | None = None
         self._turns = Turns()
-        self._executor = Executor(self.store, self.counters, self._password, self.stats)
+        self._conns: dict[int, Connection] = {}
+        self.memory = MemoryGuard(max_memory, self.store, self._conns.__len__, self.log)
+        self._executor = Executor(
+            self.store, self.counters, self._password, self.stats, self.memory, self._turns.wait
+        )
+        self._guard: gevent.Greenlet | None = None
         self._janitor: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
         self._worker = worker_name()
         self._reported = 0  # dropped clients already published to a shared store
-        self._conns: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._started_at = time.monotonic()
         self._closing = False
@@ -150,6 +158,9 @@ class KeyValueServer:
         self._janitor = gevent.spawn(release_memory_loop, lambda: self.counters.dropped, self.log)
         if self.store.shared:
             self._reporter = gevent.spawn(self._report_clients)
+        self.memory.calibrate()
+        if self.memory.limit:
+            self._guard = gevent.spawn(self.memory.run, self._evict)
         bound = server.address[0]
         self.log.info(
             "server_started",
@@ -162,6 +173,7 @@ class KeyValueServer:
             max_line=self.max_line,
             max_clients=self.max_clients,
             idle_timeout=self.idle_timeout,
+            max_memory=self.memory.limit,
         )
         if not _is_loopback(bound) and self._password is None:
             self.log.warning(
@@ -203,6 +215,7 @@ class KeyValueServer:
             "idle_closed": c.idle_closed,
             "lines_too_long": c.lines_too_long,
             "uptime_s": int(time.monotonic() - self._started_at),
+            **self.memory.stats(),
             **self.store.stats(),
             **(self.store.cluster_stats(self._worker, len(self._conns)) if self.store.shared else {}),
         }
@@ -221,7 +234,7 @@ class KeyValueServer:
             self._flush_deadline = time.monotonic() + flush_timeout
             if self._server is not None:
                 self._server.close()  # stops accepting and closes the listening socket
-            for helper in (self._sweeper, self._janitor, self._reporter):
+            for helper in (self._sweeper, self._janitor, self._reporter, self._guard):
                 if helper is not None:
                     helper.kill()
             for conn in list(self._conns.values()):
@@ -265,6 +278,7 @@ class KeyValueServer:
             log=self.log,
             counters=self.counters,
             writers=self._writers,
+            guard=self.memory,
         )
         conn.authenticated = self._password is None
         self._conns[client_id] = conn
@@ -340,13 +354,14 @@ class KeyValueServer:
         conn.sendall = stream.sendall
 
     def _read_loop(self, conn: Connection) -> None:
-        """Read, parse and execute requests until end of stream."""
+        """Read, parse and execute requests until end of stream, or until the connection
+        fails (its writer could not send, or it was disconnected for memory)."""
         recv = conn.recv
         feed = conn.buffer.feed
         execute = self._executor.execute
         turns = self._turns
         track_idle = self.idle_timeout > 0
-        while True:
+        while conn.failed is None:
             data = recv(RECV_SIZE)
             if not data:
                 return
@@ -354,7 +369,9 @@ class KeyValueServer:
                 conn.last_seen = time.monotonic()
             if len(data) <= TURN_BYTES:
                 items = feed(data)
+                conn.note_input()
                 if items:
+                    conn.work = 0  # recv waited for this data: a new turn
                     execute(conn, items)
                 continue
             # A big read: a client with a backlog. Apply it a turn at a time, each turn
@@ -364,10 +381,31 @@ class KeyValueServer:
             for start in range(0, len(data), TURN_BYTES):
                 if worked:
                     turns.wait()
+                    conn.work = 0
+                    if conn.failed is not None:
+                        return
                 items = feed(data[start : start + TURN_BYTES])
+                conn.note_input()
                 worked = bool(items)
                 if worked:
                     execute(conn, items)
+
+    def _evict(self, excess: int, floor: int) -> int:
+        """Disconnect the clients holding the most buffered bytes (at least ``floor`` each)
+        until they held ``excess`` bytes (reason ``memory_limit``); returns how many."""
+        held = sorted(
+            ((conn.buffered(), conn) for conn in self._conns.values() if conn.failed is None),
+            key=lambda pair: pair[0],
+            reverse=True,
+        )
+        evicted = 0
+        for size, conn in held:
+            if excess <= 0 or size < floor:
+                break
+            conn.abort("memory_limit")
+            excess -= size
+            evicted += 1
+        return evicted
 
     def _sweep_idle(self) -> None:
         """Close clients that sent nothing for ``idle_timeout`` seconds (checked twice per timeout,
@@ -401,6 +439,7 @@ class KeyValueServer:
         if self._conns.pop(conn.client_id, None) is None:
             return
         self.counters.dropped += 1
+        conn.release()
         conn.close()
         extra = {"error": error} if error else {}
         conn.log.info(
