@@ -23,6 +23,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.socket  # noqa: E402
 import pytest  # noqa: E402
 
 from kvgevent import KeyValueServer, KVStore, MemoryStore, configure_logging  # noqa: E402
@@ -305,12 +306,29 @@ class ServerProcess:
             env={**os.environ, **(env or {})},
         )
         self.stderr = b""
+        assert self.proc.stderr is not None
+        self._stderr_fd = self.proc.stderr.fileno()
+        os.set_blocking(self._stderr_fd, False)
         self._collector = gevent.spawn(self._collect)
 
     def _collect(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr += line
+        while self._drain():
+            gevent.socket.wait_read(self._stderr_fd)
+
+    def _drain(self) -> bool:
+        """Append what the pipe holds now to ``stderr``; False at its end. :meth:`events`
+        calls it too: the server logs an event before it sends the reply that follows it, so
+        a test that has that reply finds the event without waiting for the collector's turn."""
+        while True:
+            try:
+                chunk = os.read(self._stderr_fd, 1 << 16)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self.stderr += chunk
 
     def wait_listening(self, timeout: float = 10.0) -> None:
         """Wait for the server_started event (without connecting, which would count)."""
@@ -337,6 +355,8 @@ class ServerProcess:
 
     def events(self) -> list[dict[str, Any]]:
         """Every complete stderr line, parsed as JSON (fails if any line is not JSON)."""
+        if not self._collector.dead:
+            self._drain()
         complete = self.stderr[: self.stderr.rfind(b"\n") + 1]
         return [json.loads(line) for line in complete.decode().splitlines()]
 
