@@ -7,6 +7,11 @@ aligned human-readable lines; ``auto`` picks ``console`` when stderr is a termin
 gevent prints exceptions that escape a greenlet, and errors in its accept loop, as raw
 tracebacks on stderr, which would break a JSON log stream. :func:`configure_logging` routes
 them through structlog as ``unhandled_error`` events instead.
+
+No log line holds what a client sent beyond a verb and a key: an exception is logged as its
+type and where it was raised (:func:`describe_exception`), never with its frames' local
+variables (they hold request lines, an ``AUTH:<password>`` among them), its source lines or,
+unless it comes from the OS or is one of kvgevent's fixed phrases, its message.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import IO, Any
 
 import gevent
 import structlog
+
+from .errors import KVError
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -42,12 +49,13 @@ def configure_logging(
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     processors: list[Any] = [
+        _exception_fields(as_text=fmt != "json"),
         structlog.processors.add_log_level,
         *([_add_worker(worker)] if worker is not None else []),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if fmt == "json":
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        processors += [structlog.processors.JSONRenderer()]
     else:
         processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     structlog.configure(
@@ -59,6 +67,49 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     _route_hub_errors()
+
+
+MAX_LOGGED_FRAMES = 20
+"""Frames of an exception's traceback logged (the innermost ones): where a bug is, in a line."""
+
+
+def describe_exception(exc: BaseException) -> dict[str, Any]:
+    """An exception as a log field that holds nothing a client sent: ``type``, ``frames``
+    (``file:line function``, outermost first) and, only for an OSError (the OS's words, a
+    path) or a KVError (a fixed phrase), ``message``. Other messages may quote a request."""
+    frames = [
+        f"{frame.f_code.co_filename}:{lineno} {frame.f_code.co_name}"
+        for frame, lineno in traceback.walk_tb(exc.__traceback__)
+    ]
+    described: dict[str, Any] = {"type": type(exc).__name__, "frames": frames[-MAX_LOGGED_FRAMES:]}
+    if isinstance(exc, OSError | KVError):
+        described["message"] = str(exc)[:200]
+    return described
+
+
+def _exception_fields(as_text: bool) -> Any:
+    """A processor turning ``exc_info`` (``log.exception(...)``) into a safe ``exception``
+    field: the dict of :func:`describe_exception`, or (``as_text``, for the console
+    renderer, which prints that field below the event) the same as lines of text."""
+
+    def process(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        exc_info = event.pop("exc_info", None)
+        if exc_info:
+            if isinstance(exc_info, BaseException):
+                exc: BaseException | None = exc_info
+            else:
+                exc = (sys.exc_info() if exc_info is True else exc_info)[1]
+            if exc is not None:
+                described = describe_exception(exc)
+                event["exception"] = _as_text(described) if as_text else described
+        return event
+
+    return process
+
+
+def _as_text(described: dict[str, Any]) -> str:
+    head = described["type"] + (f": {described['message']}" if "message" in described else "")
+    return "\n".join([head, *("  at " + frame for frame in described["frames"])])
 
 
 def _add_worker(worker: int) -> Any:
@@ -80,13 +131,30 @@ def _route_hub_errors() -> None:
     hub.print_exception = _log_hub_exception  # type: ignore[method-assign]
 
 
+def _describe_context(context: Any) -> str | None:
+    """Where an error escaped: the context's type and, for a greenlet, the function it ran
+    (not its repr: that shows the greenlet's arguments, which may be request bytes)."""
+    if context is None:
+        return None
+    run = getattr(context, "_run", None)
+    name = getattr(run, "__qualname__", None)
+    return f"{type(context).__name__}({name})" if name else type(context).__name__
+
+
 def _log_hub_exception(context: Any, etype: Any, value: Any, tb: Any) -> None:
-    """Stand-in for ``Hub.print_exception``: one structured event instead of a traceback."""
+    """Stand-in for ``Hub.print_exception``: one structured event instead of a traceback
+    (see :func:`describe_exception` for what it holds)."""
     try:
-        where = repr(context)[:200] if context is not None else None
-        text = "".join(traceback.format_exception(etype, value, tb)) if etype else repr(value)
+        exception: dict[str, Any] = {}
+        if isinstance(value, BaseException):
+            if tb is not None and value.__traceback__ is None:
+                value = value.with_traceback(tb)
+            exception["exc_info"] = value  # rendered by _exception_fields
         get_logger().error(
-            "unhandled_error", context=where, error_type=getattr(etype, "__name__", "?"), traceback=text
+            "unhandled_error",
+            context=_describe_context(context),
+            error_type=getattr(etype, "__name__", "?"),
+            **exception,
         )
     except Exception:  # never let error reporting itself raise inside the hub
         pass
