@@ -31,6 +31,35 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_AUTH_FAILURES = 10
 """Wrong passwords one connection may send before it is closed."""
 
+AUTH_MAX_LINE = 4096
+"""Longest request line, in bytes, before a connection has authenticated (or the password's
+AUTH line, if longer): an AUTH line is short, and a stranger may not hold a --max-line buffer."""
+
+AUTH_THROTTLE_AFTER = 10
+"""Wrong passwords from one client address (across its connections) after which each further
+AUTH from that address waits its turn (reconnecting no longer buys fresh guesses)."""
+
+AUTH_FAILURE_WINDOW = 60.0
+"""Seconds without a wrong password after which an address's failures are forgotten (and a
+throttling episode ends)."""
+
+AUTH_DELAY_MIN = 0.25
+"""Seconds between two AUTHs of a throttled address at first; doubled after each one."""
+
+AUTH_DELAY_MAX = 4.0
+"""Most seconds between two AUTHs of a throttled address: at most one guess per this long."""
+
+AUTH_MAX_WAIT = 4.0
+"""Most seconds one AUTH waits for its turn; later ones from the address (guesses sent in
+parallel) get ``ERR auth throttled`` at once, unchecked, instead of queueing without end."""
+
+AUTH_SWEEP_INTERVAL = 1.0
+"""Seconds between two looks for addresses whose wrong passwords can be forgotten."""
+
+AUTH_TRACKED_ADDRESSES = 100_000
+"""Addresses whose wrong passwords are remembered at once (the oldest are forgotten first):
+bounds the table's memory when guesses come from very many addresses."""
+
 DEFAULT_MAX_LINE = 1 << 20
 """Longest request line accepted, in bytes before the newline; longer lines get ``ERR line too long``."""
 

@@ -55,6 +55,7 @@ class Counters:
         "commands",
         "errors",
         "auth_failures",
+        "auth_throttled",
         "idle_closed",
         "lines_too_long",
     )
@@ -70,6 +71,7 @@ class Connection:
     __slots__ = (
         "client_id",
         "peer",
+        "host",
         "sock",
         "io",
         "recv",
@@ -108,6 +110,7 @@ class Connection:
         peer: str,
         sock: Any,
         *,
+        host: str,
         queue_size: int,
         queue_bytes: int,
         max_line: int,
@@ -118,6 +121,7 @@ class Connection:
     ) -> None:
         self.client_id = client_id
         self.peer = peer
+        self.host = host  # the client's address without the port (AUTH throttling)
         self.sock = sock
         # The byte stream: the socket itself, or a TlsStream over it (see KeyValueServer).
         self.io = wrap(sock)  # counts what the kernel accepted, and since when it accepts nothing

@@ -14,6 +14,10 @@ counted as dropped without being built.
 
 Memory. While the server is over ``--max-memory`` (:class:`~kvgevent.memory.MemoryGuard`),
 PUT and UPDATE get ``ERR out of memory``; GET and DELETE are applied as usual.
+
+Passwords. Before a password is checked, the client's address may have to wait for its turn
+(:class:`~kvgevent.auth_throttle.AuthThrottle`): the replies built so far are queued first, then
+the reader sleeps; an AUTH whose turn is too far off gets ``ERR auth throttled`` unchecked.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
+from .auth_throttle import AuthThrottle
 from .config import (
     INLINE_REPLY_BYTES,
     INLINE_REPLY_VALUES,
@@ -35,6 +40,7 @@ from .errors import KVError, ProtocolError
 from .memory import ERR_OUT_OF_MEMORY, MemoryGuard
 from .protocol import (
     ERR_AUTH_REQUIRED,
+    ERR_AUTH_THROTTLED,
     ERR_INVALID_PASSWORD,
     ERR_LINE_TOO_LONG,
     ERR_NO_PASSWORD,
@@ -54,7 +60,12 @@ REPLY_LINE_WORK = 18
 
 
 class TooManyAuthFailures(Exception):
-    """A connection sent MAX_AUTH_FAILURES wrong passwords: the server closes it."""
+    """A connection sent MAX_AUTH_FAILURES wrong (or refused) AUTHs: the server closes it
+    after sending ``reply``, the answer to the last one."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__()
+        self.reply = reply
 
 
 class Executor:
@@ -68,6 +79,9 @@ class Executor:
         stats: Callable[[], dict[str, int]],
         guard: MemoryGuard,
         pause: Callable[[], None],
+        throttle: AuthThrottle,
+        sleep: Callable[[float], None],
+        log: Any,
     ) -> None:
         self.store = store
         self.counters = counters
@@ -75,6 +89,9 @@ class Executor:
         self.stats = stats
         self.guard = guard
         self.pause = pause  # waits for the calling client's next turn (Turns.wait)
+        self.throttle = throttle
+        self.sleep = sleep  # waits for an AUTH's turn (gevent.sleep)
+        self.log = log
 
     def execute(self, conn: Connection, items: list[bytes | ProtocolError]) -> None:
         """Apply parsed requests in order; the one place where errors become ``ERR`` lines.
@@ -109,7 +126,7 @@ class Executor:
                 elif kind is Stats:
                     out.append(stats_line(self.stats()))
                 elif kind is Auth:
-                    out.append(self._check_password(conn, cmd))  # type: ignore[arg-type]
+                    out.append(self._check_password(conn, cmd, out))  # type: ignore[arg-type]
                 else:  # a ProtocolError, returned by the parser (or the line buffer)
                     errors += 1
                     if cmd is ERR_LINE_TOO_LONG:
@@ -118,9 +135,9 @@ class Executor:
             except KVError as exc:  # a StoreError from STATS, or a refused AUTH
                 errors += 1
                 out.append(exc.reply)
-            except TooManyAuthFailures:
+            except TooManyAuthFailures as exc:
                 counters.errors += errors + 1
-                out.append(ERR_INVALID_PASSWORD.reply)
+                out.append(exc.reply)
                 conn.send_lines(out)
                 raise
         if run:
@@ -239,15 +256,15 @@ class Executor:
             cmd = parse(item) if item.__class__ is bytes else item
             if cmd.__class__ is Auth:
                 try:
-                    out.append(self._check_password(conn, cmd))  # type: ignore[arg-type]
+                    out.append(self._check_password(conn, cmd, out))  # type: ignore[arg-type]
                     rest = items[index + 1 :]
                     break
                 except KVError as exc:
                     self.counters.errors += 1
                     out.append(exc.reply)
-                except TooManyAuthFailures:
+                except TooManyAuthFailures as exc:
                     self.counters.errors += 1
-                    out.append(ERR_INVALID_PASSWORD.reply)
+                    out.append(exc.reply)
                     conn.send_lines(out)
                     raise
             elif cmd.__class__ is Ping:
@@ -263,21 +280,48 @@ class Executor:
             conn.send_lines(out)
         return rest
 
-    def _check_password(self, conn: Connection, cmd: Auth) -> bytes:
+    def _check_password(self, conn: Connection, cmd: Auth, out: list[bytes]) -> bytes:
         """Mark the connection authenticated and return the OK line, or raise the ERR to
-        send (TooManyAuthFailures after MAX_AUTH_FAILURES wrong ones)."""
+        send (TooManyAuthFailures after MAX_AUTH_FAILURES wrong or refused ones). Waits
+        first for the client address's turn, if it is throttled (queueing ``out`` before)."""
         if self.password is None:
             raise ERR_NO_PASSWORD.fresh()
+        wait = self.throttle.admit(conn.host)
+        if wait is None:  # its turn is too far off: refused unchecked
+            self.counters.auth_throttled += 1
+            self._count_failure(conn, ERR_AUTH_THROTTLED)
+            raise ERR_AUTH_THROTTLED.fresh()
+        if wait:
+            self.counters.auth_throttled += 1
+            if out:
+                conn.send_lines(out)
+                out.clear()
+            self.sleep(wait)
         if not hmac.compare_digest(cmd.password, self.password):  # constant time
             # (an authenticated connection stays so, as in Redis: a wrong AUTH changes nothing)
             self.counters.auth_failures += 1
-            conn.auth_failures += 1
-            conn.log.warning("auth_failed", auth_failures=conn.auth_failures)
-            if conn.auth_failures >= MAX_AUTH_FAILURES:
-                raise TooManyAuthFailures
+            conn.log.warning("auth_failed", auth_failures=conn.auth_failures + 1)
+            began = self.throttle.failed(conn.host)
+            if began is not None:
+                self.log.warning(
+                    "auth_throttled",
+                    host=began.host,
+                    auth_failures=began.failures,
+                    delay_s=began.delay,
+                    hint="this address's AUTHs are checked one at a time, further apart after "
+                    "each wrong password, until it sends none for a while",
+                )
+            self._count_failure(conn, ERR_INVALID_PASSWORD)
             raise ERR_INVALID_PASSWORD.fresh()
         conn.authenticated = True
         return OK
+
+    @staticmethod
+    def _count_failure(conn: Connection, error: KVError) -> None:
+        """One more wrong or refused AUTH on ``conn`` (answered ``error``); too many close it."""
+        conn.auth_failures += 1
+        if conn.auth_failures >= MAX_AUTH_FAILURES:
+            raise TooManyAuthFailures(error.reply)
 
     def _line_too_long(self, conn: Connection) -> None:
         self.counters.lines_too_long += 1

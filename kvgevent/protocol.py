@@ -90,6 +90,7 @@ ERR_FIELDS = {
 ERR_AUTH_REQUIRED = ProtocolError("auth required")
 ERR_INVALID_PASSWORD = ProtocolError("invalid password")
 ERR_NO_PASSWORD = ProtocolError("no password is set")
+ERR_AUTH_THROTTLED = ProtocolError("auth throttled")
 
 # Byte values for membership tests: ``58 in data`` is a memchr (25 ns), while ``b":" in data``
 # goes through the buffer protocol (215 ns), measured with timeit on this machine.

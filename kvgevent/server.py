@@ -25,7 +25,10 @@ from gevent.lock import Semaphore
 from gevent.pool import Group, Pool
 from gevent.server import StreamServer
 
+from .auth_throttle import AuthThrottle
 from .config import (
+    AUTH_MAX_LINE,
+    AUTH_SWEEP_INTERVAL,
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -121,9 +124,21 @@ class KeyValueServer:
         self._turns = Turns()
         self._conns: dict[int, Connection] = {}
         self.memory = MemoryGuard(max_memory, self.store, self._conns.__len__, self.log)
+        self.auth_throttle = AuthThrottle()
         self._executor = Executor(
-            self.store, self.counters, self._password, self.stats, self.memory, self._turns.wait
+            self.store,
+            self.counters,
+            self._password,
+            self.stats,
+            self.memory,
+            self._turns.wait,
+            self.auth_throttle,
+            gevent.sleep,
+            self.log,
         )
+        # Before AUTH a line may hold a password's AUTH line, and not much more.
+        self._auth_max_line = min(max(AUTH_MAX_LINE, len(b"AUTH:") + len(self._password or b"")), max_line)
+        self._auth_sweeper: gevent.Greenlet | None = None
         self._guard: gevent.Greenlet | None = None
         self._janitor: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
@@ -155,6 +170,8 @@ class KeyValueServer:
         self._started_at = time.monotonic()
         if self.idle_timeout > 0:
             self._sweeper = gevent.spawn(self._sweep_idle)
+        if self._password is not None:
+            self._auth_sweeper = gevent.spawn(self._sweep_auth_throttle)
         self._janitor = gevent.spawn(release_memory_loop, lambda: self.counters.dropped, self.log)
         if self.store.shared:
             self._reporter = gevent.spawn(self._report_clients)
@@ -212,6 +229,7 @@ class KeyValueServer:
             "connections": c.accepted,
             "rejected": c.rejected,
             "auth_failures": c.auth_failures,
+            "auth_throttled": c.auth_throttled,
             "idle_closed": c.idle_closed,
             "lines_too_long": c.lines_too_long,
             "uptime_s": int(time.monotonic() - self._started_at),
@@ -234,7 +252,7 @@ class KeyValueServer:
             self._flush_deadline = time.monotonic() + flush_timeout
             if self._server is not None:
                 self._server.close()  # stops accepting and closes the listening socket
-            for helper in (self._sweeper, self._janitor, self._reporter, self._guard):
+            for helper in (self._sweeper, self._janitor, self._reporter, self._guard, self._auth_sweeper):
                 if helper is not None:
                     helper.kill()
             for conn in list(self._conns.values()):
@@ -272,6 +290,7 @@ class KeyValueServer:
             client_id,
             peer,
             sock,
+            host=address[0],
             queue_size=self.queue_size,
             queue_bytes=self.queue_bytes,
             max_line=self.max_line,
@@ -281,6 +300,8 @@ class KeyValueServer:
             guard=self.memory,
         )
         conn.authenticated = self._password is None
+        if not conn.authenticated:
+            conn.buffer.max_line = self._auth_max_line
         self._conns[client_id] = conn
         self.counters.accepted += 1
         conn.log.info("client_connected", active=len(self._conns))
@@ -356,10 +377,15 @@ class KeyValueServer:
     def _read_loop(self, conn: Connection) -> None:
         """Read, parse and execute requests until end of stream, or until the connection
         fails (its writer could not send, or it was disconnected for memory)."""
+        if not conn.authenticated:
+            rest = self._read_until_authenticated(conn)
+            if rest is None:
+                return
+            if rest:
+                self._apply_backlog(conn, rest)
         recv = conn.recv
         feed = conn.buffer.feed
         execute = self._executor.execute
-        turns = self._turns
         track_idle = self.idle_timeout > 0
         while conn.failed is None:
             data = recv(RECV_SIZE)
@@ -374,21 +400,58 @@ class KeyValueServer:
                     conn.work = 0  # recv waited for this data: a new turn
                     execute(conn, items)
                 continue
-            # A big read: a client with a backlog. Apply it a turn at a time, each turn
-            # queued behind the other clients' (gevent's recv never yields while data is
-            # ready, so without this one flooding client would hold the loop).
-            worked = True
-            for start in range(0, len(data), TURN_BYTES):
-                if worked:
-                    turns.wait()
-                    conn.work = 0
+            self._apply_backlog(conn, data)
+
+    def _apply_backlog(self, conn: Connection, data: bytes) -> None:
+        """Apply a big read (a client with a backlog) a turn at a time, each turn queued
+        behind the other clients' (gevent's recv never yields while data is ready, so
+        without this one flooding client would hold the loop)."""
+        feed = conn.buffer.feed
+        worked = True
+        for start in range(0, len(data), TURN_BYTES):
+            if worked:
+                self._turns.wait()
+                conn.work = 0
+                if conn.failed is not None:
+                    return
+            items = feed(data[start : start + TURN_BYTES])
+            conn.note_input()
+            worked = bool(items)
+            if worked:
+                self._executor.execute(conn, items)
+
+    def _read_until_authenticated(self, conn: Connection) -> bytes | None:
+        """Serve a client that has not authenticated yet, one line at a time, with the small
+        line bound; once a line authenticates it, restore --max-line and return what was
+        read after that line (b"" if nothing), or None at end of stream or failure. Line by
+        line, so that requests pipelined behind the AUTH are split with the full bound."""
+        recv = conn.recv
+        feed = conn.buffer.feed
+        done = 0  # bytes applied in this turn
+        while conn.failed is None:
+            data = recv(RECV_SIZE)
+            if not data:
+                return None
+            if self.idle_timeout > 0:
+                conn.last_seen = time.monotonic()
+            while data:
+                if done >= TURN_BYTES:
+                    self._turns.wait()
+                    done = 0
                     if conn.failed is not None:
-                        return
-                items = feed(data[start : start + TURN_BYTES])
+                        return None
+                end = data.find(b"\n") + 1 or len(data)
+                items = feed(data[:end] if end < len(data) else data)
+                done += end
+                data = data[end:]
                 conn.note_input()
-                worked = bool(items)
-                if worked:
-                    execute(conn, items)
+                if items:
+                    conn.work = 0
+                    self._executor.execute(conn, items)
+                    if conn.authenticated:
+                        conn.buffer.max_line = self.max_line
+                        return data
+        return None
 
     def _evict(self, excess: int, floor: int) -> int:
         """Disconnect the clients holding the most buffered bytes (at least ``floor`` each)
@@ -418,6 +481,21 @@ class KeyValueServer:
                 if conn.reading and conn.last_seen < limit:
                     conn.reading = False
                     conn.reader.kill(_Idle, block=False)
+
+    def _sweep_auth_throttle(self) -> None:
+        """Every AUTH_SWEEP_INTERVAL, forget addresses that stopped sending wrong passwords,
+        logging the end of each throttling episode (``auth_throttle_ended``)."""
+        while True:
+            gevent.sleep(AUTH_SWEEP_INTERVAL)
+            for address in self.auth_throttle.sweep():
+                self.log.info(
+                    "auth_throttle_ended",
+                    host=address.host,
+                    seconds=round(address.ended_at - (address.throttled_since or 0.0), 3),
+                    auth_failures=address.failures,
+                    auth_delayed=address.delayed,
+                    auth_refused=address.refused,
+                )
 
     def _report_clients(self) -> None:
         """Every REPORT_INTERVAL, publish this worker's counts to the shared store (so that

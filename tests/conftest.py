@@ -204,8 +204,13 @@ class Peer:
     """A raw protocol client over a (gevent-patched) socket, for byte-exact assertions; with
     ``tls`` (a client SSLContext) it speaks TLS through kvgevent's own TlsStream."""
 
-    def __init__(self, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(
+        self, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None, source: str | None = None
+    ) -> None:
+        # ``source``: another loopback address to connect from (127.0.0.2: another client host)
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.stream: Any = self.sock
         if tls is not None:
             self.stream = TlsStream(
