@@ -22,6 +22,10 @@ import gevent.event
 from .aof import AofCorrupt
 from .aof_log import DEFAULT_FSYNC, FSYNC_POLICIES
 from .config import (
+    AUTH_DELAY_MAX,
+    AUTH_DELAY_MIN,
+    AUTH_MAX_LINE,
+    AUTH_THROTTLE_AFTER,
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -181,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         "password",
         None,
         "require 'AUTH:<password>' before any command but PING (prefer the environment "
-        "variable: a flag is visible to other users in ps)",
+        f"variable: a flag is visible to other users in ps); before AUTH a line may hold "
+        f"{AUTH_MAX_LINE} bytes, and after {AUTH_THROTTLE_AFTER} wrong passwords from one address "
+        f"its AUTHs are checked one at a time, {AUTH_DELAY_MIN:g} s doubling to {AUTH_DELAY_MAX:g} s "
+        "apart",
     )
     add_env_option(parser, "tls-cert", None, "serve TLS with this certificate chain (PEM)")
     add_env_option(parser, "tls-key", None, "private key of --tls-cert (PEM), if not in that file")

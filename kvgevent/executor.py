@@ -227,7 +227,7 @@ class Executor:
             piece: list[bytes] = []
             size = 0
             while index < count and len(piece) < REPLY_CHUNK and size < MAX_SEND_BATCH:
-                line = prefix + values[index] + b"\n"
+                line = b"".join((prefix, values[index], b"\n"))  # one copy of the value, not two
                 piece.append(line)
                 size += len(line)
                 index += 1

@@ -399,8 +399,12 @@ class KeyValueServer:
                 if items:
                     conn.work = 0  # recv waited for this data: a new turn
                     execute(conn, items)
-                continue
-            self._apply_backlog(conn, data)
+                del items
+            else:
+                self._apply_backlog(conn, data)
+            # Hold nothing while waiting for the next read: what a client that went quiet
+            # pins is its incomplete line alone, counted (--max-memory), not its last read.
+            data = b""
 
     def _apply_backlog(self, conn: Connection, data: bytes) -> None:
         """Apply a big read (a client with a backlog) a turn at a time, each turn queued
@@ -451,6 +455,7 @@ class KeyValueServer:
                     if conn.authenticated:
                         conn.buffer.max_line = self.max_line
                         return data
+                del items
         return None
 
     def _evict(self, excess: int, floor: int) -> int:
