@@ -36,10 +36,10 @@ def authenticated(port: int, password: str = PASSWORD, source: str | None = None
 
 def test_unauthenticated_connections_hold_a_small_line_at_most(server_process):
     """300 connections that never authenticate each send 1 MiB without a newline. Before,
-    each held its 1 MiB (the issue: 500 of them, RSS +526 MB). Now a line before AUTH is
-    bounded by 4 KiB: each gets one 'ERR line too long', its bytes are discarded as they
-    arrive, and RSS grew by 19-20 MB for the 300 (measured: a connection that has had a reply
-costs about 22 kB; that is a bench/ figure, not the bound)."""
+        each held its 1 MiB (the issue: 500 of them, RSS +526 MB). Now a line before AUTH is
+        bounded by 4 KiB: each gets one 'ERR line too long', its bytes are discarded as they
+        arrive, and RSS grew by 19-20 MB for the 300 (measured: a connection that has had a reply
+    costs about 22 kB; that is a bench/ figure, not the bound)."""
     server = server_process("--password", PASSWORD)
     watcher = authenticated(server.port)
     before = rss(server.proc.pid)
