@@ -98,6 +98,7 @@ def _byte_count(text: str) -> int:
 
 
 byte_size = _number(_byte_count, lambda v: v >= 0, "byte_size")
+positive_byte_size = _number(_byte_count, lambda v: v >= 1, "positive_byte_size")
 
 
 def add_env_option(
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "queue-bytes",
         DEFAULT_QUEUE_BYTES,
         "reply bytes queued per client before replies to it are dropped",
-        type=positive_int,
+        type=positive_byte_size,
     )
     add_env_option(
         parser,
@@ -235,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "aof-rewrite-min-size",
         DEFAULT_REWRITE_MIN_SIZE,
         "with --aof: compact the file once it is at least this many bytes...",
-        type=positive_int,
+        type=positive_byte_size,
     )
     add_env_option(
         parser,
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "max-line",
         DEFAULT_MAX_LINE,
         "longest request line in bytes; longer ones get 'ERR line too long'",
-        type=positive_int,
+        type=positive_byte_size,
     )
     add_env_option(
         parser,

@@ -35,6 +35,10 @@ AUTH_MAX_LINE = 4096
 """Longest request line, in bytes, before a connection has authenticated (or the password's
 AUTH line, if longer): an AUTH line is short, and a stranger may not hold a --max-line buffer."""
 
+PRE_AUTH_LINE_COST = 64
+"""Bytes of a turn each line costs before AUTH, however short: lines before AUTH are served one
+at a time (about 1.5 us each), so a turn of 4096 one-byte lines would take several ms."""
+
 AUTH_THROTTLE_AFTER = 10
 """Wrong passwords from one client address (across its connections) after which each further
 AUTH from that address waits its turn (reconnecting no longer buys fresh guesses)."""
@@ -74,6 +78,12 @@ TURN_BYTES = 4096
 under a millisecond). A whole 64 KiB read is ~8,000 GETs (15 ms); measured with
 bench/stuck_clients.py, 1,000 clients flooding GETs made a polite client wait 11 s (p99) when
 each took a whole read per turn."""
+
+HEAVY_TURN = 0.001
+"""Seconds a client's turn may hold the event loop before its next request waits for its
+turn behind the ready clients, as a backlog does: a request or two costs microseconds, so
+clients that send one expensive command per round trip (an UPDATE scanning a million
+values: 13 ms) cannot, fifty at once, hold every other client for fifty of them per round."""
 
 TURN_BUDGET = 0.002
 """Seconds per event-loop iteration given to clients with a backlog of requests, after all
@@ -132,9 +142,15 @@ MEMORY_OK_QUIET = 1.0
 """Seconds under --max-memory with no write refused after which the episode is over (logged
 once: a store sitting at the limit does not log an event per refused write)."""
 
-EVICT_MIN_BYTES = 64 * 1024
-"""Clients holding fewer buffered bytes than this are never disconnected for memory: they
-are not what fills it."""
+PRESSED_QUEUE_BYTES = 1 << 20
+"""Reply bytes queued ahead of a client for a big GET reply while the server is over
+--max-memory (instead of --queue-bytes): reading a 12 MB value out of a full store at
+--max-memory 100M, a prompt reader held 16 MiB and was disconnected as the biggest holder."""
+
+EVICT_MIN_BYTES = 4096
+"""Clients holding fewer buffered bytes than this are never disconnected for memory: a
+polite client holds a request or two. (At 64 KiB, 8,000 clients holding 65,500 bytes each
+took a server at --max-memory 100M to 647 MB, none evictable.)"""
 
 CLIENT_ALLOWANCE = 16
 """Client buffers may hold 1/CLIENT_ALLOWANCE of --max-memory before any client is

@@ -10,9 +10,10 @@ pins is at most ``queue_bytes``, or one reply line when that is bigger). A chunk
 that could never fit goes line by line. A reply that finds the queue full waits for the
 writer to make room (yielding: gevent's ``recv`` does not yield while data is ready, so
 without this a fast pipelining client that reads promptly would lose replies). It gives up
-when the writer's send has made no progress for :data:`DROP_GRACE` (the kernel takes
-nothing: the client is not reading): that reply, and every further one that finds the queue
-full, is dropped and counted without waiting, until the queue has room again. Each such
+when the client has acknowledged no byte for :data:`DROP_GRACE` while the writer's send waits
+(:meth:`~kvgevent.fastio.PlainSocket.acked`: the client is not reading): that reply, and every
+further one that finds the queue full, is dropped and counted without waiting, until the queue
+has room again. Each such
 episode logs one ``messages_dropping`` event. A client that reads, however slowly, is waited
 for: it slows only itself.
 
@@ -34,7 +35,7 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.queue import Full, Queue
 
-from .config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
+from .config import DROP_GRACE, MAX_SEND_BATCH, REPLY_CHUNK, ROOM_WAIT_LIMIT
 from .fastio import wrap
 from .memory import MemoryGuard
 from .protocol import LineBuffer
@@ -102,6 +103,8 @@ class Connection:
         "input_held",
         "released",
         "work",
+        "heavy",
+        "sending",
     )
 
     def __init__(
@@ -128,7 +131,8 @@ class Connection:
         self.recv: Callable[[int], bytes] = self.io.recv
         self.sendall: Callable[[bytes], Any] = self.io.sendall
         # Items are chunks of one or more reply lines; the bounds below are in lines and
-        # bytes, and since every item holds a line the queue itself can never be full first.
+        # bytes, kept by this class: the gevent queue itself is unbounded (so a miscount,
+        # a value with a newline from another Redis client say, cannot make a put raise).
         # Made with the writer, at the first reply: an idle client holds neither (a gevent
         # Queue is 2.5 kB, measured with tracemalloc).
         self.queue: Queue | None = None
@@ -157,6 +161,8 @@ class Connection:
         self.input_held = 0  # bytes of an incomplete request line counted in guard.buffered
         self.released = False  # release() has run: nothing more is counted
         self.work = 0  # work done in this client's current turn (TURN_WORK units)
+        self.heavy = False  # its last turn held the loop for HEAVY_TURN: the next one queues
+        self.sending = 0  # reply lines in the writer's sendall now (lost if it is killed)
 
     @property
     def log(self) -> Any:
@@ -164,7 +170,7 @@ class Connection:
         return self._log.bind(client_id=self.client_id, peer=self.peer)
 
     def _start_writer(self) -> Queue:
-        self.queue = Queue(self.queue_size)
+        self.queue = Queue()
         self.writer = self.writers.spawn(self._write_loop, self.queue)
         return self.queue
 
@@ -216,13 +222,30 @@ class Connection:
         self.messages_dropped += count
         self.counters.messages_dropped += count
 
-    @property
-    def full(self) -> bool:
-        """True while dropping and nothing more fits: a reply can be counted unbuilt."""
-        return self.failed is not None or (self.dropping and not self._fits(1, 1))
+    def chunk_bounds(self) -> tuple[int, int]:
+        """The most lines and bytes a chunk built for this queue should hold (at least one
+        line): one that fits an empty queue, and one send batch at most."""
+        return min(REPLY_CHUNK, self.queue_size), min(MAX_SEND_BATCH, self.queue_bytes)
+
+    def reserve(self, count: int, size: int) -> bool:
+        """Whether a chunk of ``count`` lines and ``size`` bytes may be queued now, waiting
+        for room as :meth:`send` does; False if the client does not read (its replies are
+        being dropped) or is gone. On True, build the chunk and :meth:`put_reserved` it
+        before yielding. Over --max-memory the queue holds less (``guard.queue_cap``)."""
+        if self.failed is not None:
+            return False
+        limit = min(self.queue_bytes, self.guard.queue_cap)
+        return self._room_for(count, size, limit) or (
+            not self.dropping and self._wait_for_room(count, size, limit)
+        )
+
+    def put_reserved(self, data: bytes, count: int) -> None:
+        """Queue a chunk of ``count`` lines that :meth:`reserve` made room for."""
+        if self.failed is None:
+            self._put(data, count, len(data))
 
     def _put(self, data: bytes, count: int, size: int) -> None:
-        (self.queue or self._start_writer()).put_nowait(data)  # never full: see __init__
+        (self.queue or self._start_writer()).put_nowait(data)  # unbounded: see __init__
         self.queued_lines += count
         self.queued_bytes += size
         self.dropping = False
@@ -239,21 +262,37 @@ class Connection:
             self.queued_bytes + size <= self.queue_bytes or (count == 1 and not self.queued_bytes)
         )
 
-    def _wait_for_room(self, count: int, size: int) -> bool:
+    def _room_for(self, count: int, size: int, limit: int) -> bool:
+        """:meth:`_fits` with a byte bound of ``limit``."""
+        return self.queued_lines + count <= self.queue_size and (
+            self.queued_bytes + size <= limit or (count == 1 and not self.queued_bytes)
+        )
+
+    def _wait_for_room(self, count: int, size: int, limit: int | None = None) -> bool:
         """Wait while the writer makes room for ``count`` lines of ``size`` bytes. Give up
         (the client is not reading) once the writer's send has made no progress for
-        DROP_GRACE, or in any case after ROOM_WAIT_LIMIT (the writer never got to run)."""
+        DROP_GRACE, or after ROOM_WAIT_LIMIT without a byte sent (the writer never got to
+        run). A client that keeps reading, however slowly, is waited for: a big batch's room
+        appears only once all of it is sent, long after its first bytes left. ``limit``: the
+        byte bound, if not ``queue_bytes``."""
         if self.room is None:
             self.room = gevent.event.Event()
-        give_up = time.monotonic() + ROOM_WAIT_LIMIT
+        io = self.io
+        acked = io.acked()
+        quiet_since = give_up = time.monotonic()  # since when the client has shown no progress
+        give_up += ROOM_WAIT_LIMIT
         self.waiting = True
         try:
-            while not self._fits(count, size):
+            bound = self.queue_bytes if limit is None else limit
+            while not self._room_for(count, size, bound):
                 if self.failed is not None:
                     return False
                 now = time.monotonic()
-                stalled = self.io.stalled_since
-                if (stalled and now - stalled >= DROP_GRACE) or now >= give_up:
+                seen = io.acked()
+                if seen != acked:  # the client reads
+                    acked, quiet_since, give_up = seen, now, now + ROOM_WAIT_LIMIT
+                stalled = io.stalled_since  # (the writer's own progress: bytes the kernel took)
+                if (stalled and now - max(stalled, quiet_since) >= DROP_GRACE) or now >= give_up:
                     return False
                 self.room.clear()
                 self.room.wait(DROP_GRACE / 5)
@@ -334,10 +373,12 @@ class Connection:
                     data = b"".join(batch)
                     del batch  # while sendall blocks, hold the bytes once, not twice
                 size = len(data)
-                self.queued_lines -= data.count(b"\n")  # values never hold a newline
+                self.sending = data.count(b"\n")  # values never hold a newline
+                self.queued_lines -= self.sending
                 if self.waiting:
                     self.room.set()  # type: ignore[union-attr]
                 sendall(data)
+                self.sending = 0
                 del data
                 if self.failed is not None:
                     return  # aborted meanwhile: abort() has discarded the queue and its bytes
@@ -374,7 +415,7 @@ class Connection:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     break
-            sent = self.io.sent  # bytes the kernel took, partial sends included
+            acked = self.io.acked()  # bytes the client took (see kvgevent.fastio)
             if not queued_eof:
                 try:
                     self.queue.put(_EOF, timeout=wait)  # type: ignore[union-attr]
@@ -384,11 +425,12 @@ class Connection:
                     pass
             else:
                 writer.join(wait)
-            if not writer.dead and self.io.sent == sent:
+            if not writer.dead and self.io.acked() == acked:
                 break  # no progress: the client is not reading
-        if not writer.dead and self.queued_lines:
-            self.messages_dropped += self.queued_lines
-            self.counters.messages_dropped += self.queued_lines
+        lost = self.queued_lines + self.sending if not writer.dead else 0
+        if lost:  # queued, or in a send that will not finish
+            self.messages_dropped += lost
+            self.counters.messages_dropped += lost
         writer.kill(block=True)
 
     def close(self) -> None:

@@ -31,7 +31,6 @@ from .config import (
     INLINE_REPLY_BYTES,
     INLINE_REPLY_VALUES,
     MAX_AUTH_FAILURES,
-    MAX_SEND_BATCH,
     REPLY_CHUNK,
     TURN_WORK,
 )
@@ -204,36 +203,42 @@ class Executor:
                             out.clear()  # send_lines has joined (or queued) the lines already
                     else:
                         self._send_values(conn, cmd[0], values, out)  # type: ignore[arg-type]
+                        if conn.work >= TURN_WORK:  # (GETs of single big values add up too)
+                            self._pause(conn, out)
                 else:  # a KVError
                     errors += 1
                     out.append(values.reply)  # type: ignore[union-attr]
         return errors
 
     def _send_values(self, conn: Connection, key: bytes, values: list[bytes], out: list[bytes]) -> None:
-        """Build and queue a big GET reply in pieces, yielding the turn as the work adds up;
-        once the client's queue is full and it does not read, count the rest as dropped."""
+        """Build and queue a big GET reply in pieces that fit the client's queue, each built
+        only once the queue has room for it (so nothing is built for a client that does not
+        read), yielding the turn as the work adds up; once the client does not read, count
+        the rest as dropped, unbuilt."""
         if out:
             conn.send_lines(out)  # the replies before this one go first
             out.clear()
         prefix = key + b":"
+        extra = len(prefix) + 1
+        max_lines, max_bytes = conn.chunk_bounds()
         count = len(values)
         index = 0
         while index < count:
-            first = index
-            if conn.full:
+            end, size = index + 1, len(values[index]) + extra  # at least one line a piece
+            while end < count and end - index < max_lines and size + len(values[end]) + extra <= max_bytes:
+                size += len(values[end]) + extra
+                end += 1
+            if not conn.reserve(end - index, size):  # waits for room, as send() does
                 if conn.failed is None:
                     conn.drop(count - index)
                 return
-            piece: list[bytes] = []
-            size = 0
-            while index < count and len(piece) < REPLY_CHUNK and size < MAX_SEND_BATCH:
-                line = b"".join((prefix, values[index], b"\n"))  # one copy of the value, not two
-                piece.append(line)
-                size += len(line)
-                index += 1
-            conn.send_lines(piece)
-            del piece
-            conn.work += REPLY_LINE_WORK * (index - first) + (size >> 3)
+            parts: list[bytes] = []
+            for value in values[index:end]:
+                parts += (prefix, value, b"\n")
+            conn.put_reserved(b"".join(parts), end - index)  # one copy of each value
+            del parts
+            conn.work += REPLY_LINE_WORK * (end - index) + (size >> 3)
+            index = end
             if conn.work >= TURN_WORK and index < count:
                 self._pause(conn, out)
 

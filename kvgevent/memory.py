@@ -27,6 +27,7 @@ from .config import (
     MEMORY_CHECK_INTERVAL,
     MEMORY_CHECK_STEP,
     MEMORY_OK_QUIET,
+    PRESSED_QUEUE_BYTES,
 )
 from .errors import StoreError
 
@@ -121,6 +122,10 @@ class MemoryGuard:
         self.base = 0
         self.buffered = 0
         self.mark = MEMORY_CHECK_STEP if limit else _NO_LIMIT
+        self.queue_cap = _NO_LIMIT
+        """Bytes a client's queue may hold for a big reply being built: PRESSED_QUEUE_BYTES
+        while over the limit (a prompt reader of a big value then holds about that, not
+        --queue-bytes, and is not what gets disconnected), else no bound beyond its own."""
         self.oom_rejected = 0
         self.evicted = 0
         self._wake: Any = None  # a gevent Event, made by run()
@@ -137,14 +142,16 @@ class MemoryGuard:
         return self.base + self.store.memory_used() + self.buffered + CONNECTION_COST * self.connections()
 
     def over(self) -> bool:
-        """True while a limit is set and the memory in use is above it."""
-        return bool(self.limit) and self.used() > self.limit
+        """True while a limit is set and the memory in use is above it (sets ``queue_cap``)."""
+        over = bool(self.limit) and self.used() > self.limit
+        self.queue_cap = PRESSED_QUEUE_BYTES if over else _NO_LIMIT
+        return over
 
     def refused(self, count: int) -> None:
         """``count`` writes were refused for memory: count them (and start an episode)."""
+        self._begin()  # first: the episode's count starts before these refusals
         self.oom_rejected += count
         self._last_refusal = time.monotonic()
-        self._begin()
 
     def check(self) -> None:
         """Client buffers grew past ``mark``: wake :meth:`run` if that put the server over."""
@@ -175,6 +182,7 @@ class MemoryGuard:
             self._wake.wait(MEMORY_CHECK_INTERVAL)
             self._wake.clear()
             self.mark = self.buffered + MEMORY_CHECK_STEP
+            self.over()  # (sets queue_cap)
             excess = self.used() - self.limit
             if excess > 0:
                 # Client buffers up to the allowance are never the reason: with the store

@@ -40,6 +40,8 @@ from .config import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_SHUTDOWN_FLUSH,
     EOF_FLUSH_STALL,
+    HEAVY_TURN,
+    PRE_AUTH_LINE_COST,
     RECV_SIZE,
     REPORT_INTERVAL,
     TLS_HANDSHAKE_TIMEOUT,
@@ -136,8 +138,9 @@ class KeyValueServer:
             gevent.sleep,
             self.log,
         )
-        # Before AUTH a line may hold a password's AUTH line, and not much more.
-        self._auth_max_line = min(max(AUTH_MAX_LINE, len(b"AUTH:") + len(self._password or b"")), max_line)
+        # Before AUTH a line may hold a password's AUTH line (and a telnet \r), not much more.
+        auth_line = len(b"AUTH:") + len(self._password or b"") + 1
+        self._auth_max_line = min(max(AUTH_MAX_LINE, auth_line), max_line)
         self._auth_sweeper: gevent.Greenlet | None = None
         self._guard: gevent.Greenlet | None = None
         self._janitor: gevent.Greenlet | None = None
@@ -386,6 +389,7 @@ class KeyValueServer:
         recv = conn.recv
         feed = conn.buffer.feed
         execute = self._executor.execute
+        clock = time.perf_counter
         track_idle = self.idle_timeout > 0
         while conn.failed is None:
             data = recv(RECV_SIZE)
@@ -397,8 +401,14 @@ class KeyValueServer:
                 items = feed(data)
                 conn.note_input()
                 if items:
-                    conn.work = 0  # recv waited for this data: a new turn
+                    if conn.heavy:  # its last turn held the loop: it queues like a backlog
+                        self._turns.wait()
+                        if conn.failed is not None:
+                            return
+                    conn.work = 0  # a new turn
+                    began = clock()
                     execute(conn, items)
+                    conn.heavy = clock() - began >= HEAVY_TURN
                 del items
             else:
                 self._apply_backlog(conn, data)
@@ -438,23 +448,24 @@ class KeyValueServer:
                 return None
             if self.idle_timeout > 0:
                 conn.last_seen = time.monotonic()
-            while data:
+            start, size = 0, len(data)
+            while start < size:
                 if done >= TURN_BYTES:
                     self._turns.wait()
                     done = 0
                     if conn.failed is not None:
                         return None
-                end = data.find(b"\n") + 1 or len(data)
-                items = feed(data[:end] if end < len(data) else data)
-                done += end
-                data = data[end:]
+                end = data.find(b"\n", start) + 1 or size  # (offsets: no copy of the rest per line)
+                items = feed(data[start:end] if start or end < size else data)
+                done += max(end - start, PRE_AUTH_LINE_COST)
+                start = end
                 conn.note_input()
                 if items:
                     conn.work = 0
                     self._executor.execute(conn, items)
                     if conn.authenticated:
                         conn.buffer.max_line = self.max_line
-                        return data
+                        return data[start:]
                 del items
         return None
 
