@@ -139,8 +139,9 @@ MEMORY_CHECK_STEP = 1 << 20
 at the next MEMORY_CHECK_INTERVAL (so a burst of input overshoots the limit by about this)."""
 
 MEMORY_OK_QUIET = 1.0
-"""Seconds under --max-memory with no write refused after which the episode is over (logged
-once: a store sitting at the limit does not log an event per refused write)."""
+"""Seconds under --max-memory with no write refused and no client disconnected for memory
+after which the episode is over (logged once: a store sitting at the limit does not log an
+event per refused write)."""
 
 PRESSED_QUEUE_BYTES = 1 << 20
 """Reply bytes queued ahead of a client for a big GET reply while the server is over

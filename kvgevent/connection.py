@@ -105,6 +105,8 @@ class Connection:
         "work",
         "heavy",
         "sending",
+        "acked",
+        "acked_at",
     )
 
     def __init__(
@@ -163,6 +165,8 @@ class Connection:
         self.work = 0  # work done in this client's current turn (TURN_WORK units)
         self.heavy = False  # its last turn held the loop for HEAVY_TURN: the next one queues
         self.sending = 0  # reply lines in the writer's sendall now (lost if it is killed)
+        self.acked = -1  # bytes the client had acknowledged when last looked at (io.acked)
+        self.acked_at = 0.0  # when that figure was first seen: the client's last known progress
 
     @property
     def log(self) -> Any:
@@ -270,17 +274,17 @@ class Connection:
 
     def _wait_for_room(self, count: int, size: int, limit: int | None = None) -> bool:
         """Wait while the writer makes room for ``count`` lines of ``size`` bytes. Give up
-        (the client is not reading) once the writer's send has made no progress for
-        DROP_GRACE, or after ROOM_WAIT_LIMIT without a byte sent (the writer never got to
-        run). A client that keeps reading, however slowly, is waited for: a big batch's room
-        appears only once all of it is sent, long after its first bytes left. ``limit``: the
-        byte bound, if not ``queue_bytes``."""
+        (the client is not reading) once, while the writer's send waits, neither the kernel
+        took a byte nor the client acknowledged one for DROP_GRACE (the last acknowledgement
+        seen is remembered across waits, so a client known to be stuck is given up on at
+        once), or after ROOM_WAIT_LIMIT without progress (the writer never got to run). A
+        client that keeps reading, however slowly, is waited for: a big batch's room appears
+        only once all of it is sent, long after its first bytes left. ``limit``: the byte
+        bound, if not ``queue_bytes``."""
         if self.room is None:
             self.room = gevent.event.Event()
         io = self.io
-        acked = io.acked()
-        quiet_since = give_up = time.monotonic()  # since when the client has shown no progress
-        give_up += ROOM_WAIT_LIMIT
+        give_up = time.monotonic() + ROOM_WAIT_LIMIT
         self.waiting = True
         try:
             bound = self.queue_bytes if limit is None else limit
@@ -289,10 +293,10 @@ class Connection:
                     return False
                 now = time.monotonic()
                 seen = io.acked()
-                if seen != acked:  # the client reads
-                    acked, quiet_since, give_up = seen, now, now + ROOM_WAIT_LIMIT
+                if seen != self.acked:  # the client has read since we last looked
+                    self.acked, self.acked_at, give_up = seen, now, now + ROOM_WAIT_LIMIT
                 stalled = io.stalled_since  # (the writer's own progress: bytes the kernel took)
-                if (stalled and now - max(stalled, quiet_since) >= DROP_GRACE) or now >= give_up:
+                if (stalled and now - max(stalled, self.acked_at) >= DROP_GRACE) or now >= give_up:
                     return False
                 self.room.clear()
                 self.room.wait(DROP_GRACE / 5)

@@ -130,7 +130,7 @@ class MemoryGuard:
         self.evicted = 0
         self._wake: Any = None  # a gevent Event, made by run()
         self._episode: dict[str, Any] | None = None
-        self._last_refusal = 0.0
+        self._last_bite = 0.0
 
     def calibrate(self) -> None:
         """Measure ``base`` (call once the store is loaded, before clients connect)."""
@@ -151,7 +151,7 @@ class MemoryGuard:
         """``count`` writes were refused for memory: count them (and start an episode)."""
         self._begin()  # first: the episode's count starts before these refusals
         self.oom_rejected += count
-        self._last_refusal = time.monotonic()
+        self._last_bite = time.monotonic()
 
     def check(self) -> None:
         """Client buffers grew past ``mark``: wake :meth:`run` if that put the server over."""
@@ -192,9 +192,10 @@ class MemoryGuard:
                     evicted = evict(excess, EVICT_MIN_BYTES)
                     if evicted:
                         self.evicted += evicted
+                        self._last_bite = time.monotonic()
                         self._begin()
                         self._episode["evicted_clients"] += evicted  # type: ignore[index]
-            elif self._episode is not None and time.monotonic() - self._last_refusal >= MEMORY_OK_QUIET:
+            elif self._episode is not None and time.monotonic() - self._last_bite >= MEMORY_OK_QUIET:
                 self._end()
 
     def _begin(self) -> None:

@@ -346,7 +346,8 @@ def test_clients_holding_the_most_buffered_bytes_are_disconnected_first(run_serv
     assert stats["used_memory_clients"] == 0
     dropped = [e for e in events(server, "client_dropped") if e["reason"] == "memory_limit"]
     assert len(dropped) == stats["evicted_clients"] > 0
-    assert len(events(server, "max_memory_reached")) == 1
+    # One event per episode, not per eviction (a slow machine may see the flood in two).
+    assert 1 <= len(events(server, "max_memory_reached")) <= 2 < len(dropped)
 
 
 def test_many_clients_holding_small_unfinished_lines_are_disconnected_too(run_server, peers):
