@@ -314,6 +314,16 @@ def test_max_memory_from_the_environment(run_server, peers):
 # --- 4. --max-memory: client buffers -------------------------------------------------------
 
 
+def hold_unfinished_line(port: int, socks: list[socket.socket], line: bytes) -> None:
+    """A new connection (added to ``socks``) that sends ``line`` without its newline."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    socks.append(sock)
+    try:
+        sock.sendall(line)
+    except OSError:
+        pass  # disconnected for memory while sending: what these tests are after
+
+
 def test_clients_holding_the_most_buffered_bytes_are_disconnected_first(run_server, peers):
     """300 connections each send 1,000,000 bytes of a request line without its newline
     (300 MB held) against --max-memory 200M: before, RSS grew with them (the issue: 3,000
@@ -327,12 +337,7 @@ def test_clients_holding_the_most_buffered_bytes_are_disconnected_first(run_serv
     socks: list[socket.socket] = []
     try:
         for index in range(300):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            socks.append(sock)
-            try:
-                sock.sendall(b"PUT:k%d:" % index + b"x" * (BIG_VALUE - 20))
-            except OSError:
-                pass  # disconnected for memory while sending: what this test is after
+            hold_unfinished_line(server.port, socks, b"PUT:k%d:" % index + b"x" * (BIG_VALUE - 20))
             assert rss(server.proc.pid) < limit * 1.1 + SLACK
         wait_until(lambda: read_stats(polite)["evicted_clients"] > 0, timeout=30)
         assert rss(server.proc.pid) < limit * 1.1 + SLACK
@@ -362,12 +367,7 @@ def test_many_clients_holding_small_unfinished_lines_are_disconnected_too(run_se
     socks: list[socket.socket] = []
     try:
         for index in range(1500):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            socks.append(sock)
-            try:
-                sock.sendall(b"PUT:k%d:" % index + b"x" * 40_000)
-            except OSError:
-                pass  # disconnected for memory meanwhile
+            hold_unfinished_line(server.port, socks, b"PUT:k%d:" % index + b"x" * 40_000)
         wait_until(lambda: read_stats(polite)["evicted_clients"] > 0, timeout=30)
         assert read_stats(polite)["used_memory"] < limit * 1.1 + SLACK
         assert rss(server.proc.pid) < limit * 1.1 + SLACK
