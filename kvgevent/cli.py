@@ -135,6 +135,7 @@ def add_env_option(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_server.py",
+        allow_abbrev=False,  # --worker 2 must be an error, not --workers 2
         description="kvgevent: a key-value server speaking the p0 line protocol "
         "(PUT:key:value, GET:key, UPDATE:key:old:new, DELETE:key, PING, STATS).",
         epilog="Stops cleanly on SIGINT or SIGTERM (exit status 0); exits with status 1 if "
@@ -372,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level, worker=os.getpid() if args.reuse_port else None)
     log = get_logger()
     if args.workers > 1:
-        return supervise(args, list(sys.argv[1:] if argv is None else argv), log)
+        return supervise(args, parser, log)
     log.debug("fd_limit", max_open_files=raise_fd_limit())
     try:
         tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None

@@ -20,6 +20,7 @@ When Redis cannot be reached or does not answer within ``timeout``, commands fai
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +29,8 @@ from urllib.parse import urlparse
 from .errors import KVError, StoreError
 from .logs import get_logger
 from .protocol import Delete, Get, Put, Update
-from .resp import Dispatcher, RespConnection
+from .redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
+from .resp import Dispatcher, ReplyMismatch, RespConnection
 from .store import DataCommand, Key, KVStore, key_bytes
 
 DEFAULT_PREFIX = "kvgevent:"
@@ -43,23 +45,27 @@ MAX_CONNECTIONS = 256
 COUNT_KEYS_EVERY = 5.0
 """Seconds the ``keys`` figure of STATS is reused when counting took long (it scans every key)."""
 
+COUNT_KEYS_MIN = 1.0
+"""Seconds the ``keys`` figure is reused even when counting was quick: a client sending STATS
+in a loop does not make every one of them scan the keyspace."""
+
 WORKER_TTL = 5.0
 """Seconds after which a worker that stopped reporting no longer counts in cluster totals."""
 
 # Atomic p0 UPDATE: remove the first `old` (if any), append `new` (an absent key becomes [new]).
 UPDATE_SCRIPT = "redis.call('LREM', KEYS[1], 1, ARGV[1]) return redis.call('RPUSH', KEYS[1], ARGV[2])"
 _SCRIPT = UPDATE_SCRIPT.encode()
-_NOT_NOW = ("CLUSTERDOWN", "LOADING", "TRYAGAIN", "MASTERDOWN", "BUSY")
-"""Error replies that mean Redis cannot serve now: ERR store unavailable, not store error."""
+_SCRIPT_SHA = hashlib.sha1(_SCRIPT).hexdigest().encode()
 
 DISPATCH_CONNECTIONS = 4
 """Round trips in flight at once from one process (each carries every batch queued meanwhile)."""
 
-ERR_UNAVAILABLE = StoreError("store unavailable")
-
 
 class RedisStore(KVStore):
-    """``url``: ``redis://host:port/db`` or ``redis+cluster://host:port`` (any node)."""
+    """``url``: ``redis://[user:password@]host:port/db`` (``?db=N`` too), ``rediss://...`` (TLS),
+    or ``redis+cluster://host:port`` (any node). Both of its clients (the dispatcher for data,
+    redis-py for the rest) read the URL the same way: redis-py's ``parse_url``, so a
+    percent-encoded password and ``?db=`` mean the same to both."""
 
     shared = True  # other processes see the same data: the server reports its counts here
 
@@ -67,20 +73,12 @@ class RedisStore(KVStore):
         self, url: str, prefix: str = DEFAULT_PREFIX, timeout: float = DEFAULT_REDIS_TIMEOUT, log: Any = None
     ) -> None:
         super().__init__()
+        import hiredis
         import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
-        self._errors: tuple[type[BaseException], ...] = (
+        self._unreachable: tuple[type[BaseException], ...] = (
             redis.exceptions.ConnectionError,
             redis.exceptions.TimeoutError,
-            OSError,
-        )
-        # Errors that mean "not now" rather than "not this": for them, ERR store unavailable.
-        import hiredis
-
-        self._unavailable = (
-            *self._errors,
             redis.exceptions.ClusterDownError,
             redis.exceptions.TryAgainError,
             redis.exceptions.BusyLoadingError,
@@ -88,46 +86,30 @@ class RedisStore(KVStore):
             redis.exceptions.SlotNotCoveredError,
             redis.exceptions.RedisClusterException,
             hiredis.ProtocolError,
+            OSError,  # ConnectionError and socket.timeout (TimeoutError) among them
         )
-
+        self._redis_errors = (
+            *self._unreachable,
+            redis.exceptions.RedisError,
+            hiredis.HiredisError,
+            ReplyMismatch,
+        )
         self.url = url
         self.prefix = prefix.encode()
         self.log = log if log is not None else get_logger()
-        parsed = urlparse(url)
-        self.cluster = parsed.scheme == "redis+cluster"
-        options: dict[str, Any] = {
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry": Retry(NoBackoff(), 0),  # fail fast; the client decides whether to retry
-        }
+        self.health = RedisHealth(self.log)
+        self.node = _redacted(url)  # the node's name in logs (a cluster names each of its nodes)
+        scheme = urlparse(url).scheme
+        self.cluster = scheme == "redis+cluster"
         self._dispatcher: Dispatcher | None = None  # the fast data path (plain redis:// only)
-        if self.cluster:
-            from redis.cluster import RedisCluster
-
-            self.client: Any = RedisCluster(
-                host=parsed.hostname or "127.0.0.1", port=parsed.port or 6379, **options
+        if scheme not in ("redis", "rediss", "redis+cluster"):
+            raise ValueError(
+                f"not a Redis URL: {_redacted(url)!r} (redis://host:port/db or redis+cluster://host:port)"
             )
-        elif parsed.scheme == "redis":
-            # redis-py for the occasional calls (SCAN, bookkeeping); the dispatcher for data.
-            self.client = redis.Redis.from_url(url, max_connections=MAX_CONNECTIONS, **options)
-            db = int(parsed.path.strip("/") or 0)
-            self._dispatcher = Dispatcher(
-                lambda: RespConnection(
-                    parsed.hostname or "127.0.0.1",
-                    parsed.port or 6379,
-                    db,
-                    parsed.password,
-                    parsed.username,
-                    timeout,
-                ),
-                connections=DISPATCH_CONNECTIONS,
-            )
-        elif parsed.scheme == "rediss":  # TLS to Redis: redis-py's pipelines (no dispatcher)
-            self.client = redis.Redis.from_url(url, max_connections=MAX_CONNECTIONS, **options)
-        else:
-            raise ValueError(f"not a Redis URL: {url!r} (redis://host:port/db or redis+cluster://host:port)")
+        self.client: Any = _redis_py_client(url, timeout)
+        if scheme == "redis":
+            self._dispatcher = _dispatcher(url, timeout)
         self._meta = self.prefix + b"_meta:"
-        self._down_since: float | None = None
         self._keys = (0.0, 0)  # (reuse until, count)
 
     # --- the store interface ---------------------------------------------------------------
@@ -135,29 +117,42 @@ class RedisStore(KVStore):
     def apply(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
         if self._dispatcher is None:
             return self._apply_redis_py(commands)
-        prefix, encoded = self.prefix, []
+        prefix, encoded, expected = self.prefix, [], []
         for cmd in commands:
             kind, key = cmd.__class__, prefix + cmd[0]
             if kind is Get:
                 encoded.append((b"LRANGE", key, b"0", b"-1"))
+                expected.append(list)
             elif kind is Put:
                 encoded.append((b"RPUSH", key, cmd[1]))
-            elif kind is Update:
-                encoded.append((b"EVAL", _SCRIPT, b"1", key, cmd[1], cmd[2]))  # type: ignore[misc]
+                expected.append(int)
+            elif kind is Update:  # the script is loaded on every connection (see _dispatcher)
+                encoded.append((b"EVALSHA", _SCRIPT_SHA, b"1", key, cmd[1], cmd[2]))  # type: ignore[misc]
+                expected.append(int)
             elif kind is Delete:
                 encoded.append((b"DEL", key))
+                expected.append(int)
             else:
                 raise TypeError(f"not a data command: {cmd!r}")
-        replies = self._call(self._dispatcher.execute, encoded)
+        replies = self._call(
+            self._dispatcher.execute, encoded, expected, commands=len(commands), per_command=True
+        )
         return self._results(commands, replies)
 
     def _apply_redis_py(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
         """Through one redis-py pipeline (for a cluster, it routes each command to its slot's
-        node; for rediss://, it speaks TLS)."""
+        node; for rediss://, it speaks TLS). With a cluster node in an outage and not due
+        for another try, its commands fail at once, unsent."""
         prefix = self.prefix
         pipe = self.client.pipeline(transaction=False)
-        for cmd in commands:
+        sent: list[DataCommand] = []
+        skipped: dict[int, KVError] = {}
+        for index, cmd in enumerate(commands):
             kind, key = cmd.__class__, prefix + cmd[0]
+            if self.health.outages and self.health.waiting(self._node_of(key)):
+                self.health.skipped(self._node_of(key), 1)
+                skipped[index] = ERR_UNAVAILABLE
+                continue
             if kind is Get:
                 pipe.lrange(key, 0, -1)
             elif kind is Put:
@@ -169,24 +164,43 @@ class RedisStore(KVStore):
                 pipe.delete(key)
             else:
                 raise TypeError(f"not a data command: {cmd!r}")
-        return self._results(commands, self._call(pipe.execute, raise_on_error=False))
+            sent.append(cmd)
+        replies: list[Any] = []
+        if sent:
+            execute, count = pipe.execute, len(sent)
+            replies = self._call(execute, raise_on_error=False, commands=count, keys=sent, per_command=True)
+        results = iter(self._results(sent, replies))
+        return [skipped[i] if i in skipped else next(results) for i in range(len(commands))]
 
     def _results(
         self, commands: Sequence[DataCommand], replies: list[Any]
     ) -> list[list[bytes] | KVError | None]:
+        """Each command's result from its reply: a GET's values (an array, checked), None, or
+        the StoreError of an error reply (a node that cannot serve now: unavailable)."""
         results: list[list[bytes] | KVError | None] = []
+        health = self.health
         for cmd, reply in zip(commands, replies, strict=True):
             if isinstance(reply, Exception):
-                if isinstance(reply, self._unavailable) or str(reply).startswith(_NOT_NOW):
-                    results.append(ERR_UNAVAILABLE)
+                results.append(self._failed(cmd, reply))
+                continue
+            if health.outages:  # its node answered: any outage of it is over
+                health.up(self._node_of(self.prefix + cmd[0]))
+            if cmd.__class__ is Get:
+                if reply.__class__ is not list:  # (the redis-py path: the dispatcher checked)
+                    results.append(self.health.error_reply(f"LRANGE answered a {type(reply).__name__}"))
                 else:
-                    self.log.warning("store_error", error=str(reply)[:200])
-                    results.append(StoreError("store error"))
-            elif cmd.__class__ is Get:
-                results.append(reply or None)
+                    results.append(reply or None)
             else:
                 results.append(None)
         return results
+
+    def _failed(self, cmd: DataCommand, reply: Exception) -> KVError:
+        """The StoreError of one command's error reply (or connection error)."""
+        text = str(reply)
+        if isinstance(reply, self._unreachable) or not_now(text):
+            self.health.down(self._node_of(self.prefix + cmd[0]), text, 1)
+            return ERR_UNAVAILABLE
+        return self.health.error_reply(text)
 
     def put(self, key: Key, value: bytes) -> None:
         self._raise_first(self.apply([Put(key_bytes(key), value)]))
@@ -221,8 +235,8 @@ class RedisStore(KVStore):
         began = time.monotonic()
         count = self._call(scan)
         took = time.monotonic() - began
-        # A slow count (a big keyspace) is reused for a while; a quick one is always fresh.
-        self._keys = (time.monotonic() + (COUNT_KEYS_EVERY if took > 0.05 else 0.0), count)
+        # A slow count (a big keyspace) is reused for a while; a quick one for a second.
+        self._keys = (time.monotonic() + (COUNT_KEYS_EVERY if took > 0.05 else COUNT_KEYS_MIN), count)
         return count
 
     def close(self) -> None:
@@ -271,26 +285,62 @@ class RedisStore(KVStore):
                 live += 1
         return {"cluster_active": total, "cluster_dropped": int(dropped or 0), "workers": live}
 
-    # --- outages -------------------------------------------------------------------------------
+    # --- outages and errors -----------------------------------------------------------------
 
-    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run a Redis call; an unreachable Redis becomes ERR store unavailable (logged once
-        per outage, as is the recovery)."""
+    def _node_of(self, key: bytes) -> str:
+        """The name of the node serving ``key`` (the URL's, but for a cluster)."""
+        if not self.cluster:
+            return self.node
+        try:
+            node = self.client.get_node_from_key(key)
+        except Exception:  # no slot map yet: the cluster as a whole
+            return self.node
+        return str(node.name) if node is not None else self.node
+
+    def _call(
+        self,
+        function: Any,
+        *args: Any,
+        commands: int = 1,
+        keys: Sequence[Any] = (),
+        per_command: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Run a Redis call for ``commands`` commands (on the nodes of ``keys``, data commands;
+        the store's own node when none are given). Anything Redis makes it raise becomes a
+        StoreError: unreachable, ``ERR store unavailable``; an error reply, its phrase; a
+        reply of the wrong type, ``ERR store error`` (never data). Outages and errors are
+        logged once per episode. ``per_command``: the caller judges each command's reply
+        (and ends outages by them), so a call that returned ends none by itself."""
+        nodes = {self._node_of(self.prefix + cmd[0]) for cmd in keys} if keys else {self.node}
+        if self.health.outages and all(self.health.waiting(node) for node in nodes):
+            for node in nodes:
+                self.health.skipped(node, commands)
+            raise ERR_UNAVAILABLE.fresh()
         try:
             result = function(*args, **kwargs)
-        except self._unavailable as exc:
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                self.log.error("store_unavailable", store=_redacted(self.url), error=str(exc)[:200])
-            raise ERR_UNAVAILABLE.fresh() from None
-        if self._down_since is not None:
-            self.log.info(
-                "store_recovered",
-                store=_redacted(self.url),
-                outage_s=round(time.monotonic() - self._down_since, 3),
-            )
-            self._down_since = None
+        except self._redis_errors as exc:
+            raise self._failure(exc, nodes, commands).fresh() from None
+        if self.health.outages and not per_command:
+            for node in nodes:
+                self.health.up(node)
         return result
+
+    def _failure(self, exc: BaseException, nodes: set[str], commands: int) -> StoreError:
+        """The StoreError for a call that raised ``exc``, with the episode it begins."""
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, ReplyMismatch):
+            return self.health.error_reply(f"a reply of the wrong type: {text}", commands)
+        if isinstance(exc, self._unreachable) or not_now(text):
+            # A cluster pipeline fails as a whole when one node does: its message names it.
+            named = {node for node in nodes if node in text}
+            for node in named or nodes:
+                self.health.down(node, text, commands)
+            return ERR_UNAVAILABLE
+        return self.health.error_reply(text, commands)
+
+    def stats(self) -> dict[str, int]:
+        return self.health.stats()
 
     @staticmethod
     def _raise_first(results: list[Any]) -> None:
@@ -314,3 +364,65 @@ def _redacted(url: str) -> str:
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@")
     return url
+
+
+def _checked(base: type) -> type:
+    """``base`` (a redis-py connection class) that refuses a socket connected to itself."""
+
+    class NotToItself(base):  # type: ignore[valid-type,misc]
+        def _connect(self) -> Any:
+            sock = super()._connect()
+            if sock.getsockname() == sock.getpeername():
+                import redis
+
+                sock.close()
+                raise redis.exceptions.ConnectionError("connected to itself: nothing listens on its port")
+            return sock
+
+    return NotToItself
+
+
+def _redis_py_client(url: str, timeout: float) -> Any:
+    """redis-py's client for ``url``: fails fast (no retries: the store backs off), and
+    never uses a connection to itself."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if url.startswith("redis+cluster://"):
+        from redis.cluster import RedisCluster
+
+        options["connection_class"] = _checked(redis.connection.Connection)
+        return RedisCluster.from_url("redis://" + url[len("redis+cluster://") :], **options)
+    base = redis.connection.SSLConnection if url.startswith("rediss://") else redis.connection.Connection
+    pool = redis.ConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, connection_class=_checked(base), **options
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def _dispatcher(url: str, timeout: float) -> Dispatcher:
+    """The auto-pipelining data path for a ``redis://`` URL, with redis-py's reading of it
+    (host, port, db from the path or ``?db=``, percent-decoded user and password). Every
+    connection loads the UPDATE script, so UPDATE sends its SHA-1, not the script."""
+    from redis.connection import parse_url
+
+    settings = parse_url(url)
+
+    def connect() -> RespConnection:
+        return RespConnection(
+            settings.get("host") or "127.0.0.1",
+            int(settings.get("port") or 6379),
+            int(settings.get("db") or 0),
+            settings.get("password"),
+            settings.get("username"),
+            timeout,
+            setup=[(b"SCRIPT", b"LOAD", _SCRIPT)],
+        )
+
+    return Dispatcher(connect, connections=DISPATCH_CONNECTIONS)

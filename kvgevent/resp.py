@@ -4,33 +4,64 @@ redis-py costs about 150 µs of CPU per pipeline here: with 50 clients each send
 request at a time, a worker did 6,500 requests/s over a local Redis whose round trip is about
 30 µs (measured with bench/redis_bench.py). So the store hands its batches to a
 :class:`Dispatcher`: every batch queued while a round trip is in flight goes out together in
-the next one, on one of a few connections, encoded by hand (RESP) and parsed by hiredis.
+the next one, on one of a few connections, encoded by hiredis and parsed by hiredis.
 
 A request is one client's batch; its replies come back in order. A connection that fails
 makes every request of its round trip fail with the error (the store turns that into
 ``ERR store unavailable``); the next round trip reconnects.
+
+What a reply can be trusted for. A connection is used only once it is known to talk to a
+Redis: it is closed if it is connected to itself (a local port with nothing listening can be
+handed out as the connecting socket's own source port, and TCP then connects the socket to
+itself: every command comes back as its "reply"), and its first round trip is a PING that
+must be answered ``PONG``. Each reply must then be of the type its command returns (an array
+for LRANGE, an integer for RPUSH...): a reply of another type fails the whole round trip with
+:class:`ReplyMismatch` and closes the connection. Error replies (hiredis ``ReplyError``) are
+returned as they are, for the store to map.
+
+Reconnecting. After a failed connect a connection waits RECONNECT_MIN seconds, doubling up to
+RECONNECT_MAX (with jitter: connections do not retry in step), before it tries again;
+meanwhile its round trips fail at once with :class:`Unreachable`.
 """
 
 from __future__ import annotations
 
+import random
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import gevent
+import hiredis
 from gevent.event import AsyncResult
 from gevent.queue import Queue
 
 MAX_ROUND_TRIP = 2000
 """Commands one round trip may carry (several clients' batches together)."""
 
+RECONNECT_MIN = 0.05
+"""Seconds before the first new attempt to connect after a failed one (then doubled)."""
 
-def pack(args: Sequence[bytes]) -> bytes:
-    """One command in RESP: ``*<n>`` then ``$<len>`` and each argument."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
+RECONNECT_MAX = 2.0
+"""Most seconds between two attempts to connect while Redis is unreachable."""
+
+Command = Sequence[bytes]
+Expected = type | tuple[type, ...]
+"""The type a command's reply must have (hiredis: list, int, bytes)."""
+
+
+class Unreachable(ConnectionError):
+    """Redis cannot be reached now (refused, timed out, connected to itself, backing off)."""
+
+
+class ReplyMismatch(Exception):
+    """A reply of another type than its command returns: the stream cannot be trusted."""
+
+
+def pack(args: Command) -> bytes:
+    """One command in RESP."""
+    return hiredis.pack_command(tuple(args))  # type: ignore[no-any-return]
 
 
 class RespConnection:
@@ -38,12 +69,24 @@ class RespConnection:
     write and returns their replies (hiredis ReplyError instances for error replies)."""
 
     def __init__(
-        self, host: str, port: int, db: int, password: str | None, username: str | None, timeout: float
+        self,
+        host: str,
+        port: int,
+        db: int,
+        password: str | None,
+        username: str | None,
+        timeout: float,
+        setup: Sequence[Command] = (),
     ) -> None:
         self.address = (host, port)
         self.db, self.password, self.username, self.timeout = db, password, username, timeout
+        # Sent after AUTH/SELECT/PING on every new connection; their errors are not fatal (a
+        # user whose ACL forbids SCRIPT LOAD can still read and write).
+        self.setup = list(setup)
         self.sock: Any = None
         self.reader: Any = None
+        self._delay = 0.0  # the current wait between two attempts to connect
+        self._retry_at = 0.0  # no attempt before this (monotonic)
 
     def round_trip(self, payload: bytes, count: int) -> list[Any]:
         if self.sock is None:
@@ -70,26 +113,44 @@ class RespConnection:
         return replies
 
     def _connect(self) -> None:
-        import hiredis
+        """Connect, check the peer, authenticate; back off after a failure (Unreachable
+        until the next attempt is due)."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise Unreachable(f"Redis unreachable; next attempt in {self._retry_at - now:.2f} s")
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            self._delay = min(max(self._delay * 2, RECONNECT_MIN), RECONNECT_MAX)
+            self._retry_at = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
+            raise
+        self._delay = 0.0
 
-        sock = socket.create_connection(self.address, timeout=self.timeout)
+    def _open(self) -> None:
+        try:
+            sock = socket.create_connection(self.address, timeout=self.timeout)
+        except OSError as exc:
+            raise Unreachable(f"cannot connect to Redis: {exc.strerror or exc}") from None
+        if sock.getsockname() == sock.getpeername():
+            sock.close()
+            raise Unreachable("connected to itself: nothing listens on the Redis port")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.reader = sock, hiredis.Reader()
-        setup: list[list[bytes]] = []
+        commands: list[Command] = []
         if self.password is not None:
-            auth = (
-                [self.password.encode()]
-                if self.username is None
-                else [self.username.encode(), self.password.encode()]
-            )
-            setup.append([b"AUTH", *auth])
+            user = [] if self.username is None else [self.username.encode()]
+            commands.append([b"AUTH", *user, self.password.encode()])
         if self.db:
-            setup.append([b"SELECT", str(self.db).encode()])
-        if setup:
-            for reply in self.round_trip(b"".join(pack(c) for c in setup), len(setup)):
-                if isinstance(reply, Exception):
-                    self.close()
-                    raise ConnectionError(f"Redis refused the connection setup: {reply}")
+            commands.append([b"SELECT", str(self.db).encode()])
+        commands += [[b"PING"], *self.setup]
+        replies = self.round_trip(b"".join(pack(c) for c in commands), len(commands))
+        required = replies[: len(commands) - len(self.setup)]
+        errors = [reply for reply in required if isinstance(reply, Exception)]
+        if errors:
+            raise ConnectionError(f"Redis refused the connection setup: {errors[0]}")
+        if required[-1] != b"PONG":
+            raise Unreachable("the peer did not answer PING with PONG: not a Redis")
 
     def close(self) -> None:
         if self.sock is not None:
@@ -100,11 +161,19 @@ class RespConnection:
         self.sock = self.reader = None
 
 
-class _Request:
-    __slots__ = ("payload", "count", "result")
+def check_types(replies: list[Any], expected: Sequence[Expected]) -> None:
+    """Raise ReplyMismatch unless each reply is an error reply or of its command's type."""
+    for reply, kind in zip(replies, expected, strict=True):
+        if not isinstance(reply, kind) and not isinstance(reply, hiredis.ReplyError):
+            raise ReplyMismatch(f"a {type(reply).__name__} reply where a {kind} was due")
 
-    def __init__(self, payload: bytes, count: int) -> None:
-        self.payload, self.count, self.result = payload, count, AsyncResult()
+
+class _Request:
+    __slots__ = ("payload", "count", "expected", "result")
+
+    def __init__(self, payload: bytes, expected: Sequence[Expected]) -> None:
+        self.payload, self.count, self.expected = payload, len(expected), expected
+        self.result = AsyncResult()
 
 
 class Dispatcher:
@@ -116,13 +185,14 @@ class Dispatcher:
         self._connections = [make_connection() for _ in range(connections)]
         self._senders = [gevent.spawn(self._send_loop, c) for c in self._connections]
 
-    def execute(self, commands: Sequence[Sequence[bytes]]) -> list[Any]:
+    def execute(self, commands: Sequence[Command], expected: Sequence[Expected]) -> list[Any]:
         """Send ``commands`` (in a round trip shared with other callers); wait for their
-        replies, in order. Raises what the connection raised if the round trip failed, and
-        ConnectionError once the dispatcher is closed."""
+        replies, in order, each checked to be of its ``expected`` type or an error reply.
+        Raises what the connection raised if the round trip failed (ReplyMismatch for a
+        reply of the wrong type), and ConnectionError once the dispatcher is closed."""
         if self._closed:
             raise ConnectionError("the Redis dispatcher is closed")
-        request = _Request(b"".join([pack(c) for c in commands]), len(commands))
+        request = _Request(b"".join([pack(c) for c in commands]), expected)
         self._queue.put(request)
         return request.result.get()  # type: ignore[no-any-return]
 
@@ -137,7 +207,15 @@ class Dispatcher:
                 count += request.count
             try:
                 replies = connection.round_trip(b"".join(r.payload for r in batch), count)
+                check_types(replies, [kind for r in batch for kind in r.expected])
+                if any(
+                    isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
+                    for reply in replies
+                ):
+                    connection.close()  # scripts were flushed: the next connection loads them again
             except BaseException as exc:  # GreenletExit too (close()): nobody may wait forever
+                if isinstance(exc, ReplyMismatch):
+                    connection.close()
                 failure = exc if isinstance(exc, Exception) else ConnectionError("the dispatcher closed")
                 for request in batch:
                     request.result.set_exception(failure)

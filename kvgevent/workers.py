@@ -47,23 +47,38 @@ def _free_port(host: str, port: int) -> int:
         return probe.getsockname()[1]
 
 
-def _worker_argv(argv: list[str], port: int) -> list[str]:
-    """The workers' command line: ours without --workers/--port, plus the port and --reuse-port."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--workers", "--port"):
-            skip = True
-            continue
-        if arg.startswith(("--workers=", "--port=")):
-            continue
-        out.append(arg)
-    return [sys.executable, "-m", "kvgevent", *out, "--port", str(port), "--reuse-port"]
+SECRET_OPTIONS = {"password": "KVGEVENT_PASSWORD", "store": "KVGEVENT_STORE"}
+"""Options a worker gets through its environment, not its command line (``ps`` shows that):
+the password, and the store URL (it may hold Redis's password)."""
+
+NOT_FOR_WORKERS = frozenset(("help", "workers", "port", "reuse_port"))
+"""Options the supervisor keeps to itself or sets for each worker."""
 
 
-def supervise(args: argparse.Namespace, argv: list[str], log: Any) -> int:
+def worker_command(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, port: int
+) -> tuple[list[str], dict[str, str]]:
+    """A worker's command line and the environment it adds, built from the parsed options
+    (not by filtering our argv: an abbreviation or a ``--flag=value`` must not slip through
+    and make every worker a supervisor). Every option is passed with its value, as parsed
+    from a flag or the environment; secrets go through the environment."""
+    argv = [sys.executable, "-m", "kvgevent"]
+    env: dict[str, str] = {}
+    for action in parser._actions:  # (argparse keeps no public list of its options)
+        if not action.option_strings or action.dest in NOT_FOR_WORKERS:
+            continue
+        value = getattr(args, action.dest)
+        if action.dest in SECRET_OPTIONS:
+            if value is not None:
+                env[SECRET_OPTIONS[action.dest]] = str(value)
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv += [action.option_strings[0]] if value else []
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return [*argv, "--port", str(port), "--reuse-port"], env
+
+
+def supervise(args: argparse.Namespace, parser: argparse.ArgumentParser, log: Any) -> int:
     from .cli import stop_requested
 
     try:
@@ -77,9 +92,10 @@ def supervise(args: argparse.Namespace, argv: list[str], log: Any) -> int:
             errno=exc.errno,
         )
         return 1
-    command = _worker_argv(argv, port)
+    command, secrets = worker_command(parser, args, port)
     env = {
         **os.environ,
+        **secrets,
         "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
     }
     env.pop("KVGEVENT_WORKERS", None)

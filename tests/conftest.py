@@ -129,7 +129,7 @@ class RedisProcess:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
                 probe.sendall(b"PING\r\n")
-                return probe.recv(100).startswith(b"+PONG")
+                return probe.recv(100).startswith((b"+PONG", b"-NOAUTH"))  # (with --requirepass)
         except OSError:
             return False
 

@@ -370,3 +370,35 @@ def test_the_redis_py_path_gives_the_same_results(redis_server):
         assert fast._apply_redis_py(batch) == expected == [None, None, None, [b"2", b"3"], None, None]
     finally:
         fast.close()
+
+
+def test_a_cluster_node_down_is_one_outage_not_a_flood(redis_cluster, log_stream):
+    """One of three nodes is killed while a client keeps writing keys spread over every node
+    for 6 s. Before, the outage was one store-wide state that every command to a live node
+    ended and every command to the dead one began again: store_unavailable and
+    store_recovered alternated 747 times each in 10 s. Now each node has its own outage,
+    logged once (and the cluster marking itself down is one more per node at most)."""
+    from collections import Counter
+
+    from kvgevent.redis_store import RedisStore
+
+    store = RedisStore(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", prefix="c:")
+    server = KeyValueServer(store)
+    server.start(0)
+    try:
+        peer = Peer(server.port, timeout=30)
+        batch = b"".join(b"PUT:key%d:x\n" % i for i in range(30))
+        assert peer.request(batch) == []
+        redis_cluster[2].kill()
+        replies: Counter = Counter()
+        end = time.monotonic() + 6
+        while time.monotonic() < end:
+            replies.update(peer.request(batch))
+        events = log_events(log_stream)
+        down = [e["node"] for e in events if e["event"] == "store_unavailable"]
+        up = [e["node"] for e in events if e["event"] == "store_recovered"]
+        print(f"\nreplies {dict(replies)}; store_unavailable {down}; store_recovered {up}")
+        assert replies[b"ERR store unavailable"] > 0
+        assert len(down) == len(set(down)) and len(up) == len(set(up)), (down, up)
+    finally:
+        server.close()

@@ -1,0 +1,127 @@
+"""How the Redis store is doing: outages of its nodes and error replies, each logged once per
+episode, and when an unreachable node is worth trying again. Pure: no I/O, no gevent; the
+clock and the jitter are parameters.
+
+An outage of a node begins with the first command that could not reach it (``store_unavailable``,
+with the node and the error) and ends with the first command it answers (``store_recovered``,
+with how long it lasted and how many commands failed meanwhile). Between the two, the store
+tries the node again only RETRY_MIN seconds after the failure, doubling up to RETRY_MAX (with
+jitter), and fails the commands for it at once otherwise: a dead node costs neither a connect
+per command nor a log line per command. With Redis Cluster each node has its own outage.
+
+Error replies (Redis answered, but refused: ``OOM`` at its maxmemory, ``NOPERM`` from an ACL,
+a script error...) become fixed phrases, ``store out of memory`` or ``store error``; each kind
+is logged once (``store_error``) until none of it came for ERROR_QUIET seconds.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import StoreError
+
+RETRY_MIN = 0.05
+"""Seconds after a failed command before the node is tried again (then doubled)."""
+
+RETRY_MAX = 2.0
+"""Most seconds between two tries of an unreachable node."""
+
+ERROR_QUIET = 10.0
+"""Seconds without an error reply of a kind after which the next one is logged again."""
+
+NOT_NOW = ("CLUSTERDOWN", "LOADING", "TRYAGAIN", "MASTERDOWN", "BUSY", "READONLY", "NOSCRIPT")
+"""Error replies that mean "this node cannot serve now": ERR store unavailable. (NOSCRIPT: the
+scripts were flushed; the connection is reopened and loads the UPDATE script again.)"""
+
+ERR_UNAVAILABLE = StoreError("store unavailable")
+ERR_STORE_OUT_OF_MEMORY = StoreError("store out of memory")
+ERR_STORE = StoreError("store error")
+
+
+@dataclass(slots=True)
+class Outage:
+    since: float
+    error: str
+    failed: int = 0  # commands that failed for it
+    delay: float = RETRY_MIN
+    retry_at: float = 0.0
+
+
+class RedisHealth:
+    """Outages by node name, error-reply episodes by phrase, and their counts (STATS)."""
+
+    def __init__(
+        self,
+        log: Any,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.log = log
+        self.clock = clock
+        self.jitter = jitter
+        self.outages: dict[str, Outage] = {}
+        self._errors: dict[str, float] = {}  # phrase -> when the last one came
+        self.unavailable = 0  # commands failed because a node was unreachable
+        self.errors = 0  # commands failed with an error reply
+
+    def waiting(self, node: str) -> bool:
+        """True while ``node`` is in an outage and not due for another try."""
+        outage = self.outages.get(node)
+        return outage is not None and self.clock() < outage.retry_at
+
+    def skipped(self, node: str, commands: int) -> None:
+        """``commands`` failed at once, unsent: ``node`` is not due for another try."""
+        self.unavailable += commands
+        self.outages[node].failed += commands
+
+    def down(self, node: str, error: str, commands: int) -> None:
+        """A try of ``node`` failed for ``commands`` commands: begin or go on with its outage
+        and set its next try."""
+        now = self.clock()
+        self.unavailable += commands
+        outage = self.outages.get(node)
+        if outage is None:
+            outage = self.outages[node] = Outage(now, error)
+            self.log.error("store_unavailable", node=node, error=error[:200])
+        else:
+            outage.delay = min(outage.delay * 2, RETRY_MAX)
+        outage.failed += commands
+        outage.retry_at = now + outage.delay * self.jitter(0.5, 1.0)
+
+    def up(self, node: str) -> None:
+        """``node`` answered: end its outage, if any."""
+        outage = self.outages.pop(node, None)
+        if outage is not None:
+            self.log.info(
+                "store_recovered",
+                node=node,
+                outage_s=round(self.clock() - outage.since, 3),
+                failed_commands=outage.failed,
+            )
+
+    def error_reply(self, text: str, commands: int = 1) -> StoreError:
+        """Redis refused ``commands`` with the error ``text``: the StoreError to answer."""
+        self.errors += commands
+        error = ERR_STORE_OUT_OF_MEMORY if text.startswith("OOM") else ERR_STORE
+        now = self.clock()
+        last = self._errors.get(error.reason)
+        self._errors[error.reason] = now
+        if last is None or now - last >= ERROR_QUIET:
+            self.log.warning("store_error", reply=error.reason, error=text[:200])
+        return error
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "store_unavailable": self.unavailable,
+            "store_errors": self.errors,
+            "store_nodes_down": len(self.outages),
+        }
+
+
+def not_now(text: str) -> bool:
+    """True for an error reply that means the node cannot serve now (not: cannot serve this)."""
+    return text.startswith(NOT_NOW)

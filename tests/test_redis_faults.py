@@ -1,0 +1,331 @@
+"""The Redis store under faults (issue 12): a Redis killed on an ephemeral port (the socket that
+connects to itself), error replies of every kind (a Redis at its maxmemory, an ACL user that
+may not write), the URL read the same way by both of the store's clients, scripts flushed, and
+``--workers`` built from parsed options. Every Redis is a throwaway redis-server on loopback,
+killed and restarted for real; a peer that is not a Redis is a small server of the test's own."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import gevent
+import hiredis
+import pytest
+from gevent.server import StreamServer
+
+from kvgevent import KeyValueServer
+from kvgevent.redis_store import RedisStore
+from kvgevent.resp import RespConnection, Unreachable
+from tests.conftest import ROOT, Peer, RedisProcess, log_events, needs_redis, read_stats, wait_until
+
+pytestmark = needs_redis
+
+UNAVAILABLE = b"ERR store unavailable"
+
+
+def events(proc, name: str) -> list[dict]:
+    return [event for event in proc.events() if event["event"] == name]
+
+
+def ephemeral_even_port() -> int:
+    """A free even port in the kernel's ephemeral range: one a client socket may be given
+    as its own source port when it connects there with nothing listening."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(200):
+        port = random.randrange(low, high) & ~1
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free ephemeral port")
+
+
+# --- 1. an outage: never an answer that Redis did not give -----------------------------------
+
+
+def write_and_read(port: int, rounds: list[list[bytes]], stop: gevent.event.Event) -> None:
+    """A client: PUT then GET of its own key, then a PING, until ``stop``; each round's reply
+    lines go to ``rounds``."""
+    peer = Peer(port, timeout=30)
+    try:
+        index = 0
+        while not stop.is_set():
+            index += 1
+            rounds.append(peer.request(b"PUT:w%d:v%d\nGET:w%d\n" % (index, index, index)))
+    finally:
+        peer.close()
+
+
+def test_a_killed_redis_on_an_ephemeral_port_is_never_answered_for(server_process, tmp_path):
+    """Redis on an even ephemeral port is killed while 8 clients write and read for 15 s.
+    Before, kvgevent reconnected thousands of times a second until one socket was given the
+    Redis port as its own source port and connected to itself: kvgevent's commands came
+    back as replies (PONG with nothing stored, GET answered 'k:LRANGE'...) and Redis could
+    not restart on its port. Now every PUT and GET gets 'ERR store unavailable' while Redis
+    is down (reconnects back off, 50 ms doubling to 2 s), Redis restarts on its port, and
+    service resumes; the outage is logged once."""
+    redis = RedisProcess(tmp_path, ephemeral_even_port())
+    server = server_process("--store", redis.url)
+    try:
+        probe = Peer(server.port, timeout=30)
+        assert probe.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        redis.kill()
+        rounds: list[list[bytes]] = []
+        stop = gevent.event.Event()
+        clients = [gevent.spawn(write_and_read, server.port, rounds, stop) for _ in range(8)]
+        gevent.sleep(15)
+        stop.set()
+        gevent.joinall(clients, timeout=30, raise_error=True)
+        assert len(rounds) > 100
+        assert all(replies == [UNAVAILABLE] * 2 for replies in rounds), next(
+            replies for replies in rounds if replies != [UNAVAILABLE] * 2
+        )
+        redis.start()  # the port is free: no socket of kvgevent's holds it (and the data is gone)
+        wait_until(lambda: probe.request(b"DELETE:k\nPUT:k:w\nGET:k\n") == [b"k:w"], timeout=10)
+        assert len(events(server, "store_unavailable")) == 1
+        (recovered,) = events(server, "store_recovered")
+        assert recovered["failed_commands"] >= len(rounds) * 2
+        probe.close()
+    finally:
+        redis.kill()
+
+
+def test_a_connection_to_itself_is_closed_at_once(monkeypatch):
+    """A socket connected to itself (made for real: its source port is the port it connects
+    to, which is what the kernel may pick by chance) is never used: Unreachable, and no
+    command is sent."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    real = socket.create_connection
+
+    def from_the_same_port(address, timeout=None, source_address=None):
+        return real(address, timeout=timeout, source_address=("127.0.0.1", address[1]))
+
+    monkeypatch.setattr("kvgevent.resp.socket.create_connection", from_the_same_port)
+    connection = RespConnection("127.0.0.1", port, 0, None, None, 2.0)
+    with pytest.raises(Unreachable, match="itself"):
+        connection.round_trip(b"*1\r\n$4\r\nPING\r\n", 1)
+    assert connection.sock is None
+
+
+class FakePeer:
+    """A TCP server that is not a Redis: ``answer(command)`` gives the bytes to reply."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.server = StreamServer(("127.0.0.1", 0), self._serve)
+        self.server.start()
+        self.port = self.server.server_port
+
+    def _serve(self, sock, address) -> None:
+        reader = hiredis.Reader()
+        while data := sock.recv(65536):
+            reader.feed(data)
+            while (command := reader.gets()) is not False:
+                sock.sendall(self.answer(command))
+
+    def close(self) -> None:
+        self.server.stop(timeout=1)
+
+
+def test_a_peer_that_echoes_is_not_taken_for_redis(log_stream):
+    """A peer that sends every command back (what a socket connected to itself does) fails
+    the PING that opens each connection: commands get ERR store unavailable, never data."""
+    echo = FakePeer(lambda command: hiredis.pack_command(tuple(command)))
+    store = RedisStore(f"redis://127.0.0.1:{echo.port}/0", prefix="p:")
+    server = KeyValueServer(store)
+    server.start(0)
+    try:
+        peer = Peer(server.port)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [UNAVAILABLE] * 2
+    finally:
+        server.close()
+        echo.close()
+
+
+def test_a_reply_of_the_wrong_type_is_a_store_error_never_data(log_stream):
+    """A peer that answers PING with PONG but every other command with an array: RPUSH gets
+    an array where an integer is due, so the whole round trip (the GET after it too) fails
+    with ERR store error, and the connection is dropped."""
+
+    def answer(command):
+        return b"+PONG\r\n" if command[0].upper() == b"PING" else b"*1\r\n$4\r\nfake\r\n"
+
+    liar = FakePeer(answer)
+    store = RedisStore(f"redis://127.0.0.1:{liar.port}/0", prefix="p:")
+    server = KeyValueServer(store)
+    server.start(0)
+    try:
+        peer = Peer(server.port)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"ERR store error"] * 2
+        assert [e for e in log_events(log_stream) if e["event"] == "store_error"]
+    finally:
+        server.close()
+        liar.close()
+
+
+# --- 2. error replies ----------------------------------------------------------------------
+
+
+def assert_clean_exit(server) -> None:
+    assert server.stop() == 0
+    bugs = [e for e in server.events() if e["event"] in ("client_error", "unhandled_error")]
+    assert not bugs, bugs[0]
+
+
+def test_a_redis_at_its_maxmemory_gives_store_out_of_memory(server_process, tmp_path):
+    """Redis with --maxmemory 2mb and noeviction refuses writes with OOM. Before, the error
+    escaped: the client was dropped (internal_error), the worker-count reporter died and
+    close() raised. Now PUT gets 'ERR store out of memory', GET and DELETE work, one
+    store_error event stands for all the refusals, and SIGTERM exits 0."""
+    redis = RedisProcess(tmp_path, None, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    server = server_process("--store", redis.url)
+    try:
+        peer = Peer(server.port, timeout=30)
+        value = b"x" * 10_000
+        refused = []
+        for index in range(1000):
+            refused = peer.request(b"PUT:k%d:%s\n" % (index, value))
+            if refused:
+                break
+        assert refused == [b"ERR store out of memory"]
+        for _ in range(5):
+            assert peer.request(b"PUT:more:%s\n" % value) == [b"ERR store out of memory"]
+        assert peer.request(b"GET:k0\n") == [b"k0:" + value]
+        assert peer.request(b"DELETE:k0\nGET:k0\n") == []
+        stats = read_stats(peer)
+        assert stats["store_errors"] >= 6
+        assert len(events(server, "store_error")) == 1
+        peer.close()
+        assert_clean_exit(server)
+    finally:
+        redis.kill()
+
+
+def test_an_acl_user_that_may_not_write_gets_store_error(server_process, tmp_path):
+    """kvgevent connects as an ACL user that may read but not write (NOPERM): PUT, UPDATE and
+    DELETE get 'ERR store error', GET and STATS work, the reporter survives (STATS keeps
+    answering), and SIGTERM exits 0."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    admin.rpush("kvgevent:seen", b"before")
+    admin.acl_setuser(
+        "reader", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-@write"]
+    )
+    admin.close()
+    server = server_process("--store", f"redis://reader:secret@127.0.0.1:{redis.port}/0")
+    try:
+        peer = Peer(server.port, timeout=30)
+        assert peer.request(b"PUT:k:v\nUPDATE:seen:before:after\nDELETE:seen\n") == [b"ERR store error"] * 3
+        assert peer.request(b"GET:seen\n") == [b"seen:before"]
+        gevent.sleep(1.5)  # the reporter has tried (and failed) to write at least once
+        assert read_stats(peer)["store_errors"] >= 3
+        assert len(events(server, "store_error")) == 1
+        peer.close()
+        assert_clean_exit(server)
+    finally:
+        redis.kill()
+
+
+# --- 3. the URL ----------------------------------------------------------------------------
+
+
+def test_a_password_with_an_at_sign_and_a_db_query_mean_the_same_to_both_clients(server_process, tmp_path):
+    """The password 'p@ss:w' percent-encoded and the database as '?db=2': before, the data
+    path did not decode the password and ignored ?db= (data in db 0, bookkeeping in db 2).
+    Now both the data and the worker table land in db 2."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path, None, "--requirepass", "p@ss:w")
+    server = server_process("--store", f"redis://:p%40ss%3Aw@127.0.0.1:{redis.port}/?db=2")
+    try:
+        peer = Peer(server.port, timeout=30)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        db2 = redis_py.Redis(port=redis.port, password="p@ss:w", db=2)
+        db0 = redis_py.Redis(port=redis.port, password="p@ss:w", db=0)
+        assert db2.lrange("kvgevent:k", 0, -1) == [b"v"]
+        wait_until(lambda: db2.exists("kvgevent:_meta:workers") == 1, timeout=10)
+        assert db0.dbsize() == 0
+        db2.close()
+        db0.close()
+        peer.close()
+    finally:
+        redis.kill()
+
+
+# --- 6. scripts ----------------------------------------------------------------------------
+
+
+def test_update_sends_the_script_sha_and_survives_a_script_flush(redis_server):
+    """UPDATE goes as EVALSHA (the script is loaded once per connection, not sent each
+    time); after SCRIPT FLUSH an UPDATE may get ERR store unavailable once per connection,
+    then UPDATE works again."""
+    import redis as redis_py
+
+    from kvgevent import Get, Put, Update
+
+    admin = redis_py.Redis(port=redis_server.port)
+    admin.config_resetstat()
+    store = RedisStore(redis_server.url, prefix=f"s{random.randrange(10**9)}:")
+    try:
+        store.apply([Put(b"k", b"a")])
+        assert store.apply([Update(b"k", b"a", b"b"), Get(b"k")]) == [None, [b"b"]]
+        commands = admin.info("commandstats")
+        assert commands["cmdstat_evalsha"]["calls"] >= 1 and "cmdstat_eval" not in commands
+        admin.script_flush()
+        failures = 0
+        while store.apply([Update(b"k", b"b", b"c")]) != [None]:
+            failures += 1
+            assert failures <= 4, "UPDATE did not recover after SCRIPT FLUSH"
+        assert store.apply([Get(b"k")]) == [[b"c"]]
+    finally:
+        store.close()
+        admin.close()
+
+
+# --- 5. --workers --------------------------------------------------------------------------
+
+
+def test_an_abbreviated_flag_is_a_usage_error(tmp_path):
+    """'--worker 2' was accepted as --workers, and the workers' command line kept it: every
+    worker became a supervisor (43 processes in 3 s). Now it is a usage error, exit 2."""
+    result = subprocess.run(
+        [sys.executable, "run_server.py", "--worker", "2", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "unrecognized arguments: --worker" in result.stderr
+
+
+def test_workers_get_options_from_the_parsed_flags_and_secrets_from_the_environment(
+    server_process, redis_server
+):
+    """--workers=2 and --store=... in the '=' form, with --password: two workers serve, none
+    of them is a supervisor, and no worker's command line shows the password or the store
+    URL (they travel in the environment)."""
+    proc = server_process("--workers=2", f"--store={redis_server.url}", "--password", "s3cret-pw", wait=False)
+    wait_until(
+        lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20, message="workers did not start"
+    )
+    started = events(proc, "worker_started")
+    assert len(started) == 2 and not events(proc, "workers_starting")[1:]
+    for event in started:
+        cmdline = Path(f"/proc/{event['pid']}/cmdline").read_bytes()
+        assert b"s3cret-pw" not in cmdline and redis_server.url.encode() not in cmdline
+        assert b"--workers" not in cmdline and b"--reuse-port" in cmdline
+    peer = Peer(proc.port, timeout=10)
+    assert peer.request(b"AUTH:s3cret-pw\nPUT:w:1\nGET:w\n") == [b"OK", b"w:1"]
+    peer.close()
+    assert proc.stop() == 0
