@@ -25,6 +25,7 @@ from typing import Any
 
 from .cli import add_env_option, port_number, positive_int
 from .config import DEFAULT_HOST, DEFAULT_PORT
+from .protocol import ReplyKind, classify_reply
 
 TESTS = ("put", "get", "update", "delete", "ping")
 PROGRESS_EVERY = 0.25
@@ -34,6 +35,7 @@ PROGRESS_EVERY = 0.25
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_client.py bench",
+        allow_abbrev=False,  # "--proc" is a usage error, not a guess at --processes
         description="Load a kvgevent server and report ops/s and latency percentiles.",
     )
     add_env_option(parser, "host", DEFAULT_HOST, "server address")
@@ -64,6 +66,14 @@ def _requests(test: str, key: bytes, value: bytes) -> bytes:
     if test == "delete":
         return b"DELETE:" + key + b"\n"
     return b"PING\n"
+
+
+def count_errors(replies: bytes) -> int:
+    """The ``ERR`` status lines among complete reply lines (as :func:`classify_reply` tells:
+    a value line that starts with ``ERR `` is not one)."""
+    if b"ERR " not in replies:  # the usual case, without splitting
+        return 0
+    return sum(1 for line in replies.split(b"\n")[:-1] if classify_reply(line) is ReplyKind.ERROR)
 
 
 def _worker(
@@ -101,8 +111,7 @@ def _worker(
                         raise ConnectionError("the server closed the connection")
                     data += chunk
                 latencies.append(time.perf_counter() - begin)
-                if b"ERR " in data:
-                    state["errors"] += data.count(b"ERR ")
+                state["errors"] += count_errors(data)
                 share -= count
                 state["done"] += count
         finally:

@@ -1,4 +1,4 @@
-"""A client library for kvgevent: plain blocking sockets, cooperative under gevent's
+"""A client library for kvgevent: plain sockets (no gevent), cooperative under gevent's
 monkey-patching, and the same :mod:`kvgevent.protocol` module as the server.
 
 Every call returns only once the server has applied it: each command is followed on the
@@ -12,19 +12,28 @@ which command an ``ERR`` belongs to, even in a pipeline.
             p.put("k", b"1")
             p.get("k")
         p.results                  # [None, [b'1']]
+
+Requests are written while replies are read (:meth:`Client.exchange`): the server stops
+reading a client whose replies pile up unread, so a client that wrote a whole big pipeline
+before reading would wait on a server waiting on it. The socket is non-blocking and every
+wait goes through :mod:`selectors` (gevent's, once monkey-patched); ``timeout`` bounds a wait
+in which nothing is sent and nothing received, however long the whole exchange takes.
+Reply lines are told apart by :func:`kvgevent.protocol.classify_reply` alone.
 """
 
 from __future__ import annotations
 
+import selectors
 import socket
 import ssl
 import threading
-from collections import deque
-from typing import Any
+import time
+from typing import Any, NoReturn, Protocol
 
 from .config import DEFAULT_CLIENT_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT
 from .errors import ConnectionLost, InvalidArgument, ServerError
 from .protocol import (
+    ERR_LINE_TOO_LONG,
     PING,
     STATS,
     Auth,
@@ -34,20 +43,31 @@ from .protocol import (
     LineBuffer,
     Ping,
     Put,
+    ReplyKind,
     Stats,
     Update,
+    classify_reply,
     encode,
     parse,
     parse_stats,
     parse_value,
 )
-from .tls import TlsStream, client_context
+from .tls import SEND_SLICE, TlsStream, client_context
 
 MAX_REPLY_LINE = 1 << 26
 """Longest reply line the client accepts (64 MiB), well above any value the server stores."""
 
 RECV_SIZE = 1 << 16
 """Bytes asked of one ``recv``."""
+
+READS_PER_TURN = 16
+"""Full reads in a row (16 x 64 KiB) before the exchange turns to sending again: a server
+answering as fast as the client reads cannot keep the client's own requests from leaving."""
+
+ERR_PREFIX = b"ERR "
+"""What an ``ERR`` status line starts with; the reason follows."""
+
+_VALUE, _PONG, _OK, _ERROR, _OTHER = ReplyKind
 
 
 def to_bytes(data: bytes | str, what: str = "value") -> bytes:
@@ -59,14 +79,45 @@ def to_bytes(data: bytes | str, what: str = "value") -> bytes:
     raise InvalidArgument(f"a {what} must be bytes or str, not {type(data).__name__}")
 
 
+def server_error(line: bytes) -> ServerError:
+    """The :class:`ServerError` of an ``ERR <reason>`` line (one ``classify_reply`` calls
+    ``ERROR``)."""
+    return ServerError(line[len(ERR_PREFIX) :].decode(errors="replace"))
+
+
+class Source(Protocol):
+    """What :meth:`Client.exchange` sends, pulled as the connection takes it.
+
+    ``fd``: None if :meth:`read` never waits; otherwise :meth:`read` is called only once this
+    file descriptor is readable (a pipe or a terminal), so replies keep being read meanwhile.
+    """
+
+    fd: int | None
+
+    def read(self) -> bytes | None:
+        """The next bytes to send (``b""``: none yet), or None once there is nothing more."""
+
+
+class Replies(Protocol):
+    """What :meth:`Client.exchange` hands reply lines to."""
+
+    def feed(self, lines: list[bytes]) -> None:
+        """Complete reply lines (without newlines), in order. May raise ConnectionLost for a
+        reply that makes no sense (the connection is then closed)."""
+
+    def complete(self) -> bool:
+        """True once every reply to what the source gave so far has arrived."""
+
+
 class Client:
     """One connection to a kvgevent server.
 
     Raises :class:`ConnectionLost` if the server cannot be reached, closes the connection,
-    or does not answer within ``timeout`` seconds; after that the client is closed and every
-    call raises ConnectionLost. An ``ERR`` reply raises :class:`ServerError` (the connection
-    stays usable). Keys and values that cannot be sent raise :class:`InvalidArgument` before
-    anything is sent.
+    sends a reply that cannot be (a status line in a GET's reply, a value for a PUT), or
+    neither takes a byte nor sends one for ``timeout`` seconds while a reply is due; after
+    that the client is closed and every call raises ConnectionLost until :meth:`connect`.
+    An ``ERR`` reply raises :class:`ServerError` (the connection stays usable). Keys and
+    values that cannot be sent raise :class:`InvalidArgument` before anything is sent.
     """
 
     def __init__(
@@ -82,7 +133,7 @@ class Client:
     ) -> None:
         """``tls=True`` checks the server's certificate against ``tls_ca`` (or the system's
         CAs); an ``ssl.SSLContext`` is used as given. ``password`` is sent as ``AUTH`` on
-        every (re)connect."""
+        every (re)connect. ``timeout`` None waits for ever."""
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -91,9 +142,9 @@ class Client:
             tls = client_context(tls_ca)
         self.tls: ssl.SSLContext | None = tls or None
         self._sock: socket.socket | None = None
-        self.stream: Any = None  # the socket, or a TlsStream over it: recv() and sendall()
+        self._wire: _Wire | None = None
+        self._selector: selectors.BaseSelector | None = None
         self._buffer = LineBuffer(MAX_REPLY_LINE)
-        self._lines: deque[bytes] = deque()
         if connect:
             self.connect()
 
@@ -106,20 +157,14 @@ class Client:
         except OSError as exc:
             raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock, self.stream = sock, sock
+        self._sock = sock
+        tls = self._handshake(sock) if self.tls is not None else None
+        sock.setblocking(False)  # from now on every wait is the selector's, bounded by timeout
+        self._wire = _TlsWire(sock, tls) if tls is not None else _Wire(sock)
+        # Looked up now, not at import: monkey-patching replaces it with gevent's selector.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ)
         self._buffer = LineBuffer(MAX_REPLY_LINE)
-        self._lines.clear()
-        if self.tls is not None:
-            tls = TlsStream(
-                sock, self.tls, server_side=False, server_hostname=self.host, lock_factory=threading.Lock
-            )
-            try:
-                tls.handshake()
-            except (OSError, ssl.SSLError) as exc:
-                self.close()
-                why = getattr(exc, "reason", None) or exc
-                raise ConnectionLost(f"TLS handshake with {self.host}:{self.port} failed: {why}") from exc
-            self.stream = tls
         if self.password is not None:
             try:
                 self.execute([Auth(self.password)])
@@ -127,9 +172,26 @@ class Client:
                 self.close()
                 raise
 
+    def _handshake(self, sock: socket.socket) -> TlsStream:
+        """The TLS handshake, blocking on ``sock`` (each wait bounded by its timeout)."""
+        assert self.tls is not None
+        tls = TlsStream(
+            sock, self.tls, server_side=False, server_hostname=self.host, lock_factory=threading.Lock
+        )
+        try:
+            tls.handshake()
+        except (OSError, ssl.SSLError) as exc:
+            self.close()
+            why = getattr(exc, "reason", None) or exc
+            raise ConnectionLost(f"TLS handshake with {self.host}:{self.port} failed: {why}") from exc
+        return tls
+
     def close(self) -> None:
         """Close the connection (idempotent)."""
-        sock, self._sock, self.stream = self._sock, None, None
+        sock, selector = self._sock, self._selector
+        self._sock, self._wire, self._selector = None, None, None
+        if selector is not None:
+            selector.close()
         if sock is not None:
             sock.close()
 
@@ -170,96 +232,367 @@ class Client:
         return self.execute([STATS])[0]  # type: ignore[no-any-return]
 
     def pipeline(self) -> Pipeline:
-        """Collect commands and send them in one write when the ``with`` block ends (or on
+        """Collect commands and send them together when the ``with`` block ends (or on
         :meth:`Pipeline.execute`)."""
         return Pipeline(self)
 
     def execute(self, commands: list[Command], raise_on_error: bool = True) -> list[Any]:
-        """Send ``commands`` in one write and return one result per command, in order:
-        ``None`` for PUT/UPDATE/DELETE, a list of values for GET, True for PING, a dict for
-        STATS. An ``ERR`` raises the first :class:`ServerError` after all replies were read,
-        or takes the command's place in the results when ``raise_on_error`` is False."""
+        """Send ``commands`` (any number: replies are read while they are written) and return
+        one result per command, in order: ``None`` for PUT/UPDATE/DELETE, a list of values
+        for GET, True for PING and AUTH, a dict for STATS. An ``ERR`` raises the first
+        :class:`ServerError` after all replies were read, or takes the command's place in the
+        results when ``raise_on_error`` is False."""
         payload = b"".join(encode(c) if c.__class__ is Ping else encode(c) + b"PING\n" for c in commands)
-        sock = self._require()
-        try:
-            sock.sendall(payload)
-            results = [self._read_result(c) for c in commands]
-        except (OSError, ConnectionLost) as exc:
-            self.close()
-            if isinstance(exc, ConnectionLost):
-                raise
-            raise ConnectionLost(_describe(exc)) from exc
+        replies = _Results(commands)
+        self.exchange(_Payload(payload), replies)
         if raise_on_error:
-            for result in results:
+            for result in replies.results:
                 if isinstance(result, ServerError):
                     raise result
-        return results
+        return replies.results
 
     def send_raw(self, lines: list[bytes]) -> list[list[bytes]]:
-        """Send protocol lines as typed (no validation, one write) and return each one's reply
-        lines. For tools that relay what a user typed: a ``PING`` line's reply is its
-        ``[b"PONG"]``; any other line is followed by a barrier ``PING`` on the wire."""
-        sock = self._require()
-        pings = [parse(line) is PING for line in lines]
+        """Send protocol lines as typed and return each one's reply lines. For tools that
+        relay what a user typed: nothing is checked but that a line holds no newline
+        (InvalidArgument: it would be two requests). A line the server reads as ``PING``
+        gets ``[b"PONG"]``; any other line is followed by a barrier ``PING`` on the wire."""
+        if any(b"\n" in line for line in lines):
+            raise InvalidArgument("a protocol line may not contain a newline")
+        pings = [parse(line[:-1] if line.endswith(b"\r") else line) is PING for line in lines]
         payload = b"".join(
             line + b"\n" if ping else line + b"\nPING\n" for line, ping in zip(lines, pings, strict=True)
         )
+        replies = _RawReplies(pings)
+        self.exchange(_Payload(payload), replies)
+        return replies.results
+
+    def exchange(self, source: Source, replies: Replies) -> None:
+        """Send everything ``source`` gives while handing every reply line to ``replies``;
+        return once the source is exhausted, every byte has left and ``replies.complete()``.
+
+        Raises ConnectionLost (and closes the client) if the connection fails or closes, a
+        reply line is longer than MAX_REPLY_LINE, ``replies`` refuses a line, or ``timeout``
+        seconds pass with nothing sent and nothing received while something is due. Waiting
+        on the source's ``fd`` with nothing due has no time limit. Any other exception from
+        the source or ``replies`` also closes the client (the connection is mid-exchange)."""
+        if self._wire is None or self._selector is None:
+            raise ConnectionLost("not connected")
         try:
-            sock.sendall(payload)
-            return [[b"PONG"] if ping else self._read_until_pong() for ping in pings]
+            _Exchange(self._wire, self._selector, self._buffer, self.timeout, source, replies).run()
         except OSError as exc:
             self.close()
             raise ConnectionLost(_describe(exc)) from exc
-        except ConnectionLost:
+        except BaseException:
             self.close()
             raise
 
-    # --- replies ----------------------------------------------------------------------------
 
-    def _require(self) -> Any:
-        if self.stream is None:
-            raise ConnectionLost("not connected")
-        return self.stream
+class _Wire:
+    """A connected socket in non-blocking mode and the bytes waiting to go out on it. Nothing
+    here waits: :class:`_Exchange` decides when to, and for how long."""
 
-    def _read_line(self) -> bytes:
-        while not self._lines:
-            data = self._require().recv(RECV_SIZE)
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.outgoing = bytearray()  # deleting its head is O(1): no copy per partial send
+
+    @property
+    def pending(self) -> bool:
+        """True while some bytes have not been handed to the kernel yet."""
+        return bool(self.outgoing)
+
+    def queue(self, data: bytes) -> None:
+        self.outgoing += data
+
+    def send_some(self) -> int:
+        """Send what the socket takes now; the number of bytes it took (0 if it is full)."""
+        try:
+            sent = self.sock.send(self.outgoing)
+        except BlockingIOError:
+            return 0
+        del self.outgoing[:sent]
+        return sent
+
+    def receive(self) -> bytes | None:
+        """Up to RECV_SIZE bytes that have arrived (``b""`` at the end of the stream), or None
+        if there are none now. Fewer than RECV_SIZE means nothing more is readable before the
+        socket is readable again."""
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return None
+
+
+class _TlsWire(_Wire):
+    """TLS over a :class:`_Wire`, through :class:`kvgevent.tls.TlsStream` once its handshake is
+    done: the stream is given this object as its socket, so the stream's ``sendall`` only queues
+    ciphertext and its ``recv`` never waits (BlockingIOError when nothing has arrived).
+    Plaintext waits in ``plain`` and is encrypted SEND_SLICE bytes at a time once the
+    ciphertext before it has left, so the ciphertext held stays one slice big."""
+
+    def __init__(self, sock: socket.socket, tls: TlsStream) -> None:
+        super().__init__(sock)
+        self.plain = bytearray()
+        self.tls = tls
+        tls.sock = self  # type: ignore[assignment]
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.outgoing or self.plain)
+
+    def queue(self, data: bytes) -> None:
+        self.plain += data
+
+    def send_some(self) -> int:
+        if not self.outgoing and self.plain:
+            piece = bytes(self.plain[:SEND_SLICE])
+            del self.plain[:SEND_SLICE]
+            self.tls.sendall(piece)  # into self.outgoing, through sendall() below
+        return super().send_some()
+
+    def receive(self) -> bytes | None:
+        """Plaintext, as :meth:`_Wire.receive`: a full RECV_SIZE may leave more decrypted-able
+        data in the TLS engine, so read again; less means the engine holds no whole record."""
+        try:
+            return self.tls.recv(RECV_SIZE)
+        except BlockingIOError:
+            return None
+
+    # The socket interface TlsStream uses.
+
+    def sendall(self, data: bytes) -> None:
+        self.outgoing += data
+
+    def recv(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+
+class _Exchange:
+    """One run of :meth:`Client.exchange`: write what the source gives while reading replies,
+    waiting only in the selector, and only for the time left before the no-progress deadline.
+    The source's fd is watched only while every byte it gave has left: what it gives next
+    waits in the source (the pipe, the terminal), not in memory here."""
+
+    def __init__(
+        self,
+        wire: _Wire,
+        selector: selectors.BaseSelector,
+        buffer: LineBuffer,
+        timeout: float | None,
+        source: Source,
+        replies: Replies,
+    ) -> None:
+        self.wire, self.selector, self.buffer, self.timeout = wire, selector, buffer, timeout
+        self.source, self.replies = source, replies
+        self.source_open = True
+        self.source_fd = source.fd
+        self.source_watched = False
+        self.more_to_read = False  # the last reads were full: read again without waiting
+        self.last_progress = time.monotonic()
+        self.events = selectors.EVENT_READ  # what the socket is registered for
+
+    def run(self) -> None:
+        try:
+            while True:
+                if self.source_open and self.source_fd is None and not self.wire.pending:
+                    self._pull()
+                    if self.source_open and not self.wire.pending:
+                        continue  # it gave nothing (yet) without waiting: ask again, not the selector
+                if self.wire.pending:
+                    self._send()  # most often the socket takes it at once: no wait
+                if not (self.source_open or self._due()):
+                    return
+                self._wait_and_serve()
+        finally:
+            self._watch_source(False)
+            self._watch(selectors.EVENT_READ)
+
+    def _pull(self) -> None:
+        data = self.source.read()
+        if data is None:
+            self.source_open = False
+        elif data:
+            if not self._due():  # the deadline counts from now, not from the last reply
+                self.last_progress = time.monotonic()
+            self.wire.queue(data)
+
+    def _send(self) -> None:
+        if self.wire.send_some():
+            self.last_progress = time.monotonic()
+
+    def _due(self) -> bool:
+        """Something the server owes progress on: bytes it has not taken, or replies."""
+        return self.wire.pending or not self.replies.complete()
+
+    def _wait_and_serve(self) -> None:
+        pending = self.wire.pending
+        self._watch(selectors.EVENT_READ | selectors.EVENT_WRITE if pending else selectors.EVENT_READ)
+        self._watch_source(self.source_open and self.source_fd is not None and not pending)
+        ready = self.selector.select(self._wait_time())
+        readable = writable = source_ready = False
+        for key, mask in ready:
+            if key.fileobj is self.wire.sock:
+                readable, writable = bool(mask & selectors.EVENT_READ), bool(mask & selectors.EVENT_WRITE)
+            else:
+                source_ready = True
+        if source_ready:
+            self._pull()
+        if writable:
+            self._send()
+        if readable or self.more_to_read:
+            self._read()
+        self._check_deadline()
+
+    def _wait_time(self) -> float | None:
+        if self.more_to_read:
+            return 0
+        if self.timeout is None or not self._due():
+            return None
+        return max(0.0, self.last_progress + self.timeout - time.monotonic())
+
+    def _check_deadline(self) -> None:
+        if self.timeout is not None and self._due() and time.monotonic() - self.last_progress >= self.timeout:
+            raise ConnectionLost(f"timed out: nothing sent or received for {self.timeout:g} s")
+
+    def _watch(self, events: int) -> None:
+        if events != self.events:
+            self.selector.modify(self.wire.sock, events)
+            self.events = events
+
+    def _watch_source(self, watch: bool) -> None:
+        if watch != self.source_watched and self.source_fd is not None:
+            if watch:
+                self.selector.register(self.source_fd, selectors.EVENT_READ)
+            else:
+                self.selector.unregister(self.source_fd)
+            self.source_watched = watch
+
+    def _read(self) -> None:
+        """Read what has arrived, up to READS_PER_TURN full reads, into ``replies``."""
+        self.more_to_read = False
+        for _ in range(READS_PER_TURN):
+            data = self.wire.receive()
+            if data is None:
+                return
             if not data:
                 raise ConnectionLost("connection closed by the server")
-            for line in self._buffer.feed(data):
-                if not isinstance(line, bytes):
+            self.last_progress = time.monotonic()
+            lines = self.buffer.feed(data)
+            if lines:
+                if ERR_LINE_TOO_LONG in lines:
                     raise ConnectionLost("reply line too long")
-                self._lines.append(line)
-        return self._lines.popleft()
+                self.replies.feed(lines)  # type: ignore[arg-type]
+            if len(data) < RECV_SIZE:
+                return
+        self.more_to_read = True
 
-    def _read_until_pong(self) -> list[bytes]:
-        lines = []
-        while (line := self._read_line()) != b"PONG":
-            lines.append(line)
-        return lines
 
-    def _read_result(self, command: Command) -> Any:
-        lines = self._read_until_pong()
+class _Payload:
+    """A :class:`Source` of bytes known in advance."""
+
+    fd = None
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+
+    def read(self) -> bytes | None:
+        data, self.data = self.data, None
+        return data
+
+
+class _Results:
+    """The :class:`Replies` of :meth:`Client.execute`: one result per command, each built
+    from the lines before its PONG."""
+
+    def __init__(self, commands: list[Command]) -> None:
+        self.commands = commands
+        self.results: list[Any] = []
+        self.values: list[bytes] = []  # of the command being answered
+        self.status: list[tuple[ReplyKind, bytes]] = []  # its other lines
+
+    def feed(self, lines: list[bytes]) -> None:
+        values, status = self.values, self.status
         for line in lines:
-            if line.startswith(b"ERR "):
-                return ServerError(line[4:].decode(errors="replace"))
-        kind = command.__class__
-        if kind is Get:
-            return [parse_value(line) for line in lines]
-        if kind is Ping or kind is Auth:
-            return True
-        if kind is Stats:
-            if len(lines) != 1:
-                raise ConnectionLost("malformed STATS reply")
-            return parse_stats(lines[0])
-        return None
+            kind = classify_reply(line)
+            if kind is _VALUE:
+                values.append(line)
+            elif kind is _PONG:
+                command = self.commands[len(self.results)] if len(self.results) < len(self.commands) else None
+                self.results.append(_result(command, values, status))
+                values, status = self.values, self.status = [], []
+            else:
+                status.append((kind, line))
+
+    def complete(self) -> bool:
+        return len(self.results) == len(self.commands)
+
+
+def _result(command: Command | None, values: list[bytes], status: list[tuple[ReplyKind, bytes]]) -> Any:
+    """A command's result from its reply lines; an ``ERR`` among them is returned as a
+    ServerError; lines the command cannot have raise ConnectionLost."""
+    for kind, line in status:
+        if kind is _ERROR:
+            return server_error(line)
+    if command is None:
+        raise ConnectionLost("unexpected reply from the server: a PONG nothing asked for")
+    kind = command.__class__
+    if kind is Get:
+        if status:
+            _unexpected(command, status[0][1])
+        return [parse_value(line) for line in values]
+    if values:
+        _unexpected(command, values[0])
+    expected = _STATUS_REPLY.get(kind)
+    if [k for k, _ in status] != ([] if expected is None else [expected]):
+        _unexpected(command, status[0][1] if status else None)
+    if kind is Stats:
+        return _stats(command, status[0][1])
+    return True if kind is Ping or kind is Auth else None
+
+
+_STATUS_REPLY = {Stats: _OTHER, Auth: _OK}
+"""The one status line a command's reply holds before its PONG (the others hold none)."""
+
+
+def _unexpected(command: Command, line: bytes | None) -> NoReturn:
+    what = "nothing before the PONG" if line is None else repr(line[:80])
+    raise ConnectionLost(f"unexpected reply from the server to {command.__class__.__name__.upper()}: {what}")
+
+
+def _stats(command: Command, line: bytes) -> dict[str, int]:
+    try:
+        return parse_stats(line)
+    except ValueError:  # UnicodeDecodeError included
+        _unexpected(command, line)
+
+
+class _RawReplies:
+    """The :class:`Replies` of :meth:`Client.send_raw`: each line's reply lines, up to a PONG."""
+
+    def __init__(self, pings: list[bool]) -> None:
+        self.pings = pings
+        self.results: list[list[bytes]] = []
+        self.current: list[bytes] = []
+
+    def feed(self, lines: list[bytes]) -> None:
+        for line in lines:
+            if classify_reply(line) is not _PONG:
+                self.current.append(line)
+            elif len(self.results) < len(self.pings):
+                self.results.append([b"PONG"] if self.pings[len(self.results)] else self.current)
+                self.current = []
+            else:
+                raise ConnectionLost("unexpected reply from the server: a PONG nothing asked for")
+
+    def complete(self) -> bool:
+        return len(self.results) == len(self.pings)
 
 
 class Pipeline:
     """Commands queued on a :class:`Client`, sent together: ``with client.pipeline() as p``.
 
     The methods take the same arguments as the client's and return the pipeline, so calls can
-    be chained. :attr:`results` holds one result per command after :meth:`execute`."""
+    be chained. :attr:`results` holds one result per command after :meth:`execute`. A
+    pipeline may be of any size: its replies are read while it is written."""
 
     def __init__(self, client: Client) -> None:
         self.client = client

@@ -11,24 +11,29 @@ Modes, chosen by the arguments:
   ``--latency``: PING round trips (:mod:`kvgevent.client_tools`).
 
 Output is for people on a terminal and raw otherwise (one value per line, nothing else);
-``--raw`` and ``--no-raw`` force either. Exit status: 0 success, 1 the server answered ``ERR``
-(or a request was malformed), 2 bad usage, 3 the connection failed; messages go to stderr.
+``--raw`` and ``--no-raw`` force either; on a terminal whatever the server sent is shown escaped
+(no control bytes reach it). Exit status: 0 success, 1 the server answered ``ERR`` (or a request
+was malformed), 2 bad usage, 3 the connection failed or the server made no progress for
+``--timeout`` seconds; messages go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import ssl
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO
 
-from .cli import add_env_option, non_negative_float, port_number, positive_int
+from .cli import add_env_option, port_number, positive_int
 from .client import Client
 from .client_commands import (
     HELP,
     Request,
     command_from_words,
+    error_message,
+    escape_line,
     parse_request,
     reply_error,
     show_raw_reply,
@@ -49,9 +54,28 @@ DEFAULT_INTERVAL = 1.0
 """Seconds between two lines of --stat and --latency."""
 
 
+def _seconds(accept_zero: bool, name: str) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, above zero (or at least zero when
+    ``accept_zero``); argparse reports anything else as a usage error (exit status 2)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not accept_zero):
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = name  # argparse names it in its message: "invalid interval value"
+    return parse
+
+
+timeout_seconds = _seconds(accept_zero=True, name="timeout")  # 0: wait for ever
+interval_seconds = _seconds(accept_zero=False, name="interval")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_client.py",
+        allow_abbrev=False,  # "--pip" is not "--pipe": a typo is a usage error, not a guess
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The kvgevent client.\n\n" + HELP,
         epilog="examples:\n"
@@ -68,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_env_option(parser, "host", DEFAULT_HOST, "server address")
     add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
     add_env_option(
-        parser, "timeout", DEFAULT_CLIENT_TIMEOUT, "seconds to wait for the server", type=non_negative_float
+        parser,
+        "timeout",
+        DEFAULT_CLIENT_TIMEOUT,
+        "seconds the server may take to connect, or to take or send a byte while a reply is due; 0: no limit",
+        type=timeout_seconds,
     )
     add_env_option(parser, "password", None, "send 'AUTH:<password>' first (prefer the environment variable)")
     parser.add_argument("--tls", action="store_true", help="speak TLS (checking the server's certificate)")
@@ -84,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--latency", action="store_true", help="measure PING round trips")
     parser.add_argument(
         "--interval",
-        type=non_negative_float,
+        type=interval_seconds,
         default=DEFAULT_INTERVAL,
         help=f"seconds between lines of --stat/--latency (default: {DEFAULT_INTERVAL})",
     )
@@ -97,65 +125,97 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "bench" in argv:  # its own flags (run_client.py bench --help); --host/--port may come first
-        where = argv.index("bench")
-        before = argv[:where]
-        if all(a in ("--host", "--port") for a in before[::2]) and len(before) % 2 == 0:
-            from .bench import main as bench_main
+    bench_argv = _bench_argv(argv)
+    if bench_argv is not None:
+        from .bench import main as bench_main
 
-            return bench_main(before + argv[where + 1 :])
+        return bench_main(bench_argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.request and (args.pipe or args.stat or args.latency):
         parser.error("--pipe, --stat and --latency take no COMMAND")
-    tty = args.no_raw or (not args.raw and sys.stdout.isatty())
-    timeout = args.timeout or None
     try:
-        tls: bool | ssl.SSLContext = False
-        if args.tls_insecure:
-            tls = client_context(verify=False)
-        elif args.tls or args.tls_ca:
-            tls = client_context(args.tls_ca)
-        client = Client(args.host, args.port, timeout=timeout, connect=False, password=args.password, tls=tls)
-        if args.pipe:
-            client.connect()
-            progress = sys.stderr if sys.stderr.isatty() else None
-            summary = run_pipe(client, sys.stdin.buffer, progress)
-            for error in summary.first_errors:
-                print(f"(error) {error}", file=sys.stderr)
-            print(summary.line())
-            return EXIT_ERROR if summary.errors else 0
-        if args.stat or args.latency:
-            client.connect()
-            if args.stat:
-                run_stat(client, args.interval, args.count, sys.stdout, tty)
-            else:
-                run_latency(client, args.interval, args.count, sys.stdout)
-            return 0
-        if not args.request and sys.stdin.isatty():
-            return run_repl(client)
-        one_shot: list[Request] | None = None
-        if args.request and ":" not in args.request[0]:
-            try:  # checked before connecting: a usage error is reported as such
-                one_shot = [Request(command=command_from_words(args.request))]
-            except InvalidArgument as exc:
-                parser.error(str(exc))
-        client.connect()
-        with client:
-            if one_shot is not None:
-                return run_requests(client, [], sys.stdout, tty, commands=one_shot)
-            return run_requests(client, args.request or sys.stdin, sys.stdout, tty)
+        return _run(args, parser)
     except ConnectionLost as exc:
         print(f"run_client.py: {exc}", file=sys.stderr)
         return EXIT_CONNECTION
     except ServerError as exc:  # a refused AUTH
-        print(f"run_client.py: ERR {exc.reason}", file=sys.stderr)
+        print(f"run_client.py: ERR {escape_line(exc.reason.encode())}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # e.g. an unreadable --tls-ca
         print(f"run_client.py: {exc}", file=sys.stderr)
         return EXIT_CONNECTION
     except KeyboardInterrupt:
         return 0
+
+
+def _bench_argv(argv: list[str]) -> list[str] | None:
+    """The bench's own arguments if ``argv`` asks for ``bench`` (``run_client.py bench --help``;
+    ``--host`` and ``--port`` may come before it), else None."""
+    if "bench" not in argv:
+        return None
+    where = argv.index("bench")
+    before = argv[:where]
+    if len(before) % 2 == 0 and all(a in ("--host", "--port") for a in before[::2]):
+        return before + argv[where + 1 :]
+    return None
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run the mode the arguments ask for; returns the exit status."""
+    tty = args.no_raw or (not args.raw and sys.stdout.isatty())
+    client = _client(args)
+    if args.pipe:
+        return _run_pipe(client)
+    if args.stat or args.latency:
+        client.connect()
+        if args.stat:
+            run_stat(client, args.interval, args.count, sys.stdout, tty)
+        else:
+            run_latency(client, args.interval, args.count, sys.stdout)
+        return 0
+    if not args.request and sys.stdin.isatty():
+        return run_repl(client)
+    one_shot: list[Request] | None = None
+    if args.request and ":" not in args.request[0]:
+        try:  # checked before connecting: a usage error is reported as such
+            one_shot = [Request(command=command_from_words(args.request))]
+        except InvalidArgument as exc:
+            parser.error(str(exc))
+    client.connect()
+    with client:
+        if one_shot is not None:
+            return run_requests(client, [], sys.stdout, tty, commands=one_shot)
+        return run_requests(client, args.request or _stdin_lines(), sys.stdout, tty)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """A client for the arguments' server, not connected yet."""
+    tls: bool | ssl.SSLContext = False
+    if args.tls_insecure:
+        tls = client_context(verify=False)
+    elif args.tls or args.tls_ca:
+        tls = client_context(args.tls_ca)
+    timeout = args.timeout or None  # 0: no limit
+    return Client(args.host, args.port, timeout=timeout, connect=False, password=args.password, tls=tls)
+
+
+def _run_pipe(client: Client) -> int:
+    """--pipe: the summary on stdout, the first ERR lines on stderr; exit 1 if any ERR."""
+    client.connect()
+    progress = sys.stderr if sys.stderr.isatty() else None
+    summary = run_pipe(client, sys.stdin.buffer, progress)
+    for error in summary.first_errors:
+        print(f"(error) {escape_line(error.encode(errors='replace'))}", file=sys.stderr)
+    print(summary.line())
+    return EXIT_ERROR if summary.errors else 0
+
+
+def _stdin_lines() -> Iterator[str]:
+    """Stdin's lines as typed: split on ``\\n`` only (a ``\\r`` inside a line is part of a
+    value), bytes that are not UTF-8 kept (surrogateescape), so a protocol line goes out as read."""
+    for line in sys.stdin.buffer:
+        yield line.decode("utf-8", "surrogateescape")
 
 
 def _requests(lines: Iterable[str], errors: list[str]) -> Iterator[Request]:
@@ -165,7 +225,7 @@ def _requests(lines: Iterable[str], errors: list[str]) -> Iterator[Request]:
         try:
             yield parse_request(text)
         except InvalidArgument as exc:
-            errors.append(f"{exc}: {text.strip()}")
+            errors.append(f"{exc}: {escape_line(text.strip().encode('utf-8', 'surrogateescape'))}")
 
 
 def run_requests(
@@ -179,45 +239,54 @@ def run_requests(
     order; report errors on stderr (or inline on a terminal). Returns the exit status."""
     parse_errors: list[str] = []
     requests = commands if commands is not None else _requests(lines, parse_errors)
-    status = 0
-    sink = out.buffer if hasattr(out, "buffer") else None
+    printer = _Printer(out, tty)
     batch: list[Request] = []
-
-    def emit(line: bytes) -> None:
-        if sink is not None:
-            sink.write(line + b"\n")
-        else:
-            out.write(line.decode("utf-8", "backslashreplace") + "\n")
-
-    def flush() -> None:
-        nonlocal status
-        for lines_out, error in _execute(client, batch, tty):
-            for line in lines_out:
-                emit(line)
-            if error is not None:
-                status = EXIT_ERROR
-                message = f"(error) ERR {error.reason}"
-                if tty:  # inline, where the value would have been
-                    emit(message.encode())
-                else:  # stdout stays values only
-                    out.flush()
-                    print(message, file=sys.stderr)
-        out.flush()
-        batch.clear()
-
     for request in requests:
-        for message in parse_errors:
-            print(f"(error) {message}", file=sys.stderr)
-            status = EXIT_ERROR
-        parse_errors.clear()
+        printer.parse_errors(parse_errors)
         batch.append(request)
         if len(batch) >= BATCH:
-            flush()
-    flush()
-    for message in parse_errors:
-        print(f"(error) {message}", file=sys.stderr)
-        status = EXIT_ERROR
-    return status
+            printer.results(_execute(client, batch, tty))
+            batch.clear()
+    printer.results(_execute(client, batch, tty))
+    printer.parse_errors(parse_errors)
+    return printer.status
+
+
+class _Printer:
+    """Where :func:`run_requests` writes: output lines on ``out`` (bytes as they are when it
+    has a binary buffer), an ``ERR`` inline on a terminal or else on stderr (so a pipe gets
+    values only), and the exit status so far."""
+
+    def __init__(self, out: TextIO, tty: bool) -> None:
+        self.out = out
+        self.tty = tty
+        self.sink = out.buffer if hasattr(out, "buffer") else None
+        self.status = 0
+
+    def emit(self, line: bytes) -> None:
+        if self.sink is not None:
+            self.sink.write(line + b"\n")
+        else:
+            self.out.write(line.decode("utf-8", "backslashreplace") + "\n")
+
+    def results(self, results: Iterable[tuple[list[bytes], ServerError | None]]) -> None:
+        for lines_out, error in results:
+            for line in lines_out:
+                self.emit(line)
+            if error is not None:
+                self.status = EXIT_ERROR
+                if self.tty:  # inline, where the value would have been
+                    self.emit(error_message(error).encode())
+                else:
+                    self.out.flush()
+                    print(error_message(error), file=sys.stderr)
+        self.out.flush()
+
+    def parse_errors(self, messages: list[str]) -> None:
+        for message in messages:
+            print(f"(error) {message}", file=sys.stderr)
+            self.status = EXIT_ERROR
+        messages.clear()
 
 
 def _execute(

@@ -15,8 +15,22 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from .client import server_error
 from .errors import InvalidArgument, ServerError
-from .protocol import PING, STATS, Auth, Command, Delete, Get, Put, Stats, Update, encode
+from .protocol import (
+    PING,
+    STATS,
+    Auth,
+    Command,
+    Delete,
+    Get,
+    Put,
+    ReplyKind,
+    Stats,
+    Update,
+    classify_reply,
+    encode,
+)
 
 USAGE = {
     "get": ("get KEY", "the values of KEY, in stored order"),
@@ -48,11 +62,20 @@ class Request:
     raw: bytes | None = None
 
 
+def without_line_ending(text: str) -> str:
+    """``text`` without one trailing ``\\r\\n`` or ``\\n``: the only thing taken off a typed line."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
 def parse_request(text: str) -> Request:
     """Turn what a user typed into a :class:`Request`; raises InvalidArgument with a usage
-    message for words that do not make a command."""
-    text = text.strip()
-    if not text:
+    message for words that do not make a command, or for a blank line. A protocol line is
+    sent exactly as typed: only its line ending (``\\r\\n`` or ``\\n``) is removed, spaces
+    and tabs anywhere are kept."""
+    text = without_line_ending(text)
+    if not text.strip():
         raise InvalidArgument("empty request")
     first = text.split(None, 1)[0]
     if ":" in first:
@@ -93,9 +116,20 @@ def command_from_words(words: list[str]) -> Command:
 def escape(value: bytes) -> str:
     """A value as a double-quoted string: printable UTF-8 as is; quotes, backslashes,
     control characters and bytes that are not UTF-8 as escapes (``"a\\x00b"``)."""
+    return '"' + _escaped(value, '"\\') + '"'
+
+
+def escape_line(line: bytes) -> str:
+    """A reply line for a terminal, unquoted, escaped as :func:`escape` does (backslashes,
+    control characters, bytes that are not UTF-8): whatever a stored value holds (ESC, OSC
+    sequences, a bell), the terminal shows it and obeys none of it."""
+    return _escaped(line, "\\")
+
+
+def _escaped(value: bytes, specials: str) -> str:
     out = []
     for char in value.decode("utf-8", "surrogateescape"):
-        if char == '"' or char == "\\":
+        if char in specials:
             out.append("\\" + char)
         elif char.isprintable():
             out.append(char)
@@ -103,7 +137,7 @@ def escape(value: bytes) -> str:
             out.append(f"\\x{ord(char) - 0xDC00:02x}")
         else:
             out.append(char.encode("unicode_escape").decode("ascii"))
-    return '"' + "".join(out) + '"'
+    return "".join(out)
 
 
 def show_result(command: Command, result: object, tty: bool) -> list[bytes]:
@@ -120,7 +154,9 @@ def show_result(command: Command, result: object, tty: bool) -> list[bytes]:
         counters: dict[str, int] = result  # type: ignore[assignment]
         if tty:
             width = max(map(len, counters), default=0)
-            return [f"{name:<{width}}  {value}".encode() for name, value in counters.items()]
+            return [
+                f"{escape_line(name.encode()):<{width}}  {value}".encode() for name, value in counters.items()
+            ]
         return [f"{name}={value}".encode() for name, value in counters.items()]
     if command is PING:
         return [b"PONG"]
@@ -130,16 +166,25 @@ def show_result(command: Command, result: object, tty: bool) -> list[bytes]:
 
 
 def show_raw_reply(lines: list[bytes], tty: bool) -> list[bytes]:
-    """The output for a protocol line: the server's reply lines, as sent (``(no reply)`` on a
-    terminal when there were none)."""
-    if tty and not lines:
+    """The output for a protocol line: the server's reply lines, as sent when piped; on a
+    terminal escaped by :func:`escape_line` (``(no reply)`` when there were none)."""
+    if not tty:
+        return lines
+    if not lines:
         return [b"(no reply)"]
-    return lines
+    return [escape_line(line).encode() for line in lines]
 
 
 def reply_error(lines: list[bytes]) -> ServerError | None:
-    """The first ``ERR`` among reply lines, as an exception, if any."""
+    """The first ``ERR`` status line among reply lines, as an exception, if any. A line with
+    a ':' is a value, even one that starts with ``ERR `` (:func:`classify_reply`)."""
     for line in lines:
-        if line.startswith(b"ERR "):
-            return ServerError(line[4:].decode(errors="replace"))
+        if classify_reply(line) is ReplyKind.ERROR:
+            return server_error(line)
     return None
+
+
+def error_message(error: ServerError) -> str:
+    """How an ``ERR`` reply is shown: ``(error) ERR <reason>``, the reason escaped (it came
+    from the server)."""
+    return "(error) ERR " + escape_line(error.reason.encode())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .client import Client
-from .client_commands import HELP, parse_request, reply_error, show_raw_reply, show_result
+from .client_commands import HELP, error_message, parse_request, reply_error, show_raw_reply, show_result
 from .errors import ConnectionLost, InvalidArgument, ServerError
 
 HISTORY_FILE = "~/.kvgevent_history"
@@ -62,7 +62,9 @@ class Repl:
             self.handle(text)
 
     def handle(self, text: str) -> None:
-        """Run one typed request and show what came of it."""
+        """Run one typed request and show what came of it. Whatever came from the server is
+        shown escaped (values, protocol reply lines, ERR reasons): a stored value cannot
+        send the terminal a control sequence."""
         try:
             request = parse_request(text)
         except InvalidArgument as exc:
@@ -83,7 +85,7 @@ class Repl:
             for line in lines:
                 self.say(line.decode("utf-8", "backslashreplace"))
         except ServerError as exc:
-            self.say(f"(error) ERR {exc.reason}")
+            self.say(error_message(exc))
         except InvalidArgument as exc:
             self.say(f"(error) {exc}")
         except ConnectionLost as exc:

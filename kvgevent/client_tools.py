@@ -1,22 +1,26 @@
 """The client's long-running modes: ``--pipe`` (mass insertion), ``--stat`` (live counters)
-and ``--latency`` (PING round trips). Plain blocking sockets and threads: run_client.py is
-not monkey-patched."""
+and ``--latency`` (PING round trips), over the client library (run_client.py is not
+monkey-patched). ``--pipe`` writes stdin while it reads replies (:meth:`Client.exchange`), so
+it gives up after ``--timeout`` seconds in which the server neither took nor sent a byte."""
 
 from __future__ import annotations
 
+import os
 import re
-import threading
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TextIO
+from typing import BinaryIO, TextIO
 
 from .client import Client
-from .errors import ConnectionLost
-from .protocol import LineBuffer
+from .protocol import ReplyKind, classify_reply
 
 PIPE_CHUNK = 1 << 20
-"""Bytes of input sent per write in --pipe mode; each write is followed by one PING."""
+"""Bytes of input read and sent at a time in --pipe mode; each chunk is followed by one PING."""
+
+PIPE_FIRST_ERRORS = 5
+"""ERR lines --pipe shows (on stderr) besides counting them all."""
 
 PROGRESS_EVERY = 0.25
 """Seconds between two updates of the --pipe progress line on a terminal."""
@@ -47,109 +51,105 @@ class PipeSummary:
         )
 
 
-class _ReplyCounter(threading.Thread):
-    """Reads every reply of a --pipe connection, counting PONGs, ERR lines and the rest."""
+class _PipeInput:
+    """The :class:`~kvgevent.client.Source` of --pipe: stdin in chunks of whole lines, each
+    chunk followed by a PING; an unterminated last line is sent with a newline. Counts what it
+    gives in ``summary`` and the PONGs that must come back in ``pongs_due``."""
 
-    def __init__(self, stream: Any) -> None:
-        super().__init__(daemon=True)
-        self.stream = stream
+    def __init__(self, source: BinaryIO, summary: PipeSummary, progress: TextIO | None) -> None:
+        self.source = source
+        self.summary = summary
+        self.progress = progress
+        self.pongs_due = 0
+        self.pending = b""  # an incomplete last line, until its newline is read
+        self.ended = False
+        self.started = self.last_progress = time.monotonic()
+        self.read_fd = _fileno(source)
+        # A regular file is always readable: read it without waiting. A pipe or a terminal is
+        # read only once it has something, so replies keep being read meanwhile.
+        regular = self.read_fd is not None and stat.S_ISREG(os.fstat(self.read_fd).st_mode)
+        self.fd = None if regular else self.read_fd
+
+    def read(self) -> bytes | None:
+        if self.ended:
+            return None
+        chunk = (
+            os.read(self.read_fd, PIPE_CHUNK) if self.read_fd is not None else self.source.read(PIPE_CHUNK)
+        )
+        if chunk:
+            data = self.pending + chunk
+            cut = data.rfind(b"\n") + 1
+            data, self.pending = data[:cut], data[cut:]
+        else:
+            data, self.pending, self.ended = (self.pending + b"\n" if self.pending else b""), b"", True
+        self._show_progress()
+        if not data:
+            return None if self.ended else b""
+        self.summary.commands += data.count(b"\n")
+        self.summary.bytes_sent += len(data)
+        self.pongs_due += 1 + len(_USER_PING.findall(data))
+        return data + b"PING\n"
+
+    def _show_progress(self) -> None:
+        now = time.monotonic()
+        if self.progress is None or now - self.last_progress < PROGRESS_EVERY:
+            return
+        self.last_progress = now
+        rate = self.summary.commands / (now - self.started)
+        self.progress.write(
+            f"\r{self.summary.commands:,} commands sent ({self.summary.bytes_sent / 1e6:.1f} MB), "
+            f"{rate:,.0f}/s, {self.summary.errors} errors "
+        )
+        self.progress.flush()
+
+
+def _fileno(source: BinaryIO) -> int | None:
+    try:
+        return source.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last
+        return None
+
+
+class _PipeReplies:
+    """The :class:`~kvgevent.client.Replies` of --pipe: counts PONGs, ERR lines (keeping the
+    first few) and every other line, each told apart by :func:`classify_reply`."""
+
+    def __init__(self, source: _PipeInput) -> None:
+        self.source = source
+        self.summary = source.summary
         self.pongs = 0
-        self.errors = 0
-        self.replies = 0
-        self.first_errors: list[str] = []
-        self.failure: str | None = None
-        self.last_reply = time.monotonic()
-        self.changed = threading.Condition()
 
-    def run(self) -> None:
-        buffer = LineBuffer(1 << 26)
-        try:
-            while data := self.stream.recv(1 << 16):
-                pongs = errors = other = 0
-                for line in buffer.feed(data):
-                    if line == b"PONG":
-                        pongs += 1
-                    elif isinstance(line, bytes) and line.startswith(b"ERR "):
-                        errors += 1
-                        if len(self.first_errors) < 5:
-                            self.first_errors.append(line.decode(errors="replace"))
-                    else:
-                        other += 1
-                with self.changed:
-                    self.pongs += pongs
-                    self.errors += errors
-                    self.replies += other
-                    self.last_reply = time.monotonic()
-                    self.changed.notify_all()
-            self.failure = "the server closed the connection"
-        except OSError as exc:
-            self.failure = f"connection failed: {exc.strerror or exc}"
-        with self.changed:
-            self.changed.notify_all()
+    def feed(self, lines: list[bytes]) -> None:
+        for line in lines:
+            kind = classify_reply(line)
+            if kind is ReplyKind.PONG:
+                self.pongs += 1
+            elif kind is ReplyKind.ERROR:
+                self.summary.errors += 1
+                if len(self.summary.first_errors) < PIPE_FIRST_ERRORS:
+                    self.summary.first_errors.append(line.decode(errors="replace"))
+            else:
+                self.summary.replies += 1
 
-    def wait_for(self, pongs: int, stall: float) -> None:
-        """Block until ``pongs`` PONGs arrived; raise ConnectionLost if the connection fails or
-        nothing arrives for ``stall`` seconds."""
-        with self.changed:
-            while self.pongs < pongs:
-                if self.failure:
-                    raise ConnectionLost(self.failure)
-                if time.monotonic() - self.last_reply > stall:
-                    raise ConnectionLost(f"no reply for {stall:.0f} s (replies may have been dropped)")
-                self.changed.wait(0.1)
+    def complete(self) -> bool:
+        return self.pongs >= self.source.pongs_due
 
 
 def run_pipe(client: Client, source: BinaryIO, progress: TextIO | None) -> PipeSummary:
     """Send every line of ``source`` on ``client``'s connection as fast as the server takes
-    it; count replies and errors. ``progress``, when given (a terminal), gets a progress line
-    while the input lasts. The client's connection is used up: it is closed at the end."""
-    stream = client.stream
-    if stream is None:
-        raise ConnectionLost("not connected")
-    stall = max(client.timeout or 60.0, 1.0)
-    client._sock.settimeout(None)  # type: ignore[union-attr]  # the reader blocks; stalls are detected by wait_for
-    counter = _ReplyCounter(stream)
-    counter.start()
+    it, reading replies meanwhile; count them. ``progress``, when given (a terminal), gets a
+    progress line while the input lasts. Raises ConnectionLost if the connection fails or the
+    server neither takes nor sends a byte for the client's timeout while something is due
+    (waiting for input has no limit). The client's connection is closed at the end."""
     summary = PipeSummary()
-    start = last_progress = time.monotonic()
-    expected_pongs = 0
-    pending = b""
+    pipe_input = _PipeInput(source, summary, progress)
     try:
-        while True:
-            chunk = source.read(PIPE_CHUNK)
-            if chunk:
-                data = pending + chunk
-                cut = data.rfind(b"\n") + 1
-                data, pending = data[:cut], data[cut:]
-            else:
-                data, pending = (pending + b"\n" if pending else b""), b""
-            if data:
-                summary.commands += data.count(b"\n")
-                expected_pongs += 1 + len(_USER_PING.findall(data))
-                stream.sendall(data + b"PING\n")
-                summary.bytes_sent += len(data)
-            now = time.monotonic()
-            if progress is not None and now - last_progress >= PROGRESS_EVERY:
-                last_progress = now
-                rate = summary.commands / (now - start)
-                progress.write(
-                    f"\r{summary.commands:,} commands sent ({summary.bytes_sent / 1e6:.1f} MB), "
-                    f"{rate:,.0f}/s, {counter.errors} errors "
-                )
-                progress.flush()
-            if not chunk:
-                break
-        counter.wait_for(expected_pongs, stall=stall)
-    except OSError as exc:
-        raise ConnectionLost(f"connection failed: {exc.strerror or exc}") from exc
+        client.exchange(pipe_input, _PipeReplies(pipe_input))
     finally:
-        if progress is not None and time.monotonic() - start >= PROGRESS_EVERY:
+        if progress is not None and time.monotonic() - pipe_input.started >= PROGRESS_EVERY:
             progress.write("\n")
         client.close()
-    summary.seconds = time.monotonic() - start
-    summary.errors = counter.errors
-    summary.replies = counter.replies
-    summary.first_errors = counter.first_errors
+    summary.seconds = time.monotonic() - pipe_input.started
     return summary
 
 
@@ -196,7 +196,7 @@ def run_latency(client: Client, interval: float, count: int | None, out: TextIO)
     while count is None or printed < count:
         samples: list[float] = []
         end = time.monotonic() + interval
-        while time.monotonic() < end:
+        while not samples or time.monotonic() < end:  # at least one sample per line
             begin = time.perf_counter()
             client.ping()
             samples.append((time.perf_counter() - begin) * 1000)

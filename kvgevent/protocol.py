@@ -27,6 +27,7 @@ and server share this one module.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import NamedTuple
 
 from .config import DEFAULT_MAX_LINE
@@ -299,6 +300,41 @@ def parse_stats(line: bytes) -> dict[str, int]:
 def parse_value(line: bytes) -> bytes:
     """The value of a GET reply line ``key:value`` (keys never contain ':')."""
     return line.partition(b":")[2]
+
+
+class ReplyKind(Enum):
+    """What a reply line is (see :func:`classify_reply`)."""
+
+    VALUE = "value"
+    """``key:value``: one value of a GET."""
+    PONG = "pong"
+    """``PONG``: every earlier command on the connection was applied."""
+    OK = "ok"
+    """``OK``: an AUTH was accepted."""
+    ERROR = "error"
+    """``ERR <reason>``: the command was refused; the reason follows ``ERR ``."""
+    OTHER = "other"
+    """Any other line without ':': the STATS line (or a line no kvgevent server sends)."""
+
+
+_VALUE, _PONG, _OK, _ERROR, _OTHER = ReplyKind  # bound once: the client classifies every line
+
+
+def classify_reply(line: bytes) -> ReplyKind:
+    """Classify one reply line (without its newline) by the protocol's own rule: a line with
+    a ':' is a GET value, whatever it starts with (a key may be ``ERR x``, so ``GET:ERR x``
+    answers ``ERR x:...``), because status lines (``PONG``, ``OK``, ``ERR <reason>``, the
+    STATS line) never contain ':'. Status lines are matched exactly and case-sensitively:
+    ``ERR`` must be followed by a space and a reason. Every client path uses this function."""
+    if COLON in line:
+        return _VALUE
+    if line == b"PONG":
+        return _PONG
+    if line.startswith(b"ERR "):
+        return _ERROR
+    if line == b"OK":
+        return _OK
+    return _OTHER
 
 
 # --- requests, for clients -----------------------------------------------------------------

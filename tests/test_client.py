@@ -1,9 +1,18 @@
-"""The client library against a real in-process server."""
+"""The client library against a real in-process server, run_server.py, and servers that
+misbehave on purpose."""
 
+import socket
+import subprocess
+import sys
+import time
+
+import gevent
 import pytest
+from conftest import ROOT
 
 from kvgevent.client import Client
 from kvgevent.errors import ConnectionLost, InvalidArgument, ServerError
+from kvgevent.protocol import STATS, Auth, Get, Put
 
 
 @pytest.fixture
@@ -100,3 +109,194 @@ def test_no_server_raises_connection_lost():
 
     with pytest.raises(ConnectionLost):
         Client(port=free_port(), timeout=5)
+
+
+# --- replies are classified by the protocol's rule (issue 12, item 7) -------------------------
+
+
+def test_a_key_that_starts_with_err_is_a_value(client):
+    """GET:ERR x answers 'ERR x:hello': a value (it has a ':'), never a ServerError, in every
+    library path; a real ERR next to it is still one."""
+    client.put("ERR x", b"hello")
+    client.put("ERR x", b"ERR y:z")
+    assert client.get("ERR x") == [b"hello", b"ERR y:z"]
+    results = client.execute([Get(b"ERR x"), Auth(b"pw"), Get(b"ERR x")], raise_on_error=False)
+    assert results[0] == results[2] == [b"hello", b"ERR y:z"]
+    assert isinstance(results[1], ServerError) and results[1].reason == "no password is set"
+    assert client.send_raw([b"GET:ERR x", b"BOGUS"]) == [
+        [b"ERR x:hello", b"ERR x:ERR y:z"],
+        [b"ERR unknown command"],
+    ]
+
+
+def test_send_raw_counts_what_the_server_reads_as_ping(client):
+    """'PING\\r' is a PING to the server (it drops a \\r before the newline), so no barrier is
+    added after it; a line with a newline in it would be two requests and is refused."""
+    client.put("k", b"v")
+    assert client.send_raw([b"PING\r", b"ping", b"GET:k"]) == [[b"PONG"], [b"PONG"], [b"k:v"]]
+    assert client.get("k") == [b"v"]  # replies still line up
+    with pytest.raises(InvalidArgument):
+        client.send_raw([b"PUT:k:v\nPUT:k:w"])
+
+
+# --- pipelines of any size: replies are read while requests are written (item 8) -------------
+
+
+def test_a_million_gets_in_one_pipeline(server_process):
+    """1,000,000 GETs in one pipeline() against run_server.py: the server stops reading a
+    client whose replies pile up, so this completes only if the client reads while it
+    writes. Nothing is dropped and the connection stays usable."""
+    proc = server_process()
+    with Client(port=proc.port, timeout=10) as kv:
+        kv.put("k", b"v")
+        with kv.pipeline() as pipe:
+            for _ in range(1_000_000):
+                pipe.get("k")
+        assert len(pipe.results) == 1_000_000
+        assert pipe.results.count([b"v"]) == 1_000_000
+        assert kv.ping() is True
+        assert kv.stats()["messages_dropped"] == 0
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_deep_pipeline_with_a_small_reply_queue(make_server, certs, tls):
+    """An in-process server (so the client must wait cooperatively, in gevent's selector)
+    with a 10-line reply queue; one pipeline of 10,000 GETs of a 1 KB value and 10,000 PUTs
+    of 2 KB: 20 MB of requests, more than the kernel's buffers hold, so writing them all
+    before reading would wait on a server waiting for its replies to be read. Plain TCP and
+    TLS."""
+    server = make_server(queue_size=10, tls=certs.server if tls else None)
+    value, put = b"x" * 1000, b"y" * 2000
+    with Client(port=server.port, timeout=10, tls=certs.client if tls else False) as kv:
+        kv.put("big", value)
+        with kv.pipeline() as pipe:
+            for i in range(10_000):
+                pipe.get("big").put("n", b"%05d" % i + put)
+        assert pipe.results[0::2] == [[value]] * 10_000
+        assert [v[:5] for v in kv.get("n")] == [b"%05d" % i for i in range(10_000)]
+        assert server.stats()["messages_dropped"] == 0
+
+
+# --- the timeout bounds a wait without progress ------------------------------------------------
+
+
+@pytest.fixture
+def fake_server():
+    """Factory of loopback listeners playing a server: ``respond(conn)`` serves the first
+    connection in a greenlet; without it the connection is never even accepted (the kernel
+    completes it). Everything is closed after the test."""
+    listeners, greenlets = [], []
+
+    def make(respond=None) -> int:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listeners.append(listener)
+        if respond is not None:
+
+            def serve():
+                conn, _ = listener.accept()
+                with conn:
+                    respond(conn)
+
+            greenlets.append(gevent.spawn(serve))
+        return listener.getsockname()[1]
+
+    yield make
+    gevent.killall(greenlets)
+    for listener in listeners:
+        listener.close()
+
+
+def answer(reply: bytes, gap: float = 0.0):
+    """A respond() that reads up to the first PING, then sends ``reply`` (a byte every
+    ``gap`` seconds when given), then reads until the client closes."""
+
+    def respond(conn: socket.socket) -> None:
+        received = b""
+        while b"PING\n" not in received:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                return
+            received += chunk
+        if gap:
+            for byte in reply:
+                conn.sendall(bytes([byte]))
+                gevent.sleep(gap)  # the slow server under test, not a synchronisation
+        else:
+            conn.sendall(reply)
+        while conn.recv(1 << 16):
+            pass
+
+    return respond
+
+
+def test_a_slow_but_steady_reply_is_not_a_timeout(fake_server):
+    """PONG arriving a byte every 0.4 s takes 2 s in all, twice the 1 s timeout: each wait is
+    shorter than the timeout, so the call succeeds."""
+    kv = Client(port=fake_server(answer(b"PONG\n", gap=0.4)), timeout=1)
+    try:
+        assert kv.ping() is True
+    finally:
+        kv.close()
+
+
+@pytest.mark.parametrize("size", [1, 20_000], ids=["one-command", "20MB-pipeline"])
+def test_a_server_that_never_answers_times_out(fake_server, size):
+    """A server that accepts nothing: a lone PING waits for a reply, a 20 MB pipeline waits
+    for the server to take its bytes; both give up after the 1 s timeout without progress
+    and close the client."""
+    kv = Client(port=fake_server(), timeout=1)
+    begin = time.monotonic()
+    with pytest.raises(ConnectionLost, match="timed out: nothing sent or received for 1 s"):
+        kv.execute([Put(b"k", b"x" * 1000)] * size)
+    assert time.monotonic() - begin < 15
+    assert not kv.connected
+    with pytest.raises(ConnectionLost, match="not connected"):
+        kv.ping()
+
+
+@pytest.mark.parametrize(
+    ("call", "reply", "why"),
+    [
+        (lambda kv: kv.put("k", b"v"), b"k:v\nPONG\n", b"to PUT: b'k:v'"),
+        (lambda kv: kv.get("k"), b"garbage\nPONG\n", b"to GET: b'garbage'"),
+        (lambda kv: kv.get("k"), b"k:v\nOK\nPONG\n", b"to GET: b'OK'"),
+        (lambda kv: kv.stats(), b"PONG\n", b"to STATS"),
+        (lambda kv: kv.stats(), b"k:v\nPONG\n", b"to STATS: b'k:v'"),
+        (lambda kv: kv.stats(), b"not stats\nPONG\n", b"to STATS: b'not stats'"),
+        (lambda kv: kv.ping(), b"PONG\nPONG\n", b"a PONG nothing asked for"),
+    ],
+)
+def test_a_reply_the_command_cannot_have_is_connection_lost(fake_server, call, reply, why):
+    """A server that answers what the protocol never does (a value for a PUT, a status line
+    in a GET's reply, no STATS line): ConnectionLost naming the command and the line, and
+    the client is closed (its replies can no longer be matched to commands)."""
+    kv = Client(port=fake_server(answer(reply)), timeout=5)
+    with pytest.raises(ConnectionLost, match="unexpected reply from the server") as info:
+        call(kv)
+    assert why.decode() in str(info.value)
+    assert not kv.connected
+
+
+def test_the_client_module_imports_neither_gevent_nor_structlog():
+    """kvgevent.client and what it imports use plain sockets: loaded without the package's
+    __init__ (which starts the server's imports), no gevent or structlog module is loaded."""
+    code = (
+        "import sys, types\n"
+        f"package = types.ModuleType('kvgevent'); package.__path__ = [{str(ROOT / 'kvgevent')!r}]\n"
+        "sys.modules['kvgevent'] = package\n"
+        "import kvgevent.client\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'structlog'))\n"
+        "print(loaded, kvgevent.client.Client)\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"[] <class 'kvgevent.client.Client'>" in result.stdout
+
+
+def test_stats_through_execute(client):
+    """STATS among other commands in one execute: one dict in its place."""
+    results = client.execute([Put(b"s", b"1"), STATS, Get(b"s")])
+    assert results[0] is None and results[1]["keys"] >= 1 and results[2] == [b"1"]

@@ -3,8 +3,10 @@ piped, requests from stdin, --pipe, --stat, --latency, and the REPL on a pseudo-
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, Peer, Terminal, free_port
@@ -252,3 +254,232 @@ def test_bench_in_several_processes(port):
     )
     assert result.returncode == 0, result.stderr
     assert b"400 requests completed" in result.stdout and b"2 bench process(es)" in result.stdout
+
+
+# --- issue 12: what the server sends is read by the protocol's rule and shown safely ---------
+
+
+def test_a_key_that_starts_with_err_is_a_value_in_every_mode(port, tmp_path):
+    """'ERR x' is a legal key: its values are values in one-shot, protocol-line, stdin,
+    --pipe and REPL modes (exit 0, nothing on stderr); a real ERR still counts."""
+    assert client(port, "put", "ERR x", "hello").returncode == 0
+    result = client(port, "get", "ERR x")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"hello\n", b"")
+    result = client(port, "GET:ERR x")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"ERR x:hello\n", b"")
+    result = client(port, stdin=b"get 'ERR x'\nGET:ERR x\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"hello\nERR x:hello\n", b"")
+    result = client(port, "--pipe", stdin=b"GET:ERR x\nGET:ERR x\nBOGUS\n")
+    assert result.returncode == 1
+    assert "1 errors, 2 reply lines" in result.stdout.decode()
+    assert result.stderr.decode().splitlines() == ["(error) ERR unknown command"]
+    term = repl(port, tmp_path)
+    try:
+        type_at_prompt(term, b"get 'ERR x'\r")
+        term.expect(b'1) "hello"')
+        type_at_prompt(term, b"GET:ERR x\r")
+        term.expect(b"ERR x:hello\r\n")
+        type_at_prompt(term, b"quit\r")
+        assert term.proc.wait(timeout=10) == 0
+    finally:
+        term.close()
+    assert b"(error)" not in term.output
+
+
+def test_bench_counts_only_err_status_lines():
+    """The bench counts ERR lines as the client library does: not a value line that starts
+    with 'ERR ', not an unfinished line."""
+    from kvgevent.bench import count_errors
+
+    assert count_errors(b"ERR x:v\nk:ERR y\nERR unknown command\nPONG\nERR unfinished") == 1
+    assert count_errors(b"k:v\nPONG\n") == 0
+
+
+@pytest.mark.parametrize("stdin_kind", ["pipe", "file"])
+def test_pipe_gives_up_on_a_server_that_stopped(server_process, tmp_path, stdin_kind):
+    """run_server.py stopped with SIGSTOP takes no more bytes once the kernel's buffers are
+    full: --pipe with 32 MB of input (from a pipe, and from a regular file) gives up after
+    --timeout 3 s without progress, exits 3 and says so in one line."""
+    proc = server_process()
+    data = b"".join(b"PUT:k:%0100d\n" % i for i in range(300_000))
+    source = tmp_path / "input"
+    source.write_bytes(data)
+    os.kill(proc.proc.pid, signal.SIGSTOP)
+    try:
+        begin = time.monotonic()
+        with open(source, "rb") as stdin:
+            given = {"stdin": stdin} if stdin_kind == "file" else {"input": data}
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "run_client.py"),
+                    "--port",
+                    str(proc.port),
+                    "--timeout",
+                    "3",
+                    "--pipe",
+                ],
+                capture_output=True,
+                timeout=50,
+                cwd=ROOT,
+                **given,
+            )
+        elapsed = time.monotonic() - begin
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.decode().splitlines() == [
+        "run_client.py: timed out: nothing sent or received for 3 s"
+    ]
+    assert elapsed < 30
+
+
+def test_pipe_from_a_file_whose_only_line_is_longer_than_a_chunk(port, tmp_path):
+    """A regular file is read without waiting: a 2 MiB unterminated line (two reads, the
+    first with no newline) is still sent, answered ERR line too long, and --pipe ends."""
+    source = tmp_path / "input"
+    source.write_bytes(b"PUT:long:" + b"a" * (2 << 20))
+    with open(source, "rb") as stdin:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), "--pipe"],
+            stdin=stdin,
+            capture_output=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+    assert result.returncode == 1
+    assert "sent 1 commands" in result.stdout.decode() and "1 errors" in result.stdout.decode()
+    assert result.stderr == b"(error) ERR line too long\n"
+
+
+def test_pipe_and_one_shot_over_tls(server_process, certs):
+    """--pipe over TLS reads 20 MB of replies while it writes; one-shot commands too."""
+    proc = server_process("--tls-cert", str(certs.server_pem))
+    tls = ("--tls-ca", str(certs.ca_pem))
+    assert client(proc.port, *tls, "put", "big", "x" * 1000).returncode == 0
+    lines = b"GET:big\n" * 20_000 + b"".join(b"PUT:n:%d\n" % i for i in range(100_000))
+    result = client(proc.port, *tls, "--pipe", stdin=lines)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "sent 120000 commands" in result.stdout.decode()
+        and "0 errors, 20000 reply lines" in result.stdout.decode()
+    )
+    result = client(proc.port, *tls, "get", "n")
+    assert result.stdout == b"".join(b"%d\n" % i for i in range(100_000))
+
+
+def test_protocol_lines_are_sent_exactly_as_typed(port, tmp_path):
+    """Only the line ending (\\n or \\r\\n) is taken off a protocol line: trailing spaces and
+    tabs, a \\r inside, bytes that are not UTF-8 and leading spaces all reach the server."""
+    assert client(port, "PUT:k:two trailing spaces  ").returncode == 0
+    stdin = b"PUT:k:tab\t\nPUT:k:crlf ending \r\nPUT:k:cr\rinside\nPUT:k:\xff not utf-8 \n"
+    assert client(port, stdin=stdin).returncode == 0
+    result = client(port, " PUT:k:leading space")
+    assert result.returncode == 1 and result.stderr == b"(error) ERR unknown command\n"
+    term = repl(port, tmp_path)
+    try:
+        type_at_prompt(term, b"PUT:k:typed at the prompt \t \r")
+        term.expect(b"(no reply)")
+    finally:
+        term.close()
+    peer = Peer(port)
+    assert peer.request(b"GET:k\n") == [
+        b"k:two trailing spaces  ",
+        b"k:tab\t",
+        b"k:crlf ending ",
+        b"k:cr\rinside",
+        b"k:\xff not utf-8 ",
+        b"k:typed at the prompt \t ",
+    ]
+    peer.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--latency", "--interval", "0"],
+        ["--stat", "--interval", "0"],
+        ["--latency", "--interval", "-1"],
+        ["--latency", "--interval", "nan"],
+        ["--latency", "--interval", "inf"],
+        ["--stat", "--count", "0"],
+        ["--timeout", "-1", "ping"],
+        ["--timeout", "nan", "ping"],
+        ["--timeout", "inf", "ping"],
+        ["bench", "-c", "0"],
+        ["bench", "-n", "0"],
+        ["bench", "-P", "-1"],
+    ],
+)
+def test_numbers_that_make_no_sense_are_usage_errors(args):
+    """A non-positive (or not finite) interval, count, timeout or bench size: exit 2 with a
+    usage message, never a traceback."""
+    result = client(free_port(), *args)
+    assert result.returncode == 2, result.stderr
+    assert b"error: argument" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_a_bad_timeout_in_the_environment_is_a_usage_error():
+    result = client(free_port(), "ping", env={"KVGEVENT_TIMEOUT": "-1"})
+    assert result.returncode == 2 and b"invalid value in KVGEVENT_TIMEOUT" in result.stderr
+
+
+def test_latency_with_a_tiny_interval_still_measures(port):
+    """An interval shorter than a round trip: each line still has one sample (it crashed
+    with an IndexError when a line had none)."""
+    result = client(port, "--latency", "--interval", "0.000001", "--count", "2")
+    lines = result.stdout.decode().splitlines()
+    assert result.returncode == 0, result.stderr
+    assert len(lines) == 2 and all(line.endswith("(1 samples)") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--pip"],
+        ["--stat", "--int", "1"],
+        ["--time", "1", "ping"],
+        ["--no-r", "ping"],
+        ["bench", "--proc", "2"],
+        ["bench", "--key", "5"],
+    ],
+)
+def test_abbreviated_options_are_refused(args):
+    """'--pip' is not taken for --pipe (nor '--proc' for bench's --processes): a usage error."""
+    result = client(free_port(), *args)
+    assert result.returncode == 2, result.stderr
+    assert b"unrecognized arguments" in result.stderr
+
+
+STORED_ATTACK = b"\x1b]0;pwned\x07\x1b[2J\xc2\x9bend"
+"""A value that would retitle the window, clear the screen and start a CSI if printed raw."""
+
+
+def test_repl_shows_control_bytes_escaped_in_both_modes(port, tmp_path):
+    """A stored value with ESC/OSC sequences reaches the terminal escaped, from a protocol
+    line (unquoted, as the server sent it) as from a word command (quoted)."""
+    peer = Peer(port)
+    peer.request(b"PUT:bin:" + STORED_ATTACK + b"\n")
+    peer.close()
+    term = repl(port, tmp_path)
+    try:
+        type_at_prompt(term, b"GET:bin\r")
+        term.expect(b"bin:\\x1b]0;pwned\\x07\\x1b[2J\\x9bend\r\n")
+        type_at_prompt(term, b"get bin\r")
+        term.expect(b'1) "\\x1b]0;pwned\\x07\\x1b[2J\\x9bend"')
+        type_at_prompt(term, b"quit\r")
+        assert term.proc.wait(timeout=10) == 0
+    finally:
+        term.close()
+    for raw in (b"\x1b]0;pwned", b"\x1b[2J", b"\xc2\x9b"):
+        assert raw not in term.output
+
+
+def test_protocol_line_output_is_escaped_on_a_terminal_and_raw_when_piped(port):
+    """One-shot protocol lines: formatted output (a terminal) escapes, raw output (a pipe)
+    is the server's bytes, for tools."""
+    peer = Peer(port)
+    peer.request(b"PUT:bin:" + STORED_ATTACK + b"\n")
+    peer.close()
+    assert client(port, "--no-raw", "GET:bin").stdout == b"bin:\\x1b]0;pwned\\x07\\x1b[2J\\x9bend\n"
+    assert client(port, "GET:bin").stdout == b"bin:" + STORED_ATTACK + b"\n"

@@ -15,7 +15,9 @@ from kvgevent.protocol import (
     Get,
     LineBuffer,
     Put,
+    ReplyKind,
     Update,
+    classify_reply,
     encode,
     parse,
     parse_stats,
@@ -239,3 +241,73 @@ def test_encode_refuses_what_cannot_round_trip(command):
 def test_too_long_line_and_crlf_line_in_one_chunk():
     """Found by fuzzing: a too-long line next to a \\r\\n line in one chunk (this crashed)."""
     assert LineBuffer(max_line=3).feed(b"toolong\r\nok\r\n") == [ERR_LINE_TOO_LONG, b"ok"]
+
+
+# --- classifying reply lines -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "kind"),
+    [
+        (b"k:v", ReplyKind.VALUE),
+        (b"ERR x:hello", ReplyKind.VALUE),  # the key "ERR x": a value, not an error
+        (b"ERR unknown command:", ReplyKind.VALUE),
+        (b"PONG:", ReplyKind.VALUE),  # the key "PONG", an empty value
+        (b"OK:OK", ReplyKind.VALUE),
+        (b"k:", ReplyKind.VALUE),
+        (b":", ReplyKind.VALUE),
+        (b"k:\x00\xff\r", ReplyKind.VALUE),
+        (b"PONG", ReplyKind.PONG),
+        (b"OK", ReplyKind.OK),
+        (b"ERR unknown command", ReplyKind.ERROR),
+        (b"ERR ", ReplyKind.ERROR),
+        (b"active=1 dropped=0 keys=3", ReplyKind.OTHER),
+        (b"", ReplyKind.OTHER),
+        (b"ERR", ReplyKind.OTHER),  # no space, no reason: not an ERR line
+        (b"ERRx", ReplyKind.OTHER),
+        (b"pong", ReplyKind.OTHER),  # status lines are exact, case included
+        (b"PONG ", ReplyKind.OTHER),
+        (b" OK", ReplyKind.OTHER),
+        (b"err unknown command", ReplyKind.OTHER),
+    ],
+)
+def test_classify_reply_by_the_colon_rule(line, kind):
+    """A line with ':' is a value whatever it starts with; status lines are matched exactly."""
+    assert classify_reply(line) is kind
+
+
+def test_every_err_reply_the_server_sends_is_an_error_line():
+    """Every ERR phrase (the parser's, the server's and the store's, as listed in the README)
+    classifies as ERROR: no fixed phrase contains ':'."""
+    from kvgevent import protocol
+
+    phrases = [e.reason for e in vars(protocol).values() if isinstance(e, ProtocolError)]
+    phrases += [e.reason for e in ERR_FIELDS.values()]
+    phrases += [
+        "max clients reached",
+        "out of memory",
+        "store unavailable",
+        "store error",
+        "store out of memory",
+        "persistence failed",
+    ]
+    assert len(phrases) > 10
+    for phrase in phrases:
+        line = ProtocolError(phrase).reply
+        assert line.endswith(b"\n") and classify_reply(line[:-1]) is ReplyKind.ERROR, phrase
+
+
+@pytest.mark.parametrize("key", [b"k", b"ERR x", b"ERR", b"PONG", b"OK", b"active=1", b" "])
+@pytest.mark.parametrize("value", [b"", b"v", b"PONG", b"ERR x", b"\x1b[2J\x00"])
+def test_every_value_line_is_a_value(key, value):
+    """Whatever the key and value, the server's value line classifies as VALUE."""
+    assert classify_reply(value_line(key, value)[:-1]) is ReplyKind.VALUE
+
+
+def test_the_servers_status_lines_are_classified():
+    """The server's own reply constants and its STATS line, as it encodes them."""
+    from kvgevent import protocol
+
+    assert classify_reply(protocol.PONG[:-1]) is ReplyKind.PONG
+    assert classify_reply(protocol.OK[:-1]) is ReplyKind.OK
+    assert classify_reply(stats_line({"active": 1, "keys": 2, "uptime_s": 3})[:-1]) is ReplyKind.OTHER
