@@ -3,7 +3,7 @@
 
 import sys
 
-from kvgevent.client_cli import main
+from kvgevent.client.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ monkey.patch_all()
 
 import sys  # noqa: E402
 
-from kvgevent.cli import main  # noqa: E402
+from kvgevent.serve.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

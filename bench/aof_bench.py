@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import load, server  # noqa: E402
-from kvgevent.aof import MAGIC, encode_record  # noqa: E402
-from kvgevent.durable import DurableStore  # noqa: E402
+from kvgevent.stores.aof import MAGIC, encode_record  # noqa: E402
+from kvgevent.stores.durable import DurableStore  # noqa: E402
 
 
 def run_config(name: str, server_args: list[str], bench_args: list[str]) -> dict:

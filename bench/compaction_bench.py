@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import proc_status, server  # noqa: E402
-from kvgevent.aof import MAGIC, encode_record  # noqa: E402
 from kvgevent.client import Client  # noqa: E402
+from kvgevent.stores.aof import MAGIC, encode_record  # noqa: E402
 
 TARGET_RTT_MS = 50.0
 TARGET_RSS_RATIO = 1.2

@@ -6,6 +6,6 @@ monkey.patch_all()  # first: a Redis store's sockets must be cooperative
 
 import sys  # noqa: E402
 
-from kvgevent.cli import main  # noqa: E402
+from kvgevent.serve.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -20,11 +20,12 @@ import logging
 import sys
 import traceback
 from typing import IO, Any
+from urllib.parse import urlparse
 
 import gevent
 import structlog
 
-from .errors import KVError
+from kvgevent.errors import KVError
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -158,3 +159,11 @@ def _log_hub_exception(context: Any, etype: Any, value: Any, tb: Any) -> None:
         )
     except Exception:  # never let error reporting itself raise inside the hub
         pass
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password (``:***@``), for logs and events."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url

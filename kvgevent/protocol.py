@@ -30,8 +30,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import NamedTuple
 
-from .config import DEFAULT_MAX_LINE
-from .errors import InvalidArgument, ProtocolError
+from kvgevent.config import DEFAULT_MAX_LINE
+from kvgevent.errors import InvalidArgument, ProtocolError
 
 
 class Put(NamedTuple):

@@ -161,7 +161,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 
 
 def redis_store(url: str) -> Any:
-    from kvgevent.redis_store import RedisStore
+    from kvgevent.stores.redis_store import RedisStore
 
     return RedisStore(url, prefix=f"test{uuid.uuid4().hex[:12]}:")
 

@@ -14,7 +14,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kvgevent.cli import main  # noqa: E402
+from kvgevent.serve.cli import main  # noqa: E402
 
 TRIGGER = os.environ["KVGEVENT_TEST_FAIL_FSYNC"]
 real_fsync = os.fsync

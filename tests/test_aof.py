@@ -16,10 +16,19 @@ from conftest import Peer, log_events, wait_until
 from gevent.monkey import get_original
 
 from kvgevent import KeyValueServer
-from kvgevent.aof import HEADER, MAGIC, READ_CHUNK, SEARCH_BUDGET, AofCorrupt, Scanner, encode_record, scan
-from kvgevent.durable import DurableStore
 from kvgevent.errors import StoreError
 from kvgevent.protocol import Put, parse
+from kvgevent.stores.aof import (
+    HEADER,
+    MAGIC,
+    READ_CHUNK,
+    SEARCH_BUDGET,
+    AofCorrupt,
+    Scanner,
+    encode_record,
+    scan,
+)
+from kvgevent.stores.durable import DurableStore
 
 _stores: list[DurableStore] = []
 
@@ -467,7 +476,7 @@ def test_a_failed_directory_fsync_fails_the_log_until_a_rebuild(tmp_path, log_st
     """If the directory fsync after a compaction's rename fails, the rename may not survive a
     crash: nothing written since the switch counts as durable, writes are refused, and the
     recovery rebuilds the file (injected at the directory fsync: EIO cannot be made real)."""
-    from kvgevent import rewrite
+    from kvgevent.stores import rewrite
 
     real = rewrite.fsync_directory
     failures = []
@@ -819,7 +828,7 @@ def test_a_key_mutated_while_its_values_are_being_written(tmp_path, monkeypatch,
     """A key with 5,000 values is written over several turns; between two of them the key is
     mutated. The compacted file still holds the state as of the compaction's start plus the
     mutation's own record, so after a restart the data is exactly what memory holds."""
-    from kvgevent import rewrite
+    from kvgevent.stores import rewrite
 
     path = tmp_path / "kv.aof"
     store = opened(path)
@@ -851,7 +860,7 @@ def test_a_failure_during_a_compactions_switch_never_ends_the_episode_early(tmp_
     the log appends to a file that is not there: acknowledged writes survive a restart.
     (Injected: a slow fsync of the new file and of the probe, one ENOSPC at os.pwritev, one
     EACCES at os.rename: the reviewer's reproduction.)"""
-    from kvgevent import rewrite
+    from kvgevent.stores import rewrite
 
     path = tmp_path / "kv.aof"
     store = opened(path, fsync="always", rewrite_min_size=1 << 40)

@@ -22,7 +22,7 @@ import gevent
 import pytest
 from conftest import ROOT, Peer, read_stats, wait_until
 
-from kvgevent.aof import MAGIC, encode_record
+from kvgevent.stores.aof import MAGIC, encode_record
 
 
 class Disk:

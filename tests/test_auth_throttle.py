@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvgevent.auth_throttle import AuthThrottle
+from kvgevent.server.auth_throttle import AuthThrottle
 
 
 class Clock:

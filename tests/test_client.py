@@ -279,21 +279,21 @@ def test_a_reply_the_command_cannot_have_is_connection_lost(fake_server, call, r
     assert not kv.connected
 
 
-def test_the_client_module_imports_neither_gevent_nor_structlog():
-    """kvgevent.client and what it imports use plain sockets: loaded without the package's
-    __init__ (which starts the server's imports), no gevent or structlog module is loaded."""
+def test_the_client_wing_imports_neither_gevent_nor_structlog_nor_the_server():
+    """``import kvgevent.client`` (the package's names are imported lazily) loads the client
+    wing and the root wing only: no gevent, no structlog, no server, store or CLI module."""
     code = (
-        "import sys, types\n"
-        f"package = types.ModuleType('kvgevent'); package.__path__ = [{str(ROOT / 'kvgevent')!r}]\n"
-        "sys.modules['kvgevent'] = package\n"
+        "import sys\n"
         "import kvgevent.client\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'structlog'))\n"
-        "print(loaded, kvgevent.client.Client)\n"
+        "from kvgevent import Client\n"
+        "heavy = ('gevent', 'structlog', 'kvgevent.server', 'kvgevent.stores', 'kvgevent.serve')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(heavy))\n"
+        "print(loaded, Client)\n"
         "assert not loaded, loaded\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, cwd=ROOT)
     assert result.returncode == 0, result.stderr.decode()
-    assert b"[] <class 'kvgevent.client.Client'>" in result.stdout
+    assert b"[] <class 'kvgevent.client.client.Client'>" in result.stdout
 
 
 def test_stats_through_execute(client):

@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import ROOT, Peer, Terminal, free_port
 
-from kvgevent.client_commands import escape
+from kvgevent.client.commands import escape
 
 
 def client(port: int, *args: str, stdin: bytes = b"", env: dict | None = None, timeout: float = 60):
@@ -289,7 +289,7 @@ def test_a_key_that_starts_with_err_is_a_value_in_every_mode(port, tmp_path):
 def test_bench_counts_only_err_status_lines():
     """The bench counts ERR lines as the client library does: not a value line that starts
     with 'ERR ', not an unfinished line."""
-    from kvgevent.bench import count_errors
+    from kvgevent.client.bench import count_errors
 
     assert count_errors(b"ERR x:v\nk:ERR y\nERR unknown command\nPONG\nERR unfinished") == 1
     assert count_errors(b"k:v\nPONG\n") == 0

@@ -10,9 +10,9 @@ import pytest
 from conftest import Peer, log_events, wait_until
 
 from kvgevent import KeyValueServer
-from kvgevent import server as server_module
 from kvgevent.client import Client
 from kvgevent.errors import ConnectionLost, ServerError
+from kvgevent.server import server as server_module
 from kvgevent.tls import client_context
 
 # --- queue bytes ----------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_tls_with_auth_and_a_byte_at_a_time(make_server, certs):
 def test_unprotected_non_loopback_bind_logs_a_warning(log_stream, monkeypatch):
     """Without a password, a server reachable beyond loopback warns (protected-mode idea).
     (The address is faked: tests bind loopback only.)"""
-    monkeypatch.setattr(server_module, "_is_loopback", lambda host: False)
+    monkeypatch.setattr(server_module, "is_loopback", lambda host: False)
     server = KeyValueServer()
     server.start(0)
     server.close()
@@ -264,8 +264,8 @@ def test_unprotected_non_loopback_bind_logs_a_warning(log_stream, monkeypatch):
 
 
 def test_is_loopback():
-    assert server_module._is_loopback("127.0.0.1") and server_module._is_loopback("::1")
-    assert not server_module._is_loopback("0.0.0.0") and not server_module._is_loopback("10.1.2.3")
+    assert server_module.is_loopback("127.0.0.1") and server_module.is_loopback("::1")
+    assert not server_module.is_loopback("0.0.0.0") and not server_module.is_loopback("10.1.2.3")
 
 
 def test_tls_contexts_refuse_old_protocols(certs):
@@ -275,7 +275,7 @@ def test_tls_contexts_refuse_old_protocols(certs):
 
 def test_freed_memory_can_be_given_back_to_the_os():
     """On Linux/glibc the janitor's primitive works and RSS is readable."""
-    from kvgevent.memory import release_free_memory, rss_kb
+    from kvgevent.server.memory import release_free_memory, rss_kb
 
     assert release_free_memory() is True
     assert rss_kb() > 0

@@ -22,7 +22,7 @@ from conftest import (
 
 from kvgevent import KeyValueServer, Put, Update
 from kvgevent.client import Client
-from kvgevent.redis_store import UPDATE_SCRIPT
+from kvgevent.stores.redis_store import UPDATE_SCRIPT
 
 pytestmark = needs_redis
 
@@ -223,7 +223,7 @@ def redis_cluster(tmp_path):
 
 def test_redis_cluster_store(redis_cluster, log_stream):
     """redis+cluster://: keys spread over the three nodes' slots; every command works."""
-    from kvgevent.redis_store import RedisStore
+    from kvgevent.stores.redis_store import RedisStore
 
     store = RedisStore(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", prefix="c:")
     server = KeyValueServer(store)
@@ -305,7 +305,7 @@ def test_a_stalled_redis_times_out_and_recovers(tmp_path, connect):
     import os
     import signal
 
-    from kvgevent.redis_store import RedisStore
+    from kvgevent.stores.redis_store import RedisStore
 
     redis = RedisProcess(tmp_path)
     server = KeyValueServer(RedisStore(redis.url, prefix="s:", timeout=0.5))
@@ -329,7 +329,7 @@ def test_a_database_number_in_the_url_is_used(redis_server):
     """redis://host:port/3 keeps kvgevent's keys in database 3."""
     import redis
 
-    from kvgevent.redis_store import RedisStore
+    from kvgevent.stores.redis_store import RedisStore
 
     store = RedisStore(f"redis://127.0.0.1:{redis_server.port}/3", prefix="db:")
     try:
@@ -380,7 +380,7 @@ def test_a_cluster_node_down_is_one_outage_not_a_flood(redis_cluster, log_stream
     logged once (and the cluster marking itself down is one more per node at most)."""
     from collections import Counter
 
-    from kvgevent.redis_store import RedisStore
+    from kvgevent.stores.redis_store import RedisStore
 
     store = RedisStore(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", prefix="c:")
     server = KeyValueServer(store)

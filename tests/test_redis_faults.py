@@ -18,8 +18,8 @@ import pytest
 from gevent.server import StreamServer
 
 from kvgevent import KeyValueServer
-from kvgevent.redis_store import RedisStore
-from kvgevent.resp import RespConnection, Unreachable
+from kvgevent.stores.redis_store import RedisStore
+from kvgevent.stores.resp import RespConnection, Unreachable
 from tests.conftest import ROOT, Peer, RedisProcess, log_events, needs_redis, read_stats, wait_until
 
 pytestmark = needs_redis
@@ -108,7 +108,7 @@ def test_a_connection_to_itself_is_closed_at_once(monkeypatch):
     def from_the_same_port(address, timeout=None, source_address=None):
         return real(address, timeout=timeout, source_address=("127.0.0.1", address[1]))
 
-    monkeypatch.setattr("kvgevent.resp.socket.create_connection", from_the_same_port)
+    monkeypatch.setattr("kvgevent.stores.resp.socket.create_connection", from_the_same_port)
     connection = RespConnection("127.0.0.1", port, 0, None, None, 2.0)
     with pytest.raises(Unreachable, match="itself"):
         connection.round_trip(b"*1\r\n$4\r\nPING\r\n", 1)

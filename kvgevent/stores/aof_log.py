@@ -39,9 +39,9 @@ from typing import Any
 import gevent
 import gevent.event
 
-from .aof import MAGIC, AofCorrupt, Scan, Scanner, encode_record
-from .errors import StoreError
-from .logs import get_logger
+from kvgevent.errors import StoreError
+from kvgevent.logs import get_logger
+from kvgevent.stores.aof import MAGIC, AofCorrupt, Scan, Scanner, encode_record
 
 FSYNC_POLICIES = ("always", "everysec", "no")
 DEFAULT_FSYNC = "everysec"

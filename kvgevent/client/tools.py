@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
-from .client import Client
-from .protocol import ReplyKind, classify_reply
+from kvgevent.client.client import Client
+from kvgevent.protocol import ReplyKind, classify_reply
 
 PIPE_CHUNK = 1 << 20
 """Bytes of input read and sent at a time in --pipe mode; each chunk is followed by one PING."""

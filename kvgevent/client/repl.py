@@ -9,9 +9,16 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .client import Client
-from .client_commands import HELP, error_message, parse_request, reply_error, show_raw_reply, show_result
-from .errors import ConnectionLost, InvalidArgument, ServerError
+from kvgevent.client.client import Client
+from kvgevent.client.commands import (
+    HELP,
+    error_message,
+    parse_request,
+    reply_error,
+    show_raw_reply,
+    show_result,
+)
+from kvgevent.errors import ConnectionLost, InvalidArgument, ServerError
 
 HISTORY_FILE = "~/.kvgevent_history"
 """Where the REPL keeps its history, unless KVGEVENT_HISTFILE says otherwise."""

@@ -33,13 +33,25 @@ import os
 import time
 import zlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .aof import HEADER, MAGIC
-from .aof_log import REWRITE_SUFFIX, fsync_directory, in_thread, pwrite_all
+from gevent.lock import Semaphore
 
-if TYPE_CHECKING:
-    from .durable import DurableStore
+from kvgevent.stores.aof import HEADER, MAGIC
+from kvgevent.stores.aof_log import REWRITE_SUFFIX, AppendOnlyLog, fsync_directory, in_thread, pwrite_all
+from kvgevent.stores.memory import MemoryStore
+
+
+class Compacted(Protocol):
+    """What a compaction needs of the store whose log it rewrites (a DurableStore): its data,
+    its lock, its log, and where to say that a compaction is under way."""
+
+    memory: MemoryStore
+    lock: Semaphore
+    aof: AppendOnlyLog
+    closing: bool
+    compaction: Any
+
 
 TURN_BYTES = 1 << 20
 """Most bytes of records prepared between two turns of the event loop."""
@@ -88,13 +100,13 @@ def copy_range(source: int, target: int, start: int, end: int, offset: int) -> i
 
 
 class Rewrite:
-    """One compaction of a :class:`~kvgevent.durable.DurableStore`'s file.
+    """One compaction of a :class:`~kvgevent.stores.durable.DurableStore`'s file.
 
     ``recovery``: a rebuild while the log is failing (writes are refused meanwhile, so no
     record is appended during it); it goes on despite the failure, which an ordinary
     compaction does not."""
 
-    def __init__(self, store: DurableStore, recovery: bool = False) -> None:
+    def __init__(self, store: Compacted, recovery: bool = False) -> None:
         self.store = store
         self.aof = store.aof
         self.recovery = recovery

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import (
+from kvgevent.config import (
     AUTH_DELAY_MAX,
     AUTH_DELAY_MIN,
     AUTH_FAILURE_WINDOW,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import StoreError
+from kvgevent.errors import StoreError
 
 RETRY_MIN = 0.05
 """Seconds after a failed command before the node is tried again (then doubled)."""

@@ -23,6 +23,9 @@ from typing import Any
 
 import gevent
 
+from kvgevent.logs import redacted_url
+from kvgevent.serve.signals import stop_requested
+
 RESTART_DELAY = 0.5
 """Seconds before a worker that died is started again."""
 
@@ -79,7 +82,6 @@ def worker_command(
 
 
 def supervise(args: argparse.Namespace, parser: argparse.ArgumentParser, log: Any) -> int:
-    from .cli import stop_requested
 
     try:
         port = _free_port(args.host, args.port)
@@ -110,7 +112,9 @@ def supervise(args: argparse.Namespace, parser: argparse.ArgumentParser, log: An
         started[slot] = time.monotonic()
         log.info("worker_started", slot=slot, pid=workers[slot].pid)  # type: ignore[union-attr]
 
-    log.info("workers_starting", workers=args.workers, host=args.host, port=port, store=_redacted(args.store))
+    log.info(
+        "workers_starting", workers=args.workers, host=args.host, port=port, store=redacted_url(args.store)
+    )
     for slot in range(args.workers):
         start(slot)
     while not stop.is_set():
@@ -163,9 +167,3 @@ def _stop_all(workers: list[Any], args: argparse.Namespace, log: Any) -> None:
             proc.kill()
             proc.wait()
     gevent.sleep(0)
-
-
-def _redacted(url: str) -> str:
-    from .redis_store import _redacted as redact
-
-    return redact(url)

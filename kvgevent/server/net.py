@@ -13,7 +13,7 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _reuse_port_listener(host: str, port: int, backlog: int) -> Any:
+def reuse_port_listener(host: str, port: int, backlog: int) -> Any:
     """A listening socket that other processes may bind too (the kernel spreads connects)."""
     from gevent import socket as gsocket
 
@@ -30,7 +30,7 @@ def _reuse_port_listener(host: str, port: int, backlog: int) -> Any:
     return sock
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

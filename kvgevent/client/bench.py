@@ -23,9 +23,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .cli import add_env_option, port_number, positive_int
-from .config import DEFAULT_HOST, DEFAULT_PORT
-from .protocol import ReplyKind, classify_reply
+from kvgevent.args import add_env_option, port_number, positive_int
+from kvgevent.config import DEFAULT_HOST, DEFAULT_PORT
+from kvgevent.protocol import ReplyKind, classify_reply
 
 TESTS = ("put", "get", "update", "delete", "ping")
 PROGRESS_EVERY = 0.25
@@ -142,7 +142,7 @@ def _worker(
 
 def _preload(host: str, port: int, prefix: bytes, keys: int, size: int) -> None:
     """Every key holds exactly one value (GET then replies one line, UPDATE has a match)."""
-    from .client import Client
+    from kvgevent.client.client import Client
 
     value = (b"v" * size)[:size]
     with Client(host, port, timeout=60) as client:
@@ -156,7 +156,7 @@ def _preload(host: str, port: int, prefix: bytes, keys: int, size: int) -> None:
 
 def _cleanup(host: str, port: int, prefix: bytes, keys: int) -> None:
     """Delete every key the bench used."""
-    from .client import Client
+    from kvgevent.client.client import Client
 
     with Client(host, port, timeout=60) as client:
         for start in range(0, keys, 5000):
@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown test {', '.join(unknown)} (known: {', '.join(TESTS)})")
     prefix = b"bench%d:" % os.getpid()
     prefix = prefix.replace(b":", b"_")
-    from .errors import ConnectionLost
+    from kvgevent.errors import ConnectionLost
 
     try:
         if any(t in ("get", "update") for t in tests):

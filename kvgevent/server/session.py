@@ -26,18 +26,15 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-from .auth_throttle import AuthThrottle
-from .config import (
+from kvgevent.config import (
     INLINE_REPLY_BYTES,
     INLINE_REPLY_VALUES,
     MAX_AUTH_FAILURES,
     REPLY_CHUNK,
     TURN_WORK,
 )
-from .connection import Connection, Counters
-from .errors import KVError, ProtocolError
-from .memory import ERR_OUT_OF_MEMORY, MemoryGuard
-from .protocol import (
+from kvgevent.errors import KVError, ProtocolError
+from kvgevent.protocol import (
     ERR_AUTH_REQUIRED,
     ERR_AUTH_THROTTLED,
     ERR_INVALID_PASSWORD,
@@ -52,7 +49,11 @@ from .protocol import (
     stats_line,
     value_lines,
 )
-from .store import DATA_COMMANDS, WRITES, KVStore, Result
+from kvgevent.server.auth_throttle import AuthThrottle
+from kvgevent.server.connection import Connection
+from kvgevent.server.counters import Counters
+from kvgevent.server.memory import ERR_OUT_OF_MEMORY, MemoryGuard
+from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, Result
 
 REPLY_LINE_WORK = 18
 """Work units of building one reply line (about 180 ns), besides one per 8 of its bytes."""

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import (
+from kvgevent.config import (
     CLIENT_ALLOWANCE,
     CONNECTION_COST,
     EVICT_MIN_BYTES,
@@ -29,7 +29,7 @@ from .config import (
     MEMORY_OK_QUIET,
     PRESSED_QUEUE_BYTES,
 )
-from .errors import StoreError
+from kvgevent.errors import StoreError
 
 ERR_OUT_OF_MEMORY = StoreError("out of memory")
 """The reply to a PUT or UPDATE while the server is over ``--max-memory``."""

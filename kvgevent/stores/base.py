@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 from gevent.lock import Semaphore
 
-from .errors import KVError
-from .protocol import Delete, Get, Put, Update
+from kvgevent.errors import KVError
+from kvgevent.protocol import Delete, Get, Put, Update
 
 Key = bytes | str
 DataCommand = Put | Get | Update | Delete
@@ -37,14 +37,6 @@ Result = list[bytes] | KVError | None
 
 UNBOUNDED = 1 << 62
 """A work budget never reached."""
-
-KEY_COST = 170
-"""Bytes a key costs in a MemoryStore beyond its own length: its bytes object (41 with the
-allocator's rounding), its list (64 + 16 for the first slot) and its dict entry (about 45 at
-an average fill of the table). CPython 3.11, 64-bit; checked against RSS by tests/test_memory.py."""
-
-VALUE_COST = 50
-"""Bytes a value costs beyond its length: its bytes object (41) and its list slot (about 9)."""
 
 
 def key_bytes(key: Key) -> bytes:
@@ -152,128 +144,3 @@ class KVStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the store holds (connections, files). The default does nothing."""
-
-
-class MemoryStore(KVStore):
-    """The embedded default: a ``dict`` from key to a list of values, in this process.
-
-    Never yields and never fails; the semaphore is still taken for mutations so that the
-    store honours the same contract as those that do. Its :meth:`apply` works on the dict
-    directly (it does not call :meth:`put`, :meth:`get`...): a subclass that changes one of
-    those must override :meth:`apply` too.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data: dict[bytes, list[bytes]] = {}
-        """The values, by key (for stores built on this one, such as DurableStore)."""
-        self.used_bytes = 0
-        """What :attr:`data` costs, by the KEY_COST/VALUE_COST model (see memory_used)."""
-
-    def put(self, key: Key, value: bytes) -> None:
-        with self.lock:
-            self.apply_under_lock([Put(key_bytes(key), value)])
-
-    def get(self, key: Key) -> list[bytes]:
-        values = self.data.get(key if key.__class__ is bytes else key_bytes(key))
-        return list(values) if values else []
-
-    def update(self, key: Key, old: bytes, new: bytes) -> None:
-        with self.lock:
-            self.apply_under_lock([Update(key_bytes(key), old, new)])
-
-    def delete(self, key: Key) -> None:
-        with self.lock:
-            self.apply_under_lock([Delete(key_bytes(key))])
-
-    def count_keys(self) -> int:
-        return len(self.data)
-
-    def memory_used(self) -> int:
-        return self.used_bytes
-
-    def apply(self, commands: Sequence[DataCommand]) -> list[Result]:
-        # The whole batch under one acquisition of the lock, with no method call per command:
-        # a PUT went from 350 ns to about 100 (timeit), the lock alone costing 270 ns a call.
-        with self.lock:
-            return self.apply_some_under_lock(commands, UNBOUNDED)[0]
-
-    def apply_some(self, commands: Sequence[DataCommand], budget: int) -> tuple[list[Result], int]:
-        with self.lock:
-            return self.apply_some_under_lock(commands, budget)
-
-    def apply_under_lock(self, commands: Sequence[DataCommand]) -> list[Result]:
-        """:meth:`apply`, for a caller that holds :attr:`lock` already (DurableStore)."""
-        return self.apply_some_under_lock(commands, UNBOUNDED)[0]
-
-    def affordable(self, commands: Sequence[DataCommand], budget: int) -> tuple[int, int]:
-        """How many of ``commands``, from the first (at least one), :meth:`apply_some` would
-        apply within ``budget``, and the work they take (estimated on the data as it is)."""
-        data = self.data
-        work = 0
-        for index, cmd in enumerate(commands):
-            if cmd.__class__ is not Put:
-                values = data.get(cmd[0])
-                if values:
-                    work += len(values)
-                    if work >= budget:
-                        return index + 1, work
-        return len(commands), work
-
-    def apply_some_under_lock(self, commands: Sequence[DataCommand], budget: int) -> tuple[list[Result], int]:
-        """:meth:`apply_some`, for a caller that holds :attr:`lock` already. Work: one unit
-        per value a GET copies, an UPDATE scans or a DELETE frees; a PUT costs nothing."""
-        data = self.data
-        results: list[Result] = []
-        append = results.append
-        used = self.used_bytes
-        work = 0
-        try:
-            for cmd in commands:
-                kind = cmd.__class__
-                if kind is Put:
-                    value = cmd[1]
-                    values = data.get(cmd[0])
-                    if values is None:
-                        data[cmd[0]] = [value]
-                        used += KEY_COST + VALUE_COST + len(cmd[0]) + len(value)
-                    else:
-                        values.append(value)
-                        used += VALUE_COST + len(value)
-                    append(None)
-                    continue
-                values = data.get(cmd[0])
-                if kind is Get:
-                    if values:
-                        work += len(values)
-                        append(values[:])
-                    else:
-                        append(None)
-                elif kind is Update:
-                    new = cmd[2]  # type: ignore[misc]
-                    if values is None:
-                        data[cmd[0]] = [new]
-                        used += KEY_COST + VALUE_COST + len(cmd[0]) + len(new)
-                    else:
-                        work += len(values)
-                        try:
-                            values.remove(cmd[1])
-                            used -= VALUE_COST + len(cmd[1])
-                        except ValueError:
-                            pass
-                        values.append(new)
-                        used += VALUE_COST + len(new)
-                    append(None)
-                elif kind is Delete:
-                    if values is not None:
-                        del data[cmd[0]]
-                        work += len(values)
-                        used -= KEY_COST + len(cmd[0]) + VALUE_COST * len(values) + sum(map(len, values))
-                    append(None)
-                else:
-                    raise TypeError(f"not a data command: {cmd!r}")
-                if work >= budget:
-                    break
-        finally:
-            self.used_bytes = used
-        return results, work

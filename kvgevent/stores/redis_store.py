@@ -26,12 +26,12 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import KVError, StoreError
-from .logs import get_logger
-from .protocol import Delete, Get, Put, Update
-from .redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
-from .resp import Dispatcher, ReplyMismatch, RespConnection
-from .store import DataCommand, Key, KVStore, key_bytes
+from kvgevent.errors import KVError, StoreError
+from kvgevent.logs import get_logger, redacted_url
+from kvgevent.protocol import Delete, Get, Put, Update
+from kvgevent.stores.base import DataCommand, Key, KVStore, key_bytes
+from kvgevent.stores.redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
+from kvgevent.stores.resp import Dispatcher, ReplyMismatch, RespConnection
 
 DEFAULT_PREFIX = "kvgevent:"
 """Namespace of kvgevent's keys in a Redis that others may share."""
@@ -98,13 +98,13 @@ class RedisStore(KVStore):
         self.prefix = prefix.encode()
         self.log = log if log is not None else get_logger()
         self.health = RedisHealth(self.log)
-        self.node = _redacted(url)  # the node's name in logs (a cluster names each of its nodes)
+        self.node = redacted_url(url)  # the node's name in logs (a cluster names each of its nodes)
         scheme = urlparse(url).scheme
         self.cluster = scheme == "redis+cluster"
         self._dispatcher: Dispatcher | None = None  # the fast data path (plain redis:// only)
         if scheme not in ("redis", "rediss", "redis+cluster"):
             raise ValueError(
-                f"not a Redis URL: {_redacted(url)!r} (redis://host:port/db or redis+cluster://host:port)"
+                f"not a Redis URL: {redacted_url(url)!r} (redis://host:port/db or redis+cluster://host:port)"
             )
         self.client: Any = _redis_py_client(url, timeout)
         if scheme == "redis":
@@ -356,14 +356,6 @@ def _glob_escape(prefix: bytes) -> bytes:
             out += b"\\"
         out.append(byte)
     return bytes(out)
-
-
-def _redacted(url: str) -> str:
-    """The URL without a password, for logs."""
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
 
 
 def _checked(base: type) -> type:

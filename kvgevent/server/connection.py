@@ -35,35 +35,15 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.queue import Full, Queue
 
-from .config import DROP_GRACE, MAX_SEND_BATCH, REPLY_CHUNK, ROOM_WAIT_LIMIT
-from .fastio import wrap
-from .memory import MemoryGuard
-from .protocol import LineBuffer
+from kvgevent.config import DROP_GRACE, MAX_SEND_BATCH, REPLY_CHUNK, ROOM_WAIT_LIMIT
+from kvgevent.protocol import LineBuffer
+from kvgevent.server.counters import Counters
+from kvgevent.server.fastio import wrap
+from kvgevent.server.memory import MemoryGuard
 
 _EOF = b""
 """Queue sentinel (never a reply: every reply ends in a newline): the writer sends what was
 queued before it, then exits."""
-
-
-class Counters:
-    """Server-wide counters, shared by the server and its connections (read by STATS)."""
-
-    __slots__ = (
-        "accepted",
-        "dropped",
-        "rejected",
-        "messages_dropped",
-        "commands",
-        "errors",
-        "auth_failures",
-        "auth_throttled",
-        "idle_closed",
-        "lines_too_long",
-    )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
 
 
 class Connection:

@@ -30,9 +30,9 @@ import threading
 import time
 from typing import Any, NoReturn, Protocol
 
-from .config import DEFAULT_CLIENT_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT
-from .errors import ConnectionLost, InvalidArgument, ServerError
-from .protocol import (
+from kvgevent.config import DEFAULT_CLIENT_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT
+from kvgevent.errors import ConnectionLost, InvalidArgument, ServerError
+from kvgevent.protocol import (
     ERR_LINE_TOO_LONG,
     PING,
     STATS,
@@ -52,7 +52,7 @@ from .protocol import (
     parse_stats,
     parse_value,
 )
-from .tls import SEND_SLICE, TlsStream, client_context
+from kvgevent.tls import SEND_SLICE, TlsStream, client_context
 
 MAX_REPLY_LINE = 1 << 26
 """Longest reply line the client accepts (64 MiB), well above any value the server stores."""

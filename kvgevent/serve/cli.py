@@ -10,18 +10,22 @@ import argparse
 import gc
 import os
 import resource
-import signal
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import gevent
-import gevent.event
-
-from .aof import AofCorrupt
-from .aof_log import DEFAULT_FSYNC, FSYNC_POLICIES
-from .config import (
+from kvgevent.args import (
+    add_env_option,
+    byte_size,
+    growth_ratio,
+    non_negative_float,
+    port_number,
+    positive_byte_size,
+    positive_float,
+    positive_int,
+)
+from kvgevent.config import (
     AUTH_DELAY_MAX,
     AUTH_DELAY_MIN,
     AUTH_MAX_LINE,
@@ -37,8 +41,7 @@ from .config import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_SHUTDOWN_FLUSH,
 )
-from .durable import DEFAULT_REWRITE_GROWTH, DEFAULT_REWRITE_MIN_SIZE, DurableStore
-from .logs import (
+from kvgevent.logs import (
     DEFAULT_LOG_FORMAT,
     DEFAULT_LOG_LEVEL,
     LOG_FORMATS,
@@ -46,90 +49,16 @@ from .logs import (
     configure_logging,
     get_logger,
 )
-from .redis_store import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT, RedisStore
-from .server import KeyValueServer
-from .store import KVStore, MemoryStore
-from .tls import server_context
-from .workers import supervise
-
-ENV_PREFIX = "KVGEVENT_"
-
-
-def _number(convert: Callable[[str], Any], accept: Callable[[Any], bool], name: str) -> Callable[[str], Any]:
-    """An argparse type: ``convert`` the text, refuse values ``accept`` rejects. ``name`` is
-    what argparse says in its error ("invalid port_number value")."""
-
-    def parse(text: str) -> Any:
-        value = convert(text)
-        if not accept(value):
-            raise ValueError(text)
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
-port_number = _number(int, lambda v: 0 <= v <= 65535, "port_number")  # 0 = any free port
-positive_int = _number(int, lambda v: v >= 1, "positive_int")
-non_negative_float = _number(float, lambda v: v >= 0, "non_negative_float")  # NaN refused too
-positive_float = _number(float, lambda v: v > 0, "positive_float")
-growth_ratio = _number(float, lambda v: v > 1, "growth_ratio")
-
-BYTE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-"""Suffixes of a size (any case, optionally followed by B or iB): powers of 1024, as in
-systemd's MemoryMax= (Redis reads 1k as 1000 but 1kb as 1024; here both are 1024)."""
-
-
-def _byte_count(text: str) -> int:
-    """``536870912``, ``512M``, ``512mb``, ``0.5G``: a whole number of bytes, at least 0."""
-    stripped = text.strip().upper()
-    if stripped.endswith("IB") and stripped[-3:-2].isalpha():
-        stripped = stripped[:-2]
-    elif stripped.endswith("B"):
-        stripped = stripped[:-1]
-    unit = stripped[-1:] if stripped[-1:].isalpha() else ""
-    if unit not in BYTE_SUFFIXES:
-        raise ValueError(text)
-    digits = stripped[: len(stripped) - len(unit)]
-    try:
-        return int(float(digits) * BYTE_SUFFIXES[unit]) if unit else int(digits)
-    except OverflowError:  # "inf"
-        raise ValueError(text) from None
-
-
-byte_size = _number(_byte_count, lambda v: v >= 0, "byte_size")
-positive_byte_size = _number(_byte_count, lambda v: v >= 1, "positive_byte_size")
-
-
-def add_env_option(
-    parser: argparse.ArgumentParser,
-    flag: str,
-    default: Any,
-    help: str,
-    type: Callable[[str], Any] = str,
-    choices: Sequence[str] | None = None,
-) -> None:
-    """Add ``--flag`` whose default comes from ``KVGEVENT_FLAG`` when set, else ``default``.
-
-    A malformed environment value is reported like a malformed flag (exit status 2)."""
-    env = ENV_PREFIX + flag.upper().replace("-", "_")
-    raw = os.environ.get(env)
-    value = default
-    if raw is not None:
-        try:
-            value = type(raw)
-            if choices is not None and value not in choices:
-                raise ValueError(raw)
-        except ValueError:
-            parser.error(f"invalid value in {env}: {raw!r}")
-    parser.add_argument(
-        "--" + flag,
-        default=value,
-        type=type,
-        choices=choices,
-        metavar=None if choices else flag.upper().replace("-", "_"),
-        help=f"{help} (default: {'none' if default is None else default}; env {env})",
-    )
+from kvgevent.serve.signals import stop_requested
+from kvgevent.serve.workers import supervise
+from kvgevent.server.server import KeyValueServer
+from kvgevent.stores.aof import AofCorrupt
+from kvgevent.stores.aof_log import DEFAULT_FSYNC, FSYNC_POLICIES
+from kvgevent.stores.base import KVStore
+from kvgevent.stores.durable import DEFAULT_REWRITE_GROWTH, DEFAULT_REWRITE_MIN_SIZE, DurableStore
+from kvgevent.stores.memory import MemoryStore
+from kvgevent.stores.redis_store import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT, RedisStore
+from kvgevent.tls import server_context
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,25 +345,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(store, DurableStore) and store.unsaved_records:
         return 1  # aof_unwritten was logged: some applied writes may not be on disk
     return 0
-
-
-def stop_requested(log: Any) -> gevent.event.Event:
-    """An event set by the first SIGINT or SIGTERM (later ones are logged and ignored)."""
-    stop = gevent.event.Event()
-
-    def on_signal(signum: int) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():  # shutdown is already under way, and bounded in time
-            log.info("shutdown_in_progress", signal=name)
-            return
-        log.info("shutdown_requested", signal=name)
-        stop.set()
-
-    # gevent.signal_handler runs the callback in a new greenlet, outside the hub; the handlers
-    # stay installed until the process exits, so a second signal cannot interrupt shutdown.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(sig, on_signal, sig)
-    return stop
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,7 @@ from collections import deque
 from gevent import get_hub
 from gevent.hub import Waiter
 
-from .config import TURN_BUDGET
+from kvgevent.config import TURN_BUDGET
 
 
 class Turns:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from .client import server_error
-from .errors import InvalidArgument, ServerError
-from .protocol import (
+from kvgevent.client.client import server_error
+from kvgevent.errors import InvalidArgument, ServerError
+from kvgevent.protocol import (
     PING,
     STATS,
     Auth,

@@ -26,9 +26,9 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO
 
-from .cli import add_env_option, port_number, positive_int
-from .client import Client
-from .client_commands import (
+from kvgevent.args import add_env_option, port_number, positive_int
+from kvgevent.client.client import Client
+from kvgevent.client.commands import (
     HELP,
     Request,
     command_from_words,
@@ -39,11 +39,11 @@ from .client_commands import (
     show_raw_reply,
     show_result,
 )
-from .client_repl import run_repl
-from .client_tools import run_latency, run_pipe, run_stat
-from .config import DEFAULT_CLIENT_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT
-from .errors import ConnectionLost, InvalidArgument, ServerError
-from .tls import client_context
+from kvgevent.client.repl import run_repl
+from kvgevent.client.tools import run_latency, run_pipe, run_stat
+from kvgevent.config import DEFAULT_CLIENT_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT
+from kvgevent.errors import ConnectionLost, InvalidArgument, ServerError
+from kvgevent.tls import client_context
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     bench_argv = _bench_argv(argv)
     if bench_argv is not None:
-        from .bench import main as bench_main
+        from kvgevent.client.bench import main as bench_main
 
         return bench_main(bench_argv)
     parser = build_parser()

@@ -25,8 +25,7 @@ from gevent.lock import Semaphore
 from gevent.pool import Group, Pool
 from gevent.server import StreamServer
 
-from .auth_throttle import AuthThrottle
-from .config import (
+from kvgevent.config import (
     AUTH_MAX_LINE,
     AUTH_SWEEP_INTERVAL,
     DEFAULT_BACKLOG,
@@ -47,15 +46,18 @@ from .config import (
     TLS_HANDSHAKE_TIMEOUT,
     TURN_BYTES,
 )
-from .connection import Connection, Counters
-from .errors import KVError, ProtocolError
-from .executor import Executor, TooManyAuthFailures
-from .logs import get_logger
-from .memory import MemoryGuard, release_memory_loop
-from .net import _is_loopback, _reuse_port_listener, worker_name
-from .store import KVStore, MemoryStore
-from .tls import TlsStream
-from .turns import Turns
+from kvgevent.errors import KVError, ProtocolError
+from kvgevent.logs import get_logger
+from kvgevent.server.auth_throttle import AuthThrottle
+from kvgevent.server.connection import Connection
+from kvgevent.server.counters import Counters
+from kvgevent.server.memory import MemoryGuard, release_memory_loop
+from kvgevent.server.net import is_loopback, reuse_port_listener, worker_name
+from kvgevent.server.session import Executor, TooManyAuthFailures
+from kvgevent.server.turns import Turns
+from kvgevent.stores.base import KVStore
+from kvgevent.stores.memory import MemoryStore
+from kvgevent.tls import TlsStream
 
 ERR_MAX_CLIENTS = ProtocolError("max clients reached")
 
@@ -164,7 +166,7 @@ class KeyValueServer:
             raise RuntimeError("a KeyValueServer can be started only once")
         listener: Any = (host, port)
         if self.reuse_port:
-            listener = _reuse_port_listener(host, port, self.backlog)
+            listener = reuse_port_listener(host, port, self.backlog)
         server = StreamServer(
             listener, self._handle, backlog=None if self.reuse_port else self.backlog, spawn=self._pool
         )
@@ -195,7 +197,7 @@ class KeyValueServer:
             idle_timeout=self.idle_timeout,
             max_memory=self.memory.limit,
         )
-        if not _is_loopback(bound) and self._password is None:
+        if not is_loopback(bound) and self._password is None:
             self.log.warning(
                 "unprotected_bind",
                 host=bound,

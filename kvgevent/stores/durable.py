@@ -21,12 +21,13 @@ from typing import Any
 
 import gevent
 
-from .aof_log import ERR_PERSISTENCE, AppendOnlyLog
-from .errors import KVError
-from .logs import get_logger
-from .protocol import Delete, Get, Put, Update, parse, request_line
-from .rewrite import Aborted, Rewrite
-from .store import DATA_COMMANDS, DataCommand, Key, KVStore, MemoryStore, key_bytes
+from kvgevent.errors import KVError
+from kvgevent.logs import get_logger
+from kvgevent.protocol import Delete, Get, Put, Update, parse, request_line
+from kvgevent.stores.aof_log import ERR_PERSISTENCE, AppendOnlyLog
+from kvgevent.stores.base import DATA_COMMANDS, DataCommand, Key, KVStore, key_bytes
+from kvgevent.stores.memory import MemoryStore
+from kvgevent.stores.rewrite import Aborted, Rewrite
 
 DEFAULT_REWRITE_MIN_SIZE = 64 << 20
 """Bytes the file must reach before it is compacted."""

@@ -1,0 +1,89 @@
+"""Command-line argument helpers both programs use (``run_server.py`` and ``run_client.py``):
+number types that say what they accept, byte sizes with K/M/G suffixes, and options whose
+default comes from a ``KVGEVENT_*`` environment variable. No I/O, no gevent."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+ENV_PREFIX = "KVGEVENT_"
+
+
+def _number(convert: Callable[[str], Any], accept: Callable[[Any], bool], name: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text, refuse values ``accept`` rejects. ``name`` is
+    what argparse says in its error ("invalid port_number value")."""
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if not accept(value):
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+port_number = _number(int, lambda v: 0 <= v <= 65535, "port_number")  # 0 = any free port
+positive_int = _number(int, lambda v: v >= 1, "positive_int")
+non_negative_float = _number(float, lambda v: v >= 0, "non_negative_float")  # NaN refused too
+positive_float = _number(float, lambda v: v > 0, "positive_float")
+growth_ratio = _number(float, lambda v: v > 1, "growth_ratio")
+
+BYTE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+"""Suffixes of a size (any case, optionally followed by B or iB): powers of 1024, as in
+systemd's MemoryMax= (Redis reads 1k as 1000 but 1kb as 1024; here both are 1024)."""
+
+
+def _byte_count(text: str) -> int:
+    """``536870912``, ``512M``, ``512mb``, ``0.5G``: a whole number of bytes, at least 0."""
+    stripped = text.strip().upper()
+    if stripped.endswith("IB") and stripped[-3:-2].isalpha():
+        stripped = stripped[:-2]
+    elif stripped.endswith("B"):
+        stripped = stripped[:-1]
+    unit = stripped[-1:] if stripped[-1:].isalpha() else ""
+    if unit not in BYTE_SUFFIXES:
+        raise ValueError(text)
+    digits = stripped[: len(stripped) - len(unit)]
+    try:
+        return int(float(digits) * BYTE_SUFFIXES[unit]) if unit else int(digits)
+    except OverflowError:  # "inf"
+        raise ValueError(text) from None
+
+
+byte_size = _number(_byte_count, lambda v: v >= 0, "byte_size")
+positive_byte_size = _number(_byte_count, lambda v: v >= 1, "positive_byte_size")
+
+
+def add_env_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    default: Any,
+    help: str,
+    type: Callable[[str], Any] = str,
+    choices: Sequence[str] | None = None,
+) -> None:
+    """Add ``--flag`` whose default comes from ``KVGEVENT_FLAG`` when set, else ``default``.
+
+    A malformed environment value is reported like a malformed flag (exit status 2)."""
+    env = ENV_PREFIX + flag.upper().replace("-", "_")
+    raw = os.environ.get(env)
+    value = default
+    if raw is not None:
+        try:
+            value = type(raw)
+            if choices is not None and value not in choices:
+                raise ValueError(raw)
+        except ValueError:
+            parser.error(f"invalid value in {env}: {raw!r}")
+    parser.add_argument(
+        "--" + flag,
+        default=value,
+        type=type,
+        choices=choices,
+        metavar=None if choices else flag.upper().replace("-", "_"),
+        help=f"{help} (default: {'none' if default is None else default}; env {env})",
+    )

@@ -1,0 +1,28 @@
+"""SIGINT and SIGTERM for ``run_server.py`` and its ``--workers`` supervisor."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import gevent
+import gevent.event
+
+
+def stop_requested(log: Any) -> gevent.event.Event:
+    """An event set by the first SIGINT or SIGTERM (later ones are logged and ignored)."""
+    stop = gevent.event.Event()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():  # shutdown is already under way, and bounded in time
+            log.info("shutdown_in_progress", signal=name)
+            return
+        log.info("shutdown_requested", signal=name)
+        stop.set()
+
+    # gevent.signal_handler runs the callback in a new greenlet, outside the hub; the handlers
+    # stay installed until the process exits, so a second signal cannot interrupt shutdown.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, on_signal, sig)
+    return stop

@@ -1,0 +1,21 @@
+"""The server-wide counters STATS reads. One instance per server, shared by the server (clients
+accepted, dropped, rejected, idle), its connections (replies dropped) and its session
+(commands, errors, AUTH failures, long lines); nothing else writes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Counters:
+    accepted: int = 0  # clients accepted
+    dropped: int = 0  # clients gone, for any reason
+    rejected: int = 0  # clients turned away over --max-clients
+    messages_dropped: int = 0  # replies dropped for clients that do not read
+    commands: int = 0  # request lines received (ERR ones too)
+    errors: int = 0  # requests answered ERR
+    auth_failures: int = 0  # wrong passwords
+    auth_throttled: int = 0  # AUTHs delayed or refused by the throttle
+    idle_closed: int = 0  # clients closed by --idle-timeout
+    lines_too_long: int = 0  # request lines over the line bound
