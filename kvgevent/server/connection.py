@@ -35,7 +35,7 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.queue import Full, Queue
 
-from kvgevent.config import DROP_GRACE, MAX_SEND_BATCH, REPLY_CHUNK, ROOM_WAIT_LIMIT
+from kvgevent.config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
 from kvgevent.protocol import LineBuffer
 from kvgevent.server.counters import Counters
 from kvgevent.server.fastio import wrap
@@ -75,15 +75,11 @@ class Connection:
         "messages_dropped",
         "failed",
         "last_seen",
-        "authenticated",
-        "auth_failures",
-        "long_lines",
-        "write_mark",
         "guard",
         "input_held",
         "released",
-        "work",
         "heavy",
+        "session",
         "sending",
         "acked",
         "acked_at",
@@ -135,15 +131,11 @@ class Connection:
         self.messages_dropped = 0
         self.failed: str | None = None  # why writing failed, once it has
         self.last_seen = time.monotonic()  # when the client last sent bytes
-        self.authenticated = False
-        self.auth_failures = 0  # wrong passwords sent on this connection
-        self.long_lines = 0  # lines over max_line sent on this connection
-        self.write_mark = 0  # the store's write position after this client's last batch
         self.guard = guard
         self.input_held = 0  # bytes of an incomplete request line counted in guard.buffered
         self.released = False  # release() has run: nothing more is counted
-        self.work = 0  # work done in this client's current turn (TURN_WORK units)
         self.heavy = False  # its last turn held the loop for HEAVY_TURN: the next one queues
+        self.session: Any = None  # its Session (kvgevent.server.session), set by the server
         self.sending = 0  # reply lines in the writer's sendall now (lost if it is killed)
         self.acked = -1  # bytes the client had acknowledged when last looked at (io.acked)
         self.acked_at = 0.0  # when that figure was first seen: the client's last known progress
@@ -205,11 +197,6 @@ class Connection:
             )
         self.messages_dropped += count
         self.counters.messages_dropped += count
-
-    def chunk_bounds(self) -> tuple[int, int]:
-        """The most lines and bytes a chunk built for this queue should hold (at least one
-        line): one that fits an empty queue, and one send batch at most."""
-        return min(REPLY_CHUNK, self.queue_size), min(MAX_SEND_BATCH, self.queue_bytes)
 
     def reserve(self, count: int, size: int) -> bool:
         """Whether a chunk of ``count`` lines and ``size`` bytes may be queued now, waiting

@@ -40,8 +40,10 @@ from kvgevent.config import (
     DEFAULT_SHUTDOWN_FLUSH,
     EOF_FLUSH_STALL,
     HEAVY_TURN,
+    MAX_SEND_BATCH,
     PRE_AUTH_LINE_COST,
     RECV_SIZE,
+    REPLY_CHUNK,
     REPORT_INTERVAL,
     TLS_HANDSHAKE_TIMEOUT,
     TURN_BYTES,
@@ -53,7 +55,7 @@ from kvgevent.server.connection import Connection
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import MemoryGuard, release_memory_loop
 from kvgevent.server.net import is_loopback, reuse_port_listener, worker_name
-from kvgevent.server.session import Executor, TooManyAuthFailures
+from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
 from kvgevent.server.turns import Turns
 from kvgevent.stores.base import KVStore
 from kvgevent.stores.memory import MemoryStore
@@ -68,6 +70,44 @@ class _Closing(Exception):
 
 class _Idle(Exception):
     """Thrown into the reader of a client idle for longer than ``idle_timeout``."""
+
+
+class _Closed(Exception):
+    """The session closed the client (its :class:`~kvgevent.server.session.Close`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_REASONS: dict[type[BaseException], str] = {
+    _Closing: "server_shutdown",
+    _Idle: "idle",
+    gevent.Timeout: "tls_handshake_timeout",
+}
+
+
+def drop_reason(exc: BaseException, handshaking: bool) -> tuple[str, str | None]:
+    """Why a client's reader ended, from the exception that ended it (and whether the TLS
+    handshake was still under way): the reason of its ``client_dropped`` event and the error
+    to log with it. The one place reasons are decided; a failure the writer recorded
+    (``Connection.failed``: reset, write_error, memory_limit) is decided where it happens and
+    wins over this one."""
+    if isinstance(exc, _Closed):
+        return exc.reason, None
+    reason = _REASONS.get(type(exc))
+    if reason is not None:
+        return reason, None
+    if isinstance(exc, ssl.SSLError):
+        return "tls_handshake_failed" if handshaking else "tls_error", getattr(exc, "reason", None) or str(
+            exc
+        )
+    if not isinstance(exc, OSError):
+        return "internal_error", None
+    error = None if isinstance(exc, ConnectionResetError) else exc.strerror or type(exc).__name__
+    if handshaking:
+        return "tls_handshake_failed", error
+    return ("reset", None) if error is None else ("socket_error", error)
 
 
 class KeyValueServer:
@@ -129,17 +169,10 @@ class KeyValueServer:
         self._conns: dict[int, Connection] = {}
         self.memory = MemoryGuard(max_memory, self.store, self._conns.__len__, self.log)
         self.auth_throttle = AuthThrottle()
-        self._executor = Executor(
-            self.store,
-            self.counters,
-            self._password,
-            self.stats,
-            self.memory,
-            self._turns.wait,
-            self.auth_throttle,
-            gevent.sleep,
-            self.log,
+        self._shared = Shared(
+            self.store, self.counters, self._password, self.stats, self.memory, self.auth_throttle, self.log
         )
+        self._chunk = (min(REPLY_CHUNK, queue_size), min(MAX_SEND_BATCH, queue_bytes))
         # Before AUTH a line may hold a password's AUTH line (and a telnet \r), not much more.
         auth_line = len(b"AUTH:") + len(self._password or b"") + 1
         self._auth_max_line = min(max(AUTH_MAX_LINE, auth_line), max_line)
@@ -290,6 +323,39 @@ class KeyValueServer:
         if len(self._conns) >= self.max_clients:
             self._reject(sock, peer)
             return
+        conn = self._connect(sock, address, peer)
+        reason, error = "closed", None
+        handshaking = self._tls is not None
+        try:
+            # Replies are small and sent once per batch: Nagle would only delay them.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._closing:
+                raise _Closing
+            if handshaking:
+                self._start_tls(conn)
+                handshaking = False
+            self._read_loop(conn)
+        except gevent.GreenletExit:  # close() gave up waiting and killed the reader
+            reason = "server_shutdown"
+            raise
+        except (Exception, gevent.Timeout) as exc:  # (a gevent Timeout is a BaseException)
+            reason, error = drop_reason(exc, handshaking)
+            if reason == "internal_error":
+                conn.log.exception("client_error")
+            elif reason == "idle":
+                self.counters.idle_closed += 1
+        finally:
+            conn.reading = False
+            try:
+                if conn.failed is None:
+                    conn.flush(EOF_FLUSH_STALL, self._flush_deadline if self._closing else None)
+            except (_Closing, _Idle):  # delivered late, while flushing: the client goes anyway
+                pass
+            finally:
+                self._drop(conn, conn.failed or reason, error)
+
+    def _connect(self, sock: Any, address: Any, peer: str) -> Connection:
+        """A new client's Connection and Session, counted and logged (``client_connected``)."""
         client_id = next(self._ids)
         conn = Connection(
             client_id,
@@ -304,56 +370,13 @@ class KeyValueServer:
             writers=self._writers,
             guard=self.memory,
         )
-        conn.authenticated = self._password is None
-        if not conn.authenticated:
-            conn.buffer.max_line = self._auth_max_line
+        conn.session = Session(self._shared, client_id, peer, address[0], self.max_line, self._chunk)
+        if not conn.session.authenticated:
+            conn.buffer.max_line = conn.session.max_line = self._auth_max_line
         self._conns[client_id] = conn
         self.counters.accepted += 1
         conn.log.info("client_connected", active=len(self._conns))
-        reason = "closed"
-        error: str | None = None
-        try:
-            # Replies are small and sent once per batch: Nagle would only delay them.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._closing:
-                raise _Closing
-            if self._tls is not None:
-                reason = "tls_handshake_failed"
-                self._start_tls(conn)
-                reason = "closed"
-            self._read_loop(conn)
-        except _Closing:
-            reason = "server_shutdown"
-        except _Idle:
-            reason = "idle"
-            self.counters.idle_closed += 1
-        except TooManyAuthFailures:
-            reason = "auth_failures"
-        except gevent.Timeout:
-            reason = "tls_handshake_timeout"
-        except ssl.SSLError as exc:
-            reason = "tls_handshake_failed" if reason == "tls_handshake_failed" else "tls_error"
-            error = getattr(exc, "reason", None) or str(exc)
-        except ConnectionResetError:
-            reason = "reset" if reason == "closed" else reason
-        except OSError as exc:
-            reason = "socket_error" if reason == "closed" else reason
-            error = exc.strerror or type(exc).__name__
-        except gevent.GreenletExit:  # close() gave up waiting and killed the reader
-            reason = "server_shutdown"
-            raise
-        except Exception:
-            reason = "internal_error"
-            conn.log.exception("client_error")
-        finally:
-            conn.reading = False
-            try:
-                if conn.failed is None:
-                    conn.flush(EOF_FLUSH_STALL, self._flush_deadline if self._closing else None)
-            except (_Closing, _Idle):  # delivered late, while flushing: the client goes anyway
-                pass
-            finally:
-                self._drop(conn, conn.failed or reason, error)
+        return conn
 
     def _reject(self, sock: Any, peer: str) -> None:
         """Over --max-clients: say why (plain TCP only) and close at once."""
@@ -380,9 +403,11 @@ class KeyValueServer:
         conn.sendall = stream.sendall
 
     def _read_loop(self, conn: Connection) -> None:
-        """Read, parse and execute requests until end of stream, or until the connection
-        fails (its writer could not send, or it was disconnected for memory)."""
-        if not conn.authenticated:
+        """Read, parse and apply requests until end of stream, or until the connection fails
+        (its writer could not send, or it was disconnected for memory). A read of up to
+        TURN_BYTES is applied at once, unless the client's last turn was heavy; a bigger one
+        (a backlog) a turn at a time."""
+        if not conn.session.authenticated:
             rest = self._read_until_authenticated(conn)
             if rest is None:
                 return
@@ -390,7 +415,8 @@ class KeyValueServer:
                 self._apply_backlog(conn, rest)
         recv = conn.recv
         feed = conn.buffer.feed
-        execute = self._executor.execute
+        execute = self._execute
+        session = conn.session
         clock = time.perf_counter
         track_idle = self.idle_timeout > 0
         while conn.failed is None:
@@ -407,7 +433,7 @@ class KeyValueServer:
                         self._turns.wait()
                         if conn.failed is not None:
                             return
-                    conn.work = 0  # a new turn
+                    session.work = 0  # a new turn
                     began = clock()
                     execute(conn, items)
                     conn.heavy = clock() - began >= HEAVY_TURN
@@ -427,48 +453,97 @@ class KeyValueServer:
         for start in range(0, len(data), TURN_BYTES):
             if worked:
                 self._turns.wait()
-                conn.work = 0
+                conn.session.work = 0
                 if conn.failed is not None:
                     return
             items = feed(data[start : start + TURN_BYTES])
             conn.note_input()
             worked = bool(items)
             if worked:
-                self._executor.execute(conn, items)
+                self._execute(conn, items)
 
     def _read_until_authenticated(self, conn: Connection) -> bytes | None:
         """Serve a client that has not authenticated yet, one line at a time, with the small
         line bound; once a line authenticates it, restore --max-line and return what was
         read after that line (b"" if nothing), or None at end of stream or failure. Line by
         line, so that requests pipelined behind the AUTH are split with the full bound."""
-        recv = conn.recv
-        feed = conn.buffer.feed
-        done = 0  # bytes applied in this turn
+        session = conn.session
         while conn.failed is None:
-            data = recv(RECV_SIZE)
+            data = conn.recv(RECV_SIZE)
             if not data:
                 return None
             if self.idle_timeout > 0:
                 conn.last_seen = time.monotonic()
-            start, size = 0, len(data)
-            while start < size:
-                if done >= TURN_BYTES:
-                    self._turns.wait()
-                    done = 0
-                    if conn.failed is not None:
-                        return None
-                end = data.find(b"\n", start) + 1 or size  # (offsets: no copy of the rest per line)
-                items = feed(data[start:end] if start or end < size else data)
-                done += max(end - start, PRE_AUTH_LINE_COST)
-                start = end
-                conn.note_input()
-                if items:
-                    conn.work = 0
-                    self._executor.execute(conn, items)
-                    if conn.authenticated:
-                        conn.buffer.max_line = self.max_line
-                        return data[start:]
-                del items
+            rest = self._apply_lines(conn, data)
+            if session.authenticated:
+                conn.buffer.max_line = session.max_line = self.max_line
+                return rest
+        return None
+
+    def _apply_lines(self, conn: Connection, data: bytes) -> bytes:
+        """Apply ``data`` a line at a time until the session is authenticated (taking turns
+        every TURN_BYTES, a line costing at least PRE_AUTH_LINE_COST); returns what comes
+        after the authenticating line (b"" if it is the last, or none did)."""
+        start, size, done = 0, len(data), 0
+        while start < size and conn.failed is None:
+            if done >= TURN_BYTES:
+                self._turns.wait()
+                done = 0
+            end = data.find(b"\n", start) + 1 or size  # (offsets: no copy of the rest per line)
+            items = conn.buffer.feed(data[start:end] if start or end < size else data)
+            done += max(end - start, PRE_AUTH_LINE_COST)
+            start = end
+            conn.note_input()
+            if items:
+                conn.session.work = 0
+                self._execute(conn, items)
+                if conn.session.authenticated:
+                    return data[start:]
+        return b""
+
+    def _execute(self, conn: Connection, items: list[Any]) -> None:
+        """Apply ``items`` through the client's session, carrying out each action it yields
+        (:mod:`kvgevent.server.session`): this and the read loop are where replies meet the
+        connection's queue and where a session's waits happen."""
+        actions = conn.session.handle(items)
+        if actions.__class__ is list:  # the usual case: reply lines, and nothing to wait for
+            if actions:
+                conn.send_lines(actions)  # type: ignore[arg-type]
+            return
+        try:
+            action = next(actions)
+            while True:
+                if action.__class__ is list:  # reply lines: by far the most frequent
+                    conn.send_lines(action)
+                    action = next(actions)
+                else:
+                    action = actions.send(self._carry_out(conn, action))
+        except StopIteration:
+            return
+
+    def _carry_out(self, conn: Connection, action: Any) -> Any:
+        """One action other than reply lines; returns what the session is sent back."""
+        kind = action.__class__
+        if kind is Room:
+            return conn.reserve(action.count, action.size)
+        if kind is Chunk:
+            conn.put_reserved(action.data, action.count)
+        elif action is NEXT_TURN:
+            self._turns.wait()
+        elif kind is Durable:
+            try:
+                self.store.barrier(action.position)
+            except KVError as exc:
+                return exc
+        elif kind is Dropped:
+            if conn.failed is None:
+                conn.drop(action.count)
+        elif kind is Sleep:
+            gevent.sleep(action.seconds)
+        elif kind is Close:
+            raise _Closed(action.reason)
+        else:
+            raise TypeError(f"not a session action: {action!r}")
         return None
 
     def _evict(self, excess: int, floor: int) -> int:

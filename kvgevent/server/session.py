@@ -1,35 +1,47 @@
-"""Applying requests: the one place where commands meet the store and errors become replies.
+"""The session: one client's requests in, replies and waits out. No sockets, no queue, no
+waiting of its own (sans-I/O, in the manner of h11).
 
-:class:`Executor` takes the items a client's :class:`~kvgevent.protocol.LineBuffer` produced
-(request lines, or too-long markers), parses them, hands each run of data commands to the
-store in one call (:meth:`~kvgevent.store.KVStore.apply`), answers PING, STATS and AUTH
-itself, and queues the replies on the connection in chunks. It does no I/O of its own.
+A :class:`Session` holds one client's protocol state (authenticated or not, wrong passwords,
+long lines, the store position its next PING waits for, the work of its current turn) and
+applies the items its :class:`~kvgevent.protocol.LineBuffer` produced: each run of data
+commands goes to the store in one call, PING, STATS and AUTH are answered here, and every
+error becomes its ``ERR`` line here and nowhere else. :meth:`Session.handle` is a generator of
+*actions*, which the read loop (:mod:`kvgevent.server.server`) carries out:
 
-Work per turn. A client's turn ends after TURN_WORK units of work (values the store scans,
-reply lines and bytes built), not only after TURN_BYTES of requests: the executor then hands
-the replies built so far to the writer and waits for the client's next turn (``pause``). A GET
-of a huge key is built and queued in pieces of at most REPLY_CHUNK lines and MAX_SEND_BATCH
-bytes; once its client's queue is full and the client does not read, the rest of the reply is
-counted as dropped without being built.
+- a ``list`` of reply lines: queue them (the connection's full-queue rules apply). The list is
+  the session's own: the read loop is done with it when it resumes the session;
+- :class:`Room` ``(count, size)``: may a chunk of a big reply be queued now? The read loop waits
+  for room as for any reply and sends back True (the session then builds the chunk and yields
+  it as a :class:`Chunk`) or False (the client does not read: the rest of the reply is yielded
+  as :class:`Dropped`, never built);
+- :data:`NEXT_TURN`: this turn's work is done (TURN_WORK); wait for the client's next turn;
+- :class:`Durable` ``(position)``: wait until the store's writes up to ``position`` are durable
+  (a PING under ``--fsync always``); the read loop sends back None, or the StoreError;
+- :class:`Sleep` ``(seconds)``: wait for the client address's turn before a password is
+  checked (:class:`~kvgevent.server.auth_throttle.AuthThrottle`);
+- :class:`Close` ``(reason)``: after what was yielded, the client is closed (too many wrong
+  passwords); the session is not resumed.
 
-Memory. While the server is over ``--max-memory`` (:class:`~kvgevent.memory.MemoryGuard`),
+Work per turn. A turn ends after TURN_WORK units of work (values the store scans, reply lines
+and bytes built), not only after TURN_BYTES of requests. A GET of a huge key is built in chunks
+that fit the client's queue, each only once the queue has room for it.
+
+Memory. While the server is over ``--max-memory`` (:class:`~kvgevent.server.memory.MemoryGuard`),
 PUT and UPDATE get ``ERR out of memory``; GET and DELETE are applied as usual.
-
-Passwords. Before a password is checked, the client's address may have to wait for its turn
-(:class:`~kvgevent.auth_throttle.AuthThrottle`): the replies built so far are queued first, then
-the reader sleeps; an AUTH whose turn is too far off gets ``ERR auth throttled`` unchecked.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from kvgevent.config import (
     INLINE_REPLY_BYTES,
     INLINE_REPLY_VALUES,
     MAX_AUTH_FAILURES,
+    MAX_SEND_BATCH,
     REPLY_CHUNK,
     TURN_WORK,
 )
@@ -50,7 +62,6 @@ from kvgevent.protocol import (
     value_lines,
 )
 from kvgevent.server.auth_throttle import AuthThrottle
-from kvgevent.server.connection import Connection
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import ERR_OUT_OF_MEMORY, MemoryGuard
 from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, Result
@@ -59,117 +70,255 @@ REPLY_LINE_WORK = 18
 """Work units of building one reply line (about 180 ns), besides one per 8 of its bytes."""
 
 
-class TooManyAuthFailures(Exception):
-    """A connection sent MAX_AUTH_FAILURES wrong (or refused) AUTHs: the server closes it
-    after sending ``reply``, the answer to the last one."""
-
-    def __init__(self, reply: bytes) -> None:
-        super().__init__()
-        self.reply = reply
+class Room(NamedTuple):
+    count: int  # reply lines
+    size: int  # bytes
 
 
-class Executor:
-    """Applies one client's requests in order; shared by every connection of a server."""
+class Chunk(NamedTuple):
+    data: bytes  # reply lines, joined
+    count: int
+
+
+class Dropped(NamedTuple):
+    count: int  # reply lines dropped unbuilt
+
+
+class Durable(NamedTuple):
+    position: int
+
+
+class Sleep(NamedTuple):
+    seconds: float
+
+
+class Close(NamedTuple):
+    reason: str  # the client_dropped reason
+
+
+class _NextTurn:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEXT_TURN"
+
+
+NEXT_TURN = _NextTurn()
+
+Action = list[bytes] | Room | Chunk | Dropped | Durable | Sleep | Close | _NextTurn
+Items = list[bytes | ProtocolError]
+Actions = Generator[Action, Any, None]
+
+
+@dataclass(slots=True)
+class Shared:
+    """What every session of a server uses: the store, the counters, the password, STATS'
+    figures, the memory rule, the AUTH throttle and the server's logger."""
+
+    store: KVStore
+    counters: Counters
+    password: bytes | None
+    stats: Callable[[], dict[str, int]]
+    guard: MemoryGuard
+    throttle: AuthThrottle
+    log: Any
+
+
+class Session:
+    """One client's requests, applied in order. Made by the server for each connection.
+    It holds no reference to the connection (no cycle: a dropped client's buffers are freed
+    at once, not at the garbage collector's next pass)."""
+
+    __slots__ = (
+        "shared",
+        "client_id",
+        "peer",
+        "host",
+        "max_line",
+        "authenticated",
+        "auth_failures",
+        "long_lines",
+        "write_mark",
+        "work",
+        "chunk_lines",
+        "chunk_bytes",
+    )
 
     def __init__(
         self,
-        store: KVStore,
-        counters: Counters,
-        password: bytes | None,
-        stats: Callable[[], dict[str, int]],
-        guard: MemoryGuard,
-        pause: Callable[[], None],
-        throttle: AuthThrottle,
-        sleep: Callable[[float], None],
-        log: Any,
+        shared: Shared,
+        client_id: int,
+        peer: str,
+        host: str,
+        max_line: int,
+        chunk: tuple[int, int] = (REPLY_CHUNK, MAX_SEND_BATCH),
     ) -> None:
-        self.store = store
-        self.counters = counters
-        self.password = password
-        self.stats = stats
-        self.guard = guard
-        self.pause = pause  # waits for the calling client's next turn (Turns.wait)
-        self.throttle = throttle
-        self.sleep = sleep  # waits for an AUTH's turn (gevent.sleep)
-        self.log = log
+        self.shared = shared
+        self.client_id, self.peer = client_id, peer  # who it is, in its log events
+        self.host = host  # the client's address (AUTH throttling)
+        self.max_line = max_line  # for the line_too_long event
+        self.authenticated = shared.password is None
+        self.auth_failures = 0  # wrong (or refused) AUTHs on this connection
+        self.long_lines = 0  # lines over the bound sent on this connection
+        self.write_mark = 0  # the store's write position after this client's last batch
+        self.work = 0  # work done in this client's current turn (TURN_WORK units)
+        # The most lines and bytes of a big reply's chunk: one that fits the client's queue.
+        self.chunk_lines, self.chunk_bytes = chunk
 
-    def execute(self, conn: Connection, items: list[bytes | ProtocolError]) -> None:
-        """Apply parsed requests in order; the one place where errors become ``ERR`` lines.
+    def logger(self) -> Any:
+        """The server's logger bound to this client (made on use: most clients never log)."""
+        return self.shared.log.bind(client_id=self.client_id, peer=self.peer)
 
-        Each run of data commands (PUT/GET/UPDATE/DELETE) goes to the store as one batch
-        (:meth:`KVStore.apply`), and the replies are queued in chunks, not one per line: at 50
-        clients x 16 pipelined GETs, per-line queueing was a fifth of the server's time."""
-        counters = self.counters
-        counters.commands += len(items)  # counted up front, so a STATS in this batch sees them
-        if not conn.authenticated:
-            items = self._authenticate(conn, items)
+    # --- requests ---------------------------------------------------------------------------
+
+    def handle(self, items: Items) -> list[bytes] | Actions:
+        """Apply ``items`` in order. Returns their reply lines, a list, when the batch needs
+        nothing of the read loop but queueing them (the usual case: data commands with small
+        replies, PING, STATS, errors), or else a generator of the actions of the module
+        docstring, which carries out the whole batch. Each run of data commands
+        (PUT/GET/UPDATE/DELETE) goes to the store as one batch, and replies come in chunks,
+        not line by line: at 50 clients x 16 pipelined GETs, per-line queueing was a fifth
+        of the server's time. (The plain path saves the generators' cost where a batch is a
+        request or two: about 7% of the server's time at one request per round trip.)"""
+        self.shared.counters.commands += len(items)  # counted first: a STATS in this batch sees them
+        if not self.authenticated:
+            return self._unauthenticated(items)
         out: list[bytes] = []
         run: list[Any] = []
-        errors = 0
-        for item in items:
+        for index, item in enumerate(items):
             cmd = parse(item) if item.__class__ is bytes else item
-            kind = cmd.__class__
-            if kind in DATA_COMMANDS:
+            if cmd.__class__ in DATA_COMMANDS:
                 run.append(cmd)
                 continue
             if run:
-                errors += self._apply(conn, run, out)
+                rest = self._apply_plainly(run, out)
+                if rest is not None:
+                    return self._actions(items, index, out, rest)
                 run = []
-            try:
-                if kind is Ping:
-                    if self.store.needs_barrier:  # PONG only once earlier writes are durable
-                        if out:
-                            conn.send_lines(out)
-                            out = []
-                        self.store.barrier(conn.write_mark)
-                    out.append(PONG)
-                elif kind is Stats:
-                    out.append(stats_line(self.stats()))
-                elif kind is Auth:
-                    out.append(self._check_password(conn, cmd, out))  # type: ignore[arg-type]
-                else:  # a ProtocolError, returned by the parser (or the line buffer)
-                    errors += 1
-                    if cmd is ERR_LINE_TOO_LONG:
-                        self._line_too_long(conn)
-                    out.append(cmd.reply)  # type: ignore[union-attr]
-            except KVError as exc:  # a StoreError from STATS, or a refused AUTH
-                errors += 1
-                out.append(exc.reply)
-            except TooManyAuthFailures as exc:
-                counters.errors += errors + 1
-                out.append(exc.reply)
-                conn.send_lines(out)
-                raise
+            if not self._answer(cmd, out):
+                return self._actions(items, index, out)
         if run:
-            errors += self._apply(conn, run, out)
+            rest = self._apply_plainly(run, out)
+            if rest is not None:
+                return self._actions(items, len(items), out, rest)
+        return out
+
+    def _unauthenticated(self, items: Items) -> Actions:
+        items = yield from self._authenticate(items)
+        yield from self._actions(items, 0, [])
+
+    def _actions(self, items: Items, start: int, out: list[bytes], rest: Actions | None = None) -> Actions:
+        """The general path: finish ``rest`` (the end of a data run), then apply
+        ``items[start:]``, yielding actions; ``out`` holds the replies built so far."""
+        if rest is not None:
+            yield from rest
+        run: list[Any] = []
+        for item in items[start:]:
+            cmd = parse(item) if item.__class__ is bytes else item
+            if cmd.__class__ in DATA_COMMANDS:
+                run.append(cmd)
+                continue
+            if run:
+                yield from self._apply(run, out)
+                run = []
+            yield from self._other(cmd, out)
+        if run:
+            yield from self._apply(run, out)
         if out:
-            conn.send_lines(out)
-        counters.errors += errors
+            yield out
 
-    def _apply(self, conn: Connection, run: list[Any], out: list[bytes]) -> int:
-        """Have the store apply a run of data commands, a turn's work at a time; add the GET
-        replies and an ERR per failed command to ``out``, handing full chunks to the writer.
-        Returns the errors."""
-        errors = 0
-        while True:
+    def _answer(self, cmd: Any, out: list[bytes]) -> bool:
+        """Answer PING, STATS or an error item in ``out`` if it needs no action (False for
+        AUTH, and a PING that waits for the disk)."""
+        kind = cmd.__class__
+        if kind is Ping:
+            if self.shared.store.needs_barrier:
+                return False
+            out.append(PONG)
+        elif kind is Stats:
             try:
-                results, work = self._apply_some(conn, run)
-            except KVError as exc:  # the store failed as a whole
-                out += [exc.reply] * len(run)
-                return errors + len(run)
-            conn.work += work
-            errors += self._replies(conn, run, results, out)
-            if len(results) == len(run):
-                return errors
-            run = run[len(results) :]
-            if conn.work >= TURN_WORK:
-                self._pause(conn, out)
+                out.append(stats_line(self.shared.stats()))
+            except KVError as exc:  # a store that cannot count its keys now
+                self._reply(out, exc)
+        elif kind is Auth:
+            return False
+        else:  # a ProtocolError, from the line buffer or the parser
+            if cmd is ERR_LINE_TOO_LONG:
+                self._line_too_long()
+            self._reply(out, cmd)
+        return True
 
-    def _apply_some(self, conn: Connection, run: list[Any]) -> tuple[list[Result], int]:
+    def _other(self, cmd: Any, out: list[bytes]) -> Actions:
+        """PING, STATS, AUTH or an error item: its reply added to ``out``."""
+        if self._answer(cmd, out):
+            return
+        if cmd.__class__ is Auth:
+            yield from self._auth(cmd, out)
+            return
+        if out:  # a PING that waits for the disk: what came before leaves first
+            yield out
+            out.clear()
+        failure = yield Durable(self.write_mark)
+        self._reply(out, PONG if failure is None else failure)
+
+    def _reply(self, out: list[bytes], reply: bytes | KVError) -> None:
+        """Add ``reply`` to ``out``: a line, or an error's ERR line (counted)."""
+        if reply.__class__ is bytes:
+            out.append(reply)  # type: ignore[arg-type]
+        else:
+            self.shared.counters.errors += 1
+            out.append(reply.reply)  # type: ignore[union-attr]
+
+    # --- data commands --------------------------------------------------------------------
+
+    def _apply_plainly(self, run: list[Any], out: list[bytes]) -> Actions | None:
+        """Have the store apply a run of data commands and add their replies to ``out``; None
+        when that is all there is to it, else the generator that finishes the run (a big
+        reply, a full chunk of replies, the rest of the run after a turn's work)."""
+        results = self._apply_some_or_fail(run, out)
+        if results is None:
+            return None
+        done = self._inline_replies(run, results, out, 0)
+        if done == len(run):
+            return None
+        return self._apply(run, out, results, done)
+
+    def _apply(
+        self, run: list[Any], out: list[bytes], results: list[Result] | None = None, done: int = 0
+    ) -> Actions:
+        """Have the store apply a run of data commands, a turn's work at a time, and add the
+        replies (ERR for a failed command) to ``out``; ``results``: those of the first
+        commands, applied already, ``done`` of them replied to."""
+        while True:
+            if results is None:
+                results = self._apply_some_or_fail(run, out)
+                if results is None:
+                    return
+                done = 0
+            yield from self._replies(run, results, out, done)
+            if len(results) == len(run):
+                return
+            run, results = run[len(results) :], None
+            if self.work >= TURN_WORK:
+                yield from self._next_turn(out)
+
+    def _apply_some_or_fail(self, run: list[Any], out: list[bytes]) -> list[Result] | None:
+        """:meth:`_apply_some`, counting the work; None if the store failed as a whole (then
+        every command of ``run`` got its ERR line in ``out``)."""
+        try:
+            results, work = self._apply_some(run)
+        except KVError as exc:
+            self.shared.counters.errors += len(run)
+            out += [exc.reply] * len(run)
+            return None
+        self.work += work
+        return results
+
+    def _apply_some(self, run: list[Any]) -> tuple[list[Result], int]:
         """Apply the first commands of ``run`` within the turn's remaining work; over the
         memory limit, refuse the writes that lead ``run``, or apply what comes before the
         first write."""
-        guard = self.guard
+        guard = self.shared.guard
         if guard.limit and guard.over():
             writes = 0
             for cmd in run:
@@ -181,156 +330,173 @@ class Executor:
                 return [ERR_OUT_OF_MEMORY] * writes, 0
             end = next((i for i, cmd in enumerate(run) if cmd.__class__ in WRITES), len(run))
             run = run[:end]
-        store = self.store
-        results, work = store.apply_some(run, TURN_WORK - conn.work)
-        if store.needs_barrier:  # what this connection's next PING waits for
-            conn.write_mark = store.write_position()
+        store = self.shared.store
+        results, work = store.apply_some(run, TURN_WORK - self.work)
+        if store.needs_barrier:  # what this client's next PING waits for
+            self.write_mark = store.write_position()
         return results, work
 
-    def _replies(self, conn: Connection, run: list[Any], results: list[Result], out: list[bytes]) -> int:
-        """Add the replies of ``results`` (of the first commands of ``run``) to ``out``;
-        returns the errors among them."""
-        errors = 0
-        for cmd, values in zip(run, results, strict=False):
-            if values:
-                if values.__class__ is list:
-                    count = len(values)  # type: ignore[arg-type]
-                    if (count == 1 and len(values[0]) <= INLINE_REPLY_BYTES) or (  # type: ignore[index]
-                        count <= INLINE_REPLY_VALUES and sum(map(len, values)) <= INLINE_REPLY_BYTES  # type: ignore[arg-type]
-                    ):
-                        out += value_lines(cmd[0], values)  # type: ignore[arg-type]
-                        if len(out) >= REPLY_CHUNK:
-                            conn.send_lines(out)
-                            out.clear()  # send_lines has joined (or queued) the lines already
-                    else:
-                        self._send_values(conn, cmd[0], values, out)  # type: ignore[arg-type]
-                        if conn.work >= TURN_WORK:  # (GETs of single big values add up too)
-                            self._pause(conn, out)
-                else:  # a KVError
-                    errors += 1
-                    out.append(values.reply)  # type: ignore[union-attr]
-        return errors
+    def _inline_replies(self, run: list[Any], results: list[Result], out: list[bytes], start: int) -> int:
+        """Add the replies of ``results[start:]`` to ``out`` while they are small; returns
+        the index of the first one not added (a big GET reply; ``len(results)`` if none is),
+        or stops after the one that fills ``out`` to REPLY_CHUNK lines."""
+        for index in range(start, len(results)):
+            values = results[index]
+            if not values:
+                continue
+            if values.__class__ is not list:  # a KVError
+                self._reply(out, values)  # type: ignore[arg-type]
+            elif _inline(values):  # type: ignore[arg-type]
+                out += value_lines(run[index][0], values)  # type: ignore[arg-type]
+                if len(out) >= REPLY_CHUNK:
+                    return index + 1
+            else:
+                return index
+        return len(results)
 
-    def _send_values(self, conn: Connection, key: bytes, values: list[bytes], out: list[bytes]) -> None:
-        """Build and queue a big GET reply in pieces that fit the client's queue, each built
-        only once the queue has room for it (so nothing is built for a client that does not
-        read), yielding the turn as the work adds up; once the client does not read, count
-        the rest as dropped, unbuilt."""
+    def _replies(self, run: list[Any], results: list[Result], out: list[bytes], start: int) -> Actions:
+        """Add the replies of ``results[start:]`` (of the first commands of ``run``) to
+        ``out``, yielding full chunks; a big GET reply goes through :meth:`_values`."""
+        index = start
+        while index < len(results):
+            index = self._inline_replies(run, results, out, index)
+            if len(out) >= REPLY_CHUNK:
+                yield out
+                out.clear()
+            elif index < len(results):  # a big GET reply
+                yield from self._values(run[index][0], results[index], out)  # type: ignore[arg-type]
+                index += 1
+                if self.work >= TURN_WORK:  # (GETs of single big values add up too)
+                    yield from self._next_turn(out)
+
+    def _values(self, key: bytes, values: list[bytes], out: list[bytes]) -> Actions:
+        """A big GET reply, in chunks that fit the client's queue (at most REPLY_CHUNK lines
+        and one send batch, at least one line), each built only once the queue has room for
+        it, the turn ending as the work adds up; once the client does not read, the rest is
+        :class:`Dropped`, unbuilt."""
         if out:
-            conn.send_lines(out)  # the replies before this one go first
+            yield out  # the replies before this one go first
             out.clear()
         prefix = key + b":"
         extra = len(prefix) + 1
-        max_lines, max_bytes = conn.chunk_bounds()
         count = len(values)
         index = 0
         while index < count:
-            end, size = index + 1, len(values[index]) + extra  # at least one line a piece
-            while end < count and end - index < max_lines and size + len(values[end]) + extra <= max_bytes:
-                size += len(values[end]) + extra
-                end += 1
-            if not conn.reserve(end - index, size):  # waits for room, as send() does
-                if conn.failed is None:
-                    conn.drop(count - index)
+            end, size = self._chunk(values, index, extra)
+            if not (yield Room(end - index, size)):
+                yield Dropped(count - index)
                 return
             parts: list[bytes] = []
             for value in values[index:end]:
                 parts += (prefix, value, b"\n")
-            conn.put_reserved(b"".join(parts), end - index)  # one copy of each value
+            yield Chunk(b"".join(parts), end - index)  # one copy of each value
             del parts
-            conn.work += REPLY_LINE_WORK * (end - index) + (size >> 3)
+            self.work += REPLY_LINE_WORK * (end - index) + (size >> 3)
             index = end
-            if conn.work >= TURN_WORK and index < count:
-                self._pause(conn, out)
+            if self.work >= TURN_WORK and index < count:
+                yield from self._next_turn(out)
 
-    def _pause(self, conn: Connection, out: list[bytes]) -> None:
-        """End this client's turn: queue the replies built so far, wait for the next turn."""
+    def _chunk(self, values: list[bytes], index: int, extra: int) -> tuple[int, int]:
+        """Where the chunk of a big reply that starts at ``index`` ends, and its size: at
+        most ``chunk_lines`` lines and ``chunk_bytes`` bytes, at least one line (``extra``:
+        the bytes a line adds to its value)."""
+        end, size = index + 1, len(values[index]) + extra
+        count, lines, most = len(values), self.chunk_lines, self.chunk_bytes
+        while end < count and end - index < lines and size + len(values[end]) + extra <= most:
+            size += len(values[end]) + extra
+            end += 1
+        return end, size
+
+    def _next_turn(self, out: list[bytes]) -> Actions:
+        """End this turn: the replies built so far go first, then wait for the next turn."""
         if out:
-            conn.send_lines(out)
+            yield out
             out.clear()
-        self.pause()
-        conn.work = 0
+        yield NEXT_TURN
+        self.work = 0
 
-    def _authenticate(
-        self, conn: Connection, items: list[bytes | ProtocolError]
-    ) -> list[bytes | ProtocolError]:
+    # --- passwords --------------------------------------------------------------------------
+
+    def _authenticate(self, items: Items) -> Generator[Action, Any, Items]:
         """Before AUTH succeeds only AUTH and PING are served; returns the items after a
-        successful AUTH (to be executed normally), or nothing."""
+        successful AUTH (to be applied as usual), or none."""
         out: list[bytes] = []
-        rest: list[bytes | ProtocolError] = []
         for index, item in enumerate(items):
             cmd = parse(item) if item.__class__ is bytes else item
             if cmd.__class__ is Auth:
-                try:
-                    out.append(self._check_password(conn, cmd, out))  # type: ignore[arg-type]
-                    rest = items[index + 1 :]
-                    break
-                except KVError as exc:
-                    self.counters.errors += 1
-                    out.append(exc.reply)
-                except TooManyAuthFailures as exc:
-                    self.counters.errors += 1
-                    out.append(exc.reply)
-                    conn.send_lines(out)
-                    raise
+                yield from self._auth(cmd, out)
+                if self.authenticated:
+                    if out:
+                        yield out
+                    return items[index + 1 :]
             elif cmd.__class__ is Ping:
                 out.append(PONG)  # nothing to wait for: this connection has written nothing yet
             elif cmd is ERR_LINE_TOO_LONG:  # the line's length, not its content, is the problem
-                self.counters.errors += 1
-                self._line_too_long(conn)
-                out.append(cmd.reply)
+                self._line_too_long()
+                self._reply(out, cmd)
             else:
-                self.counters.errors += 1
-                out.append(ERR_AUTH_REQUIRED.reply)
+                self._reply(out, ERR_AUTH_REQUIRED)
         if out:
-            conn.send_lines(out)
-        return rest
+            yield out
+        return []
 
-    def _check_password(self, conn: Connection, cmd: Auth, out: list[bytes]) -> bytes:
-        """Mark the connection authenticated and return the OK line, or raise the ERR to
-        send (TooManyAuthFailures after MAX_AUTH_FAILURES wrong or refused ones). Waits
-        first for the client address's turn, if it is throttled (queueing ``out`` before)."""
-        if self.password is None:
-            raise ERR_NO_PASSWORD.fresh()
-        wait = self.throttle.admit(conn.host)
+    def _auth(self, cmd: Auth, out: list[bytes]) -> Actions:
+        """Check a password (after the client address's turn, if it is throttled) and add the
+        reply to ``out``: OK (and the session is authenticated) or an ERR; after
+        MAX_AUTH_FAILURES wrong or refused AUTHs, the reply and a :class:`Close`."""
+        shared = self.shared
+        if shared.password is None:
+            self._reply(out, ERR_NO_PASSWORD)
+            return
+        wait = shared.throttle.admit(self.host)
         if wait is None:  # its turn is too far off: refused unchecked
-            self.counters.auth_throttled += 1
-            self._count_failure(conn, ERR_AUTH_THROTTLED)
-            raise ERR_AUTH_THROTTLED.fresh()
+            shared.counters.auth_throttled += 1
+            yield from self._auth_failed(ERR_AUTH_THROTTLED, out)
+            return
         if wait:
-            self.counters.auth_throttled += 1
+            shared.counters.auth_throttled += 1
             if out:
-                conn.send_lines(out)
+                yield out
                 out.clear()
-            self.sleep(wait)
-        if not hmac.compare_digest(cmd.password, self.password):  # constant time
-            # (an authenticated connection stays so, as in Redis: a wrong AUTH changes nothing)
-            self.counters.auth_failures += 1
-            conn.log.warning("auth_failed", auth_failures=conn.auth_failures + 1)
-            began = self.throttle.failed(conn.host)
-            if began is not None:
-                self.log.warning(
-                    "auth_throttled",
-                    host=began.host,
-                    auth_failures=began.failures,
-                    delay_s=began.delay,
-                    hint="this address's AUTHs are checked one at a time, further apart after "
-                    "each wrong password, until it sends none for a while",
-                )
-            self._count_failure(conn, ERR_INVALID_PASSWORD)
-            raise ERR_INVALID_PASSWORD.fresh()
-        conn.authenticated = True
-        return OK
+            yield Sleep(wait)
+        if hmac.compare_digest(cmd.password, shared.password):  # constant time
+            self.authenticated = True
+            out.append(OK)
+            return
+        # (an authenticated session stays so, as in Redis: a wrong AUTH changes nothing)
+        shared.counters.auth_failures += 1
+        self.logger().warning("auth_failed", auth_failures=self.auth_failures + 1)
+        began = shared.throttle.failed(self.host)
+        if began is not None:
+            shared.log.warning(
+                "auth_throttled",
+                host=began.host,
+                auth_failures=began.failures,
+                delay_s=began.delay,
+                hint="this address's AUTHs are checked one at a time, further apart after "
+                "each wrong password, until it sends none for a while",
+            )
+        yield from self._auth_failed(ERR_INVALID_PASSWORD, out)
 
-    @staticmethod
-    def _count_failure(conn: Connection, error: KVError) -> None:
-        """One more wrong or refused AUTH on ``conn`` (answered ``error``); too many close it."""
-        conn.auth_failures += 1
-        if conn.auth_failures >= MAX_AUTH_FAILURES:
-            raise TooManyAuthFailures(error.reply)
+    def _auth_failed(self, error: ProtocolError, out: list[bytes]) -> Actions:
+        """A wrong or refused AUTH answered ``error``; the MAX_AUTH_FAILURES-th closes."""
+        self._reply(out, error)
+        self.auth_failures += 1
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            yield out
+            out.clear()
+            yield Close("auth_failures")
 
-    def _line_too_long(self, conn: Connection) -> None:
-        self.counters.lines_too_long += 1
-        conn.long_lines += 1
-        if conn.long_lines == 1:  # once per connection: a hostile client cannot flood the log
-            conn.log.warning("line_too_long", max_line=conn.buffer.max_line)
+    def _line_too_long(self) -> None:
+        self.shared.counters.lines_too_long += 1
+        self.long_lines += 1
+        if self.long_lines == 1:  # once per connection: a hostile client cannot flood the log
+            self.logger().warning("line_too_long", max_line=self.max_line)
+
+
+def _inline(values: list[bytes]) -> bool:
+    """True for a GET reply small enough to build at once with the rest of its batch."""
+    count = len(values)
+    return (count == 1 and len(values[0]) <= INLINE_REPLY_BYTES) or (
+        count <= INLINE_REPLY_VALUES and sum(map(len, values)) <= INLINE_REPLY_BYTES
+    )

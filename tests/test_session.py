@@ -1,0 +1,197 @@
+"""The session, sans I/O: parsed requests in, actions out, byte for byte. No socket, no server,
+no greenlet: the test plays the read loop, answering Room and Durable itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvgevent.errors import StoreError
+from kvgevent.protocol import ERR_LINE_TOO_LONG
+from kvgevent.server.auth_throttle import AuthThrottle
+from kvgevent.server.counters import Counters
+from kvgevent.server.memory import MemoryGuard
+from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
+from kvgevent.stores.memory import MemoryStore
+
+
+class Log:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def bind(self, **_: Any) -> Log:
+        return self
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    info = error = warning
+
+
+def session_for(store=None, password: bytes | None = None, chunk=(256, 1 << 20), throttle=None) -> Session:
+    store = store or MemoryStore()
+    counters = Counters()
+    log = Log()
+    shared = Shared(
+        store,
+        counters,
+        password,
+        lambda: {"keys": store.count_keys()},
+        MemoryGuard(0, store, lambda: 1, log),
+        throttle or AuthThrottle(),
+        log,
+    )
+    return Session(shared, 1, "127.0.0.1:5", "127.0.0.1", 1 << 20, chunk)
+
+
+def run(session: Session, data: bytes, answers: dict | None = None) -> list[Any]:
+    """Every action of ``session`` applying the lines of ``data``; Room is answered True (or
+    by ``answers['room']``, a list consumed in order), Durable by ``answers['durable']``."""
+    answers = answers or {}
+    rooms = list(answers.get("room", []))
+    items = [line for line in data.split(b"\n")[:-1]]
+    actions = session.handle(items)
+    if isinstance(actions, list):  # the plain path: reply lines, no action
+        return [actions] if actions else []
+    out: list[Any] = []
+    reply: Any = None
+    try:
+        while True:
+            action = actions.send(reply)
+            out.append(list(action) if action.__class__ is list else action)
+            reply = None
+            if isinstance(action, Room):
+                reply = rooms.pop(0) if rooms else True
+            elif isinstance(action, Durable):
+                reply = answers.get("durable")
+            elif isinstance(action, Close):
+                break
+    except StopIteration:
+        pass
+    return out
+
+
+def test_a_batch_is_one_list_of_reply_lines():
+    session = session_for()
+    assert run(session, b"PUT:k:v\nPUT:k:w\nGET:k\nGET:none\nPING\n") == [[b"k:v\n", b"k:w\n", b"PONG\n"]]
+    assert session.shared.counters.commands == 5
+
+
+def test_errors_are_err_lines_in_place_and_counted():
+    session = session_for()
+    actions = run(session, b"bogus\nPUT:k\nGET:\nPING\n")
+    assert actions == [
+        [b"ERR unknown command\n", b"ERR wrong number of fields for PUT\n", b"ERR empty key\n", b"PONG\n"]
+    ]
+    assert session.shared.counters.errors == 3
+
+
+def test_a_too_long_line_is_reported_once_per_connection():
+    session = session_for()
+    actions = session.handle([ERR_LINE_TOO_LONG, ERR_LINE_TOO_LONG])
+    assert actions == [b"ERR line too long\n", b"ERR line too long\n"]  # (the plain path: a list)
+    assert [event for event, _ in session.shared.log.events] == ["line_too_long"]
+    assert session.shared.counters.lines_too_long == 2
+
+
+def test_a_big_reply_comes_in_chunks_each_after_room_was_found():
+    """A GET of 20 values of 300 bytes (too big to build at once) with chunks of at most 8
+    lines: the replies before it first, then Room before each chunk, the chunk bytes exact."""
+    session = session_for(chunk=(8, 1 << 20))
+    values = [(b"%02d" % i) * 150 for i in range(20)]
+    run(session, b"".join(b"PUT:big:%s\n" % value for value in values))
+    actions = run(session, b"PING\nGET:big\nPING\n")
+    lines = [b"big:" + value + b"\n" for value in values]
+    assert actions == [
+        [b"PONG\n"],
+        Room(8, 8 * 305),
+        Chunk(b"".join(lines[0:8]), 8),
+        Room(8, 8 * 305),
+        Chunk(b"".join(lines[8:16]), 8),
+        Room(4, 4 * 305),
+        Chunk(b"".join(lines[16:20]), 4),
+        [b"PONG\n"],
+    ]
+
+
+def test_a_big_reply_for_a_client_that_does_not_read_is_dropped_unbuilt():
+    session = session_for(chunk=(2, 1 << 20))
+    run(session, b"".join(b"PUT:big:%s\n" % (b"x" * 5000) for _ in range(5)))
+    actions = run(session, b"GET:big\nPING\n", {"room": [True, False]})
+    assert [type(a).__name__ for a in actions] == ["Room", "Chunk", "Room", "Dropped", "list"]
+    assert actions[3] == Dropped(3) and actions[4] == [b"PONG\n"]
+
+
+def test_a_turn_ends_when_its_work_is_done():
+    """5 UPDATEs scanning a 30,000-value key with a turn of 50,000 units: two a turn, NEXT_TURN between
+    them, and the work counts from zero after it."""
+    session = session_for()
+    run(session, b"".join(b"PUT:h:%d\n" % i for i in range(30_000)))
+    import kvgevent.server.session as module
+
+    old, module.TURN_WORK = module.TURN_WORK, 50_000
+    try:
+        actions = run(session, b"UPDATE:h:absent:x\n" * 5 + b"PING\n")
+    finally:
+        module.TURN_WORK = old
+    assert actions == [NEXT_TURN, NEXT_TURN, [b"PONG\n"]]
+
+
+class Durably(MemoryStore):
+    """A memory store that promises durability: PONG waits for a barrier."""
+
+    needs_barrier = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.position = 0
+
+    def apply_some(self, commands, budget):
+        self.position += len(commands)
+        return super().apply_some(commands, budget)
+
+    def write_position(self) -> int:
+        return self.position
+
+
+def test_a_ping_under_a_durable_store_waits_for_the_writes_before_it():
+    session = session_for(Durably())
+    assert run(session, b"PUT:a:1\nGET:a\nPING\n") == [[b"a:1\n"], Durable(2), [b"PONG\n"]]
+    failed = run(session, b"PUT:b:1\nPING\n", {"durable": StoreError("persistence failed")})
+    assert failed == [Durable(3), [b"ERR persistence failed\n"]]
+
+
+def test_before_auth_only_auth_and_ping_are_served():
+    session = session_for(password=b"pw")
+    assert run(session, b"GET:k\nPING\nAUTH:nope\nAUTH:pw\nPUT:k:v\nGET:k\n") == [
+        [b"ERR auth required\n", b"PONG\n", b"ERR invalid password\n", b"OK\n"],
+        [b"k:v\n"],
+    ]
+    assert session.authenticated
+
+
+def test_the_tenth_wrong_password_closes_after_its_reply():
+    session = session_for(password=b"pw", throttle=AuthThrottle(after=100))
+    actions = run(session, b"AUTH:x\n" * 12)
+    assert actions == [[b"ERR invalid password\n"] * 10, Close("auth_failures")]
+    assert session.shared.counters.errors == 10
+
+
+def test_a_throttled_address_sleeps_before_its_password_is_checked():
+    clock = [100.0]
+    throttle = AuthThrottle(after=2, clock=lambda: clock[0])
+    session = session_for(password=b"pw", throttle=throttle)
+    assert run(session, b"PING\nAUTH:a\nAUTH:b\n") == [
+        [b"PONG\n", b"ERR invalid password\n", b"ERR invalid password\n"]
+    ]
+    actions = run(session, b"PING\nAUTH:pw\n")
+    assert actions == [[b"PONG\n"], Sleep(0.25), [b"OK\n"]]
+
+
+@pytest.mark.parametrize("verb", [b"PUT:k:v", b"UPDATE:k:a:b"])
+def test_over_max_memory_writes_are_refused_and_reads_served(verb):
+    session = session_for()
+    run(session, b"PUT:k:v\n")
+    session.shared.guard.limit = 1  # everything is over it
+    assert run(session, verb + b"\nGET:k\nDELETE:k\nGET:k\n") == [[b"ERR out of memory\n", b"k:v\n"]]
