@@ -134,22 +134,10 @@ class LineBuffer:
         """Add received bytes; return the lines (or too-long markers) they complete."""
         out: list[bytes | ProtocolError] = []
         if self._discarding or self._partial:
-            newline = data.find(b"\n")
-            if newline < 0:
-                if not self._discarding:
-                    self._hold(data, out)
+            rest = self._finish_held(data, out)
+            if rest is None:
                 return out
-            head, data = data[:newline], data[newline + 1 :]
-            if self._discarding:
-                self._discarding = False
-            else:
-                size = len(self._partial) + len(head)
-                line = bytes(self._partial) + head if size <= self.max_line else b""
-                self._partial = bytearray()
-                if size > self.max_line:
-                    out.append(ERR_LINE_TOO_LONG)
-                else:
-                    out.append(line[:-1] if line[-1:] == b"\r" else line)
+            data = rest
         lines = data.split(b"\n")
         tail = lines.pop()
         if lines:
@@ -167,6 +155,26 @@ class LineBuffer:
         if tail:
             self._hold(tail, out)
         return out
+
+    def _finish_held(self, data: bytes, out: list[bytes | ProtocolError]) -> bytes | None:
+        """Complete the line held from earlier reads (or go on discarding a too-long one) with
+        ``data``; returns what follows its newline, or None if ``data`` has no newline."""
+        newline = data.find(b"\n")
+        if newline < 0:
+            if not self._discarding:
+                self._hold(data, out)
+            return None
+        head = data[:newline]
+        if self._discarding:
+            self._discarding = False
+        elif len(self._partial) + len(head) > self.max_line:
+            out.append(ERR_LINE_TOO_LONG)
+            self._partial = bytearray()
+        else:
+            line = bytes(self._partial) + head
+            self._partial = bytearray()
+            out.append(line[:-1] if line[-1:] == b"\r" else line)
+        return data[newline + 1 :]
 
     def _hold(self, chunk: bytes, out: list[bytes | ProtocolError]) -> None:
         """Keep ``chunk`` as part of the incomplete line, unless that makes it too long."""

@@ -853,13 +853,47 @@ def test_a_key_mutated_while_its_values_are_being_written(tmp_path, monkeypatch,
     assert opened(path).memory.data == expected
 
 
+class SwitchFaults:
+    """The faults of the next test, at the OS calls: a slow fsync of the compaction's new file
+    (once armed) and of the recovery's probe, one ENOSPC at os.pwritev (once armed), one
+    EACCES at the compaction's os.rename."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.real_fsync, self.real_pwritev, self.real_rename = os.fsync, os.pwritev, os.rename
+        self.real_sleep = get_original("time", "sleep")  # the fsyncs run in threads: a real wait
+        self.slow, self.write, self.rename_fails = False, False, True
+        monkeypatch.setattr(os, "fsync", self.fsync)
+        monkeypatch.setattr(os, "pwritev", self.pwritev)
+        monkeypatch.setattr(os, "rename", self.rename)
+
+    def fsync(self, fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith(".rewrite") and self.slow:
+            self.slow = False
+            self.real_sleep(0.3)
+        elif name.endswith(".probe"):
+            self.real_sleep(0.5)
+        self.real_fsync(fd)
+
+    def pwritev(self, fd, buffers, offset):
+        if self.write:
+            self.write = False
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real_pwritev(fd, buffers, offset)
+
+    def rename(self, source, target):
+        if source.endswith(".rewrite") and self.rename_fails:
+            self.rename_fails = False
+            raise OSError(errno.EACCES, "Permission denied")
+        return self.real_rename(source, target)
+
+
 def test_a_failure_during_a_compactions_switch_never_ends_the_episode_early(tmp_path, monkeypatch):
     """While a compaction's new file is being put in place (its fsync is slow), a write fails
     and the recovery starts; then the compaction's rename fails. The recovery must neither
     count the new file as durable before it is at the log's path, nor end the episode while
     the log appends to a file that is not there: acknowledged writes survive a restart.
-    (Injected: a slow fsync of the new file and of the probe, one ENOSPC at os.pwritev, one
-    EACCES at os.rename: the reviewer's reproduction.)"""
+    (Injected: see SwitchFaults; the reviewer's reproduction.)"""
     from kvgevent.stores import rewrite
 
     path = tmp_path / "kv.aof"
@@ -867,44 +901,17 @@ def test_a_failure_during_a_compactions_switch_never_ends_the_episode_early(tmp_
     for i in range(100):
         store.put(b"k", b"v%d" % i)
     store.barrier()
-    real_fsync, real_pwritev, real_rename = os.fsync, os.pwritev, os.rename
-    real_sleep = get_original("time", "sleep")  # the fsyncs run in threads: a real wait
-    faults = {"slow": False, "write": False, "rename": True}
-
-    def fsync(fd):
-        name = os.readlink(f"/proc/self/fd/{fd}")
-        if name.endswith(".rewrite") and faults["slow"]:
-            faults["slow"] = False
-            real_sleep(0.3)
-        elif name.endswith(".probe"):
-            real_sleep(0.5)
-        real_fsync(fd)
-
-    def pwritev(fd, buffers, offset):
-        if faults["write"]:
-            faults["write"] = False
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwritev(fd, buffers, offset)
-
-    def rename(source, target):
-        if source.endswith(".rewrite") and faults["rename"]:
-            faults["rename"] = False
-            raise OSError(errno.EACCES, "Permission denied")
-        return real_rename(source, target)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "pwritev", pwritev)
-    monkeypatch.setattr(os, "rename", rename)
+    faults = SwitchFaults(monkeypatch)
     real_put_in_place = rewrite.Rewrite._put_in_place
 
     def slowly(self):
-        faults["slow"] = True
+        faults.slow = True
         real_put_in_place(self)
 
     monkeypatch.setattr(rewrite.Rewrite, "_put_in_place", slowly)
     compacting = gevent.spawn(store.rewrite)
     wait_until(lambda: store.aof._switching is not None, 10, "the compaction did not switch")
-    faults["write"] = True
+    faults.write = True
     with pytest.raises(StoreError):
         store.put(b"x", b"refused")
     compacting.join()

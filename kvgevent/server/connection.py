@@ -330,19 +330,7 @@ class Connection:
                     return
                 eof = False
                 if queue.qsize():
-                    batch = [data]
-                    size = len(data)
-                    for _ in range(queue.qsize()):
-                        chunk = queue.get_nowait()
-                        if not chunk:  # _EOF
-                            eof = True
-                            break
-                        batch.append(chunk)
-                        size += len(chunk)
-                        if size >= MAX_SEND_BATCH:
-                            break
-                    data = b"".join(batch)
-                    del batch  # while sendall blocks, hold the bytes once, not twice
+                    data, eof = self._gather(queue, data)
                 size = len(data)
                 self.sending = data.count(b"\n")  # values never hold a newline
                 self.queued_lines -= self.sending
@@ -353,24 +341,49 @@ class Connection:
                 del data
                 if self.failed is not None:
                     return  # aborted meanwhile: abort() has discarded the queue and its bytes
-                # Only now are its bytes free: until sendall returned, the batch was pinned.
-                self.queued_bytes -= size
-                if not self.released:
-                    self.guard.buffered -= size
-                if self.waiting:
-                    self.room.set()  # type: ignore[union-attr]
+                self._sent(size)
                 if eof:
                     return
         except OSError as exc:
-            if self.failed is None:
-                self.failed = (
-                    "reset" if isinstance(exc, ConnectionResetError | BrokenPipeError) else "write_error"
-                )
-            self._discard_queue()
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if it is in recv
-            except OSError:
-                pass
+            self._write_failed(exc)
+
+    @staticmethod
+    def _gather(queue: Queue, data: bytes) -> tuple[bytes, bool]:
+        """``data`` joined with the chunks queued after it, up to MAX_SEND_BATCH bytes (one
+        ``sendall``); and whether the _EOF sentinel came among them."""
+        batch = [data]
+        size = len(data)
+        for _ in range(queue.qsize()):
+            chunk = queue.get_nowait()
+            if not chunk:  # _EOF
+                return b"".join(batch), True
+            batch.append(chunk)
+            size += len(chunk)
+            if size >= MAX_SEND_BATCH:
+                break
+        return b"".join(batch), False
+
+    def _sent(self, size: int) -> None:
+        """A batch of ``size`` bytes was sent: only now are its bytes free (until sendall
+        returned, the batch was pinned), and a reader waiting for room may go on."""
+        self.queued_bytes -= size
+        if not self.released:
+            self.guard.buffered -= size
+        if self.waiting:
+            self.room.set()  # type: ignore[union-attr]
+
+    def _write_failed(self, exc: OSError) -> None:
+        """Sending failed: record why, drop what is queued, wake the reader (see the module
+        docstring: the writer never closes the socket)."""
+        if self.failed is None:
+            self.failed = (
+                "reset" if isinstance(exc, ConnectionResetError | BrokenPipeError) else "write_error"
+            )
+        self._discard_queue()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if it is in recv
+        except OSError:
+            pass
 
     def flush(self, stall: float, deadline: float | None) -> None:
         """Let the writer send what is queued, then stop it. Gives up when no byte leaves for

@@ -413,6 +413,10 @@ class KeyValueServer:
                 return
             if rest:
                 self._apply_backlog(conn, rest)
+        self._serve(conn)
+
+    def _serve(self, conn: Connection) -> None:
+        """The read loop of an authenticated client (see :meth:`_read_loop`)."""
         recv = conn.recv
         feed = conn.buffer.feed
         execute = self._execute
@@ -425,24 +429,27 @@ class KeyValueServer:
                 return
             if track_idle:
                 conn.last_seen = time.monotonic()
-            if len(data) <= TURN_BYTES:
+            if len(data) > TURN_BYTES:
+                self._apply_backlog(conn, data)
+            else:
                 items = feed(data)
                 conn.note_input()
                 if items:
-                    if conn.heavy:  # its last turn held the loop: it queues like a backlog
-                        self._turns.wait()
-                        if conn.failed is not None:
-                            return
+                    if conn.heavy and not self._wait_turn(conn):  # its last turn held the loop
+                        return
                     session.work = 0  # a new turn
                     began = clock()
                     execute(conn, items)
                     conn.heavy = clock() - began >= HEAVY_TURN
                 del items
-            else:
-                self._apply_backlog(conn, data)
             # Hold nothing while waiting for the next read: what a client that went quiet
             # pins is its incomplete line alone, counted (--max-memory), not its last read.
             data = b""
+
+    def _wait_turn(self, conn: Connection) -> bool:
+        """Queue for the client's next turn, as a backlog does; False if it failed meanwhile."""
+        self._turns.wait()
+        return conn.failed is None
 
     def _apply_backlog(self, conn: Connection, data: bytes) -> None:
         """Apply a big read (a client with a backlog) a turn at a time, each turn queued

@@ -113,19 +113,9 @@ class MemoryStore(KVStore):
                     else:
                         append(None)
                 elif kind is Update:
-                    new = cmd[2]  # type: ignore[misc]
-                    if values is None:
-                        data[cmd[0]] = [new]
-                        used += KEY_COST + VALUE_COST + len(cmd[0]) + len(new)
-                    else:
-                        work += len(values)
-                        try:
-                            values.remove(cmd[1])
-                            used -= VALUE_COST + len(cmd[1])
-                        except ValueError:
-                            pass
-                        values.append(new)
-                        used += VALUE_COST + len(new)
+                    scanned, grew = _update(data, cmd, values)  # type: ignore[arg-type]
+                    work += scanned
+                    used += grew
                     append(None)
                 elif kind is Delete:
                     if values is not None:
@@ -140,3 +130,20 @@ class MemoryStore(KVStore):
         finally:
             self.used_bytes = used
         return results, work
+
+
+def _update(data: dict[bytes, list[bytes]], cmd: Update, values: list[bytes] | None) -> tuple[int, int]:
+    """The p0 UPDATE on ``data`` (``values``: the key's list, or None); returns the values it
+    scanned and the bytes the data grew by (by the cost model)."""
+    key, old, new = cmd
+    if values is None:
+        data[key] = [new]
+        return 0, KEY_COST + VALUE_COST + len(key) + len(new)
+    scanned, grew = len(values), VALUE_COST + len(new)
+    try:
+        values.remove(old)
+        grew -= VALUE_COST + len(old)
+    except ValueError:
+        pass
+    values.append(new)
+    return scanned, grew
