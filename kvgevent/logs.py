@@ -24,8 +24,12 @@ from urllib.parse import urlparse
 
 import gevent
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from kvgevent.errors import KVError
+
+Logger = FilteringBoundLogger
+"""The type of kvgevent's loggers (structlog's filtering bound logger)."""
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -64,7 +68,7 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         # One write() per event, newline included: with --workers several processes share
         # stderr, and print() writes the newline separately (lines interleaved in a test).
-        logger_factory=structlog.WriteLoggerFactory(stream),
+        logger_factory=structlog.WriteLoggerFactory(stream),  # type: ignore[arg-type]  # (any text stream will do)
         cache_logger_on_first_use=False,
     )
     _route_hub_errors()
@@ -121,7 +125,7 @@ def _add_worker(worker: int) -> Any:
     return add
 
 
-def get_logger(**bound: Any) -> Any:
+def get_logger(**bound: Any) -> Logger:
     """A structlog logger with ``bound`` key-values (pass it on to new greenlets explicitly:
     a new greenlet starts with an empty contextvars context)."""
     return structlog.get_logger("kvgevent").bind(**bound)
@@ -129,7 +133,7 @@ def get_logger(**bound: Any) -> Any:
 
 def _route_hub_errors() -> None:
     hub = gevent.get_hub()
-    hub.print_exception = _log_hub_exception  # type: ignore[method-assign]
+    hub.print_exception = _log_hub_exception  # type: ignore[method-assign,assignment]  # (gevent calls it without self)
 
 
 def _describe_context(context: Any) -> str | None:

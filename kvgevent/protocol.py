@@ -144,14 +144,15 @@ class LineBuffer:
             if max(map(len, lines)) > self.max_line:
                 limit = self.max_line
                 lines = [
-                    ERR_LINE_TOO_LONG if len(x) > limit else x[:-1] if x[-1:] == b"\r" else x for x in lines
-                ]  # type: ignore[misc]
+                    ERR_LINE_TOO_LONG if len(x) > limit else x[:-1] if x[-1:] == b"\r" else x  # type: ignore[misc]  # (a marker among the lines: see the return type)
+                    for x in lines
+                ]
             elif CR in data:
                 lines = [x[:-1] if x[-1:] == b"\r" else x for x in lines]
             if out:
                 out.extend(lines)
             else:
-                out = lines  # type: ignore[assignment]
+                out = lines  # type: ignore[assignment]  # (list[bytes] where list[bytes | ProtocolError] is due: read-only here)
         if tail:
             self._hold(tail, out)
         return out
@@ -365,15 +366,15 @@ def request_line(command: Command) -> bytes:
     :func:`parse` returned: ``parse(request_line(c)) == c``. No checks: see :func:`encode`."""
     kind = command.__class__
     if kind is Put:
-        return b"".join((b"PUT:", command[0], b":", command[1]))  # type: ignore[misc]
+        return b"".join((b"PUT:", command[0], b":", command[1]))  # type: ignore[misc]  # (the verb narrows command; mypy does not follow __class__)
     if kind is Update:
-        return b"".join((b"UPDATE:", command[0], b":", command[1], b":", command[2]))  # type: ignore[misc]
+        return b"".join((b"UPDATE:", command[0], b":", command[1], b":", command[2]))  # type: ignore[misc]  # (the verb narrows command; mypy does not follow __class__)
     if kind is Delete:
-        return b"DELETE:" + command[0]  # type: ignore[misc]
+        return b"DELETE:" + command[0]  # type: ignore[misc]  # (the verb narrows command; mypy does not follow __class__)
     if kind is Get:
-        return b"GET:" + command[0]  # type: ignore[misc]
+        return b"GET:" + command[0]  # type: ignore[misc]  # (the verb narrows command; mypy does not follow __class__)
     if kind is Auth:
-        return b"AUTH:" + command[0]  # type: ignore[misc]
+        return b"AUTH:" + command[0]  # type: ignore[misc]  # (the verb narrows command; mypy does not follow __class__)
     if kind is Ping:
         return b"PING"
     if kind is Stats:

@@ -197,14 +197,14 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
     for proc in procs:
         proc.start()
     show = out is not None and not opts.quiet and sys.stderr.isatty()
-    gathered = []
+    gathered: list[dict[str, Any]] = []
     while len(gathered) < len(procs):
         try:
             gathered.append(results.get(timeout=PROGRESS_EVERY))
         except Exception:  # queue.Empty: time for a progress line
             pass
         if show:
-            done, elapsed = sum(progress), time.perf_counter() - begin
+            done, elapsed = sum(progress[:]), time.perf_counter() - begin
             sys.stderr.write(f"\r{test.upper()}: {done}/{opts.requests} ({done / elapsed:,.0f} ops/s)   ")
             sys.stderr.flush()
         if all(not p.is_alive() for p in procs) and results.empty() and len(gathered) < len(procs):
@@ -216,7 +216,7 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
         sys.stderr.write("\r" + " " * 60 + "\r")
     latencies = sorted(x for r in gathered for x in r["latencies"])
     failed = [f for r in gathered for f in r["failed"]]
-    done = sum(progress)
+    done = sum(progress[:])
 
     def pct(p: float) -> float:
         return latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1000 if latencies else 0.0

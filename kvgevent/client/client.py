@@ -213,7 +213,7 @@ class Client:
 
     def get(self, key: bytes | str) -> list[bytes]:
         """The values of ``key`` in stored order (``[]`` if none)."""
-        return self.execute([Get(to_bytes(key, "key"))])[0]  # type: ignore[no-any-return]
+        return self.execute([Get(to_bytes(key, "key"))])[0]
 
     def update(self, key: bytes | str, old: bytes | str, new: bytes | str) -> None:
         """p0 UPDATE: replace the first ``old`` by ``new`` appended at the end."""
@@ -225,11 +225,11 @@ class Client:
 
     def ping(self) -> bool:
         """Round trip to the server; True once every earlier command was applied."""
-        return self.execute([PING])[0]  # type: ignore[no-any-return]
+        return self.execute([PING])[0]
 
     def stats(self) -> dict[str, int]:
         """The server's counters (``active``, ``dropped``, ``keys``, ...)."""
-        return self.execute([STATS])[0]  # type: ignore[no-any-return]
+        return self.execute([STATS])[0]
 
     def pipeline(self) -> Pipeline:
         """Collect commands and send them together when the ``with`` block ends (or on
@@ -333,7 +333,7 @@ class _TlsWire(_Wire):
         super().__init__(sock)
         self.plain = bytearray()
         self.tls = tls
-        tls.sock = self  # type: ignore[assignment]
+        tls.sock = self  # type: ignore[assignment]  # (this wire has what TlsStream uses of a socket: recv, sendall)
 
     @property
     def pending(self) -> bool:
@@ -480,7 +480,7 @@ class _Exchange:
             if lines:
                 if ERR_LINE_TOO_LONG in lines:
                     raise ConnectionLost("reply line too long")
-                self.replies.feed(lines)  # type: ignore[arg-type]
+                self.replies.feed(lines)  # type: ignore[arg-type]  # (no markers: a too-long line raised just above)
             if len(data) < RECV_SIZE:
                 return
         self.more_to_read = True
@@ -489,9 +489,8 @@ class _Exchange:
 class _Payload:
     """A :class:`Source` of bytes known in advance."""
 
-    fd = None
-
     def __init__(self, data: bytes) -> None:
+        self.fd: int | None = None  # read() never waits
         self.data: bytes | None = data
 
     def read(self) -> bytes | None:
@@ -534,22 +533,22 @@ def _result(command: Command | None, values: list[bytes], status: list[tuple[Rep
             return server_error(line)
     if command is None:
         raise ConnectionLost("unexpected reply from the server: a PONG nothing asked for")
-    kind = command.__class__
-    if kind is Get:
+    verb = command.__class__
+    if verb is Get:
         if status:
             _unexpected(command, status[0][1])
         return [parse_value(line) for line in values]
     if values:
         _unexpected(command, values[0])
-    expected = _STATUS_REPLY.get(kind)
+    expected = _STATUS_REPLY.get(verb)
     if [k for k, _ in status] != ([] if expected is None else [expected]):
         _unexpected(command, status[0][1] if status else None)
-    if kind is Stats:
+    if verb is Stats:
         return _stats(command, status[0][1])
-    return True if kind is Ping or kind is Auth else None
+    return True if verb is Ping or verb is Auth else None
 
 
-_STATUS_REPLY = {Stats: _OTHER, Auth: _OK}
+_STATUS_REPLY: dict[type, ReplyKind] = {Stats: _OTHER, Auth: _OK}
 """The one status line a command's reply holds before its PONG (the others hold none)."""
 
 

@@ -143,7 +143,7 @@ def _escaped(value: bytes, specials: str) -> str:
 def show_result(command: Command, result: object, tty: bool) -> list[bytes]:
     """The output lines for a word command's result (errors are shown by the caller)."""
     if isinstance(command, Get):
-        values: list[bytes] = result  # type: ignore[assignment]
+        values: list[bytes] = result  # type: ignore[assignment]  # (a GET's result)
         if not tty:
             return values
         if not values:
@@ -151,7 +151,7 @@ def show_result(command: Command, result: object, tty: bool) -> list[bytes]:
         width = len(str(len(values)))
         return [f"{i:>{width}}) {escape(v)}".encode() for i, v in enumerate(values, 1)]
     if isinstance(command, Stats):
-        counters: dict[str, int] = result  # type: ignore[assignment]
+        counters: dict[str, int] = result  # type: ignore[assignment]  # (a STATS result)
         if tty:
             width = max(map(len, counters), default=0)
             return [

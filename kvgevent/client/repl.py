@@ -121,7 +121,7 @@ class Repl:
             pass
 
 
-def _load_readline(history: Path | None):  # type: ignore[no-untyped-def]
+def _load_readline(history: Path | None):
     """Import readline (line editing for input()) and load the history; None if unavailable."""
     try:
         import readline

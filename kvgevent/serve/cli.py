@@ -13,7 +13,6 @@ import resource
 import ssl
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from kvgevent.args import (
     add_env_option,
@@ -46,6 +45,7 @@ from kvgevent.logs import (
     DEFAULT_LOG_LEVEL,
     LOG_FORMATS,
     LOG_LEVELS,
+    Logger,
     configure_logging,
     get_logger,
 )
@@ -233,7 +233,7 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def open_store(args: argparse.Namespace, log: Any) -> KVStore | None:
+def open_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
     """The store the flags ask for, loaded; None (after logging why) if it cannot be."""
     if args.store != "memory":
         return RedisStore(args.store, prefix=args.redis_prefix, timeout=args.redis_timeout, log=log)
@@ -281,7 +281,7 @@ def open_store(args: argparse.Namespace, log: Any) -> KVStore | None:
     return store
 
 
-def load_store(args: argparse.Namespace, log: Any) -> KVStore | None:
+def load_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
     """:func:`open_store`, with the cyclic garbage collector paused meanwhile and what it
     loaded moved out of its reach (``gc.freeze``): a replay makes millions of value lists,
     which cannot form cycles, and a full collection walking them stalls every client (about

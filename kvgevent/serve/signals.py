@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
 
 import gevent
 import gevent.event
 
+from kvgevent.logs import Logger
 
-def stop_requested(log: Any) -> gevent.event.Event:
+
+def stop_requested(log: Logger) -> gevent.event.Event:
     """An event set by the first SIGINT or SIGTERM (later ones are logged and ignored)."""
     stop = gevent.event.Event()
 

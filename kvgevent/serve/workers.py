@@ -23,7 +23,7 @@ from typing import Any
 
 import gevent
 
-from kvgevent.logs import redacted_url
+from kvgevent.logs import Logger, redacted_url
 from kvgevent.serve.signals import stop_requested
 
 RESTART_DELAY = 0.5
@@ -81,7 +81,7 @@ def worker_command(
     return [*argv, "--port", str(port), "--reuse-port"], env
 
 
-def supervise(args: argparse.Namespace, parser: argparse.ArgumentParser, log: Any) -> int:
+def supervise(args: argparse.Namespace, parser: argparse.ArgumentParser, log: Logger) -> int:
 
     try:
         port = _free_port(args.host, args.port)
@@ -110,7 +110,7 @@ def supervise(args: argparse.Namespace, parser: argparse.ArgumentParser, log: An
     def start(slot: int) -> None:
         workers[slot] = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
         started[slot] = time.monotonic()
-        log.info("worker_started", slot=slot, pid=workers[slot].pid)  # type: ignore[union-attr]
+        log.info("worker_started", slot=slot, pid=workers[slot].pid)  # type: ignore[union-attr]  # (start() just made it)
 
     log.info(
         "workers_starting", workers=args.workers, host=args.host, port=port, store=redacted_url(args.store)
@@ -153,7 +153,7 @@ def _die_with_parent() -> None:
         pass  # not Linux: the supervisor's SIGTERM handling is all there is
 
 
-def _stop_all(workers: list[Any], args: argparse.Namespace, log: Any) -> None:
+def _stop_all(workers: list[Any], args: argparse.Namespace, log: Logger) -> None:
     """SIGTERM every worker, wait for them (each flushes its clients), then kill stragglers."""
     live = [p for p in workers if p is not None and p.poll() is None]
     for proc in live:

@@ -36,6 +36,7 @@ from gevent.pool import Group
 from gevent.queue import Full, Queue
 
 from kvgevent.config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
+from kvgevent.logs import Logger
 from kvgevent.protocol import LineBuffer
 from kvgevent.server.counters import Counters
 from kvgevent.server.fastio import wrap
@@ -95,7 +96,7 @@ class Connection:
         queue_size: int,
         queue_bytes: int,
         max_line: int,
-        log: Any,
+        log: Logger,
         counters: Counters,
         writers: Group,
         guard: MemoryGuard,
@@ -120,7 +121,7 @@ class Connection:
         self.queued_bytes = 0
         self.buffer = LineBuffer(max_line)
         self.writer: Greenlet | None = None  # started with the first reply
-        self.reader: Greenlet = gevent.getcurrent()  # type: ignore[assignment]
+        self.reader: Greenlet = gevent.getcurrent()  # type: ignore[assignment]  # (the reader is a gevent Greenlet: StreamServer spawned it)
         self._log = log  # the server's logger; bound to this client only when logging
         self.counters = counters
         self.writers = writers
@@ -141,7 +142,7 @@ class Connection:
         self.acked_at = 0.0  # when that figure was first seen: the client's last known progress
 
     @property
-    def log(self) -> Any:
+    def log(self) -> Logger:
         """A logger bound to this client (made on use: most clients log twice in their life)."""
         return self._log.bind(client_id=self.client_id, peer=self.peer)
 
@@ -335,7 +336,7 @@ class Connection:
                 self.sending = data.count(b"\n")  # values never hold a newline
                 self.queued_lines -= self.sending
                 if self.waiting:
-                    self.room.set()  # type: ignore[union-attr]
+                    self.room.set()  # type: ignore[union-attr]  # (waiting: _wait_for_room made the event)
                 sendall(data)
                 self.sending = 0
                 del data
@@ -370,7 +371,7 @@ class Connection:
         if not self.released:
             self.guard.buffered -= size
         if self.waiting:
-            self.room.set()  # type: ignore[union-attr]
+            self.room.set()  # type: ignore[union-attr]  # (waiting: _wait_for_room made the event)
 
     def _write_failed(self, exc: OSError) -> None:
         """Sending failed: record why, drop what is queued, wake the reader (see the module
@@ -402,7 +403,7 @@ class Connection:
             acked = self.io.acked()  # bytes the client took (see kvgevent.fastio)
             if not queued_eof:
                 try:
-                    self.queue.put(_EOF, timeout=wait)  # type: ignore[union-attr]
+                    self.queue.put(_EOF, timeout=wait)  # type: ignore[union-attr]  # (a writer exists: so does its queue)
                     queued_eof = True
                     continue
                 except Full:

@@ -40,7 +40,7 @@ def unacknowledged(sock: Any) -> int | None:
     if _OUTQ is None:
         return None
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
     except (OSError, ValueError):
         return None
 
@@ -56,7 +56,7 @@ class PlainSocket:
         self.stalled_since = 0.0  # while a send waits: when the last byte left; 0.0 otherwise
 
     def recv(self, size: int) -> bytes:
-        return self.sock.recv(size)  # type: ignore[no-any-return]
+        return self.sock.recv(size)
 
     def acked(self) -> int:
         """Bytes the client has acknowledged (``sent`` where the OS does not say): grows

@@ -30,6 +30,7 @@ from kvgevent.config import (
     PRESSED_QUEUE_BYTES,
 )
 from kvgevent.errors import StoreError
+from kvgevent.logs import Logger
 
 ERR_OUT_OF_MEMORY = StoreError("out of memory")
 """The reply to a PUT or UPDATE while the server is over ``--max-memory``."""
@@ -50,7 +51,7 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
-    return trim  # type: ignore[no-any-return]
+    return trim
 
 
 _malloc_trim = _load_malloc_trim()
@@ -76,7 +77,7 @@ def rss_kb() -> int | None:
     return None
 
 
-def release_memory_loop(dropped: Callable[[], int], log: Any) -> None:
+def release_memory_loop(dropped: Callable[[], int], log: Logger) -> None:
     """Every MEMORY_TRIM_INTERVAL, if clients left meanwhile (``dropped()`` changed: their
     queues were freed), give the allocator's free pages back to the OS. Runs until killed."""
     import gevent
@@ -114,7 +115,7 @@ class MemoryGuard:
     one ``max_memory_reached`` and one ``max_memory_ok``.
     """
 
-    def __init__(self, limit: int, store: Any, connections: Callable[[], int], log: Any) -> None:
+    def __init__(self, limit: int, store: Any, connections: Callable[[], int], log: Logger) -> None:
         self.limit = limit
         self.store = store
         self.connections = connections
@@ -194,7 +195,7 @@ class MemoryGuard:
                         self.evicted += evicted
                         self._last_bite = time.monotonic()
                         self._begin()
-                        self._episode["evicted_clients"] += evicted  # type: ignore[index]
+                        self._episode["evicted_clients"] += evicted  # type: ignore[index]  # (_begin made the episode)
             elif self._episode is not None and time.monotonic() - self._last_bite >= MEMORY_OK_QUIET:
                 self._end()
 

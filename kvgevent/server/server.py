@@ -244,7 +244,9 @@ class KeyValueServer:
         """The port the server listens on (the real one when started with port 0)."""
         if self._server is None:
             raise RuntimeError("the server is not started")
-        return self._server.server_port
+        port = self._server.server_port
+        assert port is not None  # (bound: start() returned)
+        return port
 
     def count_active(self) -> int:
         """Clients connected now."""
@@ -396,7 +398,7 @@ class KeyValueServer:
 
     def _start_tls(self, conn: Connection) -> None:
         # Over the connection's own socket I/O, so that progress is counted for TLS too.
-        stream = TlsStream(conn.io, self._tls, server_side=True, lock_factory=Semaphore)  # type: ignore[arg-type]
+        stream = TlsStream(conn.io, self._tls, server_side=True, lock_factory=Semaphore)  # type: ignore[arg-type]  # (conn.io has what TlsStream uses of a socket: recv, sendall)
         with gevent.Timeout(TLS_HANDSHAKE_TIMEOUT):
             stream.handshake()
         conn.recv = stream.recv
@@ -515,7 +517,7 @@ class KeyValueServer:
         actions = conn.session.handle(items)
         if actions.__class__ is list:  # the usual case: reply lines, and nothing to wait for
             if actions:
-                conn.send_lines(actions)  # type: ignore[arg-type]
+                conn.send_lines(actions)
             return
         try:
             action = next(actions)
@@ -532,9 +534,9 @@ class KeyValueServer:
         """One action other than reply lines; returns what the session is sent back."""
         kind = action.__class__
         if kind is Room:
-            return conn.reserve(action.count, action.size)
+            return conn.reserve(action.lines, action.size)
         if kind is Chunk:
-            conn.put_reserved(action.data, action.count)
+            conn.put_reserved(action.data, action.lines)
         elif action is NEXT_TURN:
             self._turns.wait()
         elif kind is Durable:
@@ -544,7 +546,7 @@ class KeyValueServer:
                 return exc
         elif kind is Dropped:
             if conn.failed is None:
-                conn.drop(action.count)
+                conn.drop(action.lines)
         elif kind is Sleep:
             gevent.sleep(action.seconds)
         elif kind is Close:

@@ -10,7 +10,7 @@ error becomes its ``ERR`` line here and nowhere else. :meth:`Session.handle` is 
 
 - a ``list`` of reply lines: queue them (the connection's full-queue rules apply). The list is
   the session's own: the read loop is done with it when it resumes the session;
-- :class:`Room` ``(count, size)``: may a chunk of a big reply be queued now? The read loop waits
+- :class:`Room` ``(lines, size)``: may a chunk of a big reply be queued now? The read loop waits
   for room as for any reply and sends back True (the session then builds the chunk and yields
   it as a :class:`Chunk`) or False (the client does not read: the rest of the reply is yielded
   as :class:`Dropped`, never built);
@@ -46,6 +46,7 @@ from kvgevent.config import (
     TURN_WORK,
 )
 from kvgevent.errors import KVError, ProtocolError
+from kvgevent.logs import Logger
 from kvgevent.protocol import (
     ERR_AUTH_REQUIRED,
     ERR_AUTH_THROTTLED,
@@ -71,17 +72,17 @@ REPLY_LINE_WORK = 18
 
 
 class Room(NamedTuple):
-    count: int  # reply lines
+    lines: int  # reply lines
     size: int  # bytes
 
 
 class Chunk(NamedTuple):
     data: bytes  # reply lines, joined
-    count: int
+    lines: int
 
 
 class Dropped(NamedTuple):
-    count: int  # reply lines dropped unbuilt
+    lines: int  # reply lines dropped unbuilt
 
 
 class Durable(NamedTuple):
@@ -121,7 +122,7 @@ class Shared:
     stats: Callable[[], dict[str, int]]
     guard: MemoryGuard
     throttle: AuthThrottle
-    log: Any
+    log: Logger
 
 
 class Session:
@@ -165,7 +166,7 @@ class Session:
         # The most lines and bytes of a big reply's chunk: one that fits the client's queue.
         self.chunk_lines, self.chunk_bytes = chunk
 
-    def logger(self) -> Any:
+    def logger(self) -> Logger:
         """The server's logger bound to this client (made on use: most clients never log)."""
         return self.shared.log.bind(client_id=self.client_id, peer=self.peer)
 
@@ -264,10 +265,10 @@ class Session:
     def _reply(self, out: list[bytes], reply: bytes | KVError) -> None:
         """Add ``reply`` to ``out``: a line, or an error's ERR line (counted)."""
         if reply.__class__ is bytes:
-            out.append(reply)  # type: ignore[arg-type]
+            out.append(reply)
         else:
             self.shared.counters.errors += 1
-            out.append(reply.reply)  # type: ignore[union-attr]
+            out.append(reply.reply)  # type: ignore[union-attr]  # (not bytes: a KVError)
 
     # --- data commands --------------------------------------------------------------------
 
@@ -345,9 +346,9 @@ class Session:
             if not values:
                 continue
             if values.__class__ is not list:  # a KVError
-                self._reply(out, values)  # type: ignore[arg-type]
-            elif _inline(values):  # type: ignore[arg-type]
-                out += value_lines(run[index][0], values)  # type: ignore[arg-type]
+                self._reply(out, values)  # type: ignore[arg-type]  # (not a list: a KVError)
+            elif _inline(values):
+                out += value_lines(run[index][0], values)
                 if len(out) >= REPLY_CHUNK:
                     return index + 1
             else:
@@ -364,7 +365,7 @@ class Session:
                 yield out
                 out.clear()
             elif index < len(results):  # a big GET reply
-                yield from self._values(run[index][0], results[index], out)  # type: ignore[arg-type]
+                yield from self._values(run[index][0], results[index], out)  # type: ignore[arg-type]  # (not inline: a list of values)
                 index += 1
                 if self.work >= TURN_WORK:  # (GETs of single big values add up too)
                     yield from self._next_turn(out)

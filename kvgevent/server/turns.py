@@ -30,15 +30,15 @@ class Turns:
 
     def __init__(self, budget: float = TURN_BUDGET) -> None:
         self.budget = budget
-        self._waiting: deque[Waiter] = deque()
+        self._waiting: deque[Waiter[None]] = deque()
         self._timer = get_hub().loop.timer(0.0)
         self._running = False
 
     def wait(self) -> None:
         """Block the calling greenlet until its next turn (FIFO among the waiting ones)."""
-        waiter = Waiter()
+        waiter: Waiter[None] = Waiter()
         self._waiting.append(waiter)
-        if not self._running and not self._timer.active:
+        if not self._running and not self._timer.active:  # type: ignore[attr-defined]  # (libev's timer has it; the stub does not)
             self._timer.start(self._resume)
         waiter.get()
 

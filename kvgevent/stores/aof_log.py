@@ -40,7 +40,7 @@ import gevent
 import gevent.event
 
 from kvgevent.errors import StoreError
-from kvgevent.logs import get_logger
+from kvgevent.logs import Logger, get_logger
 from kvgevent.stores.aof import MAGIC, AofCorrupt, Scan, Scanner, encode_record
 
 FSYNC_POLICIES = ("always", "everysec", "no")
@@ -153,7 +153,7 @@ class AppendOnlyLog:
         self,
         path: str,
         fsync: str = DEFAULT_FSYNC,
-        log: Any = None,
+        log: Logger | None = None,
         rebuild: Callable[[], None] | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
@@ -260,8 +260,8 @@ class AppendOnlyLog:
             except OSError as exc:
                 self.write_errors += 1
                 self.torn = True
-                self._fail("write", exc)
-                self.failure.failed_bytes = max(self.failure.failed_bytes, len(data))  # type: ignore[union-attr]
+                failure = self._fail("write", exc)
+                failure.failed_bytes = max(failure.failed_bytes, len(data))
                 self._cut_torn_tail()
             else:
                 self.size += len(data)
@@ -270,7 +270,7 @@ class AppendOnlyLog:
                 self.written_records += len(payloads)
                 return True
         self.writes_refused += len(payloads)
-        self.failure.refused += len(payloads)  # type: ignore[union-attr]
+        self.failure.refused += len(payloads)  # type: ignore[union-attr]  # (failing: self.failure is set)
         return False
 
     def _cut_torn_tail(self) -> None:
@@ -368,9 +368,9 @@ class AppendOnlyLog:
 
     # --- failing and recovering -------------------------------------------------------------
 
-    def _fail(self, kind: str, exc: BaseException) -> None:
+    def _fail(self, kind: str, exc: BaseException) -> Episode:
         """Open an episode (or add to the current one); log each kind of failure once per
-        episode."""
+        episode. Returns the episode."""
         error, number = _error_text(exc), getattr(exc, "errno", None)
         episode = self.failure
         if episode is None:
@@ -386,6 +386,7 @@ class AppendOnlyLog:
                 errno=number,
                 hint="writes get 'ERR persistence failed' until the log recovers; reads go on",
             )
+        return episode
 
     def _recover(self) -> None:
         """Retry until the log works again (see the module docstring)."""

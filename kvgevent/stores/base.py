@@ -80,9 +80,9 @@ class KVStore(abc.ABC):
                     results.append(self.get(cmd[0]))
                     continue
                 if kind is Put:
-                    self.put(cmd[0], cmd[1])
+                    self.put(cmd[0], cmd[1])  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
                 elif kind is Update:
-                    self.update(cmd[0], cmd[1], cmd[2])  # type: ignore[misc]
+                    self.update(cmd[0], cmd[1], cmd[2])  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
                 elif kind is Delete:
                     self.delete(cmd[0])
                 else:

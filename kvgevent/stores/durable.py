@@ -22,7 +22,7 @@ from typing import Any
 import gevent
 
 from kvgevent.errors import KVError
-from kvgevent.logs import get_logger
+from kvgevent.logs import Logger, get_logger
 from kvgevent.protocol import Delete, Get, Put, Update, parse, request_line
 from kvgevent.stores.aof_log import ERR_PERSISTENCE, AppendOnlyLog
 from kvgevent.stores.base import DATA_COMMANDS, DataCommand, Key, KVStore, key_bytes
@@ -55,7 +55,7 @@ class DurableStore(KVStore):
         fsync: str = "everysec",
         rewrite_min_size: int = DEFAULT_REWRITE_MIN_SIZE,
         rewrite_growth: float = DEFAULT_REWRITE_GROWTH,
-        log: Any = None,
+        log: Logger | None = None,
     ) -> None:
         super().__init__()
         self.memory = MemoryStore()
@@ -89,7 +89,7 @@ class DurableStore(KVStore):
             if command.__class__ not in DATA_COMMANDS:
                 reason = getattr(command, "reason", type(command).__name__)
                 raise ValueError(f"{self.aof.path}: a record that is not a command: {reason}")
-        self.memory.apply(commands)  # type: ignore[arg-type]
+        self.memory.apply(commands)  # type: ignore[arg-type]  # (each line was parsed: a data command)
 
     # --- the store interface ---------------------------------------------------------------
 
@@ -162,7 +162,7 @@ class DurableStore(KVStore):
         }
 
     @property
-    def needs_barrier(self) -> bool:  # type: ignore[override]
+    def needs_barrier(self) -> bool:  # type: ignore[override]  # (a property where the base class has an attribute)
         return self.aof.policy == "always"
 
     def close(self) -> None:

@@ -95,7 +95,7 @@ class MemoryStore(KVStore):
             for cmd in commands:
                 kind = cmd.__class__
                 if kind is Put:
-                    value = cmd[1]
+                    value = cmd[1]  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
                     values = data.get(cmd[0])
                     if values is None:
                         data[cmd[0]] = [value]
@@ -113,7 +113,7 @@ class MemoryStore(KVStore):
                     else:
                         append(None)
                 elif kind is Update:
-                    scanned, grew = _update(data, cmd, values)  # type: ignore[arg-type]
+                    scanned, grew = _update(data, cmd, values)  # type: ignore[arg-type]  # (kind narrows cmd; mypy does not follow __class__)
                     work += scanned
                     used += grew
                     append(None)

@@ -20,9 +20,9 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from kvgevent.errors import StoreError
+from kvgevent.logs import Logger
 
 RETRY_MIN = 0.05
 """Seconds after a failed command before the node is tried again (then doubled)."""
@@ -56,7 +56,7 @@ class RedisHealth:
 
     def __init__(
         self,
-        log: Any,
+        log: Logger,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[float, float], float] = random.uniform,
     ) -> None:

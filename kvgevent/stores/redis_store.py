@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kvgevent.errors import KVError, StoreError
-from kvgevent.logs import get_logger, redacted_url
+from kvgevent.logs import Logger, get_logger, redacted_url
 from kvgevent.protocol import Delete, Get, Put, Update
 from kvgevent.stores.base import DataCommand, Key, KVStore, key_bytes
 from kvgevent.stores.redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
@@ -70,7 +70,11 @@ class RedisStore(KVStore):
     shared = True  # other processes see the same data: the server reports its counts here
 
     def __init__(
-        self, url: str, prefix: str = DEFAULT_PREFIX, timeout: float = DEFAULT_REDIS_TIMEOUT, log: Any = None
+        self,
+        url: str,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_REDIS_TIMEOUT,
+        log: Logger | None = None,
     ) -> None:
         super().__init__()
         import hiredis
@@ -117,17 +121,19 @@ class RedisStore(KVStore):
     def apply(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
         if self._dispatcher is None:
             return self._apply_redis_py(commands)
-        prefix, encoded, expected = self.prefix, [], []
+        prefix = self.prefix
+        encoded: list[tuple[bytes, ...]] = []
+        expected: list[type] = []
         for cmd in commands:
             kind, key = cmd.__class__, prefix + cmd[0]
             if kind is Get:
                 encoded.append((b"LRANGE", key, b"0", b"-1"))
                 expected.append(list)
             elif kind is Put:
-                encoded.append((b"RPUSH", key, cmd[1]))
+                encoded.append((b"RPUSH", key, cmd[1]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
                 expected.append(int)
             elif kind is Update:  # the script is loaded on every connection (see _dispatcher)
-                encoded.append((b"EVALSHA", _SCRIPT_SHA, b"1", key, cmd[1], cmd[2]))  # type: ignore[misc]
+                encoded.append((b"EVALSHA", _SCRIPT_SHA, b"1", key, cmd[1], cmd[2]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
                 expected.append(int)
             elif kind is Delete:
                 encoded.append((b"DEL", key))
@@ -156,10 +162,10 @@ class RedisStore(KVStore):
             if kind is Get:
                 pipe.lrange(key, 0, -1)
             elif kind is Put:
-                pipe.rpush(key, cmd[1])
+                pipe.rpush(key, cmd[1])  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
             elif kind is Update:
                 # (execute_command: the cluster pipeline has no eval(), but routes EVAL by its key)
-                pipe.execute_command("EVAL", UPDATE_SCRIPT, 1, key, cmd[1], cmd[2])  # type: ignore[misc]
+                pipe.execute_command("EVAL", UPDATE_SCRIPT, 1, key, cmd[1], cmd[2])  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
             elif kind is Delete:
                 pipe.delete(key)
             else:
@@ -361,7 +367,7 @@ def _glob_escape(prefix: bytes) -> bytes:
 def _checked(base: type) -> type:
     """``base`` (a redis-py connection class) that refuses a socket connected to itself."""
 
-    class NotToItself(base):  # type: ignore[valid-type,misc]
+    class NotToItself(base):
         def _connect(self) -> Any:
             sock = super()._connect()
             if sock.getsockname() == sock.getpeername():

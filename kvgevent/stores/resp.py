@@ -61,7 +61,7 @@ class ReplyMismatch(Exception):
 
 def pack(args: Command) -> bytes:
     """One command in RESP."""
-    return hiredis.pack_command(tuple(args))  # type: ignore[no-any-return]
+    return hiredis.pack_command(tuple(args))  # type: ignore[arg-type]  # (its stub wants a 1-tuple)
 
 
 class RespConnection:
@@ -173,7 +173,7 @@ class _Request:
 
     def __init__(self, payload: bytes, expected: Sequence[Expected]) -> None:
         self.payload, self.count, self.expected = payload, len(expected), expected
-        self.result = AsyncResult()
+        self.result: AsyncResult[list[Any]] = AsyncResult()
 
 
 class Dispatcher:
@@ -194,7 +194,9 @@ class Dispatcher:
             raise ConnectionError("the Redis dispatcher is closed")
         request = _Request(b"".join([pack(c) for c in commands]), expected)
         self._queue.put(request)
-        return request.result.get()  # type: ignore[no-any-return]
+        replies = request.result.get()
+        assert replies is not None  # (set with a list, or raising)
+        return replies
 
     def _send_loop(self, connection: RespConnection) -> None:
         queue = self._queue
