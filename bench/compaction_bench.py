@@ -4,7 +4,7 @@ compacts a big append-only file, and the server's peak RSS beside the size of th
 
 Targets: worst polite round trip under 50 ms, peak RSS under 1.2x the data (key + value bytes).
 
-How. The log is written directly with ``kvgevent.aof``'s ``MAGIC`` and ``encode_record``, not
+How. The log is written directly with ``kvgevent.stores.aof``'s ``MAGIC`` and ``encode_record``, not
 sent through a socket: it is faster, a 1 MiB value would not pass the default ``--max-line``,
 and the start-up replay it gives is timed too. It is fsynced before the server starts, as a
 log kept by ``--fsync everysec`` would be (no gigabyte of dirty pages left for the server's

@@ -37,7 +37,8 @@ AUTH line, if longer): an AUTH line is short, and a stranger may not hold a --ma
 
 PRE_AUTH_LINE_COST = 64
 """Bytes of a turn each line costs before AUTH, however short: lines before AUTH are served one
-at a time (about 1.5 us each), so a turn of 4096 one-byte lines would take several ms."""
+at a time, so a turn of thousands of one-byte lines would hold the loop (bench/OPTIMISATIONS.md,
+"lines before AUTH")."""
 
 AUTH_THROTTLE_AFTER = 10
 """Wrong passwords from one client address (across its connections) after which each further
@@ -74,20 +75,20 @@ RECV_SIZE = 64 * 1024
 """Bytes asked of one ``recv``: large reads let one wake-up parse many pipelined requests."""
 
 TURN_BYTES = 4096
-"""Bytes of requests one client may have applied before the others get a turn (~450 GETs,
-under a millisecond). A whole 64 KiB read is ~8,000 GETs (15 ms); measured with
-bench/stuck_clients.py, 1,000 clients flooding GETs made a polite client wait 11 s (p99) when
-each took a whole read per turn."""
+"""Bytes of requests one client may have applied before the others get a turn (a few hundred
+GETs, under a millisecond); a whole read per turn let flooding clients starve a polite one
+(bench/OPTIMISATIONS.md, "turn sizes")."""
 
 HEAVY_TURN = 0.001
 """Seconds a client's turn may hold the event loop before its next request waits for its
 turn behind the ready clients, as a backlog does: a request or two costs microseconds, so
-clients that send one expensive command per round trip (an UPDATE scanning a million
-values: 13 ms) cannot, fifty at once, hold every other client for fifty of them per round."""
+clients that send one expensive command per round trip (an UPDATE scanning a million values)
+cannot, fifty at once, hold every other client for fifty of them per round
+(bench/OPTIMISATIONS.md, "heavy turns")."""
 
 TURN_BUDGET = 0.002
 """Seconds per event-loop iteration given to clients with a backlog of requests, after all
-ready I/O was served (see kvgevent.turns)."""
+ready I/O was served (see kvgevent.server.turns)."""
 
 REPLY_CHUNK = 256
 """Reply lines collected before they are handed to the writer as one queue item."""
@@ -116,9 +117,9 @@ REPORT_INTERVAL = 1.0
 
 TURN_WORK = 200_000
 """Work one client may do before the others get a turn, in units of about 10 ns: one per
-value a store scans or copies, 18 per reply line built, one per 8 reply bytes (measured: an
-UPDATE scanning 1M values 13 ms, a GET reply of 1M lines 184 ms, a 1 MiB line 1.4 ms). About
-2 ms: a client working on huge keys cannot hold the event loop for longer than one command."""
+value a store scans or copies, 18 per reply line built, one per 8 reply bytes (calibrated:
+bench/OPTIMISATIONS.md, "work units"). About 2 ms: a client working on huge keys cannot hold
+the event loop for longer than one command."""
 
 INLINE_REPLY_BYTES = 4096
 """A GET reply of at most this many value bytes (and INLINE_REPLY_VALUES values) is built at
@@ -145,13 +146,13 @@ event per refused write)."""
 
 PRESSED_QUEUE_BYTES = 1 << 20
 """Reply bytes queued ahead of a client for a big GET reply while the server is over
---max-memory (instead of --queue-bytes): reading a 12 MB value out of a full store at
---max-memory 100M, a prompt reader held 16 MiB and was disconnected as the biggest holder."""
+--max-memory (instead of --queue-bytes): a prompt reader of a big value out of a full store
+is then not the biggest holder, disconnected first (bench/OPTIMISATIONS.md, "pressed queues")."""
 
 EVICT_MIN_BYTES = 4096
 """Clients holding fewer buffered bytes than this are never disconnected for memory: a
-polite client holds a request or two. (At 64 KiB, 8,000 clients holding 65,500 bytes each
-took a server at --max-memory 100M to 647 MB, none evictable.)"""
+polite client holds a request or two; a higher floor let many clients just under it fill the
+memory, none evictable (bench/OPTIMISATIONS.md, "eviction floor")."""
 
 CLIENT_ALLOWANCE = 16
 """Client buffers may hold 1/CLIENT_ALLOWANCE of --max-memory before any client is
@@ -159,4 +160,4 @@ disconnected for memory: with the store full, a client can still read a big valu
 
 CONNECTION_COST = 16 * 1024
 """Bytes one connection costs beyond its buffers (greenlets, socket, queue), counted in the
-memory in use; measured about 10 kB idle and 22 kB after its first reply (bench/)."""
+memory in use (bench/OPTIMISATIONS.md, "a connection's cost")."""

@@ -93,8 +93,8 @@ ERR_INVALID_PASSWORD = ProtocolError("invalid password")
 ERR_NO_PASSWORD = ProtocolError("no password is set")
 ERR_AUTH_THROTTLED = ProtocolError("auth throttled")
 
-# Byte values for membership tests: ``58 in data`` is a memchr (25 ns), while ``b":" in data``
-# goes through the buffer protocol (215 ns), measured with timeit on this machine.
+# Byte values for membership tests: ``58 in data`` is a memchr, while ``b":" in data`` goes
+# through the buffer protocol, several times slower (bench/OPTIMISATIONS.md, "memchr").
 COLON = ord(":")
 CR = ord("\r")
 
@@ -188,8 +188,8 @@ class LineBuffer:
 
 
 # The parse functions build commands with tuple.__new__: a NamedTuple's own constructor is a
-# Python-level function, and it cost 4% of the server's time at 50 clients x 16 pipelined GETs
-# (py-spy). ``sep`` is the separator after the verb: b":" or b"" (no arguments).
+# Python-level function, a visible share of the server's time (bench/OPTIMISATIONS.md,
+# "NamedTuple constructor"). ``sep`` is the separator after the verb: b":" or b"" (no arguments).
 _new = tuple.__new__
 
 
@@ -284,7 +284,7 @@ def value_line(key: bytes, value: bytes) -> bytes:
 
 def value_lines(key: bytes, values: list[bytes]) -> list[bytes]:
     """The reply lines of a GET, one :func:`value_line` per value, in one call."""
-    if len(values) == 1:  # the common case, without a comprehension's frame (~170 ns less)
+    if len(values) == 1:  # the common case, without a comprehension's frame (OPTIMISATIONS.md)
         return [b"".join((key, b":", values[0], b"\n"))]
     prefix = key + b":"
     return [prefix + value + b"\n" for value in values]

@@ -284,8 +284,8 @@ def open_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
 def load_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
     """:func:`open_store`, with the cyclic garbage collector paused meanwhile and what it
     loaded moved out of its reach (``gc.freeze``): a replay makes millions of value lists,
-    which cannot form cycles, and a full collection walking them stalls every client (about
-    100 ms a million keys)."""
+    which cannot form cycles, and a full collection walking them stalls every client
+    (bench/OPTIMISATIONS.md, "replay and the GC")."""
     gc.disable()
     try:
         return open_store(args, log)

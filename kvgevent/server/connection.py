@@ -1,8 +1,10 @@
 """One client connection: its reply queue, its writer greenlet, and the rules for a full queue.
 
-Ownership: the server's reader greenlet owns the socket and is the only one that closes it.
-The writer greenlet never closes it: on a write error it records :attr:`Connection.failed`,
-empties the queue and shuts the socket down, which wakes a reader blocked in ``recv``.
+Ownership: the server's reader greenlet owns the socket: it closes it when the client is
+dropped (:meth:`Connection.close`), and gevent's StreamServer closes it once more when the
+reader's handler returns (a second close does nothing). The writer greenlet never closes it: on
+a write error it records :attr:`Connection.failed`, empties the queue and shuts the socket
+down, which wakes a reader blocked in ``recv``; so does :meth:`Connection.abort`.
 
 Full queues. A client's queue is bounded both in lines (``queue_size``) and in bytes
 (``queue_bytes``, counting the batch the writer is sending: what a client that never reads
@@ -11,14 +13,14 @@ that could never fit goes line by line. A reply that finds the queue full waits 
 writer to make room (yielding: gevent's ``recv`` does not yield while data is ready, so
 without this a fast pipelining client that reads promptly would lose replies). It gives up
 when the client has acknowledged no byte for :data:`DROP_GRACE` while the writer's send waits
-(:meth:`~kvgevent.fastio.PlainSocket.acked`: the client is not reading): that reply, and every
+(:meth:`~kvgevent.server.fastio.PlainSocket.acked`: the client is not reading): that reply, and every
 further one that finds the queue full, is dropped and counted without waiting, until the queue
 has room again. Each such
 episode logs one ``messages_dropping`` event. A client that reads, however slowly, is waited
 for: it slows only itself.
 
 Memory. Every byte a connection holds (its incomplete request line, its queued and in-flight
-replies) is added to the server's :class:`~kvgevent.memory.MemoryGuard` ``buffered`` figure
+replies) is added to the server's :class:`~kvgevent.server.memory.MemoryGuard` ``buffered`` figure
 while held, and given back by :meth:`Connection.release` when the client is dropped.
 """
 
@@ -113,7 +115,7 @@ class Connection:
         # bytes, kept by this class: the gevent queue itself is unbounded (so a miscount,
         # a value with a newline from another Redis client say, cannot make a put raise).
         # Made with the writer, at the first reply: an idle client holds neither (a gevent
-        # Queue is 2.5 kB, measured with tracemalloc).
+        # Queue is kilobytes: bench/OPTIMISATIONS.md, "an idle client's queue").
         self.queue: Queue | None = None
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
@@ -400,7 +402,7 @@ class Connection:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     break
-            acked = self.io.acked()  # bytes the client took (see kvgevent.fastio)
+            acked = self.io.acked()  # bytes the client took (see kvgevent.server.fastio)
             if not queued_eof:
                 try:
                     self.queue.put(_EOF, timeout=wait)  # type: ignore[union-attr]  # (a writer exists: so does its queue)

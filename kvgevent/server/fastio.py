@@ -4,8 +4,7 @@ how sending is going.
 gevent's ``socket.recv`` tries the read and, when nothing is there, catches the
 ``BlockingIOError`` and waits; ``socket.sendall`` is Python code that also asks the kernel for
 SO_SNDBUF (a ``getsockopt`` syscall) on every call. At one request per round trip both costs
-are paid per request: strace showed a failed ``recvfrom`` and a ``getsockopt`` per request,
-and py-spy put the exception path and the wrappers at about a tenth of the server's time.
+are paid per request (bench/OPTIMISATIONS.md, "gevent's recv and sendall").
 
 :class:`FastSocket` keeps gevent's waiting (the socket's own read/write watchers, so no new
 watcher per call) but waits for readability *before* reading when the last read drained the

@@ -8,8 +8,8 @@ Giving freed memory back to the operating system:
 
 CPython hands objects over 512 bytes (reply lines, values) to the C allocator. After a burst
 (say, a thousand clients that never read, each holding 500 queued replies) glibc keeps the
-freed memory for reuse, and RSS stays at its peak: measured with bench/stuck_clients.py, 453 MB
-after 500 stuck clients had left; ``malloc_trim(0)`` brought it back to 51 MB.
+freed memory for reuse, and RSS stays at its peak; ``malloc_trim(0)`` gives most of it back
+(bench/OPTIMISATIONS.md, "malloc_trim").
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class MemoryGuard:
 
     ``used()`` is ``base`` (the process apart from what is accounted: the interpreter, its
     libraries; measured by :meth:`calibrate` as the RSS minus the store's bytes) plus what the
-    store reports holding (:meth:`~kvgevent.store.KVStore.memory_used`), plus ``buffered`` (the
+    store reports holding (:meth:`~kvgevent.stores.base.KVStore.memory_used`), plus ``buffered`` (the
     bytes every client holds: an incomplete request line, queued and in-flight replies, kept
     up to date by the connections), plus CONNECTION_COST per connection.
 

@@ -2,13 +2,19 @@
 
 Shape: a ``gevent.server.StreamServer`` spawns one reader greenlet per client through a
 ``gevent.pool.Pool`` (so :meth:`KeyValueServer.close` can stop them). Each client is a
-:class:`~kvgevent.connection.Connection`: a bounded queue of reply lines feeding one writer
-greenlet (see there for what happens when it is full). Requests are parsed by the pure
-:mod:`kvgevent.protocol`; values live in a :class:`~kvgevent.store.KVStore`.
+:class:`~kvgevent.server.connection.Connection`: a bounded queue of reply lines feeding one
+writer greenlet (see there for what happens when it is full), and a
+:class:`~kvgevent.server.session.Session` that applies its requests (sans I/O). Requests are
+parsed by the pure :mod:`kvgevent.protocol`; values live in a
+:class:`~kvgevent.stores.base.KVStore`. The read loop here is the one place where the
+session's replies meet the queue and where its waits happen.
 
-Fairness: a reader applies at most TURN_BYTES of requests per turn; with more waiting it
-queues for its next turn (:mod:`kvgevent.turns`), so a client sending faster than the server
-can apply cannot starve the others.
+Fairness: a read of up to TURN_BYTES (a request or a few) is applied as soon as it arrives,
+unless the client's last turn held the loop for HEAVY_TURN; a bigger read (a backlog), and
+the next read of such a heavy client, is applied a turn at a time, each turn queued behind the
+other clients' (:mod:`kvgevent.server.turns`); a turn also ends after TURN_WORK of work. So a
+client sending faster than the server can apply, or sending expensive commands, cannot starve
+the others.
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ from kvgevent.server.memory import ERR_OUT_OF_MEMORY, MemoryGuard
 from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, Result
 
 REPLY_LINE_WORK = 18
-"""Work units of building one reply line (about 180 ns), besides one per 8 of its bytes."""
+"""Work units of building one reply line, besides one per 8 of its bytes (bench/OPTIMISATIONS.md,
+"a reply line's work")."""
 
 
 class Room(NamedTuple):

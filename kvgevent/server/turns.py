@@ -9,9 +9,8 @@ backlog.
 
 Why not ``gevent.sleep(0)``: it appends the reader to gevent's callback queue, behind every
 other greedy reader. A polite client's writer is woken through that same queue, so with 1,000
-clients flooding requests its reply waited for all 1,000 turns: measured with
-bench/stuck_clients.py, p99 5 s with ``sleep(0)`` or ``gevent.idle()``; see the README for the
-figure with this scheme.
+clients flooding requests its reply waited for all 1,000 turns (bench/OPTIMISATIONS.md,
+"sleep(0) is not a turn"; the README has the figure with this scheme).
 """
 
 from __future__ import annotations

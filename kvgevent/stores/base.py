@@ -6,9 +6,13 @@ encoded as UTF-8). Values are opaque bytes.
 
 Contract shared by every store (:class:`KVStore`):
 
-* Mutations (``put``, ``update``, ``delete``) run under the store's ``lock``, a
-  ``gevent.lock.Semaphore``, so a store whose calls yield (network I/O) still applies one
-  mutation at a time and the p0 UPDATE stays atomic.
+* Each mutation (``put``, ``update``, ``delete``) is atomic, and a client's mutations apply
+  in order. The stores kept in this process (the memory store, the durable store) apply them
+  under the store's ``lock``, a ``gevent.lock.Semaphore``, so a store whose calls yield (the
+  log's fsync) still applies one mutation at a time and the p0 UPDATE stays atomic. A store
+  kept elsewhere relies on that system's own atomicity instead (the Redis store: each Redis
+  command, and its UPDATE script, is atomic there) and does not hold the lock around network
+  calls.
 * Any method may yield to other greenlets; callers must not assume otherwise.
 * ``get`` returns a new list: the caller may keep it while others mutate the key.
 * A store that cannot serve raises :class:`~kvgevent.errors.StoreError`; nothing else.

@@ -1,14 +1,14 @@
 """DurableStore: the memory store plus an append-only file, replayed at start and compacted
 while the server runs.
 
-Every mutation (PUT, UPDATE, DELETE) becomes one record (:mod:`kvgevent.aof`), written
-before it is applied (:mod:`kvgevent.aof_log`): a batch the log cannot take is refused with
+Every mutation (PUT, UPDATE, DELETE) becomes one record (:mod:`kvgevent.stores.aof`), written
+before it is applied (:mod:`kvgevent.stores.aof_log`): a batch the log cannot take is refused with
 ``ERR persistence failed`` and changes nothing, and while the log is failing every write is
 refused that way; reads go on. :meth:`DurableStore.barrier` is what the server calls before
 a ``PONG``: under ``--fsync always`` it returns only once the connection's earlier
 mutations are on disk, in the file that survives a compaction.
 
-Compaction (:mod:`kvgevent.rewrite`) starts when the file has grown enough; one that fails
+Compaction (:mod:`kvgevent.stores.rewrite`) starts when the file has grown enough; one that fails
 is logged once, counted and retried with backoff. After a failed fsync the log's recovery
 rebuilds the file with the same machinery.
 """

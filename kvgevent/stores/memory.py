@@ -57,7 +57,7 @@ class MemoryStore(KVStore):
 
     def apply(self, commands: Sequence[DataCommand]) -> list[Result]:
         # The whole batch under one acquisition of the lock, with no method call per command:
-        # a PUT went from 350 ns to about 100 (timeit), the lock alone costing 270 ns a call.
+        # the lock costs more than a PUT (bench/OPTIMISATIONS.md, "the lock per batch").
         with self.lock:
             return self.apply_some_under_lock(commands, UNBOUNDED)[0]
 

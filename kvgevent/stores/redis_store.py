@@ -8,7 +8,7 @@ in one list, hence in one cluster slot. kvgevent's own bookkeeping lives under
 ``<prefix>_meta:``, which no client key can reach (client keys never contain ':').
 
 Batches are not sent one round trip each: every batch queued while a round trip is in flight
-goes out together in the next one (:mod:`kvgevent.resp`), so a worker serves many requests per
+goes out together in the next one (:mod:`kvgevent.stores.resp`), so a worker serves many requests per
 Redis round trip; the store's semaphore is not held around network calls (Redis itself makes
 each command, and the UPDATE script, atomic). Redis Cluster goes through redis-py's cluster
 pipeline, one per batch. Calls are cooperative because the process is

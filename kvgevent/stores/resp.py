@@ -1,8 +1,7 @@
 """A lean, auto-pipelining Redis connection for the Redis store's hot path.
 
-redis-py costs about 150 µs of CPU per pipeline here: with 50 clients each sending one
-request at a time, a worker did 6,500 requests/s over a local Redis whose round trip is about
-30 µs (measured with bench/redis_bench.py). So the store hands its batches to a
+redis-py costs far more CPU per pipeline than a local Redis takes to answer it (figures in
+bench/OPTIMISATIONS.md, "redis-py's cost"). So the store hands its batches to a
 :class:`Dispatcher`: every batch queued while a round trip is in flight goes out together in
 the next one, on one of a few connections, encoded by hiredis and parsed by hiredis.
 

@@ -57,15 +57,16 @@ TURN_BYTES = 1 << 20
 """Most bytes of records prepared between two turns of the event loop."""
 
 TURN_RECORDS = 500
-"""Most records encoded in one turn: a turn of 2,000 small ones took up to 10 ms of the event
-loop on the 2-core VM (bench/compaction_bench.py)."""
+"""Most records encoded in one turn: enough to make progress, few enough that a turn stays a
+couple of milliseconds (bench/OPTIMISATIONS.md, "compaction turns")."""
 
 JOIN_BELOW = 4096
 """Values shorter than this are copied into one buffer with their header; longer ones are
 handed to ``pwritev`` where they are."""
 
 CRC_IN_THREAD = 4 << 20
-"""Values at least this long get their checksum in the threadpool (4 MiB is ~1.5 ms of CRC)."""
+"""Values at least this long get their checksum in the threadpool: their CRC would hold the
+event loop for a millisecond or more (bench/OPTIMISATIONS.md, "CRC in the threadpool")."""
 
 TAIL_FINAL = 1 << 20
 """Bytes of new records left for the switch, which holds mutations while it copies them."""
@@ -126,7 +127,7 @@ class Rewrite:
         is written: save the values of each key on its first mutation. Those are its T0
         values if the snapshot has not written it yet; for a key written already (or made
         since T0) the copy is not needed, but telling them apart would take a set of every
-        T0 key, whose making stalls the server (300 ms for 1M keys). A key absent now and not
+        T0 key, whose making stalls the server (bench/OPTIMISATIONS.md, "T0 keys"). A key absent now and not
         saved was not in T0 or is written already (a T0 key's deletion saves it), so it costs
         nothing."""
         saved, data = self.saved, self.store.memory.data
@@ -193,9 +194,9 @@ class Rewrite:
     def _write_snapshot(self) -> None:
         store = self.store
         data = store.memory.data
-        # T0 (1M keys: ~15 ms): no yield from here... A tuple, not a list: the garbage
-        # collector stops tracking a tuple of bytes after one look, while every full
-        # collection would walk a list of 1M keys again (15 ms each).
+        # T0: no yield from here... A tuple, not a list: the garbage collector stops tracking
+        # a tuple of bytes after one look, while every full collection would walk a list of
+        # the keys again (bench/OPTIMISATIONS.md, "T0 keys").
         keys = tuple(data)
         self.copied, self.tail_records_from = self.aof.size, self.aof.records
         store.compaction = self  # ...to here
@@ -278,7 +279,7 @@ class Rewrite:
             in_thread(os.fsync, self.fd)
             kind = "rename"
             # In the threadpool: the old file loses its last link here, and the kernel frees
-            # its page cache in this call (300 ms for 1.6 GB).
+            # its page cache in this call (bench/OPTIMISATIONS.md, "the rename's page cache").
             in_thread(os.rename, self.temporary, self.path)
             kind = "fsync"
             in_thread(fsync_directory, self.path)
