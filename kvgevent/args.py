@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,3 +88,10 @@ def add_env_option(
         metavar=None if choices else flag.upper().replace("-", "_"),
         help=f"{help} (default: {'none' if default is None else default}; env {env})",
     )
+
+
+def program_name(script: str, command: str) -> str:
+    """The name a usage message gives the program: ``command`` when run as the installed
+    command (``kvgevent-server``), else the script's (``run_server.py``, ``python -m``)."""
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return command if invoked == command else script

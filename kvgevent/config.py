@@ -161,3 +161,9 @@ disconnected for memory: with the store full, a client can still read a big valu
 CONNECTION_COST = 16 * 1024
 """Bytes one connection costs beyond its buffers (greenlets, socket, queue), counted in the
 memory in use (bench/OPTIMISATIONS.md, "a connection's cost")."""
+
+DEFAULT_PREFIX = "kvgevent:"
+"""Namespace of kvgevent's keys in a Redis that others may share."""
+
+DEFAULT_REDIS_TIMEOUT = 2.0
+"""Seconds a Redis call may take before its commands get ``ERR store unavailable``."""

@@ -40,7 +40,7 @@ DEFAULT_LOG_LEVEL = "info"
 def configure_logging(
     fmt: str = DEFAULT_LOG_FORMAT,
     level: str = DEFAULT_LOG_LEVEL,
-    stream: IO[str] | None = None,
+    stream: IO[str] | LogFile | None = None,
     worker: int | None = None,
 ) -> None:
     """Configure structlog for the whole process; may be called again to reconfigure.
@@ -171,3 +171,35 @@ def redacted_url(url: str) -> str:
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@")
     return url
+
+
+class LogFile:
+    """A log file appended to (``--log-file``), reopened at its path on :meth:`reopen`: after
+    logrotate renamed it, the next events go to a new file at the path (SIGHUP, as logrotate's
+    ``postrotate`` sends). Each event is one ``write`` of a whole line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = self._open()
+
+    def _open(self) -> IO[str]:
+        return open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered: one write a line
+
+    def write(self, text: str) -> int:
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def reopen(self) -> None:
+        """Open the path anew and switch to it (what was written before went to the old
+        file, whatever its name now); the old file is closed after the switch."""
+        new = self._open()
+        old, self._file = self._file, new
+        old.close()
+
+    def close(self) -> None:
+        self._file.close()

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvgevent.args import add_env_option, port_number, positive_int
+from kvgevent.args import add_env_option, port_number, positive_int, program_name
 from kvgevent.config import DEFAULT_HOST, DEFAULT_PORT
 from kvgevent.protocol import ReplyKind, classify_reply
 
@@ -34,7 +34,7 @@ PROGRESS_EVERY = 0.25
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run_client.py bench",
+        prog=program_name("run_client.py", "kvgevent-cli") + " bench",
         allow_abbrev=False,  # "--proc" is a usage error, not a guess at --processes
         description="Load a kvgevent server and report ops/s and latency percentiles.",
     )

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO
 
-from kvgevent.args import add_env_option, port_number, positive_int
+from kvgevent.args import add_env_option, port_number, positive_int, program_name
 from kvgevent.client.client import Client
 from kvgevent.client.commands import (
     HELP,
@@ -74,7 +74,7 @@ interval_seconds = _seconds(accept_zero=False, name="interval")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run_client.py",
+        prog=program_name("run_client.py", "kvgevent-cli"),
         allow_abbrev=False,  # "--pip" is not "--pipe": a typo is a usage error, not a guess
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The kvgevent client.\n\n" + HELP,

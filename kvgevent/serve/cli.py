@@ -12,7 +12,7 @@ import os
 import resource
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvgevent.args import (
     add_env_option,
@@ -23,6 +23,7 @@ from kvgevent.args import (
     positive_byte_size,
     positive_float,
     positive_int,
+    program_name,
 )
 from kvgevent.config import (
     AUTH_DELAY_MAX,
@@ -36,8 +37,10 @@ from kvgevent.config import (
     DEFAULT_MAX_LINE,
     DEFAULT_MAX_MEMORY,
     DEFAULT_PORT,
+    DEFAULT_PREFIX,
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
+    DEFAULT_REDIS_TIMEOUT,
     DEFAULT_SHUTDOWN_FLUSH,
 )
 from kvgevent.logs import (
@@ -45,11 +48,13 @@ from kvgevent.logs import (
     DEFAULT_LOG_LEVEL,
     LOG_FORMATS,
     LOG_LEVELS,
+    LogFile,
     Logger,
     configure_logging,
     get_logger,
 )
-from kvgevent.serve.signals import stop_requested
+from kvgevent.serve.signals import reopen_on_hangup, stop_requested
+from kvgevent.serve.systemd import notify
 from kvgevent.serve.workers import supervise
 from kvgevent.server.server import KeyValueServer
 from kvgevent.stores.aof import AofCorrupt
@@ -57,13 +62,12 @@ from kvgevent.stores.aof_log import DEFAULT_FSYNC, FSYNC_POLICIES
 from kvgevent.stores.base import KVStore
 from kvgevent.stores.durable import DEFAULT_REWRITE_GROWTH, DEFAULT_REWRITE_MIN_SIZE, DurableStore
 from kvgevent.stores.memory import MemoryStore
-from kvgevent.stores.redis_store import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT, RedisStore
 from kvgevent.tls import server_context
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run_server.py",
+        prog=program_name("run_server.py", "kvgevent-server"),
         allow_abbrev=False,  # --worker 2 must be an error, not --workers 2
         description="kvgevent: a key-value server speaking the p0 line protocol "
         "(PUT:key:value, GET:key, UPDATE:key:old:new, DELETE:key, PING, STATS).",
@@ -191,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_env_option(
         parser,
+        "metrics-port",
+        None,
+        "serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP on this port "
+        "(0 picks a free one; with --workers N, worker i uses this port + i); off by default",
+        type=port_number,
+    )
+    add_env_option(parser, "metrics-host", DEFAULT_HOST, "address the metrics port listens on")
+    add_env_option(
+        parser,
+        "log-file",
+        None,
+        "write the log (JSON lines) to this file instead of stderr; SIGHUP reopens it (logrotate)",
+    )
+    add_env_option(
+        parser,
         "log-format",
         DEFAULT_LOG_FORMAT,
         "json: one JSON object per line on stderr; console: for people; "
@@ -236,6 +255,13 @@ def raise_fd_limit() -> int:
 def open_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
     """The store the flags ask for, loaded; None (after logging why) if it cannot be."""
     if args.store != "memory":
+        try:
+            from kvgevent.stores.redis_store import RedisStore  # (redis and hiredis: only when asked for)
+        except ImportError as exc:
+            log.error(
+                "server_start_failed", error=f"the Redis store needs {exc.name}", hint=EXTRA_HINT % "redis"
+            )
+            return None
         return RedisStore(args.store, prefix=args.redis_prefix, timeout=args.redis_timeout, log=log)
     if not args.aof:
         return MemoryStore()
@@ -294,16 +320,40 @@ def load_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
         gc.enable()
 
 
+EXTRA_HINT = "pip install -r requirements.txt, or pip install 'kvgevent[%s]'"
+"""What to do when an optional library is missing."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; return the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    configure_logging(args.log_format, args.log_level, worker=os.getpid() if args.reuse_port else None)
+    log_file = LogFile(args.log_file) if args.log_file else None
+    configure_logging(
+        args.log_format, args.log_level, stream=log_file, worker=os.getpid() if args.reuse_port else None
+    )
     log = get_logger()
     if args.workers > 1:
-        return supervise(args, parser, log)
+        return supervise(args, parser, log, log_file)
+    reopen_on_hangup(log_file)
     log.debug("fd_limit", max_open_files=raise_fd_limit())
+    server = _make_server(args, log)
+    if server is None or not _start(server, args, log):
+        return 1
+    notify(f"READY=1\nSTATUS=serving on {args.host}:{server.port}")
+    stop_requested(log).wait()
+    notify("STOPPING=1")
+    server.close(flush_timeout=args.shutdown_flush)
+    store = server.store
+    if isinstance(store, DurableStore) and store.unsaved_records:
+        return 1  # aof_unwritten was logged: some applied writes may not be on disk
+    return 0
+
+
+def _make_server(args: argparse.Namespace, log: Logger) -> KeyValueServer | None:
+    """The server the flags ask for, its store loaded (None if the TLS files or the store
+    cannot be loaded: logged)."""
     try:
         tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     except (OSError, ssl.SSLError) as exc:
@@ -313,11 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
         )
-        return 1
+        return None
     store = load_store(args, log)
     if store is None:
-        return 1
-    server = KeyValueServer(
+        return None
+    return KeyValueServer(
         store,
         queue_size=args.queue_size,
         queue_bytes=args.queue_bytes,
@@ -330,21 +380,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         reuse_port=args.reuse_port,
         max_memory=args.max_memory,
     )
-    try:
-        server.start(args.port, args.host)
-    except OSError as exc:
-        # gevent appends the address to strerror; the event carries it in its own fields.
-        if exc.errno and exc.errno > 0:
-            reason = os.strerror(exc.errno)
-        else:  # a resolver error (negative errno)
-            reason = (exc.strerror or str(exc)).split(": (")[0]
-        log.error("server_start_failed", host=args.host, port=args.port, error=reason, errno=exc.errno)
-        return 1
-    stop_requested(log).wait()
-    server.close(flush_timeout=args.shutdown_flush)
-    if isinstance(store, DurableStore) and store.unsaved_records:
-        return 1  # aof_unwritten was logged: some applied writes may not be on disk
-    return 0
+
+
+def _start(server: KeyValueServer, args: argparse.Namespace, log: Logger) -> bool:
+    """Listen on the key-value port and, with --metrics-port, the metrics one; False (logged
+    as server_start_failed) if either cannot be bound."""
+    listeners: list[tuple[str, Callable[[int, str], object], int, str]] = [
+        ("port", server.start, args.port, args.host)
+    ]
+    if args.metrics_port is not None:
+        listeners.append(("metrics_port", server.serve_metrics, args.metrics_port, args.metrics_host))
+    for name, start, port, host in listeners:
+        try:
+            start(port, host)
+        except ImportError as exc:  # prometheus_client, for the metrics
+            log.error(
+                "server_start_failed", error=f"the metrics need {exc.name}", hint=EXTRA_HINT % "metrics"
+            )
+            server.close(flush_timeout=0)
+            return False
+        except OSError as exc:
+            log.error(
+                "server_start_failed",
+                host=host,
+                port=port,
+                listener=name,
+                error=_reason(exc),
+                errno=exc.errno,
+            )
+            if name != "port":  # the key-value listener is up: stop it
+                server.close(flush_timeout=0)
+            return False
+    return True
+
+
+def _reason(exc: OSError) -> str:
+    """Why a bind failed, in words. (gevent appends the address to strerror; the event carries
+    it in its own fields.)"""
+    if exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return (exc.strerror or str(exc)).split(": (")[0]  # a resolver error (negative errno)
 
 
 if __name__ == "__main__":  # pragma: no cover

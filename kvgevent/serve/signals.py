@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 
 import gevent
 import gevent.event
 
-from kvgevent.logs import Logger
+from kvgevent.logs import LogFile, Logger
 
 
 def stop_requested(log: Logger) -> gevent.event.Event:
@@ -27,3 +28,17 @@ def stop_requested(log: Logger) -> gevent.event.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, on_signal, sig)
     return stop
+
+
+def reopen_on_hangup(log_file: LogFile | None, then: Callable[[], None] | None = None) -> None:
+    """On SIGHUP, reopen ``log_file`` at its path (logrotate's ``postrotate kill -HUP``), then
+    call ``then`` (the supervisor passes the signal on to its workers); without either,
+    SIGHUP is ignored (it does not stop the server)."""
+
+    def on_hangup() -> None:
+        if log_file is not None:
+            log_file.reopen()
+        if then is not None:
+            then()
+
+    gevent.signal_handler(signal.SIGHUP, on_hangup)

@@ -23,14 +23,18 @@ from typing import Any
 
 import gevent
 
-from kvgevent.logs import Logger, redacted_url
-from kvgevent.serve.signals import stop_requested
+from kvgevent.logs import LogFile, Logger, redacted_url
+from kvgevent.serve.signals import reopen_on_hangup, stop_requested
+from kvgevent.serve.systemd import ReadyCollector, notify
 
 RESTART_DELAY = 0.5
 """Seconds before a worker that died is started again."""
 
 GIVE_UP_AFTER = 5
 """Consecutive workers that die within STARTUP_GRACE of starting before the supervisor stops."""
+
+READY_TIMEOUT = 60.0
+"""Seconds the supervisor waits for every worker's READY=1 before it tells systemd none."""
 
 STARTUP_GRACE = 2.0
 """A worker that dies sooner than this after starting counts as failing to start."""
@@ -54,7 +58,7 @@ SECRET_OPTIONS = {"password": "KVGEVENT_PASSWORD", "store": "KVGEVENT_STORE"}
 """Options a worker gets through its environment, not its command line (``ps`` shows that):
 the password, and the store URL (it may hold Redis's password)."""
 
-NOT_FOR_WORKERS = frozenset(("help", "workers", "port", "reuse_port"))
+NOT_FOR_WORKERS = frozenset(("help", "workers", "port", "reuse_port", "metrics_port"))
 """Options the supervisor keeps to itself or sets for each worker."""
 
 
@@ -81,8 +85,10 @@ def worker_command(
     return [*argv, "--port", str(port), "--reuse-port"], env
 
 
-def supervise(args: argparse.Namespace, parser: argparse.ArgumentParser, log: Logger) -> int:
-
+def supervise(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, log: Logger, log_file: LogFile | None = None
+) -> int:
+    """Run ``args.workers`` workers on ``args.port`` until SIGINT/SIGTERM; the exit status."""
     try:
         port = _free_port(args.host, args.port)
     except OSError as exc:
@@ -94,51 +100,98 @@ def supervise(args: argparse.Namespace, parser: argparse.ArgumentParser, log: Lo
             errno=exc.errno,
         )
         return 1
-    command, secrets = worker_command(parser, args, port)
-    env = {
-        **os.environ,
-        **secrets,
-        "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
-    }
-    env.pop("KVGEVENT_WORKERS", None)
-    env.pop("KVGEVENT_PORT", None)
-    stop = stop_requested(log)
-    workers: list[subprocess.Popen[bytes] | None] = [None] * args.workers
-    started = [0.0] * args.workers
-    quick_deaths = 0
+    return Supervisor(args, parser, log, port, log_file).run()
 
-    def start(slot: int) -> None:
-        workers[slot] = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
-        started[slot] = time.monotonic()
-        log.info("worker_started", slot=slot, pid=workers[slot].pid)  # type: ignore[union-attr]  # (start() just made it)
 
-    log.info(
-        "workers_starting", workers=args.workers, host=args.host, port=port, store=redacted_url(args.store)
-    )
-    for slot in range(args.workers):
-        start(slot)
-    while not stop.is_set():
-        for slot, proc in enumerate(workers):
+class Supervisor:
+    """The workers of one port: started, restarted when they die, stopped together. SIGHUP is
+    passed on to them (each reopens its --log-file); with systemd (NOTIFY_SOCKET) they report
+    READY=1 to this process, which reports READY=1 once all of them have."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        parser: argparse.ArgumentParser,
+        log: Logger,
+        port: int,
+        log_file: LogFile | None,
+    ) -> None:
+        self.args, self.log, self.port = args, log, port
+        self.command, secrets = worker_command(parser, args, port)
+        self.env = {
+            **os.environ,
+            **secrets,
+            "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
+        }
+        self.env.pop("KVGEVENT_WORKERS", None)
+        self.env.pop("KVGEVENT_PORT", None)
+        self.workers: list[subprocess.Popen[bytes] | None] = [None] * args.workers
+        self.started = [0.0] * args.workers
+        self.quick_deaths = 0
+        self.stop = stop_requested(log)
+        self.readiness = ReadyCollector() if os.environ.get("NOTIFY_SOCKET") else None
+        if self.readiness is not None:
+            self.env["NOTIFY_SOCKET"] = self.readiness.path
+        reopen_on_hangup(log_file, then=self._pass_hangup_on)
+
+    def run(self) -> int:
+        args = self.args
+        store = redacted_url(args.store)
+        self.log.info("workers_starting", workers=args.workers, host=args.host, port=self.port, store=store)
+        for slot in range(args.workers):
+            self.start(slot)
+        if self.readiness is not None:
+            gevent.spawn(self._report_ready)
+        status = 0
+        while not self.stop.is_set() and status == 0:
+            status = self._check_workers()
+            self.stop.wait(0.2)
+        notify("STOPPING=1")
+        _stop_all(self.workers, args, self.log)
+        if self.readiness is not None:
+            self.readiness.close()
+        if status == 0:
+            self.log.info("workers_stopped", workers=args.workers)
+        return status
+
+    def start(self, slot: int) -> None:
+        command = self.command
+        if self.args.metrics_port is not None:  # one metrics port per worker: this + its slot
+            metrics_port = self.args.metrics_port + slot if self.args.metrics_port else 0
+            command = [*command, "--metrics-port", str(metrics_port)]
+        proc = subprocess.Popen(command, env=self.env, preexec_fn=_die_with_parent)
+        self.workers[slot], self.started[slot] = proc, time.monotonic()
+        self.log.info("worker_started", slot=slot, pid=proc.pid)
+
+    def _check_workers(self) -> int:
+        """Restart the workers that died; 1 once too many died as soon as they started."""
+        for slot, proc in enumerate(self.workers):
             if proc is None or proc.poll() is None:
                 continue
-            lived = time.monotonic() - started[slot]
-            log.warning(
+            lived = time.monotonic() - self.started[slot]
+            self.log.warning(
                 "worker_exited", slot=slot, pid=proc.pid, exit_status=proc.returncode, lived_s=round(lived, 1)
             )
-            quick_deaths = quick_deaths + 1 if lived < STARTUP_GRACE else 0
-            if quick_deaths >= GIVE_UP_AFTER:
-                log.error(
+            self.quick_deaths = self.quick_deaths + 1 if lived < STARTUP_GRACE else 0
+            if self.quick_deaths >= GIVE_UP_AFTER:
+                self.log.error(
                     "workers_failing", hint="workers exit as soon as they start; see their events above"
                 )
-                _stop_all(workers, args, log)
                 return 1
-            stop.wait(RESTART_DELAY)
-            if not stop.is_set():
-                start(slot)
-        stop.wait(0.2)
-    _stop_all(workers, args, log)
-    log.info("workers_stopped", workers=args.workers)
-    return 0
+            self.stop.wait(RESTART_DELAY)
+            if not self.stop.is_set():
+                self.start(slot)
+        return 0
+
+    def _report_ready(self) -> None:
+        assert self.readiness is not None
+        if self.readiness.wait(len(self.workers), READY_TIMEOUT):
+            notify(f"READY=1\nSTATUS={len(self.workers)} workers serving on {self.args.host}:{self.port}")
+
+    def _pass_hangup_on(self) -> None:
+        for proc in self.workers:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
 
 
 def _die_with_parent() -> None:

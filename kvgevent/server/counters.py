@@ -4,7 +4,7 @@ accepted, dropped, rejected, idle), its connections (replies dropped) and its se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -19,3 +19,11 @@ class Counters:
     auth_throttled: int = 0  # AUTHs delayed or refused by the throttle
     idle_closed: int = 0  # clients closed by --idle-timeout
     lines_too_long: int = 0  # request lines over the line bound
+    dropped_by: dict[str, int] = field(default_factory=dict)  # clients gone, by reason
+    errors_by: dict[str, int] = field(default_factory=dict)  # ERR replies, by phrase
+    verbs: dict[str, int] = field(default_factory=dict)  # PING, STATS, AUTH served (data: the store's)
+
+    def count_error(self, reason: str, count: int = 1) -> None:
+        """``count`` requests answered ``ERR <reason>``."""
+        self.errors += count
+        self.errors_by[reason] = self.errors_by.get(reason, 0) + count

@@ -65,9 +65,17 @@ from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, R
 from kvgevent.server.turns import Turns
 from kvgevent.stores.base import KVStore
 from kvgevent.stores.memory import MemoryStore
+from kvgevent.timings import Timings
 from kvgevent.tls import TlsStream
 
 ERR_MAX_CLIENTS = ProtocolError("max clients reached")
+
+
+def store_name(store: KVStore) -> str:
+    """The ``store`` label of the metrics: memory, aof or redis (or the class's name)."""
+    return {"MemoryStore": "memory", "DurableStore": "aof", "RedisStore": "redis"}.get(
+        type(store).__name__, type(store).__name__
+    )
 
 
 class _Closing(Exception):
@@ -190,6 +198,11 @@ class KeyValueServer:
         self._reported = 0  # dropped clients already published to a shared store
         self._ids = itertools.count(1)
         self._started_at = time.monotonic()
+        self.started_at = time.time()  # (Unix time, for the metrics)
+        self.batch_seconds = Timings()  # time to apply a batch, by its first request's class
+        self.barrier_seconds = Timings()  # a PING's wait for durability
+        self.store_name = store_name(self.store)
+        self._monitor: Any = None  # the HTTP listener of serve_metrics()
         self._closing = False
         self._closed = gevent.event.Event()
         self._flush_deadline = 0.0
@@ -262,6 +275,27 @@ class KeyValueServer:
         """Clients that have disconnected (for any reason) since the server started."""
         return self.counters.dropped
 
+    def serve_metrics(self, port: int, host: str = DEFAULT_HOST) -> int:
+        """Serve Prometheus metrics, /healthz and /readyz over HTTP on ``host:port`` (0: any
+        free port; see :mod:`kvgevent.server.monitor`), in this hub; returns the port.
+        Raises OSError if it cannot bind. Stopped by :meth:`close`."""
+        from kvgevent.server.monitor import Monitor  # (prometheus_client: only when asked for)
+
+        monitor = Monitor(self, self.log)
+        monitor.start(port, host)
+        self._monitor = monitor
+        self.log.info("metrics_listening", host=host, port=monitor.port)
+        return monitor.port
+
+    def not_ready(self) -> str | None:
+        """Why the server cannot serve now (one line, for /readyz), or None: the listener is
+        not up, it is stopping, or the store says why."""
+        if self._server is None or not self._server.started:
+            return "not listening"
+        if self._closing:
+            return "shutting down"
+        return self.store.not_ready()
+
     def stats(self) -> dict[str, int]:
         """The counters of ``STATS``. May raise StoreError (``keys`` asks the store)."""
         c = self.counters
@@ -311,6 +345,8 @@ class KeyValueServer:
                 self._publish_counts(final=True)  # the last drops, and this worker leaves the table
             self.store.close()
             self._turns.close()
+            if self._monitor is not None:
+                self._monitor.close()
             c = self.counters
             self.log.info(
                 "server_stopped",
@@ -429,7 +465,6 @@ class KeyValueServer:
         feed = conn.buffer.feed
         execute = self._execute
         session = conn.session
-        clock = time.perf_counter
         track_idle = self.idle_timeout > 0
         while conn.failed is None:
             data = recv(RECV_SIZE)
@@ -446,9 +481,7 @@ class KeyValueServer:
                     if conn.heavy and not self._wait_turn(conn):  # its last turn held the loop
                         return
                     session.work = 0  # a new turn
-                    began = clock()
                     execute(conn, items)
-                    conn.heavy = clock() - began >= HEAVY_TURN
                 del items
             # Hold nothing while waiting for the next read: what a client that went quiet
             # pins is its incomplete line alone, counted (--max-memory), not its last read.
@@ -519,12 +552,21 @@ class KeyValueServer:
     def _execute(self, conn: Connection, items: list[Any]) -> None:
         """Apply ``items`` through the client's session, carrying out each action it yields
         (:mod:`kvgevent.server.session`): this and the read loop are where replies meet the
-        connection's queue and where a session's waits happen."""
+        connection's queue and where a session's waits happen. Timed: a batch that held the
+        loop for HEAVY_TURN makes its client heavy; every batch goes into the histogram."""
+        began = time.perf_counter()
         actions = conn.session.handle(items)
         if actions.__class__ is list:  # the usual case: reply lines, and nothing to wait for
             if actions:
                 conn.send_lines(actions)
-            return
+        else:
+            self._drive(conn, actions)
+        elapsed = time.perf_counter() - began
+        conn.heavy = elapsed >= HEAVY_TURN
+        self.batch_seconds.observe(elapsed, conn.session.verb)
+
+    def _drive(self, conn: Connection, actions: Any) -> None:
+        """Carry out a session's actions until it is done."""
         try:
             action = next(actions)
             while True:
@@ -546,10 +588,13 @@ class KeyValueServer:
         elif action is NEXT_TURN:
             self._turns.wait()
         elif kind is Durable:
+            began = time.perf_counter()
             try:
                 self.store.barrier(action.position)
             except KVError as exc:
                 return exc
+            finally:
+                self.barrier_seconds.observe(time.perf_counter() - began)
         elif kind is Dropped:
             if conn.failed is None:
                 conn.drop(action.lines)
@@ -625,6 +670,7 @@ class KeyValueServer:
         if self._conns.pop(conn.client_id, None) is None:
             return
         self.counters.dropped += 1
+        self.counters.dropped_by[reason] = self.counters.dropped_by.get(reason, 0) + 1
         conn.release()
         conn.close()
         extra = {"error": error} if error else {}

@@ -144,6 +144,7 @@ class Session:
         "work",
         "chunk_lines",
         "chunk_bytes",
+        "verb",
     )
 
     def __init__(
@@ -166,6 +167,7 @@ class Session:
         self.work = 0  # work done in this client's current turn (TURN_WORK units)
         # The most lines and bytes of a big reply's chunk: one that fits the client's queue.
         self.chunk_lines, self.chunk_bytes = chunk
+        self.verb: type = type(None)  # the class of the last batch's first request (metrics)
 
     def logger(self) -> Logger:
         """The server's logger bound to this client (made on use: most clients never log)."""
@@ -189,6 +191,8 @@ class Session:
         run: list[Any] = []
         for index, item in enumerate(items):
             cmd = parse(item) if item.__class__ is bytes else item
+            if not index:
+                self.verb = cmd.__class__  # the batch's, for the metrics
             if cmd.__class__ in DATA_COMMANDS:
                 run.append(cmd)
                 continue
@@ -236,8 +240,10 @@ class Session:
         if kind is Ping:
             if self.shared.store.needs_barrier:
                 return False
+            self._count("ping")
             out.append(PONG)
         elif kind is Stats:
+            self._count("stats")
             try:
                 out.append(stats_line(self.shared.stats()))
             except KVError as exc:  # a store that cannot count its keys now
@@ -260,15 +266,21 @@ class Session:
         if out:  # a PING that waits for the disk: what came before leaves first
             yield out
             out.clear()
+        self._count("ping")
         failure = yield Durable(self.write_mark)
         self._reply(out, PONG if failure is None else failure)
+
+    def _count(self, verb: str) -> None:
+        """One more PING, STATS or AUTH served (data commands are counted by the store)."""
+        verbs = self.shared.counters.verbs
+        verbs[verb] = verbs.get(verb, 0) + 1
 
     def _reply(self, out: list[bytes], reply: bytes | KVError) -> None:
         """Add ``reply`` to ``out``: a line, or an error's ERR line (counted)."""
         if reply.__class__ is bytes:
             out.append(reply)
         else:
-            self.shared.counters.errors += 1
+            self.shared.counters.count_error(reply.reason)  # type: ignore[union-attr]  # (not bytes: a KVError)
             out.append(reply.reply)  # type: ignore[union-attr]  # (not bytes: a KVError)
 
     # --- data commands --------------------------------------------------------------------
@@ -310,7 +322,7 @@ class Session:
         try:
             results, work = self._apply_some(run)
         except KVError as exc:
-            self.shared.counters.errors += len(run)
+            self.shared.counters.count_error(exc.reason, len(run))
             out += [exc.reply] * len(run)
             return None
         self.work += work
@@ -432,6 +444,7 @@ class Session:
                         yield out
                     return items[index + 1 :]
             elif cmd.__class__ is Ping:
+                self._count("ping")
                 out.append(PONG)  # nothing to wait for: this connection has written nothing yet
             elif cmd is ERR_LINE_TOO_LONG:  # the line's length, not its content, is the problem
                 self._line_too_long()
@@ -447,6 +460,7 @@ class Session:
         reply to ``out``: OK (and the session is authenticated) or an ERR; after
         MAX_AUTH_FAILURES wrong or refused AUTHs, the reply and a :class:`Close`."""
         shared = self.shared
+        self._count("auth")
         if shared.password is None:
             self._reply(out, ERR_NO_PASSWORD)
             return

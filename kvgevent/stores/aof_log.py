@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import gevent
 import gevent.event
@@ -42,6 +42,7 @@ import gevent.event
 from kvgevent.errors import StoreError
 from kvgevent.logs import Logger, get_logger
 from kvgevent.stores.aof import MAGIC, AofCorrupt, Scan, Scanner, encode_record
+from kvgevent.timings import Timings
 
 FSYNC_POLICIES = ("always", "everysec", "no")
 DEFAULT_FSYNC = "everysec"
@@ -74,6 +75,11 @@ ERR_PERSISTENCE = StoreError("persistence failed")
 
 Payloads = Sequence[bytes]
 IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+Failure = Literal["write", "fsync", "rename"]
+
+FAILURE_EVENTS = {"write": "aof_write_failed", "fsync": "aof_fsync_failed", "rename": "aof_rename_failed"}
+"""The event that opens a failure episode, by what failed (each logged once per episode)."""
 
 
 def fsync_directory(path: str) -> None:
@@ -173,6 +179,7 @@ class AppendOnlyLog:
         self.torn = False  # bytes past ``size`` may be in the file (a failed write, not cut yet)
         self.lost = False  # an fsync failed: only a rebuild makes what was written durable
         self.rewrites = 0
+        self.fsync_seconds = Timings()  # how long the fsyncs of the file took
         self.fsync_errors = 0
         self.write_errors = 0
         self.writes_refused = 0
@@ -346,8 +353,10 @@ class AppendOnlyLog:
         except OSError:  # (EMFILE): no fsync happened, so nothing is lost
             self.fsync_errors += 1
             raise
+        began = time.monotonic()
         try:
             in_thread(os.fsync, fd)
+            self.fsync_seconds.observe(time.monotonic() - began)
         except OSError:
             self.fsync_errors += 1
             self.lost = True  # the kernel may have dropped the pages it could not write
@@ -368,7 +377,7 @@ class AppendOnlyLog:
 
     # --- failing and recovering -------------------------------------------------------------
 
-    def _fail(self, kind: str, exc: BaseException) -> Episode:
+    def _fail(self, kind: Failure, exc: BaseException) -> Episode:
         """Open an episode (or add to the current one); log each kind of failure once per
         episode. Returns the episode."""
         error, number = _error_text(exc), getattr(exc, "errno", None)
@@ -380,7 +389,7 @@ class AppendOnlyLog:
         if kind not in episode.logged:
             episode.logged.add(kind)
             self.log.error(
-                f"aof_{kind}_failed",
+                FAILURE_EVENTS[kind],
                 path=self.path,
                 error=error,
                 errno=number,
@@ -484,7 +493,9 @@ class AppendOnlyLog:
         except OSError:
             pass  # nothing is written through it any more
 
-    def finish_switch(self, position: int, records: int, kind: str | None, exc: BaseException | None) -> None:
+    def finish_switch(
+        self, position: int, records: int, kind: Failure | None, exc: BaseException | None
+    ) -> None:
         """The switched-to file is in place, fsynced up to ``position`` (``exc`` is None), or
         it could not be put in place (``kind`` of failure and ``exc``): then only a rebuild
         makes anything written since the switch durable."""

@@ -30,11 +30,14 @@ from gevent.lock import Semaphore
 
 from kvgevent.errors import KVError
 from kvgevent.protocol import Delete, Get, Put, Update
+from kvgevent.timings import Timings
 
 Key = bytes | str
 DataCommand = Put | Get | Update | Delete
 DATA_COMMANDS = frozenset((Put, Get, Update, Delete))
 """The command types a store applies (PING, STATS, AUTH are the server's)."""
+VERBS = {Put: "put", Get: "get", Update: "update", Delete: "delete"}
+"""The name of each data command, as the metrics label it."""
 WRITES = frozenset((Put, Update))
 """The commands that make the data bigger (refused over --max-memory; DELETE is not)."""
 Result = list[bytes] | KVError | None
@@ -53,6 +56,8 @@ class KVStore(abc.ABC):
 
     def __init__(self) -> None:
         self.lock = Semaphore()
+        self.applied = {"put": 0, "get": 0, "update": 0, "delete": 0}
+        """Data commands this store has carried out, by verb (the server's metrics read it)."""
 
     @abc.abstractmethod
     def put(self, key: Key, value: bytes) -> None:
@@ -79,6 +84,7 @@ class KVStore(abc.ABC):
         results: list[list[bytes] | KVError | None] = []
         for cmd in commands:
             kind = cmd.__class__
+            self.applied[VERBS[kind]] += 1
             try:
                 if kind is Get:
                     results.append(self.get(cmd[0]))
@@ -145,6 +151,14 @@ class KVStore(abc.ABC):
     def stats(self) -> dict[str, int]:
         """The store's own counters, added to the server's STATS line."""
         return {}
+
+    def timings(self) -> dict[str, Timings]:
+        """The store's own duration histograms, by name (for the server's metrics)."""
+        return {}
+
+    def not_ready(self) -> str | None:
+        """Why the store cannot serve now (one line: /readyz), or None. May yield."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the store holds (connections, files). The default does nothing."""

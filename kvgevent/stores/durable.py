@@ -28,6 +28,7 @@ from kvgevent.stores.aof_log import ERR_PERSISTENCE, AppendOnlyLog
 from kvgevent.stores.base import DATA_COMMANDS, DataCommand, Key, KVStore, key_bytes
 from kvgevent.stores.memory import MemoryStore
 from kvgevent.stores.rewrite import Aborted, Rewrite
+from kvgevent.timings import SLOW_BUCKETS, Timings
 
 DEFAULT_REWRITE_MIN_SIZE = 64 << 20
 """Bytes the file must reach before it is compacted."""
@@ -59,6 +60,8 @@ class DurableStore(KVStore):
     ) -> None:
         super().__init__()
         self.memory = MemoryStore()
+        self.applied = self.memory.applied  # (the memory store applies, and counts, every command)
+        self.rewrite_seconds = Timings(SLOW_BUCKETS)  # how long compactions took
         self.lock = self.memory.lock  # one semaphore for the data and the file
         self.log = log if log is not None else get_logger()
         self.aof = AppendOnlyLog(path, fsync, self.log, rebuild=self._rebuild)
@@ -161,6 +164,14 @@ class DurableStore(KVStore):
             "aof_rewrite_failures": self.rewrite_failures,
         }
 
+    def timings(self) -> dict[str, Timings]:
+        return {"aof_fsync": self.aof.fsync_seconds, "aof_rewrite": self.rewrite_seconds}
+
+    def not_ready(self) -> str | None:
+        if not self.aof.ok:
+            return "the append-only file is failing: writes are refused until it recovers"
+        return None
+
     @property
     def needs_barrier(self) -> bool:  # type: ignore[override]  # (a property where the base class has an attribute)
         return self.aof.policy == "always"
@@ -250,4 +261,5 @@ class DurableStore(KVStore):
         self._base_size = self.aof.size
         self._retry_at, self._retry_delay = 0.0, REWRITE_RETRY_MIN
         self._rewrite_failing = False
+        self.rewrite_seconds.observe(report.get("seconds", 0.0))
         self.log.info("aof_rewritten", path=self.aof.path, reason=reason, **report)

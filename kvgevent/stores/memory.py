@@ -90,11 +90,12 @@ class MemoryStore(KVStore):
         results: list[Result] = []
         append = results.append
         used = self.used_bytes
-        work = 0
+        work = puts = gets = 0  # (counted in locals: the hot path pays no dict per command)
         try:
             for cmd in commands:
                 kind = cmd.__class__
                 if kind is Put:
+                    puts += 1
                     value = cmd[1]  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
                     values = data.get(cmd[0])
                     if values is None:
@@ -107,17 +108,20 @@ class MemoryStore(KVStore):
                     continue
                 values = data.get(cmd[0])
                 if kind is Get:
+                    gets += 1
                     if values:
                         work += len(values)
                         append(values[:])
                     else:
                         append(None)
                 elif kind is Update:
+                    self.applied["update"] += 1
                     scanned, grew = _update(data, cmd, values)  # type: ignore[arg-type]  # (kind narrows cmd; mypy does not follow __class__)
                     work += scanned
                     used += grew
                     append(None)
                 elif kind is Delete:
+                    self.applied["delete"] += 1
                     if values is not None:
                         del data[cmd[0]]
                         work += len(values)
@@ -129,6 +133,9 @@ class MemoryStore(KVStore):
                     break
         finally:
             self.used_bytes = used
+            applied = self.applied
+            applied["put"] += puts
+            applied["get"] += gets
         return results, work
 
 

@@ -26,18 +26,13 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
 from kvgevent.errors import KVError, StoreError
 from kvgevent.logs import Logger, get_logger, redacted_url
 from kvgevent.protocol import Delete, Get, Put, Update
-from kvgevent.stores.base import DataCommand, Key, KVStore, key_bytes
+from kvgevent.stores.base import VERBS, DataCommand, Key, KVStore, key_bytes
 from kvgevent.stores.redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
 from kvgevent.stores.resp import Dispatcher, ReplyMismatch, RespConnection
-
-DEFAULT_PREFIX = "kvgevent:"
-"""Namespace of kvgevent's keys in a Redis that others may share."""
-
-DEFAULT_REDIS_TIMEOUT = 2.0
-"""Seconds a Redis call may take before its commands get ``ERR store unavailable``."""
 
 MAX_CONNECTIONS = 256
 """Connections to Redis per kvgevent process (one per client round trip in flight)."""
@@ -124,8 +119,10 @@ class RedisStore(KVStore):
         prefix = self.prefix
         encoded: list[tuple[bytes, ...]] = []
         expected: list[type] = []
+        applied = self.applied
         for cmd in commands:
             kind, key = cmd.__class__, prefix + cmd[0]
+            applied[VERBS[kind]] += 1
             if kind is Get:
                 encoded.append((b"LRANGE", key, b"0", b"-1"))
                 expected.append(list)
@@ -155,6 +152,7 @@ class RedisStore(KVStore):
         skipped: dict[int, KVError] = {}
         for index, cmd in enumerate(commands):
             kind, key = cmd.__class__, prefix + cmd[0]
+            self.applied[VERBS[kind]] += 1
             if self.health.outages and self.health.waiting(self._node_of(key)):
                 self.health.skipped(self._node_of(key), 1)
                 skipped[index] = ERR_UNAVAILABLE
@@ -347,6 +345,13 @@ class RedisStore(KVStore):
 
     def stats(self) -> dict[str, int]:
         return self.health.stats()
+
+    def not_ready(self) -> str | None:
+        try:
+            self._call(self.client.ping)
+        except KVError as exc:
+            return f"the Redis store: {exc.reason}"
+        return None
 
     @staticmethod
     def _raise_first(results: list[Any]) -> None:

@@ -38,7 +38,14 @@ from typing import Any, Protocol
 from gevent.lock import Semaphore
 
 from kvgevent.stores.aof import HEADER, MAGIC
-from kvgevent.stores.aof_log import REWRITE_SUFFIX, AppendOnlyLog, fsync_directory, in_thread, pwrite_all
+from kvgevent.stores.aof_log import (
+    REWRITE_SUFFIX,
+    AppendOnlyLog,
+    Failure,
+    fsync_directory,
+    in_thread,
+    pwrite_all,
+)
 from kvgevent.stores.memory import MemoryStore
 
 
@@ -274,7 +281,7 @@ class Rewrite:
     def _put_in_place(self) -> None:
         """fsync, rename, fsync the directory; then the log's positions count as durable."""
         position, records = self.aof.written, self.aof.written_records
-        kind = "fsync"
+        kind: Failure = "fsync"
         try:
             in_thread(os.fsync, self.fd)
             kind = "rename"

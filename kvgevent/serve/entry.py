@@ -1,0 +1,16 @@
+"""The ``kvgevent-server`` command (and ``python -m kvgevent``): ``run_server.py`` once
+installed. gevent patches the standard library before anything else imports it: with a Redis
+store, its client's sockets must be gevent's, or one Redis round trip would block every client."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    from gevent import monkey
+
+    monkey.patch_all()
+    from kvgevent.serve.cli import main as serve  # (after the patch)
+
+    sys.exit(serve())

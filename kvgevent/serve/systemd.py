@@ -1,0 +1,65 @@
+"""Service readiness for systemd (``Type=notify``): a datagram to the Unix socket named by
+``NOTIFY_SOCKET`` (``@name``: the abstract namespace). Nothing happens without that variable.
+
+``run_server.py`` sends ``READY=1`` once it listens (after the append-only file was replayed)
+and ``STOPPING=1`` when a SIGINT/SIGTERM starts its shutdown. With ``--workers`` the supervisor
+gives its workers a socket of its own (:class:`ReadyCollector`) and sends ``READY=1`` once every
+worker has sent it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import gevent
+import gevent.socket
+
+
+def notify(message: str) -> bool:
+    """Send ``message`` (``READY=1``, ``STOPPING=1``, ``STATUS=...``) to systemd, if it asked
+    (``NOTIFY_SOCKET``); True if sent. Never raises: readiness is advice, not a condition."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError:
+        return False
+    return True
+
+
+class ReadyCollector:
+    """A notification socket for the supervisor's workers: they send READY=1 to it (their
+    ``NOTIFY_SOCKET``) as they would to systemd; :meth:`wait` counts them."""
+
+    def __init__(self) -> None:
+        self._directory = tempfile.mkdtemp(prefix="kvgevent-notify-")
+        self.path = os.path.join(self._directory, "notify")
+        self._sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.path)
+        self.ready = 0
+
+    def wait(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` READY=1 have come (True), or ``timeout`` seconds (False)."""
+        try:
+            with gevent.Timeout(timeout):
+                while self.ready < count:
+                    message = self._sock.recv(4096)
+                    if b"READY=1" in message.split(b"\n"):
+                        self.ready += 1
+        except gevent.Timeout:
+            pass
+        return self.ready >= count
+
+    def close(self) -> None:
+        self._sock.close()
+        for path in (self.path, self._directory):
+            try:
+                os.rmdir(path) if path == self._directory else os.unlink(path)
+            except OSError:
+                pass

@@ -1,0 +1,259 @@
+"""Monitoring over HTTP, from the server's own process and gevent hub: Prometheus metrics and
+health endpoints (``--metrics-port``).
+
+- ``GET /metrics``: the Prometheus text format, produced by ``prometheus_client`` from a
+  registry of this server's own (so several servers in one process do not mix): what STATS
+  has, under ``kvgevent_`` names, read from the server's counters at scrape time (the hot
+  path pays nothing for a counter), histograms of batch times, PING barrier waits, the
+  append-only file's fsyncs and compactions (:class:`~kvgevent.timings.Timings`, cheap to
+  observe), and ``prometheus_client``'s process metrics (RSS, CPU, open fds).
+- ``GET /healthz``: 200 while the process serves; ``GET /readyz``: 200 when the listener is
+  up, the store reachable and the append-only file writable, else 503 with a one-line reason.
+- Anything else: 404. This listener never speaks the key-value protocol.
+
+HTTP is served by ``gevent.pywsgi``: each request is a greenlet of the hub; a scrape costs the
+event loop about as much as a STATS.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from gevent.pywsgi import WSGIServer
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from kvgevent.errors import KVError
+from kvgevent.logs import Logger
+from kvgevent.protocol import Auth, Delete, Get, Ping, Put, Stats, Update
+from kvgevent.timings import Timings
+
+if TYPE_CHECKING:
+    from kvgevent.server.server import KeyValueServer
+
+VERB_NAMES: dict[Any, str] = {
+    Put: "put",
+    Get: "get",
+    Update: "update",
+    Delete: "delete",
+    Ping: "ping",
+    Stats: "stats",
+    Auth: "auth",
+}
+"""The ``verb`` label of a request class (anything else, an error line: ``other``)."""
+
+# STATS names -> (metric name, counter or gauge, help). Counters get ``_total`` from
+# prometheus_client.
+_SERVER = (
+    ("accepted", "kvgevent_connections", "counter", "Clients accepted."),
+    ("rejected", "kvgevent_clients_rejected", "counter", "Clients refused over --max-clients."),
+    (
+        "messages_dropped",
+        "kvgevent_messages_dropped",
+        "counter",
+        "Replies dropped for clients that do not read.",
+    ),
+    ("commands", "kvgevent_requests", "counter", "Request lines received (ERR ones too)."),
+    ("lines_too_long", "kvgevent_lines_too_long", "counter", "Request lines over the line bound."),
+    ("auth_failures", "kvgevent_auth_failures", "counter", "Wrong passwords."),
+    ("auth_throttled", "kvgevent_auth_throttled", "counter", "AUTHs delayed or refused by the throttle."),
+)
+_MEMORY = (
+    ("maxmemory", "kvgevent_memory_limit_bytes", "gauge", "--max-memory (0: no limit)."),
+    ("used_memory", "kvgevent_memory_used_bytes", "gauge", "Memory in use, by kvgevent's accounting."),
+    ("used_memory_clients", "kvgevent_memory_clients_bytes", "gauge", "Bytes client buffers hold."),
+    ("oom_rejected", "kvgevent_oom_rejected", "counter", "Writes refused over --max-memory."),
+    ("evicted_clients", "kvgevent_clients_evicted", "counter", "Clients disconnected for memory."),
+)
+STORE_METRICS = {
+    "aof_bytes": ("kvgevent_aof_bytes", "gauge", "Size of the append-only file."),
+    "aof_records": ("kvgevent_aof_records", "gauge", "Records in the file since the last compaction."),
+    "aof_rewrites": ("kvgevent_aof_rewrites", "counter", "Compactions done."),
+    "aof_rewriting": ("kvgevent_aof_rewriting", "gauge", "1 while a compaction runs."),
+    "aof_rewrite_failures": ("kvgevent_aof_rewrite_failures", "counter", "Compactions that failed."),
+    "aof_fsync_errors": ("kvgevent_aof_fsync_errors", "counter", "fsyncs of the file that failed."),
+    "aof_write_errors": ("kvgevent_aof_write_errors", "counter", "Writes to the file that failed."),
+    "aof_writes_refused": ("kvgevent_aof_writes_refused", "counter", "Writes refused while the log failed."),
+    "aof_ok": ("kvgevent_aof_ok", "gauge", "1 while the log takes writes, 0 during a failure episode."),
+    "store_unavailable": ("kvgevent_store_unavailable", "counter", "Commands failed: Redis unreachable."),
+    "store_errors": ("kvgevent_store_errors", "counter", "Commands Redis answered with an error."),
+    "store_nodes_down": ("kvgevent_store_nodes_down", "gauge", "Redis nodes in an outage now."),
+}
+"""The store's STATS figures as metrics; ``aof_last_fsync_ms`` becomes an age in seconds."""
+
+_FAMILIES: dict[str, Callable[..., Metric]] = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
+
+
+class ServerCollector(Collector):
+    """Reads one server's figures at each scrape."""
+
+    def __init__(self, server: KeyValueServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        counters = server.counters
+        for attribute, name, kind, doc in _SERVER:
+            yield _FAMILIES[kind](name, doc, value=getattr(counters, attribute))
+        yield GaugeMetricFamily(
+            "kvgevent_clients_active", "Clients connected now.", value=server.count_active()
+        )
+        yield _labelled(
+            CounterMetricFamily,
+            "kvgevent_clients_dropped",
+            "Clients gone, by reason.",
+            "reason",
+            counters.dropped_by,
+        )
+        yield _labelled(
+            CounterMetricFamily, "kvgevent_errors", "ERR replies, by phrase.", "reason", counters.errors_by
+        )
+        yield _labelled(
+            CounterMetricFamily,
+            "kvgevent_commands",
+            "Commands carried out, by verb (data commands as the store carried them out).",
+            "verb",
+            {**counters.verbs, **server.store.applied},
+        )
+        memory = server.memory.stats()
+        for key, name, kind, doc in _MEMORY:
+            yield _FAMILIES[kind](name, doc, value=memory[key])
+        yield from self._store()
+        yield GaugeMetricFamily(
+            "kvgevent_start_time_seconds", "When the server started (Unix time).", value=server.started_at
+        )
+        yield _histogram(
+            "kvgevent_batch_seconds",
+            "Time to apply a batch of requests, by its first request's verb.",
+            server.batch_seconds,
+            {"store": server.store_name},
+        )
+        yield _histogram(
+            "kvgevent_ping_barrier_seconds",
+            "A PING's wait for its writes to be durable (--fsync always).",
+            server.barrier_seconds,
+            {},
+        )
+        for name, timings in server.store.timings().items():
+            yield _histogram(
+                f"kvgevent_{name}_seconds", f"Durations of {name.replace('_', ' ')}.", timings, {}
+            )
+
+    def _store(self) -> Iterator[Metric]:
+        store = self.server.store
+        try:
+            yield GaugeMetricFamily(
+                "kvgevent_keys", "Keys holding at least one value.", value=store.count_keys()
+            )
+        except KVError:
+            pass  # a store that cannot count now: the metric is absent, /readyz says why
+        if not store.shared:
+            yield GaugeMetricFamily(
+                "kvgevent_data_bytes", "Bytes the data takes, by the cost model.", value=store.memory_used()
+            )
+        for key, value in store.stats().items():
+            if key == "aof_last_fsync_ms":
+                yield GaugeMetricFamily(
+                    "kvgevent_aof_last_fsync_age_seconds",
+                    "Seconds since the file was last synced.",
+                    value=value / 1000,
+                )
+            elif key in STORE_METRICS:
+                name, kind, doc = STORE_METRICS[key]
+                yield _FAMILIES[kind](name, doc, value=value)
+
+
+def _labelled(
+    family: Callable[..., Metric], name: str, doc: str, label: str, values: dict[str, int]
+) -> Metric:
+    metric = family(name, doc, labels=[label])
+    for value, count in sorted(values.items()):
+        metric.add_metric([value], count)  # type: ignore[attr-defined]  # (each family has add_metric)
+    return metric
+
+
+def _histogram(name: str, doc: str, timings: Timings, fixed: dict[str, str]) -> Metric:
+    """A Prometheus histogram of ``timings``; its series' label values are request classes
+    (named by VERB_NAMES) or strings; ``fixed``: labels every series has."""
+    labelled = any(key != "" for key in timings.series)
+    labels = [*fixed, *(["verb"] if labelled else [])]
+    metric = HistogramMetricFamily(name, doc, labels=labels)
+    for key in sorted(timings.series, key=str):
+        buckets, total = timings.cumulative(key)
+        verb = VERB_NAMES.get(key, key if isinstance(key, str) else "other")
+        metric.add_metric([*fixed.values(), *([verb] if labelled else [])], buckets=buckets, sum_value=total)
+    return metric
+
+
+class Monitor:
+    """The HTTP listener of one server: ``start()`` binds ``host:port`` (OSError if it
+    cannot); ``close()`` stops it. Requests are logged only when they fail."""
+
+    def __init__(self, server: KeyValueServer, log: Logger) -> None:
+        self.server = server
+        self.log = log
+        self.registry = CollectorRegistry()
+        self.registry.register(ServerCollector(server))
+        ProcessCollector(registry=self.registry)
+        self._metrics = make_wsgi_app(self.registry)
+        self._http: WSGIServer | None = None
+
+    def start(self, port: int, host: str) -> None:
+        self._http = WSGIServer((host, port), self.app, log=None, error_log=_ErrorLog(self.log))  # type: ignore[call-overload]  # (our error log has what pywsgi uses: write, flush)
+        self._http.start()
+
+    @property
+    def port(self) -> int:
+        assert self._http is not None, "not started"
+        port = self._http.server_port
+        assert port is not None  # (started: bound)
+        return port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.stop(timeout=1)
+
+    def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """The WSGI application: /metrics, /healthz, /readyz; 404 for anything else."""
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            path = ""  # anything but a GET (or HEAD) of these three: 404
+        if path == "/metrics":
+            return self._metrics(environ, start_response)
+        if path == "/healthz":
+            return _reply(start_response, "200 OK", b"ok\n")
+        if path == "/readyz":
+            reason = self.server.not_ready()
+            if reason is None:
+                return _reply(start_response, "200 OK", b"ready\n")
+            return _reply(start_response, "503 Service Unavailable", reason.encode() + b"\n")
+        return _reply(start_response, "404 Not Found", b"not found: /metrics, /healthz, /readyz\n")
+
+
+def _reply(start_response: Callable[..., Any], status: str, body: bytes) -> list[bytes]:
+    start_response(
+        status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+class _ErrorLog:
+    """pywsgi's error log (a file-like object) as one structured event per error."""
+
+    def __init__(self, log: Logger) -> None:
+        self.log = log
+        self._last = 0.0
+
+    def write(self, text: str) -> None:
+        line = text.strip().splitlines()[-1] if text.strip() else ""
+        now = time.monotonic()
+        if line and now - self._last >= 1.0:  # at most one a second: a scanner cannot flood the log
+            self._last = now
+            self.log.warning("metrics_http_error", error=line[:200])
+
+    def flush(self) -> None:
+        pass

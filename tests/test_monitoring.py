@@ -1,0 +1,276 @@
+"""Running kvgevent as a service (issue 14): Prometheus metrics and health over HTTP, systemd
+readiness, a log file that logrotate can rotate. Everything against ``run_server.py`` over
+loopback: metrics are scraped over HTTP and parsed with prometheus_client's own parser; systemd
+is played by a datagram socket of the test's own; logrotate by a rename and a SIGHUP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import gevent
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Peer, RedisProcess, free_port, needs_redis, read_stats, wait_until
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of an HTTP GET on loopback."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value."""
+    status, text = get(port, "/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def serving(server_process, *args: str, **options):
+    metrics = free_port()
+    proc = server_process("--metrics-port", str(metrics), *args, **options)
+    wait_until(lambda: any(e["event"] == "metrics_listening" for e in proc.events()), 10)
+    return proc, metrics
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def test_the_metrics_move_with_what_clients_do(server_process):
+    """5 connections, 40 GETs, one client that never reads a big reply: the scrape shows them
+    (connections, commands by verb, dropped clients by reason, dropped messages, keys, data
+    bytes, batch times), with the process collector's figures beside them."""
+    proc, metrics = serving(server_process, "--queue-bytes", "1M")
+    before = scrape(metrics)
+    peers = [Peer(proc.port) for _ in range(5)]
+    peers[0].request(b"".join(b"PUT:big:%s\n" % (b"x" * 100_000) for _ in range(40)) + b"PUT:k:v\n")
+    for peer in peers:
+        assert peer.request(b"GET:k\n" * 8) == [b"k:v"] * 8
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", proc.port))
+    stuck.sendall(b"GET:big\n" * 5)
+    wait_until(lambda: read_stats(peers[0])["messages_dropped"] > 0, 20)
+    stuck.close()
+    peers[1].close()
+    wait_until(lambda: read_stats(peers[0])["dropped"] == 2, 20)
+    after = scrape(metrics)
+    assert value(after, "kvgevent_connections_total") - value(before, "kvgevent_connections_total") == 6
+    assert value(after, "kvgevent_clients_active") == 4
+    assert value(after, "kvgevent_commands_total", verb="get") == 40 + 5
+    assert value(after, "kvgevent_commands_total", verb="put") == 41
+    # (the stuck one closes with unread data: a reset)
+    assert value(after, "kvgevent_clients_dropped_total", reason="closed") == 1
+    assert value(after, "kvgevent_clients_dropped_total", reason="reset") == 1
+    assert value(after, "kvgevent_messages_dropped_total") > 0
+    assert value(after, "kvgevent_keys") == 2
+    assert value(after, "kvgevent_data_bytes") > 4_000_000
+    assert value(after, "kvgevent_batch_seconds_count", store="memory", verb="get") >= 5
+    assert value(after, "process_resident_memory_bytes") > 10_000_000
+    assert value(after, "process_open_fds") > 5
+    for peer in peers:
+        peer.close()
+
+
+def test_errors_are_counted_by_phrase(server_process):
+    proc, metrics = serving(server_process)
+    peer = Peer(proc.port)
+    assert peer.request(b"bogus\nbogus\nPUT:k\n") == [b"ERR unknown command"] * 2 + [
+        b"ERR wrong number of fields for PUT"
+    ]
+    samples = scrape(metrics)
+    assert value(samples, "kvgevent_errors_total", reason="unknown command") == 2
+    assert value(samples, "kvgevent_errors_total", reason="wrong number of fields for PUT") == 1
+    assert value(samples, "kvgevent_commands_total", verb="ping") == 1
+    peer.close()
+
+
+def test_the_append_only_file_shows_its_fsyncs_and_the_ping_barrier(server_process, tmp_path):
+    """Under --fsync always, a PUT and a PING: one fsync at least in the fsync histogram, the
+    PING's wait in the barrier histogram, the file's size and health."""
+    proc, metrics = serving(server_process, "--aof", str(tmp_path / "kv.aof"), "--fsync", "always")
+    peer = Peer(proc.port)
+    assert peer.request(b"PUT:k:v\n") == []
+    samples = scrape(metrics)
+    assert value(samples, "kvgevent_aof_fsync_seconds_count") >= 1
+    assert value(samples, "kvgevent_ping_barrier_seconds_count") >= 1
+    assert value(samples, "kvgevent_aof_ok") == 1
+    assert value(samples, "kvgevent_aof_bytes") > 0
+    assert value(samples, "kvgevent_batch_seconds_count", store="aof", verb="put") >= 1
+    peer.close()
+
+
+# --- health, and keeping the two protocols apart -------------------------------------------
+
+
+def test_health_endpoints_and_nothing_else(server_process):
+    _, metrics = serving(server_process)
+    assert get(metrics, "/healthz") == (200, "ok\n")
+    assert get(metrics, "/readyz") == (200, "ready\n")
+    assert get(metrics, "/nope")[0] == 404
+    assert get(metrics, "/")[0] == 404
+
+
+def test_each_port_speaks_only_its_own_protocol(server_process):
+    """The key-value port answers an HTTP request with ERR lines, never an HTTP status line;
+    the metrics port answers the key-value protocol with an HTTP error, never a reply."""
+    proc, metrics = serving(server_process)
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as kv:
+        kv.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nPING\n")
+        data = b""
+        while not data.endswith(b"PONG\n"):
+            data += kv.recv(4096)
+        assert not data.startswith(b"HTTP/") and data.endswith(b"PONG\n")
+    with socket.create_connection(("127.0.0.1", metrics), timeout=10) as http:
+        http.sendall(b"PUT:k:v\nPING\n")
+        reply = http.recv(4096)
+        assert b"PONG" not in reply and (reply == b"" or reply.startswith(b"HTTP/1.1 4"))
+
+
+@needs_redis
+def test_readyz_follows_the_redis_store(server_process, tmp_path):
+    """/readyz is 503 with the reason while Redis is killed, 200 once it is back."""
+    redis = RedisProcess(tmp_path)
+    try:
+        _, metrics = serving(server_process, "--store", redis.url)
+        assert get(metrics, "/readyz") == (200, "ready\n")
+        redis.kill()
+        status, body = get(metrics, "/readyz")
+        assert status == 503 and "store unavailable" in body
+        assert get(metrics, "/healthz") == (200, "ok\n")
+        redis.start()
+        wait_until(lambda: get(metrics, "/readyz")[0] == 200, 15, "not ready again")
+    finally:
+        redis.kill()
+
+
+@needs_redis
+def test_every_worker_serves_its_own_metrics_port(server_process, redis_server):
+    """--workers 2 --metrics-port P: worker 0 on P, worker 1 on P + 1, each logged."""
+    base = free_port()
+    while True:  # P and P + 1 both free
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", base + 1))
+                break
+            except OSError:
+                base = free_port()
+    proc = server_process(
+        "--workers", "2", "--store", redis_server.url, "--metrics-port", str(base), wait=False
+    )
+    wait_until(lambda: sum(e["event"] == "metrics_listening" for e in proc.events()) == 2, 20)
+    ports = sorted(e["port"] for e in proc.events() if e["event"] == "metrics_listening")
+    assert ports == [base, base + 1]
+    for port in ports:
+        assert get(port, "/healthz") == (200, "ok\n")
+        assert value(scrape(port), "kvgevent_clients_active") == 0
+    assert proc.stop() == 0
+
+
+# --- systemd ------------------------------------------------------------------------------
+
+
+class Systemd:
+    """The notification socket systemd would give a Type=notify service."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = str(directory / "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(30)
+
+    def next(self) -> str:
+        return self.sock.recv(4096).decode()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_hears_ready_once_listening_and_stopping_at_shutdown(
+    server_process, tmp_path, workers, request
+):
+    """NOTIFY_SOCKET set: READY=1 comes once the port answers (with --workers, once every
+    worker does), STOPPING=1 when SIGTERM starts the shutdown."""
+    systemd = Systemd(tmp_path)
+    args = []
+    if workers > 1:
+        redis = request.getfixturevalue("redis_server")
+        args = ["--workers", str(workers), "--store", redis.url]
+    try:
+        proc = server_process(*args, env={"NOTIFY_SOCKET": systemd.path}, wait=False)
+        ready = systemd.next()
+        assert "READY=1" in ready.split("\n")
+        Peer(proc.port).close()  # it listens (a connection refused would raise)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in systemd.next().split("\n")
+        assert proc.stop(sig=None) == 0
+    finally:
+        systemd.close()
+
+
+# --- the log file --------------------------------------------------------------------------
+
+
+def test_sighup_reopens_the_log_file_and_no_event_is_lost(server_process, tmp_path):
+    """--log-file: after the file is renamed (logrotate) and SIGHUP is sent, the next events
+    go to a new file at the path; every connection's client_connected is in one of the two."""
+    path = tmp_path / "kv.log"
+    proc = server_process("--log-file", str(path), wait=False)
+    wait_until(lambda: path.exists() and b'"server_started"' in path.read_bytes(), 10)
+    for _ in range(3):
+        Peer(proc.port).close()
+    rotated = tmp_path / "kv.log.1"
+    os.rename(path, rotated)
+    for _ in range(2):
+        Peer(proc.port).close()  # still into the renamed file: not reopened yet
+    proc.proc.send_signal(signal.SIGHUP)
+    wait_until(path.exists, 10, "the file was not reopened")
+    for _ in range(4):
+        Peer(proc.port).close()
+    assert proc.stop() == 0
+    old, new = rotated.read_text(), path.read_text()
+    assert old.count('"client_connected"') == 5
+    assert new.count('"client_connected"') == 4
+    assert '"server_stopped"' in new
+    assert proc.stderr == b"" or b"Traceback" not in proc.stderr
+
+
+def test_an_unbindable_metrics_port_is_a_start_failure(server_process):
+    """A metrics port already taken: server_start_failed (listener metrics_port), exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = server_process("--metrics-port", str(taken.getsockname()[1]), wait=False)
+        assert proc.stop(sig=None, timeout=20) == 1
+    (failed,) = [e for e in proc.events() if e["event"] == "server_start_failed"]
+    assert failed["listener"] == "metrics_port"
+
+
+def test_gevent_is_not_blocked_while_a_scrape_is_served(server_process):
+    """A scrape runs in the server's hub: clients are served meanwhile (20 scrapes while a
+    client makes 200 round trips, all answered)."""
+    proc, metrics = serving(server_process)
+    peer = Peer(proc.port)
+    scrapers = [gevent.spawn(scrape, metrics) for _ in range(20)]
+    for _ in range(200):
+        assert peer.request(b"PUT:k:v\nGET:k\nDELETE:k\n") == [b"k:v"]
+    gevent.joinall(scrapers, timeout=30, raise_error=True)
+    peer.close()
