@@ -235,16 +235,22 @@ def test_sighup_reopens_the_log_file_and_no_event_is_lost(server_process, tmp_pa
     path = tmp_path / "kv.log"
     proc = server_process("--log-file", str(path), wait=False)
     wait_until(lambda: path.exists() and b'"server_started"' in path.read_bytes(), 10)
+
+    def connect_and_close() -> None:
+        peer = Peer(proc.port)
+        peer.expect_no_reply()  # a PING's PONG: client_connected was written before it
+        peer.close()
+
     for _ in range(3):
-        Peer(proc.port).close()
+        connect_and_close()
     rotated = tmp_path / "kv.log.1"
     os.rename(path, rotated)
     for _ in range(2):
-        Peer(proc.port).close()  # still into the renamed file: not reopened yet
+        connect_and_close()  # still into the renamed file: not reopened yet
     proc.proc.send_signal(signal.SIGHUP)
     wait_until(path.exists, 10, "the file was not reopened")
     for _ in range(4):
-        Peer(proc.port).close()
+        connect_and_close()
     assert proc.stop() == 0
     old, new = rotated.read_text(), path.read_text()
     assert old.count('"client_connected"') == 5
