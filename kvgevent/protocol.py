@@ -141,7 +141,8 @@ class LineBuffer:
         lines = data.split(b"\n")
         tail = lines.pop()
         if lines:
-            if max(map(len, lines)) > self.max_line:
+            # (a read shorter than the bound holds no line longer than it: no per-line check)
+            if len(data) > self.max_line and max(map(len, lines)) > self.max_line:
                 limit = self.max_line
                 lines = [
                     ERR_LINE_TOO_LONG if len(x) > limit else x[:-1] if x[-1:] == b"\r" else x  # type: ignore[misc]  # (a marker among the lines: see the return type)
@@ -249,6 +250,8 @@ _VERBS = {
 _VERBS.update({verb.capitalize(): f for verb, f in list(_VERBS.items())})
 _VERBS.update({verb.lower(): f for verb, f in list(_VERBS.items())})
 _verb_handler = _VERBS.get
+GET_SPELLINGS = frozenset(verb for verb, handler in _VERBS.items() if handler is _parse_get)
+"""GET, Get and get: the spellings of a GET verb that need no case folding."""
 
 
 def parse(line: bytes) -> Command | ProtocolError:

@@ -35,7 +35,7 @@ import gevent
 import gevent.event
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
-from gevent.queue import Full, Queue
+from gevent.queue import Queue
 
 from kvgevent.config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
 from kvgevent.logs import Logger
@@ -86,6 +86,8 @@ class Connection:
         "sending",
         "acked",
         "acked_at",
+        "parked",
+        "_hub",
     )
 
     def __init__(
@@ -142,6 +144,8 @@ class Connection:
         self.sending = 0  # reply lines in the writer's sendall now (lost if it is killed)
         self.acked = -1  # bytes the client had acknowledged when last looked at (io.acked)
         self.acked_at = 0.0  # when that figure was first seen: the client's last known progress
+        self.parked = False  # the writer waits for the queue to get something (_write_loop)
+        self._hub = gevent.get_hub()
 
     @property
     def log(self) -> Logger:
@@ -152,6 +156,20 @@ class Connection:
         self.queue = Queue()
         self.writer = self.writers.spawn(self._write_loop, self.queue)
         return self.queue
+
+    def _enqueue(self, data: bytes) -> None:
+        """Put ``data`` in the queue and wake the writer if it is parked on an empty queue:
+        scheduled with ``loop.run_callback``, so it runs once this turn yields (see
+        :meth:`_write_loop`)."""
+        (self.queue or self._start_writer()).put_nowait(data)  # unbounded: see __init__
+        if self.parked:
+            self.parked = False
+            self._hub.loop.run_callback(self._wake_writer)
+
+    def _wake_writer(self) -> None:
+        writer = self.writer
+        if writer is not None and not writer.dead:
+            writer.switch()
 
     def send_lines(self, lines: list[bytes]) -> None:
         """Queue reply lines (each ending in a newline) as one chunk, with :meth:`send`'s
@@ -219,7 +237,7 @@ class Connection:
             self._put(data, count, len(data))
 
     def _put(self, data: bytes, count: int, size: int) -> None:
-        (self.queue or self._start_writer()).put_nowait(data)  # unbounded: see __init__
+        self._enqueue(data)
         self.queued_lines += count
         self.queued_bytes += size
         self.dropping = False
@@ -324,11 +342,23 @@ class Connection:
 
     def _write_loop(self, queue: Queue) -> None:
         """The writer greenlet: send queued chunks in batches of up to MAX_SEND_BATCH bytes,
-        one ``sendall`` per batch, until the _EOF sentinel or a socket error."""
+        one ``sendall`` per batch, until the _EOF sentinel or a socket error.
+
+        An empty queue parks it with a bare ``Hub.switch``, :attr:`parked` set; whoever puts
+        into the queue (:meth:`_enqueue`) schedules its wake-up with ``loop.run_callback``.
+        gevent's ``Queue.get`` on an empty queue makes a ``Waiter`` and enters a pure-Python
+        ``Timeout`` context each time, and ``put_nowait`` wakes it through a scheduled callback
+        of its own: more than the rest of a small reply costs (bench/OPTIMISATIONS.md, "lean
+        waits"). A kill while parked comes out of the switch as GreenletExit."""
         sendall = self.sendall
+        hub = self._hub
         try:
             while True:
-                data = queue.get()
+                if not queue.qsize():
+                    self.parked = True
+                    hub.switch()
+                    continue
+                data = queue.get_nowait()
                 if not data:  # _EOF
                     return
                 eof = False
@@ -404,14 +434,10 @@ class Connection:
                     break
             acked = self.io.acked()  # bytes the client took (see kvgevent.server.fastio)
             if not queued_eof:
-                try:
-                    self.queue.put(_EOF, timeout=wait)  # type: ignore[union-attr]  # (a writer exists: so does its queue)
-                    queued_eof = True
-                    continue
-                except Full:
-                    pass
-            else:
-                writer.join(wait)
+                self._enqueue(_EOF)  # (the queue is unbounded: it always takes it)
+                queued_eof = True
+                continue
+            writer.join(wait)
             if not writer.dead and self.io.acked() == acked:
                 break  # no progress: the client is not reading
         lost = self.queued_lines + self.sending if not writer.dead else 0

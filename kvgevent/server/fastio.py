@@ -6,12 +6,12 @@ gevent's ``socket.recv`` tries the read and, when nothing is there, catches the
 SO_SNDBUF (a ``getsockopt`` syscall) on every call. At one request per round trip both costs
 are paid per request (bench/OPTIMISATIONS.md, "gevent's recv and sendall").
 
-:class:`FastSocket` keeps gevent's waiting (the socket's own read/write watchers, so no new
-watcher per call) but waits for readability *before* reading when the last read drained the
-socket, so no exception is raised, and sends on the underlying non-blocking socket. It relies
-on attributes gevent has kept since 1.x (``_sock``, ``_wait``, ``_read_event``,
-``_write_event``); without them :class:`PlainSocket` does the same through gevent's public
-``recv``/``send``.
+:class:`FastSocket` waits on the socket's own read/write watchers (no new watcher per call)
+with a bare greenlet switch (:func:`park`), waits for readability *before* reading when the
+last read drained the socket, so no exception is raised, and sends on the underlying
+non-blocking socket. It relies on attributes gevent has kept since 1.x (``_sock``,
+``_read_event``, ``_write_event``); without them :class:`PlainSocket` does the same through
+gevent's public ``recv``/``send``.
 
 Both count the bytes the kernel accepted (``sent``) and, while a send waits for the kernel,
 since when no byte left (``stalled_since``); :meth:`PlainSocket.acked` says how many of them
@@ -29,6 +29,8 @@ import struct
 import termios
 import time
 from typing import Any
+
+from gevent import get_hub, getcurrent
 
 _OUTQ = getattr(termios, "TIOCOUTQ", None)
 """SIOCOUTQ on Linux: a TCP socket's bytes not yet acknowledged by the peer."""
@@ -76,15 +78,36 @@ class PlainSocket:
             self.stalled_since = 0.0
 
 
-class FastSocket(PlainSocket):
-    """recv/sendall for one gevent socket, used by one reader and one writer greenlet."""
+def park(watcher: Any, hub: Any) -> None:
+    """Wait until ``watcher`` (a socket's own io watcher) fires, with a bare greenlet switch:
+    the watcher calls the waiting greenlet's ``switch`` and the hub resumes it. gevent's own
+    wait makes a ``Waiter`` and goes through ``Hub.wait`` for every wait, which cost more than
+    the rest of a small request (bench/OPTIMISATIONS.md, "lean waits"). An exception thrown
+    into the greenlet meanwhile (a kill, a timeout, gevent's ``cancel_wait`` when the socket
+    is closed elsewhere: it throws into ``callback.__self__``) comes out of here, the watcher
+    stopped either way: nothing is left started."""
+    watcher.start(getcurrent().switch)
+    try:
+        hub.switch()
+    finally:
+        watcher.stop()
 
-    __slots__ = ("_raw", "_wait", "_read_event", "_write_event", "_drained")
+
+class FastSocket(PlainSocket):
+    """recv/sendall for one gevent socket, used by one reader and one writer greenlet.
+
+    It relies on these gevent interfaces (pinned by requirements.txt's gevent range, checked by
+    tests/test_lean_waits.py::test_the_gevent_interfaces_the_lean_waits_use): a gevent socket's
+    ``_sock`` (the non-blocking socket under it), ``_read_event`` and ``_write_event`` (its io
+    watchers, with ``start(callback)`` and ``stop()``), ``gevent.get_hub()`` and ``Hub.switch``.
+    """
+
+    __slots__ = ("_raw", "_hub", "_read_event", "_write_event", "_drained")
 
     def __init__(self, sock: Any) -> None:
         super().__init__(sock)
         self._raw = sock._sock  # the non-blocking _socket.socket under gevent's wrapper
-        self._wait = sock._wait
+        self._hub = get_hub()
         self._read_event = sock._read_event
         self._write_event = sock._write_event
         self._drained = True  # the last read returned less than asked: the socket is empty
@@ -95,7 +118,7 @@ class FastSocket(PlainSocket):
             if self._drained:
                 # Outside any except block: a wait inside one would keep the exception and
                 # its traceback alive for as long as the client stays idle.
-                self._wait(self._read_event)
+                park(self._read_event, self._hub)
             try:
                 data = self._raw.recv(size)
             except BlockingIOError:
@@ -119,7 +142,7 @@ class FastSocket(PlainSocket):
         try:
             self.stalled_since = time.monotonic()
             while view:
-                self._wait(self._write_event)
+                park(self._write_event, self._hub)
                 try:
                     sent = raw.send(view)
                 except BlockingIOError:
@@ -133,6 +156,6 @@ class FastSocket(PlainSocket):
 
 def wrap(sock: Any) -> PlainSocket:
     """A FastSocket for ``sock``, or a PlainSocket if gevent lacks the expected internals."""
-    if all(hasattr(sock, name) for name in ("_sock", "_wait", "_read_event", "_write_event")):
+    if all(hasattr(sock, name) for name in ("_sock", "_read_event", "_write_event")):
         return FastSocket(sock)
     return PlainSocket(sock)

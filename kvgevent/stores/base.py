@@ -24,7 +24,7 @@ Contract shared by every store (:class:`KVStore`):
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gevent.lock import Semaphore
 
@@ -130,6 +130,12 @@ class KVStore(abc.ABC):
         every mutation applied so far) are as durable as this store promises (the server
         calls it before a PONG); raise StoreError if that cannot be. May yield. The default
         (nothing is promised beyond memory) returns at once."""
+
+    lookup: Callable[[bytes], list[bytes] | None] | None = None
+    """A key's values read at once, without the lock, for a store that holds its data in this
+    process (the memory and durable stores: the dict's own ``get``; the list is the store's
+    own, as :meth:`apply`'s); None for the others. The session serves batches of GETs
+    through it."""
 
     needs_barrier = False
     """True if :meth:`barrier` may wait: the server then sends earlier replies first."""

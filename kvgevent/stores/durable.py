@@ -61,6 +61,7 @@ class DurableStore(KVStore):
         super().__init__()
         self.memory = MemoryStore()
         self.applied = self.memory.applied  # (the memory store applies, and counts, every command)
+        self.lookup = self.memory.lookup  # reads need no log: the memory store answers them
         self.rewrite_seconds = Timings(SLOW_BUCKETS)  # how long compactions took
         self.lock = self.memory.lock  # one semaphore for the data and the file
         self.log = log if log is not None else get_logger()

@@ -32,6 +32,7 @@ class MemoryStore(KVStore):
         """The values, by key (for stores built on this one, such as DurableStore)."""
         self.used_bytes = 0
         """What :attr:`data` costs, by the KEY_COST/VALUE_COST model (see memory_used)."""
+        self.lookup = self.data.get  # (data is never replaced: see KVStore.lookup)
 
     def put(self, key: Key, value: bytes) -> None:
         with self.lock:
@@ -111,7 +112,7 @@ class MemoryStore(KVStore):
                     gets += 1
                     if values:
                         work += len(values)
-                        append(values[:])
+                        append(values[:])  # a copy: a later command of the batch may change it
                     else:
                         append(None)
                 elif kind is Update:

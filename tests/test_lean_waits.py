@@ -1,0 +1,176 @@
+"""The lean waits (kvgevent.server.fastio.park and the writer's parking in
+kvgevent.server.connection): the gevent interfaces they rely on are still there, and every way
+a parked reader or writer can end leaves no watcher started, no greenlet parked and every count
+right. The faults are real: idle timeouts, resets (SO_LINGER 0), clients that never read,
+sockets closed under a parked greenlet, the server closing."""
+
+import gc
+import socket
+import struct
+
+import gevent
+import gevent.hub
+import gevent.socket
+from conftest import wait_until
+
+from kvgevent import KeyValueServer, MemoryStore
+from kvgevent.server.fastio import FastSocket, park, wrap
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the server's side gets a TCP reset."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _pair() -> tuple[gevent.socket.socket, gevent.socket.socket]:
+    left, right = gevent.socket.socketpair()
+    return left, right
+
+
+def test_the_gevent_interfaces_the_lean_waits_use():
+    """If a gevent release renames or drops any of these, this fails (and the pin in
+    requirements.txt should not have let that release in): the server would otherwise fall
+    back to PlainSocket silently, or break outright in the writer's parking."""
+    left, right = _pair()
+    try:
+        assert left._sock.gettimeout() == 0.0  # the non-blocking socket under the wrapper
+        for watcher in (left._read_event, left._write_event):
+            assert callable(watcher.start) and callable(watcher.stop)
+            assert watcher.active is False and watcher.callback is None
+        assert isinstance(wrap(left), FastSocket)
+        hub = gevent.get_hub()
+        assert callable(hub.loop.run_callback)
+        assert callable(gevent.hub.Hub.switch)
+        ran: list[bool] = []
+        hub.loop.run_callback(lambda: ran.append(True))
+        gevent.sleep(0)
+        assert ran == [True]
+    finally:
+        left.close()
+        right.close()
+
+
+def test_park_resumes_when_the_socket_is_readable_and_stops_its_watcher():
+    left, right = _pair()
+    try:
+        hub = gevent.get_hub()
+        reader = gevent.spawn(park, left._read_event, hub)
+        gevent.sleep(0.01)
+        assert left._read_event.active and not reader.dead
+        right.sendall(b"x")
+        reader.join(timeout=5)
+        assert reader.successful()
+        assert not left._read_event.active
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_greenlet_killed_while_parked_leaves_its_watcher_stopped():
+    left, right = _pair()
+    try:
+        reader = gevent.spawn(park, left._read_event, gevent.get_hub())
+        gevent.sleep(0.01)
+        assert left._read_event.active
+        reader.kill(timeout=5)
+        assert reader.dead
+        assert not left._read_event.active
+    finally:
+        left.close()
+        right.close()
+
+
+def test_closing_a_socket_under_a_parked_reader_wakes_it_with_an_error():
+    """gevent's close() cancels waits on the socket's watchers by throwing into the greenlet
+    that ``watcher.callback`` belongs to: with park's callback (the greenlet's own switch)
+    that is the parked reader, which must wake rather than wait forever."""
+    left, right = _pair()
+    try:
+        fast = wrap(left)
+        watcher = left._read_event  # (close() drops the socket's reference to it)
+        reader = gevent.spawn(fast.recv, 4096)
+        gevent.sleep(0.01)
+        assert watcher.active
+        left.close()
+        reader.join(timeout=5)
+        assert reader.dead
+        assert isinstance(reader.exception, OSError)
+        assert not watcher.active
+    finally:
+        right.close()
+
+
+def test_a_parked_sender_resumes_as_the_peer_reads_and_sends_everything():
+    left, right = _pair()
+    try:
+        fast = wrap(left)
+        payload = bytes(range(256)) * 8192  # 2 MiB: far more than the socket buffers hold
+        sender = gevent.spawn(fast.sendall, payload)
+        received = bytearray()
+        while len(received) < len(payload):
+            received += right.recv(65536)
+        sender.join(timeout=5)
+        assert sender.successful()
+        assert bytes(received) == payload and fast.sent == len(payload)
+        assert fast.stalled_since == 0.0
+        assert not left._write_event.active
+    finally:
+        left.close()
+        right.close()
+
+
+def _active_watchers() -> int:
+    gc.collect()
+    gevent.sleep(0.05)  # let closed sockets' cancelled waits and callbacks run
+    return gevent.get_hub().loop.activecnt
+
+
+def test_every_way_a_parked_client_ends_leaves_nothing_started(log_stream):
+    """Clients parked in each place a connection waits end in each way they can: an idle
+    reader timed out, a reader reset, a writer parked on an empty queue whose client closes,
+    a writer parked in a send to a client that never reads (closed by the server), clients
+    still connected when the server closes. Afterwards: every disconnect counted once, no
+    writer greenlet left, and the loop has no more active watchers than before the server
+    started (a watcher left started would keep one more)."""
+    before = _active_watchers()
+    server = KeyValueServer(MemoryStore(), idle_timeout=0.5)
+    server.start(0, host="127.0.0.1")
+    socks: list[socket.socket] = []
+
+    def client() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        socks.append(sock)
+        return sock
+
+    def ping(sock: socket.socket) -> None:
+        sock.sendall(b"PING\n")
+        assert sock.recv(64) == b"PONG\n"
+
+    try:
+        server.store.put("big", b"v" * 65536)
+        idle = client()  # its reader parks; the idle timeout kills it
+        reset = client()
+        ping(reset)  # the writer has run once: now parked on an empty queue
+        closes = client()
+        ping(closes)
+        stuck = client()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET:big\n" * 64)  # 4 MiB of replies it never reads: the writer parks in send
+        kept = client()
+        ping(kept)
+        wait_until(lambda: server.count_active() == 5)
+        wait_until(lambda: any(c.io.stalled_since for c in server._conns.values()), timeout=10)
+        _reset(reset)
+        closes.close()
+        wait_until(lambda: server.count_dropped() >= 3, timeout=10, message="idle, reset and closed clients")
+        assert idle.recv(64) == b""  # closed by the server's idle timeout
+        server.close(flush_timeout=0.5)
+        assert server.count_active() == 0
+        assert server.count_dropped() == 5
+        assert len(server._writers) == 0
+        assert _active_watchers() <= before
+    finally:
+        server.close(flush_timeout=0.1)
+        for sock in socks:
+            sock.close()
