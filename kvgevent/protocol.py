@@ -252,6 +252,10 @@ _VERBS.update({verb.lower(): f for verb, f in list(_VERBS.items())})
 _verb_handler = _VERBS.get
 GET_SPELLINGS = frozenset(verb for verb, handler in _VERBS.items() if handler is _parse_get)
 """GET, Get and get: the spellings of a GET verb that need no case folding."""
+PUT_SPELLINGS = frozenset(verb for verb, handler in _VERBS.items() if handler is _parse_put)
+"""PUT, Put and put (as GET_SPELLINGS)."""
+DELETE_SPELLINGS = frozenset(verb for verb, handler in _VERBS.items() if handler is _parse_delete)
+"""DELETE, Delete and delete (as GET_SPELLINGS)."""
 
 
 def parse(line: bytes) -> Command | ProtocolError:

@@ -142,6 +142,7 @@ class Durably(MemoryStore):
     """A memory store that promises durability: PONG waits for a barrier."""
 
     needs_barrier = True
+    apply_writes = None  # (its positions count apply_some's commands only)
 
     def __init__(self) -> None:
         super().__init__()
@@ -195,3 +196,131 @@ def test_over_max_memory_writes_are_refused_and_reads_served(verb):
     run(session, b"PUT:k:v\n")
     session.shared.guard.limit = 1  # everything is over it
     assert run(session, verb + b"\nGET:k\nDELETE:k\nGET:k\n") == [[b"ERR out of memory\n", b"k:v\n"]]
+
+
+class General(MemoryStore):
+    """A memory store whose sessions serve every line by the general path (a command object
+    per line, :meth:`apply_some`): the reference the plain path must match."""
+
+    apply_writes = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookup = None
+
+
+PLAIN_LINES = [
+    b"%s:k%d:%s" % (verb, key, value)
+    for verb in (b"PUT", b"Put", b"put")
+    for key in range(4)
+    for value in (b"", b"v", b"a:b", b"x" * 3000)
+] + [
+    b"%s:k%d" % (verb, key)
+    for verb in (b"GET", b"Get", b"get", b"DELETE", b"Delete", b"delete")
+    for key in range(4)
+]
+"""Lines the plain path serves (PUTs and DELETEs of four keys, GETs of them; 3000-byte values
+make some GET replies too big to build inline)."""
+
+OTHER_LINES = [
+    b"PUT:k1",
+    b"PUT::v",
+    b"PUT",
+    b"pUT:k1:v",
+    b"GET:",
+    b"GET:k1:x",
+    b"GET",
+    b"gEt:k1",
+    b"DELETE:",
+    b"DELETE:k1:x",
+    b"DeLeTe:k2",
+    b"UPDATE:k1:v:w",
+    b"PING",
+    b"STATS",
+    b"AUTH:x",
+    b"",
+    b"NOPE:k1",
+    ERR_LINE_TOO_LONG,
+]
+"""Lines it leaves to the general path (malformed, other verbs, case-folded spellings)."""
+
+
+def served(session: Session, items: list) -> tuple[bytes, int]:
+    """The reply bytes of ``items`` (Room answered True) and the turns they ended."""
+    actions = session.handle(list(items))
+    if isinstance(actions, list):
+        return b"".join(actions), 0
+    data, turns = [], 0
+    reply = None
+    try:
+        while True:
+            action = actions.send(reply)
+            reply = True if isinstance(action, Room) else None
+            if action is NEXT_TURN:
+                turns += 1
+            elif isinstance(action, list):
+                data += action
+            elif isinstance(action, Chunk):
+                data.append(action.data)
+    except StopIteration:
+        pass
+    return b"".join(data), turns
+
+
+@pytest.mark.parametrize("turn_work", [200_000, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_plain_path_does_exactly_what_the_general_path_does(seed, turn_work, monkeypatch):
+    """Random batches of PUT/GET/DELETE lines mixed with everything else, through a session
+    over the memory store (plain path) and one over a store that offers no plain path: the
+    same replies byte for byte, turns, data, cost-model bytes, counts, work and metrics verb.
+    A tiny turn budget makes GETs and DELETEs end turns mid-batch: the same replies and data
+    then, but the plain path ends a turn as soon as its work is done, the general path only
+    as it applies the next command (its turns are not compared)."""
+    import random
+
+    import kvgevent.server.session as module
+
+    monkeypatch.setattr(module, "TURN_WORK", turn_work)
+    rnd = random.Random(seed)
+    plain, general = session_for(), session_for(General())
+    for _ in range(400):
+        lines = PLAIN_LINES if rnd.random() < 0.8 else PLAIN_LINES + OTHER_LINES
+        items = [rnd.choice(lines) for _ in range(rnd.randint(1, 24))]
+        if rnd.random() < 0.1:
+            items = items * 12  # longer than a reply chunk: the general path's alone
+        plain.work = general.work = 0  # (a new turn: the read loop's part)
+        (replies, turns), (expected, expected_turns) = served(plain, items), served(general, items)
+        assert replies == expected, items
+        if turn_work > 3:
+            assert turns == expected_turns
+            assert (plain.work, plain.verb) == (general.work, general.verb), items
+    for a, b in ((plain, general),):
+        assert a.shared.store.data == b.shared.store.data
+        assert a.shared.store.used_bytes == b.shared.store.used_bytes
+        assert a.shared.store.applied == b.shared.store.applied
+        assert a.shared.counters.errors == b.shared.counters.errors
+        assert a.shared.counters.commands == b.shared.counters.commands
+    assert plain.shared.store.applied["delete"] > 100 and plain.shared.store.applied["put"] > 1000
+
+
+def test_a_delete_that_ends_the_turn_leaves_the_rest_of_the_batch_for_the_next(monkeypatch):
+    import kvgevent.server.session as module
+
+    session = session_for()
+    run(session, b"PUT:k:1\nPUT:k:2\nPUT:k:3\nPUT:j:1\n")
+    monkeypatch.setattr(module, "TURN_WORK", 3)
+    session.work = 0
+    assert run(session, b"DELETE:k\nPUT:k:v\nGET:k\n") == [NEXT_TURN, [b"k:v\n"]]
+    session.work = 0
+    replies = [b"k:v\n", b"j:1\n", b"j:2\n"]  # GET:j's two values end the turn
+    assert run(session, b"GET:k\nPUT:j:2\nGET:j\nDELETE:k\n") == [replies, NEXT_TURN]
+    assert session.shared.store.data == {b"j": [b"1", b"2"]}
+
+
+def test_over_max_memory_the_plain_path_leaves_writes_to_the_general_path():
+    session = session_for()
+    run(session, b"PUT:k:v\n")
+    session.shared.guard.limit = 1  # everything is over it
+    replies = run(session, b"GET:k\nPUT:k:w\nDELETE:k\nGET:k\nPut:j:v\n")
+    assert replies == [[b"k:v\n", b"ERR out of memory\n", b"ERR out of memory\n"]]
+    assert session.shared.store.data == {}

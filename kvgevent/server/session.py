@@ -49,6 +49,7 @@ from kvgevent.errors import KVError, ProtocolError
 from kvgevent.logs import Logger
 from kvgevent.protocol import (
     COLON,
+    DELETE_SPELLINGS,
     ERR_AUTH_REQUIRED,
     ERR_AUTH_THROTTLED,
     ERR_INVALID_PASSWORD,
@@ -57,9 +58,12 @@ from kvgevent.protocol import (
     GET_SPELLINGS,
     OK,
     PONG,
+    PUT_SPELLINGS,
     Auth,
+    Delete,
     Get,
     Ping,
+    Put,
     Stats,
     parse,
     stats_line,
@@ -190,52 +194,95 @@ class Session:
         self.shared.counters.commands += len(items)  # counted first: a STATS in this batch sees them
         if not self.authenticated:
             return self._unauthenticated(items)
-        lookup = self.shared.store.lookup
-        if lookup is not None and len(items) <= REPLY_CHUNK:
-            replies = self._gets(items, lookup)
-            if replies is not None:
-                return replies
-        cmds = [parse(item) if item.__class__ is bytes else item for item in items]
-        self.verb = cmds[0].__class__  # the batch's, for the metrics
         out: list[bytes] = []
+        store = self.shared.store
+        done = 0
+        if store.lookup is not None and len(items) <= REPLY_CHUNK:
+            done = self._plain(items, store, out)
+            if done == len(items):
+                return out
+            items = items[done:]
+            if self.work >= TURN_WORK:  # a DELETE ended the turn: the rest waits for the next
+                return self._actions(items, 0, out, self._next_turn(out))
+        cmds = [parse(item) if item.__class__ is bytes else item for item in items]
+        if not done:
+            self.verb = cmds[0].__class__  # the batch's, for the metrics
         if DATA_COMMANDS.issuperset(map(type, cmds)):  # data commands only: one run (checked in C)
             rest = self._apply_plainly(cmds, out)
             return out if rest is None else self._actions(cmds, len(cmds), out, rest)
         return self._mixed(cmds, out)
 
-    def _gets(self, items: Items, lookup: Callable[[bytes], list[bytes] | None]) -> list[bytes] | None:
-        """A batch of well-formed GETs with small replies, served straight from a store that
-        holds its data here (``lookup``: a key's values): their reply lines, with the same
-        counts and work as the general path but no command object per GET (a third of a
-        pipelined GET's cost: bench/OPTIMISATIONS.md, "GETs straight from the store"). None,
-        having changed nothing, as soon as a line is anything else or a reply is not small:
-        the general path serves the whole batch then."""
-        out: list[bytes] = []
+    def _plain(self, items: Items, store: KVStore, out: list[bytes]) -> int:
+        """The usual batches, served straight from a store that holds its data here, with
+        the same effects, counts and work as the general path but no command object per
+        line (bench/OPTIMISATIONS.md, "plain batches"): runs of well-formed GETs with small
+        replies (through ``store.lookup``) and of well-formed PUTs and DELETEs (through
+        ``store.apply_writes``, if it has one), in order, their replies added to ``out``.
+        Returns how many of ``items`` were served: the general path serves the rest, from a
+        line that is anything else, a GET with a big reply, a write over the memory limit
+        (refused there) or the DELETE that ended the turn's work."""
+        index = 0
+        while True:
+            index = self._gets(items, index, store, out)
+            if index == len(items) or store.apply_writes is None or self.work >= TURN_WORK:
+                return index
+            writes = _writes(items, index)
+            guard = self.shared.guard
+            if not writes or (guard.limit and guard.over()):  # (the general path refuses them)
+                return index
+            done, work = store.apply_writes(writes, TURN_WORK - self.work)
+            self.work += work
+            if store.needs_barrier:  # what this client's next PING waits for
+                self.write_mark = store.write_position()
+            if not index:
+                self.verb = Put if writes[0][1] is not None else Delete
+            index += done
+            if done < len(writes):
+                return index
+
+    def _gets(self, items: Items, start: int, store: KVStore, out: list[bytes]) -> int:
+        """Serve the well-formed GETs with small replies from ``items[start:]`` on, straight
+        from ``store.lookup`` (a key's values, no command object per GET: a third of a
+        pipelined GET's cost, bench/OPTIMISATIONS.md, "GETs straight from the store"), their
+        replies added to ``out``, until the turn's work is done; returns the index of the
+        first item not served."""
+        lookup: Callable[[bytes], list[bytes] | None] = store.lookup  # type: ignore[assignment]  # (the caller checked it is not None)
         append = out.append
         work = 0
-        for line in items:
+        budget = TURN_WORK - self.work
+        index = start
+        for line in items[start:] if start else items:
             if line.__class__ is not bytes:
-                return None
+                break
             verb, _, key = line.partition(b":")
             if verb not in GET_SPELLINGS or not key or COLON in key:
-                return None
+                break
             values = lookup(key)
-            if not values:
-                continue
-            if len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:
-                append(b"".join((key, b":", values[0], b"\n")))
-            elif _inline(values):
-                out += value_lines(key, values)
-            else:
-                return None
-            work += len(values)
+            if values:
+                if len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:
+                    append(b"".join((key, b":", values[0], b"\n")))
+                elif _inline(values):
+                    out += value_lines(key, values)
+                else:
+                    break
+                work += len(values)
+                if work >= budget:  # the turn's work is done after this one
+                    index += 1
+                    break
+            index += 1
+        if index > start:
+            self._got(store, index - start, work, first=not start)
+        return index
+
+    def _got(self, store: KVStore, count: int, work: int, first: bool) -> None:
+        """Count ``count`` GETs served by :meth:`_gets` and their ``work`` (``first``: they
+        began the batch) as the general path would."""
         self.work += work
-        self.verb = Get
-        store = self.shared.store
-        store.applied["get"] += len(items)
-        if store.needs_barrier:  # as the general path: what this client's next PING waits for
+        if first:
+            self.verb = Get
+        store.applied["get"] += count
+        if store.needs_barrier:  # what this client's next PING waits for
             self.write_mark = store.write_position()
-        return out
 
     def _mixed(self, cmds: list[Any], out: list[bytes]) -> list[bytes] | Actions:
         """:meth:`handle` for a batch with PING, STATS, AUTH or errors among data commands."""
@@ -565,6 +612,28 @@ class Session:
         self.long_lines += 1
         if self.long_lines == 1:  # once per connection: a hostile client cannot flood the log
             self.logger().warning("line_too_long", max_line=self.max_line)
+
+
+def _writes(items: Items, start: int) -> list[tuple[bytes, bytes | None]]:
+    """The run of well-formed PUTs and DELETEs at ``items[start]``, as
+    :attr:`KVStore.apply_writes` takes them: ``(key, value)`` and ``(key, None)``; the same
+    rules as :func:`~kvgevent.protocol.parse` for the spellings that need no case folding."""
+    writes: list[tuple[bytes, bytes | None]] = []
+    append = writes.append
+    for line in items[start:] if start else items:
+        if line.__class__ is not bytes:
+            break
+        verb, _, rest = line.partition(b":")
+        if verb in PUT_SPELLINGS:
+            key, sep, value = rest.partition(b":")
+            if not (sep and key):
+                break
+            append((key, value))
+        elif verb in DELETE_SPELLINGS and rest and COLON not in rest:
+            append((rest, None))
+        else:
+            break
+    return writes
 
 
 def _inline(values: list[bytes]) -> bool:

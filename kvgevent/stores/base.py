@@ -137,6 +137,14 @@ class KVStore(abc.ABC):
     own, as :meth:`apply`'s); None for the others. The session serves batches of GETs
     through it."""
 
+    apply_writes: Callable[[list[tuple[bytes, bytes | None]], int], tuple[int, int]] | None = None
+    """For a store that holds its data in this process and promises nothing beyond memory (the
+    memory store), ``apply_writes(writes, budget)``: PUTs, as ``(key, value)``, and DELETEs, as
+    ``(key, None)``, applied in order under one acquisition of the lock, without a command
+    object each; returns how many were applied (all, unless the work reached ``budget``: it
+    stops after the command that took it there) and the work, as :meth:`apply_some`. None for
+    the others. The session applies runs of PUT and DELETE through it."""
+
     needs_barrier = False
     """True if :meth:`barrier` may wait: the server then sends earlier replies first."""
 

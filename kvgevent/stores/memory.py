@@ -21,9 +21,9 @@ class MemoryStore(KVStore):
     """The embedded default: a ``dict`` from key to a list of values, in this process.
 
     Never yields and never fails; the semaphore is still taken for mutations so that the
-    store honours the same contract as those that do. Its :meth:`apply` works on the dict
-    directly (it does not call :meth:`put`, :meth:`get`...): a subclass that changes one of
-    those must override :meth:`apply` too.
+    store honours the same contract as those that do. Its :meth:`apply` and
+    :meth:`apply_writes` work on the dict directly (they do not call :meth:`put`,
+    :meth:`get`...): a subclass that changes one of those must override both too.
     """
 
     def __init__(self) -> None:
@@ -69,6 +69,39 @@ class MemoryStore(KVStore):
     def apply_under_lock(self, commands: Sequence[DataCommand]) -> list[Result]:
         """:meth:`apply`, for a caller that holds :attr:`lock` already (DurableStore)."""
         return self.apply_some_under_lock(commands, UNBOUNDED)[0]
+
+    def apply_writes(self, writes: list[tuple[bytes, bytes | None]], budget: int) -> tuple[int, int]:
+        """See :attr:`KVStore.apply_writes`: PUTs cost no work, a DELETE one unit per value it
+        frees. The same effects and counts as :meth:`apply_some` on Put and Delete commands."""
+        data = self.data
+        used = self.used_bytes
+        work = puts = deletes = 0
+        with self.lock:
+            try:
+                for key, value in writes:
+                    values = data.get(key)
+                    if value is not None:  # a PUT
+                        puts += 1
+                        if values is None:
+                            data[key] = [value]
+                            used += KEY_COST + VALUE_COST + len(key) + len(value)
+                        else:
+                            values.append(value)
+                            used += VALUE_COST + len(value)
+                        continue
+                    deletes += 1
+                    if values is not None:
+                        del data[key]
+                        work += len(values)
+                        used -= KEY_COST + len(key) + VALUE_COST * len(values) + sum(map(len, values))
+                        if work >= budget:
+                            break
+            finally:
+                self.used_bytes = used
+                applied = self.applied
+                applied["put"] += puts
+                applied["delete"] += deletes
+        return puts + deletes, work
 
     def affordable(self, commands: Sequence[DataCommand], budget: int) -> tuple[int, int]:
         """How many of ``commands``, from the first (at least one), :meth:`apply_some` would
