@@ -115,6 +115,15 @@ DEFAULT_CLIENT_TIMEOUT = 10.0
 REPORT_INTERVAL = 1.0
 """Seconds between two reports of a worker's client counts to a shared store."""
 
+WRITER_IDLE = 0.1
+"""Seconds after which a client's writer greenlet and reply queue, idle (nothing to send), are
+released (one to two such periods after its last reply): they are most of what a client that
+was answered once costs, and making them again costs more than a small request does
+(bench/OPTIMISATIONS.md, "an idle writer"): far longer than a busy client's round trip."""
+
+WRITER_TRIM_MIN = 256
+"""Writers released in one pass after which freed memory is given back to the OS at once."""
+
 TURN_WORK = 200_000
 """Work one client may do before the others get a turn, in units of about 10 ns: one per
 value a store scans or copies, 18 per reply line built, one per 8 reply bytes (calibrated:

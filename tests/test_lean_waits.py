@@ -14,6 +14,7 @@ import gevent.socket
 from conftest import wait_until
 
 from kvgevent import KeyValueServer, MemoryStore
+from kvgevent.config import WRITER_IDLE
 from kvgevent.server.fastio import FastSocket, park, wrap
 
 
@@ -174,3 +175,74 @@ def test_every_way_a_parked_client_ends_leaves_nothing_started(log_stream):
         server.close(flush_timeout=0.1)
         for sock in socks:
             sock.close()
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), 1 << 20))
+        assert chunk, f"closed after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def test_an_idle_writer_is_released_and_made_again_on_the_next_reply(log_stream):
+    """A client answered once and then quiet has its writer greenlet and queue released
+    (WRITER_IDLE): they are most of what such a client costs. Its next requests are answered
+    in order by a new writer; a writer busy sending a big reply to a slow reader is never
+    released (it is not parked on an empty queue), so that reader gets every byte."""
+    server = KeyValueServer(MemoryStore())
+    server.start(0, host="127.0.0.1")
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # (before connecting: a small window)
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"PUT:k:v\nGET:k\n")
+        assert _recv_exactly(sock, 4) == b"k:v\n"
+        (conn,) = server._conns.values()
+        first = conn.writer
+        assert first is not None
+        wait_until(lambda: conn.writer is None, timeout=10, message="the idle writer released")
+        wait_until(lambda: first.dead, timeout=5)
+        assert conn.queue is None and len(server._writers) == 0
+        sock.sendall(b"GET:k\nPUT:k:w\nGET:k\n")
+        assert _recv_exactly(sock, 12) == b"k:v\nk:v\nk:w\n"
+        assert conn.writer is not None and conn.writer is not first
+
+        server.store.put("big", b"x" * 65536)
+        sock.sendall(b"GET:big\n" * 128)  # 8 MiB of replies, read only after several sweeps
+        wait_until(lambda: conn.io.stalled_since, timeout=10, message="the writer waits in send")
+        gevent.sleep(WRITER_IDLE * 5)  # (the sweeper's passes: time itself is the condition)
+        assert conn.writer is not None and not conn.writer.dead
+        assert _recv_exactly(sock, 128 * 65541) == (b"big:" + b"x" * 65536 + b"\n") * 128
+    finally:
+        sock.close()
+        server.close(flush_timeout=0.5)
+    assert server.count_dropped() == 1 and len(server._writers) == 0
+
+
+def test_a_reply_queued_as_a_writer_is_released_goes_out_through_a_new_one(log_stream):
+    """The race the release must survive: the writer is released (its kill scheduled, not yet
+    delivered) and a reply is queued before the loop runs again. The reply goes to a new
+    queue and writer; the old writer dies in its park."""
+    server = KeyValueServer(MemoryStore())
+    server.start(0, host="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(b"PING\n")
+        assert _recv_exactly(sock, 5) == b"PONG\n"
+        (conn,) = server._conns.values()
+        wait_until(lambda: conn.parked, timeout=5)
+        old = conn.writer
+        conn.stale = True  # as if a sweep had seen it parked already
+        assert conn.retire_writer() and conn.writer is None
+        conn.send_lines([b"first\n", b"second\n"])  # before the kill is delivered
+        assert conn.writer is not None and conn.writer is not old
+        assert _recv_exactly(sock, 13) == b"first\nsecond\n"
+        wait_until(lambda: old.dead, timeout=5)
+        sock.sendall(b"PING\n")
+        assert _recv_exactly(sock, 5) == b"PONG\n"
+    finally:
+        sock.close()
+        server.close(flush_timeout=0.5)

@@ -14,6 +14,8 @@ import ssl
 import sys
 from collections.abc import Callable, Sequence
 
+import gevent
+
 from kvgevent.args import (
     add_env_option,
     byte_size,
@@ -367,6 +369,9 @@ def _make_server(args: argparse.Namespace, log: Logger) -> KeyValueServer | None
     store = load_store(args, log)
     if store is None:
         return None
+    # gevent records every greenlet's spawning stack and spawn tree, about 1.3 kB a client
+    # (bench/OPTIMISATIONS.md, "an idle writer"); nothing in this process reads them.
+    gevent.config.track_greenlet_tree = False
     return KeyValueServer(
         store,
         queue_size=args.queue_size,

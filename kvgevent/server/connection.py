@@ -87,6 +87,7 @@ class Connection:
         "acked",
         "acked_at",
         "parked",
+        "stale",
         "_hub",
     )
 
@@ -145,6 +146,7 @@ class Connection:
         self.acked = -1  # bytes the client had acknowledged when last looked at (io.acked)
         self.acked_at = 0.0  # when that figure was first seen: the client's last known progress
         self.parked = False  # the writer waits for the queue to get something (_write_loop)
+        self.stale = False  # the writer has been parked since the last retire_writer()
         self._hub = gevent.get_hub()
 
     @property
@@ -163,8 +165,26 @@ class Connection:
         :meth:`_write_loop`)."""
         (self.queue or self._start_writer()).put_nowait(data)  # unbounded: see __init__
         if self.parked:
-            self.parked = False
+            self.parked = self.stale = False
             self._hub.loop.run_callback(self._wake_writer)
+
+    def retire_writer(self) -> bool:
+        """Release the writer greenlet and its queue if the writer has been parked on an
+        empty queue since the last call (the server calls this every WRITER_IDLE): nothing
+        is queued or in flight then, and the next reply makes both again. Returns whether
+        they were released."""
+        if not self.parked:
+            return False
+        if not self.stale:
+            self.stale = True  # released at the next call if it is still parked then
+            return False
+        writer = self.writer
+        self.writer = self.queue = None
+        self.parked = self.stale = False
+        if not self.waiting:
+            self.room = None
+        writer.kill(block=False)  # type: ignore[union-attr]  # (parked: a writer exists)
+        return True
 
     def _wake_writer(self) -> None:
         writer = self.writer

@@ -53,13 +53,15 @@ from kvgevent.config import (
     REPORT_INTERVAL,
     TLS_HANDSHAKE_TIMEOUT,
     TURN_BYTES,
+    WRITER_IDLE,
+    WRITER_TRIM_MIN,
 )
 from kvgevent.errors import KVError, ProtocolError
 from kvgevent.logs import get_logger
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.connection import Connection
 from kvgevent.server.counters import Counters
-from kvgevent.server.memory import MemoryGuard, release_memory_loop
+from kvgevent.server.memory import MemoryGuard, release_free_memory, release_memory_loop
 from kvgevent.server.net import is_loopback, reuse_port_listener, worker_name
 from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
 from kvgevent.server.turns import Turns
@@ -193,6 +195,7 @@ class KeyValueServer:
         self._auth_sweeper: gevent.Greenlet | None = None
         self._guard: gevent.Greenlet | None = None
         self._janitor: gevent.Greenlet | None = None
+        self._writer_sweeper: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
         self._worker = worker_name()
         self._reported = 0  # dropped clients already published to a shared store
@@ -230,6 +233,7 @@ class KeyValueServer:
         if self._password is not None:
             self._auth_sweeper = gevent.spawn(self._sweep_auth_throttle)
         self._janitor = gevent.spawn(release_memory_loop, lambda: self.counters.dropped, self.log)
+        self._writer_sweeper = gevent.spawn(self._release_idle_writers)
         if self.store.shared:
             self._reporter = gevent.spawn(self._report_clients)
         self.memory.calibrate()
@@ -332,7 +336,8 @@ class KeyValueServer:
             self._flush_deadline = time.monotonic() + flush_timeout
             if self._server is not None:
                 self._server.close()  # stops accepting and closes the listening socket
-            for helper in (self._sweeper, self._janitor, self._reporter, self._guard, self._auth_sweeper):
+            helpers = (self._sweeper, self._janitor, self._reporter, self._guard, self._auth_sweeper)
+            for helper in (*helpers, self._writer_sweeper):
                 if helper is not None:
                     helper.kill()
             for conn in list(self._conns.values()):
@@ -636,6 +641,18 @@ class KeyValueServer:
                 if conn.reading and conn.last_seen < limit:
                     conn.reading = False
                     conn.reader.kill(_Idle, block=False)
+
+    def _release_idle_writers(self) -> None:
+        """Every WRITER_IDLE, release the writers (and queues) idle since the last pass; after
+        many, give the freed memory back to the OS."""
+        while True:
+            gevent.sleep(WRITER_IDLE)
+            released = 0
+            for conn in self._conns.values():  # (nothing here yields: the dict cannot change)
+                released += conn.retire_writer()
+            if released >= WRITER_TRIM_MIN:
+                gevent.sleep(0)  # (the killed writers end first)
+                release_free_memory()
 
     def _sweep_auth_throttle(self) -> None:
         """Every AUTH_SWEEP_INTERVAL, forget addresses that stopped sending wrong passwords,
