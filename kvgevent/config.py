@@ -134,8 +134,10 @@ INLINE_REPLY_BYTES = 4096
 """A GET reply of at most this many value bytes (and INLINE_REPLY_VALUES values) is built at
 once with the other replies of its batch; a bigger one is built and queued in pieces."""
 
-INLINE_REPLY_VALUES = 16
-"""See INLINE_REPLY_BYTES."""
+INLINE_REPLY_VALUES = 64
+"""See INLINE_REPLY_BYTES. p0 keys gather values (the load generator's hold up to 32): a reply
+of 64 small lines is built in a few µs, less than queueing it in pieces costs
+(bench/OPTIMISATIONS.md, "plain batches")."""
 
 DEFAULT_MAX_MEMORY = 0
 """Memory the server may use, in bytes, before writes are refused and clients holding big

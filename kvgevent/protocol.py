@@ -97,6 +97,7 @@ ERR_AUTH_THROTTLED = ProtocolError("auth throttled")
 # through the buffer protocol, several times slower (bench/OPTIMISATIONS.md, "memchr").
 COLON = ord(":")
 CR = ord("\r")
+NEWLINE = ord("\n")
 
 PONG = b"PONG\n"
 OK = b"OK\n"

@@ -58,6 +58,7 @@ from kvgevent.config import (
 )
 from kvgevent.errors import KVError, ProtocolError
 from kvgevent.logs import get_logger
+from kvgevent.protocol import NEWLINE
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.connection import Connection
 from kvgevent.server.counters import Counters
@@ -481,7 +482,8 @@ class KeyValueServer:
                 self._apply_backlog(conn, data)
             else:
                 items = feed(data)
-                conn.note_input()
+                if conn.input_held or data[-1] != NEWLINE:  # (else nothing is held, nor was)
+                    conn.note_input()
                 if items:
                     if conn.heavy and not self._wait_turn(conn):  # its last turn held the loop
                         return

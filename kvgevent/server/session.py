@@ -198,7 +198,12 @@ class Session:
         store = self.shared.store
         done = 0
         if store.lookup is not None and len(items) <= REPLY_CHUNK:
-            done = self._plain(items, store, out)
+            self.verb = Get  # (until a line says otherwise)
+            done = self._gets(items, 0, store, out)
+            if done < len(items) and store.apply_writes is not None and self.work < TURN_WORK:
+                done = self._plain(items, done, store, out)
+            if done and store.needs_barrier:  # what this client's next PING waits for
+                self.write_mark = store.write_position()
             if done == len(items):
                 return out
             items = items[done:]
@@ -212,32 +217,30 @@ class Session:
             return out if rest is None else self._actions(cmds, len(cmds), out, rest)
         return self._mixed(cmds, out)
 
-    def _plain(self, items: Items, store: KVStore, out: list[bytes]) -> int:
+    def _plain(self, items: Items, index: int, store: KVStore, out: list[bytes]) -> int:
         """The usual batches, served straight from a store that holds its data here, with
         the same effects, counts and work as the general path but no command object per
-        line (bench/OPTIMISATIONS.md, "plain batches"): runs of well-formed GETs with small
-        replies (through ``store.lookup``) and of well-formed PUTs and DELETEs (through
-        ``store.apply_writes``, if it has one), in order, their replies added to ``out``.
+        line (bench/OPTIMISATIONS.md, "plain batches"): from ``items[index]``, runs of
+        well-formed PUTs and DELETEs (through ``store.apply_writes``) and of well-formed GETs
+        with small replies (:meth:`_gets`), in order, their replies added to ``out``.
         Returns how many of ``items`` were served: the general path serves the rest, from a
         line that is anything else, a GET with a big reply, a write over the memory limit
-        (refused there) or the DELETE that ended the turn's work."""
-        index = 0
+        (refused there) or the command that ended the turn's work. (:meth:`handle` has
+        served the GETs that lead the batch, and has the write mark noted.)"""
         while True:
-            index = self._gets(items, index, store, out)
-            if index == len(items) or store.apply_writes is None or self.work >= TURN_WORK:
-                return index
             writes = _writes(items, index)
             guard = self.shared.guard
             if not writes or (guard.limit and guard.over()):  # (the general path refuses them)
                 return index
-            done, work = store.apply_writes(writes, TURN_WORK - self.work)
+            done, work = store.apply_writes(writes, TURN_WORK - self.work)  # type: ignore[misc]  # (handle checked it is not None)
             self.work += work
-            if store.needs_barrier:  # what this client's next PING waits for
-                self.write_mark = store.write_position()
             if not index:
                 self.verb = Put if writes[0][1] is not None else Delete
             index += done
             if done < len(writes):
+                return index
+            index = self._gets(items, index, store, out)
+            if index == len(items) or self.work >= TURN_WORK:
                 return index
 
     def _gets(self, items: Items, start: int, store: KVStore, out: list[bytes]) -> int:
@@ -245,7 +248,7 @@ class Session:
         from ``store.lookup`` (a key's values, no command object per GET: a third of a
         pipelined GET's cost, bench/OPTIMISATIONS.md, "GETs straight from the store"), their
         replies added to ``out``, until the turn's work is done; returns the index of the
-        first item not served."""
+        first item not served. Counts them (the caller notes the write mark)."""
         lookup: Callable[[bytes], list[bytes] | None] = store.lookup  # type: ignore[assignment]  # (the caller checked it is not None)
         append = out.append
         work = 0
@@ -261,9 +264,7 @@ class Session:
             if values:
                 if len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:
                     append(b"".join((key, b":", values[0], b"\n")))
-                elif _inline(values):
-                    out += value_lines(key, values)
-                else:
+                elif not _add_small_reply(key, values, out):
                     break
                 work += len(values)
                 if work >= budget:  # the turn's work is done after this one
@@ -271,18 +272,9 @@ class Session:
                     break
             index += 1
         if index > start:
-            self._got(store, index - start, work, first=not start)
+            self.work += work
+            store.applied["get"] += index - start
         return index
-
-    def _got(self, store: KVStore, count: int, work: int, first: bool) -> None:
-        """Count ``count`` GETs served by :meth:`_gets` and their ``work`` (``first``: they
-        began the batch) as the general path would."""
-        self.work += work
-        if first:
-            self.verb = Get
-        store.applied["get"] += count
-        if store.needs_barrier:  # what this client's next PING waits for
-            self.write_mark = store.write_position()
 
     def _mixed(self, cmds: list[Any], out: list[bytes]) -> list[bytes] | Actions:
         """:meth:`handle` for a batch with PING, STATS, AUTH or errors among data commands."""
@@ -634,6 +626,15 @@ def _writes(items: Items, start: int) -> list[tuple[bytes, bytes | None]]:
         else:
             break
     return writes
+
+
+def _add_small_reply(key: bytes, values: list[bytes], out: list[bytes]) -> bool:
+    """Add the reply lines of a GET of ``values`` to ``out`` if it is small enough to build
+    at once (:func:`_inline`); False, having added nothing, otherwise."""
+    if _inline(values):
+        out += value_lines(key, values)
+        return True
+    return False
 
 
 def _inline(values: list[bytes]) -> bool:
