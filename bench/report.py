@@ -11,6 +11,7 @@ redis-tools) and, for the chart, matplotlib: ``pip install -r bench/requirements
 (without it the report is written without the chart).
 
 usage: python bench/report.py [--compare PATH] [--ceiling PATH] [--quick] [--out bench/REPORT.md]
+       python bench/report.py --from DIR   (rewrite the report from an earlier run's output)
 """
 
 from __future__ import annotations
@@ -170,16 +171,23 @@ def main() -> int:
     parser.add_argument("--ceiling", default=str(SHARED / "ceiling" / "gcard_lean.py"))
     parser.add_argument("--quick", action="store_true", help="one short run per shape, idle 1,000 only")
     parser.add_argument("--out", default=str(ROOT / "bench" / "REPORT.md"))
+    parser.add_argument("--from", dest="source", help="a compare output directory to report on (no new run)")
     args = parser.parse_args()
 
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    with tempfile.TemporaryDirectory(prefix="kvreport-") as tmp:
-        command, rc = run_compare(args, Path(tmp))
+    if args.source:
+        out = Path(args.source)
+        command = ["compare", "(an earlier run: see the run's own header below)", "", ""]
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(out.stat().st_mtime))
+    else:
+        out = Path(tempfile.mkdtemp(prefix="kvreport-"))  # kept: --from rewrites the report from it
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        command, rc = run_compare(args, out)
         if rc not in (0, 1):
             return 1
-        lines = (Path(tmp) / "results.jsonl").read_text().splitlines()
-        results = [json.loads(line) for line in lines if line]
-        summary = (Path(tmp) / "summary.md").read_text().strip()
+        print(f"compare's output: {out}", file=sys.stderr)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    results = [json.loads(line) for line in lines if line]
+    summary = (out / "summary.md").read_text().strip()
     ops = medians(results)
     png = Path(args.out).with_name("report.png")
     drawn = chart(ops, png)

@@ -10,6 +10,8 @@ import struct
 
 import gevent
 import gevent.hub
+import gevent.pool
+import gevent.server
 import gevent.socket
 from conftest import wait_until
 
@@ -47,6 +49,11 @@ def test_the_gevent_interfaces_the_lean_waits_use():
         hub.loop.run_callback(lambda: ran.append(True))
         gevent.sleep(0)
         assert ran == [True]
+        # kvgevent.server.server._Listener: BaseServer's do_handle/do_close, _spawn and _handle
+        pool = gevent.pool.Pool()
+        listener = gevent.server.StreamServer(("127.0.0.1", 0), lambda *args: None, spawn=pool)
+        assert callable(listener.do_handle) and callable(listener.do_close)
+        assert listener._spawn == pool.spawn and callable(listener._handle)
     finally:
         left.close()
         right.close()

@@ -127,6 +127,27 @@ def drop_reason(exc: BaseException, handshaking: bool) -> tuple[str, str | None]
     return ("reset", None) if error is None else ("socket_error", error)
 
 
+class _Listener(StreamServer):
+    """gevent's StreamServer, spawning the handler itself (in the pool) rather than through
+    gevent's wrapper that calls it with ``*args`` and closes the socket after it: that call
+    runs one more interpreter loop on the C stack, and an idle client's greenlet keeps a copy
+    of its C stack (bench/OPTIMISATIONS.md, "a connection's cost"). The socket is closed here
+    as gevent's wrapper would, whatever the handler did."""
+
+    def do_handle(self, *args: Any) -> None:
+        try:
+            self._spawn(self._serve_socket, *args)  # type: ignore[attr-defined]  # (gevent's BaseServer: the pool's spawn)
+        except BaseException:
+            self.do_close(*args)
+            raise
+
+    def _serve_socket(self, sock: Any, address: Any) -> None:
+        try:
+            self._handle(sock, address)  # type: ignore[attr-defined]  # (gevent's BaseServer: the handler given)
+        finally:
+            sock.close()
+
+
 class KeyValueServer:
     """The p0 key-value server on gevent.
 
@@ -223,7 +244,7 @@ class KeyValueServer:
         listener: Any = (host, port)
         if self.reuse_port:
             listener = reuse_port_listener(host, port, self.backlog)
-        server = StreamServer(
+        server = _Listener(
             listener, self._handle, backlog=None if self.reuse_port else self.backlog, spawn=self._pool
         )
         server.start()

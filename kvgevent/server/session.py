@@ -615,14 +615,13 @@ def _writes(items: Items, start: int) -> list[tuple[bytes, bytes | None]]:
     for line in items[start:] if start else items:
         if line.__class__ is not bytes:
             break
-        verb, _, rest = line.partition(b":")
-        if verb in PUT_SPELLINGS:
-            key, sep, value = rest.partition(b":")
-            if not (sep and key):
+        fields = line.split(b":", 2)  # (one call: two partitions cost half as much again)
+        if len(fields) == 3:  # verb:key:value, the value may hold ':'
+            if fields[0] not in PUT_SPELLINGS or not fields[1]:
                 break
-            append((key, value))
-        elif verb in DELETE_SPELLINGS and rest and COLON not in rest:
-            append((rest, None))
+            append((fields[1], fields[2]))
+        elif len(fields) == 2 and fields[0] in DELETE_SPELLINGS and fields[1]:  # no ':' in the key
+            append((fields[1], None))
         else:
             break
     return writes
