@@ -4,12 +4,13 @@ slow and fast readers, counts, shutdown and logs."""
 import json
 import socket
 import struct
+import time
 
 import gevent
 import pytest
 from conftest import Peer, WrappedStore, log_events, wait_until
 
-from kvgevent import KeyValueServer, StoreError
+from kvgevent import KeyValueServer, MemoryStore, StoreError
 
 # --- the protocol over the wire --------------------------------------------------------------
 
@@ -497,3 +498,42 @@ def test_a_half_closed_slow_reader_gets_every_byte(server, connect):
     peer.sock.shutdown(socket.SHUT_WR)
     data = _read_slowly(peer, 10 * (1 << 20), chunk=32 * 1024, pause=0.01)
     assert data == b"".join(b"big:" + v + b"\n" for v in values)
+
+
+class _SlowStore(MemoryStore):
+    """A memory store whose calls take 20 ms: waiting on the network (a yield, counted in
+    ``waited``, as the Redis store counts its round trips) or computing (holding the loop)."""
+
+    apply_writes = None
+
+    def __init__(self, waits: bool) -> None:
+        super().__init__()
+        self.lookup = None
+        self.waits = waits
+
+    def apply_some(self, commands, budget):
+        began = time.perf_counter()
+        if self.waits:
+            gevent.sleep(0.02)
+            self.waited += time.perf_counter() - began
+        else:
+            while time.perf_counter() - began < 0.02:
+                pass
+        return super().apply_some(commands, budget)
+
+
+@pytest.mark.parametrize("waits", [True, False])
+def test_a_batch_that_waits_on_its_store_does_not_make_its_client_heavy(waits, log_stream):
+    """A client whose batch held the loop for HEAVY_TURN queues its next turn behind the
+    others; time a batch spent waiting on the store (Redis round trips) did not hold it."""
+    server = KeyValueServer(_SlowStore(waits))
+    server.start(0, host="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(b"PUT:k:v\nPING\n")  # one batch: the PONG comes after the store's call
+        assert sock.recv(16) == b"PONG\n"
+        (conn,) = server._conns.values()
+        assert conn.heavy is (not waits)
+    finally:
+        sock.close()
+        server.close(flush_timeout=0.5)

@@ -583,6 +583,8 @@ class KeyValueServer:
         connection's queue and where a session's waits happen. Timed: a batch that held the
         loop for HEAVY_TURN makes its client heavy; with metrics, every batch goes into the
         histogram."""
+        store = self.store
+        waited = store.waited
         began = time.perf_counter()
         actions = conn.session.handle(items)
         if actions.__class__ is list:  # the usual case: reply lines, and nothing to wait for
@@ -591,7 +593,8 @@ class KeyValueServer:
         else:
             self._drive(conn, actions)
         elapsed = time.perf_counter() - began
-        conn.heavy = elapsed >= HEAVY_TURN
+        # Waits on the store (Redis: this batch's, and any made meanwhile) do not hold the loop.
+        conn.heavy = elapsed - (store.waited - waited) >= HEAVY_TURN
         if self._monitor is not None:  # (kept only for a scrape: not paid without one)
             self.batch_seconds.observe(elapsed, conn.session.verb)
 

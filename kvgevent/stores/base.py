@@ -145,6 +145,12 @@ class KVStore(abc.ABC):
     stops after the command that took it there) and the work, as :meth:`apply_some`. None for
     the others. The session applies runs of PUT and DELETE through it."""
 
+    waited = 0.0
+    """Seconds this store's calls have spent waiting on the network so far (a store kept
+    elsewhere adds to it): the server does not count that as time a batch held the event
+    loop when it judges whose turns are heavy (a client whose batches wait on Redis is not
+    one that keeps the others waiting)."""
+
     needs_barrier = False
     """True if :meth:`barrier` may wait: the server then sends earlier replies first."""
 

@@ -32,7 +32,7 @@ from kvgevent.logs import Logger, get_logger, redacted_url
 from kvgevent.protocol import Delete, Get, Put, Update
 from kvgevent.stores.base import VERBS, DataCommand, Key, KVStore, key_bytes
 from kvgevent.stores.redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
-from kvgevent.stores.resp import Dispatcher, ReplyMismatch, RespConnection
+from kvgevent.stores.resp import Dispatcher, ReplyMismatch, RespConnection, delete, lrange_all, pack, rpush
 
 MAX_CONNECTIONS = 256
 """Connections to Redis per kvgevent process (one per client round trip in flight)."""
@@ -117,28 +117,31 @@ class RedisStore(KVStore):
         if self._dispatcher is None:
             return self._apply_redis_py(commands)
         prefix = self.prefix
-        encoded: list[tuple[bytes, ...]] = []
+        encoded: list[bytes] = []
         expected: list[type] = []
-        applied = self.applied
+        encode, expect = encoded.append, expected.append
+        gets = 0  # (counted after the loop: the usual command is a GET)
         for cmd in commands:
             kind, key = cmd.__class__, prefix + cmd[0]
-            applied[VERBS[kind]] += 1
             if kind is Get:
-                encoded.append((b"LRANGE", key, b"0", b"-1"))
-                expected.append(list)
-            elif kind is Put:
-                encoded.append((b"RPUSH", key, cmd[1]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
-                expected.append(int)
+                encode(lrange_all(key))
+                expect(list)
+                gets += 1
+                continue
+            self.applied[VERBS[kind]] += 1
+            if kind is Put:
+                encode(rpush(key, cmd[1]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
             elif kind is Update:  # the script is loaded on every connection (see _dispatcher)
-                encoded.append((b"EVALSHA", _SCRIPT_SHA, b"1", key, cmd[1], cmd[2]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
-                expected.append(int)
+                encode(pack((b"EVALSHA", _SCRIPT_SHA, b"1", key, cmd[1], cmd[2])))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
             elif kind is Delete:
-                encoded.append((b"DEL", key))
-                expected.append(int)
+                encode(delete(key))
             else:
                 raise TypeError(f"not a data command: {cmd!r}")
+            expect(int)
+        self.applied["get"] += gets
+        payload = encoded[0] if len(encoded) == 1 else b"".join(encoded)
         replies = self._call(
-            self._dispatcher.execute, encoded, expected, commands=len(commands), per_command=True
+            self._dispatcher.execute_encoded, payload, expected, commands=len(commands), per_command=True
         )
         return self._results(commands, replies)
 
@@ -321,10 +324,13 @@ class RedisStore(KVStore):
             for node in nodes:
                 self.health.skipped(node, commands)
             raise ERR_UNAVAILABLE.fresh()
+        began = time.perf_counter()
         try:
             result = function(*args, **kwargs)
         except self._redis_errors as exc:
             raise self._failure(exc, nodes, commands).fresh() from None
+        finally:
+            self.waited += time.perf_counter() - began
         if self.health.outages and not per_command:
             for node in nodes:
                 self.health.up(node)

@@ -63,6 +63,26 @@ def pack(args: Command) -> bytes:
     return hiredis.pack_command(tuple(args))  # type: ignore[arg-type]  # (its stub wants a 1-tuple)
 
 
+# The data commands of every request, in RESP by bytes templates: hiredis.pack_command takes
+# about three times as long per command (bench/OPTIMISATIONS.md, "RESP templates"). Each
+# gives exactly what pack() gives (tests/test_redis.py checks it).
+
+
+def lrange_all(key: bytes) -> bytes:
+    """``LRANGE key 0 -1`` in RESP."""
+    return b"*4\r\n$6\r\nLRANGE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$2\r\n-1\r\n" % (len(key), key)
+
+
+def rpush(key: bytes, value: bytes) -> bytes:
+    """``RPUSH key value`` in RESP."""
+    return b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(value), value)
+
+
+def delete(key: bytes) -> bytes:
+    """``DEL key`` in RESP."""
+    return b"*2\r\n$3\r\nDEL\r\n$%d\r\n%b\r\n" % (len(key), key)
+
+
 class RespConnection:
     """One socket to Redis (connected on first use); ``round_trip`` sends commands in one
     write and returns their replies (hiredis ReplyError instances for error replies)."""
@@ -160,11 +180,18 @@ class RespConnection:
         self.sock = self.reader = None
 
 
-def check_types(replies: list[Any], expected: Sequence[Expected]) -> None:
-    """Raise ReplyMismatch unless each reply is an error reply or of its command's type."""
+def check_types(replies: list[Any], expected: Sequence[Expected]) -> bool:
+    """Raise ReplyMismatch unless each reply is an error reply or of its command's type;
+    returns whether one of them is a NOSCRIPT error reply (Redis lost the scripts)."""
+    noscript = False
     for reply, kind in zip(replies, expected, strict=True):
-        if not isinstance(reply, kind) and not isinstance(reply, hiredis.ReplyError):
+        if reply.__class__ is kind:  # (the usual case, without isinstance's calls)
+            continue
+        if isinstance(reply, hiredis.ReplyError):
+            noscript = noscript or str(reply).startswith("NOSCRIPT")
+        elif not isinstance(reply, kind):
             raise ReplyMismatch(f"a {type(reply).__name__} reply where a {kind} was due")
+    return noscript
 
 
 class _Request:
@@ -189,9 +216,14 @@ class Dispatcher:
         replies, in order, each checked to be of its ``expected`` type or an error reply.
         Raises what the connection raised if the round trip failed (ReplyMismatch for a
         reply of the wrong type), and ConnectionError once the dispatcher is closed."""
+        return self.execute_encoded(b"".join([pack(c) for c in commands]), expected)
+
+    def execute_encoded(self, payload: bytes, expected: Sequence[Expected]) -> list[Any]:
+        """:meth:`execute` for commands encoded already (``payload``: RESP, one command per
+        item of ``expected``)."""
         if self._closed:
             raise ConnectionError("the Redis dispatcher is closed")
-        request = _Request(b"".join([pack(c) for c in commands]), expected)
+        request = _Request(payload, expected)
         self._queue.put(request)
         replies = request.result.get()
         assert replies is not None  # (set with a list, or raising)
@@ -207,12 +239,10 @@ class Dispatcher:
                 batch.append(request)
                 count += request.count
             try:
-                replies = connection.round_trip(b"".join(r.payload for r in batch), count)
-                check_types(replies, [kind for r in batch for kind in r.expected])
-                if any(
-                    isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
-                    for reply in replies
-                ):
+                payload = batch[0].payload if len(batch) == 1 else b"".join([r.payload for r in batch])
+                replies = connection.round_trip(payload, count)
+                expected = batch[0].expected if len(batch) == 1 else [k for r in batch for k in r.expected]
+                if check_types(replies, expected):
                     connection.close()  # scripts were flushed: the next connection loads them again
             except BaseException as exc:  # GreenletExit too (close()): nobody may wait forever
                 if isinstance(exc, ReplyMismatch):
