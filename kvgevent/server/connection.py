@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -58,8 +57,7 @@ class Connection:
         "host",
         "sock",
         "io",
-        "recv",
-        "sendall",
+        "stream",
         "queue",
         "queue_size",
         "queue_bytes",
@@ -112,8 +110,9 @@ class Connection:
         self.sock = sock
         # The byte stream: the socket itself, or a TlsStream over it (see KeyValueServer).
         self.io = wrap(sock)  # counts what the kernel accepted, and since when it accepts nothing
-        self.recv: Callable[[int], bytes] = self.io.recv
-        self.sendall: Callable[[bytes], Any] = self.io.sendall
+        # What recv and sendall are called on: the socket's io, or a TlsStream over it. (One
+        # reference, not two bound methods: an idle client holds it for its whole life.)
+        self.stream: Any = self.io
         # Items are chunks of one or more reply lines; the bounds below are in lines and
         # bytes, kept by this class: the gevent queue itself is unbounded (so a miscount,
         # a value with a newline from another Redis client say, cannot make a put raise).
@@ -375,7 +374,7 @@ class Connection:
         ``Timeout`` context each time, and ``put_nowait`` wakes it through a scheduled callback
         of its own: more than the rest of a small reply costs (bench/OPTIMISATIONS.md, "lean
         waits"). A kill while parked comes out of the switch as GreenletExit."""
-        sendall = self.sendall
+        sendall = self.stream.sendall
         hub = self._hub
         try:
             while True:

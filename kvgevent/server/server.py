@@ -470,8 +470,7 @@ class KeyValueServer:
         stream = TlsStream(conn.io, self._tls, server_side=True, lock_factory=Semaphore)  # type: ignore[arg-type]  # (conn.io has what TlsStream uses of a socket: recv, sendall)
         with gevent.Timeout(TLS_HANDSHAKE_TIMEOUT):
             stream.handshake()
-        conn.recv = stream.recv
-        conn.sendall = stream.sendall
+        conn.stream = stream
 
     def _read_loop(self, conn: Connection) -> None:
         """Read, parse and apply requests until end of stream, or until the connection fails
@@ -488,7 +487,7 @@ class KeyValueServer:
 
     def _serve(self, conn: Connection) -> None:
         """The read loop of an authenticated client (see :meth:`_read_loop`)."""
-        recv = conn.recv
+        recv = conn.stream.recv
         feed = conn.buffer.feed
         execute = self._execute
         session = conn.session
@@ -545,7 +544,7 @@ class KeyValueServer:
         line, so that requests pipelined behind the AUTH are split with the full bound."""
         session = conn.session
         while conn.failed is None:
-            data = conn.recv(RECV_SIZE)
+            data = conn.stream.recv(RECV_SIZE)
             if not data:
                 return None
             if self.idle_timeout > 0:
