@@ -253,3 +253,52 @@ def test_a_reply_queued_as_a_writer_is_released_goes_out_through_a_new_one(log_s
     finally:
         sock.close()
         server.close(flush_timeout=0.5)
+
+
+def test_clients_that_pause_about_as_long_as_the_writer_idles_lose_nothing(log_stream, monkeypatch):
+    """Writers are released and made again while their clients keep sending: 40 clients each
+    send a numbered GET, pausing around WRITER_IDLE between requests (so releases, wake-ups
+    and new writers interleave with replies being queued), for about 40 requests each. Every
+    reply arrives, in order; afterwards no writer is left beyond the connected clients', and
+    once they are all quiet every writer is released."""
+    import random
+
+    from kvgevent.server.connection import Connection
+
+    released = []
+    retire = Connection.retire_writer
+
+    def counting(conn: Connection) -> bool:
+        done = retire(conn)
+        released.append(done)
+        return done
+
+    monkeypatch.setattr(Connection, "retire_writer", counting)
+    server = KeyValueServer(MemoryStore())
+    server.start(0, host="127.0.0.1")
+    for i in range(40):
+        server.store.put(f"k{i}", b"v%d" % i)
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(40)]
+
+    def client(index: int, sock: socket.socket) -> None:
+        rnd = random.Random(index)
+        for n in range(40):
+            key = b"k%d" % ((index + n) % 40)
+            sock.sendall(b"GET:" + key + b"\n")
+            expected = key + b":v" + key[1:] + b"\n"
+            assert _recv_exactly(sock, len(expected)) == expected
+            gevent.sleep(rnd.uniform(0.5, 1.5) * WRITER_IDLE * (1 if n % 3 else 2))
+
+    try:
+        clients = [gevent.spawn(client, i, sock) for i, sock in enumerate(socks)]
+        gevent.joinall(clients, timeout=60, raise_error=True)
+        assert all(c.successful() for c in clients)
+        assert sum(released) >= 100  # writers released between requests, and made again
+        assert len(server._writers) <= len(socks)
+        wait_until(lambda: len(server._writers) == 0, timeout=10, message="every idle writer released")
+        assert server.count_active() == 40
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close(flush_timeout=0.5)
+    assert server.count_dropped() == 40
