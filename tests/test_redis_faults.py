@@ -329,3 +329,49 @@ def test_workers_get_options_from_the_parsed_flags_and_secrets_from_the_environm
     assert peer.request(b"AUTH:s3cret-pw\nPUT:w:1\nGET:w\n") == [b"OK", b"w:1"]
     peer.close()
     assert proc.stop() == 0
+
+
+def test_a_caller_that_gave_up_waiting_is_not_resumed_by_the_late_reply(tmp_path):
+    """The dispatcher's lean waits (kvgevent.stores.resp): a caller whose wait for Redis is
+    interrupted (here a timeout; a client's reader killed for idling is the same) must not be
+    resumed later by its round trip's late outcome, whatever it waits for by then. Redis is
+    frozen with SIGSTOP so that the reply comes only after the caller gave up."""
+    import os
+    import signal
+
+    import gevent.event
+
+    from kvgevent import Get, Put
+
+    redis = RedisProcess(tmp_path)
+    store = RedisStore(redis.url, prefix=f"s{random.randrange(10**9)}:", timeout=10)
+    store.apply([Put(b"k", b"v")])  # connected: the next round trip waits on Redis alone
+    assert redis.proc is not None
+    later = gevent.event.Event()
+    outcome: list[str] = []
+
+    def caller() -> None:
+        try:
+            with gevent.Timeout(0.3):
+                store.apply([Get(b"k")])
+        except gevent.Timeout:
+            outcome.append("gave up")
+        later.wait(10)  # a late wake-up from the dispatcher would end this wait early
+        outcome.append("woken by the event" if later.is_set() else "woken early")
+
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        waiting = gevent.spawn(caller)
+        wait_until(lambda: outcome == ["gave up"], timeout=10)
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    try:
+        assert store.apply([Get(b"k")]) == [[b"v"]]  # after the late reply: the stream is sound
+        gevent.sleep(0.1)
+        assert outcome == ["gave up"]
+        later.set()
+        waiting.join(5)
+        assert outcome == ["gave up", "woken by the event"]
+    finally:
+        store.close()
+        redis.kill()

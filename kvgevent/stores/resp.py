@@ -28,13 +28,12 @@ from __future__ import annotations
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import gevent
 import hiredis
-from gevent.event import AsyncResult
-from gevent.queue import Queue
 
 MAX_ROUND_TRIP = 2000
 """Commands one round trip may carry (several clients' batches together)."""
@@ -195,18 +194,34 @@ def check_types(replies: list[Any], expected: Sequence[Expected]) -> bool:
 
 
 class _Request:
-    __slots__ = ("payload", "count", "expected", "result")
+    """One caller's batch: its payload, and where its outcome goes (``done`` set, then
+    ``replies`` or ``failure``). ``waiter`` is the greenlet waiting for it, None once that
+    greenlet gave up waiting (killed: a late wake-up must not resume it in another wait)."""
 
-    def __init__(self, payload: bytes, expected: Sequence[Expected]) -> None:
+    __slots__ = ("payload", "count", "expected", "waiter", "replies", "failure", "done")
+
+    def __init__(self, payload: bytes, expected: Sequence[Expected], waiter: Any) -> None:
         self.payload, self.count, self.expected = payload, len(expected), expected
-        self.result: AsyncResult[list[Any]] = AsyncResult()
+        self.waiter = waiter
+        self.replies: list[Any] = []
+        self.failure: BaseException | None = None
+        self.done = False
 
 
 class Dispatcher:
-    """Sends queued requests in shared round trips over ``connections`` connections."""
+    """Sends queued requests in shared round trips over ``connections`` connections.
+
+    Waits are lean, as the server's (kvgevent.server.connection, bench/OPTIMISATIONS.md, "lean
+    waits"): a caller parks with a bare ``Hub.switch`` until a sender has its outcome and
+    schedules its ``switch`` with ``loop.run_callback``; a sender with nothing to send parks the
+    same way until a caller schedules it. gevent's AsyncResult and Queue made a Waiter per wait
+    and a Timeout context per ``get``. Relies on ``Hub.switch`` and ``loop.run_callback``
+    (pinned and tested with the server's)."""
 
     def __init__(self, make_connection: Any, connections: int = 4) -> None:
-        self._queue: Queue = Queue()
+        self._queue: deque[_Request] = deque()
+        self._idle: deque[Any] = deque()  # senders parked on an empty queue, longest first
+        self._hub = gevent.get_hub()
         self._closed = False
         self._connections = [make_connection() for _ in range(connections)]
         self._senders = [gevent.spawn(self._send_loop, c) for c in self._connections]
@@ -223,19 +238,31 @@ class Dispatcher:
         item of ``expected``)."""
         if self._closed:
             raise ConnectionError("the Redis dispatcher is closed")
-        request = _Request(payload, expected)
-        self._queue.put(request)
-        replies = request.result.get()
-        assert replies is not None  # (set with a list, or raising)
-        return replies
+        request = _Request(payload, expected, gevent.getcurrent())
+        self._queue.append(request)
+        if self._idle:  # (the longest idle: round trips take turns over the connections)
+            self._hub.loop.run_callback(self._idle.popleft().switch)
+        try:
+            while not request.done:
+                self._hub.switch()
+        except BaseException:
+            request.waiter = None  # given up (killed): its outcome goes nowhere
+            raise
+        if request.failure is not None:
+            raise request.failure
+        return request.replies
 
     def _send_loop(self, connection: RespConnection) -> None:
-        queue = self._queue
+        queue, me = self._queue, gevent.getcurrent()
         while True:
-            batch = [queue.get()]
+            if not queue:
+                self._idle.append(me)
+                self._hub.switch()  # (a kill while parked ends the sender: close())
+                continue
+            batch = [queue.popleft()]
             count = batch[0].count
-            while count < MAX_ROUND_TRIP and not queue.empty():
-                request = queue.get_nowait()
+            while count < MAX_ROUND_TRIP and queue:
+                request = queue.popleft()
                 batch.append(request)
                 count += request.count
             try:
@@ -249,21 +276,36 @@ class Dispatcher:
                     connection.close()
                 failure = exc if isinstance(exc, Exception) else ConnectionError("the dispatcher closed")
                 for request in batch:
-                    request.result.set_exception(failure)
+                    self._finish(request, failure=failure)
                 if not isinstance(exc, Exception):
                     raise
                 continue
             start = 0
             for request in batch:
-                request.result.set(replies[start : start + request.count])
+                self._finish(request, replies[start : start + request.count])
                 start += request.count
+
+    def _finish(
+        self, request: _Request, replies: list[Any] | None = None, failure: Exception | None = None
+    ) -> None:
+        """Give ``request`` its outcome and wake its caller (once this greenlet yields)."""
+        request.replies, request.failure, request.done = replies or [], failure, True
+        if request.waiter is not None:
+            self._hub.loop.run_callback(_wake, request)
 
     def close(self) -> None:
         """Stop: requests in flight and queued fail with ConnectionError, later ones too."""
         self._closed = True
         for sender in self._senders:
             sender.kill()
-        while not self._queue.empty():
-            self._queue.get_nowait().result.set_exception(ConnectionError("the dispatcher closed"))
+        while self._queue:
+            self._finish(self._queue.popleft(), failure=ConnectionError("the dispatcher closed"))
         for connection in self._connections:
             connection.close()
+
+
+def _wake(request: _Request) -> None:
+    """Resume the caller waiting for ``request``, unless it gave up meanwhile."""
+    waiter = request.waiter
+    if waiter is not None:
+        waiter.switch()
