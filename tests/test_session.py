@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kvgevent.errors import StoreError
-from kvgevent.protocol import ERR_LINE_TOO_LONG
+from kvgevent.protocol import ERR_LINE_TOO_LONG, Get
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import MemoryGuard
@@ -324,3 +324,74 @@ def test_over_max_memory_the_plain_path_leaves_writes_to_the_general_path():
     replies = run(session, b"GET:k\nPUT:k:w\nDELETE:k\nGET:k\nPut:j:v\n")
     assert replies == [[b"k:v\n", b"ERR out of memory\n", b"ERR out of memory\n"]]
     assert session.shared.store.data == {}
+
+
+UNAVAILABLE = StoreError("store unavailable")
+
+
+class Fetching(MemoryStore):
+    """A memory store seen as a store kept elsewhere: no lookup, no plain writes; GET batches
+    through ``fetch`` (one call) when ``plain``, else through ``apply_some``; every GET of k3
+    fails with that key's own error, the rest of the batch served."""
+
+    apply_writes = None
+
+    def __init__(self, plain: bool) -> None:
+        super().__init__()
+        self.lookup = None
+        if plain:
+            self.fetch = self._fetch
+        self.calls = 0
+
+    def apply_some(self, commands, budget):
+        self.calls += 1
+        results, work = super().apply_some(commands, budget)
+        failing = [cmd.__class__ is Get and cmd[0] == b"k3" for cmd in commands]
+        return [UNAVAILABLE if bad else result for bad, result in zip(failing, results, strict=False)], work
+
+    def _fetch(self, keys):
+        self.calls += 1
+        return [
+            UNAVAILABLE if key == b"k3" else (list(self.data[key]) if self.data.get(key) else None)
+            for key in keys
+        ]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gets_fetched_at_once_are_answered_as_the_general_path_answers_them(seed):
+    """The fetch path (a store kept elsewhere, such as Redis) against the general path on
+    random batches: the same replies byte for byte (a key's own error as its ERR line, big
+    replies left to the general path), data, counts and errors; and GET batches take one
+    store call, not one per run."""
+    import random
+
+    rnd = random.Random(seed)
+    plain, general = session_for(Fetching(True)), session_for(Fetching(False))
+    for _ in range(300):
+        lines = PLAIN_LINES if rnd.random() < 0.8 else PLAIN_LINES + OTHER_LINES
+        items = [rnd.choice(lines) for _ in range(rnd.randint(1, 24))]
+        plain.work = general.work = 0
+        assert served(plain, items) == served(general, items), items
+        assert plain.verb == general.verb, items
+    for a, b in ((plain, general),):
+        assert a.shared.store.data == b.shared.store.data
+        assert a.shared.store.applied == b.shared.store.applied
+        assert a.shared.counters.errors_by == b.shared.counters.errors_by
+    assert plain.shared.counters.errors_by.get("store unavailable", 0) > 50
+    fetched = session_for(Fetching(True))
+    run(fetched, b"PUT:k1:v\n")
+    calls = fetched.shared.store.calls
+    assert run(fetched, b"GET:k1\nGET:k3\nGET:k2\n") == [[b"k1:v\n", b"ERR store unavailable\n"]]
+    assert fetched.shared.store.calls == calls + 1
+
+
+def test_a_store_that_fails_as_a_whole_answers_each_fetched_get_with_its_error():
+    store = Fetching(True)
+
+    def down(keys):
+        raise UNAVAILABLE
+
+    store.fetch = down
+    session = session_for(store)
+    assert run(session, b"GET:a\nGET:b\nPING\n") == [[b"ERR store unavailable\n"] * 2 + [b"PONG\n"]]
+    assert session.shared.counters.errors_by == {"store unavailable": 2}

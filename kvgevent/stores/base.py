@@ -137,6 +137,13 @@ class KVStore(abc.ABC):
     own, as :meth:`apply`'s); None for the others. The session serves batches of GETs
     through it."""
 
+    fetch: Callable[[list[bytes]], list[list[bytes] | KVError | None]] | None = None
+    """For a store kept elsewhere (the Redis store): ``fetch(keys)``, the values of each key
+    in one call (it may yield): one result per key, as :meth:`apply` gives a GET's (a list of
+    values, None, or that key's KVError); raises KVError if the store failed as a whole.
+    Counts nothing (the caller counts what it serves). None for the others. The session
+    serves batches of GETs through it, without a command object per GET."""
+
     apply_writes: Callable[[list[tuple[bytes, bytes | None]], int], tuple[int, int]] | None = None
     """For a store that holds its data in this process and promises nothing beyond memory (the
     memory store), ``apply_writes(writes, budget)``: PUTs, as ``(key, value)``, and DELETEs, as
