@@ -402,3 +402,20 @@ def test_a_cluster_node_down_is_one_outage_not_a_flood(redis_cluster, log_stream
         assert len(down) == len(set(down)) and len(up) == len(set(up)), (down, up)
     finally:
         server.close()
+
+
+def test_gets_fetched_at_once_are_each_read_and_judged_once(store):
+    """A batch of GETs over Redis is fetched in one call (KVStore.fetch): a big reply among
+    them comes in chunks from what was fetched, and a key after it whose reply is an error
+    (WRONGTYPE here) is counted once, in the client's errors and in the store's."""
+    from test_session import served, session_for
+
+    session = session_for(store)
+    served(session, [b"PUT:big:" + b"x" * 5000])  # a reply too big to build with the others
+    store.client.set(store.prefix + b"bad", b"a string")  # LRANGE on it: WRONGTYPE
+    before = store.health.stats()["store_errors"]
+    session.work = 0
+    replies, _ = served(session, [b"GET:big", b"GET:bad", b"GET:none"])
+    assert replies == b"big:" + b"x" * 5000 + b"\n" + b"ERR store error\n"
+    assert session.shared.counters.errors_by == {"store error": 1}
+    assert store.health.stats()["store_errors"] - before == 1

@@ -11,6 +11,7 @@ import pytest
 from conftest import Peer, WrappedStore, log_events, wait_until
 
 from kvgevent import KeyValueServer, MemoryStore, StoreError
+from kvgevent.stores.base import STORE_WAIT
 
 # --- the protocol over the wire --------------------------------------------------------------
 
@@ -515,7 +516,7 @@ class _SlowStore(MemoryStore):
         began = time.perf_counter()
         if self.waits:
             gevent.sleep(0.02)
-            self.waited += time.perf_counter() - began
+            STORE_WAIT.set(STORE_WAIT.get() + time.perf_counter() - began)
         else:
             while time.perf_counter() - began < 0.02:
                 pass
@@ -536,4 +537,48 @@ def test_a_batch_that_waits_on_its_store_does_not_make_its_client_heavy(waits, l
         assert conn.heavy is (not waits)
     finally:
         sock.close()
+        server.close(flush_timeout=0.5)
+
+
+class _SharedStore(MemoryStore):
+    """Every call waits 20 ms on the network (as a Redis round trip); a PUT of key ``cpu``
+    first computes for 10 ms, holding the loop."""
+
+    apply_writes = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookup = None
+
+    def apply_some(self, commands, budget):
+        if commands[0][0] == b"cpu":
+            began = time.perf_counter()
+            while time.perf_counter() - began < 0.01:
+                pass
+        began = time.perf_counter()
+        gevent.sleep(0.02)
+        STORE_WAIT.set(STORE_WAIT.get() + time.perf_counter() - began)
+        return super().apply_some(commands, budget)
+
+
+def test_a_batch_that_holds_the_loop_is_heavy_while_other_clients_wait_on_the_store(log_stream):
+    """Only a client's own waits on the store are not counted as holding the loop: other
+    clients' round trips that end meanwhile do not hide a batch that computed for 10 ms."""
+    server = KeyValueServer(_SharedStore())
+    server.start(0, host="127.0.0.1")
+    heavy = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    others = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(5)]
+    try:
+        wait_until(lambda: server.count_active() == 6)
+        for other in others:
+            other.sendall(b"PUT:x:v\nPING\n")
+        heavy.sendall(b"PUT:cpu:v\nPING\n")
+        assert heavy.recv(16) == b"PONG\n"
+        for other in others:
+            assert other.recv(16) == b"PONG\n"
+        conns = sorted(server._conns.values(), key=lambda conn: conn.client_id)
+        assert [conn.heavy for conn in conns] == [True] + [False] * 5
+    finally:
+        for sock in (heavy, *others):
+            sock.close()
         server.close(flush_timeout=0.5)

@@ -395,3 +395,18 @@ def test_a_store_that_fails_as_a_whole_answers_each_fetched_get_with_its_error()
     session = session_for(store)
     assert run(session, b"GET:a\nGET:b\nPING\n") == [[b"ERR store unavailable\n"] * 2 + [b"PONG\n"]]
     assert session.shared.counters.errors_by == {"store unavailable": 2}
+
+
+def test_a_batch_that_crosses_max_memory_is_judged_once_as_the_general_path_judges_it():
+    """The memory limit is looked at once a batch on both paths: a PUT that takes the store
+    over it does not make a later PUT of the same batch refused on one path only."""
+    from kvgevent.config import CONNECTION_COST
+
+    items = [b"PUT:a:" + b"x" * 2000, b"GET:b", b"PUT:b:y"]
+    outcomes = []
+    for store in (MemoryStore(), General()):
+        session = session_for(store)
+        session.shared.guard.limit = CONNECTION_COST + 1000  # (its base: 0 until calibrated)
+        assert not session.shared.guard.over()
+        outcomes.append((served(session, items), sorted(store.data)))
+    assert outcomes[0] == outcomes[1] == ((b"", 0), [b"a", b"b"])

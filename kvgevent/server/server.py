@@ -66,7 +66,7 @@ from kvgevent.server.memory import MemoryGuard, release_free_memory, release_mem
 from kvgevent.server.net import is_loopback, reuse_port_listener, worker_name
 from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
 from kvgevent.server.turns import Turns
-from kvgevent.stores.base import KVStore
+from kvgevent.stores.base import STORE_WAIT, KVStore
 from kvgevent.stores.memory import MemoryStore
 from kvgevent.timings import Timings
 from kvgevent.tls import TlsStream
@@ -582,8 +582,7 @@ class KeyValueServer:
         connection's queue and where a session's waits happen. Timed: a batch that held the
         loop for HEAVY_TURN makes its client heavy; with metrics, every batch goes into the
         histogram."""
-        store = self.store
-        waited = store.waited
+        waited = STORE_WAIT.get()
         began = time.perf_counter()
         actions = conn.session.handle(items)
         if actions.__class__ is list:  # the usual case: reply lines, and nothing to wait for
@@ -592,8 +591,8 @@ class KeyValueServer:
         else:
             self._drive(conn, actions)
         elapsed = time.perf_counter() - began
-        # Waits on the store (Redis: this batch's, and any made meanwhile) do not hold the loop.
-        conn.heavy = elapsed - (store.waited - waited) >= HEAVY_TURN
+        # This client's waits on the store (Redis round trips) did not hold the loop.
+        conn.heavy = elapsed - (STORE_WAIT.get() - waited) >= HEAVY_TURN
         if self._monitor is not None:  # (kept only for a scrape: not paid without one)
             self.batch_seconds.observe(elapsed, conn.session.verb)
 

@@ -202,12 +202,14 @@ class Session:
         done = 0
         if (store.lookup is not None or store.fetch is not None) and len(items) <= REPLY_CHUNK:
             self.verb = Get  # (until a line says otherwise)
-            done = self._served_plainly(items, store, out)
+            done, rest = self._served_plainly(items, store, out)
+            if rest is None and self.work >= TURN_WORK:  # the rest waits for the next turn
+                rest = self._next_turn(out)
+            if rest is not None:
+                return self._actions(items, done, out, rest)
             if done == len(items):
                 return out
             items = items[done:]
-            if self.work >= TURN_WORK:  # the turn's work is done: the rest waits for the next
-                return self._actions(items, 0, out, self._next_turn(out))
         cmds = [parse(item) if item.__class__ is bytes else item for item in items]
         if not done:
             self.verb = cmds[0].__class__  # the batch's, for the metrics
@@ -216,10 +218,11 @@ class Session:
             return out if rest is None else self._actions(cmds, len(cmds), out, rest)
         return self._mixed(cmds, out)
 
-    def _served_plainly(self, items: Items, store: KVStore, out: list[bytes]) -> int:
+    def _served_plainly(self, items: Items, store: KVStore, out: list[bytes]) -> tuple[int, Actions | None]:
         """How many of ``items``, from the first, were served without command objects
         (:meth:`_gets` and :meth:`_plain` from a store that holds its data here, or
-        :meth:`_fetched` from one that fetches), their replies added to ``out``."""
+        :meth:`_fetched` from one that fetches), their replies added to ``out``; and None,
+        or the generator that finishes their replies."""
         if store.lookup is None:
             return self._fetched(items, store, out)
         done = self._gets(items, 0, store, out)
@@ -227,38 +230,28 @@ class Session:
             done = self._plain(items, done, store, out)
         if done and store.needs_barrier:  # what this client's next PING waits for
             self.write_mark = store.write_position()
-        return done
+        return done, None
 
-    def _fetched(self, items: Items, store: KVStore, out: list[bytes]) -> int:
+    def _fetched(self, items: Items, store: KVStore, out: list[bytes]) -> tuple[int, Actions | None]:
         """The well-formed GETs leading ``items``, fetched at once (``store.fetch``) and
-        answered as the general path would, while their replies are small and the turn's
-        work lasts; returns how many were served (the general path serves the rest: a GET
-        read again is still a read). A store that failed as a whole: each GET its ERR line."""
+        answered as the general path would: how many, and None, or the generator that
+        finishes their replies (a big one comes in chunks) when not all fit in ``out`` at
+        once. Each is fetched and judged once: none is left for the general path to read
+        again. A store that failed as a whole: each GET its ERR line. (No work is counted
+        for the store's part, as the general path counts none for a store kept elsewhere.)"""
         keys = _get_keys(items)
         if not keys:
-            return 0
+            return 0, None
+        store.applied["get"] += len(keys)
         try:
             results = store.fetch(keys)  # type: ignore[misc]  # (the caller checked it is not None)
         except KVError as exc:
-            store.applied["get"] += len(keys)
             self.shared.counters.count_error(exc.reason, len(keys))
             out += [exc.reply] * len(keys)
-            return len(keys)
-        work, budget = 0, TURN_WORK - self.work
-        done = 0
-        for key, values in zip(keys, results, strict=True):
-            if values is not None and values.__class__ is not list:  # that key's KVError
-                self._reply(out, values)
-            elif values:
-                if not _add_small_reply(key, values, out):  # (one value or a few, small)
-                    break
-                work += len(values)
-            done += 1
-            if work >= budget:
-                break
-        self.work += work
-        store.applied["get"] += done
-        return done
+            return len(keys), None
+        run = [(key,) for key in keys]  # (what the reply builders read: the key at [0])
+        done = self._inline_replies(run, results, out, 0)
+        return len(keys), (None if done == len(keys) else self._replies(run, results, out, done))
 
     def _plain(self, items: Items, index: int, store: KVStore, out: list[bytes]) -> int:
         """The usual batches, served straight from a store that holds its data here, with
@@ -270,10 +263,12 @@ class Session:
         line that is anything else, a GET with a big reply, a write over the memory limit
         (refused there) or the command that ended the turn's work. (:meth:`handle` has
         served the GETs that lead the batch, and has the write mark noted.)"""
+        guard = self.shared.guard
+        if guard.limit and guard.over():  # (once a batch, as the general path: it refuses them)
+            return index
         while True:
             writes = _writes(items, index)
-            guard = self.shared.guard
-            if not writes or (guard.limit and guard.over()):  # (the general path refuses them)
+            if not writes:
                 return index
             done, work = store.apply_writes(writes, TURN_WORK - self.work)  # type: ignore[misc]  # (handle checked it is not None)
             self.work += work
@@ -687,8 +682,9 @@ def _writes(items: Items, start: int) -> list[tuple[bytes, bytes | None]]:
 
 def _add_small_reply(key: bytes, values: list[bytes], out: list[bytes]) -> bool:
     """Add the reply lines of a GET of ``values`` to ``out`` if it is small enough to build
-    at once (:func:`_inline`); False, having added nothing, otherwise."""
-    if _inline(values):
+    at once (:func:`_inline`) and ``out`` is not a full chunk yet (REPLY_CHUNK lines: the
+    general path queues the rest in chunks); False, having added nothing, otherwise."""
+    if len(out) < REPLY_CHUNK and _inline(values):
         out += value_lines(key, values)
         return True
     return False

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
 from gevent.lock import Semaphore
 
@@ -44,6 +45,12 @@ Result = list[bytes] | KVError | None
 
 UNBOUNDED = 1 << 62
 """A work budget never reached."""
+
+STORE_WAIT: ContextVar[float] = ContextVar("kvgevent_store_wait", default=0.0)
+"""Seconds the current greenlet has spent waiting on a store kept elsewhere (such a store adds
+its calls' time). Per greenlet, as each has a context of its own: the server does not count a
+client's own waits on Redis as time its batch held the event loop when it judges whose turns
+are heavy."""
 
 
 def key_bytes(key: Key) -> bytes:
@@ -151,12 +158,6 @@ class KVStore(abc.ABC):
     object each; returns how many were applied (all, unless the work reached ``budget``: it
     stops after the command that took it there) and the work, as :meth:`apply_some`. None for
     the others. The session applies runs of PUT and DELETE through it."""
-
-    waited = 0.0
-    """Seconds this store's calls have spent waiting on the network so far (a store kept
-    elsewhere adds to it): the server does not count that as time a batch held the event
-    loop when it judges whose turns are heavy (a client whose batches wait on Redis is not
-    one that keeps the others waiting)."""
 
     needs_barrier = False
     """True if :meth:`barrier` may wait: the server then sends earlier replies first."""

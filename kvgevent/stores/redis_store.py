@@ -30,7 +30,7 @@ from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
 from kvgevent.errors import KVError, StoreError
 from kvgevent.logs import Logger, get_logger, redacted_url
 from kvgevent.protocol import Delete, Get, Put, Update
-from kvgevent.stores.base import VERBS, DataCommand, Key, KVStore, key_bytes
+from kvgevent.stores.base import STORE_WAIT, VERBS, DataCommand, Key, KVStore, key_bytes
 from kvgevent.stores.redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
 from kvgevent.stores.resp import Dispatcher, ReplyMismatch, RespConnection, delete, lrange_all, pack, rpush
 
@@ -355,7 +355,7 @@ class RedisStore(KVStore):
         except self._redis_errors as exc:
             raise self._failure(exc, nodes, commands).fresh() from None
         finally:
-            self.waited += time.perf_counter() - began
+            STORE_WAIT.set(STORE_WAIT.get() + time.perf_counter() - began)
         if self.health.outages and not per_command:
             for node in nodes:
                 self.health.up(node)
