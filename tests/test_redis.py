@@ -404,8 +404,8 @@ def test_a_cluster_node_down_is_one_outage_not_a_flood(redis_cluster, log_stream
         server.close()
 
 
-def test_gets_fetched_at_once_are_each_read_and_judged_once(store):
-    """A batch of GETs over Redis is fetched in one call (KVStore.fetch): a big reply among
+def test_gets_read_at_once_are_each_read_and_judged_once(store):
+    """A batch of GETs over Redis is read in one call (KVStore.apply_plain): a big reply among
     them comes in chunks from what was fetched, and a key after it whose reply is an error
     (WRONGTYPE here) is counted once, in the client's errors and in the store's."""
     from test_session import served, session_for

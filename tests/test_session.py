@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kvgevent.errors import StoreError
-from kvgevent.protocol import ERR_LINE_TOO_LONG, Get
+from kvgevent.protocol import ERR_LINE_TOO_LONG
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import MemoryGuard
@@ -330,9 +330,10 @@ UNAVAILABLE = StoreError("store unavailable")
 
 
 class Fetching(MemoryStore):
-    """A memory store seen as a store kept elsewhere: no lookup, no plain writes; GET batches
-    through ``fetch`` (one call) when ``plain``, else through ``apply_some``; every GET of k3
-    fails with that key's own error, the rest of the batch served."""
+    """A memory store seen as a store kept elsewhere: no lookup, no plain writes; runs of
+    plain lines through ``apply_plain`` (one call) when ``plain``, else through
+    ``apply_some``; every command on k3 fails with its own error (after its effect: the same
+    on both paths), the rest of the batch served."""
 
     apply_writes = None
 
@@ -340,29 +341,39 @@ class Fetching(MemoryStore):
         super().__init__()
         self.lookup = None
         if plain:
-            self.fetch = self._fetch
+            self.apply_plain = self._apply_plain
         self.calls = 0
 
     def apply_some(self, commands, budget):
         self.calls += 1
         results, work = super().apply_some(commands, budget)
-        failing = [cmd.__class__ is Get and cmd[0] == b"k3" for cmd in commands]
+        failing = [cmd[0] == b"k3" for cmd in commands]
         return [UNAVAILABLE if bad else result for bad, result in zip(failing, results, strict=False)], work
 
-    def _fetch(self, keys):
+    def _apply_plain(self, ops):
         self.calls += 1
-        return [
-            UNAVAILABLE if key == b"k3" else (list(self.data[key]) if self.data.get(key) else None)
-            for key in keys
-        ]
+        data, results = self.data, []
+        for op in ops:
+            key = op[0]
+            if len(op) == 1:
+                results.append(data[key][:] if data.get(key) else None)
+            elif op[1] is None:
+                data.pop(key, None)
+                results.append(None)
+            else:
+                data.setdefault(key, []).append(op[1])
+                results.append(None)
+            if key == b"k3":
+                results[-1] = UNAVAILABLE
+        return results
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_gets_fetched_at_once_are_answered_as_the_general_path_answers_them(seed):
-    """The fetch path (a store kept elsewhere, such as Redis) against the general path on
-    random batches: the same replies byte for byte (a key's own error as its ERR line, big
-    replies left to the general path), data, counts and errors; and GET batches take one
-    store call, not one per run."""
+def test_plain_lines_applied_at_once_are_answered_as_the_general_path_answers_them(seed):
+    """The apply_plain path (a store kept elsewhere, such as Redis) against the general path
+    on random batches: the same replies byte for byte (a command's own error as its ERR line,
+    big replies in chunks), data, counts and errors; and a batch of plain lines takes one
+    store call."""
     import random
 
     rnd = random.Random(seed)
@@ -381,20 +392,23 @@ def test_gets_fetched_at_once_are_answered_as_the_general_path_answers_them(seed
     fetched = session_for(Fetching(True))
     run(fetched, b"PUT:k1:v\n")
     calls = fetched.shared.store.calls
-    assert run(fetched, b"GET:k1\nGET:k3\nGET:k2\n") == [[b"k1:v\n", b"ERR store unavailable\n"]]
+    assert run(fetched, b"GET:k1\nPUT:k2:w\nGET:k3\nGET:k2\nDELETE:k1\nGET:k1\n") == [
+        [b"k1:v\n", b"ERR store unavailable\n", b"k2:w\n"]
+    ]
     assert fetched.shared.store.calls == calls + 1
 
 
-def test_a_store_that_fails_as_a_whole_answers_each_fetched_get_with_its_error():
+def test_a_store_that_fails_as_a_whole_answers_each_plain_line_with_its_error():
     store = Fetching(True)
 
-    def down(keys):
+    def down(ops):
         raise UNAVAILABLE
 
-    store.fetch = down
+    store.apply_plain = down
     session = session_for(store)
-    assert run(session, b"GET:a\nGET:b\nPING\n") == [[b"ERR store unavailable\n"] * 2 + [b"PONG\n"]]
+    assert run(session, b"GET:a\nPUT:b:v\nPING\n") == [[b"ERR store unavailable\n"] * 2 + [b"PONG\n"]]
     assert session.shared.counters.errors_by == {"store unavailable": 2}
+    assert session.shared.store.applied == {"put": 1, "get": 1, "update": 0, "delete": 0}
 
 
 def test_a_batch_that_crosses_max_memory_is_judged_once_as_the_general_path_judges_it():

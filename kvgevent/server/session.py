@@ -72,7 +72,7 @@ from kvgevent.protocol import (
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import ERR_OUT_OF_MEMORY, MemoryGuard
-from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, Result
+from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, PlainOp, Result
 
 REPLY_LINE_WORK = 18
 """Work units of building one reply line, besides one per 8 of its bytes (bench/OPTIMISATIONS.md,
@@ -200,7 +200,7 @@ class Session:
         out: list[bytes] = []
         store = self.shared.store
         done = 0
-        if (store.lookup is not None or store.fetch is not None) and len(items) <= REPLY_CHUNK:
+        if (store.lookup is not None or store.apply_plain is not None) and len(items) <= REPLY_CHUNK:
             self.verb = Get  # (until a line says otherwise)
             done, rest = self._served_plainly(items, store, out)
             if rest is None and self.work >= TURN_WORK:  # the rest waits for the next turn
@@ -221,10 +221,10 @@ class Session:
     def _served_plainly(self, items: Items, store: KVStore, out: list[bytes]) -> tuple[int, Actions | None]:
         """How many of ``items``, from the first, were served without command objects
         (:meth:`_gets` and :meth:`_plain` from a store that holds its data here, or
-        :meth:`_fetched` from one that fetches), their replies added to ``out``; and None,
+        :meth:`_applied_plainly` from one kept elsewhere), their replies added to ``out``; and None,
         or the generator that finishes their replies."""
         if store.lookup is None:
-            return self._fetched(items, store, out)
+            return self._applied_plainly(items, store, out)
         done = self._gets(items, 0, store, out)
         if done < len(items) and store.apply_writes is not None and self.work < TURN_WORK:
             done = self._plain(items, done, store, out)
@@ -232,26 +232,33 @@ class Session:
             self.write_mark = store.write_position()
         return done, None
 
-    def _fetched(self, items: Items, store: KVStore, out: list[bytes]) -> tuple[int, Actions | None]:
-        """The well-formed GETs leading ``items``, fetched at once (``store.fetch``) and
-        answered as the general path would: how many, and None, or the generator that
-        finishes their replies (a big one comes in chunks) when not all fit in ``out`` at
-        once. Each is fetched and judged once: none is left for the general path to read
-        again. A store that failed as a whole: each GET its ERR line. (No work is counted
-        for the store's part, as the general path counts none for a store kept elsewhere.)"""
-        keys = _get_keys(items)
-        if not keys:
+    def _applied_plainly(self, items: Items, store: KVStore, out: list[bytes]) -> tuple[int, Actions | None]:
+        """The well-formed PUT, GET and DELETE lines leading ``items``, applied in one call
+        (``store.apply_plain``) and answered as the general path would: how many, and None,
+        or the generator that finishes their replies (a big one comes in chunks) when not
+        all fit in ``out`` at once. Each is applied and judged once: none is left for the
+        general path to do again. Over the memory limit, only the reads before the first
+        write (the general path refuses the writes). A store that failed as a whole: each its
+        ERR line. (No work is counted for the store's part, as the general path counts none
+        for a store kept elsewhere.)"""
+        ops, kinds = _plain_ops(items)
+        guard = self.shared.guard
+        if ops and guard.limit and guard.over():
+            ops = ops[: next((i for i, op in enumerate(ops) if len(op) == 2), len(ops))]
+        if not ops:
             return 0, None
-        store.applied["get"] += len(keys)
+        self.verb = Get if len(ops[0]) == 1 else Put if ops[0][1] is not None else Delete
+        applied = store.applied
+        for verb, count in zip(("get", "put", "delete"), kinds, strict=True):
+            applied[verb] += count
         try:
-            results = store.fetch(keys)  # type: ignore[misc]  # (the caller checked it is not None)
+            results = store.apply_plain(ops)  # type: ignore[misc]  # (the caller checked it is not None)
         except KVError as exc:
-            self.shared.counters.count_error(exc.reason, len(keys))
-            out += [exc.reply] * len(keys)
-            return len(keys), None
-        run = [(key,) for key in keys]  # (what the reply builders read: the key at [0])
-        done = self._inline_replies(run, results, out, 0)
-        return len(keys), (None if done == len(keys) else self._replies(run, results, out, done))
+            self.shared.counters.count_error(exc.reason, len(ops))
+            out += [exc.reply] * len(ops)
+            return len(ops), None
+        done = self._inline_replies(ops, results, out, 0)
+        return len(ops), (None if done == len(ops) else self._replies(ops, results, out, done))
 
     def _plain(self, items: Items, index: int, store: KVStore, out: list[bytes]) -> int:
         """The usual batches, served straight from a store that holds its data here, with
@@ -644,19 +651,31 @@ class Session:
             self.logger().warning("line_too_long", max_line=self.max_line)
 
 
-def _get_keys(items: Items) -> list[bytes]:
-    """The keys of the run of well-formed GETs that begins ``items`` (:meth:`Session._gets`'s
-    rules)."""
-    keys: list[bytes] = []
-    append = keys.append
+def _plain_ops(items: Items) -> tuple[list[PlainOp], tuple[int, int, int]]:
+    """The run of well-formed PUT, GET and DELETE lines that begins ``items``, as
+    :attr:`KVStore.apply_plain` takes them (:func:`_writes`'s rules and :meth:`Session._gets`'),
+    and how many GETs, PUTs and DELETEs it holds."""
+    ops: list[PlainOp] = []
+    append = ops.append
+    gets = puts = deletes = 0
     for line in items:
         if line.__class__ is not bytes:
             break
-        verb, _, key = line.partition(b":")
-        if verb not in GET_SPELLINGS or not key or COLON in key:
+        fields = line.split(b":", 2)
+        if len(fields) == 3:  # verb:key:value, the value may hold ':'
+            if fields[0] not in PUT_SPELLINGS or not fields[1]:
+                break
+            append((fields[1], fields[2]))
+            puts += 1
+        elif len(fields) == 2 and fields[1] and fields[0] in GET_SPELLINGS:  # no ':' in the key
+            append((fields[1],))
+            gets += 1
+        elif len(fields) == 2 and fields[1] and fields[0] in DELETE_SPELLINGS:
+            append((fields[1], None))
+            deletes += 1
+        else:
             break
-        append(key)
-    return keys
+    return ops, (gets, puts, deletes)
 
 
 def _writes(items: Items, start: int) -> list[tuple[bytes, bytes | None]]:

@@ -42,6 +42,9 @@ VERBS = {Put: "put", Get: "get", Update: "update", Delete: "delete"}
 WRITES = frozenset((Put, Update))
 """The commands that make the data bigger (refused over --max-memory; DELETE is not)."""
 Result = list[bytes] | KVError | None
+PlainOp = tuple[bytes] | tuple[bytes, bytes | None]
+"""A plain command (:attr:`KVStore.apply_plain`): ``(key,)`` a GET, ``(key, value)`` a PUT,
+``(key, None)`` a DELETE."""
 
 UNBOUNDED = 1 << 62
 """A work budget never reached."""
@@ -144,12 +147,14 @@ class KVStore(abc.ABC):
     own, as :meth:`apply`'s); None for the others. The session serves batches of GETs
     through it."""
 
-    fetch: Callable[[list[bytes]], list[list[bytes] | KVError | None]] | None = None
-    """For a store kept elsewhere (the Redis store): ``fetch(keys)``, the values of each key
-    in one call (it may yield): one result per key, as :meth:`apply` gives a GET's (a list of
-    values, None, or that key's KVError); raises KVError if the store failed as a whole.
-    Counts nothing (the caller counts what it serves). None for the others. The session
-    serves batches of GETs through it, without a command object per GET."""
+    apply_plain: Callable[[list[PlainOp]], list[Result]] | None = None
+    """For a store kept elsewhere (the Redis store): ``apply_plain(ops)``, plain commands in
+    order in one call (it may yield): ``(key,)`` a GET, ``(key, value)`` a PUT, ``(key, None)``
+    a DELETE; one result per op, as :meth:`apply` gives its command's (a GET's values or
+    None, None for a write, or that op's KVError); raises KVError if the store failed as a
+    whole. Counts nothing (the caller counts what it serves). None for the others. The
+    session serves runs of well-formed PUT, GET and DELETE lines through it, without a
+    command object each."""
 
     apply_writes: Callable[[list[tuple[bytes, bytes | None]], int], tuple[int, int]] | None = None
     """For a store that holds its data in this process and promises nothing beyond memory (the

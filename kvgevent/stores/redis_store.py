@@ -30,7 +30,7 @@ from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
 from kvgevent.errors import KVError, StoreError
 from kvgevent.logs import Logger, get_logger, redacted_url
 from kvgevent.protocol import Delete, Get, Put, Update
-from kvgevent.stores.base import STORE_WAIT, VERBS, DataCommand, Key, KVStore, key_bytes
+from kvgevent.stores.base import STORE_WAIT, VERBS, DataCommand, Key, KVStore, PlainOp, Result, key_bytes
 from kvgevent.stores.redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
 from kvgevent.stores.resp import Dispatcher, ReplyMismatch, RespConnection, delete, lrange_all, pack, rpush
 
@@ -108,7 +108,7 @@ class RedisStore(KVStore):
         self.client: Any = _redis_py_client(url, timeout)
         if scheme == "redis":
             self._dispatcher = _dispatcher(url, timeout)
-            self.fetch = self._fetch
+            self.apply_plain = self._apply_plain
         self._meta = self.prefix + b"_meta:"
         self._keys = (0.0, 0)  # (reuse until, count)
 
@@ -146,28 +146,39 @@ class RedisStore(KVStore):
         )
         return self._results(commands, replies)
 
-    def _fetch(self, keys: list[bytes]) -> list[list[bytes] | KVError | None]:
-        """See :attr:`KVStore.fetch`: one LRANGE a key, in one round trip shared with others,
-        each reply judged as :meth:`apply` judges a GET's."""
+    def _apply_plain(self, ops: list[PlainOp]) -> list[Result]:
+        """See :attr:`KVStore.apply_plain`: LRANGE, RPUSH or DEL for each, in one round trip
+        shared with others, each reply judged as :meth:`apply` judges its command's."""
         prefix = self.prefix
-        payload = b"".join([lrange_all(prefix + key) for key in keys])
+        encoded: list[bytes] = []
+        expected: list[type] = []
+        for op in ops:
+            if len(op) == 1:
+                encoded.append(lrange_all(prefix + op[0]))
+                expected.append(list)
+                continue
+            encoded.append(delete(prefix + op[0]) if op[1] is None else rpush(prefix + op[0], op[1]))
+            expected.append(int)
         replies = self._call(
-            self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (fetch is set only with a dispatcher)
-            payload,
-            [list] * len(keys),
-            commands=len(keys),
+            self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
+            encoded[0] if len(encoded) == 1 else b"".join(encoded),
+            expected,
+            commands=len(ops),
             per_command=True,
         )
+        return self._plain_results(ops, replies)
+
+    def _plain_results(self, ops: list[PlainOp], replies: list[Any]) -> list[Result]:
+        """Each plain op's result from its reply (types checked by the dispatcher)."""
         health = self.health
-        results: list[list[bytes] | KVError | None] = []
-        for key, reply in zip(keys, replies, strict=True):
-            if reply.__class__ is list:
-                results.append(reply or None)
-            else:  # an error reply (the dispatcher checked the types)
-                results.append(self._failed(key, reply))
+        results: list[Result] = []
+        for op, reply in zip(ops, replies, strict=True):
+            if isinstance(reply, Exception):  # an error reply
+                results.append(self._failed(op[0], reply))
                 continue
             if health.outages:  # its node answered: any outage of it is over
-                health.up(self._node_of(prefix + key))
+                health.up(self._node_of(self.prefix + op[0]))
+            results.append((reply or None) if reply.__class__ is list else None)
         return results
 
     def _apply_redis_py(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
