@@ -424,3 +424,37 @@ def test_a_batch_that_crosses_max_memory_is_judged_once_as_the_general_path_judg
         assert not session.shared.guard.over()
         outcomes.append((served(session, items), sorted(store.data)))
     assert outcomes[0] == outcomes[1] == ((b"", 0), [b"a", b"b"])
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        [b"GET:k", b"PUT:k:w", b"DELETE:k", b"GET:k", b"Put:j:v"],
+        [b"GET:k", b"DELETE:k", b"GET:k"],
+    ],
+)
+def test_over_max_memory_plain_lines_count_as_the_general_path_counts(batch):
+    """Over the limit, a store kept elsewhere takes the plain lines before the first PUT (a
+    DELETE is allowed over the limit); the PUT and what follows go to the general path, which
+    refuses the PUT. Replies, data and the counts per verb are the general path's."""
+    outcomes = []
+    for plain in (True, False):
+        session = session_for(Fetching(plain))
+        served(session, [b"PUT:k:v"])
+        session.shared.guard.limit = 1  # everything is over it
+        session.work = 0
+        replies = served(session, batch)
+        outcomes.append((replies, dict(session.shared.store.applied), session.shared.store.data))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_a_plain_batch_that_ends_with_the_turns_work_is_not_followed_by_a_wait(monkeypatch):
+    """The turn ends with the batch that did its work: a batch served whole by the plain path
+    returns its replies, with no NEXT_TURN after them (nothing is left to wait for)."""
+    import kvgevent.server.session as module
+
+    session = session_for()
+    run(session, b"PUT:j:1\nPUT:j:2\nPUT:j:3\n")
+    monkeypatch.setattr(module, "TURN_WORK", 3)
+    session.work = 0
+    assert run(session, b"GET:j\n") == [[b"j:1\n", b"j:2\n", b"j:3\n"]]

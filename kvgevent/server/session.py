@@ -203,12 +203,13 @@ class Session:
         if (store.lookup is not None or store.apply_plain is not None) and len(items) <= REPLY_CHUNK:
             self.verb = Get  # (until a line says otherwise)
             done, rest = self._served_plainly(items, store, out)
-            if rest is None and self.work >= TURN_WORK:  # the rest waits for the next turn
-                rest = self._next_turn(out)
+            if rest is None:
+                if done == len(items):
+                    return out
+                if self.work >= TURN_WORK:  # the rest waits for the next turn
+                    rest = self._next_turn(out)
             if rest is not None:
                 return self._actions(items, done, out, rest)
-            if done == len(items):
-                return out
             items = items[done:]
         cmds = [parse(item) if item.__class__ is bytes else item for item in items]
         if not done:
@@ -237,14 +238,12 @@ class Session:
         (``store.apply_plain``) and answered as the general path would: how many, and None,
         or the generator that finishes their replies (a big one comes in chunks) when not
         all fit in ``out`` at once. Each is applied and judged once: none is left for the
-        general path to do again. Over the memory limit, only the reads before the first
-        write (the general path refuses the writes). A store that failed as a whole: each its
+        general path to do again. Over the memory limit, only what comes before the first
+        PUT (the general path refuses it). A store that failed as a whole: each its
         ERR line. (No work is counted for the store's part, as the general path counts none
         for a store kept elsewhere.)"""
-        ops, kinds = _plain_ops(items)
         guard = self.shared.guard
-        if ops and guard.limit and guard.over():
-            ops = ops[: next((i for i, op in enumerate(ops) if len(op) == 2), len(ops))]
+        ops, kinds = _plain_ops(items, puts=not (guard.limit and guard.over()))
         if not ops:
             return 0, None
         self.verb = Get if len(ops[0]) == 1 else Put if ops[0][1] is not None else Delete
@@ -651,22 +650,23 @@ class Session:
             self.logger().warning("line_too_long", max_line=self.max_line)
 
 
-def _plain_ops(items: Items) -> tuple[list[PlainOp], tuple[int, int, int]]:
+def _plain_ops(items: Items, puts: bool = True) -> tuple[list[PlainOp], tuple[int, int, int]]:
     """The run of well-formed PUT, GET and DELETE lines that begins ``items``, as
     :attr:`KVStore.apply_plain` takes them (:func:`_writes`'s rules and :meth:`Session._gets`'),
-    and how many GETs, PUTs and DELETEs it holds."""
+    and how many GETs, PUTs and DELETEs it holds; it ends before the first PUT unless
+    ``puts``."""
     ops: list[PlainOp] = []
     append = ops.append
-    gets = puts = deletes = 0
+    gets = put_count = deletes = 0
     for line in items:
         if line.__class__ is not bytes:
             break
         fields = line.split(b":", 2)
         if len(fields) == 3:  # verb:key:value, the value may hold ':'
-            if fields[0] not in PUT_SPELLINGS or not fields[1]:
+            if not puts or fields[0] not in PUT_SPELLINGS or not fields[1]:
                 break
             append((fields[1], fields[2]))
-            puts += 1
+            put_count += 1
         elif len(fields) == 2 and fields[1] and fields[0] in GET_SPELLINGS:  # no ':' in the key
             append((fields[1],))
             gets += 1
@@ -675,7 +675,7 @@ def _plain_ops(items: Items) -> tuple[list[PlainOp], tuple[int, int, int]]:
             deletes += 1
         else:
             break
-    return ops, (gets, puts, deletes)
+    return ops, (gets, put_count, deletes)
 
 
 def _writes(items: Items, start: int) -> list[tuple[bytes, bytes | None]]:
