@@ -35,7 +35,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from kvgevent.config import (
     INLINE_REPLY_BYTES,
@@ -273,7 +273,8 @@ class Session:
         if guard.limit and guard.over():  # (once a batch, as the general path: it refuses them)
             return index
         while True:
-            writes = _writes(items, index)
+            # (no GETs asked: (key, value) and (key, None) pairs only)
+            writes = cast(list[tuple[bytes, bytes | None]], _plain_ops(items, index, gets=False)[0])
             if not writes:
                 return index
             done, work = store.apply_writes(writes, TURN_WORK - self.work)  # type: ignore[misc]  # (handle checked it is not None)
@@ -650,53 +651,36 @@ class Session:
             self.logger().warning("line_too_long", max_line=self.max_line)
 
 
-def _plain_ops(items: Items, puts: bool = True) -> tuple[list[PlainOp], tuple[int, int, int]]:
-    """The run of well-formed PUT, GET and DELETE lines that begins ``items``, as
-    :attr:`KVStore.apply_plain` takes them (:func:`_writes`'s rules and :meth:`Session._gets`'),
-    and how many GETs, PUTs and DELETEs it holds; it ends before the first PUT unless
-    ``puts``."""
+def _plain_ops(
+    items: Items, start: int = 0, puts: bool = True, gets: bool = True
+) -> tuple[list[PlainOp], tuple[int, int, int]]:
+    """The run of well-formed PUT, GET and DELETE lines at ``items[start]``, as
+    :attr:`KVStore.apply_plain` takes them (``(key,)``, ``(key, value)``, ``(key, None)``;
+    :attr:`KVStore.apply_writes` takes the last two), and how many GETs, PUTs and DELETEs it
+    holds; it ends before the first PUT unless ``puts``, before the first GET unless
+    ``gets``. The rules are :func:`~kvgevent.protocol.parse`'s for the spellings that need
+    no case folding."""
     ops: list[PlainOp] = []
     append = ops.append
-    gets = put_count = deletes = 0
-    for line in items:
-        if line.__class__ is not bytes:
-            break
-        fields = line.split(b":", 2)
-        if len(fields) == 3:  # verb:key:value, the value may hold ':'
-            if not puts or fields[0] not in PUT_SPELLINGS or not fields[1]:
-                break
-            append((fields[1], fields[2]))
-            put_count += 1
-        elif len(fields) == 2 and fields[1] and fields[0] in GET_SPELLINGS:  # no ':' in the key
-            append((fields[1],))
-            gets += 1
-        elif len(fields) == 2 and fields[1] and fields[0] in DELETE_SPELLINGS:
-            append((fields[1], None))
-            deletes += 1
-        else:
-            break
-    return ops, (gets, put_count, deletes)
-
-
-def _writes(items: Items, start: int) -> list[tuple[bytes, bytes | None]]:
-    """The run of well-formed PUTs and DELETEs at ``items[start]``, as
-    :attr:`KVStore.apply_writes` takes them: ``(key, value)`` and ``(key, None)``; the same
-    rules as :func:`~kvgevent.protocol.parse` for the spellings that need no case folding."""
-    writes: list[tuple[bytes, bytes | None]] = []
-    append = writes.append
+    get_count = put_count = deletes = 0
     for line in items[start:] if start else items:
         if line.__class__ is not bytes:
             break
         fields = line.split(b":", 2)  # (one call: two partitions cost half as much again)
         if len(fields) == 3:  # verb:key:value, the value may hold ':'
-            if fields[0] not in PUT_SPELLINGS or not fields[1]:
+            if not puts or fields[0] not in PUT_SPELLINGS or not fields[1]:
                 break
             append((fields[1], fields[2]))
-        elif len(fields) == 2 and fields[0] in DELETE_SPELLINGS and fields[1]:  # no ':' in the key
+            put_count += 1
+        elif len(fields) == 2 and fields[1] and gets and fields[0] in GET_SPELLINGS:  # no ':' in the key
+            append((fields[1],))
+            get_count += 1
+        elif len(fields) == 2 and fields[1] and fields[0] in DELETE_SPELLINGS:
             append((fields[1], None))
+            deletes += 1
         else:
             break
-    return writes
+    return ops, (get_count, put_count, deletes)
 
 
 def _add_small_reply(key: bytes, values: list[bytes], out: list[bytes]) -> bool:
