@@ -30,7 +30,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import NamedTuple
 
-from kvgevent.config import DEFAULT_MAX_LINE
+from kvgevent.config import DEFAULT_MAX_LINE, INLINE_REPLY_BYTES, INLINE_REPLY_VALUES, REPLY_CHUNK
 from kvgevent.errors import InvalidArgument, ProtocolError
 
 
@@ -296,6 +296,26 @@ def value_lines(key: bytes, values: list[bytes]) -> list[bytes]:
         return [b"".join((key, b":", values[0], b"\n"))]
     prefix = key + b":"
     return [prefix + value + b"\n" for value in values]
+
+
+def small_reply(values: list[bytes]) -> bool:
+    """True for a GET reply small enough to build at once with the rest of its batch (at most
+    INLINE_REPLY_BYTES of values, and INLINE_REPLY_VALUES of them); the server builds and
+    queues a bigger one in chunks."""
+    count = len(values)
+    return (count == 1 and len(values[0]) <= INLINE_REPLY_BYTES) or (
+        count <= INLINE_REPLY_VALUES and sum(map(len, values)) <= INLINE_REPLY_BYTES
+    )
+
+
+def add_small_reply(key: bytes, values: list[bytes], out: list[bytes]) -> bool:
+    """Add the reply lines of a GET of ``values`` to ``out`` if it is a :func:`small_reply`
+    and ``out`` is not a full chunk yet (REPLY_CHUNK lines: the server queues the rest in
+    chunks); False, having added nothing, otherwise."""
+    if len(out) < REPLY_CHUNK and small_reply(values):
+        out += value_lines(key, values)
+        return True
+    return False
 
 
 def stats_line(counters: dict[str, int]) -> bytes:

@@ -506,7 +506,7 @@ class _RemoteStore(MemoryStore):
     STORE_WAIT as the Redis store counts its round trips); a PUT of key ``cpu`` first
     computes for 10 ms, holding the loop."""
 
-    apply_writes = None
+    serve_plain = None
 
     def __init__(self) -> None:
         super().__init__()

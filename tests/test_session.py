@@ -142,7 +142,7 @@ class Durably(MemoryStore):
     """A memory store that promises durability: PONG waits for a barrier."""
 
     needs_barrier = True
-    apply_writes = None  # (its positions count apply_some's commands only)
+    serve_plain = None  # (its positions count apply_some's commands only)
 
     def __init__(self) -> None:
         super().__init__()
@@ -202,7 +202,7 @@ class General(MemoryStore):
     """A memory store whose sessions serve every line by the general path (a command object
     per line, :meth:`apply_some`): the reference the plain path must match."""
 
-    apply_writes = None
+    serve_plain = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -335,7 +335,7 @@ class Fetching(MemoryStore):
     ``apply_some``; every command on k3 fails with its own error (after its effect: the same
     on both paths), the rest of the batch served."""
 
-    apply_writes = None
+    serve_plain = None
 
     def __init__(self, plain: bool) -> None:
         super().__init__()

@@ -133,3 +133,32 @@ def test_default_apply_reports_errors_per_command():
     store = Flaky()
     results = store.apply([Put(b"k", b"1"), Get(b"bad"), Get(b"k")])
     assert results[0] is None and isinstance(results[1], StoreError) and results[2] == [b"1"]
+
+
+def test_serve_plain_serves_the_usual_lines_and_stops_where_its_contract_says():
+    """MemoryStore.serve_plain (the session's fast path): the leading well-formed PUT, GET and
+    DELETE lines in order (a GET sees the PUT before it), their small GET replies, counts
+    and cost-model bytes as apply() on the same commands; it stops at anything else."""
+    from kvgevent.protocol import ERR_LINE_TOO_LONG
+
+    store, reference = MemoryStore(), MemoryStore()
+    out: list[bytes] = []
+    lines = [b"PUT:k:a:b", b"put:k:", b"Get:k", b"get:nope", b"DELETE:k", b"GET:k", b"Put:j:v"]
+    served = store.serve_plain([*lines, b"UPDATE:j:v:w", b"PUT:j:x"], out, 10**9, True)
+    assert served == (7, 4)  # work: a GET and a DELETE of two values each
+    assert out == [b"k:a:b\n", b"k:\n"]
+    reference.apply([Put(b"k", b"a:b"), Put(b"k", b""), Get(b"k"), Get(b"nope"), Delete(b"k")])
+    reference.apply([Get(b"k"), Put(b"j", b"v")])
+    assert (store.data, store.used_bytes) == (reference.data, reference.used_bytes)
+    assert store.applied == reference.applied
+    for stop in (b"PUT::v", b"GET:", b"GET:a:b", b"DELETE:a:b", b"pUT:k:v", b"PING", b"", ERR_LINE_TOO_LONG):
+        assert store.serve_plain([b"GET:j", stop, b"GET:j"], [], 10**9, True)[0] == 1, stop
+    # puts=False (over --max-memory): it stops before a PUT, not before a GET or DELETE
+    assert store.serve_plain([b"GET:j", b"DELETE:x", b"PUT:j:w", b"GET:j"], [], 10**9, False)[0] == 2
+    # a budget: it stops after the command whose work reaches it (two values here)
+    store.serve_plain([b"PUT:j:w"], [], 10**9, True)
+    assert store.serve_plain([b"GET:j", b"PUT:j:x"], [], 2, True) == (1, 2)
+    assert store.serve_plain([b"DELETE:j", b"PUT:j:y"], [], 2, True) == (1, 2)
+    # a GET whose reply is too big to build with its batch is left to the caller
+    store.serve_plain([b"PUT:big:" + b"x" * 5000], [], 10**9, True)
+    assert store.serve_plain([b"GET:big"], [], 10**9, True) == (0, 0)

@@ -156,13 +156,17 @@ class KVStore(abc.ABC):
     session serves runs of well-formed PUT, GET and DELETE lines through it, without a
     command object each."""
 
-    apply_writes: Callable[[list[tuple[bytes, bytes | None]], int], tuple[int, int]] | None = None
+    serve_plain: Callable[[Sequence[object], list[bytes], int, bool], tuple[int, int]] | None = None
     """For a store that holds its data in this process and promises nothing beyond memory (the
-    memory store), ``apply_writes(writes, budget)``: PUTs, as ``(key, value)``, and DELETEs, as
-    ``(key, None)``, applied in order under one acquisition of the lock, without a command
-    object each; returns how many were applied (all, unless the work reached ``budget``: it
-    stops after the command that took it there) and the work, as :meth:`apply_some`. None for
-    the others. The session applies runs of PUT and DELETE through it."""
+    memory store), ``serve_plain(items, out, budget, puts)``: the well-formed PUT, GET and
+    DELETE request lines that lead ``items`` (by :func:`~kvgevent.protocol.parse`'s rules for
+    the spellings that need no case folding), applied in order under one acquisition of the
+    lock, without a command object each, and counted in :attr:`applied`; the replies of their
+    GETs added to ``out`` (small ones only: :func:`~kvgevent.protocol.add_small_reply`).
+    Returns how many it served and their work, as :meth:`apply_some`: it stops at a line
+    that is anything else (or not bytes), at a GET whose reply is not small, before a PUT
+    unless ``puts``, and after the command whose work reached ``budget``. None for the
+    others. The session serves the usual batches through it, and the rest as commands."""
 
     needs_barrier = False
     """True if :meth:`barrier` may wait: the server then sends earlier replies first."""

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvgevent.protocol import Delete, Get, Put, Update
+from kvgevent.config import INLINE_REPLY_BYTES
+from kvgevent.protocol import (
+    DELETE_SPELLINGS,
+    GET_SPELLINGS,
+    PUT_SPELLINGS,
+    Delete,
+    Get,
+    Put,
+    Update,
+    add_small_reply,
+)
 from kvgevent.stores.base import UNBOUNDED, DataCommand, Key, KVStore, Result, key_bytes
 
 VALUE_COST = 50
@@ -22,7 +32,7 @@ class MemoryStore(KVStore):
 
     Never yields and never fails; the semaphore is still taken for mutations so that the
     store honours the same contract as those that do. Its :meth:`apply` and
-    :meth:`apply_writes` work on the dict directly (they do not call :meth:`put`,
+    :meth:`serve_plain` work on the dict directly (they do not call :meth:`put`,
     :meth:`get`...): a subclass that changes one of those must override both too.
     """
 
@@ -70,39 +80,63 @@ class MemoryStore(KVStore):
         """:meth:`apply`, for a caller that holds :attr:`lock` already (DurableStore)."""
         return self.apply_some_under_lock(commands, UNBOUNDED)[0]
 
-    def apply_writes(self, writes: list[tuple[bytes, bytes | None]], budget: int) -> tuple[int, int]:
-        """See :attr:`KVStore.apply_writes`: PUTs cost no work, a DELETE one unit per value it
-        frees. The same effects and counts as :meth:`apply_some` on Put and Delete commands."""
+    def serve_plain(
+        self, items: Sequence[object], out: list[bytes], budget: int, puts: bool
+    ) -> tuple[int, int]:
+        """See :attr:`KVStore.serve_plain`: PUTs cost no work, a GET one unit per value it
+        copies, a DELETE one per value it frees; the same effects, counts and replies as
+        :meth:`apply_some` on their commands. One loop, one acquisition of the lock, no
+        command object, tuple or call per usual line (bench/OPTIMISATIONS.md, "one loop for
+        the usual lines")."""
         data = self.data
+        get = data.get
         used = self.used_bytes
-        work = done = deletes = 0
+        index = work = gets = new_puts = deletes = 0
+        append = out.append
         with self.lock:
             try:
-                for key, value in writes:  # (counted after the loop: less work per PUT)
-                    values = data.get(key)
-                    done += 1
-                    if value is not None:  # a PUT
+                for line in items:
+                    if line.__class__ is not bytes:
+                        break
+                    fields = line.split(b":", 2)
+                    count = len(fields)
+                    # verb:key:value (the value may hold ':'), verb:key (no ':' in the key)
+                    if count == 2 and fields[1] and fields[0] in GET_SPELLINGS:
+                        key = fields[1]
+                        found = get(key, NO_VALUES)
+                        if len(found) == 1 and len(found[0]) <= INLINE_REPLY_BYTES:  # the usual GET
+                            append(b"".join((key, b":", found[0], b"\n")))
+                        elif not add_small_reply(key, found, out):
+                            break  # (the general path builds a big reply in chunks)
+                        work += len(found)
+                        gets += 1
+                    elif count == 3 and puts and fields[1] and fields[0] in PUT_SPELLINGS:
+                        _, key, value = fields
+                        values = get(key)
                         if values is None:
                             data[key] = [value]
                             used += KEY_COST + len(key) + len(value)
                         else:
                             values.append(value)
                             used += len(value)
-                        continue
-                    deletes += 1
-                    if values is not None:
-                        del data[key]
-                        work += len(values)
-                        used -= KEY_COST + len(key) + VALUE_COST * len(values) + sum(map(len, values))
-                        if work >= budget:
-                            break
+                        new_puts += 1
+                    elif count == 2 and fields[1] and fields[0] in DELETE_SPELLINGS:
+                        freed = data.pop(fields[1], None)
+                        work += len(freed) if freed else 0
+                        used -= data_cost(fields[1], freed)
+                        deletes += 1
+                    else:
+                        break
+                    index += 1
+                    if work >= budget:  # the turn's work is done after this one
+                        break
             finally:
-                puts = done - deletes
-                self.used_bytes = used + VALUE_COST * puts
+                self.used_bytes = used + VALUE_COST * new_puts
                 applied = self.applied
-                applied["put"] += puts
+                applied["get"] += gets
+                applied["put"] += new_puts
                 applied["delete"] += deletes
-        return done, work
+        return index, work
 
     def affordable(self, commands: Sequence[DataCommand], budget: int) -> tuple[int, int]:
         """How many of ``commands``, from the first (at least one), :meth:`apply_some` would
@@ -160,7 +194,7 @@ class MemoryStore(KVStore):
                     if values is not None:
                         del data[cmd[0]]
                         work += len(values)
-                        used -= KEY_COST + len(cmd[0]) + VALUE_COST * len(values) + sum(map(len, values))
+                        used -= data_cost(cmd[0], values)
                     append(None)
                 else:
                     raise TypeError(f"not a data command: {cmd!r}")
@@ -172,6 +206,17 @@ class MemoryStore(KVStore):
             applied["put"] += puts
             applied["get"] += gets
         return results, work
+
+
+NO_VALUES: list[bytes] = []
+"""What a GET of a missing key finds (never changed)."""
+
+
+def data_cost(key: bytes, values: list[bytes] | None) -> int:
+    """What ``key`` and its ``values`` cost by the KEY_COST/VALUE_COST model (0 for None)."""
+    if values is None:
+        return 0
+    return KEY_COST + len(key) + VALUE_COST * len(values) + sum(map(len, values))
 
 
 def _update(data: dict[bytes, list[bytes]], cmd: Update, values: list[bytes] | None) -> tuple[int, int]:
