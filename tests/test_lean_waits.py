@@ -1,4 +1,4 @@
-"""The lean waits (kvgevent.server.fastio.park and the writer's parking in
+"""The lean waits (kvgevent.fastio.park and the writer's parking in
 kvgevent.server.connection): the gevent interfaces they rely on are still there, and every way
 a parked reader or writer can end leaves no watcher started, no greenlet parked and every count
 right. The faults are real: idle timeouts, resets (SO_LINGER 0), clients that never read,
@@ -17,7 +17,7 @@ from conftest import wait_until
 
 from kvgevent import KeyValueServer, MemoryStore
 from kvgevent.config import WRITER_IDLE
-from kvgevent.server.fastio import FastSocket, park, wrap
+from kvgevent.fastio import FastSocket, TimedSocket, park, wrap
 
 
 def _reset(sock: socket.socket) -> None:
@@ -49,6 +49,18 @@ def test_the_gevent_interfaces_the_lean_waits_use():
         hub.loop.run_callback(lambda: ran.append(True))
         gevent.sleep(0)
         assert ran == [True]
+        # kvgevent.fastio.park_for (TimedSocket): a loop timer made once, armed again and again
+        timer = hub.loop.timer(0.01, 0.01)
+
+        def fired(what: str) -> None:
+            ran.append(what)
+            timer.stop()
+
+        for _ in range(2):
+            timer.again(fired, "fired")
+            gevent.sleep(0.05)
+        timer.close()
+        assert ran == [True, "fired", "fired"] and not timer.active
         # kvgevent.server.server._Listener: BaseServer's do_handle/do_close, _spawn and _handle
         pool = gevent.pool.Pool()
         listener = gevent.server.StreamServer(("127.0.0.1", 0), lambda *args: None, spawn=pool)
@@ -302,3 +314,64 @@ def test_clients_that_pause_about_as_long_as_the_writer_idles_lose_nothing(log_s
             sock.close()
         server.close(flush_timeout=0.5)
     assert server.count_dropped() == 40
+
+
+def test_a_timed_socket_answers_times_out_and_leaves_nothing_started():
+    """TimedSocket (the Redis store's connections): recv and sendall pass data; a peer that
+    never answers makes recv, and one that never reads makes sendall, fail with TimeoutError
+    after about the timeout (not sooner, not never); nothing is left started, and the socket
+    still works after a timeout; close() closes socket and timer."""
+    left, right = _pair()
+    timed = TimedSocket(left, 0.2)
+    try:
+        timed.sendall(b"ping")
+        assert right.recv(10) == b"ping"
+        right.sendall(b"pong")
+        assert timed.recv(10) == b"pong"
+        began = gevent.get_hub().loop.now()
+        with gevent.Timeout(5):
+            try:
+                timed.recv(10)
+            except TimeoutError:
+                pass
+            else:
+                raise AssertionError("recv did not time out")
+        assert gevent.get_hub().loop.now() - began >= 0.15
+        assert not left._read_event.active and not timed._timer.active
+        right.sendall(b"late")
+        assert timed.recv(10) == b"late"  # a timeout does not spoil the socket (nor the timer)
+        began = gevent.get_hub().loop.now()
+        with gevent.Timeout(5):
+            try:
+                timed.recv(10)
+            except TimeoutError:
+                pass
+        assert gevent.get_hub().loop.now() - began >= 0.15  # the full timeout again
+        with gevent.Timeout(10):
+            try:
+                while True:  # the peer never reads: the buffers fill, then the wait times out
+                    timed.sendall(b"x" * 65536)
+            except TimeoutError:
+                pass
+        assert not left._write_event.active and not timed._timer.active
+    finally:
+        timed.close()
+        right.close()
+    assert left.closed and not timed._timer.active
+
+
+def test_a_timed_socket_closed_under_a_parked_greenlet_wakes_it():
+    """The dispatcher closes a connection whose sender may be parked in recv: gevent's
+    cancel_wait throws into it, and the watcher and timer end stopped."""
+    left, right = _pair()
+    timed = TimedSocket(left, 30)
+    try:
+        reader = gevent.spawn(timed.recv, 10)
+        gevent.sleep(0.01)
+        assert left._read_event.active and timed._timer.active
+        timed.close()
+        reader.join(timeout=5)
+        assert reader.dead and isinstance(reader.exception, OSError)
+        assert not timed._timer.active
+    finally:
+        right.close()

@@ -13,7 +13,7 @@ that could never fit goes line by line. A reply that finds the queue full waits 
 writer to make room (yielding: gevent's ``recv`` does not yield while data is ready, so
 without this a fast pipelining client that reads promptly would lose replies). It gives up
 when the client has acknowledged no byte for :data:`DROP_GRACE` while the writer's send waits
-(:meth:`~kvgevent.server.fastio.PlainSocket.acked`: the client is not reading): that reply, and every
+(:meth:`~kvgevent.fastio.PlainSocket.acked`: the client is not reading): that reply, and every
 further one that finds the queue full, is dropped and counted without waiting, until the queue
 has room again. Each such
 episode logs one ``messages_dropping`` event. A client that reads, however slowly, is waited
@@ -37,10 +37,10 @@ from gevent.pool import Group
 from gevent.queue import Queue
 
 from kvgevent.config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
+from kvgevent.fastio import wrap
 from kvgevent.logs import Logger
 from kvgevent.protocol import LineBuffer
 from kvgevent.server.counters import Counters
-from kvgevent.server.fastio import wrap
 from kvgevent.server.memory import MemoryGuard
 
 _EOF = b""
@@ -456,7 +456,7 @@ class Connection:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     break
-            acked = self.io.acked()  # bytes the client took (see kvgevent.server.fastio)
+            acked = self.io.acked()  # bytes the client took (see kvgevent.fastio)
             if not queued_eof:
                 self._enqueue(_EOF)  # (the queue is unbounded: it always takes it)
                 queued_eof = True

@@ -35,6 +35,8 @@ from typing import Any
 import gevent
 import hiredis
 
+from kvgevent.fastio import TimedSocket
+
 MAX_ROUND_TRIP = 2000
 """Commands one round trip may carry (several clients' batches together)."""
 
@@ -67,19 +69,29 @@ def pack(args: Command) -> bytes:
 # gives exactly what pack() gives (tests/test_redis.py checks it).
 
 
+LRANGE_ALL = b"*4\r\n$6\r\nLRANGE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$2\r\n-1\r\n"
+"""``LRANGE key 0 -1``: ``LRANGE_ALL % (len(key), key)``."""
+
+RPUSH = b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+"""``RPUSH key value``: ``RPUSH % (len(key), key, len(value), value)``."""
+
+DEL = b"*2\r\n$3\r\nDEL\r\n$%d\r\n%b\r\n"
+"""``DEL key``: ``DEL % (len(key), key)``."""
+
+
 def lrange_all(key: bytes) -> bytes:
     """``LRANGE key 0 -1`` in RESP."""
-    return b"*4\r\n$6\r\nLRANGE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$2\r\n-1\r\n" % (len(key), key)
+    return LRANGE_ALL % (len(key), key)
 
 
 def rpush(key: bytes, value: bytes) -> bytes:
     """``RPUSH key value`` in RESP."""
-    return b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(value), value)
+    return RPUSH % (len(key), key, len(value), value)
 
 
 def delete(key: bytes) -> bytes:
     """``DEL key`` in RESP."""
-    return b"*2\r\n$3\r\nDEL\r\n$%d\r\n%b\r\n" % (len(key), key)
+    return DEL % (len(key), key)
 
 
 class RespConnection:
@@ -154,7 +166,9 @@ class RespConnection:
             sock.close()
             raise Unreachable("connected to itself: nothing listens on the Redis port")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock, self.reader = sock, hiredis.Reader()
+        # Its waits through kvgevent.fastio: gevent's timed recv and sendall made a Timeout,
+        # a Waiter and a getsockopt per round trip (bench/OPTIMISATIONS.md, "lean Redis I/O").
+        self.sock, self.reader = TimedSocket(sock, self.timeout), hiredis.Reader()
         commands: list[Command] = []
         if self.password is not None:
             user = [] if self.username is None else [self.username.encode()]

@@ -1,5 +1,6 @@
-"""Socket I/O for a client connection: cheaper than gevent's on the hot path, and it reports
-how sending is going.
+"""Socket I/O cheaper than gevent's on the hot path: for a client connection of the server
+(:class:`FastSocket`, which also reports how sending is going) and for a connection this
+process makes with a timeout (:class:`TimedSocket`: the Redis store's).
 
 gevent's ``socket.recv`` tries the read and, when nothing is there, catches the
 ``BlockingIOError`` and waits; ``socket.sendall`` is Python code that also asks the kernel for
@@ -20,6 +21,10 @@ progress for a while) from one that reads slowly, and a flush that makes progres
 that does not. ``sent`` alone misleads there: the kernel wakes a blocked sender only once a
 third of its send buffer is free, which takes seconds for a client reading a few hundred kB a
 second, while the acknowledged count grows with every read the client makes.
+
+:class:`TimedSocket` waits the same way with a deadline: a loop timer made once per socket is
+started beside the io watcher (:func:`park_for`), where gevent's own timed wait makes a
+``Timeout`` object, a ``Waiter`` and a ``getsockopt`` per ``sendall``.
 """
 
 from __future__ import annotations
@@ -91,6 +96,26 @@ def park(watcher: Any, hub: Any) -> None:
         hub.switch()
     finally:
         watcher.stop()
+
+
+_EXPIRED = object()
+"""What a timer started by :func:`park_for` passes to the parked greenlet's ``switch``."""
+
+
+def park_for(watcher: Any, timer: Any, hub: Any) -> bool:
+    """:func:`park` with a deadline: ``timer`` (a loop timer made once with the timeout as both
+    ``after`` and ``repeat``) is armed beside ``watcher``; returns True if the watcher fired,
+    False if the timer did first. Both are stopped either way, an exception thrown in
+    meanwhile included. Armed with ``again``, which counts the full ``repeat`` each time:
+    libev's ``start`` counts what was left of the last wait (nothing, once it fired)."""
+    switch = getcurrent().switch
+    watcher.start(switch)
+    timer.again(switch, _EXPIRED)
+    try:
+        return hub.switch() is not _EXPIRED
+    finally:
+        watcher.stop()
+        timer.stop()
 
 
 class FastSocket(PlainSocket):
@@ -165,3 +190,55 @@ def wrap(sock: Any) -> PlainSocket:
     if all(hasattr(sock, name) for name in ("_sock", "_read_event", "_write_event")):
         return FastSocket(sock)
     return PlainSocket(sock)
+
+
+class TimedSocket:
+    """recv/sendall with a timeout on one connected gevent socket, used by one greenlet at a
+    time (the Redis store's connections: a sender greenlet each): each wait for the socket
+    gives up after ``timeout`` seconds with TimeoutError, as gevent's socket does. It relies
+    on FastSocket's gevent interfaces and on the loop's ``timer(after, repeat)`` watchers
+    (``again(callback, *args)``, ``stop()``, ``close()``). :meth:`close` closes the socket and
+    the timer; a greenlet parked in a wait meanwhile gets gevent's ``cancel_wait`` error."""
+
+    __slots__ = ("sock", "_raw", "_hub", "_read_event", "_write_event", "_timer", "_drained")
+
+    def __init__(self, sock: Any, timeout: float) -> None:
+        self.sock = sock
+        self._raw = sock._sock  # the non-blocking _socket.socket under gevent's wrapper
+        self._hub = get_hub()
+        self._read_event = sock._read_event
+        self._write_event = sock._write_event
+        self._timer = self._hub.loop.timer(timeout, timeout)  # (see park_for)
+        self._drained = True  # as FastSocket's: a request's reply is not there yet when sent
+
+    def recv(self, size: int) -> bytes:
+        """At least one byte (b"" at end of stream); TimeoutError after ``timeout`` without."""
+        while True:
+            if self._drained and not park_for(self._read_event, self._timer, self._hub):
+                raise TimeoutError("timed out")
+            try:
+                data = self._raw.recv(size)
+            except BlockingIOError:
+                self._drained = True
+                continue
+            self._drained = len(data) < size
+            return data
+
+    def sendall(self, data: bytes) -> None:
+        """Send everything; TimeoutError if the socket stays unwritable for ``timeout``."""
+        raw = self._raw
+        view: bytes | memoryview = data
+        while True:
+            try:
+                sent = raw.send(view)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(view):
+                return
+            view = memoryview(view)[sent:]
+            if not park_for(self._write_event, self._timer, self._hub):
+                raise TimeoutError("timed out")
+
+    def close(self) -> None:
+        self._timer.close()
+        self.sock.close()
