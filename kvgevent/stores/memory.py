@@ -91,7 +91,7 @@ class MemoryStore(KVStore):
         data = self.data
         get = data.get
         used = self.used_bytes
-        index = work = gets = new_puts = deletes = 0
+        work = gets = new_puts = deletes = 0
         append = out.append
         with self.lock:
             try:
@@ -101,16 +101,7 @@ class MemoryStore(KVStore):
                     fields = line.split(b":", 2)
                     count = len(fields)
                     # verb:key:value (the value may hold ':'), verb:key (no ':' in the key)
-                    if count == 2 and fields[1] and fields[0] in GET_SPELLINGS:
-                        key = fields[1]
-                        found = get(key, NO_VALUES)
-                        if len(found) == 1 and len(found[0]) <= INLINE_REPLY_BYTES:  # the usual GET
-                            append(b"".join((key, b":", found[0], b"\n")))
-                        elif not add_small_reply(key, found, out):
-                            break  # (the general path builds a big reply in chunks)
-                        work += len(found)
-                        gets += 1
-                    elif count == 3 and puts and fields[1] and fields[0] in PUT_SPELLINGS:
+                    if count == 3 and puts and fields[1] and fields[0] in PUT_SPELLINGS:
                         _, key, value = fields
                         values = get(key)
                         if values is None:
@@ -120,6 +111,15 @@ class MemoryStore(KVStore):
                             values.append(value)
                             used += len(value)
                         new_puts += 1
+                    elif count == 2 and fields[1] and fields[0] in GET_SPELLINGS:
+                        key = fields[1]
+                        found = get(key, NO_VALUES)
+                        if len(found) == 1 and len(found[0]) <= INLINE_REPLY_BYTES:  # the usual GET
+                            append(b"".join((key, b":", found[0], b"\n")))
+                        elif not add_small_reply(key, found, out):
+                            break  # (the general path builds a big reply in chunks)
+                        work += len(found)
+                        gets += 1
                     elif count == 2 and fields[1] and fields[0] in DELETE_SPELLINGS:
                         freed = data.pop(fields[1], None)
                         work += len(freed) if freed else 0
@@ -127,7 +127,6 @@ class MemoryStore(KVStore):
                         deletes += 1
                     else:
                         break
-                    index += 1
                     if work >= budget:  # the turn's work is done after this one
                         break
             finally:
@@ -136,7 +135,7 @@ class MemoryStore(KVStore):
                 applied["get"] += gets
                 applied["put"] += new_puts
                 applied["delete"] += deletes
-        return index, work
+        return gets + new_puts + deletes, work  # (each line served is one of them)
 
     def affordable(self, commands: Sequence[DataCommand], budget: int) -> tuple[int, int]:
         """How many of ``commands``, from the first (at least one), :meth:`apply_some` would
