@@ -29,6 +29,7 @@ started beside the io watcher (:func:`park_for`), where gevent's own timed wait 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import struct
 import termios
@@ -110,7 +111,7 @@ def park_for(watcher: Any, timer: Any, hub: Any) -> bool:
     libev's ``start`` counts what was left of the last wait (nothing, once it fired)."""
     switch = getcurrent().switch
     watcher.start(switch)
-    timer.again(switch, _EXPIRED)
+    timer.again(switch, _EXPIRED, update=True)  # (the loop's time now, not its last turn's)
     try:
         return hub.switch() is not _EXPIRED
     finally:
@@ -194,28 +195,35 @@ def wrap(sock: Any) -> PlainSocket:
 
 class TimedSocket:
     """recv/sendall with a timeout on one connected gevent socket, used by one greenlet at a
-    time (the Redis store's connections: a sender greenlet each): each wait for the socket
-    gives up after ``timeout`` seconds with TimeoutError, as gevent's socket does. It relies
-    on FastSocket's gevent interfaces and on the loop's ``timer(after, repeat)`` watchers
-    (``again(callback, *args)``, ``stop()``, ``close()``). :meth:`close` closes the socket and
-    the timer; a greenlet parked in a wait meanwhile gets gevent's ``cancel_wait`` error."""
+    time (the Redis store's connections: a sender greenlet each), with gevent's socket's
+    deadlines: a ``recv`` gives up after ``timeout`` seconds without a byte, a ``sendall``
+    after ``timeout`` seconds in all, however slowly the peer reads; both with TimeoutError.
+    It relies on FastSocket's gevent interfaces and on the loop's ``timer(after, repeat)``
+    watchers (``again(callback, *args, update=True)``, ``stop()``, ``close()``). :meth:`close`
+    closes the socket and the timer; a greenlet parked in a wait meanwhile gets gevent's
+    ``cancel_wait`` error, and a call made after it raises OSError (EBADF), as a gevent
+    socket's would."""
 
-    __slots__ = ("sock", "_raw", "_hub", "_read_event", "_write_event", "_timer", "_drained")
+    __slots__ = ("sock", "timeout", "_raw", "_hub", "_read_event", "_write_event", "_timer", "_drained")
 
     def __init__(self, sock: Any, timeout: float) -> None:
         self.sock = sock
+        self.timeout = timeout
         self._raw = sock._sock  # the non-blocking _socket.socket under gevent's wrapper
         self._hub = get_hub()
         self._read_event = sock._read_event
         self._write_event = sock._write_event
-        self._timer = self._hub.loop.timer(timeout, timeout)  # (see park_for)
+        self._timer: Any = self._hub.loop.timer(timeout, timeout)  # (see park_for); None once closed
         self._drained = True  # as FastSocket's: a request's reply is not there yet when sent
 
     def recv(self, size: int) -> bytes:
         """At least one byte (b"" at end of stream); TimeoutError after ``timeout`` without."""
         while True:
-            if self._drained and not park_for(self._read_event, self._timer, self._hub):
-                raise TimeoutError("timed out")
+            if self._drained:
+                if self._timer is None:  # (a watcher started on a closed fd aborts libev)
+                    raise OSError(errno.EBADF, "the socket is closed")
+                if not park_for(self._read_event, self._timer, self._hub):
+                    raise TimeoutError("timed out")
             try:
                 data = self._raw.recv(size)
             except BlockingIOError:
@@ -225,20 +233,35 @@ class TimedSocket:
             return data
 
     def sendall(self, data: bytes) -> None:
-        """Send everything; TimeoutError if the socket stays unwritable for ``timeout``."""
-        raw = self._raw
-        view: bytes | memoryview = data
-        while True:
-            try:
-                sent = raw.send(view)
-            except BlockingIOError:
-                sent = 0
-            if sent == len(view):
-                return
-            view = memoryview(view)[sent:]
-            if not park_for(self._write_event, self._timer, self._hub):
+        """Send everything; TimeoutError if it is not all sent within ``timeout``."""
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):  # (the usual request goes at once)
+            self._send_rest(memoryview(data)[sent:], time.monotonic() + self.timeout)
+
+    def _send_rest(self, view: memoryview, deadline: float) -> None:
+        """Send ``view`` as the socket becomes writable, until ``deadline`` (monotonic)."""
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise TimeoutError("timed out")
+            if self._timer is None:
+                raise OSError(errno.EBADF, "the socket is closed")
+            timer = self._hub.loop.timer(remaining, remaining)  # (rare: a round trip of megabytes)
+            try:
+                if not park_for(self._write_event, timer, self._hub):
+                    raise TimeoutError("timed out")
+            finally:
+                timer.close()
+            try:
+                view = view[self._raw.send(view) :]
+            except BlockingIOError:
+                continue
 
     def close(self) -> None:
-        self._timer.close()
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         self.sock.close()

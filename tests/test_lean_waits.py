@@ -357,7 +357,7 @@ def test_a_timed_socket_answers_times_out_and_leaves_nothing_started():
     finally:
         timed.close()
         right.close()
-    assert left.closed and not timed._timer.active
+    assert left.closed and timed._timer is None
 
 
 def test_a_timed_socket_closed_under_a_parked_greenlet_wakes_it():
@@ -368,10 +368,60 @@ def test_a_timed_socket_closed_under_a_parked_greenlet_wakes_it():
     try:
         reader = gevent.spawn(timed.recv, 10)
         gevent.sleep(0.01)
-        assert left._read_event.active and timed._timer.active
+        timer = timed._timer
+        assert left._read_event.active and timer.active
         timed.close()
         reader.join(timeout=5)
         assert reader.dead and isinstance(reader.exception, OSError)
-        assert not timed._timer.active
+        assert not timer.active
+    finally:
+        right.close()
+
+
+def test_a_timed_sendall_to_a_slow_reader_gives_up_after_the_timeout_in_all():
+    """A peer that keeps reading, slowly: each wait for room ends, but the whole sendall has
+    one deadline (as gevent's): TimeoutError after about the timeout, not after the data."""
+    left, right = _pair()
+    timed = TimedSocket(left, 0.3)
+
+    def slow_reader() -> None:
+        while True:
+            if not right.recv(1 << 16):
+                return
+            gevent.sleep(0.05)
+
+    reader = gevent.spawn(slow_reader)
+    began = gevent.get_hub().loop.now()
+    try:
+        with gevent.Timeout(10):
+            try:
+                timed.sendall(b"x" * (30 << 20))  # 30 MB at ~1.3 MB/s: 20 s if it never gave up
+            except TimeoutError:
+                pass
+            else:
+                raise AssertionError("sendall did not time out")
+        assert 0.25 <= gevent.get_hub().loop.now() - began < 5
+        assert not left._write_event.active
+    finally:
+        reader.kill()
+        timed.close()
+        right.close()
+
+
+def test_a_timed_socket_used_after_close_raises_instead_of_aborting():
+    """After close(), recv and sendall raise OSError (a watcher started on a closed fd would
+    make libev abort the whole process)."""
+    left, right = _pair()
+    timed = TimedSocket(left, 1)
+    timed.close()
+    timed.close()  # (twice is fine)
+    try:
+        for call in (lambda: timed.recv(10), lambda: timed.sendall(b"x" * (8 << 20))):
+            try:
+                call()
+            except OSError:
+                pass
+            else:
+                raise AssertionError("no OSError after close")
     finally:
         right.close()

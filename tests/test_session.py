@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kvgevent.config import REPLY_CHUNK
 from kvgevent.errors import StoreError
 from kvgevent.protocol import ERR_LINE_TOO_LONG
 from kvgevent.server.auth_throttle import AuthThrottle
@@ -270,7 +271,8 @@ def served(session: Session, items: list) -> tuple[bytes, int]:
 @pytest.mark.parametrize("turn_work", [200_000, 3])
 @pytest.mark.parametrize("seed", range(4))
 def test_the_plain_path_does_exactly_what_the_general_path_does(seed, turn_work, monkeypatch):
-    """Random batches of PUT/GET/DELETE lines mixed with everything else, through a session
+    """Random batches of PUT/GET/DELETE lines mixed with everything else (some about a reply
+    chunk long, some with keys of many values, some over --max-memory), through a session
     over the memory store (plain path) and one over a store that offers no plain path: the
     same replies byte for byte, turns, data, cost-model bytes, counts, work and metrics verb.
     A tiny turn budget makes GETs and DELETEs end turns mid-batch: the same replies and data
@@ -285,9 +287,13 @@ def test_the_plain_path_does_exactly_what_the_general_path_does(seed, turn_work,
     plain, general = session_for(), session_for(General())
     for _ in range(400):
         lines = PLAIN_LINES if rnd.random() < 0.8 else PLAIN_LINES + OTHER_LINES
-        items = [rnd.choice(lines) for _ in range(rnd.randint(1, 24))]
-        if rnd.random() < 0.1:
-            items = items * 12  # longer than a reply chunk: the general path's alone
+        count = rnd.choice([rnd.randint(1, 24), REPLY_CHUNK - 1, REPLY_CHUNK, REPLY_CHUNK + 1])
+        items = [rnd.choice(lines) for _ in range(count)]
+        if rnd.random() < 0.2:  # a key of more small values than a reply builds inline
+            items = [b"PUT:k0:s%d" % n for n in range(rnd.randint(1, 80))] + items
+        # --max-memory: none, or a limit about where the data is (refused PUTs on both paths)
+        limit = rnd.choice([0, 0, max(1, plain.shared.store.used_bytes + rnd.randint(-500, 500))])
+        plain.shared.guard.limit = general.shared.guard.limit = limit
         plain.work = general.work = 0  # (a new turn: the read loop's part)
         (replies, turns), (expected, expected_turns) = served(plain, items), served(general, items)
         assert replies == expected, items

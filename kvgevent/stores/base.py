@@ -165,8 +165,10 @@ class KVStore(abc.ABC):
     GETs added to ``out`` (small ones only: :func:`~kvgevent.protocol.add_small_reply`).
     Returns how many it served and their work, as :meth:`apply_some`: it stops at a line
     that is anything else (or not bytes), at a GET whose reply is not small, before a PUT
-    unless ``puts``, and after the command whose work reached ``budget``. None for the
-    others. The session serves the usual batches through it, and the rest as commands."""
+    unless ``puts``, and after the command whose work reached ``budget`` (the turn ends
+    there, where the general path ends it as it applies the next command: a PING after it
+    waits for the next turn). None for the others. The session serves the usual batches
+    through it, and the rest as commands."""
 
     needs_barrier = False
     """True if :meth:`barrier` may wait: the server then sends earlier replies first."""
