@@ -32,3 +32,64 @@ def test_replies_are_checked_against_their_commands_types():
         check_types([b"LRANGE"], [list])  # (what a socket connected to itself echoes)
     with pytest.raises(ReplyMismatch):
         check_types([[b"x"]], [int])
+
+
+def test_the_plain_path_encodes_what_hiredis_packs():
+    """RedisStore.apply_plain builds its commands from pieces (resp.py's head tables): the
+    same bytes as pack_command, for keys and values on both sides of the tables' bound."""
+    from kvgevent.stores.redis_store import RedisStore
+    from kvgevent.stores.resp import HEADS
+
+    store = RedisStore("redis://127.0.0.1:1/0", prefix="p:")  # (connects on first use: never here)
+    dispatcher = store._dispatcher
+    sent: list[bytes] = []
+
+    class Recorder:
+        def execute_encoded(self, payload: bytes, expected: list[type]) -> list[object]:
+            sent.append(payload)
+            return [[] if kind is list else 0 for kind in expected]
+
+    samples = _samples() + [b"k" * (HEADS + n) for n in range(-4, 2)]
+    ops = [(key,) for key in samples]
+    ops += [(key, value) for key, value in zip(samples, reversed(samples), strict=True)]
+    ops += [(key, None) for key in samples]
+    store._dispatcher = Recorder()
+    try:
+        assert store.apply_plain(ops) == [None] * len(ops)
+    finally:
+        store._dispatcher = dispatcher
+        store.close()
+    expected = [
+        (b"LRANGE", b"p:" + op[0], b"0", b"-1")
+        if len(op) == 1
+        else (b"DEL", b"p:" + op[0])
+        if op[1] is None
+        else (b"RPUSH", b"p:" + op[0], op[1])
+        for op in ops
+    ]
+    assert sent == [b"".join(hiredis.pack_command(command) for command in expected)]
+
+
+def test_replies_are_read_whole_across_reads_and_a_zero_does_not_end_them():
+    """RespConnection reads every complete reply in C (iter over the reader's gets): an
+    integer reply of 0 (DEL of nothing) is a reply, not the end; replies split across reads
+    are joined; more replies than commands means the stream is out of step."""
+    from kvgevent.stores.resp import _NOT_YET, RespConnection
+
+    class Chunks:
+        def __init__(self, *chunks: bytes) -> None:
+            self.chunks = list(chunks)
+
+        def recv(self, size: int) -> bytes:
+            return self.chunks.pop(0) if self.chunks else b""
+
+    connection = RespConnection("127.0.0.1", 1, 0, None, None, 1.0)
+    connection.reader = hiredis.Reader(notEnoughData=_NOT_YET)
+    connection.sock = Chunks(b":0\r\n$1\r", b"\na\r\n*1\r\n:0", b"\r\n:0\r\n")
+    assert connection._replies(4) == [0, b"a", [0], 0]
+    connection.sock = Chunks(b":0\r\n:1\r\n:2\r\n")
+    with pytest.raises(ReplyMismatch):
+        connection._replies(2)
+    connection.sock = Chunks(b":0\r\n")
+    with pytest.raises(ConnectionError):
+        connection._replies(2)  # (then the peer closed)

@@ -46,6 +46,10 @@ RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0
 """Most seconds between two attempts to connect while Redis is unreachable."""
 
+_NOT_YET = object()
+"""What the hiredis reader gives while no whole reply is there (its default, False, equals an
+integer reply of 0: ``iter(gets, False)`` would stop at one)."""
+
 Command = Sequence[bytes]
 Expected = type | tuple[type, ...]
 """The type a command's reply must have (hiredis: list, int, bytes)."""
@@ -77,6 +81,29 @@ RPUSH = b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
 
 DEL = b"*2\r\n$3\r\nDEL\r\n$%d\r\n%b\r\n"
 """``DEL key``: ``DEL % (len(key), key)``."""
+
+# The same commands in pieces, joined once for a whole batch: each command's start up to its
+# key, with the key's length, made once for lengths under HEADS (formatting a length costs
+# more than the rest of a piece: bench/OPTIMISATIONS.md, "RESP templates").
+HEADS = 256
+"""Lengths whose headers are made once (a longer key or value's is formatted each time)."""
+
+LRANGE_HEAD = b"*4\r\n$6\r\nLRANGE\r\n$%d\r\n"
+LRANGE_HEADS = [LRANGE_HEAD % n for n in range(HEADS)]
+LRANGE_TAIL = b"\r\n$1\r\n0\r\n$2\r\n-1\r\n"
+"""``LRANGE key 0 -1`` = ``LRANGE_HEADS[len(key)] + key + LRANGE_TAIL``."""
+
+RPUSH_HEAD = b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n"
+RPUSH_HEADS = [RPUSH_HEAD % n for n in range(HEADS)]
+VALUE_HEAD = b"\r\n$%d\r\n"
+VALUE_HEADS = [VALUE_HEAD % n for n in range(HEADS)]
+"""``RPUSH key value`` = ``RPUSH_HEADS[len(key)] + key + VALUE_HEADS[len(value)] + value + CRLF``."""
+
+DEL_HEAD = b"*2\r\n$3\r\nDEL\r\n$%d\r\n"
+DEL_HEADS = [DEL_HEAD % n for n in range(HEADS)]
+"""``DEL key`` = ``DEL_HEADS[len(key)] + key + CRLF``."""
+
+CRLF = b"\r\n"
 
 
 def lrange_all(key: bytes) -> bytes:
@@ -130,16 +157,15 @@ class RespConnection:
 
     def _replies(self, count: int) -> list[Any]:
         replies: list[Any] = []
-        reader = self.reader
+        gets = self.reader.gets
         while len(replies) < count:
-            reply = reader.gets()
-            if reply is False:
-                data = self.sock.recv(1 << 16)
-                if not data:
-                    raise ConnectionError("Redis closed the connection")
-                reader.feed(data)
-                continue
-            replies.append(reply)
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            self.reader.feed(data)
+            replies += iter(gets, _NOT_YET)  # every complete reply, read in C (no loop here)
+        if len(replies) > count:  # (the stream is out of step with the requests)
+            raise ReplyMismatch(f"{len(replies)} replies to {count} commands")
         return replies
 
     def _connect(self) -> None:
@@ -168,7 +194,7 @@ class RespConnection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Its waits through kvgevent.fastio: gevent's timed recv and sendall made a Timeout,
         # a Waiter and a getsockopt per round trip (bench/OPTIMISATIONS.md, "lean Redis I/O").
-        self.sock, self.reader = TimedSocket(sock, self.timeout), hiredis.Reader()
+        self.sock, self.reader = TimedSocket(sock, self.timeout), hiredis.Reader(notEnoughData=_NOT_YET)
         commands: list[Command] = []
         if self.password is not None:
             user = [] if self.username is None else [self.username.encode()]
