@@ -10,7 +10,8 @@ Runs ``../shared/bench/compare`` (or ``--compare PATH``) on this checkout with t
 redis-tools) and, for the chart, matplotlib: ``pip install -r bench/requirements.txt``
 (without it the report is written without the chart).
 
-usage: python bench/report.py [--compare PATH] [--ceiling PATH] [--quick] [--out bench/REPORT.md]
+usage: python bench/report.py [--compare PATH] [--ceiling PATH] [--quick | --reps N --duration S]
+                              [--out bench/REPORT.md]
        python bench/report.py --from DIR   (rewrite the report from an earlier run's output)
 """
 
@@ -36,6 +37,13 @@ GRID = ((1, 1), (50, 1), (50, 16), (500, 16))
 
 CEILING_TARGET = 0.90
 """kvgevent / ceiling that issue 15 asks for at every shape."""
+
+REPS = 3
+"""Runs per shape and server: the median of three (compare's own default, two, left single
+shapes 5-10 % apart from one run to the next on the 2-core VM)."""
+
+DURATION = 3.0
+"""Measured seconds per run (compare's default is 2)."""
 
 NAMES = {"kvgevent": "kvgevent", "goref": "lean card-shaped ceiling", "redis": "Redis"}
 
@@ -146,6 +154,8 @@ def compare_command(args: argparse.Namespace) -> list[str]:
     command = [args.compare, "--servers", "kvgevent,goref,redis", "--grid", grid]
     if args.quick:
         command += ["--reps", "1", "--duration", "1", "--idle", "1000"]
+    else:
+        command += ["--reps", str(args.reps), "--duration", str(args.duration)]
     return command
 
 
@@ -182,6 +192,10 @@ def main() -> int:
     parser.add_argument("--compare", default=str(SHARED / "compare"))
     parser.add_argument("--ceiling", default=str(SHARED / "ceiling" / "gcard_lean.py"))
     parser.add_argument("--quick", action="store_true", help="one short run per shape, idle 1,000 only")
+    parser.add_argument("--reps", type=int, default=REPS, help=f"runs per shape and server (default {REPS})")
+    parser.add_argument(
+        "--duration", type=float, default=DURATION, help=f"measured seconds per run (default {DURATION:g})"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "REPORT.md"))
     parser.add_argument("--from", dest="source", help="a compare output directory to report on (no new run)")
     args = parser.parse_args()
