@@ -34,7 +34,7 @@ import gevent
 import gevent.event
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
-from gevent.queue import Queue
+from gevent.queue import Queue, UnboundQueue
 
 from kvgevent.config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
 from kvgevent.fastio import wrap
@@ -115,9 +115,11 @@ class Connection:
         self.stream: Any = self.io
         # Items are chunks of one or more reply lines; the bounds below are in lines and
         # bytes, kept by this class: the gevent queue itself is unbounded (so a miscount,
-        # a value with a newline from another Redis client say, cannot make a put raise).
-        # Made with the writer, at the first reply: an idle client holds neither (a gevent
-        # Queue is kilobytes: bench/OPTIMISATIONS.md, "an idle client's queue").
+        # a value with a newline from another Redis client say, cannot make a put raise),
+        # an UnboundQueue: gevent's Queue for that, without a deque for waiting putters
+        # (0.76 kB a writer). Made with the writer, at the first reply: an idle client holds
+        # neither (a gevent Queue is kilobytes: bench/OPTIMISATIONS.md, "an idle client's
+        # queue").
         self.queue: Queue | None = None
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
@@ -154,7 +156,7 @@ class Connection:
         return self._log.bind(client_id=self.client_id, peer=self.peer)
 
     def _start_writer(self) -> Queue:
-        self.queue = Queue()
+        self.queue = UnboundQueue()
         self.writer = self.writers.spawn(self._write_loop, self.queue)
         return self.queue
 
