@@ -218,19 +218,22 @@ class TimedSocket:
 
     def recv(self, size: int) -> bytes:
         """At least one byte (b"" at end of stream); TimeoutError after ``timeout`` without."""
+        if self._drained:  # (the usual case: a request was just sent, its reply is on its way)
+            self._wait_readable()
         while True:
-            if self._drained:
-                if self._timer is None:  # (a watcher started on a closed fd aborts libev)
-                    raise OSError(errno.EBADF, "the socket is closed")
-                if not park_for(self._read_event, self._timer, self._hub):
-                    raise TimeoutError("timed out")
             try:
                 data = self._raw.recv(size)
-            except BlockingIOError:
-                self._drained = True
-                continue
-            self._drained = len(data) < size
-            return data
+                break
+            except BlockingIOError:  # (rare: woken with nothing to read)
+                self._wait_readable()
+        self._drained = len(data) < size
+        return data
+
+    def _wait_readable(self) -> None:
+        if self._timer is None:  # (a watcher started on a closed fd aborts libev)
+            raise OSError(errno.EBADF, "the socket is closed")
+        if not park_for(self._read_event, self._timer, self._hub):
+            raise TimeoutError("timed out")
 
     def sendall(self, data: bytes) -> None:
         """Send everything; TimeoutError if it is not all sent within ``timeout``."""

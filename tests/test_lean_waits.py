@@ -316,6 +316,19 @@ def test_clients_that_pause_about_as_long_as_the_writer_idles_lose_nothing(log_s
     assert server.count_dropped() == 40
 
 
+def _times_out(call, at_least: float) -> None:
+    """``call()`` raises TimeoutError, after at least ``at_least`` seconds (within 5)."""
+    began = gevent.get_hub().loop.now()
+    with gevent.Timeout(5):
+        try:
+            call()
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError(f"{call} did not time out")
+    assert gevent.get_hub().loop.now() - began >= at_least
+
+
 def test_a_timed_socket_answers_times_out_and_leaves_nothing_started():
     """TimedSocket (the Redis store's connections): recv and sendall pass data; a peer that
     never answers makes recv, and one that never reads makes sendall, fail with TimeoutError
@@ -328,25 +341,11 @@ def test_a_timed_socket_answers_times_out_and_leaves_nothing_started():
         assert right.recv(10) == b"ping"
         right.sendall(b"pong")
         assert timed.recv(10) == b"pong"
-        began = gevent.get_hub().loop.now()
-        with gevent.Timeout(5):
-            try:
-                timed.recv(10)
-            except TimeoutError:
-                pass
-            else:
-                raise AssertionError("recv did not time out")
-        assert gevent.get_hub().loop.now() - began >= 0.15
+        _times_out(lambda: timed.recv(10), at_least=0.15)
         assert not left._read_event.active and not timed._timer.active
         right.sendall(b"late")
         assert timed.recv(10) == b"late"  # a timeout does not spoil the socket (nor the timer)
-        began = gevent.get_hub().loop.now()
-        with gevent.Timeout(5):
-            try:
-                timed.recv(10)
-            except TimeoutError:
-                pass
-        assert gevent.get_hub().loop.now() - began >= 0.15  # the full timeout again
+        _times_out(lambda: timed.recv(10), at_least=0.15)  # the full timeout again
         with gevent.Timeout(10):
             try:
                 while True:  # the peer never reads: the buffers fill, then the wait times out
