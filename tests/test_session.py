@@ -464,3 +464,17 @@ def test_a_plain_batch_that_ends_with_the_turns_work_is_not_followed_by_a_wait(m
     monkeypatch.setattr(module, "TURN_WORK", 3)
     session.work = 0
     assert run(session, b"GET:j\n") == [[b"j:1\n", b"j:2\n", b"j:3\n"]]
+
+
+def test_no_request_line_outlives_its_batch():
+    """A quiet client holds its incomplete line only (counted by --max-memory): once a batch
+    is done the session keeps none of its lines (not a 1 MB PUT's, not an AUTH's password),
+    whichever path served it."""
+    for store in (MemoryStore(), General()):
+        for password in (None, b"a-long-password"):
+            session = session_for(store, password=password)
+            big = b"PUT:k:" + b"x" * (1 << 20)
+            for batch in ([b"AUTH:a-long-password"], [big], [b"PUT:k:" + b"y" * 10, b"PING"]):
+                run(session, b"\n".join(batch) + b"\n")
+                held = [getattr(session, name, None) for name in Session.__slots__]
+                assert not any(isinstance(value, bytes) and len(value) > 8 for value in held), batch

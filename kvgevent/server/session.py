@@ -59,7 +59,10 @@ from kvgevent.protocol import (
     PONG,
     PUT_SPELLINGS,
     Auth,
+    Delete,
+    Get,
     Ping,
+    Put,
     Stats,
     add_small_reply,
     parse,
@@ -74,6 +77,10 @@ from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, PlainOp, Result
 
 _GET_INITIALS = b"Gg"
 """What a GET line starts with (:meth:`Session._served_plainly`)."""
+
+_VERB_BY_INITIAL: dict[int, type] = {ord("P"): Put, ord("p"): Put, ord("D"): Delete, ord("d"): Delete}
+"""The command class of a plain PUT or DELETE line by its first byte (a GET's is the default):
+the batch's verb, for the metrics."""
 
 REPLY_LINE_WORK = 18
 """Work units of building one reply line, besides one per 8 of its bytes (bench/OPTIMISATIONS.md,
@@ -152,7 +159,7 @@ class Session:
         "work",
         "chunk_lines",
         "chunk_bytes",
-        "first",
+        "verb",
     )
 
     def __init__(
@@ -175,14 +182,9 @@ class Session:
         self.work = 0  # work done in this client's current turn (TURN_WORK units)
         # The most lines and bytes of a big reply's chunk: one that fits the client's queue.
         self.chunk_lines, self.chunk_bytes = chunk
-        self.first: object = None  # the last batch's first item (its verb: the metrics')
-
-    @property
-    def verb(self) -> type:
-        """The class of the last batch's first request (the metrics' label; worked out only
-        when asked for: most servers have no metrics)."""
-        first = self.first
-        return parse(first).__class__ if first.__class__ is bytes else first.__class__
+        # The class of the last batch's first request (metrics). A class, not the line: no
+        # request bytes outlive their batch (a quiet client holds its incomplete line only).
+        self.verb: type = type(None)
 
     def logger(self) -> Logger:
         """The server's logger bound to this client (made on use: most clients never log)."""
@@ -203,13 +205,13 @@ class Session:
         object each (:meth:`_served_plainly`); the general path takes over at the first line
         that is anything else."""
         self.shared.counters.commands += len(items)  # counted first: a STATS in this batch sees them
-        self.first = items[0]
         if not self.authenticated:
             return self._unauthenticated(items)
         out: list[bytes] = []
         store = self.shared.store
         done = 0
         if (store.lookup is not None or store.apply_plain is not None) and len(items) <= REPLY_CHUNK:
+            self.verb = Get  # (until a line says otherwise)
             done, rest = self._served_plainly(items, store, out)
             if rest is None:
                 if done == len(items):
@@ -220,6 +222,8 @@ class Session:
                 return self._actions(items, done, out, rest)
             items = items[done:]
         cmds = [parse(item) if item.__class__ is bytes else item for item in items]
+        if not done:
+            self.verb = cmds[0].__class__  # the batch's, for the metrics
         if DATA_COMMANDS.issuperset(map(type, cmds)):  # data commands only: one run (checked in C)
             rest = self._apply_plainly(cmds, out)
             return out if rest is None else self._actions(cmds, len(cmds), out, rest)
@@ -248,6 +252,8 @@ class Session:
         puts = not guard.limit or not guard.over()
         served, work = serve(items, out, TURN_WORK - self.work, puts)
         self.work += work
+        if served and not done:
+            self.verb = _VERB_BY_INITIAL.get(first[0], Get)  # type: ignore[index]  # (served: bytes)
         return done + served, None
 
     def _looked_up(self, items: Items, store: KVStore, out: list[bytes]) -> tuple[int, Actions | None]:
@@ -274,6 +280,7 @@ class Session:
         ops, kinds = _plain_ops(items, puts=not (guard.limit and guard.over()))
         if not ops:
             return 0, None
+        self.verb = Get if len(ops[0]) == 1 else Put if ops[0][1] is not None else Delete
         applied = store.applied
         for verb, count in zip(("get", "put", "delete"), kinds, strict=True):
             applied[verb] += count

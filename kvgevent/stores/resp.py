@@ -95,9 +95,11 @@ LRANGE_TAIL = b"\r\n$1\r\n0\r\n$2\r\n-1\r\n"
 
 RPUSH_HEAD = b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n"
 RPUSH_HEADS = [RPUSH_HEAD % n for n in range(HEADS)]
+"""``RPUSH key value`` = ``RPUSH_HEADS[len(key)] + key + VALUE_HEADS[len(value)] + value + CRLF``."""
+
 VALUE_HEAD = b"\r\n$%d\r\n"
 VALUE_HEADS = [VALUE_HEAD % n for n in range(HEADS)]
-"""``RPUSH key value`` = ``RPUSH_HEADS[len(key)] + key + VALUE_HEADS[len(value)] + value + CRLF``."""
+"""What comes between RPUSH's key and its value: the end of the key, the value's length."""
 
 DEL_HEAD = b"*2\r\n$3\r\nDEL\r\n$%d\r\n"
 DEL_HEADS = [DEL_HEAD % n for n in range(HEADS)]
