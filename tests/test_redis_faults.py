@@ -375,3 +375,43 @@ def test_a_caller_that_gave_up_waiting_is_not_resumed_by_the_late_reply(tmp_path
     finally:
         store.close()
         redis.kill()
+
+
+def test_a_redis_that_stops_reading_mid_request_times_out_then_recovers(tmp_path):
+    """A round trip too big for the socket buffers, to a Redis frozen with SIGSTOP (it reads
+    nothing): the store's send (kvgevent.fastio.TimedSocket.sendall) gives up after about
+    --redis-timeout in all, the call fails as the store does when Redis is unreachable, and
+    once Redis runs again the store serves, from a new connection (the old one held half a
+    command)."""
+    import os
+    import signal
+    import time
+
+    from kvgevent import Get, Put, StoreError
+
+    redis = RedisProcess(tmp_path)
+    store = RedisStore(redis.url, prefix=f"s{random.randrange(10**9)}:", timeout=0.5)
+    try:
+        store.apply([Put(b"k", b"v")])  # connected
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with gevent.Timeout(20), pytest.raises(StoreError) as failed:
+                store.apply([Put(b"big", b"x" * (32 << 20))])  # far beyond the buffers
+            assert failed.value.reply == UNAVAILABLE + b"\n"
+            assert 0.4 <= time.monotonic() - began < 10
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+
+        def serves() -> bool:
+            try:
+                return store.apply([Get(b"k")]) == [[b"v"]]
+            except StoreError:  # (still in the outage's back-off)
+                return False
+
+        wait_until(serves, timeout=10)
+        assert store.apply([Get(b"big")]) in ([None], [[b"x" * (32 << 20)]])  # (whole, or not at all)
+    finally:
+        store.close()
+        redis.kill()
