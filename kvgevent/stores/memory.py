@@ -111,7 +111,8 @@ class MemoryStore(KVStore):
                             values.append(value)
                             used += len(value)
                         new_puts += 1
-                    elif count == 2 and fields[1] and fields[0] in GET_SPELLINGS:
+                        continue  # (a PUT costs no work: the budget needs no look)
+                    if count == 2 and fields[1] and fields[0] in GET_SPELLINGS:
                         key = fields[1]
                         found = get(key, NO_VALUES)
                         if len(found) == 1 and len(found[0]) <= INLINE_REPLY_BYTES:  # the usual GET
