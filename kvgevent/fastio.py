@@ -219,20 +219,22 @@ class TimedSocket:
     def recv(self, size: int) -> bytes:
         """At least one byte (b"" at end of stream); TimeoutError after ``timeout`` without."""
         if self._drained:  # (the usual case: a request was just sent, its reply is on its way)
-            self._wait_readable()
+            self._wait(self._read_event, self._timer)
         while True:
             try:
                 data = self._raw.recv(size)
                 break
             except BlockingIOError:  # (rare: woken with nothing to read)
-                self._wait_readable()
+                self._wait(self._read_event, self._timer)
         self._drained = len(data) < size
         return data
 
-    def _wait_readable(self) -> None:
-        if self._timer is None:  # (a watcher started on a closed fd aborts libev)
+    def _wait(self, watcher: Any, timer: Any) -> None:
+        """Park until ``watcher`` fires; TimeoutError if ``timer`` does first, OSError (EBADF)
+        once closed (a watcher started on a closed fd aborts libev)."""
+        if self._timer is None:
             raise OSError(errno.EBADF, "the socket is closed")
-        if not park_for(self._read_event, self._timer, self._hub):
+        if not park_for(watcher, timer, self._hub):
             raise TimeoutError("timed out")
 
     def sendall(self, data: bytes) -> None:
@@ -250,12 +252,9 @@ class TimedSocket:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("timed out")
-            if self._timer is None:
-                raise OSError(errno.EBADF, "the socket is closed")
             timer = self._hub.loop.timer(remaining, remaining)  # (rare: a round trip of megabytes)
             try:
-                if not park_for(self._write_event, timer, self._hub):
-                    raise TimeoutError("timed out")
+                self._wait(self._write_event, timer)
             finally:
                 timer.close()
             try:

@@ -31,6 +31,14 @@ def _pair() -> tuple[gevent.socket.socket, gevent.socket.socket]:
     return left, right
 
 
+def _parked(call, *args, watcher) -> gevent.Greenlet:
+    """``call(*args)`` in a greenlet of its own, once it is parked on ``watcher``."""
+    greenlet = gevent.spawn(call, *args)
+    wait_until(lambda: watcher.active, timeout=5, message="the greenlet parked")
+    assert not greenlet.dead
+    return greenlet
+
+
 def test_the_gevent_interfaces_the_lean_waits_use():
     """If a gevent release renames or drops any of these, this fails (and the pin in
     requirements.txt should not have let that release in): the server would otherwise fall
@@ -74,10 +82,7 @@ def test_the_gevent_interfaces_the_lean_waits_use():
 def test_park_resumes_when_the_socket_is_readable_and_stops_its_watcher():
     left, right = _pair()
     try:
-        hub = gevent.get_hub()
-        reader = gevent.spawn(park, left._read_event, hub)
-        gevent.sleep(0.01)
-        assert left._read_event.active and not reader.dead
+        reader = _parked(park, left._read_event, gevent.get_hub(), watcher=left._read_event)
         right.sendall(b"x")
         reader.join(timeout=5)
         assert reader.successful()
@@ -90,9 +95,7 @@ def test_park_resumes_when_the_socket_is_readable_and_stops_its_watcher():
 def test_a_greenlet_killed_while_parked_leaves_its_watcher_stopped():
     left, right = _pair()
     try:
-        reader = gevent.spawn(park, left._read_event, gevent.get_hub())
-        gevent.sleep(0.01)
-        assert left._read_event.active
+        reader = _parked(park, left._read_event, gevent.get_hub(), watcher=left._read_event)
         reader.kill(timeout=5)
         assert reader.dead
         assert not left._read_event.active
@@ -109,9 +112,7 @@ def test_closing_a_socket_under_a_parked_reader_wakes_it_with_an_error():
     try:
         fast = wrap(left)
         watcher = left._read_event  # (close() drops the socket's reference to it)
-        reader = gevent.spawn(fast.recv, 4096)
-        gevent.sleep(0.01)
-        assert watcher.active
+        reader = _parked(fast.recv, 4096, watcher=watcher)
         left.close()
         reader.join(timeout=5)
         assert reader.dead
@@ -365,10 +366,9 @@ def test_a_timed_socket_closed_under_a_parked_greenlet_wakes_it():
     left, right = _pair()
     timed = TimedSocket(left, 30)
     try:
-        reader = gevent.spawn(timed.recv, 10)
-        gevent.sleep(0.01)
+        reader = _parked(timed.recv, 10, watcher=left._read_event)
         timer = timed._timer
-        assert left._read_event.active and timer.active
+        assert timer.active
         timed.close()
         reader.join(timeout=5)
         assert reader.dead and isinstance(reader.exception, OSError)

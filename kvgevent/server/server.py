@@ -358,8 +358,15 @@ class KeyValueServer:
             self._flush_deadline = time.monotonic() + flush_timeout
             if self._server is not None:
                 self._server.close()  # stops accepting and closes the listening socket
-            helpers = (self._sweeper, self._janitor, self._reporter, self._guard, self._auth_sweeper)
-            for helper in (*helpers, self._writer_sweeper):
+            helpers = (
+                self._sweeper,
+                self._janitor,
+                self._reporter,
+                self._guard,
+                self._auth_sweeper,
+                self._writer_sweeper,
+            )
+            for helper in helpers:
                 if helper is not None:
                     helper.kill()
             for conn in list(self._conns.values()):

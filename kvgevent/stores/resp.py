@@ -68,23 +68,12 @@ def pack(args: Command) -> bytes:
     return hiredis.pack_command(tuple(args))  # type: ignore[arg-type]  # (its stub wants a 1-tuple)
 
 
-# The data commands of every request, in RESP by bytes templates: hiredis.pack_command takes
-# about three times as long per command (bench/OPTIMISATIONS.md, "RESP templates"). Each
-# gives exactly what pack() gives (tests/test_redis.py checks it).
-
-
-LRANGE_ALL = b"*4\r\n$6\r\nLRANGE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$2\r\n-1\r\n"
-"""``LRANGE key 0 -1``: ``LRANGE_ALL % (len(key), key)``."""
-
-RPUSH = b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
-"""``RPUSH key value``: ``RPUSH % (len(key), key, len(value), value)``."""
-
-DEL = b"*2\r\n$3\r\nDEL\r\n$%d\r\n%b\r\n"
-"""``DEL key``: ``DEL % (len(key), key)``."""
-
-# The same commands in pieces, joined once for a whole batch: each command's start up to its
-# key, with the key's length, made once for lengths under HEADS (formatting a length costs
-# more than the rest of a piece: bench/OPTIMISATIONS.md, "RESP templates").
+# The data commands of every request in RESP, in pieces: each command's start up to its key,
+# with the key's length, made once for lengths under HEADS (hiredis.pack_command takes about
+# three times as long per command, and formatting a length costs more than the rest of a
+# piece: bench/OPTIMISATIONS.md, "RESP templates"). The Redis store's plain path adds the
+# pieces of a whole batch to one list and joins it once; the functions below build one
+# command. Each gives exactly what pack() gives (tests/test_resp.py checks it).
 HEADS = 256
 """Lengths whose headers are made once (a longer key or value's is formatted each time)."""
 
@@ -110,17 +99,21 @@ CRLF = b"\r\n"
 
 def lrange_all(key: bytes) -> bytes:
     """``LRANGE key 0 -1`` in RESP."""
-    return LRANGE_ALL % (len(key), key)
+    n = len(key)
+    return b"".join((LRANGE_HEADS[n] if n < HEADS else LRANGE_HEAD % n, key, LRANGE_TAIL))
 
 
 def rpush(key: bytes, value: bytes) -> bytes:
     """``RPUSH key value`` in RESP."""
-    return RPUSH % (len(key), key, len(value), value)
+    n, m = len(key), len(value)
+    head = RPUSH_HEADS[n] if n < HEADS else RPUSH_HEAD % n
+    return b"".join((head, key, VALUE_HEADS[m] if m < HEADS else VALUE_HEAD % m, value, CRLF))
 
 
 def delete(key: bytes) -> bytes:
     """``DEL key`` in RESP."""
-    return DEL % (len(key), key)
+    n = len(key)
+    return b"".join((DEL_HEADS[n] if n < HEADS else DEL_HEAD % n, key, CRLF))
 
 
 class RespConnection:
