@@ -153,6 +153,18 @@ def test_serve_plain_serves_the_usual_lines_and_stops_where_its_contract_says():
     assert store.applied == reference.applied
     for stop in (b"PUT::v", b"GET:", b"GET:a:b", b"DELETE:a:b", b"pUT:k:v", b"PING", b"", ERR_LINE_TOO_LONG):
         assert store.serve_plain([b"GET:j", stop, b"GET:j"], [], 10**9, True)[0] == 1, stop
+        # what it served before the stop is counted as apply() counts it (PUTs are not
+        # counted one by one: from where it stopped)
+        fresh, reference = MemoryStore(), MemoryStore()
+        fresh.serve_plain(
+            [b"PUT:a:1", b"Put:a:2", b"DELETE:zz", b"PUT:b:3", stop, b"PUT:a:4"], [], 10**9, True
+        )
+        reference.apply([Put(b"a", b"1"), Put(b"a", b"2"), Delete(b"zz"), Put(b"b", b"3")])
+        assert (fresh.data, fresh.used_bytes, fresh.applied) == (
+            reference.data,
+            reference.used_bytes,
+            reference.applied,
+        ), stop
     # puts=False (over --max-memory): it stops before a PUT, not before a GET or DELETE
     assert store.serve_plain([b"GET:j", b"DELETE:x", b"PUT:j:w", b"GET:j"], [], 10**9, False)[0] == 2
     # a budget: it stops after the command whose work reaches it (two values here)

@@ -4,6 +4,7 @@ process, with the cost model that ``--max-memory`` counts its data by."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import length_hint
 
 from kvgevent.config import INLINE_REPLY_BYTES
 from kvgevent.protocol import (
@@ -91,17 +92,27 @@ class MemoryStore(KVStore):
         data = self.data
         get = data.get
         used = self.used_bytes
-        work = gets = new_puts = deletes = 0
+        work = gets = deletes = 0
         append = out.append
+        lines = iter(items)  # (where it stopped is read from the iterator: no count per PUT)
+        unserved = 0  # 1 when it stops at a line it does not serve
         with self.lock:
             try:
-                for line in items:
-                    if line.__class__ is not bytes:
-                        break
-                    fields = line.split(b":", 2)
+                for line in lines:
+                    # A marker (a too-long line) has no split: AttributeError, caught below
+                    # (a check per line would cost more than the rest of a PUT's checks).
+                    fields = line.split(b":", 2)  # type: ignore[attr-defined]  # (a marker: see above)
                     count = len(fields)
-                    # verb:key:value (the value may hold ':'), verb:key (no ':' in the key)
-                    if count == 3 and puts and fields[1] and fields[0] in PUT_SPELLINGS:
+                    verb = fields[0]
+                    # verb:key:value (the value may hold ':'), verb:key (no ':' in the key).
+                    # (Two equality tests cost less than hashing each new verb for the set;
+                    # the capitalised spelling first, as the seed's load generator sends it.)
+                    if (
+                        count == 3
+                        and (verb == b"Put" or verb == b"PUT" or verb in PUT_SPELLINGS)
+                        and fields[1]
+                        and puts
+                    ):
                         _, key, value = fields
                         values = get(key)
                         if values is None:
@@ -110,33 +121,42 @@ class MemoryStore(KVStore):
                         else:
                             values.append(value)
                             used += len(value)
-                        new_puts += 1
                         continue  # (a PUT costs no work: the budget needs no look)
-                    if count == 2 and fields[1] and fields[0] in GET_SPELLINGS:
+                    if (
+                        count == 2
+                        and fields[1]
+                        and (verb == b"Get" or verb == b"GET" or verb in GET_SPELLINGS)
+                    ):
                         key = fields[1]
                         found = get(key, NO_VALUES)
                         if len(found) == 1 and len(found[0]) <= INLINE_REPLY_BYTES:  # the usual GET
                             append(b"".join((key, b":", found[0], b"\n")))
                         elif not add_small_reply(key, found, out):
-                            break  # (the general path builds a big reply in chunks)
+                            unserved = 1  # (the general path builds a big reply in chunks)
+                            break
                         work += len(found)
                         gets += 1
-                    elif count == 2 and fields[1] and fields[0] in DELETE_SPELLINGS:
+                    elif count == 2 and fields[1] and verb in DELETE_SPELLINGS:
                         freed = data.pop(fields[1], None)
                         work += len(freed) if freed else 0
                         used -= data_cost(fields[1], freed)
                         deletes += 1
                     else:
+                        unserved = 1
                         break
                     if work >= budget:  # the turn's work is done after this one
                         break
+            except AttributeError:
+                unserved = 1
             finally:
+                served = len(items) - length_hint(lines) - unserved
+                new_puts = served - gets - deletes  # (each line served is one of them)
                 self.used_bytes = used + VALUE_COST * new_puts
                 applied = self.applied
                 applied["get"] += gets
                 applied["put"] += new_puts
                 applied["delete"] += deletes
-        return gets + new_puts + deletes, work  # (each line served is one of them)
+        return served, work
 
     def affordable(self, commands: Sequence[DataCommand], budget: int) -> tuple[int, int]:
         """How many of ``commands``, from the first (at least one), :meth:`apply_some` would
