@@ -304,23 +304,27 @@ class Session:
         work = 0
         budget = TURN_WORK - self.work
         index = start
-        for line in items[start:] if start else items:
-            if line.__class__ is not bytes:
-                break
-            verb, _, key = line.partition(b":")
-            if verb not in GET_SPELLINGS or not key or COLON in key:
-                break
-            values = lookup(key)
-            if values:
-                if len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:
-                    append(b"".join((key, b":", values[0], b"\n")))
-                elif not add_small_reply(key, values, out):
+        try:
+            for line in items[start:] if start else items:
+                # A marker (a too-long line) has no partition: AttributeError, caught below
+                # (as MemoryStore.serve_plain: cheaper than a check per line).
+                verb, _, key = line.partition(b":")  # type: ignore[union-attr]  # (a marker: see above)
+                # (equality first: as MemoryStore.serve_plain)
+                if not (verb == b"Get" or verb == b"GET" or verb in GET_SPELLINGS) or not key or COLON in key:
                     break
-                work += len(values)
-                if work >= budget:  # the turn's work is done after this one
-                    index += 1
-                    break
-            index += 1
+                values = lookup(key)
+                if values:
+                    if len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:
+                        append(b"".join((key, b":", values[0], b"\n")))
+                    elif not add_small_reply(key, values, out):
+                        break
+                    work += len(values)
+                    if work >= budget:  # the turn's work is done after this one
+                        index += 1
+                        break
+                index += 1
+        except AttributeError:
+            pass
         if index > start:
             self.work += work
             store.applied["get"] += index - start
