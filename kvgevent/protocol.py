@@ -257,6 +257,8 @@ PUT_SPELLINGS = frozenset(verb for verb, handler in _VERBS.items() if handler is
 """PUT, Put and put (as GET_SPELLINGS)."""
 DELETE_SPELLINGS = frozenset(verb for verb, handler in _VERBS.items() if handler is _parse_delete)
 """DELETE, Delete and delete (as GET_SPELLINGS)."""
+PING_SPELLINGS = frozenset(verb for verb, handler in _VERBS.items() if handler is _parse_ping)
+"""PING, Ping and ping: a whole PING line (as GET_SPELLINGS)."""
 
 
 def parse(line: bytes) -> Command | ProtocolError:

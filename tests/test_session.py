@@ -377,16 +377,21 @@ class Fetching(MemoryStore):
 @pytest.mark.parametrize("seed", range(4))
 def test_plain_lines_applied_at_once_are_answered_as_the_general_path_answers_them(seed):
     """The apply_plain path (a store kept elsewhere, such as Redis) against the general path
-    on random batches: the same replies byte for byte (a command's own error as its ERR line,
-    big replies in chunks), data, counts and errors; and a batch of plain lines takes one
-    store call."""
+    on random batches (some longer than a reply chunk, some with a PING after each line): the
+    same replies byte for byte (a command's own error as its ERR line, big replies in
+    chunks), data, counts and errors; and a batch of plain lines takes one store call."""
     import random
 
     rnd = random.Random(seed)
     plain, general = session_for(Fetching(True)), session_for(Fetching(False))
     for _ in range(300):
         lines = PLAIN_LINES if rnd.random() < 0.8 else PLAIN_LINES + OTHER_LINES
-        items = [rnd.choice(lines) for _ in range(rnd.randint(1, 24))]
+        count = rnd.choice([rnd.randint(1, 24), rnd.randint(1, 24), REPLY_CHUNK - 1, REPLY_CHUNK + 1, 600])
+        items = [rnd.choice(lines) for _ in range(count)]
+        if rnd.random() < 0.1:  # a key of more small values than a reply builds inline
+            items = [b"PUT:k1:s%d" % n for n in range(rnd.randint(1, 80))] + items
+        if rnd.random() < 0.3:  # PINGs among them, as a client library sends them
+            items = [x for item in items for x in (item, rnd.choice(PINGS)) if x is not None]
         plain.work = general.work = 0
         assert served(plain, items) == served(general, items), items
         assert plain.verb == general.verb, items
@@ -394,6 +399,7 @@ def test_plain_lines_applied_at_once_are_answered_as_the_general_path_answers_th
         assert a.shared.store.data == b.shared.store.data
         assert a.shared.store.applied == b.shared.store.applied
         assert a.shared.counters.errors_by == b.shared.counters.errors_by
+        assert a.shared.counters.verbs == b.shared.counters.verbs
     assert plain.shared.counters.errors_by.get("store unavailable", 0) > 50
     fetched = session_for(Fetching(True))
     run(fetched, b"PUT:k1:v\n")
@@ -402,6 +408,43 @@ def test_plain_lines_applied_at_once_are_answered_as_the_general_path_answers_th
         [b"k1:v\n", b"ERR store unavailable\n", b"k2:w\n"]
     ]
     assert fetched.shared.store.calls == calls + 1
+
+
+PINGS = [b"PING", b"Ping", b"ping", None, None]
+"""What follows a line when a test puts PINGs among them (None: nothing)."""
+
+
+def test_commands_with_a_ping_after_each_take_one_store_call():
+    """A client library that follows each command with a PING (kvgevent's does, to know when
+    a PUT is done) gets one round trip for the batch, not one per command: each PONG still
+    comes after the replies of the commands before it."""
+    store = Fetching(True)
+    session = session_for(store)
+    run(session, b"PUT:k1:v\nPING\n")
+    calls = store.calls
+    replies = run(session, b"PUT:k2:w\nPING\nGET:k1\nPing\nGET:k3\nping\nDELETE:k1\nPING\nGET:k2\nPING\n")
+    assert replies == [
+        [
+            b"PONG\n",
+            b"k1:v\n",
+            b"PONG\n",
+            b"ERR store unavailable\n",
+            b"PONG\n",
+            b"PONG\n",
+            b"k2:w\n",
+            b"PONG\n",
+        ]
+    ]
+    assert store.calls == calls + 1
+    assert session.shared.counters.verbs["ping"] == 6
+    # longer than a reply chunk (a read of a client library's pipeline): still one call
+    items = [x for n in range(300) for x in (b"PUT:p%d:v" % n, b"PING")]
+    assert served(session, items) == (b"PONG\n" * 300, 0)
+    assert store.calls == calls + 2
+    store.apply_plain = lambda ops: (_ for _ in ()).throw(UNAVAILABLE)  # the store is down
+    assert run(session, b"GET:k2\nPING\nPUT:k2:x\nPING\n") == [
+        [b"ERR store unavailable\n", b"PONG\n", b"ERR store unavailable\n", b"PONG\n"]
+    ]
 
 
 def test_a_store_that_fails_as_a_whole_answers_each_plain_line_with_its_error():

@@ -56,6 +56,7 @@ from kvgevent.protocol import (
     ERR_NO_PASSWORD,
     GET_SPELLINGS,
     OK,
+    PING_SPELLINGS,
     PONG,
     PUT_SPELLINGS,
     Auth,
@@ -210,7 +211,9 @@ class Session:
         out: list[bytes] = []
         store = self.shared.store
         done = 0
-        if (store.lookup is not None or store.apply_plain is not None) and len(items) <= REPLY_CHUNK:
+        # (A store that holds its data here builds the replies of at most a chunk of lines at
+        # once; one kept elsewhere answers in chunks, and a bigger batch is a bigger round trip.)
+        if len(items) <= REPLY_CHUNK if store.lookup is not None else store.apply_plain is not None:
             self.verb = Get  # (until a line says otherwise)
             done, rest = self._served_plainly(items, store, out)
             if rest is None:
@@ -268,30 +271,78 @@ class Session:
         return done, None
 
     def _applied_plainly(self, items: Items, store: KVStore, out: list[bytes]) -> tuple[int, Actions | None]:
-        """The well-formed PUT, GET and DELETE lines leading ``items``, applied in one call
-        (``store.apply_plain``) and answered as the general path would: how many, and None,
-        or the generator that finishes their replies (a big one comes in chunks) when not
-        all fit in ``out`` at once. Each is applied and judged once: none is left for the
-        general path to do again. Over the memory limit, only what comes before the first
-        PUT (the general path refuses it). A store that failed as a whole: each its
-        ERR line. (No work is counted for the store's part, as the general path counts none
-        for a store kept elsewhere.)"""
+        """The well-formed PUT, GET and DELETE lines leading ``items``, and the PINGs among
+        them, applied in one call (``store.apply_plain``) and answered as the general path
+        would: how many lines, and None, or the generator that finishes their replies (a big
+        one comes in chunks) when not all fit in ``out`` at once. Each is applied and judged
+        once: none is left for the general path to do again. A PING's PONG comes after the
+        replies of the commands before it, as ever; the commands after it go in the same
+        round trip (the general path would make one round trip per run between PINGs, and a
+        client library that follows each command with a PING, as kvgevent's does, would pay
+        one per command). Not across a PING that waits for the disk (``needs_barrier``).
+        Over the memory limit, only what comes before the first PUT (the general path refuses
+        it). A store that failed as a whole: each command its ERR line. (No work is counted
+        for the store's part, as the general path counts none for a store kept elsewhere.)"""
         guard = self.shared.guard
-        ops, kinds = _plain_ops(items, puts=not (guard.limit and guard.over()))
+        ops, kinds, pongs = _plain_ops(items, not (guard.limit and guard.over()), not store.needs_barrier)
         if not ops:
             return 0, None
-        self.verb = Get if len(ops[0]) == 1 else Put if ops[0][1] is not None else Delete
+        first = ops[0]
+        self.verb = (
+            Ping
+            if pongs and not pongs[0]
+            else Get
+            if len(first) == 1
+            else Put
+            if first[1] is not None
+            else Delete
+        )
         applied = store.applied
         for verb, count in zip(("get", "put", "delete"), kinds, strict=True):
             applied[verb] += count
         try:
-            results = store.apply_plain(ops)  # type: ignore[misc]  # (the caller checked it is not None)
+            results: list[Result] = store.apply_plain(ops)  # type: ignore[misc]  # (the caller checked it is not None)
         except KVError as exc:
-            self.shared.counters.count_error(exc.reason, len(ops))
-            out += [exc.reply] * len(ops)
-            return len(ops), None
+            if not pongs:
+                self.shared.counters.count_error(exc.reason, len(ops))
+                out += [exc.reply] * len(ops)
+                return len(ops), None
+            results = [exc] * len(ops)  # (each counted as its ERR line is added)
+        if pongs:
+            return len(ops) + len(pongs), self._ponged_replies(ops, results, out, pongs)
         done = self._inline_replies(ops, results, out, 0)
         return len(ops), (None if done == len(ops) else self._replies(ops, results, out, done))
+
+    def _ponged_replies(
+        self, ops: list[PlainOp], results: list[Result], out: list[bytes], pongs: list[int]
+    ) -> Actions | None:
+        """:meth:`_applied_plainly`'s replies with PINGs among the commands: a PONG after the
+        replies of the first ``p`` commands for each ``p`` of ``pongs``. None if they all fit
+        in ``out`` at once, else the generator that finishes them."""
+        start = 0
+        for index, end in enumerate(pongs):
+            done = self._inline_replies(ops, results, out, start, end)
+            if done < end or len(out) >= REPLY_CHUNK:  # a big reply, or a full chunk
+                return self._ponged_rest(ops, results, out, pongs[index:], done)
+            self._count("ping")
+            out.append(PONG)
+            start = end
+        done = self._inline_replies(ops, results, out, start)
+        return None if done == len(ops) else self._replies(ops, results, out, done)
+
+    def _ponged_rest(
+        self, ops: list[PlainOp], results: list[Result], out: list[bytes], pongs: list[int], done: int
+    ) -> Actions:
+        """The rest of :meth:`_ponged_replies`, from the reply of ``ops[done]`` on."""
+        for end in pongs:
+            yield from self._replies(ops, results[:end], out, done)
+            self._count("ping")
+            out.append(PONG)
+            if len(out) >= REPLY_CHUNK:
+                yield out
+                out.clear()
+            done = end
+        yield from self._replies(ops, results, out, done)
 
     def _gets(self, items: Items, start: int, store: KVStore, out: list[bytes]) -> int:
         """Serve the well-formed GETs with small replies from ``items[start:]`` on, straight
@@ -494,14 +545,16 @@ class Session:
             self.write_mark = store.write_position()
         return results, work
 
-    def _inline_replies(self, run: list[Any], results: list[Result], out: list[bytes], start: int) -> int:
-        """Add the replies of ``results[start:]`` to ``out`` while they are small; returns
-        the index of the first one not added (a big GET reply; ``len(results)`` if none is),
-        or stops after the one that fills ``out`` to REPLY_CHUNK lines."""
+    def _inline_replies(
+        self, run: list[Any], results: list[Result], out: list[bytes], start: int, end: int | None = None
+    ) -> int:
+        """Add the replies of ``results[start:end]`` to ``out`` while they are small; returns
+        the index of the first one not added (a big GET reply; ``end``, or ``len(results)``,
+        if none is), or stops after the one that fills ``out`` to REPLY_CHUNK lines.
+        (``run`` may be longer: results are of its first commands.)"""
         index = start - 1
         append = out.append
-        pairs = zip(run[start:] if start else run, results[start:] if start else results, strict=False)
-        for cmd, values in pairs:  # (run may be longer: results are of its first commands)
+        for values in results[start:end] if start or end is not None else results:
             index += 1
             if values is None:
                 continue
@@ -509,14 +562,14 @@ class Session:
                 self._reply(out, values)  # type: ignore[arg-type]  # (not a list: a KVError)
                 continue
             if len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:  # the usual GET
-                append(b"".join((cmd[0], b":", values[0], b"\n")))
+                append(b"".join((run[index][0], b":", values[0], b"\n")))
             elif small_reply(values):
-                out += value_lines(cmd[0], values)
+                out += value_lines(run[index][0], values)
             else:
                 return index
             if len(out) >= REPLY_CHUNK:
                 return index + 1
-        return len(results)
+        return len(results) if end is None else end
 
     def _replies(self, run: list[Any], results: list[Result], out: list[bytes], start: int) -> Actions:
         """Add the replies of ``results[start:]`` (of the first commands of ``run``) to
@@ -660,30 +713,38 @@ class Session:
             self.logger().warning("line_too_long", max_line=self.max_line)
 
 
-def _plain_ops(items: Items, puts: bool = True) -> tuple[list[PlainOp], tuple[int, int, int]]:
+def _plain_ops(
+    items: Items, puts: bool, pings: bool
+) -> tuple[list[PlainOp], tuple[int, int, int], list[int]]:
     """The run of well-formed PUT, GET and DELETE lines that leads ``items``, as
-    :attr:`KVStore.apply_plain` takes them (``(key,)``, ``(key, value)``, ``(key, None)``),
-    and how many GETs, PUTs and DELETEs it holds; it ends before the first PUT unless
-    ``puts``. The rules are :func:`~kvgevent.protocol.parse`'s for the spellings that need
-    no case folding."""
+    :attr:`KVStore.apply_plain` takes them (``(key,)``, ``(key, value)``, ``(key, None)``);
+    how many GETs, PUTs and DELETEs it holds; and, when ``pings``, where the PING lines among
+    them go (for each, how many commands come before it: the run goes on past them). It
+    ends before the first PUT unless ``puts``. The rules are
+    :func:`~kvgevent.protocol.parse`'s for the spellings that need no case folding."""
     ops: list[PlainOp] = []
     append = ops.append
+    pongs: list[int] = []
     get_count = put_count = deletes = 0
-    for line in items:
-        if line.__class__ is not bytes:
-            break
-        fields = line.split(b":", 2)  # (one call: two partitions cost half as much again)
-        if len(fields) == 3:  # verb:key:value, the value may hold ':'
-            if not puts or fields[0] not in PUT_SPELLINGS or not fields[1]:
+    try:
+        for line in items:
+            # (a marker, a too-long line, has no split: AttributeError, as in _gets)
+            fields = line.split(b":", 2)  # type: ignore[union-attr]  # (one call: two partitions cost half as much again)
+            if len(fields) == 3:  # verb:key:value, the value may hold ':'
+                if not puts or fields[0] not in PUT_SPELLINGS or not fields[1]:
+                    break
+                append((fields[1], fields[2]))
+                put_count += 1
+            elif len(fields) == 2 and fields[1] and fields[0] in GET_SPELLINGS:  # no ':' in the key
+                append((fields[1],))
+                get_count += 1
+            elif len(fields) == 2 and fields[1] and fields[0] in DELETE_SPELLINGS:
+                append((fields[1], None))
+                deletes += 1
+            elif pings and line in PING_SPELLINGS:
+                pongs.append(len(ops))
+            else:
                 break
-            append((fields[1], fields[2]))
-            put_count += 1
-        elif len(fields) == 2 and fields[1] and fields[0] in GET_SPELLINGS:  # no ':' in the key
-            append((fields[1],))
-            get_count += 1
-        elif len(fields) == 2 and fields[1] and fields[0] in DELETE_SPELLINGS:
-            append((fields[1], None))
-            deletes += 1
-        else:
-            break
-    return ops, (get_count, put_count, deletes)
+    except AttributeError:
+        pass
+    return ops, (get_count, put_count, deletes), pongs
