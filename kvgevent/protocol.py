@@ -382,12 +382,12 @@ def classify_reply(line: bytes) -> ReplyKind:
 def _check_key(key: bytes) -> None:
     if not key:
         raise InvalidArgument("empty key")
-    if b":" in key or b"\n" in key:
+    if COLON in key or NEWLINE in key:
         raise InvalidArgument("a key may not contain ':' or a newline")
 
 
 def _check_tail(field: bytes, what: str) -> None:
-    if b"\n" in field:
+    if NEWLINE in field:
         raise InvalidArgument(f"a {what} may not contain a newline")
 
 

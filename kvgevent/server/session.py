@@ -242,7 +242,7 @@ class Session:
             return self._looked_up(items, store, out)
         first = items[0]
         done = 0
-        if first.__class__ is bytes and first[:1] in _GET_INITIALS:
+        if first.__class__ is bytes and first and first[0] in _GET_INITIALS:  # (an int: a memchr)
             # GETs first where the batch starts with one: a GET-only loop, without the lock,
             # is the fastest for them (about 4% of a pipelined GET's cost).
             done = self._gets(items, 0, store, out)

@@ -52,6 +52,8 @@ SEARCH_BUDGET = 4
 """Checksum work allowed when searching for a good record after a damaged one, in multiples
 of the bytes searched (plus READ_CHUNK): keeps the search linear on any input."""
 
+_NEWLINE = ord("\n")  # (an int: ``in`` on bytes is then a memchr, not the buffer protocol)
+
 RECORD_START = re.compile(rb"PUT:|UPDATE:|DELETE:")
 """How every payload kvgevent writes begins: where a well-formed record can be."""
 
@@ -249,7 +251,7 @@ class Scanner:
         end = offset + length
         while offset < end:
             chunk = self._read(offset, min(READ_CHUNK, end - offset))
-            if not chunk or b"\n" in chunk:  # a payload never holds a newline
+            if not chunk or _NEWLINE in chunk:  # a payload never holds a newline
                 return False
             crc = zlib.crc32(chunk, crc)
             offset += len(chunk)
