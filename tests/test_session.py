@@ -509,6 +509,26 @@ def test_a_plain_batch_that_ends_with_the_turns_work_is_not_followed_by_a_wait(m
     assert run(session, b"GET:j\n") == [[b"j:1\n", b"j:2\n", b"j:3\n"]]
 
 
+def test_the_get_loop_ends_the_turn_after_the_get_that_did_its_work(monkeypatch):
+    """The lock-free GET loop counts a unit per value copied (a GET of one value or none is
+    counted from the totals): a GET of several values that takes the turn's work to the
+    budget ends the turn after its reply, and the work after a batch is what it copied."""
+    import kvgevent.server.session as module
+
+    session = session_for()
+    run(session, b"PUT:j:1\nPUT:j:2\nPUT:j:3\nPUT:k:1\n")
+    session.work = 0
+    run(session, b"GET:k\nGET:none\nGET:j\nGET:k\n")
+    assert session.work == 5  # 1 + 0 + 3 + 1
+    monkeypatch.setattr(module, "TURN_WORK", 4)
+    session.work = 0
+    assert run(session, b"GET:k\nGET:none\nGET:j\nGET:k\n") == [
+        [b"k:1\n", b"j:1\n", b"j:2\n", b"j:3\n"],
+        NEXT_TURN,
+        [b"k:1\n"],
+    ]
+
+
 def test_no_request_line_outlives_its_batch():
     """A quiet client holds its incomplete line only (counted by --max-memory): once a batch
     is done the session keeps none of its lines (not a 1 MB PUT's, not an AUTH's password),

@@ -352,8 +352,12 @@ class Session:
         first item not served. Counts them (the caller notes the write mark)."""
         lookup: Callable[[bytes], list[bytes] | None] = store.lookup  # type: ignore[assignment]  # (the caller checked it is not None)
         append = out.append
-        work = 0
+        # Work: one unit per value copied. The usual GET's one unit is counted from the
+        # totals (the GETs served, less those that found nothing), not GET by GET; the
+        # budget is looked at after a GET of several values: one of a single value or none
+        # adds a unit, and a batch holds at most a chunk of lines.
         budget = TURN_WORK - self.work
+        missing = extra = 0  # GETs that found nothing; values beyond the first of the others
         index = start
         try:
             for line in items[start:] if start else items:
@@ -364,20 +368,22 @@ class Session:
                 if not (verb == b"Get" or verb == b"GET" or verb in GET_SPELLINGS) or not key or COLON in key:
                     break
                 values = lookup(key)
-                if values:
-                    if len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:
-                        append(b"".join((key, b":", values[0], b"\n")))
-                    elif not add_small_reply(key, values, out):
-                        break
-                    work += len(values)
-                    if work >= budget:  # the turn's work is done after this one
+                if not values:
+                    missing += 1
+                elif len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:  # the usual GET
+                    append(b"".join((key, b":", values[0], b"\n")))
+                elif add_small_reply(key, values, out):
+                    extra += len(values) - 1
+                    if index + 1 - start - missing + extra >= budget:  # the turn's work is done
                         index += 1
                         break
+                else:
+                    break
                 index += 1
         except AttributeError:
             pass
         if index > start:
-            self.work += work
+            self.work += index - start - missing + extra
             store.applied["get"] += index - start
         return index
 
