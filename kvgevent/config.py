@@ -93,6 +93,12 @@ ready I/O was served (see kvgevent.server.turns)."""
 REPLY_CHUNK = 256
 """Reply lines collected before they are handed to the writer as one queue item."""
 
+ROUND_TRIP_GETS = 32
+"""Most GETs of one client's batch fetched from a store kept elsewhere (Redis) in one call:
+their values are all in this process until their replies are queued, and the next call waits
+until the client's queue has room (a client that does not read holds back its own fetches).
+A pipeline of small GETs still takes one round trip per 32 of them."""
+
 MAX_SEND_BATCH = 1 << 20
 """Most bytes the writer joins into one ``sendall``; bounds the memory a stalled client pins."""
 

@@ -447,6 +447,53 @@ def test_commands_with_a_ping_after_each_take_one_store_call():
     ]
 
 
+def test_a_long_run_of_gets_is_fetched_a_group_at_a_time_each_queued_before_the_next():
+    """From a store kept elsewhere, a run of more than ROUND_TRIP_GETS GETs (PINGs among them
+    or not) is fetched a group at a time: a group's values are all in memory until their
+    replies are queued, and the next group is fetched only once they are (the client's
+    queue then has room: one that does not read holds back its own fetches)."""
+    from kvgevent.config import ROUND_TRIP_GETS
+
+    store = Fetching(True)
+    session = session_for(store)
+    run(session, b"PUT:k1:v\n")
+    for ping in (b"", b"PING\n"):
+        calls = store.calls
+        count = 2 * ROUND_TRIP_GETS + 5
+        items = ((b"GET:k1\n" + ping) * count).split(b"\n")[:-1]
+        actions = session.handle(items)
+        first = list(next(actions))  # (the session reuses its list once it is queued)
+        assert store.calls == calls + 1  # the first group only, until its replies are queued
+        assert first == [b"k1:v\n", *([b"PONG\n"] if ping else [])] * ROUND_TRIP_GETS
+        rest = [line for action in actions for line in action]
+        assert store.calls == calls + 3
+        assert first + rest == [b"k1:v\n", *([b"PONG\n"] if ping else [])] * count
+
+
+def test_a_failed_round_trip_leaves_no_cycle_that_holds_the_batch():
+    """A store kept elsewhere that fails as a whole, PINGs among the commands: each ERR line
+    comes from a fresh error, not the raised one, whose traceback would hold the batch's
+    frames and lines (an AUTH password, a 1 MB PUT) until the cyclic GC runs."""
+    import gc
+
+    store = Fetching(True)
+
+    def down(ops):
+        raise StoreError("store unavailable")
+
+    store.apply_plain = down
+    session = session_for(store)
+    for ping in (b"", b"PING\n"):
+        batch = b"GET:a\n" + ping + b"PUT:b:" + b"x" * 1000 + b"\n" + ping
+        gc.collect()
+        gc.disable()
+        try:
+            run(session, batch)
+            assert gc.collect() == 0, ping
+        finally:
+            gc.enable()
+
+
 def test_a_store_that_fails_as_a_whole_answers_each_plain_line_with_its_error():
     store = Fetching(True)
 

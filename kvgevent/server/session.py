@@ -42,6 +42,7 @@ from kvgevent.config import (
     MAX_AUTH_FAILURES,
     MAX_SEND_BATCH,
     REPLY_CHUNK,
+    ROUND_TRIP_GETS,
     TURN_WORK,
 )
 from kvgevent.errors import KVError, ProtocolError
@@ -300,6 +301,8 @@ class Session:
         applied = store.applied
         for verb, count in zip(("get", "put", "delete"), kinds, strict=True):
             applied[verb] += count
+        if kinds[0] > ROUND_TRIP_GETS:  # (their values would all be here at once)
+            return len(ops) + len(pongs), self._in_groups(ops, pongs, store, out)
         try:
             results: list[Result] = store.apply_plain(ops)  # type: ignore[misc]  # (the caller checked it is not None)
         except KVError as exc:
@@ -307,7 +310,7 @@ class Session:
                 self.shared.counters.count_error(exc.reason, len(ops))
                 out += [exc.reply] * len(ops)
                 return len(ops), None
-            results = [exc] * len(ops)  # (each counted as its ERR line is added)
+            results = [exc.fresh()] * len(ops)  # (not exc: its traceback holds the batch)
         if pongs:
             return len(ops) + len(pongs), self._ponged_replies(ops, results, out, pongs)
         done = self._inline_replies(ops, results, out, 0)
@@ -343,6 +346,25 @@ class Session:
                 out.clear()
             done = end
         yield from self._replies(ops, results, out, done)
+
+    def _in_groups(self, ops: list[PlainOp], pongs: list[int], store: KVStore, out: list[bytes]) -> Actions:
+        """:meth:`_applied_plainly` for a run of more than ROUND_TRIP_GETS GETs: one call per
+        group of at most that many (and the writes among them), each group's replies, and
+        the PONGs that follow them, queued before the next group is fetched."""
+        results: list[Result] = []
+        start = 0
+        for end in _group_ends(ops):
+            try:
+                results += store.apply_plain(ops[start:end])  # type: ignore[misc]  # (the caller checked it is not None)
+            except KVError as exc:
+                results += [exc.fresh()] * (end - start)  # (each counted as its ERR line is added)
+            # the PINGs after this group's commands (and before the next group's)
+            ponged = [p for p in pongs if start < p <= end or p == start == 0]
+            yield from self._ponged_rest(ops, results, out, ponged, start)
+            if out:
+                yield out  # (queued now: the next group waits for room in the client's queue)
+                out.clear()
+            start = end
 
     def _gets(self, items: Items, start: int, store: KVStore, out: list[bytes]) -> int:
         """Serve the well-formed GETs with small replies from ``items[start:]`` on, straight
@@ -717,6 +739,22 @@ class Session:
         self.long_lines += 1
         if self.long_lines == 1:  # once per connection: a hostile client cannot flood the log
             self.logger().warning("line_too_long", max_line=self.max_line)
+
+
+def _group_ends(ops: list[PlainOp]) -> list[int]:
+    """Where :meth:`Session._in_groups` ends each group of ``ops``: after every
+    ROUND_TRIP_GETS-th GET, and at the end."""
+    ends: list[int] = []
+    gets = 0
+    for index, op in enumerate(ops):
+        if len(op) == 1:
+            gets += 1
+            if gets == ROUND_TRIP_GETS:
+                ends.append(index + 1)
+                gets = 0
+    if not ends or ends[-1] != len(ops):
+        ends.append(len(ops))
+    return ends
 
 
 def _plain_ops(
