@@ -364,6 +364,7 @@ class Session:
             if out:
                 yield out  # (queued now: the next group waits for room in the client's queue)
                 out.clear()
+            results[start:end] = [None] * (end - start)  # (answered: their values go now)
             start = end
 
     def _gets(self, items: Items, start: int, store: KVStore, out: list[bytes]) -> int:
