@@ -419,3 +419,36 @@ def test_gets_read_at_once_are_each_read_and_judged_once(store):
     assert replies == b"big:" + b"x" * 5000 + b"\n" + b"ERR store error\n"
     assert session.shared.counters.errors_by == {"store error": 1}
     assert store.health.stats()["store_errors"] - before == 1
+
+
+def test_a_client_library_pipeline_over_redis_gets_every_result_in_order(server_process, redis_server):
+    """kvgevent's client follows each command with a PING; over Redis the PINGs stay in the
+    batch's round trips (GETs fetched ROUND_TRIP_GETS at a time): through run_server.py and a
+    real redis-server, a pipeline of 400 PUTs, GETs and DELETEs gets each command's own
+    result, in order, as a model of the store says."""
+    import random
+
+    from kvgevent import Delete, Get
+
+    proc = server_process("--store", redis_server.url, "--redis-prefix", f"p{time.time_ns()}:")
+    rnd = random.Random(7)
+    model: dict[bytes, list[bytes]] = {}
+    commands, expected = [], []
+    for n in range(400):
+        key = b"k%d" % rnd.randrange(12)
+        kind = rnd.choice((Put, Put, Get, Get, Get, Delete))
+        if kind is Put:
+            commands.append(Put(key, b"v%d" % n))
+            model.setdefault(key, []).append(b"v%d" % n)
+            expected.append(None)
+        elif kind is Get:
+            commands.append(Get(key))
+            expected.append(list(model.get(key, [])))
+        else:
+            commands.append(Delete(key))
+            model.pop(key, None)
+            expected.append(None)
+    with Client(port=proc.port, timeout=20) as client:
+        assert client.execute(commands) == expected
+        assert client.execute([Get(key) for key in sorted(model)]) == [model[key] for key in sorted(model)]
+    assert proc.stop() == 0
