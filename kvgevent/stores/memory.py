@@ -96,66 +96,67 @@ class MemoryStore(KVStore):
         append = out.append
         lines = iter(items)  # (where it stopped is read from the iterator: no count per PUT)
         unserved = 0  # 1 when it stops at a line it does not serve
-        with self.lock:
-            try:
-                for line in lines:
-                    # A marker (a too-long line) has no split: AttributeError, caught below
-                    # (a check per line would cost more than the rest of a PUT's checks).
-                    fields = line.split(b":", 2)  # type: ignore[attr-defined]  # (a marker: see above)
-                    count = len(fields)
-                    verb = fields[0]
-                    # verb:key:value (the value may hold ':'), verb:key (no ':' in the key).
-                    # (Two equality tests cost less than hashing each new verb for the set;
-                    # the capitalised spelling first, as the seed's load generator sends it.)
-                    if (
-                        count == 3
-                        and (verb == b"Put" or verb == b"PUT" or verb in PUT_SPELLINGS)
-                        and fields[1]
-                        and puts
-                    ):
-                        _, key, value = fields
-                        values = get(key)
-                        if values is None:
-                            data[key] = [value]
-                            used += KEY_COST + len(key) + len(value)
-                        else:
-                            values.append(value)
-                            used += len(value)
-                        continue  # (a PUT costs no work: the budget needs no look)
-                    if (
-                        count == 2
-                        and fields[1]
-                        and (verb == b"Get" or verb == b"GET" or verb in GET_SPELLINGS)
-                    ):
-                        key = fields[1]
-                        found = get(key, NO_VALUES)
-                        if len(found) == 1 and len(found[0]) <= INLINE_REPLY_BYTES:  # the usual GET
-                            append(b"".join((key, b":", found[0], b"\n")))
-                        elif not add_small_reply(key, found, out):
-                            unserved = 1  # (the general path builds a big reply in chunks)
-                            break
-                        work += len(found)
-                        gets += 1
-                    elif count == 2 and fields[1] and verb in DELETE_SPELLINGS:
-                        freed = data.pop(fields[1], None)
-                        work += len(freed) if freed else 0
-                        used -= data_cost(fields[1], freed)
-                        deletes += 1
+        finished = False  # the loop ran to the end (else where it stopped is the iterator's)
+        lock = self.lock
+        lock.acquire()  # (with its release in the finally: cheaper than a with block)
+        try:
+            for line in lines:
+                # A marker (a too-long line) has no split: AttributeError, caught below
+                # (a check per line would cost more than the rest of a PUT's checks).
+                fields = line.split(b":", 2)  # type: ignore[attr-defined]  # (a marker: see above)
+                count = len(fields)
+                verb = fields[0]
+                # verb:key:value (the value may hold ':'), verb:key (no ':' in the key).
+                # (Two equality tests cost less than hashing each new verb for the set;
+                # the capitalised spelling first, as the seed's load generator sends it.)
+                if (
+                    count == 3
+                    and (verb == b"Put" or verb == b"PUT" or verb in PUT_SPELLINGS)
+                    and fields[1]
+                    and puts
+                ):
+                    _, key, value = fields
+                    values = get(key)
+                    if values is None:
+                        data[key] = [value]
+                        used += KEY_COST + len(key) + len(value)
                     else:
-                        unserved = 1
+                        values.append(value)
+                        used += len(value)
+                    continue  # (a PUT costs no work: the budget needs no look)
+                if count == 2 and fields[1] and (verb == b"Get" or verb == b"GET" or verb in GET_SPELLINGS):
+                    key = fields[1]
+                    found = get(key, NO_VALUES)
+                    if len(found) == 1 and len(found[0]) <= INLINE_REPLY_BYTES:  # the usual GET
+                        append(b"".join((key, b":", found[0], b"\n")))
+                    elif not add_small_reply(key, found, out):
+                        unserved = 1  # (the general path builds a big reply in chunks)
                         break
-                    if work >= budget:  # the turn's work is done after this one
-                        break
-            except AttributeError:
-                unserved = 1
-            finally:
-                served = len(items) - length_hint(lines) - unserved
-                new_puts = served - gets - deletes  # (each line served is one of them)
-                self.used_bytes = used + VALUE_COST * new_puts
-                applied = self.applied
-                applied["get"] += gets
-                applied["put"] += new_puts
-                applied["delete"] += deletes
+                    work += len(found)
+                    gets += 1
+                elif count == 2 and fields[1] and verb in DELETE_SPELLINGS:
+                    freed = data.pop(fields[1], None)
+                    work += len(freed) if freed else 0
+                    used -= data_cost(fields[1], freed)
+                    deletes += 1
+                else:
+                    unserved = 1
+                    break
+                if work >= budget:  # the turn's work is done after this one
+                    break
+            else:
+                finished = True
+        except AttributeError:
+            unserved = 1
+        finally:
+            served = len(items) - (0 if finished else length_hint(lines)) - unserved
+            new_puts = served - gets - deletes  # (each line served is one of them)
+            self.used_bytes = used + VALUE_COST * new_puts
+            applied = self.applied
+            applied["get"] += gets
+            applied["put"] += new_puts
+            applied["delete"] += deletes
+            lock.release()
         return served, work
 
     def affordable(self, commands: Sequence[DataCommand], budget: int) -> tuple[int, int]:
