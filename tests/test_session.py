@@ -494,6 +494,33 @@ def test_a_failed_round_trip_leaves_no_cycle_that_holds_the_batch():
             gc.enable()
 
 
+def test_over_max_memory_with_the_store_down_both_paths_give_the_same_errors():
+    """Over --max-memory, a run's writes are held back (then refused) while what comes before
+    them goes to the store; with the store down, those get its error and the writes
+    ``ERR out of memory``, on the general path as on the plain one (the general path used to
+    answer the held-back writes with the store's error too)."""
+    from kvgevent.config import CONNECTION_COST
+
+    outcomes = []
+    for plain in (True, False):
+        store = Fetching(plain)
+
+        def down(*args):
+            raise StoreError("store unavailable")
+
+        store.apply_plain = down if plain else None
+        store.apply_some = down
+        session = session_for(store)
+        session.shared.guard.limit = CONNECTION_COST + 1  # (its base: 0 until calibrated)
+        session.shared.guard.buffered = 10_000  # over the limit
+        assert session.shared.guard.over()
+        outcomes.append(
+            (served(session, [b"GET:a", b"DELETE:b", b"PUT:c:v", b"PING"]), session.shared.counters.errors_by)
+        )
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == (b"ERR store unavailable\n" * 2 + b"ERR out of memory\n" + b"PONG\n", 0)
+
+
 def test_a_store_that_fails_as_a_whole_answers_each_plain_line_with_its_error():
     store = Fetching(True)
 

@@ -513,9 +513,7 @@ class Session:
         """Have the store apply a run of data commands and add their replies to ``out``; None
         when that is all there is to it, else the generator that finishes the run (a big
         reply, a full chunk of replies, the rest of the run after a turn's work)."""
-        results = self._apply_some_or_fail(run, out)
-        if results is None:
-            return None
+        results = self._applied(run)
         done = self._inline_replies(run, results, out, 0)
         if done == len(run):
             return None
@@ -529,9 +527,7 @@ class Session:
         commands, applied already, ``done`` of them replied to."""
         while True:
             if results is None:
-                results = self._apply_some_or_fail(run, out)
-                if results is None:
-                    return
+                results = self._applied(run)
                 done = 0
             yield from self._replies(run, results, out, done)
             if len(results) == len(run):
@@ -540,22 +536,16 @@ class Session:
             if self.work >= TURN_WORK:
                 yield from self._next_turn(out)
 
-    def _apply_some_or_fail(self, run: list[Any], out: list[bytes]) -> list[Result] | None:
-        """:meth:`_apply_some`, counting the work; None if the store failed as a whole (then
-        every command of ``run`` got its ERR line in ``out``)."""
-        try:
-            results, work = self._apply_some(run)
-        except KVError as exc:
-            self.shared.counters.count_error(exc.reason, len(run))
-            out += [exc.reply] * len(run)
-            return None
+    def _applied(self, run: list[Any]) -> list[Result]:
+        """:meth:`_apply_some`'s results, its work counted."""
+        results, work = self._apply_some(run)
         self.work += work
         return results
 
     def _apply_some(self, run: list[Any]) -> tuple[list[Result], int]:
         """Apply the first commands of ``run`` within the turn's remaining work; over the
         memory limit, refuse the writes that lead ``run``, or apply what comes before the
-        first write."""
+        first write. A store that failed as a whole: each command given to it, its error."""
         guard = self.shared.guard
         if guard.limit and guard.over():
             writes = 0
@@ -569,7 +559,10 @@ class Session:
             end = next((i for i, cmd in enumerate(run) if cmd.__class__ in WRITES), len(run))
             run = run[:end]
         store = self.shared.store
-        results, work = store.apply_some(run, TURN_WORK - self.work)
+        try:
+            results, work = store.apply_some(run, TURN_WORK - self.work)
+        except KVError as exc:  # failed as a whole: each command it was given, its ERR line
+            return [exc.fresh()] * len(run), 0  # (the writes held back over the limit: refused next)
         if store.needs_barrier:  # what this client's next PING waits for
             self.write_mark = store.write_position()
         return results, work
