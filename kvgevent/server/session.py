@@ -273,9 +273,10 @@ class Session:
 
     def _applied_plainly(self, items: Items, store: KVStore, out: list[bytes]) -> tuple[int, Actions | None]:
         """The well-formed PUT, GET and DELETE lines leading ``items``, and the PINGs among
-        them, applied in one call (``store.apply_plain``) and answered as the general path
-        would: how many lines, and None, or the generator that finishes their replies (a big
-        one comes in chunks) when not all fit in ``out`` at once. Each is applied and judged
+        them, applied in one call (``store.apply_plain``; one per ROUND_TRIP_GETS GETs, see
+        :meth:`_in_groups`) and answered as the general path would: how many lines, and
+        None, or the generator that finishes their replies (a big one comes in chunks) when
+        not all fit in ``out`` at once. Each is applied and judged
         once: none is left for the general path to do again. A PING's PONG comes after the
         replies of the commands before it, as ever; the commands after it go in the same
         round trip (the general path would make one round trip per run between PINGs, and a
