@@ -20,7 +20,9 @@ returned as they are, for the store to map.
 
 Reconnecting. After a failed connect a connection waits RECONNECT_MIN seconds, doubling up to
 RECONNECT_MAX (with jitter: connections do not retry in step), before it tries again;
-meanwhile its round trips fail at once with :class:`Unreachable`.
+meanwhile its round trips fail at once with :class:`Unreachable`. When one of a dispatcher's
+connections fails, its idle siblings are closed as well: after a Redis restart they would each
+fail one round trip more (and start a new outage of the store).
 """
 
 from __future__ import annotations
@@ -139,16 +141,32 @@ class RespConnection:
         self.reader: Any = None
         self._delay = 0.0  # the current wait between two attempts to connect
         self._retry_at = 0.0  # no attempt before this (monotonic)
+        # The other connections to the same Redis (a Dispatcher's): see _close_idle_siblings.
+        self.siblings: list[RespConnection] = []
+        self.busy = False  # in a round trip
 
     def round_trip(self, payload: bytes, count: int) -> list[Any]:
         if self.sock is None:
             self._connect()
+        self.busy = True
         try:
             self.sock.sendall(payload)
             return self._replies(count)
-        except BaseException:
+        except BaseException as exc:
             self.close()  # a half-read stream cannot be reused
+            if isinstance(exc, OSError):  # (the connection failed: Redis went away, or restarts)
+                self._close_idle_siblings()
             raise
+        finally:
+            self.busy = False
+
+    def _close_idle_siblings(self) -> None:
+        """Close the sibling connections not in a round trip: Redis went away, so they are
+        most likely broken too, and after a restart each would fail one round trip more; a
+        closed one connects anew at its next use."""
+        for sibling in self.siblings:
+            if not sibling.busy:
+                sibling.close()
 
     def _replies(self, count: int) -> list[Any]:
         replies: list[Any] = []
@@ -175,6 +193,7 @@ class RespConnection:
             self.close()
             self._delay = min(max(self._delay * 2, RECONNECT_MIN), RECONNECT_MAX)
             self._retry_at = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
+            self._close_idle_siblings()
             raise
         self._delay = 0.0
 
@@ -259,6 +278,8 @@ class Dispatcher:
         self._hub = gevent.get_hub()
         self._closed = False
         self._connections = [make_connection() for _ in range(connections)]
+        for connection in self._connections:
+            connection.siblings = [c for c in self._connections if c is not connection]
         self._senders = [gevent.spawn(self._send_loop, c) for c in self._connections]
 
     def execute(self, commands: Sequence[Command], expected: Sequence[Expected]) -> list[Any]:
