@@ -276,8 +276,8 @@ class Session:
         them, applied in one call (``store.apply_plain``; one per ROUND_TRIP_GETS GETs, see
         :meth:`_in_groups`) and answered as the general path would: how many lines, and
         None, or the generator that finishes their replies (a big one comes in chunks) when
-        not all fit in ``out`` at once. Each is applied and judged
-        once: none is left for the general path to do again. A PING's PONG comes after the
+        not all fit in ``out`` at once. Each is applied and judged once: none is left for
+        the general path to do again. A PING's PONG comes after the
         replies of the commands before it, as ever; the commands after it go in the same
         round trip (the general path would make one round trip per run between PINGs, and a
         client library that follows each command with a PING, as kvgevent's does, would pay
@@ -289,16 +289,7 @@ class Session:
         ops, kinds, pongs = _plain_ops(items, not (guard.limit and guard.over()), not store.needs_barrier)
         if not ops:
             return 0, None
-        first = ops[0]
-        self.verb = (
-            Ping
-            if pongs and not pongs[0]
-            else Get
-            if len(first) == 1
-            else Put
-            if first[1] is not None
-            else Delete
-        )
+        self.verb = _first_verb(ops, pongs)
         applied = store.applied
         for verb, count in zip(("get", "put", "delete"), kinds, strict=True):
             applied[verb] += count
@@ -734,6 +725,17 @@ class Session:
         self.long_lines += 1
         if self.long_lines == 1:  # once per connection: a hostile client cannot flood the log
             self.logger().warning("line_too_long", max_line=self.max_line)
+
+
+def _first_verb(ops: list[PlainOp], pongs: list[int]) -> type:
+    """The command that leads a plain run (for the metrics): a PING before any command, else
+    the first command's kind."""
+    if pongs and not pongs[0]:
+        return Ping
+    first = ops[0]
+    if len(first) == 1:
+        return Get
+    return Put if first[1] is not None else Delete
 
 
 def _group_ends(ops: list[PlainOp]) -> list[int]:
