@@ -274,17 +274,17 @@ class Session:
     def _applied_plainly(self, items: Items, store: KVStore, out: list[bytes]) -> tuple[int, Actions | None]:
         """The well-formed PUT, GET and DELETE lines leading ``items``, and the PINGs among
         them, applied in one call (``store.apply_plain``; one per ROUND_TRIP_GETS GETs, see
-        :meth:`_in_groups`) and answered as the general path would: how many lines, and
-        None, or the generator that finishes their replies (a big one comes in chunks) when
-        not all fit in ``out`` at once. Each is applied and judged once: none is left for
-        the general path to do again. A PING's PONG comes after the
-        replies of the commands before it, as ever; the commands after it go in the same
-        round trip (the general path would make one round trip per run between PINGs, and a
-        client library that follows each command with a PING, as kvgevent's does, would pay
-        one per command). Not across a PING that waits for the disk (``needs_barrier``).
-        Over the memory limit, only what comes before the first PUT (the general path refuses
-        it). A store that failed as a whole: each command its ERR line. (No work is counted
-        for the store's part, as the general path counts none for a store kept elsewhere.)"""
+        :meth:`_in_groups`) and answered as the general path would: how many lines, and None, or
+        the generator that finishes their replies (a big one comes in chunks) when not all fit
+        in ``out`` at once. Each is applied and judged once: none is left for the general path
+        to do again. A PING's PONG comes after the replies of the commands before it, as ever;
+        the commands after it go in the same round trip (the general path would make one round
+        trip per run between PINGs, and a client library that follows each command with a PING,
+        as kvgevent's does, would pay one per command). Not across a PING that waits for the
+        disk (``needs_barrier``). Over the memory limit, only what comes before the first PUT
+        (the general path refuses it). A store that failed as a whole: each command its ERR
+        line. (No work is counted for the store's part, as the general path counts none for a
+        store kept elsewhere.)"""
         guard = self.shared.guard
         ops, kinds, pongs = _plain_ops(items, not (guard.limit and guard.over()), not store.needs_barrier)
         if not ops:
