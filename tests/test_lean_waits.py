@@ -64,9 +64,9 @@ def test_the_gevent_interfaces_the_lean_waits_use():
             ran.append(what)
             timer.stop()
 
-        for _ in range(2):
+        for armed in (1, 2):
             timer.again(fired, "fired")
-            gevent.sleep(0.05)
+            wait_until(lambda n=armed: ran.count("fired") == n, timeout=5, message="the timer fired")
         timer.close()
         assert ran == [True, "fired", "fired"] and not timer.active
         # kvgevent.server.server._Listener: BaseServer's do_handle/do_close, _spawn and _handle

@@ -295,25 +295,14 @@ class Session:
             applied[verb] += count
         if kinds[0] > ROUND_TRIP_GETS:  # (their values would all be here at once)
             return len(ops) + len(pongs), self._in_groups(ops, pongs, store, out)
-        try:
-            results: list[Result] = store.apply_plain(ops)  # type: ignore[misc]  # (the caller checked it is not None)
-        except KVError as exc:
-            if not pongs:
-                self.shared.counters.count_error(exc.reason, len(ops))
-                out += [exc.reply] * len(ops)
-                return len(ops), None
-            results = [exc.fresh()] * len(ops)  # (not exc: its traceback holds the batch)
-        if pongs:
-            return len(ops) + len(pongs), self._ponged_replies(ops, results, out, pongs)
-        done = self._inline_replies(ops, results, out, 0)
-        return len(ops), (None if done == len(ops) else self._replies(ops, results, out, done))
+        return len(ops) + len(pongs), self._ponged_replies(ops, _fetched(store, ops), out, pongs)
 
     def _ponged_replies(
         self, ops: list[PlainOp], results: list[Result], out: list[bytes], pongs: list[int]
     ) -> Actions | None:
-        """:meth:`_applied_plainly`'s replies with PINGs among the commands: a PONG after the
-        replies of the first ``p`` commands for each ``p`` of ``pongs``. None if they all fit
-        in ``out`` at once, else the generator that finishes them."""
+        """:meth:`_applied_plainly`'s replies, with a PONG after the replies of the first
+        ``p`` commands for each ``p`` of ``pongs`` (the PINGs among them, if any). None if
+        they all fit in ``out`` at once, else the generator that finishes them."""
         start = 0
         for index, end in enumerate(pongs):
             done = self._inline_replies(ops, results, out, start, end)
@@ -346,10 +335,7 @@ class Session:
         results: list[Result] = []
         start = 0
         for end in _group_ends(ops):
-            try:
-                results += store.apply_plain(ops[start:end])  # type: ignore[misc]  # (the caller checked it is not None)
-            except KVError as exc:
-                results += [exc.fresh()] * (end - start)  # (each counted as its ERR line is added)
+            results += _fetched(store, ops[start:end])
             # the PINGs after this group's commands (and before the next group's)
             ponged = [p for p in pongs if start < p <= end or p == start == 0]
             yield from self._ponged_rest(ops, results, out, ponged, start)
@@ -725,6 +711,16 @@ class Session:
         self.long_lines += 1
         if self.long_lines == 1:  # once per connection: a hostile client cannot flood the log
             self.logger().warning("line_too_long", max_line=self.max_line)
+
+
+def _fetched(store: KVStore, ops: list[PlainOp]) -> list[Result]:
+    """``store.apply_plain(ops)``'s results; if the store failed as a whole, its error for
+    each op (a fresh one: the raised error's traceback would hold the batch), counted as its
+    ERR line is added."""
+    try:
+        return store.apply_plain(ops)  # type: ignore[misc]  # (the caller checked it is not None)
+    except KVError as exc:
+        return [exc.fresh()] * len(ops)
 
 
 def _first_verb(ops: list[PlainOp], pongs: list[int]) -> type:
