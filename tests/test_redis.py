@@ -421,6 +421,26 @@ def test_gets_read_at_once_are_each_read_and_judged_once(store):
     assert store.health.stats()["store_errors"] - before == 1
 
 
+def test_a_batch_of_gets_alone_reads_what_the_plain_path_reads(store):
+    """KVStore.get_plain (a batch of GETs alone: the usual read) gives each key what
+    apply_plain gives its GET: its values in order, none for a missing key (an empty list),
+    the error of a key that is not a list, for keys longer than its encoding table too."""
+    long_key = b"L" * 300
+    store.apply([Put(b"one", b"v"), Put(b"two", b"a"), Put(b"two", b"b:c"), Put(long_key, b"w")])
+    store.client.set(store.prefix + b"bad", b"a string")  # LRANGE on it: WRONGTYPE
+    for keys in ([b"one", b"two", b"none", b"one"], [b"one", long_key, b"none"], [b"two", b"bad", b"one"]):
+        got = store.get_plain(keys)
+        plain = store.apply_plain([(key,) for key in keys])
+        assert [str(r) if isinstance(r, Exception) else r or None for r in got] == [
+            str(r) if isinstance(r, Exception) else r for r in plain
+        ], keys
+    assert store.get_plain([b"two", b"none", long_key]) in (
+        [[b"a", b"b:c"], [], [b"w"]],
+        [[b"a", b"b:c"], None, [b"w"]],
+    )
+    assert str(store.get_plain([b"bad"])[0]) == "store error"
+
+
 def test_a_client_library_pipeline_over_redis_gets_every_result_in_order(server_process, redis_server):
     """kvgevent's client follows each command with a PING; over Redis the PINGs stay in the
     batch's round trips (GETs fetched ROUND_TRIP_GETS at a time): through run_server.py and a

@@ -35,8 +35,8 @@ def test_replies_are_checked_against_their_commands_types():
 
 
 def test_the_plain_path_encodes_what_hiredis_packs():
-    """RedisStore.apply_plain builds its commands from pieces (resp.py's head tables): the
-    same bytes as pack_command, for keys and values on both sides of the tables' bound."""
+    """RedisStore.apply_plain and get_plain build their commands from pieces (head tables):
+    the same bytes as pack_command, for keys and values on both sides of the tables' bound."""
     from kvgevent.stores.redis_store import RedisStore
     from kvgevent.stores.resp import HEADS
 
@@ -56,9 +56,19 @@ def test_the_plain_path_encodes_what_hiredis_packs():
     store._dispatcher = Recorder()
     try:
         assert store.apply_plain(ops) == [None] * len(ops)
+        # (a key beyond the table: through apply_plain, None for no values; else as Redis
+        # answers, an empty list)
+        assert store.get_plain(samples) == [None] * len(samples)
+        assert store.get_plain(samples[:3]) == [[]] * 3
     finally:
         store._dispatcher = dispatcher
         store.close()
+    gets = [
+        b"".join(hiredis.pack_command((b"LRANGE", b"p:" + key, b"0", b"-1")) for key in keys)
+        for keys in (samples, samples[:3])
+    ]
+    assert sent[1:] == gets
+    del sent[1:]
     expected = [
         (b"LRANGE", b"p:" + op[0], b"0", b"-1")
         if len(op) == 1

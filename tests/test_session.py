@@ -14,6 +14,7 @@ from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import MemoryGuard
 from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
+from kvgevent.stores.base import UNBOUNDED
 from kvgevent.stores.memory import MemoryStore
 
 
@@ -339,7 +340,8 @@ class Fetching(MemoryStore):
     """A memory store seen as a store kept elsewhere: no lookup, no plain writes; runs of
     plain lines through ``apply_plain`` (one call) when ``plain``, else through
     ``apply_some``; every command on k3 fails with its own error (after its effect: the same
-    on both paths), the rest of the batch served."""
+    on both paths), the rest of the batch served. Counts no work for what it applies, as a
+    store kept elsewhere."""
 
     serve_plain = None
 
@@ -352,9 +354,10 @@ class Fetching(MemoryStore):
 
     def apply_some(self, commands, budget):
         self.calls += 1
-        results, work = super().apply_some(commands, budget)
+        results, _ = super().apply_some(commands, UNBOUNDED)
         failing = [cmd[0] == b"k3" for cmd in commands]
-        return [UNAVAILABLE if bad else result for bad, result in zip(failing, results, strict=False)], work
+        # all of them, and no work: as a store kept elsewhere (KVStore.apply_some's default)
+        return [UNAVAILABLE if bad else result for bad, result in zip(failing, results, strict=False)], 0
 
     def _apply_plain(self, ops):
         self.calls += 1
@@ -374,18 +377,39 @@ class Fetching(MemoryStore):
         return results
 
 
+class FetchingGets(Fetching):
+    """``Fetching(True)`` with ``get_plain`` too (a batch of GETs alone, in one call), which
+    gives a key without values an empty list, as Redis does (LRANGE of a missing key)."""
+
+    def __init__(self) -> None:
+        super().__init__(True)
+        self.get_plain = self._get_plain
+        self.get_calls = 0
+
+    def _get_plain(self, keys):
+        self.get_calls += 1
+        return [[] if result is None else result for result in self._apply_plain([(key,) for key in keys])]
+
+
+GET_LINES = [line for line in PLAIN_LINES if line[:1] in b"Gg"]
+
+
+@pytest.mark.parametrize("gets", [False, True], ids=["apply_plain", "get_plain"])
 @pytest.mark.parametrize("seed", range(4))
-def test_plain_lines_applied_at_once_are_answered_as_the_general_path_answers_them(seed):
-    """The apply_plain path (a store kept elsewhere, such as Redis) against the general path
-    on random batches (some longer than a reply chunk, some with a PING after each line): the
-    same replies byte for byte (a command's own error as its ERR line, big replies in
-    chunks), data, counts and errors; and a batch of plain lines takes one store call."""
+def test_plain_lines_applied_at_once_are_answered_as_the_general_path_answers_them(seed, gets):
+    """The apply_plain path (a store kept elsewhere, such as Redis; with ``get_plain`` for
+    batches of GETs alone, or not) against the general path on random batches (some longer
+    than a reply chunk, some with a PING after each line, some GETs only): the same replies
+    byte for byte (a command's own error as its ERR line, big replies in chunks), data,
+    counts and errors; and a batch of plain lines takes one store call."""
     import random
 
     rnd = random.Random(seed)
-    plain, general = session_for(Fetching(True)), session_for(Fetching(False))
+    plain, general = session_for(FetchingGets() if gets else Fetching(True)), session_for(Fetching(False))
     for _ in range(300):
         lines = PLAIN_LINES if rnd.random() < 0.8 else PLAIN_LINES + OTHER_LINES
+        if rnd.random() < 0.3:  # GETs only (a marker among them at times: a too-long line)
+            lines = [*GET_LINES, ERR_LINE_TOO_LONG] if rnd.random() < 0.2 else GET_LINES
         count = rnd.choice([rnd.randint(1, 24), rnd.randint(1, 24), REPLY_CHUNK - 1, REPLY_CHUNK + 1, 600])
         items = [rnd.choice(lines) for _ in range(count)]
         if rnd.random() < 0.1:  # a key of more small values than a reply builds inline
@@ -401,6 +425,8 @@ def test_plain_lines_applied_at_once_are_answered_as_the_general_path_answers_th
         assert a.shared.counters.errors_by == b.shared.counters.errors_by
         assert a.shared.counters.verbs == b.shared.counters.verbs
     assert plain.shared.counters.errors_by.get("store unavailable", 0) > 50
+    if gets:
+        assert plain.shared.store.get_calls > 10
     fetched = session_for(Fetching(True))
     run(fetched, b"PUT:k1:v\n")
     calls = fetched.shared.store.calls
@@ -615,3 +641,34 @@ def test_no_request_line_outlives_its_batch():
                 run(session, b"\n".join(batch) + b"\n")
                 held = [getattr(session, name, None) for name in Session.__slots__]
                 assert not any(isinstance(value, bytes) and len(value) > 8 for value in held), batch
+
+
+def test_a_batch_of_gets_alone_takes_one_get_plain_call_and_its_errors_are_fresh():
+    """A batch of GETs only, from a store kept elsewhere with ``get_plain``: one call, the
+    usual replies (nothing for a key without values, empty list or None); a store down as a
+    whole answers each GET with its ERR line, from a fresh error (the raised one's traceback
+    would hold the batch until the cyclic GC runs)."""
+    import gc
+
+    store = FetchingGets()
+    session = session_for(store)
+    run(session, b"PUT:k1:v\nPUT:k2:a\nPUT:k2:b\n")
+    calls = store.calls
+    assert run(session, b"GET:k1\nGet:none\nget:k2\nGET:k3\n") == [
+        [b"k1:v\n", b"k2:a\n", b"k2:b\n", b"ERR store unavailable\n"]
+    ]
+    assert (store.calls, store.get_calls) == (calls + 1, 1)
+    assert store.applied["get"] == 4
+
+    def down(keys):
+        raise StoreError("store unavailable")
+
+    store.get_plain = down
+    gc.collect()
+    gc.disable()
+    try:
+        assert run(session, b"GET:k1\nGET:k2\n") == [[b"ERR store unavailable\n"] * 2]
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert session.shared.counters.errors_by == {"store unavailable": 3}

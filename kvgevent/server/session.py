@@ -285,6 +285,19 @@ class Session:
         (the general path refuses it). A store that failed as a whole: each command its ERR
         line. (No work is counted for the store's part, as the general path counts none for a
         store kept elsewhere.)"""
+        first = items[0]
+        if (
+            store.get_plain is not None
+            and len(items) <= ROUND_TRIP_GETS
+            and first.__class__ is bytes
+            and first
+            and first[0] in _GET_INITIALS  # (an int: a memchr)
+        ):
+            keys = _get_keys(items)
+            if keys is not None:  # GETs only (the usual read): quicker by themselves
+                self.verb = Get
+                store.applied["get"] += len(keys)
+                return len(keys), self._fetched_values(keys, store, out)
         guard = self.shared.guard
         ops, kinds, pongs = _plain_ops(items, not (guard.limit and guard.over()), not store.needs_barrier)
         if not ops:
@@ -296,6 +309,27 @@ class Session:
         if kinds[0] > ROUND_TRIP_GETS:  # (their values would all be here at once)
             return len(ops) + len(pongs), self._in_groups(ops, pongs, store, out)
         return len(ops) + len(pongs), self._ponged_replies(ops, _fetched(store, ops), out, pongs)
+
+    def _fetched_values(self, keys: list[bytes], store: KVStore, out: list[bytes]) -> Actions | None:
+        """:meth:`_applied_plainly` for a batch of GETs only (their ``keys``), through
+        ``store.get_plain``: the usual replies built here; if one is not (a big reply, an
+        error), all of them as :meth:`_ponged_replies` builds them."""
+        try:
+            results = store.get_plain(keys)  # type: ignore[misc]  # (the caller checked it is not None)
+        except KVError as exc:  # failed as a whole: as _fetched
+            results = [exc.fresh()] * len(keys)
+        mark = len(out)
+        append = out.append
+        for key, values in zip(keys, results, strict=True):
+            if not values:  # (None or an empty list: no values)
+                continue
+            if values.__class__ is list and len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:
+                append(b"".join((key, b":", values[0], b"\n")))
+                continue
+            del out[mark:]  # (unusual: the general way, from the first)
+            ops: list[PlainOp] = [(key,) for key in keys]
+            return self._ponged_replies(ops, [values or None for values in results], out, [])
+        return None
 
     def _ponged_replies(
         self, ops: list[PlainOp], results: list[Result], out: list[bytes], pongs: list[int]
@@ -748,6 +782,23 @@ def _group_ends(ops: list[PlainOp]) -> list[int]:
     if not ends or ends[-1] != len(ops):
         ends.append(len(ops))
     return ends
+
+
+def _get_keys(items: Items) -> list[bytes] | None:
+    """The keys of ``items`` if each is a well-formed GET line (by the rules of
+    :func:`_plain_ops`), else None."""
+    keys: list[bytes] = []
+    append = keys.append
+    try:
+        for line in items:
+            # (a marker, a too-long line, has no partition: AttributeError, as in _gets)
+            verb, _, key = line.partition(b":")  # type: ignore[union-attr]  # (a marker: see above)
+            if not (verb == b"Get" or verb == b"GET" or verb in GET_SPELLINGS) or not key or COLON in key:
+                return None
+            append(key)
+    except AttributeError:
+        return None
+    return keys
 
 
 def _plain_ops(

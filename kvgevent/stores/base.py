@@ -156,6 +156,11 @@ class KVStore(abc.ABC):
     session serves runs of well-formed PUT, GET and DELETE lines through it, without a
     command object each."""
 
+    get_plain: Callable[[list[bytes]], list[Result]] | None = None
+    """For a store kept elsewhere, with :attr:`apply_plain`: ``get_plain(keys)``, as
+    ``apply_plain`` with a GET of each key, but quicker; a key without values may have an
+    empty list for its result, as well as None."""
+
     serve_plain: Callable[[Sequence[object], list[bytes], int, bool], tuple[int, int]] | None = None
     """For a store that holds its data in this process and promises nothing beyond memory (the
     memory store), ``serve_plain(items, out, budget, puts)``: the well-formed PUT, GET and

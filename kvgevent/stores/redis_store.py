@@ -78,6 +78,9 @@ DISPATCH_CONNECTIONS = 4
 _PLAIN_REPLIES = frozenset((list, int))
 """The types of a plain op's reply that is not an error reply (a GET's list, a write's int)."""
 
+_LISTS = frozenset((list,))
+"""A GET's reply that is not an error reply."""
+
 
 class RedisStore(KVStore):
     """``url``: ``redis://[user:password@]host:port/db`` (``?db=N`` too), ``rediss://...`` (TLS),
@@ -118,6 +121,7 @@ class RedisStore(KVStore):
         )
         self.url = url
         self.prefix = prefix.encode()
+        self.prefix_size = len(self.prefix)
         self.log = log if log is not None else get_logger()
         self.health = RedisHealth(self.log)
         self.node = redacted_url(url)  # the node's name in logs (a cluster names each of its nodes)
@@ -132,6 +136,9 @@ class RedisStore(KVStore):
         if scheme == "redis":
             self._dispatcher = _dispatcher(url, timeout)
             self.apply_plain = self._apply_plain
+            self.get_plain = self._get_plain
+            # LRANGE's head with the prefix in it, by the key's length (see _get_plain)
+            self._lrange_heads = [LRANGE_HEAD % (self.prefix_size + n) + self.prefix for n in range(HEADS)]
         self._meta = self.prefix + b"_meta:"
         self._keys = (0.0, 0)  # (reuse until, count)
 
@@ -201,6 +208,28 @@ class RedisStore(KVStore):
             per_command=True,
         )
         return self._plain_results(ops, replies)
+
+    def _get_plain(self, keys: list[bytes]) -> list[Result]:
+        """See :attr:`KVStore.get_plain`: an LRANGE for each, in one round trip shared with
+        others (as :meth:`_apply_plain`, with less to do per key: each is a GET)."""
+        heads = self._lrange_heads
+        pieces: list[bytes] = []
+        add = pieces.extend
+        try:
+            for key in keys:
+                add((heads[len(key)], key, LRANGE_TAIL))
+        except IndexError:  # a key too long for the table (rare): as any plain op
+            return self._apply_plain([(key,) for key in keys])
+        replies = self._call(
+            self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
+            b"".join(pieces),
+            [list] * len(keys),
+            commands=len(keys),
+            per_command=True,
+        )
+        if not self.health.outages and _LISTS.issuperset(map(type, replies)):  # (checked in C)
+            return replies  # (a key with no values: an empty list)
+        return self._plain_results([(key,) for key in keys], replies)
 
     def _plain_results(self, ops: list[PlainOp], replies: list[Any]) -> list[Result]:
         """Each plain op's result from its reply (types checked by the dispatcher: a list

@@ -236,6 +236,8 @@ class RespConnection:
 def check_types(replies: list[Any], expected: Sequence[Expected]) -> bool:
     """Raise ReplyMismatch unless each reply is an error reply or of its command's type;
     returns whether one of them is a NOSCRIPT error reply (Redis lost the scripts)."""
+    if list(map(type, replies)) == expected:  # (the usual case: checked in C)
+        return False
     noscript = False
     for reply, kind in zip(replies, expected, strict=True):
         if reply.__class__ is kind:  # (the usual case, without isinstance's calls)
@@ -315,17 +317,11 @@ class Dispatcher:
                 self._idle.append(me)
                 self._hub.switch()  # (a kill while parked ends the sender: close())
                 continue
-            batch = [queue.popleft()]
-            count = batch[0].count
-            while count < MAX_ROUND_TRIP and queue:
-                request = queue.popleft()
-                batch.append(request)
-                count += request.count
+            batch, count = _next_batch(queue)
             try:
                 payload = batch[0].payload if len(batch) == 1 else b"".join([r.payload for r in batch])
                 replies = connection.round_trip(payload, count)
-                expected = batch[0].expected if len(batch) == 1 else [k for r in batch for k in r.expected]
-                if check_types(replies, expected):
+                if check_types(replies, _expected(batch)):
                     connection.close()  # scripts were flushed: the next connection loads them again
             except BaseException as exc:  # GreenletExit too (close()): nobody may wait forever
                 if isinstance(exc, ReplyMismatch):
@@ -358,6 +354,28 @@ class Dispatcher:
             self._finish(self._queue.popleft(), failure=ConnectionError("the dispatcher closed"))
         for connection in self._connections:
             connection.close()
+
+
+def _next_batch(queue: deque[_Request]) -> tuple[list[_Request], int]:
+    """The requests of the next round trip, taken from ``queue`` (not empty), and how many
+    commands they hold: all queued, up to MAX_ROUND_TRIP commands (at least one request)."""
+    batch = [queue.popleft()]
+    count = batch[0].count
+    while count < MAX_ROUND_TRIP and queue:
+        request = queue.popleft()
+        batch.append(request)
+        count += request.count
+    return batch, count
+
+
+def _expected(batch: list[_Request]) -> Sequence[Expected]:
+    """The reply types due in a round trip of ``batch``, in order."""
+    if len(batch) == 1:
+        return batch[0].expected
+    expected: list[Expected] = []
+    for request in batch:
+        expected += request.expected  # (extended in C: no loop per command here)
+    return expected
 
 
 def _wake(request: _Request) -> None:
