@@ -337,6 +337,12 @@ class Session:
         """:meth:`_applied_plainly`'s replies, with a PONG after the replies of the first
         ``p`` commands for each ``p`` of ``pongs`` (the PINGs among them, if any). None if
         they all fit in ``out`` at once, else the generator that finishes them."""
+        if len(out) + len(pongs) < REPLY_CHUNK and results.count(None) == len(results):
+            # writes only, none failed (the usual write): nothing to answer but the PINGs
+            for _ in pongs:
+                self._count("ping")
+            out += [PONG] * len(pongs)
+            return None
         start = 0
         for index, end in enumerate(pongs):
             done = self._inline_replies(ops, results, out, start, end)
@@ -819,7 +825,9 @@ def _plain_ops(
             # (a marker, a too-long line, has no split: AttributeError, as in _gets)
             fields = line.split(b":", 2)  # type: ignore[union-attr]  # (one call: two partitions cost half as much again)
             if len(fields) == 3:  # verb:key:value, the value may hold ':'
-                if not puts or fields[0] not in PUT_SPELLINGS or not fields[1]:
+                verb = fields[0]
+                # (equality first, as MemoryStore.serve_plain: cheaper than hashing the verb)
+                if not (puts and (verb == b"PUT" or verb == b"Put" or verb in PUT_SPELLINGS) and fields[1]):
                     break
                 append((fields[1], fields[2]))
                 put_count += 1

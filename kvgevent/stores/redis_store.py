@@ -35,13 +35,10 @@ from kvgevent.stores.redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
 from kvgevent.stores.resp import (
     CRLF,
     DEL_HEAD,
-    DEL_HEADS,
     HEADS,
     LRANGE_HEAD,
-    LRANGE_HEADS,
     LRANGE_TAIL,
     RPUSH_HEAD,
-    RPUSH_HEADS,
     VALUE_HEAD,
     VALUE_HEADS,
     Dispatcher,
@@ -80,6 +77,9 @@ _PLAIN_REPLIES = frozenset((list, int))
 
 _LISTS = frozenset((list,))
 """A GET's reply that is not an error reply."""
+
+_INTS = frozenset((int,))
+"""A write's reply that is not an error reply."""
 
 
 class RedisStore(KVStore):
@@ -121,7 +121,6 @@ class RedisStore(KVStore):
         )
         self.url = url
         self.prefix = prefix.encode()
-        self.prefix_size = len(self.prefix)
         self.log = log if log is not None else get_logger()
         self.health = RedisHealth(self.log)
         self.node = redacted_url(url)  # the node's name in logs (a cluster names each of its nodes)
@@ -137,8 +136,10 @@ class RedisStore(KVStore):
             self._dispatcher = _dispatcher(url, timeout)
             self.apply_plain = self._apply_plain
             self.get_plain = self._get_plain
-            # LRANGE's head with the prefix in it, by the key's length (see _get_plain)
-            self._lrange_heads = [LRANGE_HEAD % (self.prefix_size + n) + self.prefix for n in range(HEADS)]
+            # each command's head with the prefix in it, by the key's length (see _encoded)
+            self._lrange_heads = _heads(LRANGE_HEAD, self.prefix)
+            self._rpush_heads = _heads(RPUSH_HEAD, self.prefix)
+            self._del_heads = _heads(DEL_HEAD, self.prefix)
         self._meta = self.prefix + b"_meta:"
         self._keys = (0.0, 0)  # (reuse until, count)
 
@@ -179,35 +180,42 @@ class RedisStore(KVStore):
     def _apply_plain(self, ops: list[PlainOp]) -> list[Result]:
         """See :attr:`KVStore.apply_plain`: LRANGE, RPUSH or DEL for each, in one round trip
         shared with others, each reply judged as :meth:`apply` judges its command's."""
-        prefix = self.prefix
-        size = len(prefix)
-        pieces: list[bytes] = []
-        add = pieces.extend
-        expected: list[type] = []
-        expect = expected.append
-        for op in ops:  # (resp.py's commands in pieces, joined once: no call, no format per op)
-            key = op[0]
-            n = size + len(key)
-            if len(op) == 1:
-                add((LRANGE_HEADS[n] if n < HEADS else LRANGE_HEAD % n, prefix, key, LRANGE_TAIL))
-                expect(list)
-            elif op[1] is None:
-                add((DEL_HEADS[n] if n < HEADS else DEL_HEAD % n, prefix, key, CRLF))
-                expect(int)
-            else:
-                value = op[1]
-                m = len(value)
-                head = RPUSH_HEADS[n] if n < HEADS else RPUSH_HEAD % n
-                add((head, prefix, key, VALUE_HEADS[m] if m < HEADS else VALUE_HEAD % m, value, CRLF))
-                expect(int)
+        try:
+            payload, expected = self._encoded(ops)
+        except IndexError:  # a key too long for the head tables (rare)
+            payload, expected = _encoded_slowly(self.prefix, ops)
         replies = self._call(
             self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
-            b"".join(pieces),
+            payload,
             expected,
             commands=len(ops),
             per_command=True,
         )
         return self._plain_results(ops, replies)
+
+    def _encoded(self, ops: list[PlainOp]) -> tuple[bytes, list[type]]:
+        """The commands of :meth:`_apply_plain`, and their replies' types, from the head tables
+        with the prefix in them (no call, no format per op); IndexError for a key too long
+        for them."""
+        lrange, rpush, delete = self._lrange_heads, self._rpush_heads, self._del_heads
+        pieces: list[bytes] = []
+        add = pieces.extend
+        gets = False
+        for op in ops:
+            key = op[0]
+            if len(op) == 1:
+                add((lrange[len(key)], key, LRANGE_TAIL))
+                gets = True
+                continue
+            value = op[1]
+            if value is None:
+                add((delete[len(key)], key, CRLF))
+            else:
+                m = len(value)
+                add((rpush[len(key)], key, VALUE_HEADS[m] if m < HEADS else VALUE_HEAD % m, value, CRLF))
+        # (the types afterwards: writes only, the usual run of writes, need no loop)
+        expected: list[type] = [list if len(op) == 1 else int for op in ops] if gets else [int] * len(ops)
+        return b"".join(pieces), expected
 
     def _get_plain(self, keys: list[bytes]) -> list[Result]:
         """See :attr:`KVStore.get_plain`: an LRANGE for each, in one round trip shared with
@@ -234,9 +242,11 @@ class RedisStore(KVStore):
     def _plain_results(self, ops: list[PlainOp], replies: list[Any]) -> list[Result]:
         """Each plain op's result from its reply (types checked by the dispatcher: a list
         for a GET, an int for a write, or an error reply)."""
-        if not self.health.outages and _PLAIN_REPLIES.issuperset(map(type, replies)):
-            # (the usual case: no error reply, no outage to end; checked in C, no call per reply)
-            return [(reply or None) if reply.__class__ is list else None for reply in replies]
+        if not self.health.outages:  # the usual case: no error reply, no outage to end
+            if _INTS.issuperset(map(type, replies)):  # (writes only; checked in C)
+                return [None] * len(replies)
+            if _PLAIN_REPLIES.issuperset(map(type, replies)):  # (no call per reply)
+                return [(reply or None) if reply.__class__ is list else None for reply in replies]
         health = self.health
         results: list[Result] = []
         for op, reply in zip(ops, replies, strict=True):
@@ -467,6 +477,25 @@ class RedisStore(KVStore):
         for result in results:
             if isinstance(result, KVError):
                 raise result
+
+
+def _heads(head: bytes, prefix: bytes) -> list[bytes]:
+    """``head`` (a command's head, up to its key's length) with ``prefix`` after it, for each
+    key length below HEADS (the key's length counted with the prefix)."""
+    return [head % (len(prefix) + n) + prefix for n in range(HEADS)]
+
+
+def _encoded_slowly(prefix: bytes, ops: list[PlainOp]) -> tuple[bytes, list[type]]:
+    """:meth:`RedisStore._encoded` for keys of any length (one call per op)."""
+    commands = [
+        lrange_all(prefix + op[0])
+        if len(op) == 1
+        else delete(prefix + op[0])
+        if op[1] is None
+        else rpush(prefix + op[0], op[1])
+        for op in ops
+    ]
+    return b"".join(commands), [list if len(op) == 1 else int for op in ops]
 
 
 def _glob_escape(prefix: bytes) -> bytes:
