@@ -58,7 +58,7 @@ def test_the_plain_path_encodes_what_hiredis_packs():
         return hiredis.pack_command((b"RPUSH", b"p:" + op[0], op[1]))
 
     samples = _samples() + [b"k" * (HEADS + n) for n in range(-4, 2)]
-    short = [key for key in samples if len(key) < HEADS - 2]  # (the prefix counts too)
+    short = [key for key in samples if len(key) < HEADS]  # (the tables: every key shorter)
     batches = []
     for keys in (samples, short):  # with a key too long for the tables, and without
         ops = [(key,) for key in keys]

@@ -295,6 +295,9 @@ class Session:
         ):
             keys = _get_keys(items)
             if keys is not None:  # GETs only (the usual read): quicker by themselves
+                guard = self.shared.guard
+                if guard.limit:
+                    guard.over()  # (as the general path: it sets how much a big reply may queue)
                 self.verb = Get
                 store.applied["get"] += len(keys)
                 return len(keys), self._fetched_values(keys, store, out)
@@ -338,7 +341,8 @@ class Session:
         ``p`` commands for each ``p`` of ``pongs`` (the PINGs among them, if any). None if
         they all fit in ``out`` at once, else the generator that finishes them."""
         if len(out) + len(pongs) < REPLY_CHUNK and results.count(None) == len(results):
-            # writes only, none failed (the usual write): nothing to answer but the PINGs
+            # nothing but None (writes that succeeded, GETs that found nothing: the usual
+            # write): nothing to answer but the PINGs
             for _ in pongs:
                 self._count("ping")
             out += [PONG] * len(pongs)

@@ -68,6 +68,10 @@ UPDATE_SCRIPT = "redis.call('LREM', KEYS[1], 1, ARGV[1]) return redis.call('RPUS
 _SCRIPT = UPDATE_SCRIPT.encode()
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT).hexdigest().encode()
 
+TABLE_PREFIX_MAX = 64
+"""Longest key prefix put in the head tables of the plain path (each holds it 256 times: a
+longer, unusual, prefix is encoded per command instead of taking megabytes per worker)."""
+
 DISPATCH_CONNECTIONS = 4
 """Round trips in flight at once from one process (each carries every batch queued meanwhile)."""
 
@@ -481,7 +485,10 @@ class RedisStore(KVStore):
 
 def _heads(head: bytes, prefix: bytes) -> list[bytes]:
     """``head`` (a command's head, up to its key's length) with ``prefix`` after it, for each
-    key length below HEADS (the key's length counted with the prefix)."""
+    key length below HEADS (the key's length counted with the prefix); none for a prefix
+    longer than TABLE_PREFIX_MAX (every batch then takes the general encoder)."""
+    if len(prefix) > TABLE_PREFIX_MAX:
+        return []
     return [head % (len(prefix) + n) + prefix for n in range(HEADS)]
 
 
