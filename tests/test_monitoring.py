@@ -226,6 +226,50 @@ def test_systemd_hears_ready_once_listening_and_stopping_at_shutdown(
         systemd.close()
 
 
+def test_a_sigterm_sent_the_moment_ready_is_announced_shuts_down_cleanly(tmp_path):
+    """A SIGTERM that arrives as READY=1 is sent (systemd stopping a service just started, a
+    supervisor that kills what it just saw listening) starts the usual shutdown: STOPPING=1,
+    exit status 0. The signal is real, sent to the server's own process from its ``notify``
+    at READY=1 (the window is microseconds wide: only there can a test hit it every time);
+    the handlers used to be installed only after READY=1, and SIGTERM's default action
+    killed the process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    systemd = Systemd(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from kvgevent.serve import cli
+        send = cli.notify
+        def notify(message):
+            sent = send(message)
+            if message.startswith("READY=1"):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return sent
+        cli.notify = notify
+        sys.exit(cli.main(["--host", "127.0.0.1", "--port", "{free_port()}", "--log-format", "json"]))
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env={**os.environ, "NOTIFY_SOCKET": systemd.path},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert "READY=1" in systemd.next().split("\n")
+        assert "STOPPING=1" in systemd.next().split("\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        systemd.close()
+
+
 # --- the log file --------------------------------------------------------------------------
 
 

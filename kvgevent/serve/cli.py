@@ -341,10 +341,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     reopen_on_hangup(log_file)
     log.debug("fd_limit", max_open_files=raise_fd_limit())
     server = _make_server(args, log)
-    if server is None or not _start(server, args, log):
+    if server is None:
+        return 1
+    # Caught from before the port listens: a SIGTERM sent as soon as READY=1 (or the port)
+    # is seen must start the shutdown, not kill the process. (Not during the store's load: a
+    # long AOF replay still ends at once on SIGTERM, nothing served yet.)
+    stop = stop_requested(log)
+    if not _start(server, args, log):
         return 1
     notify(f"READY=1\nSTATUS=serving on {args.host}:{server.port}")
-    stop_requested(log).wait()
+    stop.wait()
     notify("STOPPING=1")
     server.close(flush_timeout=args.shutdown_flush)
     store = server.store
