@@ -34,14 +34,15 @@ def test_replies_are_checked_against_their_commands_types():
         check_types([[b"x"]], [int])
 
 
-def test_the_plain_path_encodes_what_hiredis_packs():
+@pytest.mark.parametrize("prefix", [b"p:", b"P" * 100], ids=["short prefix", "prefix too long for tables"])
+def test_the_plain_path_encodes_what_hiredis_packs(prefix):
     """RedisStore.apply_plain and get_plain build their commands from pieces (head tables
     with the prefix in them; a batch with a key too long for them, the general encoder): the
     same bytes as pack_command, for keys and values on both sides of the tables' bound."""
-    from kvgevent.stores.redis_store import RedisStore
+    from kvgevent.stores.redis_store import TABLE_PREFIX_MAX, RedisStore
     from kvgevent.stores.resp import HEADS
 
-    store = RedisStore("redis://127.0.0.1:1/0", prefix="p:")  # (connects on first use: never here)
+    store = RedisStore("redis://127.0.0.1:1/0", prefix=prefix.decode())  # (connects on first use: never here)
     dispatcher = store._dispatcher
     sent: list[bytes] = []
 
@@ -52,10 +53,10 @@ def test_the_plain_path_encodes_what_hiredis_packs():
 
     def pack(op: tuple) -> bytes:
         if len(op) == 1:
-            return hiredis.pack_command((b"LRANGE", b"p:" + op[0], b"0", b"-1"))
+            return hiredis.pack_command((b"LRANGE", prefix + op[0], b"0", b"-1"))
         if op[1] is None:
-            return hiredis.pack_command((b"DEL", b"p:" + op[0]))
-        return hiredis.pack_command((b"RPUSH", b"p:" + op[0], op[1]))
+            return hiredis.pack_command((b"DEL", prefix + op[0]))
+        return hiredis.pack_command((b"RPUSH", prefix + op[0], op[1]))
 
     samples = _samples() + [b"k" * (HEADS + n) for n in range(-4, 2)]
     short = [key for key in samples if len(key) < HEADS]  # (the tables: every key shorter)
@@ -75,7 +76,7 @@ def test_the_plain_path_encodes_what_hiredis_packs():
             results = store.get_plain(keys)
             # (a key beyond the tables: through apply_plain, None for no values; else as
             # Redis answers, an empty list)
-            assert results == [None if keys is samples else []] * len(keys)
+            assert results == [None if keys is samples or len(prefix) > TABLE_PREFIX_MAX else []] * len(keys)
             assert sent.pop() == b"".join(pack((key,)) for key in keys)
     finally:
         store._dispatcher = dispatcher
