@@ -340,9 +340,14 @@ class Session:
         """:meth:`_applied_plainly`'s replies, with a PONG after the replies of the first
         ``p`` commands for each ``p`` of ``pongs`` (the PINGs among them, if any). None if
         they all fit in ``out`` at once, else the generator that finishes them."""
-        if len(out) + len(pongs) < REPLY_CHUNK and results.count(None) == len(results):
+        if (
+            results[-1] is None
+            and len(out) + len(pongs) < REPLY_CHUNK
+            and results.count(None) == len(results)
+        ):
             # nothing but None (writes that succeeded, GETs that found nothing: the usual
-            # write): nothing to answer but the PINGs
+            # write): nothing to answer but the PINGs. (The last result first: a run that
+            # ends with a GET's values, the usual read, is not counted through.)
             for _ in pongs:
                 self._count("ping")
             out += [PONG] * len(pongs)
