@@ -270,6 +270,45 @@ def test_a_sigterm_sent_the_moment_ready_is_announced_shuts_down_cleanly(tmp_pat
         systemd.close()
 
 
+def test_a_worker_whose_supervisor_is_gone_does_not_serve(tmp_path):
+    """A worker checks, once its own handlers are installed, that the supervisor that started
+    it is still its parent, and asks again for SIGTERM at the supervisor's death: the request
+    made between fork and exec is lost if the supervisor dies before it, or if SIGTERM comes
+    while the supervisor's own handler is still in place. A supervisor killed in that window
+    left an orphan worker serving the port. The window is too narrow to hit from a test: here
+    the worker is told a supervisor pid that is not its parent's, which is what it sees when
+    its supervisor died first (its parent is then init)."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "KVGEVENT_SUPERVISOR_PID": str(os.getpid() + 1_000_000)}
+    result = subprocess.run(
+        [sys.executable, "-m", "kvgevent", "--host", "127.0.0.1", "--port", str(port), "--log-format=json"],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert b"the supervisor of this worker is gone" in result.stderr
+    assert b'"server_started"' not in result.stderr
+
+
+def test_a_worker_starts_with_sighup_ignored_until_it_handles_it():
+    """The supervisor passes SIGHUP on to every worker (each reopens its --log-file), a
+    worker just started too: before the worker installed its own handler, SIGHUP's default
+    action killed it (an extra restart, counted towards giving up). Workers start with SIGHUP
+    ignored (kept across exec) until their handler replaces it."""
+    import subprocess
+    import sys
+
+    from kvgevent.serve.workers import _die_with_parent
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN)"],
+        preexec_fn=_die_with_parent, capture_output=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == b"True"
+
+
 # --- the log file --------------------------------------------------------------------------
 
 
@@ -324,3 +363,19 @@ def test_gevent_is_not_blocked_while_a_scrape_is_served(server_process):
         assert peer.request(b"PUT:k:v\nGET:k\nDELETE:k\n") == [b"k:v"]
     gevent.joinall(scrapers, timeout=30, raise_error=True)
     peer.close()
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_usage_error(tmp_path):
+    """``--log-file`` in a directory that does not exist: exit status 2 and one line that
+    says why, as for any bad flag (it was a raw traceback)."""
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "no" / "x.log")
+    result = subprocess.run(
+        [sys.executable, "run_server.py", "--port", str(free_port()), "--log-file", missing],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert b"cannot open --log-file" in result.stderr and b"No such file or directory" in result.stderr
+    assert b"Traceback" not in result.stderr

@@ -506,3 +506,42 @@ def test_a_client_library_pipeline_while_redis_is_down_gets_an_error_per_command
     finally:
         server.close()
         redis.kill()
+
+
+def test_workers_stop_cleanly_after_their_notification_socket_filled_up(
+    server_process, redis_server, tmp_path
+):
+    """Under systemd (NOTIFY_SOCKET), the supervisor reads its workers' notifications for as
+    long as they run, and a worker never waits to send one: once the supervisor had counted
+    its workers' READY=1, it stopped reading, the datagrams of restarted workers piled up
+    (about ten fill a socket's queue), and at SIGTERM each worker's STOPPING=1 waited for
+    ever; the workers were SIGKILLed without flushing. The pile-up is made for real here by
+    sending datagrams to the supervisor's socket (as a dozen restarts would) before SIGTERM."""
+    import socket
+
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # what systemd would give
+    systemd.bind(str(tmp_path / "notify"))
+    systemd.settimeout(30)
+    proc = server_process(
+        "--workers", "2", "--store", redis_server.url, "--shutdown-flush", "0",
+        env={"NOTIFY_SOCKET": str(tmp_path / "notify")}, wait=False,
+    )  # fmt: skip
+    try:
+        assert "READY=1" in systemd.recv(4096).decode().split("\n")  # every worker is serving
+        worker = next(e["pid"] for e in proc.events() if e["event"] == "worker_started")
+        with open(f"/proc/{worker}/environ", "rb") as environ:
+            path = dict(v.split(b"=", 1) for v in environ.read().split(b"\0") if b"=" in v)[b"NOTIFY_SOCKET"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.connect(path)
+            for _ in range(50):  # (a full queue refuses the rest: as many as it holds stay)
+                try:
+                    sock.send(b"READY=1")
+                except BlockingIOError:
+                    pass
+        assert proc.stop(timeout=15) == 0
+        events = [e["event"] for e in proc.events()]
+        assert events.count("server_stopped") == 2 and "worker_killed" not in events, events
+        assert "unhandled_error" not in events
+    finally:
+        systemd.close()

@@ -57,7 +57,7 @@ from kvgevent.logs import (
 )
 from kvgevent.serve.signals import reopen_on_hangup, stop_requested
 from kvgevent.serve.systemd import notify
-from kvgevent.serve.workers import supervise
+from kvgevent.serve.workers import die_with_supervisor, supervise
 from kvgevent.server.server import KeyValueServer
 from kvgevent.stores.aof import AofCorrupt
 from kvgevent.stores.aof_log import DEFAULT_FSYNC, FSYNC_POLICIES
@@ -331,7 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    log_file = LogFile(args.log_file) if args.log_file else None
+    try:
+        log_file = LogFile(args.log_file) if args.log_file else None
+    except OSError as exc:
+        parser.error(f"cannot open --log-file {args.log_file}: {exc.strerror or exc}")
     configure_logging(
         args.log_format, args.log_level, stream=log_file, worker=os.getpid() if args.reuse_port else None
     )
@@ -347,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is seen must start the shutdown, not kill the process. (Not during the store's load: a
     # long AOF replay still ends at once on SIGTERM, nothing served yet.)
     stop = stop_requested(log)
+    if not die_with_supervisor():  # a worker whose supervisor died as it was started
+        log.error("server_start_failed", error="the supervisor of this worker is gone")
+        return 1
     if not _start(server, args, log):
         return 1
     notify(f"READY=1\nSTATUS=serving on {args.host}:{server.port}")

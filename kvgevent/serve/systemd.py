@@ -19,15 +19,18 @@ import gevent.socket
 
 def notify(message: str) -> bool:
     """Send ``message`` (``READY=1``, ``STOPPING=1``, ``STATUS=...``) to systemd, if it asked
-    (``NOTIFY_SOCKET``); True if sent. Never raises: readiness is advice, not a condition."""
+    (``NOTIFY_SOCKET``); True if sent. Never raises and never waits: readiness is advice, not
+    a condition, and a receiver that does not read (its queue of datagrams full) must not hold
+    up a server's start or its shutdown: the message is dropped (False)."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
     address = "\0" + path[1:] if path.startswith("@") else path
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)  # a full queue: BlockingIOError, not a wait
             sock.connect(address)
-            sock.sendall(message.encode())
+            sock.send(message.encode())
     except OSError:
         return False
     return True
@@ -35,7 +38,8 @@ def notify(message: str) -> bool:
 
 class ReadyCollector:
     """A notification socket for the supervisor's workers: they send READY=1 to it (their
-    ``NOTIFY_SOCKET``) as they would to systemd; :meth:`wait` counts them."""
+    ``NOTIFY_SOCKET``) as they would to systemd; :meth:`wait` counts them, :meth:`drain`
+    reads the rest. Whoever reads it is stopped before :meth:`close`."""
 
     def __init__(self) -> None:
         self._directory = tempfile.mkdtemp(prefix="kvgevent-notify-")
@@ -55,6 +59,13 @@ class ReadyCollector:
         except gevent.Timeout:
             pass
         return self.ready >= count
+
+    def drain(self) -> None:
+        """Read and drop whatever comes, until the socket is closed: the workers' later
+        messages (a restarted worker's READY=1, STOPPING=1 at shutdown) must not fill its
+        queue, or their next ``notify`` would find it full."""
+        while True:
+            self._sock.recv(4096)
 
     def close(self) -> None:
         self._sock.close()

@@ -44,6 +44,9 @@ PR_SET_PDEATHSIG = 1
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
+SUPERVISOR_ENV = "KVGEVENT_SUPERVISOR_PID"
+"""The environment variable that gives a worker its supervisor's pid."""
+
 
 def _free_port(host: str, port: int) -> int:
     """Check that ``host:port`` is free (0: pick one); OSError if it is taken."""
@@ -125,6 +128,9 @@ class Supervisor:
         }
         self.env.pop("KVGEVENT_WORKERS", None)
         self.env.pop("KVGEVENT_PORT", None)
+        self.env[SUPERVISOR_ENV] = str(
+            os.getpid()
+        )  # (a worker checks it still has us: see die_with_supervisor)
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * args.workers
         self.started = [0.0] * args.workers
         self.quick_deaths = 0
@@ -140,14 +146,15 @@ class Supervisor:
         self.log.info("workers_starting", workers=args.workers, host=args.host, port=self.port, store=store)
         for slot in range(args.workers):
             self.start(slot)
-        if self.readiness is not None:
-            gevent.spawn(self._report_ready)
+        reporter = gevent.spawn(self._report_ready) if self.readiness is not None else None
         status = 0
         while not self.stop.is_set() and status == 0:
             status = self._check_workers()
             self.stop.wait(0.2)
         notify("STOPPING=1")
         _stop_all(self.workers, args, self.log)
+        if reporter is not None:
+            reporter.kill()  # (its socket is closed next: not under a greenlet reading it)
         if self.readiness is not None:
             self.readiness.close()
         if status == 0:
@@ -184,9 +191,12 @@ class Supervisor:
         return 0
 
     def _report_ready(self) -> None:
+        """READY=1 to systemd once every worker has sent it; then read the workers' later
+        messages for as long as they run (see ReadyCollector.drain)."""
         assert self.readiness is not None
         if self.readiness.wait(len(self.workers), READY_TIMEOUT):
             notify(f"READY=1\nSTATUS={len(self.workers)} workers serving on {self.args.host}:{self.port}")
+        self.readiness.drain()
 
     def _pass_hangup_on(self) -> None:
         for proc in self.workers:
@@ -196,7 +206,16 @@ class Supervisor:
 
 def _die_with_parent() -> None:
     """In the worker, before exec: SIGTERM it if the supervisor dies (even by SIGKILL), so no
-    worker is left serving on its own."""
+    worker is left serving on its own (the worker asks again once it runs: see
+    :func:`die_with_supervisor`); and SIGHUP ignored until the worker handles it itself (the
+    supervisor passes SIGHUP on to every worker, one just started too, whose default action
+    would be to die)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (kept across exec; the worker's handler replaces it)
+    _set_death_signal()
+
+
+def _set_death_signal() -> None:
+    """SIGTERM this process when its parent dies (Linux's PR_SET_PDEATHSIG)."""
     try:
         import ctypes
 
@@ -204,6 +223,19 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass  # not Linux: the supervisor's SIGTERM handling is all there is
+
+
+def die_with_supervisor() -> bool:
+    """In a worker whose signal handlers are installed: ask for SIGTERM when the supervisor
+    dies, and check that it has not died already; False if it has (the worker must exit). The
+    request made before exec can be lost: the supervisor dying before it was made, or its
+    SIGTERM caught between fork and exec by the handler inherited from the supervisor. True
+    for a process not started by a supervisor."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if not supervisor:
+        return True
+    _set_death_signal()
+    return os.getppid() == int(supervisor)
 
 
 def _stop_all(workers: list[Any], args: argparse.Namespace, log: Logger) -> None:
