@@ -545,3 +545,17 @@ def test_workers_stop_cleanly_after_their_notification_socket_filled_up(
         assert "unhandled_error" not in events
     finally:
         systemd.close()
+
+
+def test_a_sigterm_before_the_workers_are_ready_logs_no_error(server_process, redis_server, tmp_path):
+    """Under systemd, a SIGTERM to the supervisor while its workers are still starting stops
+    them with no error logged: the supervisor's notification socket used to be closed under
+    the greenlet still waiting on it for the workers' READY=1 (an ``unhandled_error``)."""
+    proc = server_process(
+        "--workers", "2", "--store", redis_server.url,
+        env={"NOTIFY_SOCKET": str(tmp_path / "notify")}, wait=False,
+    )  # fmt: skip
+    wait_until(lambda: proc.stderr.count(b'"worker_started"') == 2, timeout=20)
+    assert proc.stop(timeout=15) == 0
+    events = [e["event"] for e in proc.events()]
+    assert "workers_stopped" in events and "unhandled_error" not in events, events
