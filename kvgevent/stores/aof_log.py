@@ -76,9 +76,9 @@ ERR_PERSISTENCE = StoreError("persistence failed")
 Payloads = Sequence[bytes]
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 
-Failure = Literal["write", "fsync", "rename"]
+Failure = Literal["write", "fsync"]
 
-FAILURE_EVENTS = {"write": "aof_write_failed", "fsync": "aof_fsync_failed", "rename": "aof_rename_failed"}
+FAILURE_EVENTS = {"write": "aof_write_failed", "fsync": "aof_fsync_failed"}
 """The event that opens a failure episode, by what failed (each logged once per episode)."""
 
 
@@ -480,18 +480,17 @@ class AppendOnlyLog:
 
     # --- switching files (compaction) --------------------------------------------------------
 
-    def switch_to(self, fd: int, size: int, records: int) -> None:
-        """Append to ``fd`` from now on: a rewritten file holding every record written so far
-        (called with the store's lock held). It is not in place yet: no position after this
-        counts as durable until :meth:`finish_switch`."""
+    def switch_to(self, fd: int, size: int, records: int) -> int:
+        """Append to ``fd`` from now on: a rewritten file holding every record written so far,
+        renamed over the log's path already (called with the store's lock held). No position
+        after this counts as durable until :meth:`finish_switch`. Returns the old descriptor,
+        for the caller to close (out of the event loop: closing the last reference to a big
+        file frees its page cache in the call)."""
         old, self.fd, self.size, self.records = self.fd, fd, size, records
         self.generation += 1
         self.torn = False
         self._switching = gevent.event.Event()
-        try:
-            os.close(old)
-        except OSError:
-            pass  # nothing is written through it any more
+        return old
 
     def finish_switch(
         self, position: int, records: int, kind: Failure | None, exc: BaseException | None

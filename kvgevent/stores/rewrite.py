@@ -13,12 +13,14 @@ since, and switches the log to the new file:
 2. **Tail.** The records appended to the old file since T0 are copied as they are, in the
    threadpool, until less than :data:`TAIL_FINAL` is left; the bulk is fsynced (no lock
    held), and the copy catches up again.
-3. **Switch**, under the store's lock but with no wait for the disk: the last records are
-   copied and the log appends to the new file from then on (:meth:`AppendOnlyLog.switch_to`).
-4. **In place**, with no lock: fsync the new file, rename it over the old one, fsync the
-   directory. Only then do positions written after T0 count as durable, so a ``PONG`` under
-   ``--fsync always`` always waits for the file that survives a crash. A failure here leaves
-   the log failing (writes refused) until a rebuild succeeds.
+3. **Switch**, under the store's lock: the last records are copied, the new file is fsynced
+   (what came during the last fsync without the lock: little) and renamed over the old one,
+   and the log appends to it from then on (:meth:`AppendOnlyLog.switch_to`): the path always
+   names a file with every record accepted, whenever the process is killed.
+4. **In place**, with no lock: fsync the new file again (what was appended since the switch)
+   and the directory. Only then do positions written after T0 count as durable, so a
+   ``PONG`` under ``--fsync always`` always waits for the file that survives a power loss. A
+   failure here leaves the log failing (writes refused) until a rebuild succeeds.
 
 Memory: the list of T0 keys (8 bytes a key), the lists saved by copy on first write
 (references, not bytes; a deleted value stays alive until the snapshot is written), and one
@@ -41,7 +43,6 @@ from kvgevent.stores.aof import HEADER, MAGIC
 from kvgevent.stores.aof_log import (
     REWRITE_SUFFIX,
     AppendOnlyLog,
-    Failure,
     fsync_directory,
     in_thread,
     pwrite_all,
@@ -158,15 +159,19 @@ class Rewrite:
             self._copy_tail(TAIL_FINAL)
             in_thread(os.fsync, self.fd)  # the bulk, with no lock held
             self._copy_tail(TAIL_FINAL)
-            self._switch()
-        except BaseException:
+            in_thread(os.fsync, self.fd)  # the rest but what comes meanwhile, still no lock
+            old = self._switch()
+        except BaseException:  # (the switch is all or nothing: the old file is still the log)
             os.close(self.fd)
             try:
                 os.unlink(self.temporary)
             except OSError:
                 pass
             raise
-        self._put_in_place()
+        try:
+            self._put_in_place()
+        finally:
+            _close_old(old)
         return {
             "bytes_before": before,
             "bytes_after": self.aof.size,
@@ -270,28 +275,51 @@ class Rewrite:
             self.size += in_thread(copy_range, self.aof.fd, self.fd, self.copied, end, self.size)
             self.copied = end
 
-    def _switch(self) -> None:
+    def _switch(self) -> int:
+        """Copy the last records, fsync the new file and rename it over the log's path, then
+        append to it: all under the store's lock, so that the path names, at every moment, a
+        file with every record accepted (a kill -9 after a switch that left the new file
+        under its temporary name lost the records appended since: the restart replays the
+        path and deletes the temporary file). The fsync comes first (after a power loss, the
+        name may point to the new file): it covers what came during the last fsync without
+        the lock, little; mutations wait for it, reads do not. Returns the old file's
+        descriptor (see :func:`_close_old`)."""
         aof = self.aof
         with self.store.lock:  # no mutation until the log appends to the new file
             self._check()
             self.size += copy_range(aof.fd, self.fd, self.copied, aof.size, self.size)
             self.copied = aof.size
-            aof.switch_to(self.fd, self.size, self.records + aof.records - self.tail_records_from)
+            in_thread(os.fsync, self.fd)
+            self._check()  # (again: the log may have failed meanwhile; nothing yields after this)
+            # In the event loop: no wait, the old file's pages stay held by the log's descriptor.
+            os.rename(self.temporary, self.path)
+            return aof.switch_to(self.fd, self.size, self.records + aof.records - self.tail_records_from)
 
     def _put_in_place(self) -> None:
-        """fsync, rename, fsync the directory; then the log's positions count as durable."""
+        """fsync the new file (what was appended since the switch) and the directory; then
+        the log's positions count as durable."""
         position, records = self.aof.written, self.aof.written_records
-        kind: Failure = "fsync"
         try:
             in_thread(os.fsync, self.fd)
-            kind = "rename"
-            # In the threadpool: the old file loses its last link here, and the kernel frees
-            # its page cache in this call (bench/OPTIMISATIONS.md, "the rename's page cache").
-            in_thread(os.rename, self.temporary, self.path)
-            kind = "fsync"
             in_thread(fsync_directory, self.path)
         except BaseException as exc:  # killed too: the log must not believe the file is in place
             failure = exc if isinstance(exc, Exception) else OSError(errno.EINTR, "interrupted")
-            self.aof.finish_switch(position, records, kind, failure)
+            self.aof.finish_switch(position, records, "fsync", failure)
             raise
         self.aof.finish_switch(position, records, None, None)
+
+
+def _close_old(fd: int) -> None:
+    """Close the replaced file's descriptor ``fd`` (an error is of no consequence: nothing is
+    written through it any more). The file loses its last reference here, and the kernel
+    frees its page cache in the call: in the threadpool (bench/OPTIMISATIONS.md, "the
+    rename's page cache"). A kill while this waits leaves the close to the thread, which
+    runs it anyway (closing it here too could close a descriptor number reused meanwhile)."""
+    in_thread(_close, fd)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
