@@ -907,9 +907,9 @@ def test_a_failure_during_a_compactions_switch_never_ends_the_episode_early(tmp_
     faults.rename_fails = False
     real_put_in_place = rewrite.Rewrite._put_in_place
 
-    def slowly(self):
+    def slowly(self, old):
         faults.slow = True
-        real_put_in_place(self)
+        real_put_in_place(self, old)
 
     monkeypatch.setattr(rewrite.Rewrite, "_put_in_place", slowly)
     compacting = gevent.spawn(store.rewrite)
@@ -975,7 +975,7 @@ def test_a_kill_right_after_a_compactions_switch_loses_nothing_written(tmp_path,
         for i in range(200):
             store.put(b"k", b"before-%d" % i)
 
-        def put_in_place(self):  # the compaction's next step after its switch
+        def put_in_place(self, old):  # the compaction's next step after its switch
             for i in range(50):
                 store.put(b"k", b"after-%d" % i)
             os.kill(os.getpid(), signal.SIGKILL)

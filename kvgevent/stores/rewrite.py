@@ -168,10 +168,7 @@ class Rewrite:
             except OSError:
                 pass
             raise
-        try:
-            self._put_in_place()
-        finally:
-            _close_old(old)
+        self._put_in_place(old)
         return {
             "bytes_before": before,
             "bytes_after": self.aof.size,
@@ -283,7 +280,7 @@ class Rewrite:
         path and deletes the temporary file). The fsync comes first (after a power loss, the
         name may point to the new file): it covers what came during the last fsync without
         the lock, little; mutations wait for it, reads do not. Returns the old file's
-        descriptor (see :func:`_close_old`)."""
+        descriptor (see :meth:`_put_in_place`)."""
         aof = self.aof
         with self.store.lock:  # no mutation until the log appends to the new file
             self._check()
@@ -295,11 +292,17 @@ class Rewrite:
             os.rename(self.temporary, self.path)
             return aof.switch_to(self.fd, self.size, self.records + aof.records - self.tail_records_from)
 
-    def _put_in_place(self) -> None:
-        """fsync the new file (what was appended since the switch) and the directory; then
-        the log's positions count as durable."""
+    def _put_in_place(self, old: int) -> None:
+        """Close the old file (``old``, its descriptor), fsync the new one (what was appended
+        since the switch) and the directory; then the log's positions count as durable (and
+        nothing yields until the caller has logged the compaction)."""
         position, records = self.aof.written, self.aof.written_records
         try:
+            # The old file loses its last reference here, and the kernel frees its page cache
+            # in the call: in the threadpool (bench/OPTIMISATIONS.md, "the rename's page
+            # cache"). (A kill while this waits leaves the close to the thread, which runs it
+            # anyway: closing it here too could close a descriptor number reused meanwhile.)
+            in_thread(_close, old)
             in_thread(os.fsync, self.fd)
             in_thread(fsync_directory, self.path)
         except BaseException as exc:  # killed too: the log must not believe the file is in place
@@ -309,16 +312,8 @@ class Rewrite:
         self.aof.finish_switch(position, records, None, None)
 
 
-def _close_old(fd: int) -> None:
-    """Close the replaced file's descriptor ``fd`` (an error is of no consequence: nothing is
-    written through it any more). The file loses its last reference here, and the kernel
-    frees its page cache in the call: in the threadpool (bench/OPTIMISATIONS.md, "the
-    rename's page cache"). A kill while this waits leaves the close to the thread, which
-    runs it anyway (closing it here too could close a descriptor number reused meanwhile)."""
-    in_thread(_close, fd)
-
-
 def _close(fd: int) -> None:
+    """Close ``fd``; an error is of no consequence (nothing is written through it any more)."""
     try:
         os.close(fd)
     except OSError:
