@@ -22,6 +22,11 @@ ordinary replies need, yet one stuck client reading huge values cannot take the 
 DEFAULT_MAX_CLIENTS = 10_000
 """Clients served at once; one more gets ``ERR max clients reached`` and is closed."""
 
+FD_RESERVE = 32
+"""File descriptors kept for what is not a client (the listening socket, the log and
+append-only files, a compaction's, the Redis store's connections, the metrics port): the
+server lowers --max-clients to its open files limit less these, as Redis does."""
+
 DEFAULT_IDLE_TIMEOUT = 0.0
 """Seconds a client may send nothing before it is closed; 0 = never (as in Redis)."""
 

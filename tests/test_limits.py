@@ -303,3 +303,49 @@ def test_errors_are_counted_when_auth_failures_close_a_connection(make_server, c
     assert peer.read_lines(10) == [b"ERR invalid password"] * 10
     wait_until(lambda: server.count_dropped() == 1)
     assert server.stats()["errors"] == 10
+
+
+def test_max_clients_is_lowered_to_what_the_open_files_limit_allows(tmp_path):
+    """With a limit of 100 open files (a real RLIMIT_NOFILE, soft and hard, set in the server's
+    process before it starts) --max-clients 10000 cannot be kept: accepting the 100th client
+    would fail with EMFILE, and clients then waited in the backlog with no answer while the
+    log filled with unhandled errors. The server lowers --max-clients to the limit less
+    FD_RESERVE, says so once (``max_clients_lowered``), and the client past it gets
+    ``ERR max clients reached``."""
+    import json
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    from kvgevent.config import FD_RESERVE
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "run_server.py", "--host", "127.0.0.1", "--port", str(port), "--log-file", str(log)],
+        cwd=Path(__file__).resolve().parent.parent, preexec_fn=limited,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    peers: list[Peer] = []
+    try:
+        wait_until(lambda: log.exists() and b"server_started" in log.read_bytes(), 15, "no server_started")
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        lowered = [e for e in events if e["event"] == "max_clients_lowered"]
+        assert [(e["max_clients"], e["asked"]) for e in lowered] == [(100 - FD_RESERVE, 10_000)]
+        for _ in range(100 - FD_RESERVE):
+            peers.append(Peer(port))
+            assert peers[-1].request(b"") == []  # (served: its PONG came)
+        extra = Peer(port)
+        assert extra.read_lines(1) == [b"ERR max clients reached"]
+        extra.close()
+    finally:
+        for peer in peers:
+            peer.close()
+        proc.terminate()
+        proc.wait(timeout=15)

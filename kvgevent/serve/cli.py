@@ -44,6 +44,7 @@ from kvgevent.config import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_REDIS_TIMEOUT,
     DEFAULT_SHUTDOWN_FLUSH,
+    FD_RESERVE,
 )
 from kvgevent.logs import (
     DEFAULT_LOG_FORMAT,
@@ -254,6 +255,24 @@ def raise_fd_limit() -> int:
     return soft
 
 
+def clients_within(fd_limit: int, max_clients: int, log: Logger) -> int:
+    """``max_clients``, lowered (and logged, ``max_clients_lowered``) to what ``fd_limit``
+    open files allow with FD_RESERVE kept: past it, accepting a client fails with EMFILE,
+    and the client waits in the kernel's backlog with no answer instead of getting
+    ``ERR max clients reached``."""
+    allowed = max(1, fd_limit - FD_RESERVE)
+    if max_clients <= allowed:
+        return max_clients
+    log.warning(
+        "max_clients_lowered",
+        max_clients=allowed,
+        asked=max_clients,
+        max_open_files=fd_limit,
+        hint="raise the limit on open files (ulimit -n, systemd's LimitNOFILE=) to serve more",
+    )
+    return allowed
+
+
 def open_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
     """The store the flags ask for, loaded; None (after logging why) if it cannot be."""
     if args.store != "memory":
@@ -342,7 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1:
         return supervise(args, parser, log, log_file)
     reopen_on_hangup(log_file)
-    log.debug("fd_limit", max_open_files=raise_fd_limit())
+    fd_limit = raise_fd_limit()
+    log.debug("fd_limit", max_open_files=fd_limit)
+    args.max_clients = clients_within(fd_limit, args.max_clients, log)
     server = _make_server(args, log)
     if server is None:
         return 1
