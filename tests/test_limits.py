@@ -307,11 +307,11 @@ def test_errors_are_counted_when_auth_failures_close_a_connection(make_server, c
 
 def test_max_clients_is_lowered_to_what_the_open_files_limit_allows(tmp_path):
     """With a limit of 100 open files (a real RLIMIT_NOFILE, soft and hard, set in the server's
-    process before it starts) --max-clients 10000 cannot be kept: accepting the 100th client
+    process before it starts) --max-clients 5000 cannot be kept: accepting the 100th client
     would fail with EMFILE, and clients then waited in the backlog with no answer while the
     log filled with unhandled errors. The server lowers --max-clients to the limit less
-    FD_RESERVE, says so once (``max_clients_lowered``), and the client past it gets
-    ``ERR max clients reached``."""
+    FD_RESERVE, says so once (``max_clients_lowered``; the default adapts without a word,
+    shown in ``server_started``), and the client past it gets ``ERR max clients reached``."""
     import json
     import resource
     import subprocess
@@ -328,7 +328,7 @@ def test_max_clients_is_lowered_to_what_the_open_files_limit_allows(tmp_path):
     port = free_port()
     log = tmp_path / "server.log"
     proc = subprocess.Popen(
-        [sys.executable, "run_server.py", "--host", "127.0.0.1", "--port", str(port), "--log-file", str(log)],
+        [sys.executable, "run_server.py", "--port", str(port), "--max-clients=5000", "--log-file", str(log)],
         cwd=Path(__file__).resolve().parent.parent, preexec_fn=limited,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -337,7 +337,8 @@ def test_max_clients_is_lowered_to_what_the_open_files_limit_allows(tmp_path):
         wait_until(lambda: log.exists() and b"server_started" in log.read_bytes(), 15, "no server_started")
         events = [json.loads(line) for line in log.read_text().splitlines()]
         lowered = [e for e in events if e["event"] == "max_clients_lowered"]
-        assert [(e["max_clients"], e["asked"]) for e in lowered] == [(100 - FD_RESERVE, 10_000)]
+        assert [(e["max_clients"], e["asked"]) for e in lowered] == [(100 - FD_RESERVE, 5000)]
+        assert [e["max_clients"] for e in events if e["event"] == "server_started"] == [100 - FD_RESERVE]
         for _ in range(100 - FD_RESERVE):
             peers.append(Peer(port))
             assert peers[-1].request(b"") == []  # (served: its PONG came)

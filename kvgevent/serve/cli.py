@@ -256,13 +256,16 @@ def raise_fd_limit() -> int:
 
 
 def clients_within(fd_limit: int, max_clients: int, log: Logger) -> int:
-    """``max_clients``, lowered (and logged, ``max_clients_lowered``) to what ``fd_limit``
-    open files allow with FD_RESERVE kept: past it, accepting a client fails with EMFILE,
-    and the client waits in the kernel's backlog with no answer instead of getting
-    ``ERR max clients reached``."""
+    """``max_clients``, lowered to what ``fd_limit`` open files allow with FD_RESERVE kept:
+    past it, accepting a client fails with EMFILE, and the client waits in the kernel's
+    backlog with no answer instead of getting ``ERR max clients reached``. A value asked
+    for (not the default, which adapts quietly: ``server_started`` shows it) that cannot be
+    kept is logged (``max_clients_lowered``)."""
     allowed = max(1, fd_limit - FD_RESERVE)
     if max_clients <= allowed:
         return max_clients
+    if max_clients == DEFAULT_MAX_CLIENTS:
+        return allowed
     log.warning(
         "max_clients_lowered",
         max_clients=allowed,
