@@ -200,6 +200,22 @@ class WrappedStore(KVStore):
         return self.inner.count_keys()
 
 
+class Systemd:
+    """The notification socket systemd would give a Type=notify service."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = str(directory / "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(30)
+
+    def next(self) -> str:
+        return self.sock.recv(4096).decode()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Peer:
     """A raw protocol client over a (gevent-patched) socket, for byte-exact assertions; with
     ``tls`` (a client SSLContext) it speaks TLS through kvgevent's own TlsStream."""

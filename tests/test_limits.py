@@ -7,7 +7,7 @@ import time
 
 import gevent
 import pytest
-from conftest import Peer, log_events, wait_until
+from conftest import Peer, free_port, log_events, wait_until
 
 from kvgevent import KeyValueServer
 from kvgevent.client import Client
@@ -317,8 +317,6 @@ def test_max_clients_is_lowered_to_what_the_open_files_limit_allows(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-
-    from conftest import free_port
 
     from kvgevent.config import FD_RESERVE
 

@@ -16,7 +16,7 @@ import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Peer, RedisProcess, free_port, needs_redis, read_stats, wait_until
+from tests.conftest import Peer, RedisProcess, Systemd, free_port, needs_redis, read_stats, wait_until
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -185,22 +185,6 @@ def test_every_worker_serves_its_own_metrics_port(server_process, redis_server):
 
 
 # --- systemd ------------------------------------------------------------------------------
-
-
-class Systemd:
-    """The notification socket systemd would give a Type=notify service."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = str(directory / "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(30)
-
-    def next(self) -> str:
-        return self.sock.recv(4096).decode()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -14,6 +14,7 @@ from conftest import (
     ROOT,
     Peer,
     RedisProcess,
+    Systemd,
     log_events,
     needs_redis,
     redis_store,
@@ -519,15 +520,13 @@ def test_workers_stop_cleanly_after_their_notification_socket_filled_up(
     sending datagrams to the supervisor's socket (as a dozen restarts would) before SIGTERM."""
     import socket
 
-    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # what systemd would give
-    systemd.bind(str(tmp_path / "notify"))
-    systemd.settimeout(30)
+    systemd = Systemd(tmp_path)
     proc = server_process(
         "--workers", "2", "--store", redis_server.url, "--shutdown-flush", "0",
-        env={"NOTIFY_SOCKET": str(tmp_path / "notify")}, wait=False,
+        env={"NOTIFY_SOCKET": systemd.path}, wait=False,
     )  # fmt: skip
     try:
-        assert "READY=1" in systemd.recv(4096).decode().split("\n")  # every worker is serving
+        assert "READY=1" in systemd.next().split("\n")  # every worker is serving
         worker = next(e["pid"] for e in proc.events() if e["event"] == "worker_started")
         with open(f"/proc/{worker}/environ", "rb") as environ:
             path = dict(v.split(b"=", 1) for v in environ.read().split(b"\0") if b"=" in v)[b"NOTIFY_SOCKET"]

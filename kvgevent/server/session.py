@@ -285,6 +285,9 @@ class Session:
         (the general path refuses it). A store that failed as a whole: each command its ERR
         line. (No work is counted for the store's part, as the general path counts none for a
         store kept elsewhere.)"""
+        guard = self.shared.guard
+        # (looked at once a batch, GETs alone too: it also sets how much a big reply may queue)
+        puts = not (guard.limit and guard.over())
         first = items[0]
         if (
             store.get_plain is not None
@@ -295,14 +298,10 @@ class Session:
         ):
             keys = _get_keys(items)
             if keys is not None:  # GETs only (the usual read): quicker by themselves
-                guard = self.shared.guard
-                if guard.limit:
-                    guard.over()  # (as the general path: it sets how much a big reply may queue)
                 self.verb = Get
                 store.applied["get"] += len(keys)
                 return len(keys), self._fetched_values(keys, store, out)
-        guard = self.shared.guard
-        ops, kinds, pongs = _plain_ops(items, not (guard.limit and guard.over()), not store.needs_barrier)
+        ops, kinds, pongs = _plain_ops(items, puts, not store.needs_barrier)
         if not ops:
             return 0, None
         self.verb = _first_verb(ops, pongs)
@@ -311,16 +310,13 @@ class Session:
             applied[verb] += count
         if kinds[0] > ROUND_TRIP_GETS:  # (their values would all be here at once)
             return len(ops) + len(pongs), self._in_groups(ops, pongs, store, out)
-        return len(ops) + len(pongs), self._ponged_replies(ops, _fetched(store, ops), out, pongs)
+        return len(ops) + len(pongs), self._ponged_replies(ops, _fetched(store.apply_plain, ops), out, pongs)
 
     def _fetched_values(self, keys: list[bytes], store: KVStore, out: list[bytes]) -> Actions | None:
         """:meth:`_applied_plainly` for a batch of GETs only (their ``keys``), through
         ``store.get_plain``: the usual replies built here; if one is not (a big reply, an
         error), all of them as :meth:`_ponged_replies` builds them."""
-        try:
-            results = store.get_plain(keys)  # type: ignore[misc]  # (the caller checked it is not None)
-        except KVError as exc:  # failed as a whole: as _fetched
-            results = [exc.fresh()] * len(keys)
+        results = _fetched(store.get_plain, keys)
         mark = len(out)
         append = out.append
         for key, values in zip(keys, results, strict=True):
@@ -384,7 +380,7 @@ class Session:
         results: list[Result] = []
         start = 0
         for end in _group_ends(ops):
-            results += _fetched(store, ops[start:end])
+            results += _fetched(store.apply_plain, ops[start:end])
             # the PINGs after this group's commands (and before the next group's)
             ponged = [p for p in pongs if start < p <= end or p == start == 0]
             yield from self._ponged_rest(ops, results, out, ponged, start)
@@ -762,12 +758,12 @@ class Session:
             self.logger().warning("line_too_long", max_line=self.max_line)
 
 
-def _fetched(store: KVStore, ops: list[PlainOp]) -> list[Result]:
-    """``store.apply_plain(ops)``'s results; if the store failed as a whole, its error for
-    each op (a fresh one: the raised error's traceback would hold the batch), counted as its
-    ERR line is added."""
+def _fetched(fetch: Callable[[list[Any]], list[Result]] | None, ops: list[Any]) -> list[Result]:
+    """``fetch(ops)``'s results (a store's ``apply_plain`` or ``get_plain``); if the store
+    failed as a whole, its error for each op (a fresh one: the raised error's traceback would
+    hold the batch), counted as its ERR line is added."""
     try:
-        return store.apply_plain(ops)  # type: ignore[misc]  # (the caller checked it is not None)
+        return fetch(ops)  # type: ignore[misc]  # (the callers checked it is not None)
     except KVError as exc:
         return [exc.fresh()] * len(ops)
 

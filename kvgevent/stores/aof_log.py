@@ -492,23 +492,18 @@ class AppendOnlyLog:
         self._switching = gevent.event.Event()
         return old
 
-    def finish_switch(
-        self, position: int, records: int, kind: Failure | None, exc: BaseException | None
-    ) -> None:
-        """The switched-to file is in place, fsynced up to ``position`` (``exc`` is None), or
-        it could not be put in place (``kind`` of failure and ``exc``): then only a rebuild
-        makes anything written since the switch durable."""
+    def finish_switch(self, position: int, records: int, exc: BaseException | None) -> None:
+        """The switched-to file (at the log's path already) is fsynced up to ``position``,
+        and its directory too (``exc`` is None), or one of those fsyncs failed (``exc``): then
+        only a rebuild makes anything written since the switch durable."""
         if exc is None:
             self._mark_durable(position, records)
             self.rewrites += 1
             self.lost = False
         else:
-            if kind == "fsync":
-                self.fsync_errors += 1
-            else:
-                self.write_errors += 1
+            self.fsync_errors += 1
             self.lost = True
-            self._fail(kind or "fsync", exc)
+            self._fail("fsync", exc)
         switching, self._switching = self._switching, None
         if switching is not None:
             switching.set()

@@ -307,9 +307,9 @@ class Rewrite:
             in_thread(fsync_directory, self.path)
         except BaseException as exc:  # killed too: the log must not believe the file is in place
             failure = exc if isinstance(exc, Exception) else OSError(errno.EINTR, "interrupted")
-            self.aof.finish_switch(position, records, "fsync", failure)
+            self.aof.finish_switch(position, records, failure)
             raise
-        self.aof.finish_switch(position, records, None, None)
+        self.aof.finish_switch(position, records, None)
 
 
 def _close(fd: int) -> None:
