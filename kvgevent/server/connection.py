@@ -32,6 +32,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+from gevent import GreenletExit
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.queue import Queue, UnboundQueue
@@ -405,6 +406,8 @@ class Connection:
                     return
         except OSError as exc:
             self._write_failed(exc)
+        except GreenletExit:
+            pass  # killed: end as a plain return, so that no traceback pins the batch
 
     @staticmethod
     def _gather(queue: Queue, data: bytes) -> tuple[bytes, bool]:
