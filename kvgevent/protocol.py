@@ -131,6 +131,12 @@ class LineBuffer:
         """Bytes of an incomplete line held now (always <= ``max_line``)."""
         return len(self._partial)
 
+    @property
+    def allocated(self) -> int:
+        """Bytes allocated for the incomplete line: what it costs in memory (``pending`` plus
+        the bytearray's growth room, up to an eighth more)."""
+        return self._partial.__alloc__()
+
     def feed(self, data: bytes) -> list[bytes | ProtocolError]:
         """Add received bytes; return the lines (or too-long markers) they complete."""
         out: list[bytes | ProtocolError] = []

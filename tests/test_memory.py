@@ -13,6 +13,7 @@ from typing import Any
 import gevent
 import pytest
 
+from kvgevent.server.memory import MEMORY_TRIM_INTERVAL
 from tests.conftest import Peer, ServerProcess, read_stats, wait_until
 
 MiB = 1 << 20
@@ -373,6 +374,44 @@ def test_many_clients_holding_small_unfinished_lines_are_disconnected_too(run_se
         assert rss(server.proc.pid) < limit * 1.1 + SLACK
         assert polite.request(b"GET:k\n") == [b"k:v"]  # (writes may still be refused: 1,500
         # connections of 16 kB each are most of the 64M, and they are not evicted for it)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_after_a_burst_of_evictions_rss_comes_back_under_the_limit(run_server, peers):
+    """400 connections grow 1 MB unfinished lines side by side, 8 KiB at a time (400 MB)
+    against --max-memory 128M. Growing buffers interleaved leave holes the allocator keeps:
+    once the biggest holders were disconnected, RSS stayed at 164 MiB until the 10 s trim
+    for departed clients (measured; peak 175). Now the guard hands freed pages back as soon
+    as a burst of evictions is over: RSS fell to 126 MiB at once (peak 171)."""
+    limit = 128 * MiB
+    server = run_server("--max-memory", "128M")
+    polite = peers(server.port)
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(400)]
+    try:
+        left = {sock: b"PUT:k:" + b"x" * (BIG_VALUE - 6) for sock in socks}
+        deadline = time.monotonic() + 120
+        for sock in socks:
+            sock.setblocking(False)
+        while left and time.monotonic() < deadline:
+            for sock in list(left):
+                try:
+                    left[sock] = left[sock][sock.send(left[sock][:8192]) :]
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    left[sock] = b""  # disconnected for memory: what this test is after
+                if not left[sock]:
+                    del left[sock]
+            assert rss(server.proc.pid) < limit * 1.5 + SLACK
+        assert not left, "the server stopped reading"
+        assert read_stats(polite)["evicted_clients"] > 0
+        wait_until(
+            lambda: rss(server.proc.pid) < limit + SLACK,
+            timeout=MEMORY_TRIM_INTERVAL / 2,
+            message="RSS back under the limit soon after the evictions",
+        )
     finally:
         for sock in socks:
             sock.close()

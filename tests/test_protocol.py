@@ -311,3 +311,16 @@ def test_the_servers_status_lines_are_classified():
     assert classify_reply(protocol.PONG[:-1]) is ReplyKind.PONG
     assert classify_reply(protocol.OK[:-1]) is ReplyKind.OK
     assert classify_reply(stats_line({"active": 1, "keys": 2, "uptime_s": 3})[:-1]) is ReplyKind.OTHER
+
+
+def test_allocated_counts_what_an_incomplete_line_takes_in_memory():
+    """What --max-memory counts for an incomplete line: its allocation, which grows ahead of
+    its length (a line received 8 KiB at a time holds up to an eighth more); nothing once the
+    line is complete."""
+    buf = LineBuffer()
+    for _ in range(64):
+        buf.feed(b"x" * 8192)
+    assert buf.pending == 64 * 8192
+    assert buf.pending <= buf.allocated <= buf.pending * 9 // 8 + 64
+    assert buf.feed(b"\n") == [b"x" * 64 * 8192]
+    assert buf.pending == buf.allocated == 0

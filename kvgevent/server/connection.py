@@ -140,7 +140,7 @@ class Connection:
         self.failed: str | None = None  # why writing failed, once it has
         self.last_seen = time.monotonic()  # when the client last sent bytes
         self.guard = guard
-        self.input_held = 0  # bytes of an incomplete request line counted in guard.buffered
+        self.input_held = 0  # bytes allocated for an incomplete request line, counted in guard.buffered
         self.released = False  # release() has run: nothing more is counted
         self.heavy = False  # its last turn held the loop for HEAVY_TURN: the next one queues
         self.session: Any = None  # its Session (kvgevent.server.session), set by the server
@@ -320,8 +320,9 @@ class Connection:
             self.waiting = False
 
     def note_input(self) -> None:
-        """Count the incomplete request line the buffer holds now (after a ``feed``)."""
-        held = self.buffer.pending
+        """Count the incomplete request line the buffer holds now (after a ``feed``): the
+        memory allocated for it, which runs ahead of its length."""
+        held = self.buffer.allocated
         delta = held - self.input_held
         if delta and not self.released:
             self.input_held = held

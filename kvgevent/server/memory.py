@@ -9,7 +9,8 @@ Giving freed memory back to the operating system:
 CPython hands objects over 512 bytes (reply lines, values) to the C allocator. After a burst
 (say, a thousand clients that never read, each holding 500 queued replies) glibc keeps the
 freed memory for reuse, and RSS stays at its peak; ``malloc_trim(0)`` gives most of it back
-(bench/OPTIMISATIONS.md, "malloc_trim").
+(bench/OPTIMISATIONS.md, "malloc_trim"): every MEMORY_TRIM_INTERVAL once clients left, and
+with ``--max-memory`` as soon as a burst of evictions is over.
 """
 
 from __future__ import annotations
@@ -179,25 +180,38 @@ class MemoryGuard:
         import gevent.event
 
         self._wake = gevent.event.Event()
+        trim_due = False
         while True:
             self._wake.wait(MEMORY_CHECK_INTERVAL)
             self._wake.clear()
             self.mark = self.buffered + MEMORY_CHECK_STEP
             self.over()  # (sets queue_cap)
             excess = self.used() - self.limit
-            if excess > 0:
-                # Client buffers up to the allowance are never the reason: with the store
-                # full, refusing writes is enough, and a client can still read values out.
-                excess = min(excess, self.buffered - self.limit // CLIENT_ALLOWANCE)
-                if excess > 0:
-                    evicted = evict(excess, EVICT_MIN_BYTES)
-                    if evicted:
-                        self.evicted += evicted
-                        self._last_bite = time.monotonic()
-                        self._begin()
-                        self._episode["evicted_clients"] += evicted  # type: ignore[index]  # (_begin made the episode)
-            elif self._episode is not None and time.monotonic() - self._last_bite >= MEMORY_OK_QUIET:
+            evicted = self._evict(excess, evict) if excess > 0 else 0
+            if trim_due and not evicted:
+                # A burst of evictions is over: their buffers were freed at the last check,
+                # and the allocator keeps the pages; with a limit set, RSS is watched.
+                release_free_memory()
+            trim_due = evicted > 0
+            quiet = time.monotonic() - self._last_bite >= MEMORY_OK_QUIET
+            if excess <= 0 and self._episode is not None and quiet:
                 self._end()
+
+    def _evict(self, excess: int, evict: Callable[[int, int], int]) -> int:
+        """Disconnect clients for ``excess`` bytes over the limit, if client buffers are the
+        reason; returns how many were disconnected."""
+        # Client buffers up to the allowance are never the reason: with the store full,
+        # refusing writes is enough, and a client can still read values out.
+        excess = min(excess, self.buffered - self.limit // CLIENT_ALLOWANCE)
+        if excess <= 0:
+            return 0
+        evicted = evict(excess, EVICT_MIN_BYTES)
+        if evicted:
+            self.evicted += evicted
+            self._last_bite = time.monotonic()
+            self._begin()
+            self._episode["evicted_clients"] += evicted  # type: ignore[index]  # (_begin made the episode)
+        return evicted
 
     def _begin(self) -> None:
         if self._episode is not None:
