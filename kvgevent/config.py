@@ -22,6 +22,11 @@ ordinary replies need, yet one stuck client reading huge values cannot take the 
 DEFAULT_MAX_CLIENTS = 10_000
 """Clients served at once; one more gets ``ERR max clients reached`` and is closed."""
 
+REJECTED_QUIET = 1.0
+"""Seconds without a client refused over --max-clients after which the episode of refusals is
+over (one ``client_rejected`` when it begins, one ``client_rejected_ended`` then): not when a
+client is accepted again, or one freeing a slot and reconnecting in a loop logs two per turn."""
+
 FD_RESERVE = 32
 """File descriptors kept for what is not a client (the listening socket, the log and
 append-only files, a compaction's, the Redis store's connections, the metrics port): the

@@ -7,7 +7,7 @@ import time
 
 import gevent
 import pytest
-from conftest import Peer, free_port, log_events, wait_until
+from conftest import Peer, free_port, log_events, read_stats, wait_until
 
 from kvgevent import KeyValueServer
 from kvgevent.client import Client
@@ -63,6 +63,60 @@ def test_client_over_max_clients_is_told_and_closed(make_server, connect, log_st
     assert connect(server.port).request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
     (event,) = [e for e in log_events(log_stream) if e["event"] == "client_rejected"]
     assert event["reason"] == "max_clients"
+
+
+def _refused(port: int, times: int) -> None:
+    """Connect ``times`` times in a row, each refused over --max-clients (its ERR, then EOF)."""
+    for _ in range(times):
+        extra = Peer(port)
+        try:
+            assert extra.read_lines(1) == [b"ERR max clients reached"]
+            assert extra.sock.recv(10) == b""
+        finally:
+            extra.close()
+
+
+def _named(stream, name: str) -> list[dict]:
+    return [e for e in log_events(stream) if e["event"] == name]
+
+
+def test_refusals_are_logged_once_per_episode(make_server, connect, log_stream):
+    """A client reconnecting in a loop while the server is full (18.7k log lines in 10 s when
+    every refusal was logged) makes one ``client_rejected``; every refusal is still counted;
+    REJECTED_QUIET after the last one, one ``client_rejected_ended`` says how many there were
+    and for how long. A later refusal begins a second episode, logged again."""
+    server = make_server(max_clients=1)
+    holder = connect(server.port)
+    holder.request(b"")
+    _refused(server.port, 50)
+    assert read_stats(holder)["rejected"] == 50
+    (first,) = _named(log_stream, "client_rejected")
+    assert (first["reason"], first["active"], first["rejected"]) == ("max_clients", 1, 1)
+    assert "peer" in first
+    wait_until(lambda: _named(log_stream, "client_rejected_ended"), timeout=10)
+    (ended,) = _named(log_stream, "client_rejected_ended")
+    assert (ended["refused"], ended["rejected"]) == (50, 50)
+    assert 0 <= ended["seconds"] < 30
+
+    _refused(server.port, 3)
+    second = _named(log_stream, "client_rejected")
+    assert len(second) == 2 and second[1]["rejected"] == 51
+    wait_until(lambda: len(_named(log_stream, "client_rejected_ended")) == 2, timeout=10)
+    assert _named(log_stream, "client_rejected_ended")[1]["refused"] == 3
+    assert read_stats(holder)["rejected"] == 53
+
+
+def test_shutdown_ends_an_open_episode_of_refusals(make_server, connect, log_stream):
+    """A server closed while clients are being refused logs the episode's end once, before
+    ``server_stopped`` (and not again later)."""
+    server = make_server(max_clients=1)
+    connect(server.port).request(b"")
+    _refused(server.port, 5)
+    server.close(flush_timeout=0.5)
+    names = [e["event"] for e in log_events(log_stream)]
+    assert names.count("client_rejected") == 1 and names.count("client_rejected_ended") == 1
+    assert names.index("client_rejected_ended") < names.index("server_stopped")
+    assert _named(log_stream, "client_rejected_ended")[0]["refused"] == 5
 
 
 def test_listen_backlog_is_set_explicitly(make_server):

@@ -49,6 +49,7 @@ from kvgevent.config import (
     MAX_SEND_BATCH,
     PRE_AUTH_LINE_COST,
     RECV_SIZE,
+    REJECTED_QUIET,
     REPLY_CHUNK,
     REPORT_INTERVAL,
     TLS_HANDSHAKE_TIMEOUT,
@@ -62,6 +63,7 @@ from kvgevent.protocol import NEWLINE
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.connection import Connection
 from kvgevent.server.counters import Counters
+from kvgevent.server.episodes import Episode
 from kvgevent.server.memory import MemoryGuard, release_free_memory, release_memory_loop
 from kvgevent.server.net import is_loopback, reuse_port_listener, worker_name
 from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
@@ -219,6 +221,8 @@ class KeyValueServer:
         self._janitor: gevent.Greenlet | None = None
         self._writer_sweeper: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
+        self._rejecting = Episode()  # clients refused over --max-clients
+        self._rejecting_watch: gevent.Greenlet | None = None  # ends that episode once quiet
         self._worker = worker_name()
         self._reported = 0  # dropped clients already published to a shared store
         self._ids = itertools.count(1)
@@ -365,6 +369,7 @@ class KeyValueServer:
                 self._guard,
                 self._auth_sweeper,
                 self._writer_sweeper,
+                self._rejecting_watch,
             )
             for helper in helpers:
                 if helper is not None:
@@ -381,6 +386,7 @@ class KeyValueServer:
             self._turns.close()
             if self._monitor is not None:
                 self._monitor.close()
+            self._end_rejecting()
             c = self.counters
             self.log.info(
                 "server_stopped",
@@ -457,13 +463,17 @@ class KeyValueServer:
         return conn
 
     def _reject(self, sock: Any, peer: str) -> None:
-        """Over --max-clients: say why (plain TCP only) and close at once."""
+        """Over --max-clients: say why (plain TCP only) and close at once. Every refusal is
+        counted; the first of an episode is logged (``client_rejected``), the episode's end
+        too, REJECTED_QUIET after the last refusal or at shutdown (``client_rejected_ended``)."""
         self.counters.rejected += 1
         if self._tls is None:
             try:
                 sock.send(ERR_MAX_CLIENTS.reply)  # a few bytes into an empty buffer: never blocks
             except OSError:
                 pass
+        if not self._rejecting.note():
+            return
         self.log.warning(
             "client_rejected",
             peer=peer,
@@ -471,6 +481,25 @@ class KeyValueServer:
             active=len(self._conns),
             rejected=self.counters.rejected,
         )
+        self._rejecting_watch = gevent.spawn(self._watch_rejecting)
+
+    def _watch_rejecting(self) -> None:
+        """Wait until no client was refused for REJECTED_QUIET, then end the episode."""
+        while (left := REJECTED_QUIET - self._rejecting.quiet()) > 0:
+            gevent.sleep(left)
+        self._end_rejecting()
+
+    def _end_rejecting(self) -> None:
+        """Log the end of an episode of refusals, if one is open (``client_rejected_ended``)."""
+        ended = self._rejecting.end()
+        if ended is not None:
+            self.log.info(
+                "client_rejected_ended",
+                refused=ended.occurrences,
+                seconds=ended.seconds,
+                active=len(self._conns),
+                rejected=self.counters.rejected,
+            )
 
     def _start_tls(self, conn: Connection) -> None:
         # Over the connection's own socket I/O, so that progress is counted for TLS too.
