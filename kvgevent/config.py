@@ -32,6 +32,13 @@ FD_RESERVE = 32
 append-only files, a compaction's, the Redis store's connections, the metrics port): the
 server lowers --max-clients to its open files limit less these, as Redis does."""
 
+ACCEPT_FAILED_QUIET = 2.0
+"""Seconds without accept() failing for want of files or memory after which the episode is
+over (one ``accept_failed``, one ``accept_failed_ended``): longer than gevent's longest pause
+between two tries (1 s), so an episode still going on is not ended between them; and not at
+the first accept that works, or a server at its limit would log an episode per client (the
+accept() after it fails at once, the kernel finding no free descriptor for the next one)."""
+
 DEFAULT_IDLE_TIMEOUT = 0.0
 """Seconds a client may send nothing before it is closed; 0 = never (as in Redis)."""
 

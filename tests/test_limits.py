@@ -1,6 +1,7 @@
 """Limits and security, against an in-process server: queue bytes, max clients, idle clients,
 fairness, AUTH, TLS, and the warning for an unprotected bind."""
 
+import os
 import socket
 import ssl
 import time
@@ -402,3 +403,66 @@ def test_max_clients_is_lowered_to_what_the_open_files_limit_allows(tmp_path):
             peer.close()
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (Linux: /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fill_descriptors(port: int, pid: int) -> list[Peer]:
+    """Lower the soft RLIMIT_NOFILE of server ``pid`` (a real limit, set from outside as
+    ``prlimit --pid`` does) to just above its highest open descriptor, and take the free
+    numbers below it with served clients: its next accept() fails with EMFILE."""
+    import resource
+
+    def open_fds() -> set[int]:
+        return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
+    fillers = []
+    for _ in set(range(max(open_fds()) + 1)) - open_fds():  # (holes: a closed file's number)
+        fillers.append(Peer(port))
+        assert fillers[-1].request(b"") == []
+    return fillers
+
+
+def test_accept_failing_for_want_of_files_is_one_episode(server_process):
+    """Files used up by something other than clients (here the open files limit lowered
+    under a running server, for real) make accept() fail with EMFILE; gevent's accept loop
+    then logged an ``unhandled_error`` about once a second. Now: one ``accept_failed``
+    warning per episode, accept() retried with gevent's backoff (the listening socket stays
+    readable: retrying at once would spin, and the CPU stays idle), connected clients still
+    served, and once a file is freed the client waiting in the backlog is served and one
+    ``accept_failed_ended`` says how many accepts failed."""
+    proc = server_process()
+    first = Peer(proc.port)
+    peers = [first, *_fill_descriptors(proc.port, proc.proc.pid)]
+    try:
+        assert first.request(b"") == []
+        waiting = Peer(proc.port)  # (the kernel completes the connection: it waits in the backlog)
+        peers.append(waiting)
+        waiting.send(b"PING\n")
+        wait_until(lambda: any(e["event"] == "accept_failed" for e in proc.events()), 10)
+        cpu = _cpu_seconds(proc.proc.pid)
+        gevent.sleep(3.0)  # the episode goes on (accept() retried a few times, 1 s apart at most)
+        cpu = _cpu_seconds(proc.proc.pid) - cpu
+        assert first.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]  # connected clients: served
+        failures = read_stats(first)["accept_failures"]
+        peers.remove(first)
+        first.close()  # a file freed
+        assert waiting.read_lines(1) == [b"PONG"]  # served (after the next try, 1 s at most)
+        wait_until(lambda: any(e["event"] == "accept_failed_ended" for e in proc.events()), 10)
+    finally:
+        for peer in peers:
+            peer.close()
+    events = proc.events()
+    (failed,) = [e for e in events if e["event"] == "accept_failed"]
+    (ended,) = [e for e in events if e["event"] == "accept_failed_ended"]
+    assert (failed["errno_name"], failed["accept_failures"]) == ("EMFILE", 1)
+    assert 5 <= failures <= ended["failures"] <= failures + 2, (failures, ended)
+    assert cpu < 1.0, f"{cpu:.2f} s of CPU in 3 s: accept() retried without a pause?"
+    assert not [e for e in events if e["event"] == "unhandled_error"]
