@@ -22,10 +22,22 @@ ordinary replies need, yet one stuck client reading huge values cannot take the 
 DEFAULT_MAX_CLIENTS = 10_000
 """Clients served at once; one more gets ``ERR max clients reached`` and is closed."""
 
+REJECTED_QUIET = 1.0
+"""Seconds without a client refused over --max-clients after which the episode of refusals is
+over (one ``client_rejected`` when it begins, one ``client_rejected_ended`` then): not when a
+client is accepted again, or one freeing a slot and reconnecting in a loop logs two per turn."""
+
 FD_RESERVE = 32
 """File descriptors kept for what is not a client (the listening socket, the log and
 append-only files, a compaction's, the Redis store's connections, the metrics port): the
 server lowers --max-clients to its open files limit less these, as Redis does."""
+
+ACCEPT_FAILED_QUIET = 2.0
+"""Seconds without accept() failing for want of files or memory after which the episode is
+over (one ``accept_failed``, one ``accept_failed_ended``): longer than gevent's longest pause
+between two tries (1 s), so an episode still going on is not ended between them; and not at
+the first accept that works, or a server at its limit would log an episode per client (the
+accept() after it fails at once, the kernel finding no free descriptor for the next one)."""
 
 DEFAULT_IDLE_TIMEOUT = 0.0
 """Seconds a client may send nothing before it is closed; 0 = never (as in Redis)."""

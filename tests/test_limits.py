@@ -1,13 +1,14 @@
 """Limits and security, against an in-process server: queue bytes, max clients, idle clients,
 fairness, AUTH, TLS, and the warning for an unprotected bind."""
 
+import os
 import socket
 import ssl
 import time
 
 import gevent
 import pytest
-from conftest import Peer, free_port, log_events, wait_until
+from conftest import Peer, free_port, log_events, read_stats, wait_until
 
 from kvgevent import KeyValueServer
 from kvgevent.client import Client
@@ -63,6 +64,60 @@ def test_client_over_max_clients_is_told_and_closed(make_server, connect, log_st
     assert connect(server.port).request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
     (event,) = [e for e in log_events(log_stream) if e["event"] == "client_rejected"]
     assert event["reason"] == "max_clients"
+
+
+def _refused(port: int, times: int) -> None:
+    """Connect ``times`` times in a row, each refused over --max-clients (its ERR, then EOF)."""
+    for _ in range(times):
+        extra = Peer(port)
+        try:
+            assert extra.read_lines(1) == [b"ERR max clients reached"]
+            assert extra.sock.recv(10) == b""
+        finally:
+            extra.close()
+
+
+def _named(stream, name: str) -> list[dict]:
+    return [e for e in log_events(stream) if e["event"] == name]
+
+
+def test_refusals_are_logged_once_per_episode(make_server, connect, log_stream):
+    """A client reconnecting in a loop while the server is full (18.7k log lines in 10 s when
+    every refusal was logged) makes one ``client_rejected``; every refusal is still counted;
+    REJECTED_QUIET after the last one, one ``client_rejected_ended`` says how many there were
+    and for how long. A later refusal begins a second episode, logged again."""
+    server = make_server(max_clients=1)
+    holder = connect(server.port)
+    holder.request(b"")
+    _refused(server.port, 50)
+    assert read_stats(holder)["rejected"] == 50
+    (first,) = _named(log_stream, "client_rejected")
+    assert (first["reason"], first["active"], first["rejected"]) == ("max_clients", 1, 1)
+    assert "peer" in first
+    wait_until(lambda: _named(log_stream, "client_rejected_ended"), timeout=10)
+    (ended,) = _named(log_stream, "client_rejected_ended")
+    assert (ended["refused"], ended["rejected"]) == (50, 50)
+    assert 0 <= ended["seconds"] < 30
+
+    _refused(server.port, 3)
+    second = _named(log_stream, "client_rejected")
+    assert len(second) == 2 and second[1]["rejected"] == 51
+    wait_until(lambda: len(_named(log_stream, "client_rejected_ended")) == 2, timeout=10)
+    assert _named(log_stream, "client_rejected_ended")[1]["refused"] == 3
+    assert read_stats(holder)["rejected"] == 53
+
+
+def test_shutdown_ends_an_open_episode_of_refusals(make_server, connect, log_stream):
+    """A server closed while clients are being refused logs the episode's end once, before
+    ``server_stopped`` (and not again later)."""
+    server = make_server(max_clients=1)
+    connect(server.port).request(b"")
+    _refused(server.port, 5)
+    server.close(flush_timeout=0.5)
+    names = [e["event"] for e in log_events(log_stream)]
+    assert names.count("client_rejected") == 1 and names.count("client_rejected_ended") == 1
+    assert names.index("client_rejected_ended") < names.index("server_stopped")
+    assert _named(log_stream, "client_rejected_ended")[0]["refused"] == 5
 
 
 def test_listen_backlog_is_set_explicitly(make_server):
@@ -348,3 +403,66 @@ def test_max_clients_is_lowered_to_what_the_open_files_limit_allows(tmp_path):
             peer.close()
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (Linux: /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fill_descriptors(port: int, pid: int) -> list[Peer]:
+    """Lower the soft RLIMIT_NOFILE of server ``pid`` (a real limit, set from outside as
+    ``prlimit --pid`` does) to just above its highest open descriptor, and take the free
+    numbers below it with served clients: its next accept() fails with EMFILE."""
+    import resource
+
+    def open_fds() -> set[int]:
+        return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
+    fillers = []
+    for _ in set(range(max(open_fds()) + 1)) - open_fds():  # (holes: a closed file's number)
+        fillers.append(Peer(port))
+        assert fillers[-1].request(b"") == []
+    return fillers
+
+
+def test_accept_failing_for_want_of_files_is_one_episode(server_process):
+    """Files used up by something other than clients (here the open files limit lowered
+    under a running server, for real) make accept() fail with EMFILE; gevent's accept loop
+    then logged an ``unhandled_error`` about once a second. Now: one ``accept_failed``
+    warning per episode, accept() retried with gevent's backoff (the listening socket stays
+    readable: retrying at once would spin, and the CPU stays idle), connected clients still
+    served, and once a file is freed the client waiting in the backlog is served and one
+    ``accept_failed_ended`` says how many accepts failed."""
+    proc = server_process()
+    first = Peer(proc.port)
+    peers = [first, *_fill_descriptors(proc.port, proc.proc.pid)]
+    try:
+        assert first.request(b"") == []
+        waiting = Peer(proc.port)  # (the kernel completes the connection: it waits in the backlog)
+        peers.append(waiting)
+        waiting.send(b"PING\n")
+        wait_until(lambda: any(e["event"] == "accept_failed" for e in proc.events()), 10)
+        cpu = _cpu_seconds(proc.proc.pid)
+        gevent.sleep(3.0)  # the episode goes on (accept() retried a few times, 1 s apart at most)
+        cpu = _cpu_seconds(proc.proc.pid) - cpu
+        assert first.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]  # connected clients: served
+        failures = read_stats(first)["accept_failures"]
+        peers.remove(first)
+        first.close()  # a file freed
+        assert waiting.read_lines(1) == [b"PONG"]  # served (after the next try, 1 s at most)
+        wait_until(lambda: any(e["event"] == "accept_failed_ended" for e in proc.events()), 10)
+    finally:
+        for peer in peers:
+            peer.close()
+    events = proc.events()
+    (failed,) = [e for e in events if e["event"] == "accept_failed"]
+    (ended,) = [e for e in events if e["event"] == "accept_failed_ended"]
+    assert (failed["errno_name"], failed["accept_failures"]) == ("EMFILE", 1)
+    assert 5 <= failures <= ended["failures"] <= failures + 2, (failures, ended)
+    assert cpu < 1.0, f"{cpu:.2f} s of CPU in 3 s: accept() retried without a pause?"
+    assert not [e for e in events if e["event"] == "unhandled_error"]

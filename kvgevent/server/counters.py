@@ -12,6 +12,7 @@ class Counters:
     accepted: int = 0  # clients accepted
     dropped: int = 0  # clients gone, for any reason
     rejected: int = 0  # clients turned away over --max-clients
+    accept_failures: int = 0  # accept() calls failed for want of file descriptors or memory
     messages_dropped: int = 0  # replies dropped for clients that do not read
     commands: int = 0  # request lines received (ERR ones too)
     errors: int = 0  # requests answered ERR

@@ -52,6 +52,12 @@ _SERVER = (
     ("accepted", "kvgevent_connections", "counter", "Clients accepted."),
     ("rejected", "kvgevent_clients_rejected", "counter", "Clients refused over --max-clients."),
     (
+        "accept_failures",
+        "kvgevent_accept_failures",
+        "counter",
+        "accept() calls failed for want of files or memory.",
+    ),
+    (
         "messages_dropped",
         "kvgevent_messages_dropped",
         "counter",

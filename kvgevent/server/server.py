@@ -19,10 +19,12 @@ the others.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -32,6 +34,7 @@ from gevent.pool import Group, Pool
 from gevent.server import StreamServer
 
 from kvgevent.config import (
+    ACCEPT_FAILED_QUIET,
     AUTH_MAX_LINE,
     AUTH_SWEEP_INTERVAL,
     DEFAULT_BACKLOG,
@@ -49,6 +52,7 @@ from kvgevent.config import (
     MAX_SEND_BATCH,
     PRE_AUTH_LINE_COST,
     RECV_SIZE,
+    REJECTED_QUIET,
     REPLY_CHUNK,
     REPORT_INTERVAL,
     TLS_HANDSHAKE_TIMEOUT,
@@ -62,6 +66,7 @@ from kvgevent.protocol import NEWLINE
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.connection import Connection
 from kvgevent.server.counters import Counters
+from kvgevent.server.episodes import Episode
 from kvgevent.server.memory import MemoryGuard, release_free_memory, release_memory_loop
 from kvgevent.server.net import is_loopback, reuse_port_listener, worker_name
 from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
@@ -127,12 +132,60 @@ def drop_reason(exc: BaseException, handshaking: bool) -> tuple[str, str | None]
     return ("reset", None) if error is None else ("socket_error", error)
 
 
+ACCEPT_LACKS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""Errors of accept() that say the process or the system lacks files or memory for now: the
+pending connection stays in the backlog, to be accepted once some are freed."""
+
+
 class _Listener(StreamServer):
     """gevent's StreamServer, spawning the handler itself (in the pool) rather than through
     gevent's wrapper that calls it with ``*args`` and closes the socket after it: that call
     runs one more interpreter loop on the C stack, and an idle client's greenlet keeps a copy
     of its C stack (bench/OPTIMISATIONS.md, "a connection's cost"). The socket is closed here
-    as gevent's wrapper would, whatever the handler did."""
+    as gevent's wrapper would, whatever the handler did.
+
+    An accept() failing for want of files or memory (ACCEPT_LACKS) is not an error of the
+    server's: it is reported to ``failing`` (with the OSError), and accepting pauses as
+    gevent's own loop does after an error (min_delay, doubled after each failure up to
+    max_delay, back to min_delay once an accept() works: the listening socket stays readable,
+    so retrying at once would spin). gevent's loop reported each one as an unhandled error."""
+
+    def __init__(self, *args: Any, failing: Callable[[OSError], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._failing = failing
+        self._retry: Any = None  # the loop timer that resumes accepting after a pause
+        self._pause_for = self.min_delay
+
+    def do_read(self) -> Any:
+        try:
+            accepted = super().do_read()
+        except OSError as exc:
+            if exc.errno not in ACCEPT_LACKS:
+                raise
+            self._pause()
+            self._failing(exc)
+            return None  # (to gevent's loop: nothing accepted this time)
+        if accepted is not None:
+            self._pause_for = self.min_delay
+        return accepted
+
+    def _pause(self) -> None:
+        """Stop accepting for a while, twice as long as last time (up to max_delay)."""
+        self.stop_accepting()
+        self._retry = self.loop.timer(self._pause_for)
+        self._retry.start(self._resume)
+        self._pause_for = min(self.max_delay, self._pause_for * 2)
+
+    def _resume(self) -> None:
+        if self.started:  # (not closed meanwhile)
+            self.start_accepting()
+
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        if self._retry is not None:
+            self._retry.stop()
+            self._retry.close()
+            self._retry = None
 
     def do_handle(self, *args: Any) -> None:
         try:
@@ -219,6 +272,10 @@ class KeyValueServer:
         self._janitor: gevent.Greenlet | None = None
         self._writer_sweeper: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
+        self._rejecting = Episode()  # clients refused over --max-clients
+        self._rejecting_watch: gevent.Greenlet | None = None  # ends that episode once quiet
+        self._accept_failing = Episode()  # accept() failing for want of files or memory
+        self._accept_watch: gevent.Greenlet | None = None  # ends that episode once quiet
         self._worker = worker_name()
         self._reported = 0  # dropped clients already published to a shared store
         self._ids = itertools.count(1)
@@ -245,7 +302,11 @@ class KeyValueServer:
         if self.reuse_port:
             listener = reuse_port_listener(host, port, self.backlog)
         server = _Listener(
-            listener, self._handle, backlog=None if self.reuse_port else self.backlog, spawn=self._pool
+            listener,
+            self._handle,
+            backlog=None if self.reuse_port else self.backlog,
+            spawn=self._pool,
+            failing=self._accept_failed,
         )
         server.start()
         self._server = server
@@ -334,6 +395,7 @@ class KeyValueServer:
             "errors": c.errors,
             "connections": c.accepted,
             "rejected": c.rejected,
+            "accept_failures": c.accept_failures,
             "auth_failures": c.auth_failures,
             "auth_throttled": c.auth_throttled,
             "idle_closed": c.idle_closed,
@@ -365,6 +427,8 @@ class KeyValueServer:
                 self._guard,
                 self._auth_sweeper,
                 self._writer_sweeper,
+                self._rejecting_watch,
+                self._accept_watch,
             )
             for helper in helpers:
                 if helper is not None:
@@ -381,6 +445,8 @@ class KeyValueServer:
             self._turns.close()
             if self._monitor is not None:
                 self._monitor.close()
+            self._end_rejecting()
+            self._end_accept_failures()
             c = self.counters
             self.log.info(
                 "server_stopped",
@@ -457,13 +523,17 @@ class KeyValueServer:
         return conn
 
     def _reject(self, sock: Any, peer: str) -> None:
-        """Over --max-clients: say why (plain TCP only) and close at once."""
+        """Over --max-clients: say why (plain TCP only) and close at once. Every refusal is
+        counted; the first of an episode is logged (``client_rejected``), the episode's end
+        too, REJECTED_QUIET after the last refusal or at shutdown (``client_rejected_ended``)."""
         self.counters.rejected += 1
         if self._tls is None:
             try:
                 sock.send(ERR_MAX_CLIENTS.reply)  # a few bytes into an empty buffer: never blocks
             except OSError:
                 pass
+        if not self._rejecting.note():
+            return
         self.log.warning(
             "client_rejected",
             peer=peer,
@@ -471,6 +541,62 @@ class KeyValueServer:
             active=len(self._conns),
             rejected=self.counters.rejected,
         )
+        self._rejecting_watch = gevent.spawn(
+            self._end_when_quiet, self._rejecting, REJECTED_QUIET, self._end_rejecting
+        )
+
+    @staticmethod
+    def _end_when_quiet(episode: Episode, quiet: float, end: Callable[[], None]) -> None:
+        """Wait until ``episode`` had no occurrence for ``quiet`` seconds, then ``end()`` it."""
+        while (left := quiet - episode.quiet()) > 0:
+            gevent.sleep(left)
+        end()
+
+    def _end_rejecting(self) -> None:
+        """Log the end of an episode of refusals, if one is open (``client_rejected_ended``)."""
+        ended = self._rejecting.end()
+        if ended is not None:
+            self.log.info(
+                "client_rejected_ended",
+                refused=ended.occurrences,
+                seconds=ended.seconds,
+                active=len(self._conns),
+                rejected=self.counters.rejected,
+            )
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """accept() failed for want of files or memory (the listener pauses, then retries):
+        counted, and logged once per episode (``accept_failed``), whose end is logged
+        ACCEPT_FAILED_QUIET after the last failure."""
+        self.counters.accept_failures += 1
+        if not self._accept_failing.note():
+            return
+        self.log.warning(
+            "accept_failed",
+            errno=exc.errno,
+            errno_name=errno.errorcode.get(exc.errno or 0, "?"),
+            error=exc.strerror,
+            active=len(self._conns),
+            accept_failures=self.counters.accept_failures,
+            hint="clients wait in the listen backlog until files are freed: "
+            "raise the open files limit (LimitNOFILE=) or lower --max-clients",
+        )
+        self._accept_watch = gevent.spawn(
+            self._end_when_quiet, self._accept_failing, ACCEPT_FAILED_QUIET, self._end_accept_failures
+        )
+
+    def _end_accept_failures(self) -> None:
+        """accept() has not failed for ACCEPT_FAILED_QUIET (or the server stops): log the
+        episode's end, if one is open (``accept_failed_ended``)."""
+        ended = self._accept_failing.end()
+        if ended is not None:
+            self.log.info(
+                "accept_failed_ended",
+                failures=ended.occurrences,
+                seconds=ended.seconds,
+                active=len(self._conns),
+                accept_failures=self.counters.accept_failures,
+            )
 
     def _start_tls(self, conn: Connection) -> None:
         # Over the connection's own socket I/O, so that progress is counted for TLS too.
