@@ -144,6 +144,11 @@ released (one to two such periods after its last reply): they are most of what a
 was answered once costs, and making them again costs more than a small request does
 (bench/OPTIMISATIONS.md, "an idle writer"): far longer than a busy client's round trip."""
 
+READER_IDLE = 0.5
+"""Seconds after which a client's reader greenlet, parked in ``recv`` with nothing queued or
+held but its buffers, is released (one to two such periods after its last request): a parked
+greenlet is most of what an idle client costs; the next request makes one again."""
+
 WRITER_TRIM_MIN = 256
 """Writers released in one pass after which freed memory is given back to the OS at once."""
 

@@ -99,6 +99,14 @@ def park(watcher: Any, hub: Any) -> None:
         watcher.stop()
 
 
+class Dormant(Exception):
+    """Raised by :meth:`FastSocket.recv` in a reader retired while parked there
+    (:meth:`FastSocket.retire_reader`)."""
+
+
+_DORMANT = object()
+"""What :meth:`FastSocket.retire_reader` passes to the parked reader's ``switch``."""
+
 _EXPIRED = object()
 """What a timer started by :func:`park_for` passes to the parked greenlet's ``switch``."""
 
@@ -125,10 +133,11 @@ class FastSocket(PlainSocket):
     It relies on these gevent interfaces (pinned by requirements.txt's gevent range, checked by
     tests/test_lean_waits.py::test_the_gevent_interfaces_the_lean_waits_use): a gevent socket's
     ``_sock`` (the non-blocking socket under it), ``_read_event`` and ``_write_event`` (its io
-    watchers, with ``start(callback)`` and ``stop()``), ``gevent.get_hub()`` and ``Hub.switch``.
+    watchers, with ``start(callback)``, ``stop()`` and ``active``), ``gevent.get_hub()``,
+    ``Hub.switch`` and ``loop.run_callback`` (:meth:`retire_reader`).
     """
 
-    __slots__ = ("_raw", "_hub", "_read_event", "_write_event", "_drained")
+    __slots__ = ("_raw", "_hub", "_read_event", "_write_event", "_drained", "quiet")
 
     def __init__(self, sock: Any) -> None:
         super().__init__(sock)
@@ -137,6 +146,25 @@ class FastSocket(PlainSocket):
         self._read_event = sock._read_event
         self._write_event = sock._write_event
         self._drained = True  # the last read returned less than asked: the socket is empty
+        self.quiet = False  # set by whoever watches for idle readers; cleared at each wake-up
+
+    def parked_reading(self) -> bool:
+        """Whether a greenlet is parked in :meth:`recv` now (its watcher is started)."""
+        return bool(self._read_event.active)
+
+    def retire_reader(self, reader: Any) -> None:
+        """Make ``reader``, parked in :meth:`recv` (:meth:`parked_reading`), raise
+        :class:`Dormant` from it once this greenlet yields: its watcher is stopped at once, so
+        that nothing but that wake-up can resume it first."""
+        self._read_event.stop()
+        self._hub.loop.run_callback(reader.switch, _DORMANT)
+
+    def wake_on_readable(self, callback: Any) -> None:
+        """Call ``callback()`` (in the hub) once the socket is readable, or shut down."""
+        self._read_event.start(callback)
+
+    def stop_waking(self) -> None:
+        self._read_event.stop()
 
     def recv(self, size: int) -> bytes:
         """Like gevent's ``recv``: waits cooperatively for at least one byte (or EOF)."""
@@ -148,9 +176,12 @@ class FastSocket(PlainSocket):
                 watcher = self._read_event
                 watcher.start(getcurrent().switch)
                 try:
-                    self._hub.switch()
+                    woken = self._hub.switch()
                 finally:
                     watcher.stop()
+                if woken is _DORMANT:
+                    raise Dormant
+                self.quiet = False
             try:
                 data = self._raw.recv(size)
             except BlockingIOError:

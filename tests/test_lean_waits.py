@@ -14,7 +14,7 @@ import gevent.hub
 import gevent.pool
 import gevent.server
 import gevent.socket
-from conftest import wait_until
+from conftest import log_events, wait_until
 
 from kvgevent import KeyValueServer, MemoryStore
 from kvgevent.config import MAX_SEND_BATCH, WRITER_IDLE
@@ -75,6 +75,13 @@ def test_the_gevent_interfaces_the_lean_waits_use():
         listener = gevent.server.StreamServer(("127.0.0.1", 0), lambda *args: None, spawn=pool)
         assert callable(listener.do_handle) and callable(listener.do_close)
         assert listener._spawn == pool.spawn and callable(listener._handle)
+        # kvgevent.server.server._throw_if_waiting: gr_frame tells a suspended greenlet apart
+        unstarted = gevent.spawn(gevent.sleep, 10)
+        assert unstarted.gr_frame is None
+        gevent.sleep(0)
+        assert unstarted.gr_frame is not None
+        unstarted.kill()  # (gevent's kill: a throw from a callback, waited for)
+        assert unstarted.dead and unstarted.gr_frame is None
     finally:
         left.close()
         right.close()
@@ -462,3 +469,131 @@ def test_a_client_dropped_while_its_writer_sends_frees_the_batch_at_once(log_str
         tracemalloc.stop()
         sock.close()
         server.close(flush_timeout=0.1)
+
+
+# --- dormant clients: reader greenlets released while their clients are quiet --------------
+
+
+def _dormant(server: KeyValueServer, count: int) -> list:
+    """The server's connections once ``count`` of them are dormant (their readers released)."""
+    wait_until(
+        lambda: sum(conn.dormant for conn in server._conns.values()) >= count,
+        timeout=10,
+        message=f"{count} readers released",
+    )
+    return [conn for conn in server._conns.values() if conn.dormant]
+
+
+def test_a_quiet_client_s_reader_is_released_and_made_again_on_its_next_request(log_stream):
+    """A client quiet for READER_IDLE or more, with nothing queued, has its reader greenlet
+    released: a parked reader (its frames, its copy of the C stack) is most of what an idle
+    connection costs (8.8 kB each at 10,000 before; 2.9 to 4.0 after: bench/REPORT.md). Its
+    next request makes a new reader, which answers in order; an incomplete line held while
+    dormant is finished by the next read. Nothing is dropped or logged for it."""
+    server = KeyValueServer(MemoryStore())
+    server.start(0, host="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(b"PUT:k:v\nGET:k\n")
+        assert _recv_exactly(sock, 4) == b"k:v\n"
+        (conn,) = _dormant(server, 1)
+        first = conn.reader
+        wait_until(lambda: first.dead, timeout=5)
+        assert len(server._pool) == 0 and conn.writer is None
+        sock.sendall(b"PUT:k:w\nGET:")  # a request and an incomplete line
+        wait_until(lambda: not conn.dormant and conn.buffer.pending == 4, timeout=5)
+        _dormant(server, 1)
+        assert conn.reader is not first and conn.reader.dead
+        sock.sendall(b"k\nPING\n")
+        assert _recv_exactly(sock, 13) == b"k:v\nk:w\nPONG\n"
+        assert server.count_active() == 1 and server.count_dropped() == 0
+    finally:
+        sock.close()
+        server.close(flush_timeout=0.5)
+    assert server.count_dropped() == 1 and len(server._pool) == 0
+    assert not [e for e in log_events(log_stream) if e["event"] in ("unhandled_error", "client_error")]
+
+
+def test_every_way_a_dormant_client_ends_leaves_nothing_started(log_stream):
+    """Dormant clients (no reader greenlet, a read watcher started) end in each way a client
+    can: reset, closed, disconnected for memory, timed out idle, and still connected when the
+    server closes. Each is dropped once with its reason, nothing is logged as an error, and
+    afterwards no greenlet is left and the loop has no more active watchers than before."""
+    before = _active_watchers()
+    server = KeyValueServer(MemoryStore(), idle_timeout=4.0)
+    server.start(0, host="127.0.0.1")
+    socks: list[socket.socket] = []
+
+    def client() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(b"PING\n")
+        assert sock.recv(64) == b"PONG\n"
+        socks.append(sock)
+        return sock
+
+    try:
+        reset, closes, evicted, kept = client(), client(), client(), client()
+        evicted.sendall(b"PUT:k:" + b"x" * 8000)  # an incomplete line it holds while dormant
+        dormant = {conn.client_id: conn for conn in _dormant(server, 4)}
+        assert len(dormant) == 4
+        _reset(reset)
+        closes.close()
+        wait_until(lambda: server.count_dropped() == 2, timeout=10, message="reset and closed")
+        (held,) = [conn for conn in server._conns.values() if conn.buffer.pending]
+        held.abort("memory_limit")
+        assert evicted.recv(64) == b""
+        wait_until(lambda: server.count_dropped() == 3, timeout=10)
+        idle = client()  # (its own reader: it is dropped by the idle timeout, dormant or not)
+        wait_until(lambda: server.count_dropped() == 5, timeout=15, message="the idle timeout")
+        assert kept.recv(64) == b"" and idle.recv(64) == b""
+    finally:
+        server.close(flush_timeout=0.5)
+        for sock in socks:
+            sock.close()
+    events = log_events(log_stream)
+    reasons = sorted(e["reason"] for e in events if e["event"] == "client_dropped")
+    assert reasons == ["closed", "idle", "idle", "memory_limit", "reset"]
+    assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]
+    assert server.count_active() == 0 and len(server._pool) == 0 and len(server._writers) == 0
+    assert _active_watchers() <= before
+
+
+def test_dormant_clients_still_connected_at_close_are_closed_and_counted(log_stream):
+    """Dormant clients when the server closes: each is closed (its socket reads EOF) and
+    dropped once with reason server_shutdown, their readers made again to do it."""
+    before = _active_watchers()
+    server = KeyValueServer(MemoryStore())
+    server.start(0, host="127.0.0.1")
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
+    try:
+        for sock in socks:
+            sock.sendall(b"PING\n")
+            assert sock.recv(64) == b"PONG\n"
+        _dormant(server, 20)
+        server.close(flush_timeout=0.5)
+        assert all(sock.recv(64) == b"" for sock in socks)
+    finally:
+        server.close(flush_timeout=0.5)
+        for sock in socks:
+            sock.close()
+    events = log_events(log_stream)
+    assert [e["reason"] for e in events if e["event"] == "client_dropped"] == ["server_shutdown"] * 20
+    assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]
+    assert server.count_active() == 0 and len(server._pool) == 0
+    assert _active_watchers() <= before
+
+
+def test_a_client_that_has_not_authenticated_goes_dormant_and_authenticates_later(log_stream):
+    """With a password, a client quiet before its AUTH is released too; its AUTH then works and
+    the small pre-AUTH line bound gives way to --max-line as before."""
+    server = KeyValueServer(MemoryStore(), password="secret")
+    server.start(0, host="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        _dormant(server, 1)
+        sock.sendall(b"AUTH:secret\nPUT:k:" + b"v" * 10000 + b"\nGET:k\n")
+        assert _recv_exactly(sock, 3 + 10003) == b"OK\n" + b"k:" + b"v" * 10000 + b"\n"
+    finally:
+        sock.close()
+        server.close(flush_timeout=0.5)
+    assert server.count_dropped() == 1

@@ -2,9 +2,12 @@
 
 Ownership: the server's reader greenlet owns the socket: it closes it when the client is
 dropped (:meth:`Connection.close`), and gevent's StreamServer closes it once more when the
-reader's handler returns (a second close does nothing). The writer greenlet never closes it: on
-a write error it records :attr:`Connection.failed`, empties the queue and shuts the socket
-down, which wakes a reader blocked in ``recv``; so does :meth:`Connection.abort`.
+reader's handler returns (a second close does nothing). A client quiet long enough has no
+reader (``dormant``: the server released it, see ``KeyValueServer._retire_idle_readers``):
+its socket stays open, and the next reader, made when it sends or must go, owns it. The
+writer greenlet never closes it: on a write error it records :attr:`Connection.failed`,
+empties the queue and shuts the socket down, which wakes a reader blocked in ``recv`` (or a
+dormant client's read watcher); so does :meth:`Connection.abort`.
 
 Full queues. A client's queue is bounded both in lines (``queue_size``) and in bytes
 (``queue_bytes``, counting the batch the writer is sending: what a client that never reads
@@ -71,6 +74,7 @@ class Connection:
         "counters",
         "writers",
         "reading",
+        "dormant",
         "dropping",
         "waiting",
         "room",
@@ -133,6 +137,7 @@ class Connection:
         self.counters = counters
         self.writers = writers
         self.reading = True  # False once the reader stopped reading (flushing, closing)
+        self.dormant = False  # no reader greenlet: a read watcher makes one (KeyValueServer)
         self.dropping = False  # inside an episode of dropped replies
         self.waiting = False  # the reader waits for room; the writer must signal it
         self.room: gevent.event.Event | None = None

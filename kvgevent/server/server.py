@@ -20,6 +20,7 @@ the others.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import socket
 import ssl
@@ -51,6 +52,7 @@ from kvgevent.config import (
     HEAVY_TURN,
     MAX_SEND_BATCH,
     PRE_AUTH_LINE_COST,
+    READER_IDLE,
     RECV_SIZE,
     REJECTED_QUIET,
     REPLY_CHUNK,
@@ -61,6 +63,7 @@ from kvgevent.config import (
     WRITER_TRIM_MIN,
 )
 from kvgevent.errors import KVError, ProtocolError
+from kvgevent.fastio import Dormant, FastSocket
 from kvgevent.logs import get_logger
 from kvgevent.protocol import NEWLINE
 from kvgevent.server.auth_throttle import AuthThrottle
@@ -137,6 +140,12 @@ ACCEPT_LACKS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 pending connection stays in the backlog, to be accepted once some are freed."""
 
 
+def _throw_if_waiting(reader: Any, exc: type[Exception]) -> None:
+    """Raise ``exc`` in ``reader`` if it is suspended (started, not finished)."""
+    if reader.gr_frame is not None:
+        reader.throw(exc)
+
+
 class _Listener(StreamServer):
     """gevent's StreamServer, spawning the handler itself (in the pool) rather than through
     gevent's wrapper that calls it with ``*args`` and closes the socket after it: that call
@@ -195,10 +204,12 @@ class _Listener(StreamServer):
             raise
 
     def _serve_socket(self, sock: Any, address: Any) -> None:
+        dormant = False
         try:
-            self._handle(sock, address)  # type: ignore[attr-defined]  # (gevent's BaseServer: the handler given)
+            dormant = self._handle(sock, address)  # type: ignore[attr-defined]  # (gevent's BaseServer: the handler given)
         finally:
-            sock.close()
+            if not dormant:  # (a dormant client's socket stays open: its next reader closes it)
+                sock.close()
 
 
 class KeyValueServer:
@@ -271,6 +282,7 @@ class KeyValueServer:
         self._guard: gevent.Greenlet | None = None
         self._janitor: gevent.Greenlet | None = None
         self._writer_sweeper: gevent.Greenlet | None = None
+        self._reader_sweeper: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
         self._rejecting = Episode()  # clients refused over --max-clients
         self._rejecting_watch: gevent.Greenlet | None = None  # ends that episode once quiet
@@ -317,6 +329,7 @@ class KeyValueServer:
             self._auth_sweeper = gevent.spawn(self._sweep_auth_throttle)
         self._janitor = gevent.spawn(release_memory_loop, lambda: self.counters.dropped, self.log)
         self._writer_sweeper = gevent.spawn(self._release_idle_writers)
+        self._reader_sweeper = gevent.spawn(self._retire_idle_readers)
         if self.store.shared:
             self._reporter = gevent.spawn(self._report_clients)
         self.memory.calibrate()
@@ -429,13 +442,16 @@ class KeyValueServer:
                 self._writer_sweeper,
                 self._rejecting_watch,
                 self._accept_watch,
+                self._reader_sweeper,
             )
             for helper in helpers:
                 if helper is not None:
                     helper.kill()
             for conn in list(self._conns.values()):
                 if conn.reading:
-                    conn.reader.kill(_Closing, block=False)
+                    self._interrupt(conn, _Closing)
+                elif conn.dormant:
+                    self._wake(conn, _Closing())
             self._pool.join(timeout=flush_timeout + 1.0)
             self._pool.kill(block=True, timeout=1.0)
             self._writers.kill(block=True, timeout=1.0)
@@ -461,42 +477,90 @@ class KeyValueServer:
 
     # --- one client -------------------------------------------------------------------------
 
-    def _handle(self, sock: Any, address: Any) -> None:
-        """Serve one client until it disconnects; the socket is closed when this returns."""
+    def _handle(self, sock: Any, address: Any) -> bool:
+        """Serve one client until it disconnects or goes dormant (returns True: its socket
+        stays open); otherwise the socket is closed when this returns."""
         peer = f"{address[0]}:{address[1]}"
         if len(self._conns) >= self.max_clients:
             self._reject(sock, peer)
-            return
+            return False
         conn = self._connect(sock, address, peer)
+        # Replies are small and sent once per batch: Nagle would only delay them.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._run_reader(conn, None, handshaking=self._tls is not None)
+
+    def _wake(self, conn: Connection, first: Exception | None = None) -> None:
+        """A dormant client sent something (called by its read watcher, in the hub), or must
+        go (``first``: the exception its new reader starts by raising): make its reader."""
+        conn.io.stop_waking()  # type: ignore[attr-defined]  # (dormant: a FastSocket)
+        conn.dormant = False
+        conn.reading = True
+        conn.reader = self._pool.spawn(self._run_reader, conn, first, False)
+
+    def _interrupt(self, conn: Connection, exc: type[Exception]) -> None:
+        """Make the client's reader raise ``exc`` where it waits (close, idle timeout), once
+        this greenlet yields: only if it still waits then. A reader ending meanwhile (it was
+        being retired, or its client went) is left alone, where gevent's ``kill`` would throw
+        into the dead greenlet, an error in the hub; a reader made by :meth:`_wake` that has
+        not started yet sees ``_closing`` or its data when it does."""
+        gevent.get_hub().loop.run_callback(_throw_if_waiting, conn.reader, exc)
+
+    def _run_reader(self, conn: Connection, first: Exception | None, handshaking: bool) -> bool:
+        """The reader greenlet's life: serve the client until it disconnects, then drop it;
+        or, when it went quiet and was retired (:class:`~kvgevent.fastio.Dormant`), leave
+        its read watcher to make a new reader (:meth:`_wake`) and return True."""
         reason, error = "closed", None
-        handshaking = self._tls is not None
+        dormant = False
         try:
-            # Replies are small and sent once per batch: Nagle would only delay them.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._closing:
-                raise _Closing
-            if handshaking:
-                self._start_tls(conn)
-                handshaking = False
-            self._read_loop(conn)
+            self._read(conn, first, handshaking)
+        except Dormant:
+            dormant = self._go_dormant(conn)
+            if dormant:
+                return True
+            reason = "server_shutdown"  # (or why it failed meanwhile: conn.failed wins)
         except gevent.GreenletExit:  # close() gave up waiting and killed the reader
             reason = "server_shutdown"
             raise
         except (Exception, gevent.Timeout) as exc:  # (a gevent Timeout is a BaseException)
-            reason, error = drop_reason(exc, handshaking)
+            reason, error = drop_reason(exc, handshaking and conn.stream is conn.io)  # (not yet TLS)
             if reason == "internal_error":
                 conn.log.exception("client_error")
             elif reason == "idle":
                 self.counters.idle_closed += 1
         finally:
-            conn.reading = False
-            try:
-                if conn.failed is None:
-                    conn.flush(EOF_FLUSH_STALL, self._flush_deadline if self._closing else None)
-            except (_Closing, _Idle):  # delivered late, while flushing: the client goes anyway
-                pass
-            finally:
-                self._drop(conn, conn.failed or reason, error)
+            if not dormant:
+                self._end_reader(conn, reason, error)
+        return False
+
+    def _read(self, conn: Connection, first: Exception | None, handshaking: bool) -> None:
+        if self._closing:
+            raise _Closing
+        if first is not None:
+            raise first
+        if handshaking:
+            self._start_tls(conn)
+        self._read_loop(conn)
+
+    def _go_dormant(self, conn: Connection) -> bool:
+        """The reader was retired: leave the client's read watcher to make the next one, or
+        return False if the client must go instead (it failed, or the server closes)."""
+        if conn.failed is not None or self._closing:
+            return False
+        conn.dormant = True
+        conn.reading = False
+        conn.io.wake_on_readable(functools.partial(self._wake, conn))  # type: ignore[attr-defined]  # (retired: a FastSocket)
+        return True
+
+    def _end_reader(self, conn: Connection, reason: str, error: str | None) -> None:
+        """Flush what is queued (unless writing failed) and drop the client."""
+        conn.reading = False
+        try:
+            if conn.failed is None:
+                conn.flush(EOF_FLUSH_STALL, self._flush_deadline if self._closing else None)
+        except (_Closing, _Idle):  # delivered late, while flushing: the client goes anyway
+            pass
+        finally:
+            self._drop(conn, conn.failed or reason, error)
 
     def _connect(self, sock: Any, address: Any, peer: str) -> Connection:
         """A new client's Connection and Session, counted and logged (``client_connected``)."""
@@ -797,7 +861,9 @@ class KeyValueServer:
             for conn in list(self._conns.values()):
                 if conn.reading and conn.last_seen < limit:
                     conn.reading = False
-                    conn.reader.kill(_Idle, block=False)
+                    self._interrupt(conn, _Idle)
+                elif conn.dormant and conn.last_seen < limit:
+                    self._wake(conn, _Idle())
 
     def _release_idle_writers(self) -> None:
         """Every WRITER_IDLE, release the writers (and queues) idle since the last pass; after
@@ -810,6 +876,27 @@ class KeyValueServer:
             if released >= WRITER_TRIM_MIN:
                 gevent.sleep(0)  # (the killed writers end first)
                 release_free_memory()
+
+    def _retire_idle_readers(self) -> None:
+        """Every READER_IDLE, release the reader greenlets of plain TCP clients parked in
+        ``recv`` since the last pass with no writer (nothing queued or being sent): each
+        raises Dormant there and ends, its client's read watcher left to make a new one."""
+        while True:
+            gevent.sleep(READER_IDLE)
+            for conn in self._conns.values():  # (nothing here yields: the dict cannot change)
+                io = conn.io
+                if (
+                    conn.reading
+                    and conn.writer is None
+                    and conn.stream is io
+                    and conn.failed is None
+                    and isinstance(io, FastSocket)
+                    and io.parked_reading()
+                ):
+                    if io.quiet:
+                        io.retire_reader(conn.reader)
+                    else:
+                        io.quiet = True
 
     def _sweep_auth_throttle(self) -> None:
         """Every AUTH_SWEEP_INTERVAL, forget addresses that stopped sending wrong passwords,
