@@ -59,6 +59,24 @@ byte_size = _number(_byte_count, lambda v: v >= 0, "byte_size")
 positive_byte_size = _number(_byte_count, lambda v: v >= 1, "positive_byte_size")
 
 
+class MalformedEnv:
+    """The default of an option whose environment variable holds a malformed value."""
+
+    __slots__ = ("env", "raw")
+
+    def __init__(self, env: str, raw: str) -> None:
+        self.env = env
+        self.raw = raw
+
+
+def check_env(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """After ``parse_args``: exit with a usage error (status 2) naming the first environment
+    variable whose malformed value an option fell back to."""
+    for value in vars(args).values():
+        if isinstance(value, MalformedEnv):
+            parser.error(f"invalid value in {value.env}: {value.raw!r}")
+
+
 def add_env_option(
     parser: argparse.ArgumentParser,
     flag: str,
@@ -69,7 +87,8 @@ def add_env_option(
 ) -> None:
     """Add ``--flag`` whose default comes from ``KVGEVENT_FLAG`` when set, else ``default``.
 
-    A malformed environment value is reported like a malformed flag (exit status 2)."""
+    A malformed environment value is reported like a malformed flag (exit status 2) by
+    :func:`check_env` after parsing, unless the flag was given: ``--help`` still works."""
     env = ENV_PREFIX + flag.upper().replace("-", "_")
     raw = os.environ.get(env)
     value = default
@@ -79,7 +98,7 @@ def add_env_option(
             if choices is not None and value not in choices:
                 raise ValueError(raw)
         except ValueError:
-            parser.error(f"invalid value in {env}: {raw!r}")
+            value = MalformedEnv(env, raw)
     parser.add_argument(
         "--" + flag,
         default=value,

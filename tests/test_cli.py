@@ -103,6 +103,22 @@ def test_flags_can_come_from_the_environment(server_process):
     assert bad.returncode == 2 and b"KVGEVENT_QUEUE_SIZE" in bad.stderr
 
 
+def test_help_works_whatever_the_environment_holds():
+    """--help prints the help (exit 0) even with a malformed KVGEVENT_* value: the one place a
+    user learns what the variable should hold. Before, it was a usage error (exit 2)."""
+    for script in ("run_server.py", "run_client.py"):
+        result = run(script, "--help", env={"KVGEVENT_QUEUE_SIZE": "lots", "KVGEVENT_TIMEOUT": "never"})
+        assert result.returncode == 0 and b"usage:" in result.stdout, result.stderr
+
+
+def test_a_flag_given_overrides_a_malformed_environment_value(server_process):
+    """The flag wins over its environment variable, a malformed one included."""
+    proc = server_process("--max-line", "10", env={"KVGEVENT_MAX_LINE": "ten"})
+    peer = Peer(proc.port)
+    assert peer.request(b"PUT:k:0123456789\n") == [b"ERR line too long"]
+    peer.close()
+
+
 def test_bad_flag_value_is_a_usage_error():
     result = run("run_server.py", "--port", "70000")
     assert result.returncode == 2 and b"--port" in result.stderr

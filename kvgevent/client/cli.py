@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO
 
-from kvgevent.args import add_env_option, port_number, positive_int, program_name
+from kvgevent.args import add_env_option, check_env, port_number, positive_int, program_name
 from kvgevent.client.client import Client
 from kvgevent.client.commands import (
     HELP,
@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(bench_argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_env(parser, args)
     if args.request and (args.pipe or args.stat or args.latency):
         parser.error("--pipe, --stat and --latency take no COMMAND")
     try:

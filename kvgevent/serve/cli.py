@@ -19,6 +19,7 @@ import gevent
 from kvgevent.args import (
     add_env_option,
     byte_size,
+    check_env,
     growth_ratio,
     non_negative_float,
     port_number,
@@ -352,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; return the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_env(parser, args)
     _check_args(parser, args)
     try:
         log_file = LogFile(args.log_file) if args.log_file else None
