@@ -1,7 +1,14 @@
 #!/usr/bin/env python3
 """Run the kvgevent server. ``python run_server.py --help`` lists the options."""
 
-from gevent import monkey
+import signal
+
+# Until the server installs its own handlers (before it listens), a Ctrl-C ends the process
+# as the signal's default does, not with a KeyboardInterrupt traceback from an import or an
+# AOF replay: nothing is served yet.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+from gevent import monkey  # noqa: E402
 
 # Before anything else imports socket or threading: with a Redis store, its client's sockets
 # must be gevent's, or one Redis round trip would block every client.

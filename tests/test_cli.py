@@ -147,3 +147,37 @@ def test_server_survives_a_client_that_resets_mid_reply(server_process):
     assert proc.stop() == 0
     reasons = sorted(e["reason"] for e in proc.events() if e["event"] == "client_dropped")
     assert reasons == ["closed", "reset"]
+
+
+def test_a_sigint_before_the_server_is_up_ends_it_without_a_traceback(tmp_path):
+    """A Ctrl-C during start-up (here: while a big AOF is replayed, before the server's own
+    handlers exist) ends the process as SIGINT's default does. Before, Python's own handler
+    raised KeyboardInterrupt in the replay: a traceback on stderr."""
+    from kvgevent.stores.aof import MAGIC, encode_record
+
+    path = tmp_path / "big.aof"
+    record = encode_record(b"PUT:k:" + b"v" * 10)
+    with open(path, "wb") as aof:
+        aof.write(MAGIC)
+        aof.write(record * 3_000_000)  # a few seconds of replay
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_server.py"), "--port", "0", "--aof", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def replaying() -> bool:
+            fds = os.listdir(f"/proc/{proc.pid}/fd")
+            return any(os.readlink(f"/proc/{proc.pid}/fd/{fd}") == str(path) for fd in fds)
+
+        wait_until(replaying, timeout=20, message="the replay began")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGINT
+    assert b"Traceback" not in stderr and b"KeyboardInterrupt" not in stderr, stderr[-2000:]

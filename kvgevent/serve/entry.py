@@ -8,6 +8,10 @@ import sys
 
 
 def main() -> None:
+    import signal
+
+    # As in run_server.py: a SIGINT before the server's own handlers ends the process quietly.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     from gevent import monkey
 
     monkey.patch_all()
