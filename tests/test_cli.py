@@ -169,8 +169,13 @@ def test_a_sigint_before_the_server_is_up_ends_it_without_a_traceback(tmp_path):
     try:
 
         def replaying() -> bool:
-            fds = os.listdir(f"/proc/{proc.pid}/fd")
-            return any(os.readlink(f"/proc/{proc.pid}/fd/{fd}") == str(path) for fd in fds)
+            for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{proc.pid}/fd/{fd}") == str(path):
+                        return True
+                except OSError:  # closed meanwhile (an import's file)
+                    pass
+            return False
 
         wait_until(replaying, timeout=20, message="the replay began")
         proc.send_signal(signal.SIGINT)
