@@ -19,6 +19,7 @@ from conftest import log_events, wait_until
 from kvgevent import KeyValueServer, MemoryStore
 from kvgevent.config import MAX_SEND_BATCH, WRITER_IDLE
 from kvgevent.fastio import FastSocket, TimedSocket, park, wrap
+from kvgevent.server import server as server_module
 
 
 def _reset(sock: socket.socket) -> None:
@@ -597,3 +598,36 @@ def test_a_client_that_has_not_authenticated_goes_dormant_and_authenticates_late
         sock.close()
         server.close(flush_timeout=0.5)
     assert server.count_dropped() == 1
+
+
+def test_a_tls_client_quiet_before_its_handshake_keeps_its_reader(certs, log_stream, monkeypatch):
+    """A TLS server releases no reader: a client yet to finish its handshake reads through
+    the bare socket (``conn.stream is conn.io``), and a reader made again for it would skip
+    the handshake. A plain client that waited would then be served in plain text on the TLS
+    port, and a TLS client slow to send its hello would fail (its hello parsed as requests).
+    Sweeps every 20 ms here: the quarter second the clients wait is a dozen of them."""
+    monkeypatch.setattr(server_module, "READER_IDLE", 0.02)
+    server = KeyValueServer(MemoryStore(), tls=certs.server)
+    server.start(0, host="127.0.0.1")
+    plain = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    slow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        wait_until(lambda: server.count_active() == 2, timeout=5)
+        gevent.sleep(0.25)  # (the clients' slowness under test, not a synchronisation)
+        assert not [conn for conn in server._conns.values() if conn.dormant]
+        tls = certs.client.wrap_socket(slow, server_hostname="127.0.0.1")
+        tls.sendall(b"PUT:k:v\nGET:k\n")
+        assert _recv_exactly(tls, 4) == b"k:v\n"
+        plain.sendall(b"PING\n")
+        answer = b""
+        while data := plain.recv(100):  # a TLS alert at most, then EOF
+            answer += data
+        assert b"PONG" not in answer
+        wait_until(lambda: server.count_dropped() == 1, timeout=5)
+    finally:
+        plain.close()
+        slow.close()
+        server.close(flush_timeout=0.5)
+    events = log_events(log_stream)
+    assert next(e["reason"] for e in events if e["event"] == "client_dropped") == "tls_handshake_failed"
+    assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]

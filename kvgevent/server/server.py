@@ -329,7 +329,8 @@ class KeyValueServer:
             self._auth_sweeper = gevent.spawn(self._sweep_auth_throttle)
         self._janitor = gevent.spawn(release_memory_loop, lambda: self.counters.dropped, self.log)
         self._writer_sweeper = gevent.spawn(self._release_idle_writers)
-        self._reader_sweeper = gevent.spawn(self._retire_idle_readers)
+        if self._tls is None:  # (a TLS client's reader keeps its TLS state: see the sweeper)
+            self._reader_sweeper = gevent.spawn(self._retire_idle_readers)
         if self.store.shared:
             self._reporter = gevent.spawn(self._report_clients)
         self.memory.calibrate()
@@ -880,7 +881,10 @@ class KeyValueServer:
     def _retire_idle_readers(self) -> None:
         """Every READER_IDLE, release the reader greenlets of plain TCP clients parked in
         ``recv`` since the last pass with no writer (nothing queued or being sent): each
-        raises Dormant there and ends, its client's read watcher left to make a new one."""
+        raises Dormant there and ends, its client's read watcher left to make a new one.
+        Not run by a TLS server: a client yet to finish its handshake reads through the bare
+        socket too (``conn.stream is conn.io``), and a reader made again would skip the
+        handshake, serving the client in plain text."""
         while True:
             gevent.sleep(READER_IDLE)
             for conn in self._conns.values():  # (nothing here yields: the dict cannot change)
