@@ -145,9 +145,14 @@ was answered once costs, and making them again costs more than a small request d
 (bench/OPTIMISATIONS.md, "an idle writer"): far longer than a busy client's round trip."""
 
 READER_IDLE = 0.5
-"""Seconds after which a client's reader greenlet, parked in ``recv`` with nothing queued or
-held but its buffers, is released (one to two such periods after its last request): a parked
-greenlet is most of what an idle client costs; the next request makes one again."""
+"""Seconds between two looks for readers to release: a client's reader greenlet parked in
+``recv`` with nothing queued through its patience (below) of such periods is released; a
+parked greenlet is most of what an idle client costs, and the next request makes one again."""
+
+READER_PATIENCE_MAX = 64
+"""A client's patience starts at one READER_IDLE and doubles each time a request woke its
+released reader, up to this many (32 s): a client pausing about as long between requests
+would otherwise pay a greenlet made and ended per request (30 % more CPU at one a second)."""
 
 WRITER_TRIM_MIN = 256
 """Writers released in one pass after which freed memory is given back to the OS at once."""

@@ -146,7 +146,7 @@ class FastSocket(PlainSocket):
         self._read_event = sock._read_event
         self._write_event = sock._write_event
         self._drained = True  # the last read returned less than asked: the socket is empty
-        self.quiet = False  # set by whoever watches for idle readers; cleared at each wake-up
+        self.quiet = 0  # counted up by whoever watches for idle readers; 0 at each wake-up
 
     def parked_reading(self) -> bool:
         """Whether a greenlet is parked in :meth:`recv` now (its watcher is started)."""
@@ -181,7 +181,7 @@ class FastSocket(PlainSocket):
                     watcher.stop()
                 if woken is _DORMANT:
                     raise Dormant
-                self.quiet = False
+                self.quiet = 0
             try:
                 data = self._raw.recv(size)
             except BlockingIOError:

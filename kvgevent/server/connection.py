@@ -75,6 +75,7 @@ class Connection:
         "writers",
         "reading",
         "dormant",
+        "patience",
         "dropping",
         "waiting",
         "room",
@@ -138,6 +139,7 @@ class Connection:
         self.writers = writers
         self.reading = True  # False once the reader stopped reading (flushing, closing)
         self.dormant = False  # no reader greenlet: a read watcher makes one (KeyValueServer)
+        self.patience = 1  # READER_IDLE periods parked in recv before the reader is released
         self.dropping = False  # inside an episode of dropped replies
         self.waiting = False  # the reader waits for room; the writer must signal it
         self.room: gevent.event.Event | None = None

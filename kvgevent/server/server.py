@@ -53,6 +53,7 @@ from kvgevent.config import (
     MAX_SEND_BATCH,
     PRE_AUTH_LINE_COST,
     READER_IDLE,
+    READER_PATIENCE_MAX,
     RECV_SIZE,
     REJECTED_QUIET,
     REPLY_CHUNK,
@@ -496,6 +497,8 @@ class KeyValueServer:
         conn.io.stop_waking()  # type: ignore[attr-defined]  # (dormant: a FastSocket)
         conn.dormant = False
         conn.reading = True
+        if first is None:  # woken by its client: wait longer before releasing it again
+            conn.patience = min(conn.patience * 2, READER_PATIENCE_MAX)
         conn.reader = self._pool.spawn(self._run_reader, conn, first, False)
 
     def _interrupt(self, conn: Connection, exc: type[Exception]) -> None:
@@ -880,8 +883,10 @@ class KeyValueServer:
 
     def _retire_idle_readers(self) -> None:
         """Every READER_IDLE, release the reader greenlets of plain TCP clients parked in
-        ``recv`` since the last pass with no writer (nothing queued or being sent): each
-        raises Dormant there and ends, its client's read watcher left to make a new one.
+        ``recv`` through their patience of passes (``Connection.patience``: 1, doubled each
+        time the client woke its released reader) with no writer (nothing queued or being
+        sent): each raises Dormant there and ends, its client's read watcher left to make a
+        new one.
         Not run by a TLS server: a client yet to finish its handshake reads through the bare
         socket too (``conn.stream is conn.io``), and a reader made again would skip the
         handshake, serving the client in plain text."""
@@ -897,10 +902,10 @@ class KeyValueServer:
                     and isinstance(io, FastSocket)
                     and io.parked_reading()
                 ):
-                    if io.quiet:
+                    if io.quiet >= conn.patience:
                         io.retire_reader(conn.reader)
                     else:
-                        io.quiet = True
+                        io.quiet += 1
 
     def _sweep_auth_throttle(self) -> None:
         """Every AUTH_SWEEP_INTERVAL, forget addresses that stopped sending wrong passwords,
