@@ -111,6 +111,14 @@ def test_help_works_whatever_the_environment_holds():
         assert result.returncode == 0 and b"usage:" in result.stdout, result.stderr
 
 
+def test_a_malformed_environment_value_is_a_usage_error_in_every_command():
+    """Each command reading KVGEVENT_* values reports a malformed one (exit 2, naming it),
+    the client's bench too, rather than running with the placeholder it fell back to."""
+    for args in (("run_server.py",), ("run_client.py", "PING"), ("run_client.py", "bench", "-q")):
+        result = run(*args, env={"KVGEVENT_PORT": "abc"})
+        assert result.returncode == 2 and b"KVGEVENT_PORT" in result.stderr, (args, result.stderr)
+
+
 def test_a_flag_given_overrides_a_malformed_environment_value(server_process):
     """The flag wins over its environment variable, a malformed one included."""
     proc = server_process("--max-line", "10", env={"KVGEVENT_MAX_LINE": "ten"})

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvgevent.args import add_env_option, port_number, positive_int, program_name
+from kvgevent.args import add_env_option, check_env, port_number, positive_int, program_name
 from kvgevent.config import DEFAULT_HOST, DEFAULT_PORT
 from kvgevent.protocol import ReplyKind, classify_reply
 
@@ -244,6 +244,7 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
+    check_env(parser, opts)
     tests = [t.strip().lower() for t in opts.tests.split(",") if t.strip()]
     unknown = [t for t in tests if t not in TESTS]
     if unknown:
