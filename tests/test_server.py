@@ -1,12 +1,14 @@
 """Integration tests of KeyValueServer over real loopback sockets: the protocol, bad input,
 slow and fast readers, counts, shutdown and logs."""
 
+import errno
 import json
 import socket
 import struct
 import time
 
 import gevent
+import gevent.socket
 import pytest
 from conftest import Peer, WrappedStore, log_events, wait_until
 
@@ -318,6 +320,26 @@ def test_drop_reasons_are_logged(server, connect, log_stream):
             "level",
         }
     assert dropped[-1]["dropped"] == 2 and dropped[-1]["active"] == 0
+
+
+def test_a_client_gone_before_it_is_served_is_dropped_not_kept(server, connect, log_stream, monkeypatch):
+    """Setting TCP_NODELAY on a client's socket can fail when the client is already gone (a
+    reset before its handler ran: EINVAL or ECONNRESET on some systems). It is dropped as a
+    failed first read would drop it, not left counted active with nobody serving it."""
+    real = gevent.socket.socket.setsockopt
+
+    def failing(sock, level, option, value):
+        if option == socket.TCP_NODELAY:
+            raise OSError(errno.ECONNRESET, "Connection reset by peer")
+        return real(sock, level, option, value)
+
+    monkeypatch.setattr(gevent.socket.socket, "setsockopt", failing)
+    connect(server.port)
+    wait_until(lambda: server.count_dropped() == 1, timeout=5)
+    assert server.count_active() == 0
+    dropped = [e for e in log_events(log_stream) if e["event"] == "client_dropped"]
+    assert [e["reason"] for e in dropped] == ["reset"]
+    assert not [e for e in log_events(log_stream) if e["event"] in ("unhandled_error", "client_error")]
 
 
 # --- stores that yield or fail ---------------------------------------------------------------

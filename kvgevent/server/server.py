@@ -487,9 +487,13 @@ class KeyValueServer:
             self._reject(sock, peer)
             return False
         conn = self._connect(sock, address, peer)
-        # Replies are small and sent once per batch: Nagle would only delay them.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return self._run_reader(conn, None, handshaking=self._tls is not None)
+        first: Exception | None = None
+        try:
+            # Replies are small and sent once per batch: Nagle would only delay them.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # (a client gone already: dropped as its first read would)
+            first = exc
+        return self._run_reader(conn, first, handshaking=self._tls is not None)
 
     def _wake(self, conn: Connection, first: Exception | None = None) -> None:
         """A dormant client sent something (called by its read watcher, in the hub), or must
