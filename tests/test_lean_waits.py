@@ -488,9 +488,10 @@ def _dormant(server: KeyValueServer, count: int) -> list:
 def test_a_quiet_client_s_reader_is_released_and_made_again_on_its_next_request(log_stream):
     """A client quiet for READER_IDLE or more, with nothing queued, has its reader greenlet
     released: a parked reader (its frames, its copy of the C stack) is most of what an idle
-    connection costs (8.8 kB each at 10,000 before; 2.9 to 4.0 after: bench/REPORT.md). Its
-    next request makes a new reader, which answers in order; an incomplete line held while
-    dormant is finished by the next read. Nothing is dropped or logged for it."""
+    connection costs (8.8 kB each at 10,000 before; 2.9 to 4.7 after: bench/OPTIMISATIONS.md,
+    "a dormant reader", and bench/REPORT.md). Its next request makes a new reader, which
+    answers in order; an incomplete line held while dormant is finished by the next read.
+    Nothing is dropped or logged for it."""
     server = KeyValueServer(MemoryStore())
     server.start(0, host="127.0.0.1")
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
