@@ -137,7 +137,7 @@ class Connection:
         self._log = log  # the server's logger; bound to this client only when logging
         self.counters = counters
         self.writers = writers
-        self.reading = True  # False once the reader stopped reading (flushing, closing)
+        self.reading = True  # False once the reader stopped reading (flushing, closing, dormant)
         self.dormant = False  # no reader greenlet: a read watcher makes one (KeyValueServer)
         self.patience = 1  # READER_IDLE periods parked in recv before the reader is released
         self.dropping = False  # inside an episode of dropped replies

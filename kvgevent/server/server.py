@@ -152,7 +152,8 @@ class _Listener(StreamServer):
     gevent's wrapper that calls it with ``*args`` and closes the socket after it: that call
     runs one more interpreter loop on the C stack, and an idle client's greenlet keeps a copy
     of its C stack (bench/OPTIMISATIONS.md, "a connection's cost"). The socket is closed here
-    as gevent's wrapper would, whatever the handler did.
+    as gevent's wrapper would, whatever the handler did, unless the handler returned True
+    (its client went dormant: the reader made for it later closes it).
 
     An accept() failing for want of files or memory (ACCEPT_LACKS) is not an error of the
     server's: it is reported to ``failing`` (with the OSError), and accepting pauses as
