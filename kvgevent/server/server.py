@@ -891,12 +891,13 @@ class KeyValueServer:
         ``recv`` through their patience of passes (``Connection.patience``: 1, doubled each
         time the client woke its released reader) with no writer (nothing queued or being
         sent): each raises Dormant there and ends, its client's read watcher left to make a
-        new one.
+        new one. After many, the freed memory goes back to the OS (as for writers).
         Not run by a TLS server: a client yet to finish its handshake reads through the bare
         socket too (``conn.stream is conn.io``), and a reader made again would skip the
         handshake, serving the client in plain text."""
         while True:
             gevent.sleep(READER_IDLE)
+            retired = 0
             for conn in self._conns.values():  # (nothing here yields: the dict cannot change)
                 io = conn.io
                 if (
@@ -909,8 +910,12 @@ class KeyValueServer:
                 ):
                     if io.quiet >= conn.patience:
                         io.retire_reader(conn.reader)
+                        retired += 1
                     else:
                         io.quiet += 1
+            if retired >= WRITER_TRIM_MIN:
+                gevent.sleep(0)  # (the released readers end first)
+                release_free_memory()
 
     def _sweep_auth_throttle(self) -> None:
         """Every AUTH_SWEEP_INTERVAL, forget addresses that stopped sending wrong passwords,
