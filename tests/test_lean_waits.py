@@ -669,3 +669,30 @@ def test_a_client_that_keeps_waking_its_reader_is_given_more_patience(log_stream
     finally:
         sock.close()
         server.close(flush_timeout=0.5)
+
+
+def test_an_idle_timeout_taking_a_reader_being_released_still_closes_its_client(log_stream):
+    """The idle timeout's sweep and the release of a reader in the same pass of the loop: the
+    release's wake-up runs first, so the reader ends before the idle timeout's exception
+    reaches it. The reader then must not go dormant (the exception would be lost, and the
+    client kept for another whole timeout): it is dropped as idle at once. Done here by hand
+    in one step, as the two sweeps would."""
+    server = KeyValueServer(MemoryStore(), idle_timeout=60.0)
+    server.start(0, host="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(b"PING\n")
+        assert _recv_exactly(sock, 5) == b"PONG\n"
+        (conn,) = server._conns.values()
+        wait_until(lambda: conn.writer is None and conn.io.parked_reading(), timeout=5)
+        conn.io.retire_reader(conn.reader)  # what _retire_idle_readers does, then, unyielding,
+        conn.reading = False  # what _sweep_idle does
+        server._interrupt(conn, server_module._Idle)
+        assert sock.recv(64) == b""  # closed at once, not dormant
+        wait_until(lambda: server.count_dropped() == 1, timeout=5)
+    finally:
+        sock.close()
+        server.close(flush_timeout=0.5)
+    events = log_events(log_stream)
+    assert [e["reason"] for e in events if e["event"] == "client_dropped"] == ["idle"]
+    assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]

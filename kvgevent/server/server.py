@@ -521,12 +521,14 @@ class KeyValueServer:
         reason, error = "closed", None
         dormant = False
         try:
-            self._read(conn, first, handshaking)
-        except Dormant:
-            dormant = self._go_dormant(conn)
-            if dormant:
-                return True
-            reason = "server_shutdown"  # (or why it failed meanwhile: conn.failed wins)
+            try:
+                self._read(conn, first, handshaking)
+            except Dormant:
+                dormant = self._go_dormant(conn)
+                if dormant:
+                    return True
+                # Why it must go instead (a failure meanwhile, recorded in conn.failed, wins).
+                raise (_Closing if self._closing or conn.reading else _Idle) from None
         except gevent.GreenletExit:  # close() gave up waiting and killed the reader
             reason = "server_shutdown"
             raise
@@ -552,8 +554,10 @@ class KeyValueServer:
 
     def _go_dormant(self, conn: Connection) -> bool:
         """The reader was retired: leave the client's read watcher to make the next one, or
-        return False if the client must go instead (it failed, or the server closes)."""
-        if conn.failed is not None or self._closing:
+        return False if the client must go instead: it failed, the server closes, or the
+        idle timeout's sweep took it in the same pass (``reading`` is False then: the
+        exception it queued finds this reader ended)."""
+        if conn.failed is not None or self._closing or not conn.reading:
             return False
         conn.dormant = True
         conn.reading = False
