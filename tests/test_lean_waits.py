@@ -4,10 +4,13 @@ a parked reader or writer can end leaves no watcher started, no greenlet parked 
 right. The faults are real: idle timeouts, resets (SO_LINGER 0), clients that never read,
 sockets closed under a parked greenlet, the server closing."""
 
+import contextlib
 import gc
 import socket
 import struct
 import tracemalloc
+from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import gevent.hub
@@ -485,6 +488,23 @@ def _dormant(server: KeyValueServer, count: int) -> list:
     return [conn for conn in server._conns.values() if conn.dormant]
 
 
+@contextlib.contextmanager
+def _answered_client(**options: Any) -> Iterator[tuple[KeyValueServer, socket.socket, Any]]:
+    """An in-process server (``options``) and one client answered once (a PING): yields the
+    server, the client's socket and its connection; the socket and server are closed after."""
+    server = KeyValueServer(MemoryStore(), **options)
+    server.start(0, host="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(b"PING\n")
+        assert _recv_exactly(sock, 5) == b"PONG\n"
+        (conn,) = server._conns.values()
+        yield server, sock, conn
+    finally:
+        sock.close()
+        server.close(flush_timeout=0.5)
+
+
 def test_a_quiet_client_s_reader_is_released_and_made_again_on_its_next_request(log_stream):
     """A client quiet for READER_IDLE or more, with nothing queued, has its reader greenlet
     released: a parked reader (its frames, its copy of the C stack) is most of what an idle
@@ -492,13 +512,10 @@ def test_a_quiet_client_s_reader_is_released_and_made_again_on_its_next_request(
     "a dormant reader", and bench/REPORT.md). Its next request makes a new reader, which
     answers in order; an incomplete line held while dormant is finished by the next read.
     Nothing is dropped or logged for it."""
-    server = KeyValueServer(MemoryStore())
-    server.start(0, host="127.0.0.1")
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    try:
+    with _answered_client() as (server, sock, conn):
         sock.sendall(b"PUT:k:v\nGET:k\n")
         assert _recv_exactly(sock, 4) == b"k:v\n"
-        (conn,) = _dormant(server, 1)
+        _dormant(server, 1)
         first = conn.reader
         wait_until(lambda: first.dead, timeout=5)
         assert len(server._pool) == 0 and conn.writer is None
@@ -509,9 +526,6 @@ def test_a_quiet_client_s_reader_is_released_and_made_again_on_its_next_request(
         sock.sendall(b"k\nPING\n")
         assert _recv_exactly(sock, 13) == b"k:v\nk:w\nPONG\n"
         assert server.count_active() == 1 and server.count_dropped() == 0
-    finally:
-        sock.close()
-        server.close(flush_timeout=0.5)
     assert server.count_dropped() == 1 and len(server._pool) == 0
     assert not [e for e in log_events(log_stream) if e["event"] in ("unhandled_error", "client_error")]
 
@@ -641,13 +655,7 @@ def test_a_client_that_keeps_waking_its_reader_is_given_more_patience(log_stream
     10,000 such clients cost 94 % of a core instead of 83 %, measured). Its reader is then
     kept through quiet spells shorter than its patience. Sweeps every 20 ms here."""
     monkeypatch.setattr(server_module, "READER_IDLE", 0.02)
-    server = KeyValueServer(MemoryStore())
-    server.start(0, host="127.0.0.1")
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    try:
-        sock.sendall(b"PING\n")
-        assert _recv_exactly(sock, 5) == b"PONG\n"
-        (conn,) = server._conns.values()
+    with _answered_client() as (server, sock, conn):
         for woken in range(1, 4):
             _dormant(server, 1)
             sock.sendall(b"PING\n")
@@ -666,9 +674,6 @@ def test_a_client_that_keeps_waking_its_reader_is_given_more_patience(log_stream
         sock.sendall(b"PING\n")
         assert _recv_exactly(sock, 5) == b"PONG\n"
         assert conn.patience == READER_PATIENCE_MAX
-    finally:
-        sock.close()
-        server.close(flush_timeout=0.5)
 
 
 def test_an_idle_timeout_taking_a_reader_being_released_still_closes_its_client(log_stream):
@@ -677,22 +682,13 @@ def test_an_idle_timeout_taking_a_reader_being_released_still_closes_its_client(
     reaches it. The reader then must not go dormant (the exception would be lost, and the
     client kept for another whole timeout): it is dropped as idle at once. Done here by hand
     in one step, as the two sweeps would."""
-    server = KeyValueServer(MemoryStore(), idle_timeout=60.0)
-    server.start(0, host="127.0.0.1")
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    try:
-        sock.sendall(b"PING\n")
-        assert _recv_exactly(sock, 5) == b"PONG\n"
-        (conn,) = server._conns.values()
+    with _answered_client(idle_timeout=60.0) as (server, sock, conn):
         wait_until(lambda: conn.writer is None and conn.io.parked_reading(), timeout=5)
         conn.io.retire_reader(conn.reader)  # what _retire_idle_readers does, then, unyielding,
         conn.reading = False  # what _sweep_idle does
         server._interrupt(conn, server_module._Idle)
         assert sock.recv(64) == b""  # closed at once, not dormant
         wait_until(lambda: server.count_dropped() == 1, timeout=5)
-    finally:
-        sock.close()
-        server.close(flush_timeout=0.5)
     events = log_events(log_stream)
     assert [e["reason"] for e in events if e["event"] == "client_dropped"] == ["idle"]
     assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]
