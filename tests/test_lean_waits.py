@@ -519,8 +519,10 @@ def test_a_quiet_client_s_reader_is_released_and_made_again_on_its_next_request(
         first = conn.reader
         wait_until(lambda: first.dead, timeout=5)
         assert len(server._pool) == 0 and conn.writer is None
+        assert server.stats()["dormant"] == 1 == server.count_active()  # (STATS and the gauge)
         sock.sendall(b"PUT:k:w\nGET:")  # a request and an incomplete line
         wait_until(lambda: not conn.dormant and conn.buffer.pending == 4, timeout=5)
+        assert server.count_dormant() == 0
         _dormant(server, 1)
         assert conn.reader is not first and conn.reader.dead
         sock.sendall(b"k\nPING\n")
@@ -586,7 +588,9 @@ def test_dormant_clients_still_connected_at_close_are_closed_and_counted(log_str
             sock.sendall(b"PING\n")
             assert sock.recv(64) == b"PONG\n"
         _dormant(server, 20)
+        assert server.count_dormant() == 20
         server.close(flush_timeout=0.5)
+        assert server.count_dormant() == 0
         assert all(sock.recv(64) == b"" for sock in socks)
     finally:
         server.close(flush_timeout=0.5)

@@ -108,6 +108,11 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily(
             "kvgevent_clients_active", "Clients connected now.", value=server.count_active()
         )
+        yield GaugeMetricFamily(
+            "kvgevent_clients_dormant",
+            "Clients connected now whose reader was released while they are quiet.",
+            value=server.count_dormant(),
+        )
         yield _labelled(
             CounterMetricFamily,
             "kvgevent_clients_dropped",

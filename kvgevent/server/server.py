@@ -293,6 +293,7 @@ class KeyValueServer:
         self._worker = worker_name()
         self._reported = 0  # dropped clients already published to a shared store
         self._ids = itertools.count(1)
+        self._dormant = 0  # clients with no reader greenlet now (see _retire_idle_readers)
         self._started_at = time.monotonic()
         self.started_at = time.time()  # (Unix time, for the metrics)
         self.batch_seconds = Timings()  # time to apply a batch, by its first request's class
@@ -374,6 +375,10 @@ class KeyValueServer:
         """Clients connected now."""
         return len(self._conns)
 
+    def count_dormant(self) -> int:
+        """Clients connected now whose reader greenlet was released while they are quiet."""
+        return self._dormant
+
     def count_dropped(self) -> int:
         """Clients that have disconnected (for any reason) since the server started."""
         return self.counters.dropped
@@ -404,6 +409,7 @@ class KeyValueServer:
         c = self.counters
         return {
             "active": len(self._conns),
+            "dormant": self._dormant,
             "dropped": c.dropped,
             "messages_dropped": c.messages_dropped,
             "keys": self.store.count_keys(),
@@ -501,6 +507,7 @@ class KeyValueServer:
         go (``first``: the exception its new reader starts by raising): make its reader."""
         conn.io.stop_waking()  # type: ignore[attr-defined]  # (dormant: a FastSocket)
         conn.dormant = False
+        self._dormant -= 1
         conn.reading = True
         if first is None:  # woken by its client: wait longer before releasing it again
             conn.patience = min(conn.patience * 2, READER_PATIENCE_MAX)
@@ -560,6 +567,7 @@ class KeyValueServer:
         if conn.failed is not None or self._closing or not conn.reading:
             return False
         conn.dormant = True
+        self._dormant += 1
         conn.reading = False
         conn.io.wake_on_readable(functools.partial(self._wake, conn))  # type: ignore[attr-defined]  # (retired: a FastSocket)
         return True
