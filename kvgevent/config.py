@@ -155,7 +155,8 @@ released reader, up to this many (32 s): a client pausing about as long between 
 would otherwise pay a greenlet made and ended per request (30 % more CPU at one a second)."""
 
 WRITER_TRIM_MIN = 256
-"""Writers released in one pass after which freed memory is given back to the OS at once."""
+"""Writers (or readers) released in one pass after which freed memory is given back to the OS
+at once."""
 
 TURN_WORK = 200_000
 """Work one client may do before the others get a turn, in units of about 10 ns: one per

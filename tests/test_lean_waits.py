@@ -688,7 +688,7 @@ def test_an_idle_timeout_taking_a_reader_being_released_still_closes_its_client(
     in one step, as the two sweeps would."""
     with _answered_client(idle_timeout=60.0) as (server, sock, conn):
         wait_until(lambda: conn.writer is None and conn.io.parked_reading(), timeout=5)
-        conn.io.retire_reader(conn.reader)  # what _retire_idle_readers does, then, unyielding,
+        conn.io.retire_reader(conn.reader)  # what Connection.retire_reader does, then, unyielding,
         conn.reading = False  # what _sweep_idle does
         server._interrupt(conn, server_module._Idle)
         assert sock.recv(64) == b""  # closed at once, not dormant

@@ -3,7 +3,7 @@
 Ownership: the server's reader greenlet owns the socket: it closes it when the client is
 dropped (:meth:`Connection.close`), and gevent's StreamServer closes it once more when the
 reader's handler returns (a second close does nothing). A client quiet long enough has no
-reader (``dormant``: the server released it, see ``KeyValueServer._retire_idle_readers``):
+reader (``dormant``: the server released it, see :meth:`Connection.retire_reader`):
 its socket stays open, and the next reader, made when it sends or must go, owns it. The
 writer greenlet never closes it: on a write error it records :attr:`Connection.failed`,
 empties the queue and shuts the socket down, which wakes a reader blocked in ``recv`` (or a
@@ -41,7 +41,7 @@ from gevent.pool import Group
 from gevent.queue import Queue, UnboundQueue
 
 from kvgevent.config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
-from kvgevent.fastio import wrap
+from kvgevent.fastio import FastSocket, wrap
 from kvgevent.logs import Logger
 from kvgevent.protocol import LineBuffer
 from kvgevent.server.counters import Counters
@@ -196,6 +196,28 @@ class Connection:
         if not self.waiting:
             self.room = None
         writer.kill(block=False)  # type: ignore[union-attr]  # (parked: a writer exists)
+        return True
+
+    def retire_reader(self) -> bool:
+        """Release the reader greenlet if it has been parked in ``recv`` through ``patience``
+        calls (the server calls this every READER_IDLE, on a plain TCP server only) with no
+        writer: nothing queued or in flight, nothing but its buffers held. It raises
+        :class:`~kvgevent.fastio.Dormant` there and the server leaves the socket's read
+        watcher to make the next one. Returns whether it was released."""
+        io = self.io
+        if not (
+            self.reading
+            and self.writer is None
+            and self.stream is io
+            and self.failed is None
+            and isinstance(io, FastSocket)
+            and io.parked_reading()
+        ):
+            return False
+        if io.quiet < self.patience:
+            io.quiet += 1  # (FastSocket.recv sets it back to 0 at each wake-up)
+            return False
+        io.retire_reader(self.reader)
         return True
 
     def send_lines(self, lines: list[bytes]) -> None:

@@ -64,7 +64,7 @@ from kvgevent.config import (
     WRITER_TRIM_MIN,
 )
 from kvgevent.errors import KVError, ProtocolError
-from kvgevent.fastio import Dormant, FastSocket
+from kvgevent.fastio import Dormant
 from kvgevent.logs import get_logger
 from kvgevent.protocol import NEWLINE
 from kvgevent.server.auth_throttle import AuthThrottle
@@ -293,7 +293,7 @@ class KeyValueServer:
         self._worker = worker_name()
         self._reported = 0  # dropped clients already published to a shared store
         self._ids = itertools.count(1)
-        self._dormant = 0  # clients with no reader greenlet now (see _retire_idle_readers)
+        self._dormant = 0  # clients with no reader greenlet now (Connection.retire_reader)
         self._started_at = time.monotonic()
         self.started_at = time.time()  # (Unix time, for the metrics)
         self.batch_seconds = Timings()  # time to apply a batch, by its first request's class
@@ -331,9 +331,11 @@ class KeyValueServer:
         if self._password is not None:
             self._auth_sweeper = gevent.spawn(self._sweep_auth_throttle)
         self._janitor = gevent.spawn(release_memory_loop, lambda: self.counters.dropped, self.log)
-        self._writer_sweeper = gevent.spawn(self._release_idle_writers)
-        if self._tls is None:  # (a TLS client's reader keeps its TLS state: see the sweeper)
-            self._reader_sweeper = gevent.spawn(self._retire_idle_readers)
+        self._writer_sweeper = gevent.spawn(self._release_idle, WRITER_IDLE, Connection.retire_writer)
+        # Not on a TLS server: a client yet to finish its handshake reads through the bare
+        # socket too, and a reader made again would skip the handshake (plain text served).
+        if self._tls is None:
+            self._reader_sweeper = gevent.spawn(self._release_idle, READER_IDLE, Connection.retire_reader)
         if self.store.shared:
             self._reporter = gevent.spawn(self._report_clients)
         self.memory.calibrate()
@@ -886,47 +888,17 @@ class KeyValueServer:
                 elif conn.dormant and conn.last_seen < limit:
                     self._wake(conn, _Idle())
 
-    def _release_idle_writers(self) -> None:
-        """Every WRITER_IDLE, release the writers (and queues) idle since the last pass; after
-        many, give the freed memory back to the OS."""
+    def _release_idle(self, period: float, release: Callable[[Connection], bool]) -> None:
+        """Every ``period``, ``release(conn)`` for every client (``Connection.retire_writer``,
+        ``Connection.retire_reader``: each says whether it released a greenlet); after many
+        in one pass, give the freed memory back to the OS. Runs until killed."""
         while True:
-            gevent.sleep(WRITER_IDLE)
+            gevent.sleep(period)
             released = 0
             for conn in self._conns.values():  # (nothing here yields: the dict cannot change)
-                released += conn.retire_writer()
+                released += release(conn)
             if released >= WRITER_TRIM_MIN:
-                gevent.sleep(0)  # (the killed writers end first)
-                release_free_memory()
-
-    def _retire_idle_readers(self) -> None:
-        """Every READER_IDLE, release the reader greenlets of plain TCP clients parked in
-        ``recv`` through their patience of passes (``Connection.patience``: 1, doubled each
-        time the client woke its released reader) with no writer (nothing queued or being
-        sent): each raises Dormant there and ends, its client's read watcher left to make a
-        new one. After many, the freed memory goes back to the OS (as for writers).
-        Not run by a TLS server: a client yet to finish its handshake reads through the bare
-        socket too (``conn.stream is conn.io``), and a reader made again would skip the
-        handshake, serving the client in plain text."""
-        while True:
-            gevent.sleep(READER_IDLE)
-            retired = 0
-            for conn in self._conns.values():  # (nothing here yields: the dict cannot change)
-                io = conn.io
-                if (
-                    conn.reading
-                    and conn.writer is None
-                    and conn.stream is io
-                    and conn.failed is None
-                    and isinstance(io, FastSocket)
-                    and io.parked_reading()
-                ):
-                    if io.quiet >= conn.patience:
-                        io.retire_reader(conn.reader)
-                        retired += 1
-                    else:
-                        io.quiet += 1
-            if retired >= WRITER_TRIM_MIN:
-                gevent.sleep(0)  # (the released readers end first)
+                gevent.sleep(0)  # (the released greenlets end first)
                 release_free_memory()
 
     def _sweep_auth_throttle(self) -> None:
