@@ -46,6 +46,7 @@ from kvgevent.config import (
     DEFAULT_REDIS_TIMEOUT,
     DEFAULT_SHUTDOWN_FLUSH,
     FD_RESERVE,
+    GC_YOUNG_THRESHOLD,
 )
 from kvgevent.logs import (
     DEFAULT_LOG_FORMAT,
@@ -336,12 +337,14 @@ def load_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
     """:func:`open_store`, with the cyclic garbage collector paused meanwhile and what it
     loaded moved out of its reach (``gc.freeze``): a replay makes millions of value lists,
     which cannot form cycles, and a full collection walking them stalls every client
-    (bench/OPTIMISATIONS.md, "replay and the GC")."""
+    (bench/OPTIMISATIONS.md, "replay and the GC"). The youngest generation is then collected
+    less often than Python's default (GC_YOUNG_THRESHOLD)."""
     gc.disable()
     try:
         return open_store(args, log)
     finally:
         gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         gc.enable()
 
 
