@@ -177,6 +177,19 @@ DEFAULT_MAX_MEMORY = 0
 """Memory the server may use, in bytes, before writes are refused and clients holding big
 buffers are disconnected; 0 = no limit (as in Redis)."""
 
+DEFAULT_WORKER_TIMEOUT = 10.0
+"""With --workers: seconds a worker may send no heartbeat (its event loop stopped, SIGSTOP, or
+stuck) before the supervisor kills it and starts another: the kernel keeps handing such a
+worker its share of new connections, and they would hang. 0 = never."""
+
+HEARTBEAT_INTERVAL = 1.0
+"""Seconds between two heartbeats of a worker (a quarter of --worker-timeout if that is less):
+a few chances to beat per timeout, one cheap write each."""
+
+FIRST_HEARTBEAT_TIMEOUT = 30.0
+"""Seconds a new worker may take to send its first heartbeat (if --worker-timeout is less): it
+imports, connects to the store and binds first, which a busy machine can make slow."""
+
 GC_YOUNG_THRESHOLD = 10_000
 """Container objects allocated (net of those freed) before the cyclic collector's youngest
 generation is collected (Python's default: 700). Over Redis, hiredis makes a list per LRANGE

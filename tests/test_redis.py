@@ -342,6 +342,41 @@ def test_a_database_number_in_the_url_is_used(redis_server):
         store.close()
 
 
+def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server):
+    """A worker that is alive but does not run (a real SIGSTOP) keeps its share of new
+    connections, which would hang: the supervisor kills it after --worker-timeout seconds
+    without a heartbeat (one worker_unresponsive, then worker_exited with SIGKILL's status),
+    starts another in its slot, leaves the worker that runs alone, and new clients are all
+    served again."""
+    import os
+    import signal
+
+    proc = server_process("--workers", "2", "--worker-timeout", "1", "--store", redis_server.url, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    stopped = next(e["pid"] for e in proc.events() if e["event"] == "worker_started")
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        wait_until(lambda: proc.stderr.count(b'"server_started"') == 3, timeout=20, message="no new worker")
+    finally:
+        try:
+            os.kill(stopped, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    for _ in range(20):  # (SO_REUSEPORT spreads them over the workers listening)
+        peer = Peer(proc.port)
+        assert peer.request(b"") == []  # (answered: its PING barrier)
+        peer.close()
+    assert proc.stop() == 0
+    events = proc.events()
+    (unresponsive,) = [e for e in events if e["event"] == "worker_unresponsive"]
+    assert unresponsive["pid"] == stopped and unresponsive["silent_s"] >= 1.0
+    assert unresponsive["first_heartbeat"] is False
+    (exited,) = [e for e in events if e["event"] == "worker_exited"]
+    assert (exited["pid"], exited["exit_status"]) == (stopped, -signal.SIGKILL)
+    slots = [e["slot"] for e in events if e["event"] == "worker_started"]
+    assert sorted(slots) == sorted([0, 1, unresponsive["slot"]])
+
+
 def test_the_supervisor_gives_up_on_workers_that_cannot_start(server_process, redis_server, tmp_path):
     """Workers that exit as soon as they start (here: an unreadable TLS key) stop the
     supervisor with exit status 1 instead of a restart loop."""

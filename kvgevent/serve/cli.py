@@ -45,6 +45,7 @@ from kvgevent.config import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_REDIS_TIMEOUT,
     DEFAULT_SHUTDOWN_FLUSH,
+    DEFAULT_WORKER_TIMEOUT,
     FD_RESERVE,
     GC_YOUNG_THRESHOLD,
 )
@@ -60,7 +61,7 @@ from kvgevent.logs import (
 )
 from kvgevent.serve.signals import reopen_on_hangup, stop_requested
 from kvgevent.serve.systemd import notify
-from kvgevent.serve.workers import die_with_supervisor, supervise
+from kvgevent.serve.workers import beat_for_supervisor, die_with_supervisor, supervise
 from kvgevent.server.server import KeyValueServer
 from kvgevent.stores.aof import AofCorrupt
 from kvgevent.stores.aof_log import DEFAULT_FSYNC, FSYNC_POLICIES
@@ -154,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
         "processes serving the port (SO_REUSEPORT), supervised by this one; above 1 needs a "
         "shared store (--store redis...)",
         type=positive_int,
+    )
+    add_env_option(
+        parser,
+        "worker-timeout",
+        DEFAULT_WORKER_TIMEOUT,
+        "with --workers: kill (SIGKILL) and restart a worker whose event loop has not run for "
+        "this many seconds (stopped or stuck: the kernel would keep giving it new clients); "
+        "0 = never",
+        type=non_negative_float,
     )
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for workers
     add_env_option(parser, "aof", None, "append every write to this file and replay it at start")
@@ -382,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not die_with_supervisor():  # a worker whose supervisor died as it was started
         log.error("server_start_failed", error="the supervisor of this worker is gone")
         return 1
+    beat_for_supervisor(args.worker_timeout)  # (its first beat now: before server_started)
     if not _start(server, args, log):
         return 1
     notify(f"READY=1\nSTATUS=serving on {args.host}:{server.port}")

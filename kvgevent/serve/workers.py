@@ -7,6 +7,13 @@ them. They share their data through the store (Redis), which is why more than on
 refused with the memory store. The supervisor serves nothing itself: it checks that the port
 is free, starts the workers, restarts one that dies (logged as ``worker_exited``), and on
 SIGINT/SIGTERM passes SIGTERM on to every worker, waits for them and exits 0.
+
+A worker that is alive but does not run (stopped by SIGSTOP, or its event loop stuck) would
+keep its share of new connections, which the kernel hands it whatever it does. So each
+worker's event loop writes a byte to a pipe of its own every HEARTBEAT_INTERVAL
+(:func:`beat_for_supervisor`), and the supervisor kills (SIGKILL) one that has been silent for
+``--worker-timeout`` seconds (``worker_unresponsive``); it is then restarted as any worker
+that died. A pipe, not a file: nothing to create on a disk that may be full.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 
 import gevent
 
+from kvgevent.config import FIRST_HEARTBEAT_TIMEOUT, HEARTBEAT_INTERVAL
 from kvgevent.logs import LogFile, Logger, redacted_url
 from kvgevent.serve.signals import reopen_on_hangup, stop_requested
 from kvgevent.serve.systemd import ReadyCollector, notify
@@ -46,6 +54,9 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 SUPERVISOR_ENV = "KVGEVENT_SUPERVISOR_PID"
 """The environment variable that gives a worker its supervisor's pid."""
+
+HEARTBEAT_ENV = "KVGEVENT_HEARTBEAT_FD"
+"""The environment variable that gives a worker the descriptor its heartbeats are written to."""
 
 
 def _free_port(host: str, port: int) -> int:
@@ -133,6 +144,7 @@ class Supervisor:
         )  # (a worker checks it still has us: see die_with_supervisor)
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * args.workers
         self.started = [0.0] * args.workers
+        self.heartbeats: list[Heartbeat | None] = [None] * args.workers
         self.quick_deaths = 0
         self.stop = stop_requested(log)
         self.readiness = ReadyCollector() if os.environ.get("NOTIFY_SOCKET") else None
@@ -153,6 +165,9 @@ class Supervisor:
             self.stop.wait(0.2)
         notify("STOPPING=1")
         _stop_all(self.workers, args, self.log)
+        for heartbeat in self.heartbeats:
+            if heartbeat is not None:
+                heartbeat.close()
         if reporter is not None:
             reporter.kill()  # (its socket is closed next: not under a greenlet reading it)
         if self.readiness is not None:
@@ -166,14 +181,36 @@ class Supervisor:
         if self.args.metrics_port is not None:  # one metrics port per worker: this + its slot
             metrics_port = self.args.metrics_port + slot if self.args.metrics_port else 0
             command = [*command, "--metrics-port", str(metrics_port)]
-        proc = subprocess.Popen(command, env=self.env, preexec_fn=_die_with_parent)
+        env, writer = self.env, None
+        if self.args.worker_timeout:
+            reader, writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # (the worker never waits on it)
+            env = {**env, HEARTBEAT_ENV: str(writer)}
+        try:
+            proc = subprocess.Popen(
+                command, env=env, preexec_fn=_die_with_parent, pass_fds=() if writer is None else (writer,)
+            )
+        except BaseException:
+            if writer is not None:
+                os.close(reader)
+            raise
+        finally:
+            if writer is not None:
+                os.close(writer)  # (the worker's copy is the only one: its death closes the pipe)
+        old = self.heartbeats[slot]
+        if old is not None:
+            old.close()
+        self.heartbeats[slot] = Heartbeat(reader) if writer is not None else None
         self.workers[slot], self.started[slot] = proc, time.monotonic()
         self.log.info("worker_started", slot=slot, pid=proc.pid)
 
     def _check_workers(self) -> int:
-        """Restart the workers that died; 1 once too many died as soon as they started."""
+        """Restart the workers that died; kill those silent for --worker-timeout (restarted
+        at a later check, once they are gone); 1 once too many died as soon as they started."""
         for slot, proc in enumerate(self.workers):
-            if proc is None or proc.poll() is None:
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                self._check_heartbeat(slot, proc)
                 continue
             lived = time.monotonic() - self.started[slot]
             self.log.warning(
@@ -190,6 +227,27 @@ class Supervisor:
                 self.start(slot)
         return 0
 
+    def _check_heartbeat(self, slot: int, proc: subprocess.Popen[bytes]) -> None:
+        """Kill the worker in ``slot`` if it has sent no heartbeat for --worker-timeout seconds
+        (FIRST_HEARTBEAT_TIMEOUT, if more, for its first); logged once."""
+        heartbeat = self.heartbeats[slot]
+        if heartbeat is None or heartbeat.killed:
+            return
+        timeout = self.args.worker_timeout
+        silent = heartbeat.silence()
+        if silent < (timeout if heartbeat.beaten else max(timeout, FIRST_HEARTBEAT_TIMEOUT)):
+            return
+        self.log.warning(
+            "worker_unresponsive",
+            slot=slot,
+            pid=proc.pid,
+            silent_s=round(silent, 1),
+            worker_timeout=timeout,
+            first_heartbeat=not heartbeat.beaten,
+        )
+        proc.kill()  # (SIGKILL ends a stopped process too)
+        heartbeat.killed = True
+
     def _report_ready(self) -> None:
         """READY=1 to systemd once every worker has sent it; then read the workers' later
         messages for as long as they run (see ReadyCollector.drain)."""
@@ -202,6 +260,61 @@ class Supervisor:
         for proc in self.workers:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
+
+
+class Heartbeat:
+    """The supervisor's end of one worker's heartbeat pipe (non-blocking)."""
+
+    __slots__ = ("fd", "heard", "beaten", "killed")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.heard = time.monotonic()  # the last heartbeat read; the worker's start before the first
+        self.beaten = False  # a heartbeat came
+        self.killed = False  # the supervisor killed the worker for its silence
+
+    def silence(self) -> float:
+        """Seconds since the last heartbeat, after reading every one waiting. (Those written
+        while this process was itself stopped are read now: no worker is blamed for that.)"""
+        try:
+            while os.read(self.fd, 4096):  # (b"": the worker is gone, its end closed)
+                self.heard, self.beaten = time.monotonic(), True
+        except BlockingIOError:
+            pass
+        return time.monotonic() - self.heard
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def beat_for_supervisor(timeout: float) -> None:
+    """In a worker (HEARTBEAT_ENV set) with a ``timeout`` (--worker-timeout): write a
+    heartbeat to the supervisor every HEARTBEAT_INTERVAL, or a quarter of ``timeout`` if that
+    is less, from a greenlet, for as long as this process's event loop runs. Never waits: a
+    pipe the supervisor has not read lately is full of heartbeats already. The first is
+    written before this returns."""
+    fd = os.environ.get(HEARTBEAT_ENV)
+    if fd and timeout and _beat(int(fd)):
+        gevent.spawn(_beat_every, int(fd), min(HEARTBEAT_INTERVAL, timeout / 4))
+
+
+def _beat(fd: int) -> bool:
+    """One heartbeat; False once the supervisor is gone (its end closed: die_with_supervisor
+    ends this worker)."""
+    try:
+        os.write(fd, b".")
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _beat_every(fd: int, interval: float) -> None:
+    while True:
+        gevent.sleep(interval)
+        if not _beat(fd):
+            return
 
 
 def _die_with_parent() -> None:
