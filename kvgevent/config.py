@@ -182,6 +182,11 @@ DEFAULT_WORKER_TIMEOUT = 10.0
 stuck) before the supervisor kills it and starts another: the kernel keeps handing such a
 worker its share of new connections, and they would hang. 0 = never."""
 
+MIN_WORKER_TIMEOUT = 1.0
+"""The least --worker-timeout but 0: the supervisor checks the heartbeats five times a second,
+and a worker beats four times per timeout; below this, a worker whose event loop is busy for a
+moment (a big reply being built) is killed, and below the check interval an idle one too."""
+
 HEARTBEAT_INTERVAL = 1.0
 """Seconds between two heartbeats of a worker (a quarter of --worker-timeout if that is less):
 a few chances to beat per timeout, one cheap write each."""

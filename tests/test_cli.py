@@ -132,6 +132,20 @@ def test_bad_flag_value_is_a_usage_error():
     assert result.returncode == 2 and b"--port" in result.stderr
 
 
+def test_a_worker_timeout_below_the_minimum_is_a_usage_error():
+    """--worker-timeout below MIN_WORKER_TIMEOUT (but 0: never), from the flag or from
+    KVGEVENT_WORKER_TIMEOUT, is refused: the supervisor checks five times a second, and
+    before, 1e-9 had it kill every idle worker until it gave up (workers_failing)."""
+    from kvgevent.config import MIN_WORKER_TIMEOUT
+
+    store = "redis://127.0.0.1:1/0"  # (never reached: refused before anything starts)
+    for value in ("1e-9", "0.1", str(MIN_WORKER_TIMEOUT / 2)):
+        result = run("run_server.py", "--workers", "2", "--store", store, "--worker-timeout", value)
+        assert result.returncode == 2 and b"--worker-timeout must be 0" in result.stderr, value
+    result = run("run_server.py", "--workers", "2", "--store", store, env={"KVGEVENT_WORKER_TIMEOUT": "0.5"})
+    assert result.returncode == 2 and b"--worker-timeout must be 0" in result.stderr
+
+
 def test_client_reads_stdin_when_given_no_lines(server_process):
     proc = server_process()
     lines = b"".join(b"PUT:many:%d\n" % i for i in range(3000)) + b"GET:many\n"

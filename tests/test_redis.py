@@ -377,6 +377,82 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server):
     assert sorted(slots) == sorted([0, 1, unresponsive["slot"]])
 
 
+def test_workers_stopped_and_resumed_with_their_supervisor_are_kept(server_process, redis_server):
+    """Ctrl-Z and fg, a SIGSTOP to the process group or a cgroup freeze stop the supervisor
+    and its workers together, and resume them in any order. Resumed first, the supervisor
+    would find every worker silent for as long as it was stopped itself, and kill them all
+    before they run again; that time is nobody's silence. Here the workers stop first (the
+    supervisor reads their last heartbeats), then the supervisor, all for longer than
+    --worker-timeout; the supervisor resumes first, the workers a moment later."""
+    import os
+    import signal
+
+    proc = server_process("--workers", "2", "--worker-timeout", "3", "--store", redis_server.url, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    workers = [e["pid"] for e in proc.events() if e["event"] == "worker_started"]
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        gevent.sleep(0.5)  # (the supervisor's checks empty the pipes: the fault's order)
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        gevent.sleep(4.0)  # (all stopped longer than --worker-timeout: the fault)
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        gevent.sleep(0.3)  # (the workers run again later than their supervisor: the fault)
+    finally:
+        for pid in [proc.proc.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    for _ in range(20):  # (SO_REUSEPORT spreads them over the workers listening)
+        peer = Peer(proc.port)
+        assert peer.request(b"") == []
+        peer.close()
+    assert proc.stop() == 0
+    events = proc.events()
+    assert [e for e in events if e["event"] in ("worker_unresponsive", "worker_exited")] == []
+    assert [e["pid"] for e in events if e["event"] == "worker_started"] == workers
+
+
+def test_workers_killed_for_their_silence_are_restarted_without_giving_up(server_process, redis_server):
+    """Workers stopped (a real SIGSTOP) as soon as they serve are killed --worker-timeout
+    later, here 1 s, within STARTUP_GRACE of their start. They started, though: the supervisor
+    goes on replacing them, and does not give up (workers_failing, exit status 1, the worker
+    still running stopped too) as on workers that cannot start."""
+    import os
+    import signal
+
+    from kvgevent.serve.workers import GIVE_UP_AFTER
+
+    proc = server_process("--workers", "2", "--worker-timeout", "1", "--store", redis_server.url, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    kept = next(e["pid"] for e in proc.events() if e["event"] == "worker_started")
+    stopped: list[int] = []
+
+    def stop_new_workers() -> int:
+        for event in proc.events():
+            pid = event.get("worker")
+            if event["event"] == "server_started" and pid != kept and pid not in stopped:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+        return sum(e["event"] == "worker_exited" for e in proc.events())
+
+    try:
+        wait_until(lambda: stop_new_workers() > GIVE_UP_AFTER, timeout=40, message="too few restarts")
+        assert proc.proc.poll() is None
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert proc.stop() == 0
+    events = proc.events()
+    assert not [e for e in events if e["event"] == "workers_failing"]
+    unresponsive = [e["pid"] for e in events if e["event"] == "worker_unresponsive"]
+    assert len(unresponsive) > GIVE_UP_AFTER and kept not in unresponsive
+
+
 def test_the_supervisor_gives_up_on_workers_that_cannot_start(server_process, redis_server, tmp_path):
     """Workers that exit as soon as they start (here: an unreadable TLS key) stop the
     supervisor with exit status 1 instead of a restart loop."""

@@ -48,6 +48,7 @@ from kvgevent.config import (
     DEFAULT_WORKER_TIMEOUT,
     FD_RESERVE,
     GC_YOUNG_THRESHOLD,
+    MIN_WORKER_TIMEOUT,
 )
 from kvgevent.logs import (
     DEFAULT_LOG_FORMAT,
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_WORKER_TIMEOUT,
         "with --workers: kill (SIGKILL) and restart a worker whose event loop has not run for "
         "this many seconds (stopped or stuck: the kernel would keep giving it new clients); "
-        "0 = never",
+        f"0 = never, else at least {MIN_WORKER_TIMEOUT:g}",
         type=non_negative_float,
     )
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for workers
@@ -250,6 +251,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--tls-key needs --tls-cert")
     if args.password == "":
         parser.error("--password may not be empty")
+    if 0 < args.worker_timeout < MIN_WORKER_TIMEOUT:
+        parser.error(f"--worker-timeout must be 0 (never) or at least {MIN_WORKER_TIMEOUT:g} seconds")
 
 
 def raise_fd_limit() -> int:

@@ -35,6 +35,9 @@ from kvgevent.logs import LogFile, Logger, redacted_url
 from kvgevent.serve.signals import reopen_on_hangup, stop_requested
 from kvgevent.serve.systemd import ReadyCollector, notify
 
+CHECK_INTERVAL = 0.2
+"""Seconds between two checks of the workers (exits and heartbeats) by the supervisor."""
+
 RESTART_DELAY = 0.5
 """Seconds before a worker that died is started again."""
 
@@ -162,7 +165,7 @@ class Supervisor:
         status = 0
         while not self.stop.is_set() and status == 0:
             status = self._check_workers()
-            self.stop.wait(0.2)
+            self.stop.wait(CHECK_INTERVAL)
         notify("STOPPING=1")
         _stop_all(self.workers, args, self.log)
         for heartbeat in self.heartbeats:
@@ -216,7 +219,11 @@ class Supervisor:
             self.log.warning(
                 "worker_exited", slot=slot, pid=proc.pid, exit_status=proc.returncode, lived_s=round(lived, 1)
             )
-            self.quick_deaths = self.quick_deaths + 1 if lived < STARTUP_GRACE else 0
+            # One killed for its silence had started (it beat, or had FIRST_HEARTBEAT_TIMEOUT):
+            # stopped or stuck as soon as it served, it is replaced for as long as it takes.
+            heartbeat = self.heartbeats[slot]
+            quick = lived < STARTUP_GRACE and not (heartbeat is not None and heartbeat.killed)
+            self.quick_deaths = self.quick_deaths + 1 if quick else 0
             if self.quick_deaths >= GIVE_UP_AFTER:
                 self.log.error(
                     "workers_failing", hint="workers exit as soon as they start; see their events above"
@@ -265,17 +272,25 @@ class Supervisor:
 class Heartbeat:
     """The supervisor's end of one worker's heartbeat pipe (non-blocking)."""
 
-    __slots__ = ("fd", "heard", "beaten", "killed")
+    __slots__ = ("fd", "heard", "checked", "beaten", "killed")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.heard = time.monotonic()  # the last heartbeat read; the worker's start before the first
+        self.checked = self.heard  # the last call of silence()
         self.beaten = False  # a heartbeat came
         self.killed = False  # the supervisor killed the worker for its silence
 
     def silence(self) -> float:
-        """Seconds since the last heartbeat, after reading every one waiting. (Those written
-        while this process was itself stopped are read now: no worker is blamed for that.)"""
+        """Seconds the worker has sent no heartbeat while this process ran, after reading
+        every one waiting (those written while this process alone was stopped are read now).
+        Time this process did not run, beyond the CHECK_INTERVAL between two checks, is not
+        counted: stopped and resumed with its workers (Ctrl-Z and fg, a SIGSTOP to the process
+        group, a cgroup freeze), it may run before they do, and would find them all silent
+        for that long, and kill them."""
+        now = time.monotonic()
+        self.heard += max(0.0, now - self.checked - CHECK_INTERVAL)
+        self.checked = now
         try:
             while os.read(self.fd, 4096):  # (b"": the worker is gone, its end closed)
                 self.heard, self.beaten = time.monotonic(), True
