@@ -146,6 +146,16 @@ def test_a_worker_timeout_below_the_minimum_is_a_usage_error():
     assert result.returncode == 2 and b"--worker-timeout must be 0" in result.stderr
 
 
+def test_a_stray_heartbeat_descriptor_is_not_written_outside_a_worker(server_process):
+    """KVGEVENT_HEARTBEAT_FD left in the environment of a server that no supervisor started
+    (here naming its stderr) is ignored. Before, it wrote a heartbeat (a dot) to that
+    descriptor every second, whatever it was: here, into the JSON log lines."""
+    proc = server_process(env={"KVGEVENT_HEARTBEAT_FD": "2"})
+    Peer(proc.port).close()
+    assert proc.stop() == 0
+    assert proc.events()[0]["event"] == "server_started"
+
+
 def test_client_reads_stdin_when_given_no_lines(server_process):
     proc = server_process()
     lines = b"".join(b"PUT:many:%d\n" % i for i in range(3000)) + b"GET:many\n"

@@ -307,9 +307,10 @@ def beat_for_supervisor(timeout: float) -> None:
     heartbeat to the supervisor every HEARTBEAT_INTERVAL, or a quarter of ``timeout`` if that
     is less, from a greenlet, for as long as this process's event loop runs. Never waits: a
     pipe the supervisor has not read lately is full of heartbeats already. The first is
-    written before this returns."""
+    written before this returns. Not in a process no supervisor started, whatever its
+    environment holds: the descriptor could be anything there (its log, a client)."""
     fd = os.environ.get(HEARTBEAT_ENV)
-    if fd and timeout and _beat(int(fd)):
+    if fd and timeout and os.environ.get(SUPERVISOR_ENV) and _beat(int(fd)):
         gevent.spawn(_beat_every, int(fd), min(HEARTBEAT_INTERVAL, timeout / 4))
 
 
