@@ -377,6 +377,31 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server):
     assert sorted(slots) == sorted([0, 1, unresponsive["slot"]])
 
 
+def test_a_stopped_worker_stops_cleanly_with_its_supervisor(server_process, redis_server):
+    """SIGTERM to the supervisor while a worker is stopped (a real SIGSTOP, under a timeout
+    it has not reached): the worker is resumed with its SIGTERM, so it shuts down as the
+    others do (server_stopped), rather than being killed after --shutdown-flush + 5 s."""
+    import os
+    import signal
+
+    proc = server_process("--workers", "2", "--store", redis_server.url, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    stopped = next(e["pid"] for e in proc.events() if e["event"] == "worker_started")
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        assert proc.stop() == 0
+    finally:
+        try:
+            os.kill(stopped, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    events = proc.events()
+    assert not [e for e in events if e["event"] == "worker_killed"]
+    assert sorted(e["worker"] for e in events if e["event"] == "server_stopped") == sorted(
+        e["pid"] for e in events if e["event"] == "worker_started"
+    )
+
+
 def test_workers_stopped_and_resumed_with_their_supervisor_are_kept(server_process, redis_server):
     """Ctrl-Z and fg, a SIGSTOP to the process group or a cgroup freeze stop the supervisor
     and its workers together, and resume them in any order. Resumed first, the supervisor

@@ -368,10 +368,12 @@ def die_with_supervisor() -> bool:
 
 
 def _stop_all(workers: list[Any], args: argparse.Namespace, log: Logger) -> None:
-    """SIGTERM every worker, wait for them (each flushes its clients), then kill stragglers."""
+    """SIGTERM every worker (and SIGCONT: one stopped by SIGSTOP would handle its SIGTERM only
+    once killed), wait for them (each flushes its clients), then kill stragglers."""
     live = [p for p in workers if p is not None and p.poll() is None]
     for proc in live:
         proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)  # (a stopped worker too: it flushes, not killed later)
     deadline = time.monotonic() + args.shutdown_flush + 5.0
     for proc in live:
         try:
