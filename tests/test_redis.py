@@ -342,6 +342,27 @@ def test_a_database_number_in_the_url_is_used(redis_server):
         store.close()
 
 
+def _resume(*pids: int) -> None:
+    """SIGCONT each of ``pids`` still there (a test's SIGSTOPs undone, whatever happened)."""
+    import os
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def _serve_new_clients(port: int, count: int = 20) -> None:
+    """``count`` new clients, each answered (its PING barrier): SO_REUSEPORT spreads them over
+    the workers listening, so none of them may be one that does not run."""
+    for _ in range(count):
+        peer = Peer(port)
+        assert peer.request(b"") == []
+        peer.close()
+
+
 def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server):
     """A worker that is alive but does not run (a real SIGSTOP) keeps its share of new
     connections, which would hang: the supervisor kills it after --worker-timeout seconds
@@ -358,14 +379,8 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server):
     try:
         wait_until(lambda: proc.stderr.count(b'"server_started"') == 3, timeout=20, message="no new worker")
     finally:
-        try:
-            os.kill(stopped, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-    for _ in range(20):  # (SO_REUSEPORT spreads them over the workers listening)
-        peer = Peer(proc.port)
-        assert peer.request(b"") == []  # (answered: its PING barrier)
-        peer.close()
+        _resume(stopped)
+    _serve_new_clients(proc.port)
     assert proc.stop() == 0
     events = proc.events()
     (unresponsive,) = [e for e in events if e["event"] == "worker_unresponsive"]
@@ -391,10 +406,7 @@ def test_a_stopped_worker_stops_cleanly_with_its_supervisor(server_process, redi
     try:
         assert proc.stop() == 0
     finally:
-        try:
-            os.kill(stopped, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        _resume(stopped)
     events = proc.events()
     assert not [e for e in events if e["event"] == "worker_killed"]
     assert sorted(e["worker"] for e in events if e["event"] == "server_stopped") == sorted(
@@ -424,15 +436,8 @@ def test_workers_stopped_and_resumed_with_their_supervisor_are_kept(server_proce
         os.kill(proc.proc.pid, signal.SIGCONT)
         gevent.sleep(0.3)  # (the workers run again later than their supervisor: the fault)
     finally:
-        for pid in [proc.proc.pid, *workers]:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-    for _ in range(20):  # (SO_REUSEPORT spreads them over the workers listening)
-        peer = Peer(proc.port)
-        assert peer.request(b"") == []
-        peer.close()
+        _resume(proc.proc.pid, *workers)
+    _serve_new_clients(proc.port)
     assert proc.stop() == 0
     events = proc.events()
     assert [e for e in events if e["event"] in ("worker_unresponsive", "worker_exited")] == []
@@ -466,11 +471,7 @@ def test_workers_killed_for_their_silence_are_restarted_without_giving_up(server
         wait_until(lambda: stop_new_workers() > GIVE_UP_AFTER, timeout=40, message="too few restarts")
         assert proc.proc.poll() is None
     finally:
-        for pid in stopped:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        _resume(*stopped)
     assert proc.stop() == 0
     events = proc.events()
     assert not [e for e in events if e["event"] == "workers_failing"]
