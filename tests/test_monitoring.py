@@ -5,6 +5,7 @@ is played by a datagram socket of the test's own; logrotate by a rename and a SI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -208,6 +209,59 @@ def test_systemd_hears_ready_once_listening_and_stopping_at_shutdown(
         assert proc.stop(sig=None) == 0
     finally:
         systemd.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_watchdog_hears_from_the_event_loop_while_it_runs(server_process, tmp_path, workers, request):
+    """WatchdogSec= set (WATCHDOG_USEC, here 0.6 s): WATCHDOG=1 comes every half of it, from
+    the event loop: a server stopped for real (SIGSTOP) sends none, so systemd would restart
+    it; resumed, it sends them again. With --workers the supervisor sends them (the workers
+    are its to watch: --worker-timeout)."""
+    systemd = Systemd(tmp_path)
+    systemd.sock.settimeout(2.0)
+    args = []
+    if workers > 1:
+        redis = request.getfixturevalue("redis_server")
+        args = ["--workers", str(workers), "--store", redis.url]
+    env = {"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "600000"}
+    try:
+        proc = server_process(*args, env=env, wait=False)
+        messages = [systemd.next() for _ in range(8)]
+        assert any("READY=1" in m.split("\n") for m in messages)
+        assert messages.count("WATCHDOG=1") >= 5
+        proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            systemd.sock.settimeout(0.3)
+            with contextlib.suppress(TimeoutError):
+                while True:  # (those sent before the stop)
+                    systemd.next()
+            systemd.sock.settimeout(1.5)  # (five intervals: none comes from a stopped loop)
+            with pytest.raises(TimeoutError):
+                systemd.next()
+        finally:
+            proc.proc.send_signal(signal.SIGCONT)
+        systemd.sock.settimeout(5.0)
+        assert systemd.next() == "WATCHDOG=1"
+        assert proc.stop() == 0
+    finally:
+        systemd.close()
+
+
+def test_systemd_watchdog_is_off_unless_asked_for_this_process(server_process, tmp_path):
+    """No WATCHDOG=1 without WATCHDOG_USEC, nor when WATCHDOG_PID names another process
+    (systemd's rule: the variables were meant for that one, a parent's leaked here)."""
+    for env in ({}, {"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}):
+        systemd = Systemd(tmp_path)
+        try:
+            proc = server_process(env={"NOTIFY_SOCKET": systemd.path, **env}, wait=False)
+            assert "READY=1" in systemd.next().split("\n")
+            systemd.sock.settimeout(1.0)  # (ten intervals of the one asked for another process)
+            with pytest.raises(TimeoutError):
+                systemd.next()
+            assert proc.stop() == 0
+        finally:
+            systemd.close()
+            os.unlink(systemd.path)
 
 
 def test_a_sigterm_sent_the_moment_ready_is_announced_shuts_down_cleanly(tmp_path):

@@ -61,7 +61,7 @@ from kvgevent.logs import (
     get_logger,
 )
 from kvgevent.serve.signals import reopen_on_hangup, stop_requested
-from kvgevent.serve.systemd import notify
+from kvgevent.serve.systemd import feed_watchdog, notify
 from kvgevent.serve.workers import beat_for_supervisor, die_with_supervisor, supervise
 from kvgevent.server.server import KeyValueServer
 from kvgevent.stores.aof import AofCorrupt
@@ -396,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("server_start_failed", error="the supervisor of this worker is gone")
         return 1
     beat_for_supervisor(args.worker_timeout)  # (its first beat now: before server_started)
+    feed_watchdog()
     if not _start(server, args, log):
         return 1
     notify(f"READY=1\nSTATUS=serving on {args.host}:{server.port}")

@@ -4,7 +4,9 @@
 ``run_server.py`` sends ``READY=1`` once it listens (after the append-only file was replayed)
 and ``STOPPING=1`` when a SIGINT/SIGTERM starts its shutdown. With ``--workers`` the supervisor
 gives its workers a socket of its own (:class:`ReadyCollector`) and sends ``READY=1`` once every
-worker has sent it.
+worker has sent it. With systemd's watchdog on (``WatchdogSec=``: ``WATCHDOG_USEC``), the
+process it watches sends ``WATCHDOG=1`` from its event loop (:func:`feed_watchdog`), so that
+systemd restarts a server whose loop stopped running.
 """
 
 from __future__ import annotations
@@ -34,6 +36,33 @@ def notify(message: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between two ``WATCHDOG=1``, half of systemd's ``WatchdogSec=`` (as
+    ``sd_watchdog_enabled`` reads it: ``WATCHDOG_USEC``, for this process unless
+    ``WATCHDOG_PID`` names another); None when systemd asked for none."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID")
+    if not os.environ.get("NOTIFY_SOCKET") or not usec.isdigit() or int(usec) <= 0:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None
+    return int(usec) / 1e6 / 2
+
+
+def feed_watchdog() -> None:
+    """Send ``WATCHDOG=1`` now and every :func:`watchdog_interval` from a greenlet, for as
+    long as this process's event loop runs (nothing if systemd asked for none)."""
+    interval = watchdog_interval()
+    if interval is not None:
+        notify("WATCHDOG=1")
+        gevent.spawn(_feed_every, interval)
+
+
+def _feed_every(interval: float) -> None:
+    while True:
+        gevent.sleep(interval)
+        notify("WATCHDOG=1")
 
 
 class ReadyCollector:

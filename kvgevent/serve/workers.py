@@ -33,7 +33,7 @@ import gevent
 from kvgevent.config import FIRST_HEARTBEAT_TIMEOUT, HEARTBEAT_INTERVAL
 from kvgevent.logs import LogFile, Logger, redacted_url
 from kvgevent.serve.signals import reopen_on_hangup, stop_requested
-from kvgevent.serve.systemd import ReadyCollector, notify
+from kvgevent.serve.systemd import ReadyCollector, feed_watchdog, notify
 
 CHECK_INTERVAL = 0.2
 """Seconds between two checks of the workers (exits and heartbeats) by the supervisor."""
@@ -142,6 +142,8 @@ class Supervisor:
         }
         self.env.pop("KVGEVENT_WORKERS", None)
         self.env.pop("KVGEVENT_PORT", None)
+        for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):  # (systemd watches this process; we, the workers)
+            self.env.pop(name, None)
         self.env[SUPERVISOR_ENV] = str(
             os.getpid()
         )  # (a worker checks it still has us: see die_with_supervisor)
@@ -162,6 +164,7 @@ class Supervisor:
         for slot in range(args.workers):
             self.start(slot)
         reporter = gevent.spawn(self._report_ready) if self.readiness is not None else None
+        feed_watchdog()
         status = 0
         while not self.stop.is_set() and status == 0:
             status = self._check_workers()
