@@ -264,6 +264,42 @@ def test_systemd_watchdog_is_off_unless_asked_for_this_process(server_process, t
             os.unlink(systemd.path)
 
 
+def test_watchdog_usec_is_read_as_systemd_reads_it(monkeypatch):
+    """WATCHDOG_USEC as sd_watchdog_enabled takes it: microseconds in ASCII digits, above 0
+    and below USEC_INFINITY, for this process unless WATCHDOG_PID names another; anything
+    else is no watchdog. Before, a non-ASCII digit ("\u00b2") raised ValueError at start,
+    and USEC_INFINITY (or more) gave an interval of 292,000 years instead of None."""
+    from kvgevent.serve.systemd import watchdog_interval
+
+    monkeypatch.setenv("NOTIFY_SOCKET", "/nowhere")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    expected = {
+        "600000": 0.3,
+        "1": 0.5e-6,
+        "18446744073709551614": (2**64 - 2) / 2e6,
+        "18446744073709551615": None,  # USEC_INFINITY
+        "99999999999999999999": None,
+        "0": None,
+        "": None,
+        "-5": None,
+        " 600000": None,
+        "6e5": None,
+        "\u00b2": None,  # (isdigit, but not int's)
+        "\u0661\u0662": None,  # (Arabic-Indic digits: int's, not systemd's)
+    }
+    for usec, interval in expected.items():
+        monkeypatch.setenv("WATCHDOG_USEC", usec)
+        assert watchdog_interval() == interval, usec
+    monkeypatch.setenv("WATCHDOG_USEC", "600000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_interval() == 0.3
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert watchdog_interval() is None
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    monkeypatch.delenv("WATCHDOG_PID")
+    assert watchdog_interval() is None
+
+
 def test_a_sigterm_sent_the_moment_ready_is_announced_shuts_down_cleanly(tmp_path):
     """A SIGTERM that arrives as READY=1 is sent (systemd stopping a service just started, a
     supervisor that kills what it just saw listening) starts the usual shutdown: STOPPING=1,

@@ -38,12 +38,21 @@ def notify(message: str) -> bool:
     return True
 
 
+USEC_INFINITY = 2**64 - 1
+"""systemd's "no limit" for a time in microseconds: a ``WATCHDOG_USEC`` of it (or more) is no
+watchdog."""
+
+
 def watchdog_interval() -> float | None:
     """Seconds between two ``WATCHDOG=1``, half of systemd's ``WatchdogSec=`` (as
     ``sd_watchdog_enabled`` reads it: ``WATCHDOG_USEC``, for this process unless
-    ``WATCHDOG_PID`` names another); None when systemd asked for none."""
+    ``WATCHDOG_PID`` names another); None when systemd asked for none, or when
+    ``WATCHDOG_USEC`` is not a number of microseconds above 0 and below USEC_INFINITY (ASCII
+    digits only: never an error, whatever the environment holds)."""
     usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID")
-    if not os.environ.get("NOTIFY_SOCKET") or not usec.isdigit() or int(usec) <= 0:
+    if not os.environ.get("NOTIFY_SOCKET") or not (usec.isascii() and usec.isdigit()):
+        return None
+    if not 0 < int(usec) < USEC_INFINITY:
         return None
     if pid and pid != str(os.getpid()):
         return None
