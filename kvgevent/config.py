@@ -184,7 +184,7 @@ worker its share of new connections, and they would hang. 0 = never."""
 
 MIN_WORKER_TIMEOUT = 1.0
 """The least --worker-timeout but 0: the supervisor checks the heartbeats five times a second,
-and a worker beats four times per timeout; below this, a worker whose event loop is busy for a
+and a worker beats at least four times per timeout; below this, a worker whose event loop is busy for a
 moment (a big reply being built) is killed, and below the check interval an idle one too."""
 
 HEARTBEAT_INTERVAL = 1.0

@@ -36,7 +36,9 @@ from kvgevent.serve.signals import reopen_on_hangup, stop_requested
 from kvgevent.serve.systemd import ReadyCollector, feed_watchdog, notify
 
 CHECK_INTERVAL = 0.2
-"""Seconds between two checks of the workers (exits and heartbeats) by the supervisor."""
+"""Seconds between two checks of the workers (exits and heartbeats) by the supervisor: a dead
+worker's slot is empty for at most this plus RESTART_DELAY, for a waitpid and a pipe read per
+worker each time; and MIN_WORKER_TIMEOUT is a few of them."""
 
 RESTART_DELAY = 0.5
 """Seconds before a worker that died is started again."""
