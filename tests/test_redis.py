@@ -392,6 +392,28 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server):
     assert sorted(slots) == sorted([0, 1, unresponsive["slot"]])
 
 
+def test_a_worker_slow_to_send_its_first_heartbeat_is_given_time(server_process, redis_server, tmp_path):
+    """A worker's first heartbeat comes once it has imported and loaded its store, which a busy
+    machine can make slower than --worker-timeout: until then it has FIRST_HEARTBEAT_TIMEOUT.
+    Here each worker sleeps 2.5 s as its interpreter starts (a sitecustomize on PYTHONPATH,
+    for processes a supervisor started) under --worker-timeout 1: none is killed."""
+    import os
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('KVGEVENT_SUPERVISOR_PID'):\n    time.sleep(2.5)\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = server_process(
+        "--workers", "2", "--worker-timeout", "1", "--store", redis_server.url, env=env, wait=False
+    )
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    _serve_new_clients(proc.port)
+    assert proc.stop() == 0
+    events = proc.events()
+    assert [e for e in events if e["event"] in ("worker_unresponsive", "worker_exited")] == []
+    assert len([e for e in events if e["event"] == "worker_started"]) == 2
+
+
 def test_a_stopped_worker_stops_cleanly_with_its_supervisor(server_process, redis_server):
     """SIGTERM to the supervisor while a worker is stopped (a real SIGSTOP, under a timeout
     it has not reached): the worker is resumed with its SIGTERM, so it shuts down as the
