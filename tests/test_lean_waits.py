@@ -9,7 +9,7 @@ import gc
 import socket
 import struct
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -159,6 +159,30 @@ def _active_watchers() -> int:
     return gevent.get_hub().loop.activecnt
 
 
+@contextlib.contextmanager
+def _served(**options: Any) -> Iterator[tuple[KeyValueServer, Callable[..., socket.socket]]]:
+    """An in-process server (``options``) and a factory of its clients' sockets (``answered``:
+    after a PING answered); the server, then every socket, closed after."""
+    server = KeyValueServer(MemoryStore(), **options)
+    server.start(0, host="127.0.0.1")
+    socks: list[socket.socket] = []
+
+    def client(answered: bool = False) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        socks.append(sock)
+        if answered:
+            sock.sendall(b"PING\n")
+            assert sock.recv(64) == b"PONG\n"
+        return sock
+
+    try:
+        yield server, client
+    finally:
+        server.close(flush_timeout=0.5)
+        for sock in socks:
+            sock.close()
+
+
 def test_every_way_a_parked_client_ends_leaves_nothing_started(log_stream):
     """Clients parked in each place a connection waits end in each way they can: an idle
     reader timed out, a reader reset, a writer parked on an empty queue whose client closes,
@@ -167,31 +191,15 @@ def test_every_way_a_parked_client_ends_leaves_nothing_started(log_stream):
     writer greenlet left, and the loop has no more active watchers than before the server
     started (a watcher left started would keep one more)."""
     before = _active_watchers()
-    server = KeyValueServer(MemoryStore(), idle_timeout=0.5)
-    server.start(0, host="127.0.0.1")
-    socks: list[socket.socket] = []
-
-    def client() -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        socks.append(sock)
-        return sock
-
-    def ping(sock: socket.socket) -> None:
-        sock.sendall(b"PING\n")
-        assert sock.recv(64) == b"PONG\n"
-
-    try:
+    with _served(idle_timeout=0.5) as (server, client):
         server.store.put("big", b"v" * 65536)
         idle = client()  # its reader parks; the idle timeout kills it
-        reset = client()
-        ping(reset)  # the writer has run once: now parked on an empty queue
-        closes = client()
-        ping(closes)
+        reset = client(answered=True)  # the writer has run once: now parked on an empty queue
+        closes = client(answered=True)
         stuck = client()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.sendall(b"GET:big\n" * 64)  # 4 MiB of replies it never reads: the writer parks in send
-        kept = client()
-        ping(kept)
+        client(answered=True)  # still connected when the server closes
         wait_until(lambda: server.count_active() == 5)
         wait_until(lambda: any(c.io.stalled_since for c in server._conns.values()), timeout=10)
         _reset(reset)
@@ -203,10 +211,6 @@ def test_every_way_a_parked_client_ends_leaves_nothing_started(log_stream):
         assert server.count_dropped() == 5
         assert len(server._writers) == 0
         assert _active_watchers() <= before
-    finally:
-        server.close(flush_timeout=0.1)
-        for sock in socks:
-            sock.close()
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -258,13 +262,7 @@ def test_a_reply_queued_as_a_writer_is_released_goes_out_through_a_new_one(log_s
     """The race the release must survive: the writer is released (its kill scheduled, not yet
     delivered) and a reply is queued before the loop runs again. The reply goes to a new
     queue and writer; the old writer dies in its park."""
-    server = KeyValueServer(MemoryStore())
-    server.start(0, host="127.0.0.1")
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    try:
-        sock.sendall(b"PING\n")
-        assert _recv_exactly(sock, 5) == b"PONG\n"
-        (conn,) = server._conns.values()
+    with _answered_client() as (_, sock, conn):
         wait_until(lambda: conn.parked, timeout=5)
         old = conn.writer
         conn.stale = True  # as if a sweep had seen it parked already
@@ -275,9 +273,6 @@ def test_a_reply_queued_as_a_writer_is_released_goes_out_through_a_new_one(log_s
         wait_until(lambda: old.dead, timeout=5)
         sock.sendall(b"PING\n")
         assert _recv_exactly(sock, 5) == b"PONG\n"
-    finally:
-        sock.close()
-        server.close(flush_timeout=0.5)
 
 
 def test_clients_that_pause_about_as_long_as_the_writer_idles_lose_nothing(log_stream, monkeypatch):
@@ -538,19 +533,8 @@ def test_every_way_a_dormant_client_ends_leaves_nothing_started(log_stream):
     server closes. Each is dropped once with its reason, nothing is logged as an error, and
     afterwards no greenlet is left and the loop has no more active watchers than before."""
     before = _active_watchers()
-    server = KeyValueServer(MemoryStore(), idle_timeout=4.0)
-    server.start(0, host="127.0.0.1")
-    socks: list[socket.socket] = []
-
-    def client() -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        sock.sendall(b"PING\n")
-        assert sock.recv(64) == b"PONG\n"
-        socks.append(sock)
-        return sock
-
-    try:
-        reset, closes, evicted, kept = client(), client(), client(), client()
+    with _served(idle_timeout=4.0) as (server, client):
+        reset, closes, evicted, kept = (client(answered=True) for _ in range(4))
         evicted.sendall(b"PUT:k:" + b"x" * 8000)  # an incomplete line it holds while dormant
         dormant = {conn.client_id: conn for conn in _dormant(server, 4)}
         assert len(dormant) == 4
@@ -561,13 +545,9 @@ def test_every_way_a_dormant_client_ends_leaves_nothing_started(log_stream):
         held.abort("memory_limit")
         assert evicted.recv(64) == b""
         wait_until(lambda: server.count_dropped() == 3, timeout=10)
-        idle = client()  # (its own reader: it is dropped by the idle timeout, dormant or not)
+        idle = client(answered=True)  # (its own reader: dropped by the idle timeout, dormant or not)
         wait_until(lambda: server.count_dropped() == 5, timeout=15, message="the idle timeout")
         assert kept.recv(64) == b"" and idle.recv(64) == b""
-    finally:
-        server.close(flush_timeout=0.5)
-        for sock in socks:
-            sock.close()
     events = log_events(log_stream)
     reasons = sorted(e["reason"] for e in events if e["event"] == "client_dropped")
     assert reasons == ["closed", "idle", "idle", "memory_limit", "reset"]
