@@ -368,18 +368,38 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server):
     connections, which would hang: the supervisor kills it after --worker-timeout seconds
     without a heartbeat (one worker_unresponsive, then worker_exited with SIGKILL's status),
     starts another in its slot, leaves the worker that runs alone, and new clients are all
-    served again."""
+    served again. The clients the stopped worker held, waiting for a reply it never sent, are
+    reset when it is killed, not left hanging."""
     import os
     import signal
 
     proc = server_process("--workers", "2", "--worker-timeout", "1", "--store", redis_server.url, wait=False)
     wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
     stopped = next(e["pid"] for e in proc.events() if e["event"] == "worker_started")
+    peers = [Peer(proc.port) for _ in range(16)]  # (SO_REUSEPORT: about half land on each)
+    for peer in peers:
+        assert peer.request(b"") == []
+    held_ports = {
+        int(e["peer"].rsplit(":", 1)[1])
+        for e in proc.events()
+        if e["event"] == "client_connected" and e["worker"] == stopped
+    }
+    held = [peer for peer in peers if peer.sock.getsockname()[1] in held_ports]
+    assert held, "no client landed on the worker to stop"
     os.kill(stopped, signal.SIGSTOP)
     try:
+        for peer in held:
+            peer.send(b"PING\n")  # (never answered: its worker is stopped)
         wait_until(lambda: proc.stderr.count(b'"server_started"') == 3, timeout=20, message="no new worker")
+        for peer in held:
+            try:
+                assert peer.sock.recv(64) == b""
+            except ConnectionResetError:
+                pass
     finally:
         _resume(stopped)
+        for peer in peers:
+            peer.close()
     _serve_new_clients(proc.port)
     assert proc.stop() == 0
     events = proc.events()
