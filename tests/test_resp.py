@@ -106,3 +106,53 @@ def test_replies_are_read_whole_across_reads_and_a_zero_does_not_end_them():
     connection.sock = Chunks(b":0\r\n")
     with pytest.raises(ConnectionError):
         connection._replies(2)  # (then the peer closed)
+
+
+def test_a_burst_of_batches_is_split_over_connections_each_caller_gets_its_own_replies():
+    """40 callers queue 16 commands each at once. The dispatcher sends them in round trips of
+    at most MAX_ROUND_TRIP commands (one request is never split), several in flight at once
+    on its connections (so Redis answers one while the worker works on another), and each
+    caller gets exactly its own replies, in order. (Fake connections that yield to the loop
+    as a socket wait would.)"""
+    import gevent
+
+    from kvgevent.stores.resp import MAX_ROUND_TRIP, Dispatcher
+
+    sizes: list[int] = []
+    in_flight = {"now": 0, "most": 0}
+
+    class FakeConnection:
+        def __init__(self) -> None:
+            self.siblings: list = []
+
+        def round_trip(self, payload: bytes, count: int) -> list:
+            in_flight["now"] += 1
+            in_flight["most"] = max(in_flight["most"], in_flight["now"])
+            try:
+                gevent.sleep(0.001)  # (the wire, and Redis)
+                lines = payload.split(b"\n")[:-1]
+                assert len(lines) == count
+                sizes.append(count)
+                return [[line] for line in lines]
+            finally:
+                in_flight["now"] -= 1
+
+        def close(self) -> None:
+            pass
+
+    dispatcher = Dispatcher(FakeConnection, connections=8)
+    try:
+
+        def caller(n: int) -> list:
+            payload = b"".join(b"c%d-%d\n" % (n, i) for i in range(16))
+            return dispatcher.execute_encoded(payload, [list] * 16)
+
+        callers = [gevent.spawn(caller, n) for n in range(40)]
+        gevent.joinall(callers, timeout=10, raise_error=True)
+        for n, done in enumerate(callers):
+            assert done.value == [[b"c%d-%d" % (n, i)] for i in range(16)]
+        assert sum(sizes) == 40 * 16
+        assert max(sizes) <= MAX_ROUND_TRIP < 40 * 16
+        assert in_flight["most"] > 1
+    finally:
+        dispatcher.close()

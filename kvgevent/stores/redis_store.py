@@ -72,8 +72,9 @@ TABLE_PREFIX_MAX = 64
 """Longest key prefix put in the head tables of the plain path (each holds it 256 times: a
 longer, unusual, prefix is encoded per command instead of taking megabytes per worker)."""
 
-DISPATCH_CONNECTIONS = 4
-"""Round trips in flight at once from one process (each carries every batch queued meanwhile)."""
+DISPATCH_CONNECTIONS = 8
+"""Round trips in flight at once from one process (each carries the batches queued meanwhile,
+up to resp.MAX_ROUND_TRIP commands): enough for 50 clients' pipelined batches at once."""
 
 
 _PLAIN_REPLIES = frozenset((list, int))

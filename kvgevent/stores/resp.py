@@ -39,8 +39,11 @@ import hiredis
 
 from kvgevent.fastio import TimedSocket
 
-MAX_ROUND_TRIP = 2000
-"""Commands one round trip may carry (several clients' batches together)."""
+MAX_ROUND_TRIP = 128
+"""Commands one round trip may carry (several clients' batches together). Small enough that a
+burst of batches is split over several connections: Redis answers one round trip while the
+worker builds the replies of another (one round trip of everything queued left the worker
+idle a fifth of the time: bench/OPTIMISATIONS.md, "smaller round trips")."""
 
 RECONNECT_MIN = 0.05
 """Seconds before the first new attempt to connect after a failed one (then doubled)."""
