@@ -10,6 +10,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gevent
@@ -20,7 +21,16 @@ from gevent.server import StreamServer
 from kvgevent import KeyValueServer
 from kvgevent.stores.redis_store import RedisStore
 from kvgevent.stores.resp import RespConnection, Unreachable
-from tests.conftest import ROOT, Peer, RedisProcess, log_events, needs_redis, read_stats, wait_until
+from tests.conftest import (
+    ROOT,
+    Peer,
+    RedisProcess,
+    free_port,
+    log_events,
+    needs_redis,
+    read_stats,
+    wait_until,
+)
 
 pytestmark = needs_redis
 
@@ -413,5 +423,118 @@ def test_a_redis_that_stops_reading_mid_request_times_out_then_recovers(tmp_path
         wait_until(serves, timeout=10)
         assert store.apply([Get(b"big")]) in ([None], [[b"x" * (32 << 20)]])  # (whole, or not at all)
     finally:
+        store.close()
+        redis.kill()
+
+
+def _write_and_read_for(peer: Peer, seconds: float) -> list[list[bytes]]:
+    """What ``peer`` gets for a PUT and a GET of key ``k`` every 20 ms for ``seconds``."""
+    answers = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        answers.append(peer.request(b"PUT:k:late\nGET:k\n"))
+        gevent.sleep(0.02)  # (a client's pace, not a synchronisation)
+    return answers
+
+
+def test_writes_refused_by_a_replica_are_one_episode_and_reads_go_on(tmp_path, log_stream):
+    """The real READONLY: Redis made a replica (REPLICAOF a master that is not there, as a
+    master demoted by a failover). For 2 s a client writes and reads every 20 ms: each PUT
+    gets ERR store unavailable (not applied), each GET its values; the whole episode is one
+    ``store_error`` (a write refused, not a node that cannot serve: no outage begun by each
+    write and ended by the next read). REPLICAOF NO ONE: writes work again."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    raw = redis_py.Redis(port=redis.port)
+    server = KeyValueServer(RedisStore(redis.url, prefix="f:"))
+    server.start(0)
+    try:
+        peer = Peer(server.port, timeout=10)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        raw.replicaof("127.0.0.1", free_port())
+        answers = _write_and_read_for(peer, 2.0)
+        assert len(answers) >= 10
+        assert all(answer == [b"ERR store unavailable", b"k:v"] for answer in answers), answers[:3]
+        raw.replicaof("NO", "ONE")
+        assert peer.request(b"PUT:k:w\nGET:k\n") == [b"k:v", b"k:w"]
+        events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+        assert [e["event"] for e in events] == ["store_error"], events[:6]
+        assert events[0]["reply"] == "store unavailable" and "READONLY" in events[0]["error"]
+        stats = read_stats(peer)
+        assert stats["store_errors"] >= len(answers) and stats["store_nodes_down"] == 0
+    finally:
+        raw.close()
+        server.close()
+        redis.kill()
+
+
+def test_a_busy_redis_is_one_outage_then_service_resumes(tmp_path, log_stream):
+    """The real BUSY: a script that never ends holds Redis past ``busy-reply-threshold``.
+    Commands get ERR store unavailable (at once: the node is tried again only after a back-off),
+    one ``store_unavailable`` for the episode and ``store_nodes_down=1``; after SCRIPT KILL, one
+    ``store_recovered`` and the same client connection is served again."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    raw = redis_py.Redis(port=redis.port)
+    raw.config_set("busy-reply-threshold", 100)
+    server = KeyValueServer(RedisStore(redis.url, prefix="f:"))
+    server.start(0)
+    busy = redis_py.Redis(port=redis.port)
+    looping = gevent.spawn(busy.eval, "while true do end", 0)
+    try:
+        peer = Peer(server.port, timeout=10)
+        wait_until(lambda: peer.request(b"GET:k\n") == [b"ERR store unavailable"], timeout=10)
+        answers = _write_and_read_for(peer, 1.0)
+        assert all(answer == [b"ERR store unavailable"] * 2 for answer in answers), answers[:3]
+        assert read_stats(peer)["store_nodes_down"] == 1
+        raw.script_kill()
+        wait_until(lambda: peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"], timeout=10)
+        events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+        assert [e["event"] for e in events] == ["store_unavailable", "store_recovered"], events[:6]
+        assert read_stats(peer)["store_nodes_down"] == 0
+    finally:
+        looping.kill()
+        busy.close()
+        raw.close()
+        server.close()
+        redis.kill()
+
+
+def test_both_paths_judge_a_replicas_and_a_full_redis_refusals_alike(tmp_path, log_stream):
+    """redis-py (the path of rediss:// and of a cluster) drops the code word of the error
+    replies it has a class for ("You can't write against a read only replica."): a real
+    READONLY (REPLICAOF) and a real OOM (maxmemory 1, noeviction) give the same results on
+    both paths, ERR store unavailable and ERR store out of memory, and begin no outage."""
+    import redis as redis_py
+
+    from kvgevent import Get, Put
+
+    redis = RedisProcess(tmp_path)
+    raw = redis_py.Redis(port=redis.port)
+    store = RedisStore(redis.url, prefix="p:")
+    try:
+        store.apply([Put(b"k", b"v")])
+        for setup, phrase in (
+            (lambda: raw.replicaof("127.0.0.1", free_port()), "store unavailable"),
+            (lambda: (raw.replicaof("NO", "ONE"), raw.config_set("maxmemory", 1)), "store out of memory"),
+        ):
+            setup()
+            batch = [Put(b"k", b"w"), Get(b"k")]
+            for results in (store.apply(batch), store._apply_redis_py(batch)):
+                assert [str(r) if isinstance(r, Exception) else r for r in results] == [
+                    phrase,
+                    [b"v"],
+                ]
+            assert store.stats()["store_nodes_down"] == 0
+        events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+        assert [(e["event"], e["reply"]) for e in events] == [
+            ("store_error", "store unavailable"),
+            ("store_error", "store out of memory"),
+        ]
+        assert events[0]["error"].startswith("READONLY") and events[1]["error"].startswith("OOM")
+    finally:
+        raw.close()
         store.close()
         redis.kill()

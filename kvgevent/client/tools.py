@@ -176,7 +176,7 @@ def run_stat(client: Client, interval: float, count: int | None, out: TextIO, tt
             stats.get("connections", 0),
             f"{rate:.0f}",
             stats["messages_dropped"],
-            stats["keys"],
+            stats.get("keys", "-"),  # (not while the store cannot count: a Redis outage)
             stats.get("errors", 0),
         ]
         out.write(_stat_row(row))

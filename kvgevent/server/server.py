@@ -407,14 +407,17 @@ class KeyValueServer:
         return self.store.not_ready()
 
     def stats(self) -> dict[str, int]:
-        """The counters of ``STATS``. May raise StoreError (``keys`` asks the store)."""
+        """The counters of ``STATS``. Those only the store can give (``keys``; with a shared
+        store the cluster-wide ones) are left out while it cannot answer (a Redis outage), as
+        the metrics leave ``kvgevent_keys`` out: the rest, ``store_nodes_down`` among them, is
+        what an operator needs then."""
         c = self.counters
         return {
             "active": len(self._conns),
             "dormant": self._dormant,
             "dropped": c.dropped,
             "messages_dropped": c.messages_dropped,
-            "keys": self.store.count_keys(),
+            **self._counted_by_store(self.store.count_keys, "keys"),
             "commands": c.commands,
             "errors": c.errors,
             "connections": c.accepted,
@@ -427,8 +430,21 @@ class KeyValueServer:
             "uptime_s": int(time.monotonic() - self._started_at),
             **self.memory.stats(),
             **self.store.stats(),
-            **(self.store.cluster_stats(self._worker, len(self._conns)) if self.store.shared else {}),
+            **(self._counted_by_store(self._cluster_stats) if self.store.shared else {}),
         }
+
+    @staticmethod
+    def _counted_by_store(count: Callable[[], Any], name: str = "") -> dict[str, int]:
+        """``{name: count()}`` (``count()`` itself, a dict, without a name); empty if the
+        store cannot answer now."""
+        try:
+            figures = count()
+        except KVError:
+            return {}
+        return {name: figures} if name else figures
+
+    def _cluster_stats(self) -> dict[str, int]:
+        return self.store.cluster_stats(self._worker, len(self._conns))
 
     def close(self, flush_timeout: float = DEFAULT_SHUTDOWN_FLUSH) -> None:
         """Stop accepting, close every client, and return when all are closed.

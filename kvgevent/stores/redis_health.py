@@ -9,9 +9,10 @@ tries the node again only RETRY_MIN seconds after the failure, doubling up to RE
 jitter), and fails the commands for it at once otherwise: a dead node costs neither a connect
 per command nor a log line per command. With Redis Cluster each node has its own outage.
 
-Error replies (Redis answered, but refused: ``OOM`` at its maxmemory, ``NOPERM`` from an ACL,
-a script error...) become fixed phrases, ``store out of memory`` or ``store error``; each kind
-is logged once (``store_error``) until none of it came for ERROR_QUIET seconds.
+Error replies (Redis answered, but refused: ``OOM`` at its maxmemory, ``READONLY`` from a
+replica, ``NOPERM`` from an ACL, a script error...) become fixed phrases, ``store out of
+memory``, ``store unavailable`` or ``store error``; each kind is logged once (``store_error``)
+until none of it came for ERROR_QUIET seconds.
 """
 
 from __future__ import annotations
@@ -33,13 +34,20 @@ RETRY_MAX = 2.0
 ERROR_QUIET = 10.0
 """Seconds without an error reply of a kind after which the next one is logged again."""
 
-NOT_NOW = ("CLUSTERDOWN", "LOADING", "TRYAGAIN", "MASTERDOWN", "BUSY", "READONLY", "NOSCRIPT")
+NOT_NOW = ("CLUSTERDOWN", "LOADING", "TRYAGAIN", "MASTERDOWN", "BUSY", "NOSCRIPT")
 """Error replies that mean "this node cannot serve now": ERR store unavailable. (NOSCRIPT: the
 scripts were flushed; the connection is reopened and loads the UPDATE script again.)"""
+
+READ_ONLY = "READONLY"
+"""The error reply of a replica to a write (kvgevent pointed at a replica, or at a master a
+failover demoted): ERR store unavailable too, but an error-reply episode, not an outage: the
+node goes on answering reads, and each would end an outage that the next write began again."""
 
 ERR_UNAVAILABLE = StoreError("store unavailable")
 ERR_STORE_OUT_OF_MEMORY = StoreError("store out of memory")
 ERR_STORE = StoreError("store error")
+_PHRASES = {"OOM": ERR_STORE_OUT_OF_MEMORY, READ_ONLY: ERR_UNAVAILABLE}
+"""The phrase of an error reply by its code word (any other: ERR_STORE)."""
 
 
 @dataclass(slots=True)
@@ -106,7 +114,7 @@ class RedisHealth:
     def error_reply(self, text: str, commands: int = 1) -> StoreError:
         """Redis refused ``commands`` with the error ``text``: the StoreError to answer."""
         self.errors += commands
-        error = ERR_STORE_OUT_OF_MEMORY if text.startswith("OOM") else ERR_STORE
+        error = _PHRASES.get(text.split(" ", 1)[0], ERR_STORE)  # (by the reply's code word)
         now = self.clock()
         last = self._errors.get(error.reason)
         self._errors[error.reason] = now

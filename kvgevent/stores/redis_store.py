@@ -31,7 +31,7 @@ from kvgevent.errors import KVError, StoreError
 from kvgevent.logs import Logger, get_logger, redacted_url
 from kvgevent.protocol import Delete, Get, Put, Update
 from kvgevent.stores.base import STORE_WAIT, VERBS, DataCommand, Key, KVStore, PlainOp, Result, key_bytes
-from kvgevent.stores.redis_health import ERR_UNAVAILABLE, RedisHealth, not_now
+from kvgevent.stores.redis_health import ERR_UNAVAILABLE, READ_ONLY, RedisHealth, not_now
 from kvgevent.stores.resp import (
     CRLF,
     DEL_HEAD,
@@ -118,6 +118,13 @@ class RedisStore(KVStore):
             hiredis.ProtocolError,
             OSError,  # ConnectionError and socket.timeout (TimeoutError) among them
         )
+        # (redis-py drops the code word of the error replies it has a class for: put back by
+        # _text, from the error's status_code, or by class before redis-py 5.1)
+        self._code_words: dict[type[BaseException], str] = {
+            redis.exceptions.ReadOnlyError: READ_ONLY,
+            redis.exceptions.OutOfMemoryError: "OOM",
+            redis.exceptions.NoScriptError: "NOSCRIPT",
+        }
         self._redis_errors = (
             *self._unreachable,
             redis.exceptions.RedisError,
@@ -321,7 +328,7 @@ class RedisStore(KVStore):
 
     def _failed(self, key: bytes, reply: Exception) -> KVError:
         """The StoreError of one command's error reply (or connection error)."""
-        text = str(reply)
+        text = self._text(reply)
         if isinstance(reply, self._unreachable) or not_now(text):
             self.health.down(self._node_of(self.prefix + key), text, 1)
             return ERR_UNAVAILABLE
@@ -456,7 +463,7 @@ class RedisStore(KVStore):
 
     def _failure(self, exc: BaseException, nodes: set[str], commands: int) -> StoreError:
         """The StoreError for a call that raised ``exc``, with the episode it begins."""
-        text = str(exc) or type(exc).__name__
+        text = self._text(exc)
         if isinstance(exc, ReplyMismatch):
             return self.health.error_reply(f"a reply of the wrong type: {text}", commands)
         if isinstance(exc, self._unreachable) or not_now(text):
@@ -466,6 +473,12 @@ class RedisStore(KVStore):
                 self.health.down(node, text, commands)
             return ERR_UNAVAILABLE
         return self.health.error_reply(text, commands)
+
+    def _text(self, exc: BaseException) -> str:
+        """An error's text as Redis sent it, code word first."""
+        text = str(exc) or type(exc).__name__
+        code = getattr(exc, "status_code", None) or self._code_words.get(type(exc))
+        return f"{code} {text}" if code and not text.startswith(code) else text
 
     def stats(self) -> dict[str, int]:
         return self.health.stats()
