@@ -522,13 +522,35 @@ def test_workers_killed_for_their_silence_are_restarted_without_giving_up(server
 
 
 def test_the_supervisor_gives_up_on_workers_that_cannot_start(server_process, redis_server, tmp_path):
-    """Workers that exit as soon as they start (here: an unreadable TLS key) stop the
-    supervisor with exit status 1 instead of a restart loop."""
-    proc = server_process(
-        "--workers", "2", "--store", redis_server.url, "--tls-cert", str(tmp_path / "missing.pem"), wait=False
+    """Workers that exit as soon as they start (here: a sitecustomize on PYTHONPATH that makes
+    every process a supervisor started exit 1) stop the supervisor with exit status 1 instead
+    of a restart loop."""
+    import os
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('KVGEVENT_SUPERVISOR_PID'):\n    os._exit(1)\n"
     )
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = server_process("--workers", "2", "--store", redis_server.url, env=env, wait=False)
     assert proc.stop(None, timeout=60) == 1
     assert any(e["event"] == "workers_failing" for e in proc.events())
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_tls_files_that_cannot_be_loaded_are_one_event_and_exit_1(
+    server_process, redis_server, tmp_path, workers
+):
+    """A missing --tls-cert: one ``server_start_failed`` naming the file, exit 1; with
+    --workers, no worker started (each would fail the same way, once per restart)."""
+    missing = str(tmp_path / "missing.pem")
+    proc = server_process(
+        "--workers", workers, "--store", redis_server.url, "--tls-cert", missing, wait=False
+    )
+    assert proc.stop(None, timeout=30) == 1
+    events = proc.events()
+    failed = [e for e in events if e["event"] == "server_start_failed"]
+    assert len(failed) == 1 and failed[0]["tls_cert"] == missing
+    assert not [e for e in events if e["event"] in ("worker_started", "worker_exited", "workers_failing")]
 
 
 def test_the_redis_py_path_gives_the_same_results(redis_server):

@@ -380,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log = get_logger()
     if args.workers > 1:
+        # (checked here too: each worker failing on its own would be logged once per worker
+        # and per restart before the supervisor gave up)
+        if args.tls_cert and _tls_context(args, log) is None:
+            return 1
         return supervise(args, parser, log, log_file)
     reopen_on_hangup(log_file)
     fd_limit = raise_fd_limit()
@@ -409,11 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _make_server(args: argparse.Namespace, log: Logger) -> KeyValueServer | None:
-    """The server the flags ask for, its store loaded (None if the TLS files or the store
-    cannot be loaded: logged)."""
+def _tls_context(args: argparse.Namespace, log: Logger) -> ssl.SSLContext | None:
+    """The server's TLS context from --tls-cert and --tls-key; None if they cannot be loaded
+    (logged: ``server_start_failed``)."""
     try:
-        tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        return server_context(args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as exc:
         log.error(
             "server_start_failed",
@@ -421,6 +425,14 @@ def _make_server(args: argparse.Namespace, log: Logger) -> KeyValueServer | None
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
         )
+        return None
+
+
+def _make_server(args: argparse.Namespace, log: Logger) -> KeyValueServer | None:
+    """The server the flags ask for, its store loaded (None if the TLS files or the store
+    cannot be loaded: logged)."""
+    tls = _tls_context(args, log) if args.tls_cert else None
+    if args.tls_cert and tls is None:
         return None
     store = load_store(args, log)
     if store is None:
