@@ -363,17 +363,35 @@ def _serve_new_clients(port: int, count: int = 20) -> None:
         peer.close()
 
 
-def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server):
-    """A worker that is alive but does not run (a real SIGSTOP) keeps its share of new
-    connections, which would hang: the supervisor kills it after --worker-timeout seconds
-    without a heartbeat (one worker_unresponsive, then worker_exited with SIGKILL's status),
-    starts another in its slot, leaves the worker that runs alone, and new clients are all
-    served again. The clients the stopped worker held, waiting for a reply it never sent, are
-    reset when it is killed, not left hanging."""
+STUCK_ON_SIGUSR1 = (
+    "import os, signal\n"
+    "if os.environ.get('KVGEVENT_SUPERVISOR_PID'):\n"
+    "    def stuck(*_):\n"
+    "        while True:\n"
+    "            pass\n"
+    "    signal.signal(signal.SIGUSR1, stuck)\n"
+)
+"""A sitecustomize for workers: SIGUSR1 makes the event loop's thread spin for ever (a stuck
+loop while the process runs: unlike SIGSTOP, other threads would go on)."""
+
+
+@pytest.mark.parametrize("fault", ["SIGSTOP", "stuck loop"])
+def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server, tmp_path, fault):
+    """A worker that is alive but does not run (a real SIGSTOP, or its event loop stuck in a
+    busy loop while the process runs) keeps its share of new connections, which would hang:
+    the supervisor kills it after --worker-timeout seconds without a heartbeat (one
+    worker_unresponsive, then worker_exited with SIGKILL's status), starts another in its
+    slot, leaves the worker that runs alone, and new clients are all served again. The clients
+    the stopped worker held, waiting for a reply it never sent, are reset when it is killed,
+    not left hanging."""
     import os
     import signal
 
-    proc = server_process("--workers", "2", "--worker-timeout", "1", "--store", redis_server.url, wait=False)
+    (tmp_path / "sitecustomize.py").write_text(STUCK_ON_SIGUSR1)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = server_process(
+        "--workers", "2", "--worker-timeout", "1", "--store", redis_server.url, env=env, wait=False
+    )
     wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
     stopped = next(e["pid"] for e in proc.events() if e["event"] == "worker_started")
     peers = [Peer(proc.port) for _ in range(16)]  # (SO_REUSEPORT: about half land on each)
@@ -386,7 +404,7 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server):
     }
     held = [peer for peer in peers if peer.sock.getsockname()[1] in held_ports]
     assert held, "no client landed on the worker to stop"
-    os.kill(stopped, signal.SIGSTOP)
+    os.kill(stopped, signal.SIGSTOP if fault == "SIGSTOP" else signal.SIGUSR1)
     try:
         for peer in held:
             peer.send(b"PING\n")  # (never answered: its worker is stopped)
