@@ -72,6 +72,10 @@ TABLE_PREFIX_MAX = 64
 """Longest key prefix put in the head tables of the plain path (each holds it 256 times: a
 longer, unusual, prefix is encoded per command instead of taking megabytes per worker)."""
 
+PIPELINE_NOTE = ("Command # ", " of pipeline caused error: ")
+"""How redis-py begins the message of an error inside a pipeline, and what comes before the
+error's own text: ``Command # 1 (HSET key field value) of pipeline caused error: BUSY ...``."""
+
 DISPATCH_CONNECTIONS = 8
 """Round trips in flight at once from one process (each carries the batches queued meanwhile,
 up to resp.MAX_ROUND_TRIP commands): enough for 50 clients' pipelined batches at once."""
@@ -475,8 +479,12 @@ class RedisStore(KVStore):
         return self.health.error_reply(text, commands)
 
     def _text(self, exc: BaseException) -> str:
-        """An error's text as Redis sent it, code word first."""
+        """An error's text as Redis sent it, code word first: without the note redis-py puts
+        before an error inside a pipeline, which would hide the code word and shows the
+        command, keys and values (not for the log)."""
         text = str(exc) or type(exc).__name__
+        if text.startswith(PIPELINE_NOTE[0]) and PIPELINE_NOTE[1] in text:
+            text = text.split(PIPELINE_NOTE[1], 1)[1]
         code = getattr(exc, "status_code", None) or self._code_words.get(type(exc))
         return f"{code} {text}" if code and not text.startswith(code) else text
 
