@@ -4,9 +4,11 @@
   runs; skipped with the reason otherwise), filled by the server's own writes or by a filler
   file, then grown (remount) or emptied.
 - A log that ends in NUL bytes, as a power loss can leave it.
-- Compactions forced by small thresholds under ``--fsync always`` with concurrent clients.
-- A disk that stops syncing: EIO from fsync cannot be made real here, so it is injected in the
-  server process at ``os.fsync`` (tests/failing_fsync_server.py).
+- Compactions forced by small thresholds under ``--fsync always`` with concurrent clients, and
+  on a disk where one would fit but leave less than its reserve free (a ballast file).
+- A disk that stops syncing: EIO from fsync, injected in the server process at ``os.fsync``
+  (tests/failing_fsync_server.py); tests/test_fsync_faults.py makes it real where loop
+  devices can be set up.
 
 For each fault: what the clients saw, what the log said (one event per episode), what STATS
 counted, and after a restart every acknowledged write is there, in order, and nothing else.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import gevent
 import pytest
-from conftest import ROOT, Peer, read_stats, wait_until
+from conftest import ROOT, Peer, http_get, read_stats, scrape, wait_until
 
 from kvgevent.stores.aof import MAGIC, encode_record
 
@@ -368,5 +370,119 @@ def test_a_disk_with_room_for_small_writes_only_does_not_flap(server_process, ti
         assert peer.request(b"PUT:big:" + b"b" * 400_000 + b"\n") == []
     finally:
         peer.close()
+    assert proc.stop() == 0
+    assert_no_bug_reported(proc)
+
+
+def metrics_port(proc) -> int:
+    """The port a server started with ``--metrics-port 0`` picked (its metrics_listening event)."""
+    wait_until(lambda: events_named(proc, "metrics_listening"), 10, "no metrics_listening event")
+    return events_named(proc, "metrics_listening")[0]["port"]
+
+
+def aof_ok_gauge(port: int) -> float:
+    """kvgevent_aof_ok as scraped (absent: a KeyError, not a 0)."""
+    return scrape(port)[("kvgevent_aof_ok", ())]
+
+
+def test_readyz_and_the_aof_ok_gauge_follow_a_full_disk(server_process, tiny_disk):
+    """A real full disk: a 2 MiB tmpfs whose every free byte a filler file takes, under a
+    server with --metrics-port 0. Once PUTs get 'ERR persistence failed', /readyz is 503 with
+    a one-line reason naming the append-only file and /metrics shows kvgevent_aof_ok 0; once
+    the filler is removed the log recovers by itself, /readyz is 200 and kvgevent_aof_ok 1."""
+    disk = tiny_disk("2m")
+    path = disk.path / "kv.aof"
+    proc = server_process("--aof", str(path), "--metrics-port", "0")
+    metrics = metrics_port(proc)
+    peer = Peer(proc.port)
+    try:
+        assert http_get(metrics, "/readyz") == (200, "ready\n")
+        assert aof_ok_gauge(metrics) == 1
+        assert peer.request(b"PUT:k:before\n") == []
+        filler = disk.fill()
+        for _ in range(1000):  # the log file's last page may still have room for a few records
+            if b"ERR persistence failed" in peer.request(b"PUT:f:x\n" * 200):
+                break
+        else:
+            raise AssertionError("200,000 PUTs were accepted by a full disk")
+        status, body = http_get(metrics, "/readyz")
+        assert status == 503, body
+        assert body.endswith("\n") and body.count("\n") == 1, body
+        assert "append-only file" in body, body
+        assert aof_ok_gauge(metrics) == 0
+        assert read_stats(peer)["aof_ok"] == 0
+        filler.unlink()
+        wait_until(lambda: http_get(metrics, "/readyz") == (200, "ready\n"), 15, "/readyz is not 200 again")
+        assert aof_ok_gauge(metrics) == 1
+        assert peer.request(b"PUT:k:after\n") == []
+        assert len(events_named(proc, "aof_write_failed")) == 1
+        assert len(events_named(proc, "aof_recovered")) == 1
+    finally:
+        peer.close()
+    assert proc.stop() == 0
+    assert_no_bug_reported(proc)
+
+
+def test_a_compaction_that_would_fit_stops_short_of_the_reserve(server_process, tiny_disk):
+    """A real nearly full disk: a 4 MiB tmpfs holding 200 KB of live data, and a ballast file
+    leaving about that plus half the reserve (5% of the disk: 204 KiB) free. The compaction a
+    write then starts would fit, with ~100 KiB to spare, but would leave less than the reserve
+    free: it stops (aof_rewrite_failed naming the bytes it keeps free) before the log's appends
+    fail, its file is removed, and small PUTs go on being acknowledged, with no aof_write_failed.
+    A client writing all along gets a retry after 1 s, then 2 s, then 4 s: over the 6 s after
+    the first failure, 3 or 4 attempts in all (a retry each second makes 6 or 7)."""
+    disk = tiny_disk("4m")
+    path = disk.path / "kv.aof"
+    fs = os.statvfs(disk.path)
+    reserve = min(64 << 20, int(fs.f_blocks * fs.f_frsize * 0.05))  # the README's 5%, at most 64 MiB
+    min_size = 300_000
+    proc = server_process(
+        "--aof", str(path), "--aof-rewrite-min-size", str(min_size), "--aof-rewrite-growth", "1.1"
+    )
+    peer = Peer(proc.port)
+    writer = Peer(proc.port)
+    try:
+        assert peer.request(b"".join(b"PUT:live%d:%s\n" % (i, b"v" * 5000) for i in range(40))) == []
+        snapshot = read_stats(peer)["aof_bytes"]  # what a compaction writes: the live records
+        # Garbage (a value PUT then DELETEd) brings the file to just under the threshold.
+        garbage = min_size - 600 - snapshot - len(b"PUT:g:") - len(b"DELETE:g") - 16
+        assert peer.request(b"PUT:g:%s\nDELETE:g\n" % (b"g" * garbage)) == []
+        assert min_size - 1000 < read_stats(peer)["aof_bytes"] < min_size
+        assert read_stats(peer)["aof_rewrites"] == read_stats(peer)["aof_rewrite_failures"] == 0
+        free = os.statvfs(disk.path).f_bavail * fs.f_frsize
+        ballast = (free - snapshot - reserve // 2) // 4096 * 4096
+        (disk.path / "ballast").write_bytes(bytes(ballast))
+        free = os.statvfs(disk.path).f_bavail * fs.f_frsize
+        # (the design: the compaction would fit, with 64 KiB to spare, but not keep the reserve)
+        assert snapshot + (64 << 10) < free < snapshot + reserve - (64 << 10), (snapshot, free, reserve)
+
+        assert peer.request(b"PUT:g:%s\nDELETE:g\n" % (b"g" * 1000)) == []  # crosses the threshold
+        wait_until(
+            lambda: (s := read_stats(peer))["aof_rewrite_failures"] + s["aof_rewrites"] >= 1,
+            10,
+            "no compaction was tried",
+        )
+        first = time.monotonic()
+        assert not events_named(proc, "aof_rewritten"), "a compaction took the disk's reserve"
+        (failed,) = events_named(proc, "aof_rewrite_failed")
+        assert failed["error"] == f"compaction stopped to keep {reserve} bytes free for the log", failed
+        assert failed["retry_in_s"] == 1
+        acknowledged = 0
+        while time.monotonic() < first + 6:  # a writer all along: each write may start a retry
+            assert writer.request(b"PUT:small:%d\n" % acknowledged) == []
+            acknowledged += 1
+            gevent.sleep(0.02)
+        stats = read_stats(peer)
+        print(f"\ncompaction attempts in the 6 s after the first: {stats['aof_rewrite_failures']}")
+        assert 3 <= stats["aof_rewrite_failures"] <= 4, stats
+        assert stats["aof_rewrites"] == 0 and stats["aof_ok"] == 1
+        assert len(events_named(proc, "aof_rewrite_failed")) == 1
+        assert not events_named(proc, "aof_write_failed")
+        assert not events_named(proc, "aof_rewritten")
+        assert sorted(p.name for p in disk.path.iterdir()) == ["ballast", "kv.aof"]
+        assert writer.request(b"GET:small\n") == [b"small:%d" % i for i in range(acknowledged)]
+    finally:
+        peer.close()
+        writer.close()
     assert proc.stop() == 0
     assert_no_bug_reported(proc)

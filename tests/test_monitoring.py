@@ -9,35 +9,22 @@ import contextlib
 import os
 import signal
 import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import gevent
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Peer, RedisProcess, Systemd, free_port, needs_redis, read_stats, wait_until
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    """(status, body) of an HTTP GET on loopback."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample of /metrics: (name, sorted labels) -> value."""
-    status, text = get(port, "/metrics")
-    assert status == 200
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+from tests.conftest import (
+    Peer,
+    RedisProcess,
+    Systemd,
+    free_port,
+    http_get,
+    needs_redis,
+    read_stats,
+    scrape,
+    wait_until,
+)
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -123,10 +110,10 @@ def test_the_append_only_file_shows_its_fsyncs_and_the_ping_barrier(server_proce
 
 def test_health_endpoints_and_nothing_else(server_process):
     _, metrics = serving(server_process)
-    assert get(metrics, "/healthz") == (200, "ok\n")
-    assert get(metrics, "/readyz") == (200, "ready\n")
-    assert get(metrics, "/nope")[0] == 404
-    assert get(metrics, "/")[0] == 404
+    assert http_get(metrics, "/healthz") == (200, "ok\n")
+    assert http_get(metrics, "/readyz") == (200, "ready\n")
+    assert http_get(metrics, "/nope")[0] == 404
+    assert http_get(metrics, "/")[0] == 404
 
 
 def test_each_port_speaks_only_its_own_protocol(server_process):
@@ -151,13 +138,13 @@ def test_readyz_follows_the_redis_store(server_process, tmp_path):
     redis = RedisProcess(tmp_path)
     try:
         _, metrics = serving(server_process, "--store", redis.url)
-        assert get(metrics, "/readyz") == (200, "ready\n")
+        assert http_get(metrics, "/readyz") == (200, "ready\n")
         redis.kill()
-        status, body = get(metrics, "/readyz")
+        status, body = http_get(metrics, "/readyz")
         assert status == 503 and "store unavailable" in body
-        assert get(metrics, "/healthz") == (200, "ok\n")
+        assert http_get(metrics, "/healthz") == (200, "ok\n")
         redis.start()
-        wait_until(lambda: get(metrics, "/readyz")[0] == 200, 15, "not ready again")
+        wait_until(lambda: http_get(metrics, "/readyz")[0] == 200, 15, "not ready again")
     finally:
         redis.kill()
 
@@ -180,7 +167,7 @@ def test_every_worker_serves_its_own_metrics_port(server_process, redis_server):
     ports = sorted(e["port"] for e in proc.events() if e["event"] == "metrics_listening")
     assert ports == [base, base + 1]
     for port in ports:
-        assert get(port, "/healthz") == (200, "ok\n")
+        assert http_get(port, "/healthz") == (200, "ok\n")
         assert value(scrape(port), "kvgevent_clients_active") == 0
     assert proc.stop() == 0
 
