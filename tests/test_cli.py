@@ -1,15 +1,18 @@
 """The programs as a user runs them: run_server.py (flags, JSON logs, signals, exit
 statuses) and run_client.py, each in a subprocess on a free loopback port."""
 
+import argparse
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 
+import gevent
 import pytest
-from conftest import ROOT, Peer, wait_until
+from conftest import ROOT, Peer, RedisProcess, needs_redis, read_stats, wait_until
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
 
@@ -255,3 +258,203 @@ class _NullLog:
         pass
 
     warning = error = info
+
+
+# --- README promises checked through the real program: --help, --redis-timeout, shutdown ---------
+
+HELP_SECTIONS = ("options:", "optional arguments:", "positional arguments:")
+HIDDEN_SERVER_FLAGS = {"--reuse-port"}
+"""Set by the --workers supervisor for its workers, not by people: kept out of --help."""
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """The entries of an argparse ``--help``'s option sections, by each option string (and
+    each positional's name): the entry's whole text, its wrapping undone."""
+    blocks: list[list[str]] = []
+    in_section = False
+    for line in text.splitlines():
+        if line in HELP_SECTIONS:
+            in_section = True
+        elif not line.strip():
+            in_section = False
+        elif in_section and line.startswith("  ") and not line.startswith("   "):
+            blocks.append([line])  # a new entry ("  --host HOST  address to ...")
+        elif in_section and blocks:
+            blocks[-1].append(line)  # its wrapped help
+    entries = {}
+    for block in blocks:
+        invocation = re.split(r"\s{2,}", block[0].strip(), maxsplit=1)[0]  # "-h, --help"
+        for name in invocation.split(", "):
+            entries[name.split(" ")[0]] = " ".join(" ".join(block).split())
+    return entries
+
+
+def environment_names(build_parser, monkeypatch) -> dict[str, str]:
+    """``{dest: KVGEVENT_NAME}`` for every option whose default its environment variable sets,
+    found by setting each candidate (``--queue-size``: KVGEVENT_QUEUE_SIZE) and seeing which
+    defaults change, not by reading the help text."""
+    plain = {action.dest: action.default for action in build_parser()._actions}
+    candidates = {
+        "KVGEVENT_" + option[2:].upper().replace("-", "_"): action.dest
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    with monkeypatch.context() as env:
+        for name in candidates:
+            env.setenv(name, "probe")
+        probed = {action.dest: action.default for action in build_parser()._actions}
+    return {dest: name for name, dest in candidates.items() if probed[dest] is not plain[dest]}
+
+
+def check_help_lists_every_option(script: str, build_parser, monkeypatch, hidden=frozenset()) -> None:
+    """``python <script> --help`` shows every option of ``build_parser()`` (but ``hidden``), each
+    with some help, its default (unless None, or a switch's False) and its KVGEVENT_* name if
+    it has one. Run with no KVGEVENT_* variable set, so the defaults shown are the built-in ones."""
+    for name in [name for name in os.environ if name.startswith("KVGEVENT_")]:
+        monkeypatch.delenv(name)
+    env_names = environment_names(build_parser, monkeypatch)
+    assert env_names, "no option reads the environment: the probe is broken"
+    result = run(script, "--help")
+    assert result.returncode == 0, result.stderr
+    entries = help_entries(result.stdout.decode())
+    suppressed = set()
+    for action in build_parser()._actions:
+        names = action.option_strings or [action.metavar or action.dest]
+        if action.help == argparse.SUPPRESS:
+            suppressed.update(names)
+            continue
+        assert action.help, f"{names} has no help text"
+        missing = [name for name in names if name not in entries]
+        assert not missing, f"{missing} not in {script} --help"
+        entry = entries[names[0]]
+        if action.nargs != 0 and action.default is not None:  # (nargs 0: a switch)
+            assert f"default: {action.default}" in entry, (names, action.default, entry)
+        if action.dest in env_names:
+            assert env_names[action.dest] in entry, (names, entry)
+    assert suppressed == set(hidden), f"options hidden from --help: {suppressed}"
+
+
+def test_help_lists_every_server_option_with_its_default_and_environment_name(monkeypatch):
+    """README: "python run_server.py --help lists every option with its default", and each
+    can be set from the environment. Every option the parser has (but the workers' internal
+    --reuse-port) is in the help with its help text, its default and its KVGEVENT_* name: a
+    flag added without them fails here."""
+    from kvgevent.serve.cli import build_parser
+
+    check_help_lists_every_option("run_server.py", build_parser, monkeypatch, HIDDEN_SERVER_FLAGS)
+
+
+@needs_redis
+def test_redis_timeout_flag_bounds_a_call_to_a_stopped_redis(server_process, tmp_path):
+    """run_server.py --redis-timeout 0.5 over a Redis frozen with SIGSTOP: a GET gets
+    'ERR store unavailable' after about half a second, well before the default 2 s."""
+    redis = RedisProcess(tmp_path)
+    assert redis.proc is not None
+    try:
+        proc = server_process("--store", redis.url, "--redis-timeout", "0.5")
+        peer = Peer(proc.port, timeout=3)  # (a reply later than 3 s fails the test)
+        try:
+            assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]  # connected to Redis
+            os.kill(redis.proc.pid, signal.SIGSTOP)
+            began = time.monotonic()
+            assert peer.request(b"GET:k\n") == [b"ERR store unavailable"]
+            elapsed = time.monotonic() - began
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+            peer.close()
+        assert 0.4 <= elapsed < 1.6, elapsed  # 0.5 s, not the default 2 s (with room for a busy machine)
+    finally:
+        redis.kill()
+
+
+def reply_socket(port: int) -> socket.socket:
+    """A client socket with a small receive buffer: what it does not read stays queued in
+    the server (a big buffer would take megabytes off the server's queue)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def read_to_end(sock: socket.socket, into: bytearray, pause: float = 0.0) -> bool:
+    """Append what ``sock`` receives to ``into`` until the end of the stream (then return
+    True), reading 16 kB every ``pause`` seconds (a slow reader) or as fast as it comes."""
+    while chunk := sock.recv(16384):
+        into += chunk
+        if pause:
+            gevent.sleep(pause)  # (the client's pace, not a synchronisation)
+    return True
+
+
+GOOD_BATCH = 300
+"""GETs per batch of the reading client: a batch of 4 kB values is applied in one turn."""
+
+
+def test_shutdown_flushes_a_reading_client_past_a_stuck_one_and_a_second_sigterm(server_process):
+    """README: SIGTERM stops the server; it gives queued replies up to --shutdown-flush seconds
+    to leave, closes every client and exits 0; another signal during the shutdown is ignored
+    and logged once (shutdown_in_progress). Through run_server.py --shutdown-flush 1, with a
+    client that never reads (a full queue of GET replies), one reading slowly (the flush
+    lasts its full second: the second SIGTERM, 0.3 s after the first, comes during it), and
+    one that pipelined megabytes of GETs without reading and reads from the first SIGTERM
+    on: it gets every reply and its PONGs, then the end of the stream."""
+    proc = server_process("--shutdown-flush", "1", "--queue-size", "100000")
+    small, big = b"s" * 4000, b"b" * (512 << 10)
+    monitor = Peer(proc.port)
+    assert monitor.request(b"PUT:small:" + small + b"\nPUT:big:" + big + b"\n") == []
+    sent = 3  # request lines from clients other than the monitor's STATS polls
+    polls = 0
+
+    def stats() -> dict[str, int]:
+        nonlocal polls
+        polls += 1
+        return read_stats(monitor)
+
+    def all_counted() -> bool:
+        """Every request line sent so far has reached the server (each poll sends 2)."""
+        return stats()["commands"] - 2 * polls >= sent
+
+    stuck, slow, good = (reply_socket(proc.port) for _ in range(3))
+    slow_got, good_got = bytearray(), bytearray()
+    slow_reader = good_reader = None
+    try:
+        stuck.sendall(b"GET:big\n" * 100)  # 50 MB of replies, never read
+        sent += 100
+        wait_until(lambda: stats()["messages_dropped"] > 0, timeout=20, message="stuck queue not full")
+        slow.sendall(b"GET:big\n" * 40)
+        sent += 40
+        slow_reader = gevent.spawn(read_to_end, slow, slow_got, 0.05)
+        batch = b"GET:small\n" * GOOD_BATCH + b"PING\n"
+        for _ in range(10):  # 12 MB: more than the kernel's buffers hold
+            good.sendall(batch)
+            sent += GOOD_BATCH + 1
+            wait_until(all_counted, timeout=20, message="batch not applied")
+        monitor.close()
+        began = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        good_reader = gevent.spawn(read_to_end, good, good_got)
+        gevent.sleep(0.3)  # (the second signal's timing, as the test asks)
+        assert proc.proc.poll() is None, "the shutdown ended before the second SIGTERM"
+        proc.proc.send_signal(signal.SIGTERM)
+        status = proc.stop(None, timeout=10)
+        stopped_after = time.monotonic() - began
+        good_reader.join(timeout=10)
+    finally:
+        for reader in (slow_reader, good_reader):
+            if reader is not None:
+                reader.kill()
+        for sock in (stuck, slow, good):
+            sock.close()
+    assert status == 0
+    assert stopped_after < 6, stopped_after  # --shutdown-flush 1, and a margin
+    assert good_reader.value is True, good_reader.exception  # it read to the end of the stream
+    expected = (b"small:" + small + b"\n") * GOOD_BATCH + b"PONG\n"
+    assert good_got == expected * 10, f"{len(good_got)} bytes of {len(expected) * 10}"
+    events = proc.events()
+    names = [event["event"] for event in events]
+    assert names.count("shutdown_requested") == 1
+    (second,) = [event for event in events if event["event"] == "shutdown_in_progress"]
+    assert second["signal"] == "SIGTERM"
+    assert names[-1] == "server_stopped"

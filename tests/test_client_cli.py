@@ -483,3 +483,93 @@ def test_protocol_line_output_is_escaped_on_a_terminal_and_raw_when_piped(port):
     peer.close()
     assert client(port, "--no-raw", "GET:bin").stdout == b"bin:\\x1b]0;pwned\\x07\\x1b[2J\\x9bend\n"
     assert client(port, "GET:bin").stdout == b"bin:" + STORED_ATTACK + b"\n"
+
+
+# --- README promises: --help lists everything; time limits ------------------------------------
+
+
+def test_help_lists_every_client_option_with_its_default_and_environment_name(monkeypatch):
+    """README: "python run_client.py --help shows everything". Every option of the client's
+    parser (and its COMMAND) is in the help with its help text, its default and its
+    KVGEVENT_* name when it has one: a flag added without them fails here."""
+    from test_cli import check_help_lists_every_option
+
+    from kvgevent.client.cli import build_parser
+
+    check_help_lists_every_option("run_client.py", build_parser, monkeypatch)
+
+
+SLOW_WRITER = (
+    "import sys, time\n"
+    "sys.stdout.write('PUT:slow:first\\n'); sys.stdout.flush()\n"
+    "time.sleep(3)\n"
+    "sys.stdout.write('PUT:slow:second\\n')\n"
+)
+"""A stdin that gives one line, then nothing for 3 s, then another."""
+
+
+def test_pipe_waits_for_a_slow_stdin_without_a_time_limit(port):
+    """README: --timeout bounds a wait while a reply is due; "Waiting for stdin itself has
+    no time limit". --timeout 1 --pipe fed by a writer that pauses 3 s between two lines:
+    exit 0, and both lines were carried out. (Before, the wait for stdin was charged to the
+    server: exit 3, "timed out: nothing sent or received for 1 s", the second line never sent.)"""
+    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER], stdout=subprocess.PIPE)
+    assert writer.stdout is not None
+    pipe = None
+    try:
+        pipe = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), "--timeout", "1", "--pipe"],
+            stdin=writer.stdout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        writer.stdout.close()  # (the client holds the pipe's only read end)
+        out, err = pipe.communicate(timeout=30)
+        assert writer.wait(timeout=10) == 0
+    finally:
+        for proc in (writer, pipe):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert pipe.returncode == 0, err
+    assert "sent 2 commands" in out.decode() and "0 errors" in out.decode(), out
+    peer = Peer(port)
+    assert peer.request(b"GET:slow\n") == [b"slow:first", b"slow:second"]
+    peer.close()
+
+
+def test_one_shot_with_timeout_0_waits_for_a_stopped_server(server_process):
+    """README: --timeout 0 means no limit. A GET to a run_server.py frozen with SIGSTOP is
+    still waiting after 3 s (the default would give up after 10, --timeout 1 after 1); once
+    the server runs again it gets its answer: exit 0, the value."""
+    proc = server_process()
+    assert client(proc.port, "put", "k", "v").returncode == 0
+    os.kill(proc.proc.pid, signal.SIGSTOP)
+    one_shot = None
+    try:
+        one_shot = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "run_client.py"),
+                "--port",
+                str(proc.port),
+                "--timeout",
+                "0",
+                "get",
+                "k",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        with pytest.raises(subprocess.TimeoutExpired):
+            one_shot.wait(timeout=3)
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        out, err = one_shot.communicate(timeout=20)
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        if one_shot is not None and one_shot.poll() is None:
+            one_shot.kill()
+            one_shot.wait()
+    assert (one_shot.returncode, out, err) == (0, b"v\n", b"")

@@ -407,12 +407,14 @@ class _Exchange:
             self._watch(selectors.EVENT_READ)
 
     def _pull(self) -> None:
+        # (asked before the read, which counts the replies of what it gives as due already)
+        owed = self._due()
         data = self.source.read()
         if data is None:
             self.source_open = False
         elif data:
-            if not self._due():  # the deadline counts from now, not from the last reply
-                self.last_progress = time.monotonic()
+            if not owed:  # the deadline counts from now, not from the last reply: the wait
+                self.last_progress = time.monotonic()  # for the source was nobody's fault
             self.wire.queue(data)
 
     def _send(self) -> None:
