@@ -1,0 +1,301 @@
+"""A real fsync failure, through run_server.py --fsync always.
+
+The rig: an ext4 filesystem on a loop device whose backing file is a sparse 64 MiB image on
+an 8 MiB tmpfs. ext4 believes it has room; once a filler file takes the last page of the
+tmpfs, the loop device cannot write the data blocks ext4 allocates, the write-back fails,
+and fsync returns the error (ENOSPC on the kernels tried; EIO is accepted too). Growing the
+tmpfs (``mount -o remount,size=...``) gives the room back. Unmounting and mounting the ext4
+filesystem again drops its page cache: what a restarted server reads then is what the
+device holds, as after a power loss.
+
+What makes it repeatable (found by hand): every block ext4 writes besides file data must
+already have its page in the tmpfs, or a metadata write fails too, and ext4 aborts its
+journal and goes read-only (then fsync gives EIO, and nothing can recover). So: no journal
+(``-O ^has_journal``; a journal made with ``lazy_journal_init=0`` works as well), inode
+tables written by mkfs (``lazy_itable_init=0``) and not by a background thread
+(``noinit_itable``), few inodes, ``errors=continue``. And 4 KiB blocks, one to a tmpfs page,
+with the log's file ending on a block boundary when the fault begins: the loop driver
+reports a write that the tmpfs took only part of as a success (seen with 1 KiB blocks: an
+fsync returned 0 and the record was zeros on the device), so a write that fails must fail
+whole, which a fresh block does.
+
+Needs root, losetup, mkfs.ext4 and a free loop device; skipped, saying which is missing,
+otherwise. Every mount and loop device is undone after the test, failed or not.
+"""
+
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Peer, ServerProcess, read_stats, wait_until
+
+BLOCK = 4096
+"""ext4's block size here, and the tmpfs's page size."""
+
+TMPFS_SIZE = "8m"
+IMAGE_SIZE = 64 << 20
+MKFS_OPTIONS = ["-b", str(BLOCK), "-N", "64", "-O", "^has_journal", "-E", "lazy_itable_init=0,nodiscard"]
+MOUNT_OPTIONS = "errors=continue,noinit_itable"
+COMMAND_TIMEOUT = 30.0
+"""Seconds a mount, umount, losetup or mkfs may take before the test fails."""
+
+ERR = b"ERR persistence failed"
+
+
+def run(*command: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(command, capture_output=True, timeout=COMMAND_TIMEOUT)
+
+
+def unmount(path: Path) -> None:
+    """Unmount ``path``; lazily if it is busy."""
+    if run("umount", str(path)).returncode != 0:
+        run("umount", "-l", str(path))
+
+
+def must(*command: str) -> None:
+    done = run(*command)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(command)}: {done.stderr.decode().strip()}")
+
+
+class LoopDisk:
+    """The rig (module docstring): ``path`` is the mounted ext4 directory."""
+
+    def __init__(self, base: Path) -> None:
+        self.backing = base / "backing"  # the tmpfs
+        self.path = base / "ext4"
+        self.image = self.backing / "disk.img"
+        self.device = ""
+
+    def fill(self) -> None:
+        """Take every free page of the tmpfs with a filler file (not on the ext4 filesystem)."""
+        fd = os.open(self.backing / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            while True:
+                os.write(fd, bytes(1 << 16))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        finally:
+            os.close(fd)
+        assert os.statvfs(self.backing).f_bavail == 0
+
+    def grow(self) -> None:
+        """Give the tmpfs room again (the image's full size and more)."""
+        must("mount", "-o", "remount,size=128m", str(self.backing))
+
+    def remount(self) -> None:
+        """Unmount the ext4 filesystem and mount it again: its page cache is gone, so its
+        files are read from the device."""
+        must("umount", str(self.path))
+        must("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, self.device, str(self.path))
+
+
+def _skip_unless_possible() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("a real fsync failure needs a tmpfs, a loop device and mounts: root only (as CI runs)")
+    for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed here")
+    if not os.path.exists("/dev/loop-control"):
+        pytest.skip("no /dev/loop-control: loop devices are not available here")
+
+
+def _set_up(disk: LoopDisk, undo: list[Callable[[], Any]]) -> None:
+    """Mount the tmpfs, make the image and its filesystem, attach and mount it; each step
+    that succeeds puts its undoing on ``undo``. Skips, saying why, if the machine cannot."""
+    disk.backing.mkdir()
+    disk.path.mkdir()
+    done = run("mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(disk.backing))
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    undo.append(lambda: unmount(disk.backing))
+    with open(disk.image, "wb") as image:
+        image.truncate(IMAGE_SIZE)  # sparse: the tmpfs holds only what is written
+    done = run("mkfs.ext4", "-q", "-F", *MKFS_OPTIONS, str(disk.image))
+    if done.returncode != 0:
+        pytest.skip(f"mkfs.ext4 {' '.join(MKFS_OPTIONS)} failed here: {done.stderr.decode().strip()}")
+    done = run("losetup", "--find", "--show", str(disk.image))
+    if done.returncode != 0:
+        pytest.skip(f"no loop device here: {done.stderr.decode().strip()}")
+    disk.device = done.stdout.decode().strip()
+    undo.append(lambda: run("losetup", "-d", disk.device))
+    done = run("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, disk.device, str(disk.path))
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount ext4 from {disk.device} here: {done.stderr.decode().strip()}")
+    # (the path, not the device: remount() may have mounted it again)
+    undo.append(lambda: unmount(disk.path))
+
+
+@pytest.fixture
+def loop_disk(tmp_path: Path, server_process: Callable[..., ServerProcess]) -> Iterator[tuple[LoopDisk, Any]]:
+    """(the rig, a factory of servers). The servers are killed by pid before the filesystem
+    is unmounted (lazily if still busy), the loop device detached and the tmpfs unmounted,
+    each in a finally block."""
+    _skip_unless_possible()
+    disk = LoopDisk(tmp_path)
+    undo: list[Callable[[], Any]] = []
+    started: list[ServerProcess] = []
+
+    def serve(*args: str) -> ServerProcess:
+        proc = server_process(*args)
+        started.append(proc)
+        return proc
+
+    try:
+        _set_up(disk, undo)
+        yield disk, serve
+    finally:
+        try:
+            for proc in started:
+                if proc.proc.poll() is None:
+                    proc.proc.kill()
+                    proc.proc.wait(timeout=COMMAND_TIMEOUT)
+        finally:
+            while undo:
+                try:
+                    undo.pop()()
+                except Exception:  # (a timeout): the next step is still tried
+                    pass
+
+
+def events_named(proc: ServerProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in proc.events() if e["event"] == name]
+
+
+def assert_no_bug_reported(proc: ServerProcess) -> None:
+    """A failing disk is expected: none of it may be reported as a bug."""
+    for name in ("unhandled_error", "aof_sync_error", "aof_recovery_error"):
+        assert not events_named(proc, name), events_named(proc, name)[0]
+
+
+def write_up_to_a_block_boundary(peer: Peer, watcher: Peer) -> bytes:
+    """PUT records (each acknowledged) until the log's file ends on a block boundary, so the
+    next record starts a fresh block (module docstring); returns the GET replies they make."""
+    assert peer.request(b"PUT:a:first\n") == []
+    size = read_stats(watcher)["aof_bytes"]
+    pad = b"p" * (-size % BLOCK - 8 - len(b"PUT:pad:"))  # (8: a record's header)
+    assert peer.request(b"PUT:pad:" + pad + b"\n") == []
+    assert read_stats(watcher)["aof_bytes"] % BLOCK == 0
+    return b"a:first\npad:" + pad
+
+
+def a_block_long_put(key: bytes) -> bytes:
+    """A PUT whose record fills one block exactly: no later record shares its block, so a
+    later append never writes it again."""
+    prefix = b"PUT:" + key + b":"
+    return prefix + b"v" * (BLOCK - 8 - len(prefix)) + b"\n"
+
+
+def restart_and_get(serve: Callable[..., ServerProcess], path: Path, keys: list[bytes]) -> tuple[list, Any]:
+    """A new server on the log at ``path``: the GET replies for ``keys``, and the process
+    (stopped: exit status 0 asserted)."""
+    restarted = serve("--aof", str(path))
+    check = Peer(restarted.port)
+    try:
+        replies = check.request(b"".join(b"GET:" + key + b"\n" for key in keys))
+    finally:
+        check.close()
+    assert restarted.stop() == 0
+    assert_no_bug_reported(restarted)
+    return replies, restarted
+
+
+def test_a_failed_fsync_is_never_acknowledged_and_a_rebuild_recovers(loop_disk):
+    """Under --fsync always, with the backing store full: a PUT then PING gets 'ERR
+    persistence failed' for the PING (the fsync failed), once aof_fsync_failed; STATS says
+    aof_ok=0. Recovery attempts fail while the disk stays full, and meanwhile that client's
+    PINGs keep getting the ERR (no later fsync counts for the write), its PUTs are refused,
+    and a client that neither wrote nor read gets PONG. Once the tmpfs is grown the log
+    recovers by a rebuild (aof_rewritten, reason recovery; aof_recovered), the PING is
+    answered PONG and writes are accepted. After the filesystem is mounted again (what the
+    device holds), a restart finds every acknowledged write, the write whose fsync failed
+    too (the rebuild wrote it), and not the refused one.
+
+    (A server that only fsynced again after the failure would be told success for the lost
+    block: that write would be zeros on the device, and the restart would find the log
+    corrupt.)"""
+    disk, serve = loop_disk
+    path = disk.path / "kv.aof"
+    proc = serve("--aof", str(path), "--fsync", "always")
+    peer = Peer(proc.port)
+    watcher = Peer(proc.port)  # sends STATS and PING only
+    try:
+        before = write_up_to_a_block_boundary(peer, watcher)
+        disk.fill()
+        peer.send(a_block_long_put(b"c") + b"PING\n")
+        assert peer.read_lines(1) == [ERR], "PONG for a write whose fsync failed (or the rig made no fault)"
+        (failed,) = events_named(proc, "aof_fsync_failed")
+        assert failed["errno"] in (errno.ENOSPC, errno.EIO), failed
+        stats = read_stats(watcher)
+        assert stats["aof_ok"] == 0 and stats["aof_fsync_errors"] >= 1
+
+        # Recovery attempts (rebuilds) fail while the disk is full: still no PONG for c.
+        wait_until(
+            lambda: read_stats(watcher)["aof_rewrite_failures"] >= 2, 20, "no rebuild was tried while full"
+        )
+        peer.send(b"PING\n")
+        assert peer.read_lines(1) == [ERR]
+        peer.send(b"PUT:d:refused\nPING\n")
+        assert peer.read_lines(2) == [ERR, ERR]
+        assert watcher.request(b"") == []  # (a PING with nothing of its own to wait for)
+        stats = read_stats(watcher)
+        assert stats["aof_ok"] == 0 and stats["aof_writes_refused"] >= 1
+        assert len(events_named(proc, "aof_fsync_failed")) == 1, "logged more than once in one episode"
+        assert not events_named(proc, "aof_recovered")
+
+        disk.grow()
+        wait_until(lambda: read_stats(watcher)["aof_ok"] == 1, 20, "the log did not recover")
+        assert [e["reason"] for e in events_named(proc, "aof_rewritten")] == ["recovery"]
+        (recovered,) = events_named(proc, "aof_recovered")
+        assert recovered["writes_refused"] >= 1
+        assert peer.request(b"") == [], "no PONG after the rebuild"
+        assert peer.request(b"PUT:e:after\n") == []
+        assert len(events_named(proc, "aof_fsync_failed")) == 1
+    finally:
+        peer.close()
+        watcher.close()
+    assert proc.stop() == 0
+    assert_no_bug_reported(proc)
+
+    disk.remount()
+    replies, restarted = restart_and_get(serve, path, [b"a", b"pad", b"c", b"d", b"e"])
+    assert replies == [*before.split(b"\n"), a_block_long_put(b"c")[4:-1], b"e:after"]
+    assert not events_named(restarted, "aof_torn_tail_truncated")
+
+
+def test_sigterm_while_fsync_fails_keeps_every_acknowledged_write(loop_disk):
+    """The fsync of a write fails (its PING gets the ERR) and the server is stopped with
+    SIGTERM while the disk is still full: the last attempt cannot make that write durable,
+    so the server logs aof_unwritten (1 record) and exits 1. On the device (the filesystem
+    mounted again) that write is really gone: the ERR was honest. A restart finds every
+    acknowledged write, cuts the tail the lost block left, and starts."""
+    disk, serve = loop_disk
+    path = disk.path / "kv.aof"
+    proc = serve("--aof", str(path), "--fsync", "always")
+    peer = Peer(proc.port)
+    watcher = Peer(proc.port)
+    try:
+        before = write_up_to_a_block_boundary(peer, watcher)
+        disk.fill()
+        peer.send(a_block_long_put(b"c") + b"PING\n")
+        assert peer.read_lines(1) == [ERR], "PONG for a write whose fsync failed (or the rig made no fault)"
+    finally:
+        peer.close()
+        watcher.close()
+    assert proc.stop() == 1
+    assert_no_bug_reported(proc)
+    assert len(events_named(proc, "aof_fsync_failed")) == 1
+    (unwritten,) = events_named(proc, "aof_unwritten")
+    assert unwritten["records"] == 1 and unwritten["path"] == str(path)
+
+    disk.grow()
+    disk.remount()
+    replies, restarted = restart_and_get(serve, path, [b"a", b"pad", b"c"])
+    assert replies == before.split(b"\n"), "an acknowledged write is missing, or the lost one is back"
+    (torn,) = events_named(restarted, "aof_torn_tail_truncated")
+    assert torn["offset"] % BLOCK == 0, torn
