@@ -430,6 +430,42 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server, t
     assert sorted(slots) == sorted([0, 1, unresponsive["slot"]])
 
 
+def _cpu_ticks(pid: int) -> int:
+    """The CPU time ``pid`` has used, in clock ticks (user + system, from /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_a_worker_stuck_at_shutdown_is_killed_after_the_flush_and_its_margin(
+    server_process, redis_server, tmp_path
+):
+    """Without the watchdog (--worker-timeout 0), a worker whose event loop is stuck (a busy
+    loop: it cannot run its SIGTERM handler) does not hold the shutdown for ever: SIGTERM to
+    the supervisor, the other worker stops, the stuck one is killed once --shutdown-flush plus
+    5 s have passed (one ``worker_killed`` naming it), and the supervisor exits 0."""
+    import os
+    import signal
+
+    (tmp_path / "sitecustomize.py").write_text(STUCK_ON_SIGUSR1)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = server_process(
+        "--workers", "2", "--worker-timeout", "0", "--shutdown-flush", "1",
+        "--store", redis_server.url, env=env, wait=False,
+    )  # fmt: skip
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    stuck, healthy = [e["pid"] for e in proc.events() if e["event"] == "worker_started"]
+    os.kill(stuck, signal.SIGUSR1)
+    spinning_from = _cpu_ticks(stuck)
+    wait_until(lambda: _cpu_ticks(stuck) > spinning_from + 30, timeout=10, message="not stuck")
+    began = time.monotonic()
+    assert proc.stop(timeout=30) == 0
+    assert 5.0 <= time.monotonic() - began < 20
+    events = proc.events()
+    assert [e["pid"] for e in events if e["event"] == "worker_killed"] == [stuck]
+    assert healthy not in [e.get("pid") for e in events if e["event"] == "worker_killed"]
+
+
 def test_a_worker_slow_to_send_its_first_heartbeat_is_given_time(server_process, redis_server, tmp_path):
     """A worker's first heartbeat comes once it has imported and loaded its store, which a busy
     machine can make slower than --worker-timeout: until then it has FIRST_HEARTBEAT_TIMEOUT.
