@@ -308,6 +308,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         port: int | None = None,
         script: Path = ROOT / "run_server.py",
+        cwd: Path = ROOT,
     ) -> None:
         self.port = port or free_port()
         self.args = [
@@ -323,7 +324,7 @@ class ServerProcess:
         ]
         self.proc = subprocess.Popen(
             self.args,
-            cwd=ROOT,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},

@@ -141,6 +141,18 @@ def test_two_workers_serve_one_port_over_redis(server_process, redis_server):
     assert events[-1]["event"] == "workers_stopped"
 
 
+def test_workers_start_from_any_working_directory(server_process, redis_server, tmp_path):
+    """run_server.py --workers 2 started from another directory than the checkout (as a
+    service manager may), with the package not installed: both workers find the package and
+    serve. (They are ``python -m kvgevent`` processes: the package's directory goes on their
+    PYTHONPATH.)"""
+    proc = server_process("--workers", "2", "--store", redis_server.url, cwd=tmp_path, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20, message=proc.stderr[-400:])
+    _serve_new_clients(proc.port, 8)
+    assert proc.stop() == 0
+    assert not [e for e in proc.events() if e["event"] in ("worker_exited", "workers_failing")]
+
+
 def test_a_worker_that_dies_is_restarted(server_process, redis_server):
     proc = server_process("--workers", "2", "--store", redis_server.url, wait=False)
     wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
@@ -416,6 +428,7 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server, t
                 pass
     finally:
         _resume(stopped)
+        _kill_stuck(stopped)  # (the supervisor killed it already, unless the test failed first)
         for peer in peers:
             peer.close()
     _serve_new_clients(proc.port)
@@ -428,6 +441,22 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server, t
     assert (exited["pid"], exited["exit_status"]) == (stopped, -signal.SIGKILL)
     slots = [e["slot"] for e in events if e["event"] == "worker_started"]
     assert sorted(slots) == sorted([0, 1, unresponsive["slot"]])
+
+
+def _kill_stuck(*pids: int) -> None:
+    """SIGKILL each of ``pids`` that is still a kvgevent process: a worker stuck in a busy loop
+    cannot handle the SIGTERM its supervisor's death sends it, and a test that failed must not
+    leave it spinning."""
+    import os
+    import signal
+
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"kvgevent" in cmdline.read():
+                    os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -455,12 +484,15 @@ def test_a_worker_stuck_at_shutdown_is_killed_after_the_flush_and_its_margin(
     )  # fmt: skip
     wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
     stuck, healthy = [e["pid"] for e in proc.events() if e["event"] == "worker_started"]
-    os.kill(stuck, signal.SIGUSR1)
-    spinning_from = _cpu_ticks(stuck)
-    wait_until(lambda: _cpu_ticks(stuck) > spinning_from + 30, timeout=10, message="not stuck")
-    began = time.monotonic()
-    assert proc.stop(timeout=30) == 0
-    assert 5.0 <= time.monotonic() - began < 20
+    try:
+        os.kill(stuck, signal.SIGUSR1)
+        spinning_from = _cpu_ticks(stuck)
+        wait_until(lambda: _cpu_ticks(stuck) > spinning_from + 30, timeout=10, message="not stuck")
+        began = time.monotonic()
+        assert proc.stop(timeout=30) == 0
+        assert 5.0 <= time.monotonic() - began < 20
+    finally:
+        _kill_stuck(stuck)
     events = proc.events()
     assert [e["pid"] for e in events if e["event"] == "worker_killed"] == [stuck]
     assert healthy not in [e.get("pid") for e in events if e["event"] == "worker_killed"]

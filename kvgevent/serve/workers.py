@@ -55,7 +55,9 @@ STARTUP_GRACE = 2.0
 PR_SET_PDEATHSIG = 1
 """Linux prctl option: the signal a process gets when its parent dies."""
 
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+"""The directory that holds the kvgevent package (this file is kvgevent/serve/workers.py): on
+the workers' PYTHONPATH, so ``python -m kvgevent`` finds it from any working directory."""
 
 SUPERVISOR_ENV = "KVGEVENT_SUPERVISOR_PID"
 """The environment variable that gives a worker its supervisor's pid."""
