@@ -562,3 +562,25 @@ def test_an_error_inside_a_redis_py_pipeline_is_judged_by_its_own_text(log_strea
         assert "secret-value" not in log_stream.getvalue()
     finally:
         store.close()
+
+
+def test_an_error_reply_quoting_a_commands_arguments_logs_none_of_them(tmp_path, log_stream):
+    """A Redis hardened with EVALSHA and EVAL renamed away (a real ``--rename-command``):
+    UPDATE gets ERR store error, and Redis's reply, which quotes the command's arguments
+    (``with args beginning with: ... 'key' 'old' 'new'``), is logged without them: no log line
+    holds a client's values."""
+    redis = RedisProcess(tmp_path, None, "--rename-command", "EVALSHA", "", "--rename-command", "EVAL", "")
+    server = KeyValueServer(RedisStore(redis.url, prefix="r:"))
+    server.start(0)
+    try:
+        peer = Peer(server.port, timeout=10)
+        assert peer.request(b"PUT:secretkey:SECRETVALUE1\nUPDATE:secretkey:SECRETVALUE1:SECRETVALUE2\n") == [
+            b"ERR store error"
+        ]
+        assert peer.request(b"GET:secretkey\n") == [b"secretkey:SECRETVALUE1"]
+        (event,) = [e for e in log_events(log_stream) if e["event"] == "store_error"]
+        assert event["error"].startswith("ERR unknown command 'EVALSHA'"), event
+        assert "SECRETVALUE" not in log_stream.getvalue()
+    finally:
+        server.close()
+        redis.kill()

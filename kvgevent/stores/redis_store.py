@@ -76,6 +76,10 @@ PIPELINE_NOTE = ("Command # ", " of pipeline caused error: ")
 """How redis-py begins the message of an error inside a pipeline, and what comes before the
 error's own text: ``Command # 1 (HSET key field value) of pipeline caused error: BUSY ...``."""
 
+QUOTED_ARGUMENTS = ", with args beginning with:"
+"""Where Redis starts quoting a command's arguments in an error reply (``ERR unknown command
+'EVALSHA', with args beginning with: 'sha' '1' 'key' 'value'...``: a renamed command)."""
+
 DISPATCH_CONNECTIONS = 8
 """Round trips in flight at once from one process (each carries the batches queued meanwhile,
 up to resp.MAX_ROUND_TRIP commands): enough for 50 clients' pipelined batches at once."""
@@ -479,12 +483,14 @@ class RedisStore(KVStore):
         return self.health.error_reply(text, commands)
 
     def _text(self, exc: BaseException) -> str:
-        """An error's text as Redis sent it, code word first: without the note redis-py puts
-        before an error inside a pipeline, which would hide the code word and shows the
-        command, keys and values (not for the log)."""
+        """An error's text as Redis sent it, code word first, for the log: without what would
+        show a command's keys and values (the note redis-py puts before an error inside a
+        pipeline, which would also hide the code word; the arguments Redis quotes after an
+        unknown command)."""
         text = str(exc) or type(exc).__name__
         if text.startswith(PIPELINE_NOTE[0]) and PIPELINE_NOTE[1] in text:
             text = text.split(PIPELINE_NOTE[1], 1)[1]
+        text = text.split(QUOTED_ARGUMENTS, 1)[0]
         code = getattr(exc, "status_code", None) or self._code_words.get(type(exc))
         return f"{code} {text}" if code and not text.startswith(code) else text
 
