@@ -584,3 +584,72 @@ def test_an_error_reply_quoting_a_commands_arguments_logs_none_of_them(tmp_path,
     finally:
         server.close()
         redis.kill()
+
+
+def test_a_late_reply_from_before_an_outage_does_not_end_it_and_a_retry_doubles_once():
+    """The outage rules on a clock the test moves (kvgevent.stores.redis_health): a reply to a
+    call made before the outage began (read late, after Redis died) does not end it, a reply
+    to one made after does; calls failing together in one retry double the back-off once."""
+    from kvgevent.logs import get_logger
+    from kvgevent.stores.redis_health import RETRY_MIN, RedisHealth
+
+    now = [100.0]
+    health = RedisHealth(get_logger(), clock=lambda: now[0], jitter=lambda low, high: 1.0)
+    asked_before = now[0]
+    now[0] += 0.01
+    health.down("n", "reset", 1)
+    health.up("n", asked_before)
+    assert "n" in health.outages
+    for _ in range(30):  # calls on their way when the first failed: no doubling
+        health.down("n", "reset", 1)
+    assert health.outages["n"].delay == RETRY_MIN and health.outages["n"].failed == 31
+    now[0] = health.outages["n"].retry_at
+    for _ in range(30):  # one retry, tried by 30 calls at once
+        health.down("n", "refused", 1)
+    assert health.outages["n"].delay == 2 * RETRY_MIN
+    health.up("n", now[0])
+    assert health.outages == {}
+
+
+def test_a_redis_at_its_maxclients_serves_through_the_connections_it_allows(tmp_path, log_stream):
+    """A real ``maxclients`` lower than the store's connections (Redis refuses the others with
+    ``ERR max number of clients reached``): the connections that get in serve every request,
+    the others reconnect aside and take none, so 8 clients writing and reading for 3 s get
+    every answer right, with no ERR and no outage logged (before: an outage begun and ended
+    several times a second, and a third of the answers ERR)."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path, None, "--maxclients", "3")
+    server = KeyValueServer(RedisStore(redis.url, prefix="m:"))
+    server.start(0)
+    try:
+        first = Peer(server.port, timeout=10)
+        assert first.request(b"PUT:warm:up\nGET:warm\n") == [b"warm:up"]
+
+        def client(n: int) -> int:
+            peer = Peer(server.port, timeout=10)
+            rounds = 0
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end:
+                keys = [b"c%d-%d" % (n, i) for i in range(rounds, rounds + 8)]
+                replies = peer.request(b"".join(b"PUT:%s:v\nGET:%s\n" % (key, key) for key in keys))
+                assert replies == [key + b":v" for key in keys], replies[:3]
+                rounds += 8
+            peer.close()
+            return rounds
+
+        rounds = [
+            job.value for job in gevent.joinall([gevent.spawn(client, n) for n in range(8)], raise_error=True)
+        ]
+        assert min(rounds) > 0
+        assert not [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+        raw = redis_py.Redis(port=redis.port)
+        try:
+            assert raw.info("stats")["rejected_connections"] > 0, "the limit was never met"
+        except redis_py.exceptions.ConnectionError:
+            pass  # (this connection itself refused: the limit is met)
+        finally:
+            raw.close()
+    finally:
+        server.close()
+        redis.kill()

@@ -125,6 +125,9 @@ def test_a_burst_of_batches_is_split_over_connections_each_caller_gets_its_own_r
         def __init__(self) -> None:
             self.siblings: list = []
 
+        def connected(self) -> bool:
+            return True
+
         def round_trip(self, payload: bytes, count: int) -> list:
             in_flight["now"] += 1
             in_flight["most"] = max(in_flight["most"], in_flight["now"])
@@ -140,7 +143,7 @@ def test_a_burst_of_batches_is_split_over_connections_each_caller_gets_its_own_r
         def close(self) -> None:
             pass
 
-    dispatcher = Dispatcher(FakeConnection, connections=8)
+    dispatcher = Dispatcher(FakeConnection, connections=4)
     try:
 
         def caller(n: int) -> list:

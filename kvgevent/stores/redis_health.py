@@ -10,7 +10,7 @@ jitter), and fails the commands for it at once otherwise: a dead node costs neit
 per command nor a log line per command. With Redis Cluster each node has its own outage.
 
 Error replies (Redis answered, but refused: ``OOM`` at its maxmemory, ``READONLY`` from a
-replica, ``NOPERM`` from an ACL, a script error...) become fixed phrases, ``store out of
+replica, ``NOSCRIPT`` after a SCRIPT FLUSH, ``NOPERM`` from an ACL, a script error...) become fixed phrases, ``store out of
 memory``, ``store unavailable`` or ``store error``; each kind is logged once (``store_error``)
 until none of it came for ERROR_QUIET seconds.
 """
@@ -34,19 +34,23 @@ RETRY_MAX = 2.0
 ERROR_QUIET = 10.0
 """Seconds without an error reply of a kind after which the next one is logged again."""
 
-NOT_NOW = ("CLUSTERDOWN", "LOADING", "TRYAGAIN", "MASTERDOWN", "BUSY", "NOSCRIPT")
-"""Error replies that mean "this node cannot serve now": ERR store unavailable. (NOSCRIPT: the
-scripts were flushed; the connection is reopened and loads the UPDATE script again.)"""
+NOT_NOW = ("CLUSTERDOWN", "LOADING", "TRYAGAIN", "MASTERDOWN", "BUSY")
+"""Error replies that mean "this node cannot serve now": ERR store unavailable."""
 
 READ_ONLY = "READONLY"
 """The error reply of a replica to a write (kvgevent pointed at a replica, or at a master a
 failover demoted): ERR store unavailable too, but an error-reply episode, not an outage: the
 node goes on answering reads, and each would end an outage that the next write began again."""
 
+NO_SCRIPT = "NOSCRIPT"
+"""The error reply to an UPDATE on a connection whose script was flushed (SCRIPT FLUSH, a
+restart that kept the data): ERR store unavailable for that UPDATE while the connection
+reopens and loads the script again; an error-reply episode, the node serves on."""
+
 ERR_UNAVAILABLE = StoreError("store unavailable")
 ERR_STORE_OUT_OF_MEMORY = StoreError("store out of memory")
 ERR_STORE = StoreError("store error")
-_PHRASES = {"OOM": ERR_STORE_OUT_OF_MEMORY, READ_ONLY: ERR_UNAVAILABLE}
+_PHRASES = {"OOM": ERR_STORE_OUT_OF_MEMORY, READ_ONLY: ERR_UNAVAILABLE, NO_SCRIPT: ERR_UNAVAILABLE}
 """The phrase of an error reply by its code word (any other: ERR_STORE)."""
 
 
@@ -95,15 +99,22 @@ class RedisHealth:
         if outage is None:
             outage = self.outages[node] = Outage(now, error)
             self.log.error("store_unavailable", node=node, error=error[:200])
-        else:
+        elif now >= outage.retry_at:  # a try that failed: wait twice as long before the next
             outage.delay = min(outage.delay * 2, RETRY_MAX)
+        else:  # (a call that was on its way when another failed: that one set the next try)
+            outage.failed += commands
+            return
         outage.failed += commands
         outage.retry_at = now + outage.delay * self.jitter(0.5, 1.0)
 
-    def up(self, node: str) -> None:
-        """``node`` answered: end its outage, if any."""
-        outage = self.outages.pop(node, None)
-        if outage is not None:
+    def up(self, node: str, asked: float | None = None) -> None:
+        """``node`` answered a call made at ``asked`` (this clock; None: now): end its outage,
+        if any, unless the call was made before the outage began. (A reply read late, to a
+        round trip sent before Redis died, says nothing about Redis now: it would end the
+        outage only for the next call to begin another.)"""
+        outage = self.outages.get(node)
+        if outage is not None and (asked is None or asked >= outage.since):
+            del self.outages[node]
             self.log.info(
                 "store_recovered",
                 node=node,

@@ -80,9 +80,10 @@ QUOTED_ARGUMENTS = ", with args beginning with:"
 """Where Redis starts quoting a command's arguments in an error reply (``ERR unknown command
 'EVALSHA', with args beginning with: 'sha' '1' 'key' 'value'...``: a renamed command)."""
 
-DISPATCH_CONNECTIONS = 8
+DISPATCH_CONNECTIONS = 4
 """Round trips in flight at once from one process (each carries the batches queued meanwhile,
-up to resp.MAX_ROUND_TRIP commands): enough for 50 clients' pipelined batches at once."""
+up to resp.MAX_ROUND_TRIP commands). 2, 4 and 8 measured the same at 50 clients x 16 GETs
+(bench/OPTIMISATIONS.md, "smaller round trips"); fewer leave more of a Redis's ``maxclients``."""
 
 
 _PLAIN_REPLIES = frozenset((list, int))
@@ -192,10 +193,11 @@ class RedisStore(KVStore):
             expect(int)
         self.applied["get"] += gets
         payload = encoded[0] if len(encoded) == 1 else b"".join(encoded)
+        asked = self.health.clock()
         replies = self._call(
             self._dispatcher.execute_encoded, payload, expected, commands=len(commands), per_command=True
         )
-        return self._results(commands, replies)
+        return self._results(commands, replies, asked)
 
     def _apply_plain(self, ops: list[PlainOp]) -> list[Result]:
         """See :attr:`KVStore.apply_plain`: LRANGE, RPUSH or DEL for each, in one round trip
@@ -204,6 +206,7 @@ class RedisStore(KVStore):
             payload, expected = self._encoded(ops)
         except IndexError:  # a key too long for the head tables (rare)
             payload, expected = _encoded_slowly(self.prefix, ops)
+        asked = self.health.clock()
         replies = self._call(
             self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
             payload,
@@ -211,7 +214,7 @@ class RedisStore(KVStore):
             commands=len(ops),
             per_command=True,
         )
-        return self._plain_results(ops, replies)
+        return self._plain_results(ops, replies, asked)
 
     def _encoded(self, ops: list[PlainOp]) -> tuple[bytes, list[type]]:
         """The commands of :meth:`_apply_plain`, and their replies' types, from the head tables
@@ -248,6 +251,7 @@ class RedisStore(KVStore):
                 add((heads[len(key)], key, LRANGE_TAIL))
         except IndexError:  # a key too long for the table (rare): as any plain op
             return self._apply_plain([(key,) for key in keys])
+        asked = self.health.clock()
         replies = self._call(
             self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
             b"".join(pieces),
@@ -257,9 +261,9 @@ class RedisStore(KVStore):
         )
         if not self.health.outages and _LISTS.issuperset(map(type, replies)):  # (checked in C)
             return replies  # (a key with no values: an empty list)
-        return self._plain_results([(key,) for key in keys], replies)
+        return self._plain_results([(key,) for key in keys], replies, asked)
 
-    def _plain_results(self, ops: list[PlainOp], replies: list[Any]) -> list[Result]:
+    def _plain_results(self, ops: list[PlainOp], replies: list[Any], asked: float) -> list[Result]:
         """Each plain op's result from its reply (types checked by the dispatcher: a list
         for a GET, an int for a write, or an error reply)."""
         if not self.health.outages:  # the usual case: no error reply, no outage to end
@@ -274,7 +278,7 @@ class RedisStore(KVStore):
                 results.append(self._failed(op[0], reply))
                 continue
             if health.outages:  # its node answered: any outage of it is over
-                health.up(self._node_of(self.prefix + op[0]))
+                health.up(self._node_of(self.prefix + op[0]), asked)
             results.append((reply or None) if reply.__class__ is list else None)
         return results
 
@@ -306,17 +310,19 @@ class RedisStore(KVStore):
                 raise TypeError(f"not a data command: {cmd!r}")
             sent.append(cmd)
         replies: list[Any] = []
+        asked = self.health.clock()
         if sent:
             execute, count = pipe.execute, len(sent)
             replies = self._call(execute, raise_on_error=False, commands=count, keys=sent, per_command=True)
-        results = iter(self._results(sent, replies))
+        results = iter(self._results(sent, replies, asked))
         return [skipped[i] if i in skipped else next(results) for i in range(len(commands))]
 
     def _results(
-        self, commands: Sequence[DataCommand], replies: list[Any]
+        self, commands: Sequence[DataCommand], replies: list[Any], asked: float
     ) -> list[list[bytes] | KVError | None]:
-        """Each command's result from its reply: a GET's values (an array, checked), None, or
-        the StoreError of an error reply (a node that cannot serve now: unavailable)."""
+        """Each command's result from its reply (to a call made at ``asked``, the health's
+        clock): a GET's values (an array, checked), None, or the StoreError of an error reply
+        (a node that cannot serve now: unavailable)."""
         results: list[list[bytes] | KVError | None] = []
         health = self.health
         for cmd, reply in zip(commands, replies, strict=True):
@@ -324,7 +330,7 @@ class RedisStore(KVStore):
                 results.append(self._failed(cmd[0], reply))
                 continue
             if health.outages:  # its node answered: any outage of it is over
-                health.up(self._node_of(self.prefix + cmd[0]))
+                health.up(self._node_of(self.prefix + cmd[0]), asked)
             if cmd.__class__ is Get:
                 if reply.__class__ is not list:  # (the redis-py path: the dispatcher checked)
                     results.append(self.health.error_reply(f"LRANGE answered a {type(reply).__name__}"))
@@ -457,7 +463,7 @@ class RedisStore(KVStore):
             for node in nodes:
                 self.health.skipped(node, commands)
             raise ERR_UNAVAILABLE.fresh()
-        began = time.perf_counter()
+        asked, began = self.health.clock(), time.perf_counter()
         try:
             result = function(*args, **kwargs)
         except self._redis_errors as exc:
@@ -466,7 +472,7 @@ class RedisStore(KVStore):
             STORE_WAIT.set(STORE_WAIT.get() + time.perf_counter() - began)
         if self.health.outages and not per_command:
             for node in nodes:
-                self.health.up(node)
+                self.health.up(node, asked)
         return result
 
     def _failure(self, exc: BaseException, nodes: set[str], commands: int) -> StoreError:

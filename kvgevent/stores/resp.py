@@ -64,6 +64,11 @@ class Unreachable(ConnectionError):
     """Redis cannot be reached now (refused, timed out, connected to itself, backing off)."""
 
 
+class Refused(ConnectionError):
+    """Redis answered with an error and closed the connection (``ERR max number of clients
+    reached``): it is up, so the other connections to it are not stale."""
+
+
 class ReplyMismatch(Exception):
     """A reply of another type than its command returns: the stream cannot be trusted."""
 
@@ -151,14 +156,22 @@ class RespConnection:
     def round_trip(self, payload: bytes, count: int) -> list[Any]:
         if self.sock is None:
             self._connect()
+        try:
+            return self._exchange(payload, count)
+        except BaseException as exc:
+            if _gone(exc):
+                self._close_idle_siblings()
+            raise
+
+    def _exchange(self, payload: bytes, count: int) -> list[Any]:
+        """Send ``payload``, read ``count`` replies; closed if that fails (a half-read stream
+        cannot be reused)."""
         self.busy = True
         try:
             self.sock.sendall(payload)
             return self._replies(count)
-        except BaseException as exc:
-            self.close()  # a half-read stream cannot be reused
-            if isinstance(exc, OSError):  # (the connection failed: Redis went away, or restarts)
-                self._close_idle_siblings()
+        except BaseException:
+            self.close()
             raise
         finally:
             self.busy = False
@@ -176,7 +189,10 @@ class RespConnection:
         gets = self.reader.gets
         while len(replies) < count:
             data = self.sock.recv(1 << 16)
-            if not data:
+            if not data:  # (with the error Redis said why, if it did: max number of clients...)
+                said = [str(reply) for reply in replies if isinstance(reply, hiredis.ReplyError)]
+                if said:
+                    raise Refused(f"Redis closed the connection: {said[0]}")
                 raise ConnectionError("Redis closed the connection")
             self.reader.feed(data)
             replies += iter(gets, _NOT_YET)  # every complete reply, read in C (no loop here)
@@ -184,21 +200,44 @@ class RespConnection:
             raise ReplyMismatch(f"{len(replies)} replies to {count} commands")
         return replies
 
-    def _connect(self) -> None:
+    def connected(self) -> bool:
+        return self.sock is not None
+
+    def backing_off(self) -> float:
+        """Seconds before the next attempt to connect is due (0: due, or connected)."""
+        return max(0.0, self._retry_at - time.monotonic()) if self.sock is None else 0.0
+
+    def _connect(self, close_siblings: bool = True) -> None:
         """Connect, check the peer, authenticate; back off after a failure (Unreachable
-        until the next attempt is due)."""
+        until the next attempt is due), closing the idle siblings unless told not to."""
         now = time.monotonic()
         if now < self._retry_at:
             raise Unreachable(f"Redis unreachable; next attempt in {self._retry_at - now:.2f} s")
         try:
             self._open()
-        except BaseException:
+        except BaseException as exc:
             self.close()
             self._delay = min(max(self._delay * 2, RECONNECT_MIN), RECONNECT_MAX)
             self._retry_at = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
-            self._close_idle_siblings()
+            if close_siblings and _gone(exc):
+                self._close_idle_siblings()
             raise
         self._delay = 0.0
+
+    def reconnect_aside(self) -> None:
+        """While a sibling serves: wait out this connection's back-off, then try to connect,
+        taking no request (a failure only backs off further; the siblings are left open).
+        After a restart of Redis, or with Redis at its ``maxclients``, a connection that
+        cannot connect yet would otherwise fail at once every request it took, and each
+        failure would begin an outage that the siblings' next reply ends."""
+        wait = self.backing_off()
+        if wait:
+            gevent.sleep(wait)
+            return
+        try:
+            self._connect(close_siblings=False)
+        except Exception:
+            pass  # (backing off: the next try is due later)
 
     def _open(self) -> None:
         try:
@@ -219,7 +258,8 @@ class RespConnection:
         if self.db:
             commands.append([b"SELECT", str(self.db).encode()])
         commands += [[b"PING"], *self.setup]
-        replies = self.round_trip(b"".join(pack(c) for c in commands), len(commands))
+        # (_connect decides what a failure here means for the siblings)
+        replies = self._exchange(b"".join(pack(c) for c in commands), len(commands))
         required = replies[: len(commands) - len(self.setup)]
         errors = [reply for reply in required if isinstance(reply, Exception)]
         if errors:
@@ -234,6 +274,12 @@ class RespConnection:
             except OSError:
                 pass
         self.sock = self.reader = None
+
+
+def _gone(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis went away (or restarts): a failed connection or connect, not
+    a Redis that answered and closed (Refused). Then the other connections are stale too."""
+    return isinstance(exc, OSError) and not isinstance(exc, Refused)
 
 
 def check_types(replies: list[Any], expected: Sequence[Expected]) -> bool:
@@ -279,7 +325,8 @@ class Dispatcher:
 
     def __init__(self, make_connection: Any, connections: int = 4) -> None:
         self._queue: deque[_Request] = deque()
-        self._idle: deque[Any] = deque()  # senders parked on an empty queue, longest first
+        # Senders parked on an empty queue, longest first, each with its connection.
+        self._idle: deque[tuple[Any, RespConnection]] = deque()
         self._hub = gevent.get_hub()
         self._closed = False
         self._connections = [make_connection() for _ in range(connections)]
@@ -302,7 +349,7 @@ class Dispatcher:
         request = _Request(payload, expected, gevent.getcurrent())
         self._queue.append(request)
         if self._idle:  # (the longest idle: round trips take turns over the connections)
-            self._hub.loop.run_callback(self._idle.popleft().switch)
+            self._hub.loop.run_callback(self._idle.popleft()[0].switch)
         try:
             while not request.done:
                 self._hub.switch()
@@ -317,8 +364,12 @@ class Dispatcher:
         queue, me = self._queue, gevent.getcurrent()
         while True:
             if not queue:
-                self._idle.append(me)
+                self._idle.append((me, connection))
                 self._hub.switch()  # (a kill while parked ends the sender: close())
+                continue
+            if not connection.connected() and any(s.connected() for s in connection.siblings):
+                self._wake_connected()  # (this sender was woken for the queue: pass it on)
+                connection.reconnect_aside()
                 continue
             batch, count = _next_batch(queue)
             try:
@@ -339,6 +390,15 @@ class Dispatcher:
             for request in batch:
                 self._finish(request, replies[start : start + request.count])
                 start += request.count
+
+    def _wake_connected(self) -> None:
+        """Wake the longest idle sender whose connection is connected, if one is idle (the
+        busy ones take the queue when their round trip ends)."""
+        for index, (sender, connection) in enumerate(self._idle):
+            if connection.connected():
+                del self._idle[index]
+                self._hub.loop.run_callback(sender.switch)
+                return
 
     def _finish(
         self, request: _Request, replies: list[Any] | None = None, failure: Exception | None = None
