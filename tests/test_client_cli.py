@@ -573,3 +573,46 @@ def test_one_shot_with_timeout_0_waits_for_a_stopped_server(server_process):
             one_shot.kill()
             one_shot.wait()
     assert (one_shot.returncode, out, err) == (0, b"v\n", b"")
+
+
+TRICKLING_WRITER = (
+    "import sys, time\n"
+    "for i in range(60):\n"
+    "    sys.stdout.write('GET:k\\n'); sys.stdout.flush()\n"
+    "    time.sleep(0.5)\n"
+)
+"""A stdin that gives a line every half second for 30 s."""
+
+
+def test_pipe_gives_up_on_a_stopped_server_while_stdin_keeps_giving(server_process):
+    """README: a server that stops answering is given up on after --timeout. A run_server.py
+    frozen with SIGSTOP, `run_client.py --timeout 2 --pipe` fed a line every 0.5 s: its lines
+    still leave (the kernel takes them), but no reply comes, so it exits 3 "timed out" in a few
+    seconds. (Before, each line sent counted as progress: it waited as long as stdin gave.)"""
+    proc = server_process()
+    os.kill(proc.proc.pid, signal.SIGSTOP)
+    writer = pipe = None
+    try:
+        writer = subprocess.Popen([sys.executable, "-c", TRICKLING_WRITER], stdout=subprocess.PIPE)
+        assert writer.stdout is not None
+        began = time.monotonic()
+        command = ["--port", str(proc.port), "--timeout", "2", "--pipe"]
+        pipe = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_client.py"), *command],
+            stdin=writer.stdout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        writer.stdout.close()  # (the client holds the pipe's only read end)
+        out, err = pipe.communicate(timeout=25)
+        took = time.monotonic() - began
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        for child in (writer, pipe):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+    assert pipe.returncode == 3, (out, err)
+    assert b"timed out" in err
+    assert took < 15, took

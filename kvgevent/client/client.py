@@ -388,6 +388,9 @@ class _Exchange:
         self.source_watched = False
         self.more_to_read = False  # the last reads were full: read again without waiting
         self.last_progress = time.monotonic()
+        # Since when a reply has been owed with every byte sent and nothing received (None:
+        # not so): sending more (a stdin that trickles lines) is no answer from the server.
+        self.owed_since: float | None = None
         self.events = selectors.EVENT_READ  # what the socket is registered for
 
     def run(self) -> None:
@@ -420,6 +423,14 @@ class _Exchange:
     def _send(self) -> None:
         if self.wire.send_some():
             self.last_progress = time.monotonic()
+        self._note_owed()
+
+    def _note_owed(self) -> None:
+        """Start the owed clock when all is sent and a reply is owed; stop it when none is."""
+        if self.replies.complete():
+            self.owed_since = None
+        elif self.owed_since is None and not self.wire.pending:
+            self.owed_since = time.monotonic()
 
     def _due(self) -> bool:
         """Something the server owes progress on: bytes it has not taken, or replies."""
@@ -449,10 +460,20 @@ class _Exchange:
             return 0
         if self.timeout is None or not self._due():
             return None
-        return max(0.0, self.last_progress + self.timeout - time.monotonic())
+        return max(0.0, self._deadline() - time.monotonic())
+
+    def _deadline(self) -> float:
+        """When the server will have made no progress for --timeout: nothing sent or received
+        since ``last_progress``, or no reply since a reply was owed with all sent."""
+        assert self.timeout is not None
+        last = self.last_progress if self.owed_since is None else min(self.last_progress, self.owed_since)
+        return last + self.timeout
 
     def _check_deadline(self) -> None:
-        if self.timeout is not None and self._due() and time.monotonic() - self.last_progress >= self.timeout:
+        if self.timeout is None:
+            return
+        self._note_owed()
+        if self._due() and time.monotonic() >= self._deadline():
             raise ConnectionLost(f"timed out: nothing sent or received for {self.timeout:g} s")
 
     def _watch(self, events: int) -> None:
@@ -478,6 +499,7 @@ class _Exchange:
             if not data:
                 raise ConnectionLost("connection closed by the server")
             self.last_progress = time.monotonic()
+            self.owed_since = None
             lines = self.buffer.feed(data)
             if lines:
                 if ERR_LINE_TOO_LONG in lines:

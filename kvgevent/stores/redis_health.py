@@ -10,9 +10,9 @@ jitter), and fails the commands for it at once otherwise: a dead node costs neit
 per command nor a log line per command. With Redis Cluster each node has its own outage.
 
 Error replies (Redis answered, but refused: ``OOM`` at its maxmemory, ``READONLY`` from a
-replica, ``NOSCRIPT`` after a SCRIPT FLUSH, ``NOPERM`` from an ACL, a script error...) become fixed phrases, ``store out of
-memory``, ``store unavailable`` or ``store error``; each kind is logged once (``store_error``)
-until none of it came for ERROR_QUIET seconds.
+replica, ``NOSCRIPT`` after a SCRIPT FLUSH, ``NOPERM`` from an ACL, a script error...) become
+fixed phrases, ``store out of memory``, ``store unavailable`` or ``store error``; each kind is
+logged once (``store_error``) until none of it came for ERROR_QUIET seconds.
 """
 
 from __future__ import annotations
