@@ -639,6 +639,22 @@ def test_tls_files_that_cannot_be_loaded_are_one_event_and_exit_1(
     assert not [e for e in events if e["event"] in ("worker_started", "worker_exited", "workers_failing")]
 
 
+def test_a_tls_file_that_is_a_pipe_is_refused_with_workers(server_process, redis_server, tmp_path):
+    """--tls-cert given as a pipe (a shell's ``<(...)``, here a FIFO) with --workers: only the
+    supervisor could read it, once, and each worker would fail on its own; one
+    ``server_start_failed`` saying so, exit 1, no worker started."""
+    import os
+
+    pipe = tmp_path / "cert.pem"
+    os.mkfifo(pipe)
+    proc = server_process("--workers", "2", "--store", redis_server.url, "--tls-cert", str(pipe), wait=False)
+    assert proc.stop(None, timeout=30) == 1
+    events = proc.events()
+    (failed,) = [e for e in events if e["event"] == "server_start_failed"]
+    assert "not a file" in failed["error"]
+    assert not [e for e in events if e["event"] == "worker_started"]
+
+
 def test_the_redis_py_path_gives_the_same_results(redis_server):
     """The path used for rediss:// (and, routed, for a cluster) agrees with the dispatcher's."""
     from kvgevent import Delete, Get

@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1:
         # (checked here too: each worker failing on its own would be logged once per worker
         # and per restart before the supervisor gave up)
-        if args.tls_cert and _tls_context(args, log) is None:
+        if args.tls_cert and (not _tls_files_for_workers(args, log) or _tls_context(args, log) is None):
             return 1
         return supervise(args, parser, log, log_file)
     reopen_on_hangup(log_file)
@@ -411,6 +411,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(store, DurableStore) and store.unsaved_records:
         return 1  # aof_unwritten was logged: some applied writes may not be on disk
     return 0
+
+
+def _tls_files_for_workers(args: argparse.Namespace, log: Logger) -> bool:
+    """Whether --tls-cert and --tls-key are files each worker can read again (not a pipe such
+    as a shell's ``<(...)``, which only the supervisor could read, once); logged if not."""
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and os.path.exists(path) and not os.path.isfile(path):
+            log.error(
+                "server_start_failed",
+                error=f"{flag} {path} is not a file: with --workers each worker reads it itself",
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+            )
+            return False
+    return True
 
 
 def _tls_context(args: argparse.Namespace, log: Logger) -> ssl.SSLContext | None:
