@@ -147,6 +147,7 @@ class RespConnection:
         self.setup = list(setup)
         self.sock: Any = None
         self.reader: Any = None
+        self.ready = False  # connected, its setup exchange done
         self._delay = 0.0  # the current wait between two attempts to connect
         self._retry_at = 0.0  # no attempt before this (monotonic)
         # The other connections to the same Redis (a Dispatcher's): see _close_idle_siblings.
@@ -201,7 +202,9 @@ class RespConnection:
         return replies
 
     def connected(self) -> bool:
-        return self.sock is not None
+        """Connected and set up (not in the middle of its AUTH/PING exchange, which a stalled
+        Redis makes last the whole timeout): a connection that can serve."""
+        return self.ready
 
     def backing_off(self) -> float:
         """Seconds before the next attempt to connect is due (0: due, or connected)."""
@@ -266,6 +269,7 @@ class RespConnection:
             raise ConnectionError(f"Redis refused the connection setup: {errors[0]}")
         if required[-1] != b"PONG":
             raise Unreachable("the peer did not answer PING with PONG: not a Redis")
+        self.ready = True
 
     def close(self) -> None:
         if self.sock is not None:
@@ -274,6 +278,7 @@ class RespConnection:
             except OSError:
                 pass
         self.sock = self.reader = None
+        self.ready = False
 
 
 def _gone(exc: BaseException) -> bool:
