@@ -418,14 +418,13 @@ def _tls_files_for_workers(args: argparse.Namespace, log: Logger) -> bool:
     as a shell's ``<(...)``, which only the supervisor could read, once); logged if not."""
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and os.path.exists(path) and not os.path.isfile(path):
-            log.error(
-                "server_start_failed",
-                error=f"{flag} {path} is not a file: with --workers each worker reads it itself",
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-            )
+            _tls_failed(args, log, f"{flag} {path} is not a file: with --workers each worker reads it itself")
             return False
     return True
+
+
+def _tls_failed(args: argparse.Namespace, log: Logger, error: str) -> None:
+    log.error("server_start_failed", error=error, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 def _tls_context(args: argparse.Namespace, log: Logger) -> ssl.SSLContext | None:
@@ -434,12 +433,7 @@ def _tls_context(args: argparse.Namespace, log: Logger) -> ssl.SSLContext | None
     try:
         return server_context(args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as exc:
-        log.error(
-            "server_start_failed",
-            error=f"cannot load the TLS certificate or key: {exc}",
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-        )
+        _tls_failed(args, log, f"cannot load the TLS certificate or key: {exc}")
         return None
 
 
