@@ -499,6 +499,44 @@ def test_help_lists_every_client_option_with_its_default_and_environment_name(mo
     check_help_lists_every_option("run_client.py", build_parser, monkeypatch)
 
 
+def pipe_fed_by(
+    writer: str, port: int, timeout: str, wait_for_writer: bool = False
+) -> tuple[int, bytes, bytes, float, int | None]:
+    """``run_client.py --timeout T --pipe`` with its stdin from the stdout of ``python -c
+    writer``: its exit status, stdout and stderr, the seconds it ran, and (if asked) the
+    writer's exit status once it ended. Both processes are killed if still there."""
+    source = client = None
+    try:
+        source = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE)
+        assert source.stdout is not None
+        began = time.monotonic()
+        client = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "run_client.py"),
+                "--port",
+                str(port),
+                "--timeout",
+                timeout,
+                "--pipe",
+            ],
+            stdin=source.stdout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        source.stdout.close()  # (the client holds the pipe's only read end)
+        out, err = client.communicate(timeout=30)
+        took = time.monotonic() - began
+        writer_status = source.wait(timeout=10) if wait_for_writer else None
+    finally:
+        for proc in (source, client):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return client.returncode, out, err, took, writer_status
+
+
 SLOW_WRITER = (
     "import sys, time\n"
     "sys.stdout.write('PUT:slow:first\\n'); sys.stdout.flush()\n"
@@ -513,26 +551,9 @@ def test_pipe_waits_for_a_slow_stdin_without_a_time_limit(port):
     no time limit". --timeout 1 --pipe fed by a writer that pauses 3 s between two lines:
     exit 0, and both lines were carried out. (Before, the wait for stdin was charged to the
     server: exit 3, "timed out: nothing sent or received for 1 s", the second line never sent.)"""
-    writer = subprocess.Popen([sys.executable, "-c", SLOW_WRITER], stdout=subprocess.PIPE)
-    assert writer.stdout is not None
-    pipe = None
-    try:
-        pipe = subprocess.Popen(
-            [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), "--timeout", "1", "--pipe"],
-            stdin=writer.stdout,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=ROOT,
-        )
-        writer.stdout.close()  # (the client holds the pipe's only read end)
-        out, err = pipe.communicate(timeout=30)
-        assert writer.wait(timeout=10) == 0
-    finally:
-        for proc in (writer, pipe):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert pipe.returncode == 0, err
+    status, out, err, _, writer_status = pipe_fed_by(SLOW_WRITER, port, "1", wait_for_writer=True)
+    assert writer_status == 0
+    assert status == 0, err
     assert "sent 2 commands" in out.decode() and "0 errors" in out.decode(), out
     peer = Peer(port)
     assert peer.request(b"GET:slow\n") == [b"slow:first", b"slow:second"]
@@ -591,28 +612,10 @@ def test_pipe_gives_up_on_a_stopped_server_while_stdin_keeps_giving(server_proce
     seconds. (Before, each line sent counted as progress: it waited as long as stdin gave.)"""
     proc = server_process()
     os.kill(proc.proc.pid, signal.SIGSTOP)
-    writer = pipe = None
     try:
-        writer = subprocess.Popen([sys.executable, "-c", TRICKLING_WRITER], stdout=subprocess.PIPE)
-        assert writer.stdout is not None
-        began = time.monotonic()
-        command = ["--port", str(proc.port), "--timeout", "2", "--pipe"]
-        pipe = subprocess.Popen(
-            [sys.executable, str(ROOT / "run_client.py"), *command],
-            stdin=writer.stdout,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=ROOT,
-        )
-        writer.stdout.close()  # (the client holds the pipe's only read end)
-        out, err = pipe.communicate(timeout=25)
-        took = time.monotonic() - began
+        status, out, err, took, _ = pipe_fed_by(TRICKLING_WRITER, proc.port, "2")
     finally:
         os.kill(proc.proc.pid, signal.SIGCONT)
-        for child in (writer, pipe):
-            if child is not None and child.poll() is None:
-                child.kill()
-                child.wait()
-    assert pipe.returncode == 3, (out, err)
+    assert status == 3, (out, err)
     assert b"timed out" in err
     assert took < 15, took

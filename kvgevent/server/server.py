@@ -417,7 +417,7 @@ class KeyValueServer:
             "dormant": self._dormant,
             "dropped": c.dropped,
             "messages_dropped": c.messages_dropped,
-            **self._counted_by_store(self.store.count_keys, "keys"),
+            **_from_store(lambda: {"keys": self.store.count_keys()}),
             "commands": c.commands,
             "errors": c.errors,
             "connections": c.accepted,
@@ -430,21 +430,12 @@ class KeyValueServer:
             "uptime_s": int(time.monotonic() - self._started_at),
             **self.memory.stats(),
             **self.store.stats(),
-            **(self._counted_by_store(self._cluster_stats) if self.store.shared else {}),
+            **(
+                _from_store(lambda: self.store.cluster_stats(self._worker, len(self._conns)))
+                if self.store.shared
+                else {}
+            ),
         }
-
-    @staticmethod
-    def _counted_by_store(count: Callable[[], Any], name: str = "") -> dict[str, int]:
-        """``{name: count()}`` (``count()`` itself, a dict, without a name); empty if the
-        store cannot answer now."""
-        try:
-            figures = count()
-        except KVError:
-            return {}
-        return {name: figures} if name else figures
-
-    def _cluster_stats(self) -> dict[str, int]:
-        return self.store.cluster_stats(self._worker, len(self._conns))
 
     def close(self, flush_timeout: float = DEFAULT_SHUTDOWN_FLUSH) -> None:
         """Stop accepting, close every client, and return when all are closed.
@@ -964,3 +955,11 @@ class KeyValueServer:
             messages_dropped=conn.messages_dropped,
             **extra,
         )
+
+
+def _from_store(figures: Callable[[], dict[str, int]]) -> dict[str, int]:
+    """``figures()``, the STATS figures only the store can give; none if it cannot answer now."""
+    try:
+        return figures()
+    except KVError:
+        return {}

@@ -99,12 +99,11 @@ class RedisHealth:
         if outage is None:
             outage = self.outages[node] = Outage(now, error)
             self.log.error("store_unavailable", node=node, error=error[:200])
-        elif now >= outage.retry_at:  # a try that failed: wait twice as long before the next
-            outage.delay = min(outage.delay * 2, RETRY_MAX)
-        else:  # (a call that was on its way when another failed: that one set the next try)
-            outage.failed += commands
-            return
         outage.failed += commands
+        if now < outage.retry_at:  # (a call on its way when another failed: that one set the next try)
+            return
+        if outage.retry_at:  # a try that failed (0: the outage begins now): wait twice as long
+            outage.delay = min(outage.delay * 2, RETRY_MAX)
         outage.retry_at = now + outage.delay * self.jitter(0.5, 1.0)
 
     def up(self, node: str, asked: float | None = None) -> None:

@@ -147,7 +147,9 @@ class RespConnection:
         self.setup = list(setup)
         self.sock: Any = None
         self.reader: Any = None
-        self.ready = False  # connected, its setup exchange done
+        # Connected and set up: a connection that can serve (not one in the middle of its
+        # AUTH/PING exchange, which a stalled Redis makes last the whole timeout).
+        self.ready = False
         self._delay = 0.0  # the current wait between two attempts to connect
         self._retry_at = 0.0  # no attempt before this (monotonic)
         # The other connections to the same Redis (a Dispatcher's): see _close_idle_siblings.
@@ -200,11 +202,6 @@ class RespConnection:
         if len(replies) > count:  # (the stream is out of step with the requests)
             raise ReplyMismatch(f"{len(replies)} replies to {count} commands")
         return replies
-
-    def connected(self) -> bool:
-        """Connected and set up (not in the middle of its AUTH/PING exchange, which a stalled
-        Redis makes last the whole timeout): a connection that can serve."""
-        return self.ready
 
     def backing_off(self) -> float:
         """Seconds before the next attempt to connect is due (0: due, or connected)."""
@@ -372,7 +369,7 @@ class Dispatcher:
                 self._idle.append((me, connection))
                 self._hub.switch()  # (a kill while parked ends the sender: close())
                 continue
-            if not connection.connected() and any(s.connected() for s in connection.siblings):
+            if not connection.ready and any(sibling.ready for sibling in connection.siblings):
                 self._wake_connected()  # (this sender was woken for the queue: pass it on)
                 connection.reconnect_aside()
                 continue
@@ -400,7 +397,7 @@ class Dispatcher:
         """Wake the longest idle sender whose connection is connected, if one is idle (the
         busy ones take the queue when their round trip ends)."""
         for index, (sender, connection) in enumerate(self._idle):
-            if connection.connected():
+            if connection.ready:
                 del self._idle[index]
                 self._hub.loop.run_callback(sender.switch)
                 return
