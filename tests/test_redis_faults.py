@@ -275,13 +275,16 @@ def test_a_password_with_an_at_sign_and_a_db_query_mean_the_same_to_both_clients
 # --- 6. scripts ----------------------------------------------------------------------------
 
 
-def test_update_sends_the_script_sha_and_survives_a_script_flush(redis_server):
+def test_update_sends_the_script_sha_and_a_script_flush_fails_none(redis_server):
     """UPDATE goes as EVALSHA (the script is loaded once per connection, not sent each
-    time); after SCRIPT FLUSH an UPDATE may get ERR store unavailable once per connection,
-    then UPDATE works again."""
+    time). After a real SCRIPT FLUSH, an UPDATE refused with NOSCRIPT is sent again as EVAL
+    (which loads the script again), with the GETs of its key that came after it: no ERR, and
+    the GET sees the UPDATE. Only an UPDATE after which a write of its key already ran gets
+    ERR store unavailable (sending it again would reorder the two)."""
     import redis as redis_py
 
     from kvgevent import Get, Put, Update
+    from kvgevent.stores.redis_health import ERR_UNAVAILABLE
 
     admin = redis_py.Redis(port=redis_server.port)
     admin.config_resetstat()
@@ -292,17 +295,88 @@ def test_update_sends_the_script_sha_and_survives_a_script_flush(redis_server):
         commands = admin.info("commandstats")
         assert commands["cmdstat_evalsha"]["calls"] >= 1 and "cmdstat_eval" not in commands
         admin.script_flush()
-        failures = 0
-        while store.apply([Update(b"k", b"b", b"c")]) != [None]:
-            failures += 1
-            assert failures <= 4, "UPDATE did not recover after SCRIPT FLUSH"
-        assert store.apply([Get(b"k")]) == [[b"c"]]
+        assert store.apply([Update(b"k", b"b", b"c"), Get(b"j"), Get(b"k")]) == [None, None, [b"c"]]
+        assert admin.info("commandstats")["cmdstat_eval"]["calls"] == 1
+        assert store.apply([Update(b"k", b"c", b"d")]) == [None]  # (EVALSHA again: loaded by EVAL)
+        assert admin.info("commandstats")["cmdstat_eval"]["calls"] == 1
+        admin.script_flush()
+        batch = [Update(b"k", b"d", b"e"), Put(b"k", b"f"), Update(b"k", b"f", b"g"), Get(b"k")]
+        results = store.apply(batch)
+        assert results[0] is ERR_UNAVAILABLE  # (a PUT of its key ran after it)
+        assert results[1:] == [None, None, [b"d", b"g"]]
     finally:
         store.close()
         admin.close()
 
 
-# --- 5. --workers --------------------------------------------------------------------------
+def test_script_flushes_under_load_fail_no_update(tmp_path, log_stream):
+    """Eight clients UPDATE their own keys (each UPDATE then a GET of the key, in one write)
+    while an admin runs SCRIPT FLUSH twenty times: every reply is right, no ERR (before: each
+    flush failed every UPDATE already on its way, 40 to 76 in an attacker's run), and the
+    store's connections are not reopened for it."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    server = KeyValueServer(RedisStore(redis.url, prefix="f:"))
+    server.start(0)
+    admin = redis_py.Redis(port=redis.port)
+    try:
+        flushed = gevent.event.Event()
+
+        def client(n: int) -> int:
+            peer = Peer(server.port, timeout=15)
+            assert peer.request(b"PUT:u%d:0\n" % n) == []
+            rounds = 0
+            while not flushed.is_set() or rounds < 50:
+                new = rounds + 1
+                reply = peer.request(b"UPDATE:u%d:%d:%d\nGET:u%d\n" % (n, rounds, new, n))
+                assert reply == [b"u%d:%d" % (n, new)], reply
+                rounds = new
+            peer.close()
+            return rounds
+
+        jobs = [gevent.spawn(client, n) for n in range(8)]
+        wait_until(lambda: all(job.dead or admin.info("commandstats").get("cmdstat_evalsha") for job in jobs))
+        connections = admin.info("stats")["total_connections_received"]
+        for _ in range(20):
+            admin.script_flush()
+            gevent.sleep(0.02)  # (the clients' pace between two flushes; not a synchronisation)
+        flushed.set()
+        assert min(job.value for job in gevent.joinall(jobs, raise_error=True)) >= 50
+        assert admin.info("commandstats")["cmdstat_eval"]["calls"] >= 1, "no UPDATE met a flushed cache"
+        assert admin.info("stats")["total_connections_received"] == connections
+        assert not [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+    finally:
+        admin.close()
+        server.close()
+        redis.kill()
+
+
+def test_an_acl_user_that_may_not_load_scripts_updates_without_reconnecting(tmp_path, log_stream):
+    """A real ACL user allowed EVAL and EVALSHA but not SCRIPT: each connection's SCRIPT LOAD
+    is refused, so the first UPDATE meets NOSCRIPT and goes again as EVAL (which caches the
+    script); 200 UPDATEs then open no connection more than the store's own (before: each
+    UPDATE closed its connection to load the script again, about 1,150 connects a second)."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    admin.acl_setuser("noscript", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-script"])
+    server = KeyValueServer(RedisStore(f"redis://noscript:pw@127.0.0.1:{redis.port}/0", prefix="n:"))
+    server.start(0)
+    try:
+        peer = Peer(server.port, timeout=15)
+        assert peer.request(b"PUT:k:0\n") == []
+        before = admin.info("stats")["total_connections_received"]
+        for n in range(200):
+            assert peer.request(b"UPDATE:k:%d:%d\nGET:k\n" % (n, n + 1)) == [b"k:%d" % (n + 1)]
+        assert admin.info("stats")["total_connections_received"] - before <= 4
+        assert not [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+        peer.close()
+    finally:
+        admin.close()
+        server.close()
+        redis.kill()
 
 
 def test_an_abbreviated_flag_is_a_usage_error(tmp_path):

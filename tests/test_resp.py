@@ -25,13 +25,38 @@ def test_the_templates_are_what_hiredis_packs(key):
 
 
 def test_replies_are_checked_against_their_commands_types():
-    assert check_types([[b"v"], 3, []], [list, int, list]) is False
-    assert check_types([hiredis.ReplyError("NOSCRIPT No matching script"), 1], [int, int]) is True
-    assert check_types([hiredis.ReplyError("OOM command not allowed")], [int]) is False
+    check_types([[b"v"], 3, []], [list, int, list])
+    check_types([hiredis.ReplyError("NOSCRIPT No matching script"), 1], [int, int])
+    check_types([hiredis.ReplyError("OOM command not allowed")], [int])
     with pytest.raises(ReplyMismatch):
         check_types([b"LRANGE"], [list])  # (what a socket connected to itself echoes)
     with pytest.raises(ReplyMismatch):
         check_types([[b"x"]], [int])
+
+
+def test_updates_refused_with_noscript_are_sent_again_unless_a_later_write_ran():
+    """Which commands go again as EVAL (and LRANGE) after NOSCRIPT: an UPDATE refused after
+    the last write of its key that ran, with the GETs of that key after it; never a command
+    of another key, never an UPDATE after which a PUT, DELETE or UPDATE of its key ran."""
+    from kvgevent import Delete, Get, Put, Update
+    from kvgevent.stores.redis_store import _redone
+
+    noscript = hiredis.ReplyError("NOSCRIPT No matching script. Please use EVAL.")
+    commands = [
+        Get(b"a"),  # 0: before the UPDATE of a: not again
+        Update(b"a", b"x", b"y"),  # 1: refused, nothing of a ran after it: again
+        Get(b"b"),  # 2: another key
+        Get(b"a"),  # 3: after 1: again
+        Update(b"c", b"x", b"y"),  # 4: refused, but the PUT of c ran after it: not again
+        Put(b"c", b"z"),  # 5
+        Update(b"a", b"y", b"z"),  # 6: refused, after 1: again
+        Update(b"d", b"x", b"y"),  # 7: ran (an int)
+        Delete(b"e"),  # 8
+    ]
+    replies = [[b"x"], noscript, [], [b"x"], noscript, 2, noscript, 1, 1]
+    assert _redone(commands, replies) == [1, 3, 6]
+    assert _redone(commands, [[b"x"], 1, [], [b"x"], 1, 2, 1, 1, 1]) == []
+    assert _redone([Update(b"a", b"x", b"y"), Delete(b"a")], [noscript, 1]) == []
 
 
 @pytest.mark.parametrize("prefix", [b"p:", b"P" * 100], ids=["short prefix", "prefix too long for tables"])

@@ -43,9 +43,10 @@ failover demoted): ERR store unavailable too, but an error-reply episode, not an
 node goes on answering reads, and each would end an outage that the next write began again."""
 
 NO_SCRIPT = "NOSCRIPT"
-"""The error reply to an UPDATE on a connection whose script was flushed (SCRIPT FLUSH, a
-restart that kept the data): ERR store unavailable for that UPDATE while the connection
-reopens and loads the script again; an error-reply episode, the node serves on."""
+"""The error reply to an UPDATE's EVALSHA once Redis lost the script (SCRIPT FLUSH; a user
+who may not SCRIPT LOAD). The store sends such an UPDATE again as EVAL; one it cannot (a
+write of its key ran after it) gets ERR store unavailable: an error-reply episode, the node
+serves on."""
 
 ERR_UNAVAILABLE = StoreError("store unavailable")
 ERR_STORE_OUT_OF_MEMORY = StoreError("store out of memory")

@@ -31,7 +31,7 @@ from kvgevent.errors import KVError, StoreError
 from kvgevent.logs import Logger, get_logger, redacted_url
 from kvgevent.protocol import Delete, Get, Put, Update
 from kvgevent.stores.base import STORE_WAIT, VERBS, DataCommand, Key, KVStore, PlainOp, Result, key_bytes
-from kvgevent.stores.redis_health import ERR_UNAVAILABLE, READ_ONLY, RedisHealth, not_now
+from kvgevent.stores.redis_health import ERR_UNAVAILABLE, NO_SCRIPT, READ_ONLY, RedisHealth, not_now
 from kvgevent.stores.resp import (
     CRLF,
     DEL_HEAD,
@@ -184,7 +184,7 @@ class RedisStore(KVStore):
             self.applied[VERBS[kind]] += 1
             if kind is Put:
                 encode(rpush(key, cmd[1]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
-            elif kind is Update:  # the script is loaded on every connection (see _dispatcher)
+            elif kind is Update:  # loaded on every connection (see _dispatcher); else _scripts_again
                 encode(pack((b"EVALSHA", _SCRIPT_SHA, b"1", key, cmd[1], cmd[2])))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
             elif kind is Delete:
                 encode(delete(key))
@@ -197,7 +197,43 @@ class RedisStore(KVStore):
         replies = self._call(
             self._dispatcher.execute_encoded, payload, expected, commands=len(commands), per_command=True
         )
+        if not _PLAIN_REPLIES.issuperset(map(type, replies)):  # an error reply (rare; checked in C)
+            self._scripts_again(commands, replies)
         return self._results(commands, replies, asked)
+
+    def _scripts_again(self, commands: Sequence[DataCommand], replies: list[Any]) -> None:
+        """Send again, with EVAL (the script in full), the UPDATEs Redis refused with
+        NOSCRIPT (its script cache was flushed, or evicted; or this user may not SCRIPT
+        LOAD), unless a write of the same key ran after them in the batch; with them, the
+        GETs of their keys that came after them (they ran before the UPDATE did). Their
+        replies replace those in ``replies``. If the second round trip fails too, the
+        first replies stay: ``ERR store unavailable`` for each."""
+        redo = _redone(commands, replies)
+        if not redo:
+            return
+        pieces: list[bytes] = []
+        expected: list[type] = []
+        for index in redo:
+            cmd = commands[index]
+            key = self.prefix + cmd[0]
+            if cmd.__class__ is Get:
+                pieces.append(lrange_all(key))
+                expected.append(list)
+            else:  # (EVAL loads the script again: the next EVALSHAs find it)
+                pieces.append(pack((b"EVAL", _SCRIPT, b"1", key, cmd[1], cmd[2])))  # type: ignore[misc]  # (an Update)
+                expected.append(int)
+        try:
+            again = self._call(
+                self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
+                b"".join(pieces),
+                expected,
+                commands=len(redo),
+                per_command=True,
+            )
+        except KVError:
+            return
+        for index, reply in zip(redo, again, strict=True):
+            replies[index] = reply
 
     def _apply_plain(self, ops: list[PlainOp]) -> list[Result]:
         """See :attr:`KVStore.apply_plain`: LRANGE, RPUSH or DEL for each, in one round trip
@@ -515,6 +551,29 @@ class RedisStore(KVStore):
         for result in results:
             if isinstance(result, KVError):
                 raise result
+
+
+def _redone(commands: Sequence[DataCommand], replies: list[Any]) -> list[int]:
+    """Which of ``commands`` :meth:`RedisStore._scripts_again` sends again, in order: each
+    UPDATE refused with NOSCRIPT after the last write of its key that ran, and from the
+    first of them on, every GET of that key."""
+    ran: dict[bytes, int] = {}  # key -> the index of its last write that ran
+    for index, (cmd, reply) in enumerate(zip(commands, replies, strict=True)):
+        if cmd.__class__ is not Get and not _no_script(reply):
+            ran[cmd[0]] = index
+    redo: list[int] = []
+    again: set[bytes] = set()  # keys with an UPDATE sent again
+    for index, (cmd, reply) in enumerate(zip(commands, replies, strict=True)):
+        key = cmd[0]
+        if key in again or (cmd.__class__ is Update and _no_script(reply) and index > ran.get(key, -1)):
+            again.add(key)
+            redo.append(index)
+    return redo
+
+
+def _no_script(reply: Any) -> bool:
+    """Whether ``reply`` is Redis's NOSCRIPT error reply (EVALSHA of a script it does not have)."""
+    return isinstance(reply, Exception) and str(reply).startswith(NO_SCRIPT)
 
 
 def _heads(head: bytes, prefix: bytes) -> list[bytes]:

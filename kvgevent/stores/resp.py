@@ -284,20 +284,13 @@ def _gone(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, Refused)
 
 
-def check_types(replies: list[Any], expected: Sequence[Expected]) -> bool:
-    """Raise ReplyMismatch unless each reply is an error reply or of its command's type;
-    returns whether one of them is a NOSCRIPT error reply (Redis lost the scripts)."""
+def check_types(replies: list[Any], expected: Sequence[Expected]) -> None:
+    """Raise ReplyMismatch unless each reply is an error reply or of its command's type."""
     if list(map(type, replies)) == expected:  # (the usual case: checked in C)
-        return False
-    noscript = False
+        return
     for reply, kind in zip(replies, expected, strict=True):
-        if reply.__class__ is kind:  # (the usual case, without isinstance's calls)
-            continue
-        if isinstance(reply, hiredis.ReplyError):
-            noscript = noscript or str(reply).startswith("NOSCRIPT")
-        elif not isinstance(reply, kind):
+        if reply.__class__ is not kind and not isinstance(reply, (kind, hiredis.ReplyError)):
             raise ReplyMismatch(f"a {type(reply).__name__} reply where a {kind} was due")
-    return noscript
 
 
 class _Request:
@@ -377,8 +370,7 @@ class Dispatcher:
             try:
                 payload = batch[0].payload if len(batch) == 1 else b"".join([r.payload for r in batch])
                 replies = connection.round_trip(payload, count)
-                if check_types(replies, _expected(batch)):
-                    connection.close()  # scripts were flushed: the next connection loads them again
+                check_types(replies, _expected(batch))
             except BaseException as exc:  # GreenletExit too (close()): nobody may wait forever
                 if isinstance(exc, ReplyMismatch):
                     connection.close()
