@@ -534,8 +534,11 @@ def test_writes_refused_by_a_replica_are_one_episode_and_reads_go_on(tmp_path, l
         raw.replicaof("NO", "ONE")
         assert peer.request(b"PUT:k:w\nGET:k\n") == [b"k:v", b"k:w"]
         events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
-        assert [e["event"] for e in events] == ["store_error"], events[:6]
-        assert events[0]["reply"] == "store unavailable" and "READONLY" in events[0]["error"]
+        # (the client report, a write too, is refused as well: its own episode, no outage)
+        assert sorted(e["event"] for e in events) == ["store_bookkeeping_failed", "store_error"], events[:6]
+        assert all("READONLY" in e["error"] for e in events)
+        errors = [e for e in events if e["event"] == "store_error"]
+        assert errors[0]["reply"] == "store unavailable"
         stats = read_stats(peer)
         assert stats["store_errors"] >= 3 * len(answers) and stats["store_nodes_down"] == 0
     finally:
@@ -727,6 +730,59 @@ def test_a_redis_at_its_maxclients_serves_through_the_connections_it_allows(tmp_
     finally:
         server.close()
         redis.kill()
+
+
+def test_a_refused_bookkeeping_connection_fails_no_data(tmp_path, log_stream):
+    """A real ``maxclients`` that leaves no room for redis-py's connection (the one the
+    once-a-second client report uses; killed with CLIENT KILL, then refused) while the data
+    connections stay in: clients writing and reading for 3.5 s get every answer right, with
+    no outage (before: each refused report began a node-wide outage, a pair of events and a
+    burst of ERR a second). The failing report is one ``store_bookkeeping_failed`` episode,
+    which ends once there is room again."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    store = RedisStore(redis.url, prefix="b:")
+    server = KeyValueServer(store)
+    server.start(0)
+    admin = redis_py.Redis(port=redis.port)
+    try:
+        stop = gevent.event.Event()
+        rounds: list[list[bytes]] = []
+        writers = [gevent.spawn(write_and_read, server.port, rounds, stop) for _ in range(8)]
+        wait_until(lambda: len(rounds) > 50, timeout=10)
+        connections = store._dispatcher._connections  # type: ignore[union-attr]
+        data = {f"127.0.0.1:{c.sock.sock.getsockname()[1]}" for c in connections if c.sock}
+        others = [c for c in admin.client_list() if c["addr"] not in data and c["cmd"] != "client|list"]
+        assert others, "redis-py's connection is not there"
+        admin.config_set("maxclients", len(data) + 1)  # the data connections and this one
+        for client in others:
+            admin.client_kill(client["addr"])
+        began = len(rounds)
+        wait_until(lambda: events_named(log_stream, "store_bookkeeping_failed"), timeout=10)
+        end = time.monotonic() + 3.5
+        while time.monotonic() < end:  # three reports or more refused meanwhile
+            gevent.sleep(0.1)
+        assert len(rounds) - began > 100
+        assert admin.info("stats")["rejected_connections"] >= 3
+        admin.config_set("maxclients", 100)
+        wait_until(lambda: events_named(log_stream, "store_bookkeeping_recovered"), timeout=10)
+        stop.set()
+        gevent.joinall(writers, raise_error=True)
+        # (the writers share their keys: each GET finds its PUT's value, maybe others' too)
+        assert all(r and not any(line.startswith(b"ERR") for line in r) for r in rounds), rounds[-3:]
+        failed = events_named(log_stream, "store_bookkeeping_failed")
+        assert len(failed) == 1 and failed[0]["what"] == "client report", failed
+        assert "max number of clients" in failed[0]["error"]
+        assert not events_named(log_stream, "store_unavailable")
+    finally:
+        admin.close()
+        server.close()
+        redis.kill()
+
+
+def events_named(stream, name: str) -> list[dict]:
+    return [event for event in log_events(stream) if event["event"] == name]
 
 
 def test_a_stall_while_connections_reconnect_aside_is_answered_within_the_timeout(tmp_path):

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
@@ -49,6 +49,8 @@ from kvgevent.stores.resp import (
     pack,
     rpush,
 )
+
+_T = TypeVar("_T")
 
 MAX_CONNECTIONS = 256
 """Connections to Redis per kvgevent process (one per client round trip in flight)."""
@@ -163,6 +165,7 @@ class RedisStore(KVStore):
             self._del_heads = _heads(DEL_HEAD, self.prefix)
         self._meta = self.prefix + b"_meta:"
         self._keys = (0.0, 0)  # (reuse until, count)
+        self._bookkeeping_failing: dict[str, float] = {}  # what -> since when it fails
 
     # --- the store interface ---------------------------------------------------------------
 
@@ -415,7 +418,7 @@ class RedisStore(KVStore):
             return total - meta
 
         began = time.monotonic()
-        count = self._call(scan)
+        count = self._bookkeeping("key count", scan)
         took = time.monotonic() - began
         # A slow count (a big keyspace) is reused for a while; a quick one for a second.
         self._keys = (time.monotonic() + (COUNT_KEYS_EVERY if took > 0.05 else COUNT_KEYS_MIN), count)
@@ -445,7 +448,7 @@ class RedisStore(KVStore):
                 pipe.incrby(self._meta + b"dropped", dropped_delta)
             pipe.execute()
 
-        self._call(report)
+        self._bookkeeping("client report", report)
 
     def cluster_stats(self, worker: str, active: int) -> dict[str, int]:
         """Cluster-wide totals: clients connected to live workers (this one's counted now,
@@ -458,7 +461,7 @@ class RedisStore(KVStore):
             workers, dropped = pipe.execute()
             return workers, dropped
 
-        workers, dropped = self._call(read)
+        workers, dropped = self._bookkeeping("cluster figures", read)
         now, total, live = time.time(), active, 1
         for name, entry in workers.items():
             count, at = entry.split()
@@ -511,6 +514,39 @@ class RedisStore(KVStore):
                 self.health.up(node, asked)
         return result
 
+    def _bookkeeping(self, what: str, function: Callable[[], _T]) -> _T:
+        """``function()``, a bookkeeping call through redis-py (``what``: the client report,
+        the key count, the cluster figures). With the dispatcher (``redis://``), its
+        connections carry the data and judge the node: a bookkeeping call that fails begins
+        no outage while the node answers a PING through them (redis-py's connection refused:
+        Redis at its ``maxclients``, a password changed under it; a user who may not write
+        the counts). Such failures are one episode per ``what``, ``store_bookkeeping_failed``
+        then ``store_bookkeeping_recovered``; the call raises StoreError. (Before, each began
+        an outage that failed the data too, once a second.)"""
+        if self._dispatcher is None:  # a cluster: redis-py carries the data too
+            return self._call(function)
+        if self.node in self.health.outages:
+            self._ping_data_path()  # not due: fails at once; answered: the outage ends
+        try:
+            result = function()
+        except self._redis_errors as exc:
+            self._ping_data_path()  # the node does not serve: its outage begins there
+            if what not in self._bookkeeping_failing:
+                self._bookkeeping_failing[what] = self.health.clock()
+                error = self._text(exc)[:200]
+                self.log.warning("store_bookkeeping_failed", node=self.node, what=what, error=error)
+            raise ERR_UNAVAILABLE.fresh() from None
+        since = self._bookkeeping_failing.pop(what, None)
+        if since is not None:
+            failed_s = round(self.health.clock() - since, 3)
+            self.log.info("store_bookkeeping_recovered", node=self.node, what=what, failed_s=failed_s)
+        return result
+
+    def _ping_data_path(self) -> None:
+        """A PING through the dispatcher's connections (StoreError if it fails: the node's
+        outage begins, as for any data command; its answer ends one)."""
+        self._call(self._dispatcher.execute, [(b"PING",)], [bytes])  # type: ignore[union-attr]  # (callers checked)
+
     def _failure(self, exc: BaseException, nodes: set[str], commands: int) -> StoreError:
         """The StoreError for a call that raised ``exc``, with the episode it begins."""
         text = self._text(exc)
@@ -541,7 +577,10 @@ class RedisStore(KVStore):
 
     def not_ready(self) -> str | None:
         try:
-            self._call(self.client.ping)
+            if self._dispatcher is None:
+                self._call(self.client.ping)
+            else:
+                self._ping_data_path()
         except KVError as exc:
             return f"the Redis store: {exc.reason}"
         return None
