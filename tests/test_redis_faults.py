@@ -693,10 +693,13 @@ def test_a_redis_at_its_maxclients_serves_through_the_connections_it_allows(tmp_
     ``ERR max number of clients reached``): the connections that get in serve every request,
     the others reconnect aside and take none, so 8 clients writing and reading for 3 s get
     every answer right, with no ERR and no outage logged (before: an outage begun and ended
-    several times a second, and a third of the answers ERR)."""
+    several times a second, and a third of the answers ERR). The refused connections are one
+    ``store_connections_failing`` episode (before: silent), which ends once there is room."""
     import redis as redis_py
 
-    redis = RedisProcess(tmp_path, None, "--maxclients", "3")
+    redis = RedisProcess(tmp_path, None, "--maxclients", "4")
+    admin = redis_py.Redis(port=redis.port)
+    admin.ping()  # (in before the store: one of the four)
     server = KeyValueServer(RedisStore(redis.url, prefix="m:"))
     server.start(0)
     try:
@@ -719,15 +722,20 @@ def test_a_redis_at_its_maxclients_serves_through_the_connections_it_allows(tmp_
             job.value for job in gevent.joinall([gevent.spawn(client, n) for n in range(8)], raise_error=True)
         ]
         assert min(rounds) > 0
-        assert not [e for e in log_events(log_stream) if e["event"].startswith("store_")]
-        raw = redis_py.Redis(port=redis.port)
-        try:
-            assert raw.info("stats")["rejected_connections"] > 0, "the limit was never met"
-        except redis_py.exceptions.ConnectionError:
-            pass  # (this connection itself refused: the limit is met)
-        finally:
-            raw.close()
+        assert admin.info("stats")["rejected_connections"] > 0, "the limit was never met"
+        events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+        assert [e["event"] for e in events] == ["store_connections_failing"], events[:4]
+        assert "max number of clients" in events[0]["error"] and events[0]["connections"] == 4
+        admin.config_set("maxclients", 100)
+
+        def restored() -> bool:  # (a connection tries again when a request wakes its sender)
+            assert first.request(b"GET:warm\n") == [b"warm:up"]
+            return bool(events_named(log_stream, "store_connections_restored"))
+
+        wait_until(restored, timeout=15)
+        assert not events_named(log_stream, "store_unavailable")
     finally:
+        admin.close()
         server.close()
         redis.kill()
 

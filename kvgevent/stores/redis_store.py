@@ -156,7 +156,7 @@ class RedisStore(KVStore):
             )
         self.client: Any = _redis_py_client(url, timeout)
         if scheme == "redis":
-            self._dispatcher = _dispatcher(url, timeout)
+            self._dispatcher = _dispatcher(url, timeout, self.log, self.node)
             self.apply_plain = self._apply_plain
             self.get_plain = self._get_plain
             # each command's head with the prefix in it, by the key's length (see _encoded)
@@ -686,7 +686,7 @@ def _redis_py_client(url: str, timeout: float) -> Any:
     return redis.Redis(connection_pool=pool)
 
 
-def _dispatcher(url: str, timeout: float) -> Dispatcher:
+def _dispatcher(url: str, timeout: float, log: Logger, node: str) -> Dispatcher:
     """The auto-pipelining data path for a ``redis://`` URL, with redis-py's reading of it
     (host, port, db from the path or ``?db=``, percent-decoded user and password). Every
     connection loads the UPDATE script, so UPDATE sends its SHA-1, not the script."""
@@ -705,4 +705,4 @@ def _dispatcher(url: str, timeout: float) -> Dispatcher:
             setup=[(b"SCRIPT", b"LOAD", _SCRIPT)],
         )
 
-    return Dispatcher(connect, connections=DISPATCH_CONNECTIONS)
+    return Dispatcher(connect, connections=DISPATCH_CONNECTIONS, log=log, node=node)

@@ -31,13 +31,15 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
 import hiredis
 
 from kvgevent.fastio import TimedSocket
+from kvgevent.logs import Logger
+from kvgevent.stores.redis_health import not_now
 
 MAX_ROUND_TRIP = 128
 """Commands one round trip may carry (several clients' batches together). Small enough that a
@@ -155,6 +157,7 @@ class RespConnection:
         # The other connections to the same Redis (a Dispatcher's): see _close_idle_siblings.
         self.siblings: list[RespConnection] = []
         self.busy = False  # in a round trip
+        self.on_connect: Callable[[], None] | None = None  # called after each connect
 
     def round_trip(self, payload: bytes, count: int) -> list[Any]:
         if self.sock is None:
@@ -223,21 +226,25 @@ class RespConnection:
                 self._close_idle_siblings()
             raise
         self._delay = 0.0
+        if self.on_connect is not None:
+            self.on_connect()
 
-    def reconnect_aside(self) -> None:
+    def reconnect_aside(self) -> Exception | None:
         """While a sibling serves: wait out this connection's back-off, then try to connect,
         taking no request (a failure only backs off further; the siblings are left open).
         After a restart of Redis, or with Redis at its ``maxclients``, a connection that
         cannot connect yet would otherwise fail at once every request it took, and each
-        failure would begin an outage that the siblings' next reply ends."""
+        failure would begin an outage that the siblings' next reply ends. Returns why the
+        attempt failed (None: connected, or not due yet)."""
         wait = self.backing_off()
         if wait:
             gevent.sleep(wait)
-            return
+            return None
         try:
             self._connect(close_siblings=False)
-        except Exception:
-            pass  # (backing off: the next try is due later)
+        except Exception as exc:
+            return exc  # (backing off: the next try is due later)
+        return None
 
     def _open(self) -> None:
         try:
@@ -262,6 +269,8 @@ class RespConnection:
         replies = self._exchange(b"".join(pack(c) for c in commands), len(commands))
         required = replies[: len(commands) - len(self.setup)]
         errors = [reply for reply in required if isinstance(reply, Exception)]
+        if errors and not_now(str(errors[0])):  # (BUSY, LOADING...: as if it did not answer)
+            raise Unreachable(f"Redis cannot serve now: {errors[0]}")
         if errors:
             raise ConnectionError(f"Redis refused the connection setup: {errors[0]}")
         if required[-1] != b"PONG":
@@ -318,8 +327,12 @@ class Dispatcher:
     and a Timeout context per ``get``. Relies on ``Hub.switch`` and ``loop.run_callback``
     (pinned and tested with the server's)."""
 
-    def __init__(self, make_connection: Any, connections: int = 4) -> None:
+    def __init__(
+        self, make_connection: Any, connections: int = 4, log: Logger | None = None, node: str = ""
+    ) -> None:
         self._queue: deque[_Request] = deque()
+        self._log, self._node = log, node  # (``node``: Redis's name in the log)
+        self._failing_since: float | None = None  # a connection failing aside since then
         # Senders parked on an empty queue, longest first, each with its connection.
         self._idle: deque[tuple[Any, RespConnection]] = deque()
         self._hub = gevent.get_hub()
@@ -327,6 +340,7 @@ class Dispatcher:
         self._connections = [make_connection() for _ in range(connections)]
         for connection in self._connections:
             connection.siblings = [c for c in self._connections if c is not connection]
+            connection.on_connect = self._connected
         self._senders = [gevent.spawn(self._send_loop, c) for c in self._connections]
 
     def execute(self, commands: Sequence[Command], expected: Sequence[Expected]) -> list[Any]:
@@ -364,7 +378,9 @@ class Dispatcher:
                 continue
             if not connection.ready and any(sibling.ready for sibling in connection.siblings):
                 self._wake_connected()  # (this sender was woken for the queue: pass it on)
-                connection.reconnect_aside()
+                failed = connection.reconnect_aside()
+                if failed is not None:
+                    self._failing_aside(failed)
                 continue
             batch, count = _next_batch(queue)
             try:
@@ -384,6 +400,35 @@ class Dispatcher:
             for request in batch:
                 self._finish(request, replies[start : start + request.count])
                 start += request.count
+
+    def _failing_aside(self, error: Exception) -> None:
+        """A connection failed to connect while a sibling serves (Redis at its ``maxclients``,
+        a password changed under open connections): not an outage, the siblings serve every
+        request; logged once per episode (``store_connections_failing``), which ends when
+        every connection is connected (``store_connections_restored``). Not for a Redis
+        that cannot be reached or cannot serve now (Unreachable): the siblings meet that
+        too, and it is an outage of the store."""
+        if self._failing_since is not None or isinstance(error, Unreachable):
+            return
+        self._failing_since = time.monotonic()
+        if self._log is not None:
+            self._log.warning(
+                "store_connections_failing",
+                node=self._node,
+                connected=sum(c.ready for c in self._connections),
+                connections=len(self._connections),
+                error=str(error)[:200],
+            )
+
+    def _connected(self) -> None:
+        """After a connection connected: the episode of :meth:`_failing_aside` ends once
+        every connection is."""
+        if self._failing_since is None or not all(c.ready for c in self._connections):
+            return
+        failing_s = round(time.monotonic() - self._failing_since, 3)
+        self._failing_since = None
+        if self._log is not None:
+            self._log.info("store_connections_restored", node=self._node, failing_s=failing_s)
 
     def _wake_connected(self) -> None:
         """Wake the longest idle sender whose connection is connected, if one is idle (the
