@@ -740,6 +740,44 @@ def test_a_redis_at_its_maxclients_serves_through_the_connections_it_allows(tmp_
         redis.kill()
 
 
+def test_requests_queued_behind_a_stalled_round_trip_wait_one_timeout_not_two(tmp_path):
+    """A real stall (SIGSTOP) while twelve clients send a GET each, 50 ms apart: the first
+    four take the store's four connections, the others queue behind them. When the round
+    trips in flight time out, the queued requests fail with them: each client has its ERR
+    within about one ``--redis-timeout`` (1.5 s here). Before, the queued requests were then
+    sent on a new connection, whose setup waited the timeout again: about 3 s."""
+    import os
+    import signal
+
+    redis = RedisProcess(tmp_path)
+    server = KeyValueServer(RedisStore(redis.url, prefix="q:", timeout=1.5))
+    server.start(0)
+    peers = [Peer(server.port, timeout=15) for _ in range(12)]
+    try:
+        assert peers[0].request(b"PUT:k:v\n") == []
+        gevent.joinall([gevent.spawn(peer.request, b"GET:k\n") for peer in peers], raise_error=True)
+
+        def timed_get(peer: Peer, delay: float) -> tuple[list[bytes], float]:
+            gevent.sleep(delay)  # (the clients' pace: they come one after another)
+            began = time.monotonic()
+            return peer.request(b"GET:k\n"), time.monotonic() - began
+
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            jobs = [gevent.spawn(timed_get, peer, 0.05 * n) for n, peer in enumerate(peers)]
+            results = [job.value for job in gevent.joinall(jobs, raise_error=True)]
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert [reply for reply, _ in results] == [[UNAVAILABLE]] * len(peers)
+        assert max(took for _, took in results) < 2.4, results
+        wait_until(lambda: peers[0].request(b"GET:k\n") == [b"k:v"], timeout=10)
+    finally:
+        for peer in peers:
+            peer.close()
+        server.close()
+        redis.kill()
+
+
 def test_a_refused_bookkeeping_connection_fails_no_data(tmp_path, log_stream):
     """A real ``maxclients`` that leaves no room for redis-py's connection (the one the
     once-a-second client report uses; killed with CLIENT KILL, then refused) while the data

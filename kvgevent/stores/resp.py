@@ -388,11 +388,7 @@ class Dispatcher:
                 replies = connection.round_trip(payload, count)
                 check_types(replies, _expected(batch))
             except BaseException as exc:  # GreenletExit too (close()): nobody may wait forever
-                if isinstance(exc, ReplyMismatch):
-                    connection.close()
-                failure = exc if isinstance(exc, Exception) else ConnectionError("the dispatcher closed")
-                for request in batch:
-                    self._finish(request, failure=failure)
+                self._failed(batch, exc, connection)
                 if not isinstance(exc, Exception):
                     raise
                 continue
@@ -400,6 +396,19 @@ class Dispatcher:
             for request in batch:
                 self._finish(request, replies[start : start + request.count])
                 start += request.count
+
+    def _failed(self, batch: list[_Request], exc: BaseException, connection: RespConnection) -> None:
+        """The round trip of ``batch`` on ``connection`` raised ``exc``: its requests fail
+        with it; after a timeout (Redis stalled), so do those queued meanwhile, which would
+        wait as long again (on a new connection, in its setup)."""
+        if isinstance(exc, ReplyMismatch):
+            connection.close()
+        failure = exc if isinstance(exc, Exception) else ConnectionError("the dispatcher closed")
+        for request in batch:
+            self._finish(request, failure=failure)
+        if isinstance(exc, TimeoutError):
+            while self._queue:
+                self._finish(self._queue.popleft(), failure=failure)
 
     def _failing_aside(self, error: Exception) -> None:
         """A connection failed to connect while a sibling serves (Redis at its ``maxclients``,
