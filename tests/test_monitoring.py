@@ -254,7 +254,8 @@ def test_systemd_watchdog_is_off_unless_asked_for_this_process(server_process, t
 def test_watchdog_usec_is_read_as_systemd_reads_it(monkeypatch):
     """WATCHDOG_USEC as sd_watchdog_enabled takes it: microseconds in ASCII digits, above 0
     and below USEC_INFINITY, for this process unless WATCHDOG_PID names another; anything
-    else is no watchdog. Before, a non-ASCII digit ("\u00b2") raised ValueError at start,
+    else is no watchdog. Never more often than every 50 ms (before: a WATCHDOG_USEC of 1 made
+    the loop send WATCHDOG=1 without end). Before, a non-ASCII digit ("\u00b2") raised ValueError at start,
     and USEC_INFINITY (or more) gave an interval of 292,000 years instead of None."""
     from kvgevent.serve.systemd import watchdog_interval
 
@@ -262,7 +263,7 @@ def test_watchdog_usec_is_read_as_systemd_reads_it(monkeypatch):
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     expected = {
         "600000": 0.3,
-        "1": 0.5e-6,
+        "1": 0.05,  # (WATCHDOG_MIN_INTERVAL: half a microsecond would spin the loop)
         "18446744073709551614": (2**64 - 2) / 2e6,
         "18446744073709551615": None,  # USEC_INFINITY
         "99999999999999999999": None,

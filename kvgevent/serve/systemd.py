@@ -43,6 +43,11 @@ USEC_INFINITY = 2**64 - 1
 watchdog."""
 
 
+WATCHDOG_MIN_INTERVAL = 0.05
+"""Fewest seconds between two ``WATCHDOG=1``, whatever ``WatchdogSec=`` says: a watchdog of a
+few microseconds (a typo in a unit file) would otherwise make the loop feed it without end."""
+
+
 def watchdog_interval() -> float | None:
     """Seconds between two ``WATCHDOG=1``, half of systemd's ``WatchdogSec=`` (as
     ``sd_watchdog_enabled`` reads it: ``WATCHDOG_USEC``, for this process unless
@@ -56,7 +61,7 @@ def watchdog_interval() -> float | None:
         return None
     if pid and pid != str(os.getpid()):
         return None
-    return int(usec) / 1e6 / 2
+    return max(int(usec) / 1e6 / 2, WATCHDOG_MIN_INTERVAL)
 
 
 def feed_watchdog() -> None:
