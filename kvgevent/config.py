@@ -32,6 +32,14 @@ FD_RESERVE = 32
 append-only files, a compaction's, the Redis store's connections, the metrics port): the
 server lowers --max-clients to its open files limit less these, as Redis does."""
 
+METRICS_CONNECTIONS = 8
+"""HTTP connections the metrics port serves at once (a scraper and a few probes): more wait in
+its listen backlog, holding no file of the server's (FD_RESERVE counts these)."""
+
+METRICS_TIMEOUT = 10.0
+"""Seconds an HTTP connection to the metrics port may stay silent (idle between requests, or
+in the middle of one) before it is closed: its place is for the next scraper."""
+
 ACCEPT_FAILED_QUIET = 2.0
 """Seconds without accept() failing for want of files or memory after which the episode is
 over (one ``accept_failed``, one ``accept_failed_ended``): longer than gevent's longest pause

@@ -441,3 +441,74 @@ def test_a_log_file_that_cannot_be_opened_is_a_usage_error(tmp_path):
     assert result.returncode == 2
     assert b"cannot open --log-file" in result.stderr and b"No such file or directory" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+def test_idle_metrics_connections_cannot_take_the_servers_files(server_process):
+    """300 real TCP connections to the metrics port that never send a request, against a
+    server whose open files limit is lowered (for real, as ``prlimit --pid`` does) to 60
+    above what it holds: the metrics port serves METRICS_CONNECTIONS at once and leaves the
+    others in its listen backlog, so the server holds at most that many of them, key-value
+    clients are still served, and /healthz answers once they leave. Before: every one
+    was accepted and kept for ever, the server ran out of files (key-value clients got no
+    answer for as long as they stayed) and logged an ``unhandled_error`` a second."""
+    import resource
+
+    from kvgevent.config import METRICS_CONNECTIONS
+
+    proc, metrics = serving(server_process)
+    pid = proc.proc.pid
+
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    before = open_fds()
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (before + 60, hard))
+    idle: list[socket.socket] = []
+
+    def connect() -> None:
+        with contextlib.suppress(OSError):  # (the backlog full: a SYN dropped, a timeout)
+            idle.append(socket.create_connection(("127.0.0.1", metrics), timeout=5))
+
+    try:
+        gevent.joinall([gevent.spawn(connect) for _ in range(300)], timeout=30)
+        assert len(idle) > METRICS_CONNECTIONS + 60, "too few connected to show anything"
+        peers = [Peer(proc.port) for _ in range(20)]  # key-value clients: served
+        for peer in peers:
+            assert peer.request(b"PUT:k:v\nGET:k\n")[-1] == b"k:v"
+            peer.close()
+        assert open_fds() - before <= METRICS_CONNECTIONS + 2, open_fds() - before
+        for sock in idle:  # they leave: the backlog drains, a scraper is served
+            sock.close()
+        status, _ = http_get(metrics, "/healthz")
+        assert status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+    events = [e["event"] for e in proc.events()]
+    assert "unhandled_error" not in events and "accept_failed" not in events
+
+
+def test_a_silent_metrics_connection_is_closed_after_the_timeout(monkeypatch, make_server):
+    """A connection to the metrics port that sends nothing, or half a request and then
+    nothing, is closed once silent for METRICS_TIMEOUT (here 0.5 s; the client's own timeout
+    is 10 s), so that its place goes to the next scraper; one that sent a whole request is
+    answered first."""
+    import kvgevent.server.monitor as monitor
+
+    monkeypatch.setattr(monitor, "METRICS_TIMEOUT", 0.5)
+    server = make_server()
+    port = server.serve_metrics(0, "127.0.0.1")
+    silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    half = socket.create_connection(("127.0.0.1", port), timeout=10)
+    half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # (no blank line: the request goes on)
+    whole = socket.create_connection(("127.0.0.1", port), timeout=10)
+    whole.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        assert whole.recv(1000).startswith(b"HTTP/1.1 200")
+        for sock in (silent, half, whole):  # whole: kept alive, then silent too
+            while sock.recv(1000):  # (half may get pywsgi's 400 first): until the end, or timed out
+                pass
+    finally:
+        for sock in (silent, half, whole):
+            sock.close()

@@ -21,15 +21,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from kvgevent.config import METRICS_CONNECTIONS, METRICS_TIMEOUT
 from kvgevent.errors import KVError
 from kvgevent.logs import Logger
 from kvgevent.protocol import Auth, Delete, Get, Ping, Put, Stats, Update
+from kvgevent.server.net import PausingListener
 from kvgevent.timings import Timings
 
 if TYPE_CHECKING:
@@ -214,7 +217,14 @@ class Monitor:
         self._http: WSGIServer | None = None
 
     def start(self, port: int, host: str) -> None:
-        self._http = WSGIServer((host, port), self.app, log=None, error_log=_ErrorLog(self.log))  # type: ignore[call-overload]  # (our error log has what pywsgi uses: write, flush)
+        self._http = _MetricsHTTP(
+            (host, port),
+            self.app,
+            log=None,
+            error_log=_ErrorLog(self.log),  # (it has what pywsgi uses: write, flush)
+            spawn=Pool(METRICS_CONNECTIONS),
+            failing=self.server.accept_failed,
+        )
         self._http.start()
 
     @property
@@ -250,6 +260,19 @@ def _reply(start_response: Callable[..., Any], status: str, body: bytes) -> list
         status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
     )
     return [body]
+
+
+class _MetricsHTTP(PausingListener, WSGIServer):
+    """pywsgi's server within the metrics port's bounds: METRICS_CONNECTIONS at once (its
+    pool: when full, it stops accepting), each closed once silent for METRICS_TIMEOUT (as
+    pywsgi closes a connection whose read fails); an accept() failing for want of files is
+    the server's ``accept_failed`` episode (PausingListener), not an unhandled error. Before,
+    idle connections were kept for ever, without limit, and could take every file of the
+    process."""
+
+    def handle(self, sock: Any, address: Any) -> None:
+        sock.settimeout(METRICS_TIMEOUT)
+        super().handle(sock, address)
 
 
 class _ErrorLog:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
+
+from gevent.server import StreamServer
+
+ACCEPT_LACKS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""Errors of accept() that say the process or the system lacks files or memory for now: the
+pending connection stays in the backlog, to be accepted once some are freed."""
 
 
 def worker_name() -> str:
@@ -35,3 +43,49 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class PausingListener(StreamServer):
+    """gevent's StreamServer (or a subclass, as pywsgi's, after this one in the bases), for
+    which an accept() failing for want of files or memory (ACCEPT_LACKS) is not an error of
+    the server's: it is reported to ``failing`` (with the OSError), and accepting pauses as
+    gevent's own loop does after an error (min_delay, doubled after each failure up to
+    max_delay, back to min_delay once an accept() works: the listening socket stays readable,
+    so retrying at once would spin). gevent's loop reported each one as an unhandled error."""
+
+    def __init__(self, *args: Any, failing: Callable[[OSError], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._failing = failing
+        self._retry: Any = None  # the loop timer that resumes accepting after a pause
+        self._pause_for = self.min_delay
+
+    def do_read(self) -> Any:
+        try:
+            accepted = super().do_read()
+        except OSError as exc:
+            if exc.errno not in ACCEPT_LACKS:
+                raise
+            self._pause()
+            self._failing(exc)
+            return None  # (to gevent's loop: nothing accepted this time)
+        if accepted is not None:
+            self._pause_for = self.min_delay
+        return accepted
+
+    def _pause(self) -> None:
+        """Stop accepting for a while, twice as long as last time (up to max_delay)."""
+        self.stop_accepting()
+        self._retry = self.loop.timer(self._pause_for)
+        self._retry.start(self._resume)
+        self._pause_for = min(self.max_delay, self._pause_for * 2)
+
+    def _resume(self) -> None:
+        if self.started:  # (not closed meanwhile)
+            self.start_accepting()
+
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        if self._retry is not None:
+            self._retry.stop()
+            self._retry.close()
+            self._retry = None

@@ -72,7 +72,7 @@ from kvgevent.server.connection import Connection
 from kvgevent.server.counters import Counters
 from kvgevent.server.episodes import Episode
 from kvgevent.server.memory import MemoryGuard, release_free_memory, release_memory_loop
-from kvgevent.server.net import is_loopback, reuse_port_listener, worker_name
+from kvgevent.server.net import PausingListener, is_loopback, reuse_port_listener, worker_name
 from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
 from kvgevent.server.turns import Turns
 from kvgevent.stores.base import STORE_WAIT, KVStore
@@ -136,67 +136,20 @@ def drop_reason(exc: BaseException, handshaking: bool) -> tuple[str, str | None]
     return ("reset", None) if error is None else ("socket_error", error)
 
 
-ACCEPT_LACKS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-"""Errors of accept() that say the process or the system lacks files or memory for now: the
-pending connection stays in the backlog, to be accepted once some are freed."""
-
-
 def _throw_if_waiting(reader: Any, exc: type[Exception]) -> None:
     """Raise ``exc`` in ``reader`` if it is suspended (started, not finished)."""
     if reader.gr_frame is not None:
         reader.throw(exc)
 
 
-class _Listener(StreamServer):
+class _Listener(PausingListener):
     """gevent's StreamServer, spawning the handler itself (in the pool) rather than through
     gevent's wrapper that calls it with ``*args`` and closes the socket after it: that call
     runs one more interpreter loop on the C stack, and an idle client's greenlet keeps a copy
     of its C stack (bench/OPTIMISATIONS.md, "a connection's cost"). The socket is closed here
     as gevent's wrapper would, whatever the handler did, unless the handler returned True
-    (its client went dormant: the reader made for it later closes it).
-
-    An accept() failing for want of files or memory (ACCEPT_LACKS) is not an error of the
-    server's: it is reported to ``failing`` (with the OSError), and accepting pauses as
-    gevent's own loop does after an error (min_delay, doubled after each failure up to
-    max_delay, back to min_delay once an accept() works: the listening socket stays readable,
-    so retrying at once would spin). gevent's loop reported each one as an unhandled error."""
-
-    def __init__(self, *args: Any, failing: Callable[[OSError], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._failing = failing
-        self._retry: Any = None  # the loop timer that resumes accepting after a pause
-        self._pause_for = self.min_delay
-
-    def do_read(self) -> Any:
-        try:
-            accepted = super().do_read()
-        except OSError as exc:
-            if exc.errno not in ACCEPT_LACKS:
-                raise
-            self._pause()
-            self._failing(exc)
-            return None  # (to gevent's loop: nothing accepted this time)
-        if accepted is not None:
-            self._pause_for = self.min_delay
-        return accepted
-
-    def _pause(self) -> None:
-        """Stop accepting for a while, twice as long as last time (up to max_delay)."""
-        self.stop_accepting()
-        self._retry = self.loop.timer(self._pause_for)
-        self._retry.start(self._resume)
-        self._pause_for = min(self.max_delay, self._pause_for * 2)
-
-    def _resume(self) -> None:
-        if self.started:  # (not closed meanwhile)
-            self.start_accepting()
-
-    def stop_accepting(self) -> None:
-        super().stop_accepting()
-        if self._retry is not None:
-            self._retry.stop()
-            self._retry.close()
-            self._retry = None
+    (its client went dormant: the reader made for it later closes it). An accept() failing
+    for want of files or memory pauses accepting (:class:`PausingListener`)."""
 
     def do_handle(self, *args: Any) -> None:
         try:
@@ -321,7 +274,7 @@ class KeyValueServer:
             self._handle,
             backlog=None if self.reuse_port else self.backlog,
             spawn=self._pool,
-            failing=self._accept_failed,
+            failing=self.accept_failed,
         )
         server.start()
         self._server = server
@@ -658,8 +611,9 @@ class KeyValueServer:
                 rejected=self.counters.rejected,
             )
 
-    def _accept_failed(self, exc: OSError) -> None:
-        """accept() failed for want of files or memory (the listener pauses, then retries):
+    def accept_failed(self, exc: OSError) -> None:
+        """accept() failed for want of files or memory (the listener pauses, then retries;
+        the metrics listener's too: one process lacks the files):
         counted, and logged once per episode (``accept_failed``), whose end is logged
         ACCEPT_FAILED_QUIET after the last failure."""
         self.counters.accept_failures += 1
