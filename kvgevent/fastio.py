@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import socket
 import struct
 import termios
 import time
@@ -292,6 +293,17 @@ class TimedSocket:
                 view = view[self._raw.send(view) :]
             except BlockingIOError:
                 continue
+
+    def closed_by_peer(self) -> bool:
+        """Whether the peer closed (or reset) the connection while it was idle: a look at the
+        receive queue (MSG_PEEK, never a wait) finds its end. Unread bytes, or nothing yet:
+        False."""
+        try:
+            return self._raw.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # (reset)
+            return True
 
     def close(self) -> None:
         if self._timer is not None:

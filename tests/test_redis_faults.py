@@ -283,8 +283,9 @@ def test_update_sends_the_script_sha_and_a_script_flush_fails_none(redis_server)
     ERR store unavailable (sending it again would reorder the two)."""
     import redis as redis_py
 
-    from kvgevent import Get, Put, Update
+    from kvgevent import Delete, Get, Put, Update
     from kvgevent.stores.redis_health import ERR_UNAVAILABLE
+    from kvgevent.stores.redis_store import _SCRIPT_SHA
 
     admin = redis_py.Redis(port=redis_server.port)
     admin.config_resetstat()
@@ -296,14 +297,20 @@ def test_update_sends_the_script_sha_and_a_script_flush_fails_none(redis_server)
         assert commands["cmdstat_evalsha"]["calls"] >= 1 and "cmdstat_eval" not in commands
         admin.script_flush()
         assert store.apply([Update(b"k", b"b", b"c"), Get(b"j"), Get(b"k")]) == [None, None, [b"c"]]
-        assert admin.info("commandstats")["cmdstat_eval"]["calls"] == 1
+        assert admin.info("commandstats")["cmdstat_eval"]["calls"] == 2  # (the script back, the UPDATE)
         assert store.apply([Update(b"k", b"c", b"d")]) == [None]  # (EVALSHA again: loaded by EVAL)
-        assert admin.info("commandstats")["cmdstat_eval"]["calls"] == 1
+        assert admin.info("commandstats")["cmdstat_eval"]["calls"] == 2
         admin.script_flush()
         batch = [Update(b"k", b"d", b"e"), Put(b"k", b"f"), Update(b"k", b"f", b"g"), Get(b"k")]
         results = store.apply(batch)
         assert results[0] is ERR_UNAVAILABLE  # (a PUT of its key ran after it)
         assert results[1:] == [None, None, [b"d", b"g"]]
+        # nothing sent again: the script is put back all the same, for the next UPDATEs
+        admin.script_flush()
+        assert store.apply([Update(b"k", b"g", b"h"), Delete(b"k")])[0] is ERR_UNAVAILABLE
+        assert admin.script_exists(_SCRIPT_SHA.decode()) == [True]
+        for _ in range(8):  # (each of the store's connections)
+            assert store.apply([Put(b"k", b"a"), Update(b"k", b"a", b"b"), Delete(b"k")]) == [None] * 3
     finally:
         store.close()
         admin.close()
@@ -534,9 +541,11 @@ def test_writes_refused_by_a_replica_are_one_episode_and_reads_go_on(tmp_path, l
         raw.replicaof("NO", "ONE")
         assert peer.request(b"PUT:k:w\nGET:k\n") == [b"k:v", b"k:w"]
         events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
-        # (the client report, a write too, is refused as well: its own episode, no outage)
-        assert sorted(e["event"] for e in events) == ["store_bookkeeping_failed", "store_error"], events[:6]
-        assert all("READONLY" in e["error"] for e in events)
+        # (the client report, a write too, is refused as well: its own episode, no outage;
+        # it may have ended by now)
+        names = [e["event"] for e in events if e["event"] != "store_bookkeeping_recovered"]
+        assert sorted(names) in (["store_error"], ["store_bookkeeping_failed", "store_error"]), events[:6]
+        assert all("READONLY" in e["error"] for e in events if "error" in e)
         errors = [e for e in events if e["event"] == "store_error"]
         assert errors[0]["reply"] == "store unavailable"
         stats = read_stats(peer)
@@ -774,6 +783,77 @@ def test_requests_queued_behind_a_stalled_round_trip_wait_one_timeout_not_two(tm
     finally:
         for peer in peers:
             peer.close()
+        server.close()
+        redis.kill()
+
+
+def test_connections_redis_closed_while_idle_are_replaced_before_use(tmp_path, log_stream):
+    """A real Redis ``timeout 1`` closes the store's connections while they are idle: the
+    next requests, and /readyz's PING, find them closed before use and connect anew, so
+    every answer is right, the server is ready, and no outage is logged (before: the first
+    requests after each idle spell got ERR store unavailable, and /readyz said 503)."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path, None, "--timeout", "1")
+    store = RedisStore(redis.url, prefix="i:")
+    server = KeyValueServer(store)
+    server.start(0)
+    admin = redis_py.Redis(port=redis.port)
+    peers = [Peer(server.port, timeout=10) for _ in range(8)]
+
+    def data_connections_open() -> bool:
+        connections = store._dispatcher._connections  # type: ignore[union-attr]
+        mine = {f"127.0.0.1:{c.sock.sock.getsockname()[1]}" for c in connections if c.sock}
+        return bool(mine & {client["addr"] for client in admin.client_list()})
+
+    try:
+        assert peers[0].request(b"PUT:k:v\n") == []
+        for _ in range(2):  # two idle spells
+            answers = gevent.joinall([gevent.spawn(p.request, b"GET:k\n") for p in peers], raise_error=True)
+            assert [job.value for job in answers] == [[b"k:v"]] * len(peers)
+            # Redis closes the data connections once idle for 1 s (the fault; polled)
+            wait_until(lambda: not data_connections_open(), timeout=15)
+            assert server.not_ready() is None
+        answers = gevent.joinall([gevent.spawn(p.request, b"GET:k\n") for p in peers], raise_error=True)
+        assert [job.value for job in answers] == [[b"k:v"]] * len(peers)
+        assert not [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+    finally:
+        for peer in peers:
+            peer.close()
+        admin.close()
+        server.close()
+        redis.kill()
+
+
+def test_stats_and_readyz_during_a_stall_wait_one_timeout(tmp_path, log_stream):
+    """A real stall (SIGSTOP) with no traffic: STATS (its key count goes through redis-py) and
+    /readyz answer within about one ``--redis-timeout`` (1 s here), the stall is one outage,
+    and no episode of connections or bookkeeping is logged for it (before: the key count
+    timed out, then a PING through the data connections waited as long again)."""
+    import os
+    import signal
+
+    redis = RedisProcess(tmp_path)
+    server = KeyValueServer(RedisStore(redis.url, prefix="t:", timeout=1.0))
+    server.start(0)
+    peer = Peer(server.port, timeout=15)
+    try:
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            stats = read_stats(peer)
+            took = time.monotonic() - began
+            assert "keys" not in stats and stats["store_nodes_down"] == 1
+            assert took < 1.8, took
+            assert server.not_ready() == "the Redis store: store unavailable"
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        wait_until(lambda: peer.request(b"GET:k\n") == [b"k:v"], timeout=10)
+        events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
+        assert events == ["store_unavailable", "store_recovered"], events
+    finally:
+        peer.close()
         server.close()
         redis.kill()
 

@@ -66,9 +66,15 @@ WORKER_TTL = 5.0
 """Seconds after which a worker that stopped reporting no longer counts in cluster totals."""
 
 # Atomic p0 UPDATE: remove the first `old` (if any), append `new` (an absent key becomes [new]).
-UPDATE_SCRIPT = "redis.call('LREM', KEYS[1], 1, ARGV[1]) return redis.call('RPUSH', KEYS[1], ARGV[2])"
+# Run with no key it does nothing: _RELOAD puts it back in Redis's cache, for any user allowed
+# EVAL (SCRIPT LOAD is another permission).
+UPDATE_SCRIPT = (
+    "if #KEYS == 0 then return 0 end "
+    "redis.call('LREM', KEYS[1], 1, ARGV[1]) return redis.call('RPUSH', KEYS[1], ARGV[2])"
+)
 _SCRIPT = UPDATE_SCRIPT.encode()
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT).hexdigest().encode()
+_RELOAD = pack((b"EVAL", _SCRIPT, b"0"))
 
 TABLE_PREFIX_MAX = 64
 """Longest key prefix put in the head tables of the plain path (each holds it 256 times: a
@@ -136,6 +142,7 @@ class RedisStore(KVStore):
             redis.exceptions.OutOfMemoryError: "OOM",
             redis.exceptions.NoScriptError: "NOSCRIPT",
         }
+        self._timeouts = (redis.exceptions.TimeoutError, TimeoutError)
         self._redis_errors = (
             *self._unreachable,
             redis.exceptions.RedisError,
@@ -205,17 +212,17 @@ class RedisStore(KVStore):
         return self._results(commands, replies, asked)
 
     def _scripts_again(self, commands: Sequence[DataCommand], replies: list[Any]) -> None:
-        """Send again, with EVAL (the script in full), the UPDATEs Redis refused with
-        NOSCRIPT (its script cache was flushed, or evicted; or this user may not SCRIPT
-        LOAD), unless a write of the same key ran after them in the batch; with them, the
-        GETs of their keys that came after them (they ran before the UPDATE did). Their
-        replies replace those in ``replies``. If the second round trip fails too, the
-        first replies stay: ``ERR store unavailable`` for each."""
-        redo = _redone(commands, replies)
-        if not redo:
+        """After a NOSCRIPT (Redis's script cache flushed, or evicted; or this user may not
+        SCRIPT LOAD): put the script back (_RELOAD), and send again, with EVAL (the script in
+        full), the UPDATEs refused, unless a write of the same key ran after them in the
+        batch; with them, the GETs of their keys that came after them (they ran before the
+        UPDATE did). Their replies replace those in ``replies``. If this second round trip
+        fails too, the first replies stay: ``ERR store unavailable`` for each."""
+        if not any(map(_no_script, replies)):
             return
-        pieces: list[bytes] = []
-        expected: list[type] = []
+        redo = _redone(commands, replies)
+        pieces: list[bytes] = [_RELOAD]  # (even with nothing to send again: the next UPDATEs)
+        expected: list[type] = [int]
         for index in redo:
             cmd = commands[index]
             key = self.prefix + cmd[0]
@@ -230,12 +237,12 @@ class RedisStore(KVStore):
                 self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
                 b"".join(pieces),
                 expected,
-                commands=len(redo),
+                commands=len(redo) + 1,
                 per_command=True,
             )
         except KVError:
             return
-        for index, reply in zip(redo, again, strict=True):
+        for index, reply in zip(redo, again[1:], strict=True):
             replies[index] = reply
 
     def _apply_plain(self, ops: list[PlainOp]) -> list[Result]:
@@ -521,8 +528,10 @@ class RedisStore(KVStore):
         no outage while the node answers a PING through them (redis-py's connection refused:
         Redis at its ``maxclients``, a password changed under it; a user who may not write
         the counts). Such failures are one episode per ``what``, ``store_bookkeeping_failed``
-        then ``store_bookkeeping_recovered``; the call raises StoreError. (Before, each began
-        an outage that failed the data too, once a second.)"""
+        then ``store_bookkeeping_recovered`` (when that call next works); the call raises
+        StoreError. (Before, each began an outage that failed the data too, once a second.)
+        A call that timed out begins the node's outage at once, as a data command's would:
+        a PING after it would wait as long again."""
         if self._dispatcher is None:  # a cluster: redis-py carries the data too
             return self._call(function)
         if self.node in self.health.outages:
@@ -530,6 +539,8 @@ class RedisStore(KVStore):
         try:
             result = function()
         except self._redis_errors as exc:
+            if isinstance(exc, self._timeouts):  # (no PING to wait for as long again: a stall)
+                raise self._failure(exc, {self.node}, 1).fresh() from None
             self._ping_data_path()  # the node does not serve: its outage begins there
             if what not in self._bookkeeping_failing:
                 self._bookkeeping_failing[what] = self.health.clock()

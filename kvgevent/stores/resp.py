@@ -47,6 +47,11 @@ burst of batches is split over several connections: Redis answers one round trip
 worker builds the replies of another (one round trip of everything queued left the worker
 idle a fifth of the time: bench/OPTIMISATIONS.md, "smaller round trips")."""
 
+IDLE_CHECK = 0.25
+"""Seconds a connection may sit idle before it is checked, when next used, for having been
+closed by Redis meanwhile (Redis's ``timeout``, a CLIENT KILL, a restart): one such is
+replaced before the round trip, which would otherwise fail (and begin an outage)."""
+
 RECONNECT_MIN = 0.05
 """Seconds before the first new attempt to connect after a failed one (then doubled)."""
 
@@ -69,6 +74,11 @@ class Unreachable(ConnectionError):
 class Refused(ConnectionError):
     """Redis answered with an error and closed the connection (``ERR max number of clients
     reached``): it is up, so the other connections to it are not stale."""
+
+
+class SetupRefused(ConnectionError):
+    """Redis refused a new connection's setup (AUTH: a wrong password, an ACL): it is up,
+    but will not serve this connection."""
 
 
 class ReplyMismatch(Exception):
@@ -158,8 +168,12 @@ class RespConnection:
         self.siblings: list[RespConnection] = []
         self.busy = False  # in a round trip
         self.on_connect: Callable[[], None] | None = None  # called after each connect
+        self._used_at = 0.0  # when its last exchange ended (monotonic)
 
     def round_trip(self, payload: bytes, count: int) -> list[Any]:
+        idle = self.sock is not None and time.monotonic() - self._used_at > IDLE_CHECK
+        if idle and self.sock.closed_by_peer():  # (Redis's timeout while idle: not an outage)
+            self.close()
         if self.sock is None:
             self._connect()
         try:
@@ -181,6 +195,7 @@ class RespConnection:
             raise
         finally:
             self.busy = False
+            self._used_at = time.monotonic()
 
     def _close_idle_siblings(self) -> None:
         """Close the sibling connections not in a round trip: Redis went away, so they are
@@ -272,7 +287,7 @@ class RespConnection:
         if errors and not_now(str(errors[0])):  # (BUSY, LOADING...: as if it did not answer)
             raise Unreachable(f"Redis cannot serve now: {errors[0]}")
         if errors:
-            raise ConnectionError(f"Redis refused the connection setup: {errors[0]}")
+            raise SetupRefused(f"Redis refused the connection setup: {errors[0]}")
         if required[-1] != b"PONG":
             raise Unreachable("the peer did not answer PING with PONG: not a Redis")
         self.ready = True
@@ -414,10 +429,10 @@ class Dispatcher:
         """A connection failed to connect while a sibling serves (Redis at its ``maxclients``,
         a password changed under open connections): not an outage, the siblings serve every
         request; logged once per episode (``store_connections_failing``), which ends when
-        every connection is connected (``store_connections_restored``). Not for a Redis
-        that cannot be reached or cannot serve now (Unreachable): the siblings meet that
-        too, and it is an outage of the store."""
-        if self._failing_since is not None or isinstance(error, Unreachable):
+        every connection is connected (``store_connections_restored``). Only for a Redis
+        that answered and refused (Refused, SetupRefused): one that cannot be reached, times
+        out or cannot serve now fails the siblings too, an outage of the store."""
+        if self._failing_since is not None or not isinstance(error, (Refused, SetupRefused)):
             return
         self._failing_since = time.monotonic()
         if self._log is not None:
