@@ -108,9 +108,10 @@ class LineBuffer:
 
     :meth:`feed` takes the bytes of one ``recv`` and returns the complete lines they finish,
     in order, without their ``\\n`` (and without a ``\\r`` right before it). A line longer
-    than ``max_line`` bytes (counted before the ``\\n``) is replaced, exactly once, by
-    :data:`ERR_LINE_TOO_LONG`; its bytes are dropped as they arrive, never buffered, and the
-    line after it is parsed normally. So the buffer never holds more than ``max_line`` bytes.
+    than ``max_line`` bytes (counted without its ``\\r\\n`` or ``\\n``) is replaced, exactly
+    once, by :data:`ERR_LINE_TOO_LONG`; its bytes are dropped as they arrive, never buffered,
+    and the line after it is parsed normally. So the buffer never holds more than
+    ``max_line`` + 1 bytes (room for the ``\\r`` of a ``\\r\\n``).
     Bytes after the last newline wait for the next :meth:`feed`; at end of stream they are an
     incomplete request and are discarded (a client that vanished mid-line changes nothing).
     """
@@ -128,7 +129,7 @@ class LineBuffer:
 
     @property
     def pending(self) -> int:
-        """Bytes of an incomplete line held now (always <= ``max_line``)."""
+        """Bytes of an incomplete line held now (always <= ``max_line`` + 1: its ``\\r``)."""
         return len(self._partial)
 
     @property
@@ -152,7 +153,7 @@ class LineBuffer:
             if len(data) > self.max_line and max(map(len, lines)) > self.max_line:
                 limit = self.max_line
                 lines = [
-                    ERR_LINE_TOO_LONG if len(x) > limit else x[:-1] if x[-1:] == b"\r" else x  # type: ignore[misc]  # (a marker among the lines: see the return type)
+                    ERR_LINE_TOO_LONG if _too_long(x, limit) else x[:-1] if x[-1:] == b"\r" else x  # type: ignore[misc]  # (a marker among the lines: see the return type)
                     for x in lines
                 ]
             elif CR in data:
@@ -176,23 +177,29 @@ class LineBuffer:
         head = data[:newline]
         if self._discarding:
             self._discarding = False
-        elif len(self._partial) + len(head) > self.max_line:
-            out.append(ERR_LINE_TOO_LONG)
-            self._partial = bytearray()
         else:
             line = bytes(self._partial) + head
             self._partial = bytearray()
-            out.append(line[:-1] if line[-1:] == b"\r" else line)
+            if _too_long(line, self.max_line):
+                out.append(ERR_LINE_TOO_LONG)
+            else:
+                out.append(line[:-1] if line[-1:] == b"\r" else line)
         return data[newline + 1 :]
 
     def _hold(self, chunk: bytes, out: list[bytes | ProtocolError]) -> None:
         """Keep ``chunk`` as part of the incomplete line, unless that makes it too long."""
-        if len(self._partial) + len(chunk) > self.max_line:
+        if len(self._partial) + len(chunk) > self.max_line + 1:  # (+1: its \r, if the \n follows)
             out.append(ERR_LINE_TOO_LONG)
             self._partial = bytearray()
             self._discarding = True
         else:
             self._partial += chunk
+
+
+def _too_long(line: bytes, limit: int) -> bool:
+    """Whether ``line`` (without its ``\\n``) is longer than ``limit`` bytes without the
+    ``\\r`` before its ``\\n``, if any."""
+    return len(line) > limit and (len(line) > limit + 1 or line[-1:] != b"\r")
 
 
 # The parse functions build commands with tuple.__new__: a NamedTuple's own constructor is a

@@ -97,11 +97,30 @@ def test_partial_then_completion_over_the_limit():
 
 
 def test_pending_never_exceeds_the_limit():
-    """Whatever is fed, the buffer holds at most max_line bytes."""
+    """Whatever is fed, the buffer holds at most max_line bytes and one more (room for the
+    \\r of a \\r\\n)."""
     buf = LineBuffer(max_line=10)
-    for chunk in (b"a" * 7, b"b" * 3, b"c", b"\n" + b"d" * 10, b"e"):
+    for chunk in (b"a" * 7, b"b" * 3, b"c", b"c", b"\n" + b"d" * 10, b"e", b"e"):
         buf.feed(chunk)
-        assert buf.pending <= 10
+        assert buf.pending <= 11
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [[b"0123456789\r\n"], [b"0123456789", b"\r\n"], [b"0123456789\r", b"\n"], [b"01234", b"56789\r", b"\n"]],
+    ids=["one chunk", "crlf apart", "lf apart", "three chunks"],
+)
+def test_a_crlf_line_at_the_limit_is_accepted_as_an_lf_one_is(chunks):
+    """The \\r of a \\r\\n is not counted: a line of max_line bytes ends in either, however
+    the bytes arrive (before, with \\r\\n the longest line was one byte shorter); one byte
+    more is too long either way."""
+    buf = LineBuffer(max_line=10)
+    assert [line for chunk in chunks for line in buf.feed(chunk)] == [b"0123456789"]
+    assert buf.feed(b"0123456789X\r\nok\r\n") == [ERR_LINE_TOO_LONG, b"ok"]
+    assert buf.feed(b"0123456789X\n") == [ERR_LINE_TOO_LONG]
+    assert buf.feed(b"0123456789X") == [] and buf.feed(b"\n") == [ERR_LINE_TOO_LONG]
+    assert buf.feed(b"0123456789\rX") == [ERR_LINE_TOO_LONG]  # (a \\r inside: counted)
+    assert buf.feed(b"\nok\n") == [b"ok"]
 
 
 def test_invalid_max_line_is_refused():
