@@ -405,6 +405,60 @@ def test_max_clients_is_lowered_to_what_the_open_files_limit_allows(tmp_path):
         proc.wait(timeout=15)
 
 
+def test_a_burst_of_connects_over_max_clients_does_not_run_out_of_files(tmp_path):
+    """A real open files limit of 100 (so --max-clients is 68) and 300 clients connecting at
+    once (while the server is stopped with SIGSTOP, so that they all wait in its backlog),
+    each sending PING: each gets PONG or ``ERR max clients reached``, at most 68
+    are served, and accept() never fails for want of files (no ``accept_failed``): a client
+    refused is closed in the accept loop. Before, gevent accepted up to 100 before any
+    handler ran, the sockets kept open only to be refused used up the margin under the limit
+    (FD_RESERVE), and accept() failed with EMFILE."""
+    import contextlib
+    import json
+    import resource
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "run_server.py", "--port", str(port), "--log-file", str(log)],
+        cwd=Path(__file__).resolve().parent.parent, preexec_fn=limited,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    socks: list[socket.socket] = []
+    try:
+        wait_until(lambda: log.exists() and b"server_started" in log.read_bytes(), 15, "no server_started")
+        os.kill(proc.pid, signal.SIGSTOP)  # the burst: all 300 wait in the backlog, then come at once
+        try:
+            for _ in range(300):  # (connected by the kernel)
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=15))
+                socks[-1].sendall(b"PING\n")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        answers = []
+        for sock in socks:
+            with contextlib.suppress(OSError):  # (a refused one may be reset: its ERR was sent)
+                answers.append(sock.recv(100))
+        served = sum(answer == b"PONG\n" for answer in answers)
+        refused = sum(answer == b"ERR max clients reached\n" for answer in answers)
+        assert served <= 68 and served + refused + (300 - len(answers)) == 300, (served, refused)
+        assert refused >= 200
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert "accept_failed" not in events and "unhandled_error" not in events, events[-5:]
+
+
 def _cpu_seconds(pid: int) -> float:
     """User and system CPU time of process ``pid`` so far (Linux: /proc/<pid>/stat)."""
     with open(f"/proc/{pid}/stat") as stat:

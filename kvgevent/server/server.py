@@ -149,16 +149,39 @@ class _Listener(PausingListener):
     of its C stack (bench/OPTIMISATIONS.md, "a connection's cost"). The socket is closed here
     as gevent's wrapper would, whatever the handler did, unless the handler returned True
     (its client went dormant: the reader made for it later closes it). An accept() failing
-    for want of files or memory pauses accepting (:class:`PausingListener`)."""
+    for want of files or memory pauses accepting (:class:`PausingListener`).
+
+    ``full(pending)`` says whether a client accepted now would be one too many, counting the
+    ``pending`` ones accepted but not yet handled; such a one is refused at once, in the
+    accept loop (``reject(sock, address)``, then closed), not in a greenlet of its own: in a
+    burst of connects gevent accepts up to ``max_accept`` before any handler runs, and the
+    sockets kept open only to be refused took the files the margin under the open files
+    limit keeps for others (FD_RESERVE: accept_failed, EMFILE, in an attacker's pass)."""
+
+    def __init__(
+        self, *args: Any, full: Callable[[int], bool], reject: Callable[[Any, Any], None], **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._full, self._reject = full, reject
+        self._pending = 0  # accepted, their handler not started yet
 
     def do_handle(self, *args: Any) -> None:
+        if self._full(self._pending):
+            try:
+                self._reject(*args)
+            finally:
+                self.do_close(*args)
+            return
+        self._pending += 1
         try:
             self._spawn(self._serve_socket, *args)  # type: ignore[attr-defined]  # (gevent's BaseServer: the pool's spawn)
         except BaseException:
+            self._pending -= 1
             self.do_close(*args)
             raise
 
     def _serve_socket(self, sock: Any, address: Any) -> None:
+        self._pending -= 1
         dormant = False
         try:
             dormant = self._handle(sock, address)  # type: ignore[attr-defined]  # (gevent's BaseServer: the handler given)
@@ -275,6 +298,8 @@ class KeyValueServer:
             backlog=None if self.reuse_port else self.backlog,
             spawn=self._pool,
             failing=self.accept_failed,
+            full=lambda pending: len(self._conns) + pending >= self.max_clients,
+            reject=lambda sock, address: self._reject(sock, f"{address[0]}:{address[1]}"),
         )
         server.start()
         self._server = server
