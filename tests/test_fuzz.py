@@ -39,16 +39,15 @@ streams = st.lists(st.one_of(interesting, st.binary(max_size=40)), max_size=60).
 
 def reference_lines(data: bytes, max_line: int) -> list[bytes | ProtocolError]:
     """The specification, written plainly: complete lines, a trailing \\r dropped, lines over
-    the bound replaced by the too-long marker; the unterminated tail is held back, unless it is
-    already over the bound (then its marker comes at once)."""
+    the bound (not counting that \\r) replaced by the too-long marker; the unterminated tail
+    is held back, unless it is already over the bound and a \\r (then its marker comes at
+    once)."""
     out: list[bytes | ProtocolError] = []
     *lines, tail = data.split(b"\n")
     for line in lines:
-        if len(line) > max_line:
-            out.append(ERR_LINE_TOO_LONG)
-        else:
-            out.append(line[:-1] if line.endswith(b"\r") else line)
-    if len(tail) > max_line:
+        line = line[:-1] if line.endswith(b"\r") else line
+        out.append(ERR_LINE_TOO_LONG if len(line) > max_line else line)
+    if len(tail) > max_line + 1:
         out.append(ERR_LINE_TOO_LONG)
     return out
 
@@ -61,14 +60,15 @@ def reference_lines(data: bytes, max_line: int) -> list[bytes | ProtocolError]:
 )
 def test_any_chunking_gives_the_same_lines_as_one_shot(data, cuts, max_line):
     """Feeding a stream in arbitrary chunks never raises, never holds more than max_line
-    bytes, and yields exactly the lines of one-shot feeding (and of the plain reference)."""
+    bytes and a \\r, and yields exactly the lines of one-shot feeding (and of the plain
+    reference)."""
     one_shot = LineBuffer(max_line).feed(data)
     buffer = LineBuffer(max_line)
     lines: list[bytes | ProtocolError] = []
     positions = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     for start, end in itertools.pairwise(positions):
         lines += buffer.feed(data[start:end])
-        assert buffer.pending <= max_line
+        assert buffer.pending <= max_line + 1
     assert lines == one_shot == reference_lines(data, max_line)
 
 
