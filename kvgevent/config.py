@@ -37,8 +37,9 @@ METRICS_CONNECTIONS = 8
 its listen backlog, holding no file of the server's (FD_RESERVE counts these)."""
 
 METRICS_TIMEOUT = 10.0
-"""Seconds an HTTP connection to the metrics port may stay silent (idle between requests, or
-in the middle of one) before it is closed: its place is for the next scraper."""
+"""Seconds an HTTP connection to the metrics port may last (idle, kept alive between scrapes,
+or sending its request a byte at a time) before it is closed: its place is for the next
+scraper, and a scrape takes milliseconds."""
 
 ACCEPT_FAILED_QUIET = 2.0
 """Seconds without accept() failing for want of files or memory after which the episode is

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import gevent
+import gevent.event
 import pytest
 
 from tests.conftest import (
@@ -487,6 +488,40 @@ def test_idle_metrics_connections_cannot_take_the_servers_files(server_process):
             sock.close()
     events = [e["event"] for e in proc.events()]
     assert "unhandled_error" not in events and "accept_failed" not in events
+
+
+def test_connections_trickling_bytes_cannot_hold_the_metrics_port(monkeypatch, make_server):
+    """METRICS_CONNECTIONS connections that each send half a request, then a byte every
+    0.1 s, for ever: each is closed METRICS_TIMEOUT (here 0.5 s) after it came, so a
+    scraper is answered (before: the silence timeout began again with each byte, and the
+    port answered no one)."""
+    import kvgevent.server.monitor as monitor
+    from kvgevent.config import METRICS_CONNECTIONS
+
+    monkeypatch.setattr(monitor, "METRICS_TIMEOUT", 0.5)
+    server = make_server()
+    port = server.serve_metrics(0, "127.0.0.1")
+    stop = gevent.event.Event()
+
+    def trickle() -> None:
+        # (closed by the server: an OSError, and this one comes again)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, contextlib.suppress(OSError):
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            while not stop.wait(0.1):
+                sock.sendall(b"X")
+
+    def trickler() -> None:
+        while not stop.is_set():
+            trickle()
+
+    jobs = [gevent.spawn(trickler) for _ in range(METRICS_CONNECTIONS)]
+    try:
+        gevent.sleep(0.3)  # (they take every place first; a pace, not a synchronisation)
+        status, _ = http_get(port, "/healthz")
+        assert status == 200
+    finally:
+        stop.set()
+        gevent.joinall(jobs, timeout=10)
 
 
 def test_a_silent_metrics_connection_is_closed_after_the_timeout(monkeypatch, make_server):

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -264,15 +265,21 @@ def _reply(start_response: Callable[..., Any], status: str, body: bytes) -> list
 
 class _MetricsHTTP(PausingListener, WSGIServer):
     """pywsgi's server within the metrics port's bounds: METRICS_CONNECTIONS at once (its
-    pool: when full, it stops accepting), each closed once silent for METRICS_TIMEOUT (as
-    pywsgi closes a connection whose read fails); an accept() failing for want of files is
-    the server's ``accept_failed`` episode (PausingListener), not an unhandled error. Before,
-    idle connections were kept for ever, without limit, and could take every file of the
-    process."""
+    pool: when full, it stops accepting), each closed METRICS_TIMEOUT after it was accepted,
+    whatever it does (idle, kept alive, or sending a byte now and then); an accept() failing
+    for want of files is the server's ``accept_failed`` episode (PausingListener), not an
+    unhandled error. Before, idle connections were kept for ever, without limit, and could
+    take every file of the process."""
 
     def handle(self, sock: Any, address: Any) -> None:
-        sock.settimeout(METRICS_TIMEOUT)
-        super().handle(sock, address)
+        sock.settimeout(METRICS_TIMEOUT)  # (a read that waits: pywsgi closes the connection)
+        deadline = gevent.Timeout(METRICS_TIMEOUT)  # (a whole connection: then gevent closes it)
+        try:
+            with deadline:
+                super().handle(sock, address)
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
 
 
 class _ErrorLog:

@@ -153,13 +153,13 @@ class _Listener(PausingListener):
 
     ``full(pending)`` says whether a client accepted now would be one too many, counting the
     ``pending`` ones accepted but not yet handled; such a one is refused at once, in the
-    accept loop (``reject(sock, address)``, then closed), not in a greenlet of its own: in a
+    accept loop (``reject(sock, address, pending)``, then closed), not in a greenlet of its own: in a
     burst of connects gevent accepts up to ``max_accept`` before any handler runs, and the
     sockets kept open only to be refused took the files the margin under the open files
     limit keeps for others (FD_RESERVE: accept_failed, EMFILE, in an attacker's pass)."""
 
     def __init__(
-        self, *args: Any, full: Callable[[int], bool], reject: Callable[[Any, Any], None], **kwargs: Any
+        self, *args: Any, full: Callable[[int], bool], reject: Callable[[Any, Any, int], None], **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         self._full, self._reject = full, reject
@@ -168,7 +168,7 @@ class _Listener(PausingListener):
     def do_handle(self, *args: Any) -> None:
         if self._full(self._pending):
             try:
-                self._reject(*args)
+                self._reject(args[0], args[1], self._pending)  # (the socket, its address)
             finally:
                 self.do_close(*args)
             return
@@ -299,7 +299,7 @@ class KeyValueServer:
             spawn=self._pool,
             failing=self.accept_failed,
             full=lambda pending: len(self._conns) + pending >= self.max_clients,
-            reject=lambda sock, address: self._reject(sock, f"{address[0]}:{address[1]}"),
+            reject=lambda sock, address, pending: self._reject(sock, f"{address[0]}:{address[1]}", pending),
         )
         server.start()
         self._server = server
@@ -594,10 +594,11 @@ class KeyValueServer:
         conn.log.info("client_connected", active=len(self._conns))
         return conn
 
-    def _reject(self, sock: Any, peer: str) -> None:
+    def _reject(self, sock: Any, peer: str, pending: int = 0) -> None:
         """Over --max-clients: say why (plain TCP only) and close at once. Every refusal is
-        counted; the first of an episode is logged (``client_rejected``), the episode's end
-        too, REJECTED_QUIET after the last refusal or at shutdown (``client_rejected_ended``)."""
+        counted; the first of an episode is logged (``client_rejected``; ``active`` counts
+        the ``pending`` clients, accepted but not yet handled), the episode's end too,
+        REJECTED_QUIET after the last refusal or at shutdown (``client_rejected_ended``)."""
         self.counters.rejected += 1
         if self._tls is None:
             try:
@@ -610,7 +611,7 @@ class KeyValueServer:
             "client_rejected",
             peer=peer,
             reason="max_clients",
-            active=len(self._conns),
+            active=len(self._conns) + pending,
             rejected=self.counters.rejected,
         )
         self._rejecting_watch = gevent.spawn(

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import gevent
+
 from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
 from kvgevent.errors import KVError, StoreError
 from kvgevent.logs import Logger, get_logger, redacted_url
@@ -66,15 +68,16 @@ WORKER_TTL = 5.0
 """Seconds after which a worker that stopped reporting no longer counts in cluster totals."""
 
 # Atomic p0 UPDATE: remove the first `old` (if any), append `new` (an absent key becomes [new]).
-# Run with no key it does nothing: _RELOAD puts it back in Redis's cache, for any user allowed
-# EVAL (SCRIPT LOAD is another permission).
+# Run with no key it does nothing: _RELOAD puts it back in Redis's cache for a user allowed
+# SCRIPT LOAD or one allowed EVAL (two permissions: either may be refused).
 UPDATE_SCRIPT = (
     "if #KEYS == 0 then return 0 end "
     "redis.call('LREM', KEYS[1], 1, ARGV[1]) return redis.call('RPUSH', KEYS[1], ARGV[2])"
 )
 _SCRIPT = UPDATE_SCRIPT.encode()
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT).hexdigest().encode()
-_RELOAD = pack((b"EVAL", _SCRIPT, b"0"))
+_RELOAD = pack((b"SCRIPT", b"LOAD", _SCRIPT)) + pack((b"EVAL", _SCRIPT, b"0"))
+_RELOAD_REPLIES: list[type] = [bytes, int]
 
 TABLE_PREFIX_MAX = 64
 """Longest key prefix put in the head tables of the plain path (each holds it 256 times: a
@@ -87,6 +90,11 @@ error's own text: ``Command # 1 (HSET key field value) of pipeline caused error:
 QUOTED_ARGUMENTS = ", with args beginning with:"
 """Where Redis starts quoting a command's arguments in an error reply (``ERR unknown command
 'EVALSHA', with args beginning with: 'sha' '1' 'key' 'value'...``: a renamed command)."""
+
+PING_AFTER_TIMEOUT = 0.5
+"""Seconds a PING through the data connections may take after a bookkeeping call timed out:
+Redis answers one at once unless it is stalled (writes paused, CLIENT PAUSE WRITE, still
+answer it), and a stall should not be waited for twice."""
 
 DISPATCH_CONNECTIONS = 4
 """Round trips in flight at once from one process (each carries the batches queued meanwhile,
@@ -213,36 +221,36 @@ class RedisStore(KVStore):
 
     def _scripts_again(self, commands: Sequence[DataCommand], replies: list[Any]) -> None:
         """After a NOSCRIPT (Redis's script cache flushed, or evicted; or this user may not
-        SCRIPT LOAD): put the script back (_RELOAD), and send again, with EVAL (the script in
-        full), the UPDATEs refused, unless a write of the same key ran after them in the
-        batch; with them, the GETs of their keys that came after them (they ran before the
-        UPDATE did). Their replies replace those in ``replies``. If this second round trip
-        fails too, the first replies stay: ``ERR store unavailable`` for each."""
+        SCRIPT LOAD): put the script back (_RELOAD), and send the UPDATEs refused again
+        (EVALSHA, after it), unless a write of the same key ran after them in the batch; with
+        them, the GETs of their keys that came after them (they ran before the UPDATE did).
+        Their replies replace those in ``replies``. If this second round trip fails too, the
+        first replies stay: ``ERR store unavailable`` for each."""
         if not any(map(_no_script, replies)):
             return
         redo = _redone(commands, replies)
         pieces: list[bytes] = [_RELOAD]  # (even with nothing to send again: the next UPDATEs)
-        expected: list[type] = [int]
+        expected = list(_RELOAD_REPLIES)
         for index in redo:
             cmd = commands[index]
             key = self.prefix + cmd[0]
             if cmd.__class__ is Get:
                 pieces.append(lrange_all(key))
                 expected.append(list)
-            else:  # (EVAL loads the script again: the next EVALSHAs find it)
-                pieces.append(pack((b"EVAL", _SCRIPT, b"1", key, cmd[1], cmd[2])))  # type: ignore[misc]  # (an Update)
+            else:
+                pieces.append(pack((b"EVALSHA", _SCRIPT_SHA, b"1", key, cmd[1], cmd[2])))  # type: ignore[misc]  # (an Update)
                 expected.append(int)
         try:
             again = self._call(
                 self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
                 b"".join(pieces),
                 expected,
-                commands=len(redo) + 1,
+                commands=len(expected),
                 per_command=True,
             )
         except KVError:
             return
-        for index, reply in zip(redo, again[1:], strict=True):
+        for index, reply in zip(redo, again[len(_RELOAD_REPLIES) :], strict=True):
             replies[index] = reply
 
     def _apply_plain(self, ops: list[PlainOp]) -> list[Result]:
@@ -527,11 +535,10 @@ class RedisStore(KVStore):
         connections carry the data and judge the node: a bookkeeping call that fails begins
         no outage while the node answers a PING through them (redis-py's connection refused:
         Redis at its ``maxclients``, a password changed under it; a user who may not write
-        the counts). Such failures are one episode per ``what``, ``store_bookkeeping_failed``
-        then ``store_bookkeeping_recovered`` (when that call next works); the call raises
-        StoreError. (Before, each began an outage that failed the data too, once a second.)
-        A call that timed out begins the node's outage at once, as a data command's would:
-        a PING after it would wait as long again."""
+        the counts; its writes paused, CLIENT PAUSE WRITE). Such failures are one episode per
+        ``what``, ``store_bookkeeping_failed`` then ``store_bookkeeping_recovered`` (when that
+        call next works); the call raises StoreError. (Before, each began an outage that
+        failed the data too, once a second.)"""
         if self._dispatcher is None:  # a cluster: redis-py carries the data too
             return self._call(function)
         if self.node in self.health.outages:
@@ -539,9 +546,10 @@ class RedisStore(KVStore):
         try:
             result = function()
         except self._redis_errors as exc:
-            if isinstance(exc, self._timeouts):  # (no PING to wait for as long again: a stall)
-                raise self._failure(exc, {self.node}, 1).fresh() from None
-            self._ping_data_path()  # the node does not serve: its outage begins there
+            # the node does not serve: its outage begins there. (After a timeout, a PING
+            # answered at once says the node serves the data, its writes paused perhaps; a
+            # stalled one is not waited for as long again.)
+            self._ping_data_path(PING_AFTER_TIMEOUT if isinstance(exc, self._timeouts) else None)
             if what not in self._bookkeeping_failing:
                 self._bookkeeping_failing[what] = self.health.clock()
                 error = self._text(exc)[:200]
@@ -553,10 +561,19 @@ class RedisStore(KVStore):
             self.log.info("store_bookkeeping_recovered", node=self.node, what=what, failed_s=failed_s)
         return result
 
-    def _ping_data_path(self) -> None:
+    def _ping_data_path(self, within: float | None = None) -> None:
         """A PING through the dispatcher's connections (StoreError if it fails: the node's
-        outage begins, as for any data command; its answer ends one)."""
-        self._call(self._dispatcher.execute, [(b"PING",)], [bytes])  # type: ignore[union-attr]  # (callers checked)
+        outage begins, as for any data command; its answer ends one). ``within``: seconds
+        to wait for its answer, if not the store's timeout (no answer by then: a timeout)."""
+        ping = (self._dispatcher.execute, [(b"PING",)], [bytes])  # type: ignore[union-attr]  # (callers checked it is set)
+        if within is None:
+            self._call(*ping)
+            return
+        try:
+            with gevent.Timeout(within):
+                self._call(*ping)
+        except gevent.Timeout:
+            raise self._failure(TimeoutError("no answer to a PING"), {self.node}, 1).fresh() from None
 
     def _failure(self, exc: BaseException, nodes: set[str], commands: int) -> StoreError:
         """The StoreError for a call that raised ``exc``, with the episode it begins."""
