@@ -36,10 +36,11 @@ METRICS_CONNECTIONS = 8
 """HTTP connections the metrics port serves at once (a scraper and a few probes): more wait in
 its listen backlog, holding no file of the server's (FD_RESERVE counts these)."""
 
-METRICS_TIMEOUT = 10.0
-"""Seconds an HTTP connection to the metrics port may last (idle, kept alive between scrapes,
-or sending its request a byte at a time) before it is closed: its place is for the next
-scraper, and a scrape takes milliseconds."""
+METRICS_TIMEOUT = 2.0
+"""Seconds a connection to the metrics port has to send a whole request (its line and
+headers), from when it came or from its last answer (kept alive): one idle, kept alive or
+sending a byte now and then is closed, so that a scraper waits at most this long for a place.
+A scraper sends its request at once."""
 
 ACCEPT_FAILED_QUIET = 2.0
 """Seconds without accept() failing for want of files or memory after which the episode is

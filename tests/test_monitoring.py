@@ -21,6 +21,7 @@ from tests.conftest import (
     Systemd,
     free_port,
     http_get,
+    log_events,
     needs_redis,
     read_stats,
     scrape,
@@ -522,6 +523,34 @@ def test_connections_trickling_bytes_cannot_hold_the_metrics_port(monkeypatch, m
     finally:
         stop.set()
         gevent.joinall(jobs, timeout=10)
+
+
+@needs_redis
+def test_a_scrape_that_waits_on_a_stalled_redis_is_answered_past_the_deadline(
+    monkeypatch, make_server, log_stream, tmp_path
+):
+    """A scrape whose key count waits on a real stalled Redis (SIGSTOP; the store's timeout
+    1 s) for longer than METRICS_TIMEOUT (here 0.3 s): the deadline is for a request's
+    arrival only, so the scrape is answered, 200, without ``kvgevent_keys`` (before: the
+    connection's deadline went off inside the Redis call, a 500 and an ``unhandled_error``
+    with a traceback)."""
+    import kvgevent.server.monitor as monitor
+    from kvgevent.stores.redis_store import RedisStore
+
+    monkeypatch.setattr(monitor, "METRICS_TIMEOUT", 0.3)
+    redis = RedisProcess(tmp_path)
+    try:
+        server = make_server(RedisStore(redis.url, prefix="m:", timeout=1.0))
+        port = server.serve_metrics(0, "127.0.0.1")
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            status, text = http_get(port, "/metrics")
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert status == 200 and "kvgevent_keys " not in text
+        assert not [e for e in log_events(log_stream) if e["event"] == "unhandled_error"]
+    finally:
+        redis.kill()
 
 
 def test_a_silent_metrics_connection_is_closed_after_the_timeout(monkeypatch, make_server):

@@ -17,13 +17,15 @@ event loop about as much as a STATS.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import gevent
+from gevent import get_hub
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -263,23 +265,54 @@ def _reply(start_response: Callable[..., Any], status: str, body: bytes) -> list
     return [body]
 
 
+class _MetricsHandler(WSGIHandler):
+    """pywsgi's handler with a deadline on each request's arrival: METRICS_TIMEOUT from when
+    it waits for a request line (on a new connection, or on one kept alive) to the end of
+    the request's headers. Past it the connection is shut down: its read ends as if the
+    client had closed, and pywsgi closes it without a word. Answering a request has no
+    deadline: a scrape may wait on Redis (a deadline raised there made a 500 and a
+    traceback)."""
+
+    _deadline: Any = None  # the loop timer of the request awaited, if any
+
+    def read_requestline(self) -> Any:
+        self._deadline = get_hub().loop.timer(METRICS_TIMEOUT)
+        self._deadline.start(self._expire)
+        return super().read_requestline()
+
+    def read_request(self, requestline: Any) -> Any:
+        try:
+            return super().read_request(requestline)
+        finally:
+            self._end_deadline()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        finally:
+            self._end_deadline()
+
+    def _expire(self) -> None:
+        sock = getattr(self, "socket", None)  # (pywsgi drops it once the connection is done)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # (wakes the read: shutdown, not close)
+
+    def _end_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.close()
+            self._deadline = None
+
+
 class _MetricsHTTP(PausingListener, WSGIServer):
     """pywsgi's server within the metrics port's bounds: METRICS_CONNECTIONS at once (its
-    pool: when full, it stops accepting), each closed METRICS_TIMEOUT after it was accepted,
-    whatever it does (idle, kept alive, or sending a byte now and then); an accept() failing
-    for want of files is the server's ``accept_failed`` episode (PausingListener), not an
-    unhandled error. Before, idle connections were kept for ever, without limit, and could
-    take every file of the process."""
+    pool: when full, it stops accepting), each closed when a request does not come whole
+    within METRICS_TIMEOUT (:class:`_MetricsHandler`: idle, kept alive, or sending a byte
+    now and then); an accept() failing for want of files is the server's ``accept_failed``
+    episode (PausingListener), not an unhandled error. Before, idle connections were kept
+    for ever, without limit, and could take every file of the process."""
 
-    def handle(self, sock: Any, address: Any) -> None:
-        sock.settimeout(METRICS_TIMEOUT)  # (a read that waits: pywsgi closes the connection)
-        deadline = gevent.Timeout(METRICS_TIMEOUT)  # (a whole connection: then gevent closes it)
-        try:
-            with deadline:
-                super().handle(sock, address)
-        except gevent.Timeout as exc:
-            if exc is not deadline:
-                raise
+    handler_class = _MetricsHandler
 
 
 class _ErrorLog:
