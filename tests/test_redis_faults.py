@@ -899,6 +899,32 @@ def test_writes_paused_fail_no_read(tmp_path, log_stream):
         redis.kill()
 
 
+def test_a_callers_own_deadline_during_the_check_ping_is_the_callers(tmp_path):
+    """A caller's gevent.Timeout that goes off while the store waits for the PING that checks
+    the data connections (a real stall, SIGSTOP) reaches the caller as its own: it is not
+    taken for the PING's deadline, so no outage is begun for it (before: caught as the
+    PING's, an outage logged and the caller's deadline lost)."""
+    import os
+    import signal
+
+    redis = RedisProcess(tmp_path)
+    store = RedisStore(redis.url, prefix="d:", timeout=5.0)
+    try:
+        store._ping_data_path(1.0)  # (connected: answered)
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            mine = gevent.Timeout(0.2)
+            with pytest.raises(gevent.Timeout) as raised, mine:
+                store._ping_data_path(3.0)
+            assert raised.value is mine
+            assert store.health.outages == {}
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+    finally:
+        store.close()
+        redis.kill()
+
+
 def test_a_refused_bookkeeping_connection_fails_no_data(tmp_path, log_stream):
     """A real ``maxclients`` that leaves no room for redis-py's connection (the one the
     once-a-second client report uses; killed with CLIENT KILL, then refused) while the data

@@ -569,10 +569,13 @@ class RedisStore(KVStore):
         if within is None:
             self._call(*ping)
             return
+        deadline = gevent.Timeout(within)
         try:
-            with gevent.Timeout(within):
+            with deadline:
                 self._call(*ping)
-        except gevent.Timeout:
+        except gevent.Timeout as exc:
+            if exc is not deadline:  # (a caller's own deadline: not this PING's)
+                raise
             raise self._failure(TimeoutError("no answer to a PING"), {self.node}, 1).fresh() from None
 
     def _failure(self, exc: BaseException, nodes: set[str], commands: int) -> StoreError:
