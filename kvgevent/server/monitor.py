@@ -17,13 +17,11 @@ event loop about as much as a STATS.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from gevent import get_hub
+from gevent import GreenletExit, get_hub, getcurrent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -268,16 +266,19 @@ def _reply(start_response: Callable[..., Any], status: str, body: bytes) -> list
 class _MetricsHandler(WSGIHandler):
     """pywsgi's handler with a deadline on each request's arrival: METRICS_TIMEOUT from when
     it waits for a request line (on a new connection, or on one kept alive) to the end of
-    the request's headers. Past it the connection is shut down: its read ends as if the
-    client had closed, and pywsgi closes it without a word. Answering a request has no
-    deadline: a scrape may wait on Redis (a deadline raised there made a 500 and a
+    the request's headers. Past it the handler's greenlet is killed where it waits (in a
+    read): GreenletExit, which pywsgi lets through and gevent does not report, and the
+    connection is closed. (A ``shutdown()`` instead made pywsgi take the part read for a
+    request, answer 400 on the dead socket and print a traceback.) Answering a request has
+    no deadline: a scrape may wait on Redis (a deadline raised there made a 500 and a
     traceback)."""
 
     _deadline: Any = None  # the loop timer of the request awaited, if any
 
     def read_requestline(self) -> Any:
         self._deadline = get_hub().loop.timer(METRICS_TIMEOUT)
-        self._deadline.start(self._expire)
+        handler: Any = getcurrent()  # (a Greenlet of the server's pool)
+        self._deadline.start(handler.kill, GreenletExit, False)  # (from the hub: no block)
         return super().read_requestline()
 
     def read_request(self, requestline: Any) -> Any:
@@ -291,12 +292,6 @@ class _MetricsHandler(WSGIHandler):
             super().handle()
         finally:
             self._end_deadline()
-
-    def _expire(self) -> None:
-        sock = getattr(self, "socket", None)  # (pywsgi drops it once the connection is done)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # (wakes the read: shutdown, not close)
 
     def _end_deadline(self) -> None:
         if self._deadline is not None:
