@@ -518,7 +518,7 @@ def test_connections_trickling_bytes_cannot_hold_the_metrics_port(monkeypatch, m
 
     jobs = [gevent.spawn(trickler) for _ in range(METRICS_CONNECTIONS)]
     try:
-        gevent.sleep(0.3)  # (they take every place first; a pace, not a synchronisation)
+        wait_until(lambda: server._monitor._http.pool.full(), timeout=10)  # (they take every place first)
         status, _ = http_get(port, "/healthz")
         assert status == 200
     finally:

@@ -475,11 +475,10 @@ class KeyValueServer:
 
     def _handle(self, sock: Any, address: Any) -> bool:
         """Serve one client until it disconnects or goes dormant (returns True: its socket
-        stays open); otherwise the socket is closed when this returns."""
+        stays open); otherwise the socket is closed when this returns. (One over
+        --max-clients never comes here: the listener refused it in its accept loop, counting
+        the clients accepted before it.)"""
         peer = f"{address[0]}:{address[1]}"
-        if len(self._conns) >= self.max_clients:
-            self._reject(sock, peer)
-            return False
         conn = self._connect(sock, address, peer)
         first: Exception | None = None
         try:
