@@ -393,6 +393,45 @@ def test_an_acl_user_without_one_way_of_loading_scripts_updates_through_the_othe
         redis.kill()
 
 
+@pytest.mark.parametrize(
+    ("refused", "reply"),
+    [(["-evalsha"], b"ERR store error"), (["-script", "-eval"], b"ERR store unavailable")],
+)
+def test_an_acl_user_that_cannot_run_the_update_script_gets_an_error_for_updates_only(
+    tmp_path, log_stream, refused, reply
+):
+    """The README's promise for the users the script cannot reach: a real ACL user that may
+    not run EVALSHA gets 'ERR store error' (NOPERM) for each UPDATE; one that may run neither
+    SCRIPT LOAD nor EVAL cannot load the script, 'ERR store unavailable' (NOSCRIPT). For
+    both, the UPDATE changes nothing, PUT, GET and DELETE around it are served, one
+    store_error is logged for the lot (not an outage), and the UPDATEs open no connection."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    admin.acl_setuser("limited", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", *refused])
+    server = KeyValueServer(RedisStore(f"redis://limited:pw@127.0.0.1:{redis.port}/0", prefix="n:"))
+    server.start(0)
+    try:
+        peer = Peer(server.port, timeout=15)
+        assert peer.request(b"PUT:k:0\nGET:k\n") == [b"k:0"]
+        before = admin.info("stats")["total_connections_received"]
+        for n in range(50):
+            batch = b"UPDATE:k:0:%d\nPUT:j:%d\nGET:k\nGET:j\nDELETE:j\n" % (n + 1, n)
+            assert peer.request(batch) == [reply, b"k:0", b"j:%d" % n]
+        assert admin.lrange("n:k", 0, -1) == [b"0"]
+        assert admin.info("stats")["total_connections_received"] - before <= 4
+        store_events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
+        assert store_events == ["store_error"]
+        stats = read_stats(peer)
+        assert stats["store_errors"] >= 50 and stats["store_unavailable"] == 0
+        peer.close()
+    finally:
+        admin.close()
+        server.close()
+        redis.kill()
+
+
 def test_an_abbreviated_flag_is_a_usage_error(tmp_path):
     """'--worker 2' was accepted as --workers, and the workers' command line kept it: every
     worker became a supervisor (43 processes in 3 s). Now it is a usage error, exit 2."""
