@@ -795,6 +795,64 @@ def test_a_redis_at_its_maxclients_serves_through_the_connections_it_allows(tmp_
         redis.kill()
 
 
+def test_a_changed_password_and_one_killed_connection_leave_the_others_serving(tmp_path, log_stream):
+    """The README's promise for a password changed under open connections: the connections
+    still in serve every command. A real ``CONFIG SET requirepass``, then a real ``CLIENT
+    KILL`` of one idle data connection: 8 clients writing and reading for 2 s get every
+    answer right, no outage; the killed connection, refused at its setup (WRONGPASS), is a
+    ``store_connections_failing`` episode. Before, the sender that found its connection
+    closed reconnected in its round trip, failed it, and closed the idle siblings as if
+    Redis had gone (they too were then refused): an outage, every command ERR."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path, None, "--requirepass", "old")
+    admin = redis_py.Redis(port=redis.port, password="old")
+    server = KeyValueServer(RedisStore(f"redis://:old@127.0.0.1:{redis.port}/0", prefix="pw:"))
+    server.start(0)
+    peers = [Peer(server.port, timeout=10) for _ in range(8)]
+    try:
+        tags = iter(range(1000))
+
+        def client(n: int, seconds: float) -> int:
+            rounds, tag = 0, next(tags)  # (each call its own keys: a PUT appends a value)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                keys = [b"c%d-%d-%d" % (tag, n, i) for i in range(rounds, rounds + 8)]
+                replies = peers[n].request(b"".join(b"PUT:%s:v\nGET:%s\n" % (key, key) for key in keys))
+                assert replies == [key + b":v" for key in keys], replies[:3]
+                rounds += 8
+            return rounds
+
+        def data_connections() -> list[dict]:
+            return [c for c in admin.client_list() if c["cmd"] in ("lrange", "rpush")]
+
+        def all_connected() -> bool:  # (a connection connects at its first round trip)
+            gevent.joinall([gevent.spawn(client, n, 0.2) for n in range(8)], raise_error=True)
+            return len(data_connections()) == 4
+
+        wait_until(all_connected, timeout=20, message="the store's four connections were never all used")
+        data = data_connections()
+        admin.config_set("requirepass", "new")
+        admin = redis_py.Redis(port=redis.port, password="new")
+        gevent.sleep(0.3)  # (longer than IDLE_CHECK: each connection is checked at its next use)
+        admin.client_kill_filter(_id=data[0]["id"])
+        rounds = [
+            job.value
+            for job in gevent.joinall([gevent.spawn(client, n, 2.0) for n in range(8)], raise_error=True)
+        ]
+        assert min(rounds) > 0
+        events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_connections")]
+        assert events == ["store_connections_failing"]
+        assert not events_named(log_stream, "store_unavailable")
+        assert len(data_connections()) == 3
+    finally:
+        for peer in peers:
+            peer.close()
+        admin.close()
+        server.close()
+        redis.kill()
+
+
 def test_requests_queued_behind_a_stalled_round_trip_wait_one_timeout_not_two(tmp_path):
     """A real stall (SIGSTOP) while twelve clients send a GET each, 50 ms apart: the first
     four take the store's four connections, the others queue behind them. When the round

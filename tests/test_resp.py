@@ -163,6 +163,9 @@ def test_a_burst_of_batches_is_split_over_connections_each_caller_gets_its_own_r
             finally:
                 in_flight["now"] -= 1
 
+        def drop_if_closed(self) -> None:
+            pass
+
         def close(self) -> None:
             pass
 

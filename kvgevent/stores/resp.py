@@ -170,10 +170,17 @@ class RespConnection:
         self.on_connect: Callable[[], None] | None = None  # called after each connect
         self._used_at = 0.0  # when its last exchange ended (monotonic)
 
-    def round_trip(self, payload: bytes, count: int) -> list[Any]:
+    def drop_if_closed(self) -> None:
+        """Close this connection if it sat idle for IDLE_CHECK or more and Redis closed it
+        meanwhile (Redis's ``timeout``, a ``CLIENT KILL``): not an outage, and not a reason
+        to close the siblings; it connects anew (aside, while a sibling serves: see
+        :meth:`Dispatcher._send_loop`)."""
         idle = self.sock is not None and time.monotonic() - self._used_at > IDLE_CHECK
-        if idle and self.sock.closed_by_peer():  # (Redis's timeout while idle: not an outage)
+        if idle and self.sock.closed_by_peer():
             self.close()
+
+    def round_trip(self, payload: bytes, count: int) -> list[Any]:
+        """Send ``payload``, return its ``count`` replies; connects first if closed."""
         if self.sock is None:
             self._connect()
         try:
@@ -304,8 +311,10 @@ class RespConnection:
 
 def _gone(exc: BaseException) -> bool:
     """Whether ``exc`` says Redis went away (or restarts): a failed connection or connect, not
-    a Redis that answered and closed (Refused). Then the other connections are stale too."""
-    return isinstance(exc, OSError) and not isinstance(exc, Refused)
+    a Redis that answered and closed (Refused) or refused a new connection's setup
+    (SetupRefused: a changed password, while the connections already in still serve). Then
+    the other connections are stale too."""
+    return isinstance(exc, OSError) and not isinstance(exc, (Refused, SetupRefused))
 
 
 def check_types(replies: list[Any], expected: Sequence[Expected]) -> None:
@@ -391,7 +400,9 @@ class Dispatcher:
                 self._idle.append((me, connection))
                 self._hub.switch()  # (a kill while parked ends the sender: close())
                 continue
+            connection.drop_if_closed()
             if not connection.ready and any(sibling.ready for sibling in connection.siblings):
+                # (a connection that cannot connect must not fail requests a sibling can serve)
                 self._wake_connected()  # (this sender was woken for the queue: pass it on)
                 failed = connection.reconnect_aside()
                 if failed is not None:
