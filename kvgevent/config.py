@@ -38,9 +38,10 @@ its listen backlog, holding no file of the server's (FD_RESERVE counts these).""
 
 METRICS_TIMEOUT = 2.0
 """Seconds a connection to the metrics port has to send a whole request (its line and
-headers), from when it came or from its last answer (kept alive): one idle, kept alive or
-sending a byte now and then is closed, so that a scraper waits at most this long for a place.
-A scraper sends its request at once."""
+headers), from when it came or from its last answer (kept alive), and to take its answer
+(and send the body it declared) once the answer is ready: one idle, kept alive, sending a
+byte now and then or not reading is closed, so that a scraper waits at most this long for a
+place. A scraper sends its request at once and reads its answer."""
 
 ACCEPT_FAILED_QUIET = 2.0
 """Seconds without accept() failing for want of files or memory after which the episode is

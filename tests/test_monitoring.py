@@ -10,6 +10,7 @@ import functools
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import gevent
@@ -552,6 +553,66 @@ def test_a_scrape_that_waits_on_a_stalled_redis_is_answered_past_the_deadline(
         assert not [e for e in log_events(log_stream) if e["event"] == "unhandled_error"]
     finally:
         redis.kill()
+
+
+def test_requests_kept_alive_are_answered_without_waiting_for_a_delayed_ack(server_process):
+    """50 health checks on one kept-alive connection to ``run_server.py``'s metrics port take
+    well under a second (about 20 ms here). Before, pywsgi's two sends per answer (headers,
+    then body) met Nagle's algorithm: the body waited for the client's delayed ACK, about
+    40 ms a request, 2.2 s for the 50."""
+    import http.client
+
+    proc, port = serving(server_process)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        began = time.monotonic()
+        for _ in range(50):
+            conn.request("GET", "/healthz")
+            answer = conn.getresponse()
+            assert (answer.status, answer.read()) == (200, b"ok\n")
+        assert time.monotonic() - began < 1.0
+    finally:
+        conn.close()
+    assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("holder", ["a body never sent", "answers never read"])
+def test_connections_past_their_headers_cannot_hold_the_metrics_port(server_process, holder):
+    """METRICS_CONNECTIONS connections to ``run_server.py``'s metrics port, each past its
+    request's headers: one that declares a body of 1,000 bytes and sends none, or one that
+    pipelines 5,000 scrapes and reads no answer. Each is closed METRICS_TIMEOUT (2 s) after
+    its answer began, so a scraper behind them is answered; no log event, no traceback
+    (before: each kept its place until it went, and eight kept every scraper out)."""
+    from kvgevent.config import METRICS_CONNECTIONS
+
+    proc, port = serving(server_process)
+    if holder == "a body never sent":
+        request = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    else:
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 5000
+    socks = []
+    try:
+        for _ in range(METRICS_CONNECTIONS):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (fills at once)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(request)
+            socks.append(sock)
+        began = time.monotonic()
+        status, _ = http_get(port, "/healthz")
+        assert status == 200
+        assert time.monotonic() - began < 8  # (about METRICS_TIMEOUT; without the bound: never)
+        for sock in socks:  # each closed by the server: read to its end
+            with contextlib.suppress(OSError):
+                while sock.recv(1 << 16):
+                    pass
+    finally:
+        for sock in socks:
+            sock.close()
+    assert proc.stop() == 0
+    assert not [e for e in proc.events() if e["event"] in ("unhandled_error", "metrics_http_error")]
+    assert b"Traceback" not in proc.stderr
 
 
 def test_a_silent_metrics_connection_is_closed_after_the_timeout(server_process):

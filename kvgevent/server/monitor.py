@@ -17,6 +17,7 @@ event loop about as much as a STATS.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -264,21 +265,23 @@ def _reply(start_response: Callable[..., Any], status: str, body: bytes) -> list
 
 
 class _MetricsHandler(WSGIHandler):
-    """pywsgi's handler with a deadline on each request's arrival: METRICS_TIMEOUT from when
-    it waits for a request line (on a new connection, or on one kept alive) to the end of
-    the request's headers. Past it the handler's greenlet is killed where it waits (in a
-    read): GreenletExit, which pywsgi lets through and gevent does not report, and the
-    connection is closed. (A ``shutdown()`` instead made pywsgi take the part read for a
-    request, answer 400 on the dead socket and print a traceback.) Answering a request has
-    no deadline: a scrape may wait on Redis (a deadline raised there made a 500 and a
-    traceback)."""
+    """pywsgi's handler with deadlines around the application's call, METRICS_TIMEOUT each:
+    on a request's arrival, from when it waits for a request line (on a new connection, or
+    on one kept alive) to the end of the request's headers; and on its answer's way out,
+    from when the application returned to when the answer is written and the rest of the
+    request's body read (a client that declared a body and does not send it, or does not
+    read its answers). Past one the handler's greenlet is killed where it waits, again
+    every METRICS_TIMEOUT until it ends (pywsgi catches the first in its error handling, which
+    may try to write a 500 to the same socket): GreenletExit, which pywsgi does not log and
+    gevent does not report, and the connection is closed. (A ``shutdown()`` instead made
+    pywsgi take the part read for a request, answer 400 on the dead socket and print a
+    traceback.) The application's call has no deadline: a scrape may wait on Redis (a
+    deadline raised there made a 500 and a traceback)."""
 
-    _deadline: Any = None  # the loop timer of the request awaited, if any
+    _deadline: Any = None  # the loop timer armed, if any
 
     def read_requestline(self) -> Any:
-        self._deadline = get_hub().loop.timer(METRICS_TIMEOUT)
-        handler: Any = getcurrent()  # (a Greenlet of the server's pool)
-        self._deadline.start(handler.kill, GreenletExit, False)  # (from the hub: no block)
+        self._arm()
         return super().read_requestline()
 
     def read_request(self, requestline: Any) -> Any:
@@ -287,11 +290,29 @@ class _MetricsHandler(WSGIHandler):
         finally:
             self._end_deadline()
 
+    def process_result(self) -> None:
+        self._arm()  # (pywsgi reads what is left of the body after this: under it too)
+        super().process_result()
+
     def handle(self) -> None:
+        try:
+            # pywsgi writes an answer's headers and body in two sends: with Nagle's algorithm
+            # the body waited for the client's delayed ACK, about 40 ms a request kept alive.
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # (gone already: its first read finds out)
+            pass
         try:
             super().handle()
         finally:
             self._end_deadline()
+
+    def _arm(self) -> None:
+        """Kill this handler's greenlet METRICS_TIMEOUT from now, and every METRICS_TIMEOUT
+        after, until :meth:`_end_deadline`."""
+        self._end_deadline()
+        self._deadline = get_hub().loop.timer(METRICS_TIMEOUT, METRICS_TIMEOUT)
+        handler: Any = getcurrent()  # (a Greenlet of the server's pool)
+        self._deadline.start(handler.kill, GreenletExit, False)  # (from the hub: no block)
 
     def _end_deadline(self) -> None:
         if self._deadline is not None:
