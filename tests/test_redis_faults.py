@@ -853,6 +853,53 @@ def test_a_changed_password_and_one_killed_connection_leave_the_others_serving(t
         redis.kill()
 
 
+def test_a_client_kill_of_busy_connections_fails_their_round_trips_only(tmp_path, log_stream):
+    """A real ``CLIENT KILL`` of every data connection while 8 clients write and read
+    (Redis itself serves on): only the requests in those round trips get ERR (each client
+    has one batch in flight, so at most 8 batches), with one ``store_connection_lost`` and
+    no outage; every other answer is right. Before, the first lost round trip began an
+    outage, and every command for the next 50 ms failed at once: about 750 ERR batches."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    server = KeyValueServer(RedisStore(redis.url, prefix="ck:"))
+    server.start(0)
+    killed = gevent.event.Event()
+    try:
+
+        def client(n: int) -> tuple[int, int]:
+            peer = Peer(server.port, timeout=10)
+            rounds = failed = 0
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end or not killed.is_set():
+                key = b"c%d-%d" % (n, rounds)
+                replies = peer.request(b"PUT:%s:v\nGET:%s\n" % (key, key))
+                if replies == [UNAVAILABLE] * 2:
+                    failed += 1
+                else:
+                    assert replies == [key + b":v"], replies
+                rounds += 1
+            peer.close()
+            return rounds, failed
+
+        jobs = [gevent.spawn(client, n) for n in range(8)]
+        gevent.sleep(0.5)
+        data = [c for c in admin.client_list() if c["cmd"] in ("lrange", "rpush")]
+        for connection in data:
+            admin.client_kill_filter(_id=connection["id"])
+        killed.set()
+        results = [job.value for job in gevent.joinall(jobs, raise_error=True)]
+        assert data and min(rounds for rounds, _ in results) > 10
+        assert sum(failed for _, failed in results) <= 8
+        events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
+        assert events == ["store_connection_lost"]
+    finally:
+        admin.close()
+        server.close()
+        redis.kill()
+
+
 def test_requests_queued_behind_a_stalled_round_trip_wait_one_timeout_not_two(tmp_path):
     """A real stall (SIGSTOP) while twelve clients send a GET each, 50 ms apart: the first
     four take the store's four connections, the others queue behind them. When the round

@@ -7,7 +7,9 @@ with the node and the error) and ends with the first command it answers (``store
 with how long it lasted and how many commands failed meanwhile). Between the two, the store
 tries the node again only RETRY_MIN seconds after the failure, doubling up to RETRY_MAX (with
 jitter), and fails the commands for it at once otherwise: a dead node costs neither a connect
-per command nor a log line per command. With Redis Cluster each node has its own outage.
+per command nor a log line per command. With Redis Cluster each node has its own outage. A
+connection lost in a round trip (``lost``) is no outage by itself: Redis may serve on (a
+``CLIENT KILL``); if it is gone, the next connect fails and begins one.
 
 Error replies (Redis answered, but refused: ``OOM`` at its maxmemory, ``READONLY`` from a
 replica, ``NOSCRIPT`` after a SCRIPT FLUSH, ``NOPERM`` from an ACL, a script error...) become
@@ -78,6 +80,7 @@ class RedisHealth:
         self.jitter = jitter
         self.outages: dict[str, Outage] = {}
         self._errors: dict[str, float] = {}  # phrase -> when the last one came
+        self._lost: dict[str, float] = {}  # node -> when a connection to it was last lost
         self.unavailable = 0  # commands failed because a node was unreachable
         self.errors = 0  # commands failed with an error reply
 
@@ -121,6 +124,20 @@ class RedisHealth:
                 outage_s=round(self.clock() - outage.since, 3),
                 failed_commands=outage.failed,
             )
+
+    def lost(self, node: str, error: str, commands: int) -> StoreError:
+        """A connection to ``node`` was lost in a round trip of ``commands`` commands: ERR
+        store unavailable for them, but no outage: the other connections go on (after a
+        ``CLIENT KILL``, Redis serves on; if it is gone, the next connect fails and begins
+        the outage). Logged once (``store_connection_lost``) until none was lost for
+        ERROR_QUIET seconds."""
+        self.unavailable += commands
+        now = self.clock()
+        last = self._lost.get(node)
+        self._lost[node] = now
+        if last is None or now - last >= ERROR_QUIET:
+            self.log.warning("store_connection_lost", node=node, error=error[:200], commands=commands)
+        return ERR_UNAVAILABLE
 
     def error_reply(self, text: str, commands: int = 1) -> StoreError:
         """Redis refused ``commands`` with the error ``text``: the StoreError to answer."""

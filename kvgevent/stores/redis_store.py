@@ -44,6 +44,7 @@ from kvgevent.stores.resp import (
     VALUE_HEAD,
     VALUE_HEADS,
     Dispatcher,
+    Lost,
     ReplyMismatch,
     RespConnection,
     delete,
@@ -583,6 +584,8 @@ class RedisStore(KVStore):
         text = self._text(exc)
         if isinstance(exc, ReplyMismatch):
             return self.health.error_reply(f"a reply of the wrong type: {text}", commands)
+        if isinstance(exc, Lost):  # (a data connection: the store's own node)
+            return self.health.lost(self.node, text, commands)
         if isinstance(exc, self._unreachable) or not_now(text):
             # A cluster pipeline fails as a whole when one node does: its message names it.
             named = {node for node in nodes if node in text}

@@ -81,6 +81,12 @@ class SetupRefused(ConnectionError):
     but will not serve this connection."""
 
 
+class Lost(ConnectionError):
+    """A connection that was serving failed in a round trip (Redis closed or reset it): its
+    commands may have been applied. Redis may serve on (a ``CLIENT KILL``, a connection's
+    buffer limit) or be gone (killed, restarting): the next connect tells which."""
+
+
 class ReplyMismatch(Exception):
     """A reply of another type than its command returns: the stream cannot be trusted."""
 
@@ -188,6 +194,8 @@ class RespConnection:
         except BaseException as exc:
             if _gone(exc):
                 self._close_idle_siblings()
+            if isinstance(exc, OSError) and not isinstance(exc, (TimeoutError, Refused)):
+                raise Lost(f"lost in a round trip: {exc.strerror or exc}") from None
             raise
 
     def _exchange(self, payload: bytes, count: int) -> list[Any]:
