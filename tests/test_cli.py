@@ -149,6 +149,24 @@ def test_a_worker_timeout_below_the_minimum_is_a_usage_error():
     assert result.returncode == 2 and b"--worker-timeout must be 0" in result.stderr
 
 
+def test_append_only_file_options_without_a_file_are_a_usage_error(server_process):
+    """--fsync always, --aof-repair or a compaction threshold without --aof (from a flag or
+    from the environment) is refused, naming what was given: before, the server started
+    with the memory store alone and kept nothing, though asked for the strictest fsync.
+    With --aof they start it, and the defaults alone do not need it."""
+    cases = [
+        (["--fsync", "always"], {}, b"--fsync needs --aof"),
+        (["--aof-repair"], {}, b"--aof-repair needs --aof"),
+        (["--aof-rewrite-growth", "3"], {"KVGEVENT_FSYNC": "no"}, b"--fsync, --aof-rewrite-growth need"),
+        ([], {"KVGEVENT_AOF_REWRITE_MIN_SIZE": "1M"}, b"--aof-rewrite-min-size needs --aof"),
+    ]
+    for args, env, said in cases:
+        result = run("run_server.py", "--port", "0", *args, env=env)
+        assert result.returncode == 2 and said in result.stderr, (args, env, result.stderr[-200:])
+    proc = server_process("--fsync", "everysec")  # (the default, given: nothing to refuse)
+    assert proc.stop() == 0
+
+
 def test_a_stray_heartbeat_descriptor_is_not_written_outside_a_worker(server_process):
     """KVGEVENT_HEARTBEAT_FD left in the environment of a server that no supervisor started
     (here naming its stderr) is ignored. Before, it wrote a heartbeat (a dot) to that

@@ -247,12 +247,27 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.aof and redis:
         parser.error("--aof is for the memory store; Redis has its own persistence (appendonly)")
+    given = _aof_options(args)
+    if given and not args.aof:  # (a server asked for --fsync always must not run without a file)
+        verb = "needs" if len(given) == 1 else "need"
+        parser.error(f"{', '.join(given)} {verb} --aof (a file to write to): without it nothing is kept")
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     if args.password == "":
         parser.error("--password may not be empty")
     if 0 < args.worker_timeout < MIN_WORKER_TIMEOUT:
         parser.error(f"--worker-timeout must be 0 (never) or at least {MIN_WORKER_TIMEOUT:g} seconds")
+
+
+def _aof_options(args: argparse.Namespace) -> list[str]:
+    """The options given that only mean something with --aof (a default is not given)."""
+    given = {
+        "--fsync": args.fsync != DEFAULT_FSYNC,
+        "--aof-repair": args.aof_repair,
+        "--aof-rewrite-min-size": args.aof_rewrite_min_size != DEFAULT_REWRITE_MIN_SIZE,
+        "--aof-rewrite-growth": args.aof_rewrite_growth != DEFAULT_REWRITE_GROWTH,
+    }
+    return [option for option, set_ in given.items() if set_]
 
 
 def raise_fd_limit() -> int:
