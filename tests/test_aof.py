@@ -146,6 +146,31 @@ def test_repair_truncates_at_the_last_good_record(tmp_path):
     assert path.stat().st_size == len(first)
 
 
+def test_the_records_a_repair_drops_are_counted_past_further_damage_and_a_damaged_header():
+    """``records_after`` (what ``aof_corrupt`` and ``aof_repaired`` report) counts every
+    well-formed record after the damage: past a second damaged record, and the whole file
+    when its header is damaged. Before, it counted only up to the next damage (records 300
+    and 700 damaged in 1,000: 399, where a repair drops 700) and 0 for a damaged header
+    (one bit of ``KVAOF1``: a repair emptied the file, reported as 1 record dropped)."""
+    records = [bytearray(encode_record(b"PUT:k%d:v" % i)) for i in range(1000)]
+    for damaged in (300, 700):
+        records[damaged][HEADER.size] ^= 0x01  # (its checksum no longer matches)
+    good = MAGIC + b"".join(records[:300])
+    payloads, found = scan(MAGIC + b"".join(records))
+    assert len(payloads) == 300 and found.corrupt_at == len(good)
+    assert found.records_after == 1000 - 300 - 2  # (the damaged ones cannot be counted)
+    plain = [encode_record(b"PUT:k%d:v" % i) for i in range(1000)]
+    zeroed = bytearray(MAGIC + b"".join(plain))
+    start = len(MAGIC) + sum(map(len, plain[:500]))
+    zeroed[start : start + 300] = bytes(300)  # (a stretch over about 17 records)
+    _, found = scan(bytes(zeroed))
+    assert found.corrupt_at == start and 470 < found.records_after < 500
+    header = bytearray(zeroed[: len(MAGIC)] + zeroed[len(MAGIC) : start])
+    header[0] ^= 0x01
+    payloads, found = scan(bytes(header))
+    assert payloads == [] and found.corrupt_at == 0 and found.records_after == 500
+
+
 def test_compaction_under_concurrent_writes(tmp_path, log_stream, connect):
     """While clients write, the file is rewritten (automatically and on demand) and replaced;
     after a restart the data is exactly what the clients wrote, from a smaller file."""

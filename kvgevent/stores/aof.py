@@ -86,7 +86,7 @@ class Scan:
     good_end: int = 0  # offset after the last good record (0: no valid header either)
     torn: bool = False  # damage with nothing well-formed after it (a crash mid-write)
     corrupt_at: int | None = None  # damage with a well-formed record after it
-    records_after: int | None = 0  # good records from the first one after the damage (None: not known)
+    records_after: int | None = 0  # well-formed records after the damage, all of them (None: not known)
 
 
 class _GaveUp(Exception):
@@ -105,6 +105,8 @@ class Scanner:
         self.size = size
         self.result = Scan(size=size)
         self.bytes_read = 0
+        # Checksum work left for the searches after damage (see _find_record).
+        self._budget = SEARCH_BUDGET * size + READ_CHUNK
 
     def _read(self, offset: int, count: int) -> bytes:
         data = self._read_at(offset, count)
@@ -150,7 +152,8 @@ class Scanner:
         if not head[common:].strip(b"\0") and self._zeros_from(len(head)):
             result.torn = True  # the header itself was cut short, or only its size reached the disk
         else:
-            result.corrupt_at = 0  # not a kvgevent log
+            result.corrupt_at = 0  # not a kvgevent log, or one whose header is damaged:
+            result.records_after = self._records_from(0)  # (then what a repair would drop)
         return False
 
     def _walk(self, offset: int) -> Iterator[bytes]:
@@ -206,6 +209,7 @@ class Scanner:
 
     def _classify_damage(self, offset: int) -> None:
         result = self.result
+        self._budget = SEARCH_BUDGET * (self.size - offset) + READ_CHUNK
         try:
             found = self._find_record(offset + 1)
         except _GaveUp:
@@ -215,11 +219,27 @@ class Scanner:
             result.torn = True
             return
         result.corrupt_at = offset
-        result.records_after = sum(1 for _ in self._walk(found))
+        result.records_after = self._records_from(found)
+
+    def _records_from(self, offset: int) -> int:
+        """How many well-formed records there are from ``offset`` on, past any damage between
+        them (what a repair at ``offset`` drops, besides the damaged records, which cannot be
+        counted): at least that many if the search's budget runs out."""
+        count = 0
+        try:
+            found = self._find_record(offset)
+            while found is not None:
+                count += sum(1 for _ in self._walk(found))
+                found = self._find_record(self._stopped_at + 1) if self._stopped_at < self.size else None
+        except _GaveUp:
+            pass
+        return count
 
     def _find_record(self, start: int) -> int | None:
-        """Offset of the first well-formed record that begins at or after ``start``."""
-        budget = SEARCH_BUDGET * (self.size - start) + READ_CHUNK
+        """Offset of the first well-formed record that begins at or after ``start``; the
+        checksum work it does comes out of ``_budget``, shared by every search of the scan
+        (_GaveUp once it is spent: the searches stay linear in the file's size)."""
+        budget = self._budget
         window_start = start + HEADER.size  # where the earliest possible payload begins
         overlap = len(b"UPDATE:") - 1  # a verb cut by the window's end is found in the next
         while window_start < self.size:
@@ -242,8 +262,10 @@ class Scanner:
                 if budget < 0:
                     raise _GaveUp
                 if self._payload_matches(payload_at, length, checksum):
+                    self._budget = budget
                     return payload_at - HEADER.size
             window_start += READ_CHUNK
+        self._budget = budget
         return None
 
     def _payload_matches(self, offset: int, length: int, checksum: int) -> bool:

@@ -241,9 +241,10 @@ class AppendOnlyLog:
                     self.path, found.corrupt_at, found.records_after, found.size - found.corrupt_at
                 )
             after = found.records_after
+            damaged = 1 if found.corrupt_at else 0  # (at 0: the header, not a record)
             report.update(
                 repaired_at=found.corrupt_at,
-                dropped_records=None if after is None else 1 + after,
+                dropped_records=None if after is None else damaged + after,
                 dropped_bytes=found.size - found.corrupt_at,
             )
         elif found.torn:
