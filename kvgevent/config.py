@@ -130,15 +130,19 @@ A pipeline of small GETs still takes one round trip per 32 of them."""
 MAX_SEND_BATCH = 1 << 20
 """Most bytes the writer joins into one ``sendall``; bounds the memory a stalled client pins."""
 
-DROP_GRACE = 0.25
+DROP_GRACE = 2.0
 """Seconds without progress in sending to a client, while its queue is full, after which it
-counts as not reading and replies to it are dropped (once per episode, not per reply)."""
+counts as not reading and replies to it are dropped (once per episode, not per reply). Long
+enough for a client that reads slowly: its kernel reopens a full receive window only once a
+good part of its buffer is free (about 100 kB with Linux's defaults), so its progress comes
+in steps, half a second apart at 200 kB/s (0.25 s here cut such a reader off)."""
 
 ROOM_WAIT_LIMIT = 2.5
 """Most seconds a reply waits for room in a full queue, even if the writer never got to run."""
 
-EOF_FLUSH_STALL = 0.5
-"""After a client half-closes: seconds without write progress before queued replies are abandoned."""
+EOF_FLUSH_STALL = DROP_GRACE
+"""After a client half-closes: seconds without write progress before queued replies are
+abandoned (as long as a client that reads may take between two steps of progress)."""
 
 DEFAULT_SHUTDOWN_FLUSH = 2.0
 """On SIGINT/SIGTERM or ``close()``: seconds allowed for flushing queued replies to clients."""

@@ -10,7 +10,7 @@ import time
 import gevent
 import gevent.socket
 import pytest
-from conftest import Peer, WrappedStore, log_events, wait_until
+from conftest import Peer, WrappedStore, log_events, read_stats, wait_until
 
 from kvgevent import KeyValueServer, MemoryStore, StoreError
 from kvgevent.server import server as server_module
@@ -509,6 +509,52 @@ def test_a_slow_but_steady_reader_loses_nothing(server, connect):
     data = _read_slowly(peer, sum(len(x) + 1 for x in expected))
     assert data.split(b"\n")[:-1] == expected
     assert server.stats()["messages_dropped"] == 0
+
+
+def test_a_reader_at_200_kb_a_second_gets_a_big_reply_whole(server_process, connect):
+    """A client with the kernel's default receive buffer reads a GET reply of 20,000 lines
+    (8 MB: more than its 500-line queue and the server's send buffer, which Linux grows to
+    4 MB) from ``run_server.py`` at 200 kB/s for 3 s, then
+    at full speed: every line arrives, in order, none dropped. Its kernel reopens the full
+    window only once about 100 kB are free, so the bytes it acknowledges grow in steps half
+    a second apart; before, 0.25 s without progress (DROP_GRACE) judged it stuck and dropped
+    46,000 of 100,000 lines within half a second (an attacker's pass)."""
+    proc = server_process()
+    values = [b"%0400d" % i for i in range(20_000)]
+    loader = connect(proc.port, timeout=30)
+    assert loader.request(b"".join(b"PUT:big:%s\n" % v for v in values)) == []
+    expected = b"".join(b"big:" + value + b"\n" for value in values)
+    peer = connect(proc.port, timeout=30)
+    peer.send(b"GET:big\n")
+    received, began = bytearray(), time.monotonic()
+    while time.monotonic() - began < 3.0:
+        received += peer.sock.recv(2000)
+        gevent.sleep(0.01)  # (2 kB per 10 ms: the slowness itself)
+    assert read_stats(loader)["messages_dropped"] == 0
+    while len(received) < len(expected):
+        chunk = peer.sock.recv(1 << 16)
+        assert chunk, "closed"
+        received += chunk
+    assert bytes(received) == expected
+    assert read_stats(loader)["messages_dropped"] == 0
+
+
+def test_a_half_closed_client_that_reads_late_gets_every_reply(server_process, connect):
+    """A client pipelines 20,000 GETs of a 1 kB value to ``run_server.py``, sends its FIN,
+    and reads only 1.5 s later: every reply arrives. Before, the flush after a FIN gave up after 0.5 s
+    without progress and dropped what was queued (3,931 of 20,000 arrived; an attacker's
+    pass)."""
+    proc = server_process()
+    value = b"v" * 1000  # (20 MB of replies: more than the sockets' buffers hold)
+    assert connect(proc.port).request(b"PUT:k:%s\n" % value) == []
+    peer = connect(proc.port, timeout=30)
+    peer.send(b"GET:k\n" * 20_000)
+    peer.sock.shutdown(socket.SHUT_WR)
+    gevent.sleep(1.5)  # (the client's pause: the fault itself, not a synchronisation)
+    received = bytearray()
+    while chunk := peer.sock.recv(1 << 16):
+        received += chunk
+    assert received.count(b"\n") == 20_000 and bytes(received) == b"k:%s\n" % value * 20_000
 
 
 def test_a_half_closed_slow_reader_gets_every_byte(server, connect):
