@@ -16,7 +16,9 @@ unless it comes from the OS or is one of kvgevent's fixed phrases, its message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import traceback
 from typing import IO, Any
@@ -50,9 +52,9 @@ def configure_logging(
     if level not in LOG_LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}")
     # structlog's default factories write to stdout; logs belong on stderr.
-    stream = stream if stream is not None else sys.stderr
+    output = LogOutput(stream if stream is not None else sys.stderr)
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "console" if output.isatty() else "json"
     processors: list[Any] = [
         _exception_fields(as_text=fmt != "json"),
         structlog.processors.add_log_level,
@@ -62,13 +64,13 @@ def configure_logging(
     if fmt == "json":
         processors += [structlog.processors.JSONRenderer()]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+        processors += [structlog.dev.ConsoleRenderer(colors=output.isatty())]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         # One write() per event, newline included: with --workers several processes share
         # stderr, and print() writes the newline separately (lines interleaved in a test).
-        logger_factory=structlog.WriteLoggerFactory(stream),  # type: ignore[arg-type]  # (any text stream will do)
+        logger_factory=structlog.WriteLoggerFactory(output),  # type: ignore[arg-type]  # (any text stream will do)
         cache_logger_on_first_use=False,
     )
     _route_hub_errors()
@@ -176,30 +178,97 @@ def redacted_url(url: str) -> str:
 class LogFile:
     """A log file appended to (``--log-file``), reopened at its path on :meth:`reopen`: after
     logrotate renamed it, the next events go to a new file at the path (SIGHUP, as logrotate's
-    ``postrotate`` sends). Each event is one ``write`` of a whole line."""
+    ``postrotate`` sends). Each event is one ``write(2)`` of a whole line, unbuffered: a write
+    that fails (a full disk) leaves nothing half-written behind to be sent later.
+    :meth:`write` raises OSError as the system call does (:class:`LogOutput` copes)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._file = self._open()
+        self._fd = self._open()
 
-    def _open(self) -> IO[str]:
-        return open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered: one write a line
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def write(self, text: str) -> int:
-        return self._file.write(text)
+        return os.write(self._fd, text.encode("utf-8", "backslashreplace"))
 
     def flush(self) -> None:
-        self._file.flush()
+        pass
 
     def isatty(self) -> bool:
         return False
 
-    def reopen(self) -> None:
+    def reopen(self) -> OSError | None:
         """Open the path anew and switch to it (what was written before went to the old
-        file, whatever its name now); the old file is closed after the switch."""
-        new = self._open()
-        old, self._file = self._file, new
-        old.close()
+        file, whatever its name now); the old file is closed after the switch. If the path
+        cannot be opened (its directory gone, a directory in its place), the old file stays
+        the log, and the error is returned: never raised (it comes from a signal handler)."""
+        try:
+            new = self._open()
+        except OSError as exc:
+            return exc
+        old, self._fd = self._fd, new
+        os.close(old)
+        return None
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
+
+
+class LogOutput:
+    """Where log lines go (stderr, or a :class:`LogFile`): a line that cannot be written (a
+    full disk, a pipe whose reader is gone) is dropped, never raised into the code that
+    logged (a client's handler: each such error reset that client, every client once the
+    log's disk was full). The first failure of an episode says so once on stderr, when the
+    log is a file (systemd's journal keeps it); once a line is written again, a
+    ``log_lines_lost`` event follows it, with how many were dropped and why."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lost = 0  # lines dropped in the current episode
+        self.error = ""  # why the first of them was
+
+    def write(self, text: str) -> int:
+        try:
+            written = self.stream.write(text)
+            if self.stream is sys.stderr:  # (a TextIOWrapper: push the line out now, or fail now)
+                self.stream.flush()
+        except (OSError, ValueError) as exc:  # (ValueError: a closed stream)
+            self._dropped(exc)
+            return len(text)
+        if self.lost:
+            self._recovered()
+        return written
+
+    def _dropped(self, exc: Exception) -> None:
+        self.lost += 1
+        if self.lost > 1:
+            return
+        self.error = str(exc)[:200]
+        if isinstance(self.stream, LogFile):
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(
+                    f"kvgevent: cannot write the log file {self.stream.path}: {self.error}; "
+                    "dropping log lines until it can\n"
+                )
+                sys.stderr.flush()
+
+    def _recovered(self) -> None:
+        lost, error = self.lost, self.error
+        self.lost, self.error = 0, ""
+        # (after this line, not inside its write: the logger writes through here)
+        gevent.get_hub().loop.run_callback(_report_lost, lost, error)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self.stream.isatty())
+        except (OSError, ValueError):
+            return False
+
+
+def _report_lost(lines: int, error: str) -> None:
+    get_logger().warning("log_lines_lost", lines=lines, error=error)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -406,6 +408,79 @@ def test_sighup_reopens_the_log_file_and_no_event_is_lost(server_process, tmp_pa
     assert new.count('"client_connected"') == 4
     assert '"server_stopped"' in new
     assert proc.stderr == b"" or b"Traceback" not in proc.stderr
+
+
+def test_a_sighup_whose_log_path_cannot_be_opened_keeps_the_old_file(server_process, tmp_path):
+    """logrotate renamed the log and a directory now stands at its path when SIGHUP comes:
+    the server keeps serving, into the old file, where one ``log_reopen_failed`` says why;
+    a later SIGHUP, once the path is free, reopens it; SIGTERM exits 0. Before, the reopen's
+    error escaped the signal handler and ended the process (exit 1, every client cut)."""
+    path = tmp_path / "kv.log"
+    proc = server_process("--log-file", str(path), wait=False)
+    wait_until(lambda: path.exists() and b'"server_started"' in path.read_bytes(), 10)
+    rotated = tmp_path / "kv.log.1"
+    os.rename(path, rotated)
+    path.mkdir()
+    peer = Peer(proc.port, timeout=10)
+    proc.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: b'"log_reopen_failed"' in rotated.read_bytes(), 10, "no log_reopen_failed")
+    assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+    path.rmdir()
+    proc.proc.send_signal(signal.SIGHUP)
+    wait_until(path.exists, 10, "the file was not reopened")
+    assert peer.request(b"GET:k\n") == [b"k:v"]
+    peer.close()
+    assert proc.stop() == 0
+    (failed,) = [json.loads(line) for line in rotated.read_text().splitlines() if "log_reopen_failed" in line]
+    assert failed["path"] == str(path) and "directory" in failed["error"]
+    assert '"server_stopped"' in path.read_text() and b"Traceback" not in proc.stderr
+
+
+def test_a_log_on_a_full_disk_drops_lines_and_the_server_serves_on(server_process, tmp_path):
+    """``--log-file`` on a real full disk (a 1 MiB tmpfs, its free space taken by a filler
+    file): 40 clients are served one after another while their events are dropped (once the
+    log's last page is full), stderr says so once;
+    once space is free again, ``log_lines_lost`` counts the dropped lines; SIGTERM exits 0.
+    Before, each failed log write raised into the client's handler: every client was reset,
+    and SIGTERM exited 1 with a traceback."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk needs a tmpfs, and mounting one needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        path = disk / "kv.log"
+        proc = server_process("--log-file", str(path), wait=False)
+        wait_until(lambda: path.exists() and b'"server_started"' in path.read_bytes(), 10)
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+        with contextlib.suppress(OSError):  # (until the disk is full)
+            while True:
+                os.write(fd, bytes(4096))
+        os.close(fd)
+        for n in range(40):  # (each connects and goes: two events each; the last page fills)
+            peer = Peer(proc.port, timeout=10)
+            assert peer.request(b"PUT:k%d:v\nGET:k%d\n" % (n, n)) == [b"k%d:v" % n]
+            peer.close()
+        wait_until(lambda: b"cannot write the log file" in proc.stderr, 10, "stderr said nothing")
+        filler.unlink()
+        peer = Peer(proc.port, timeout=10)
+        peer.close()
+
+        def reported() -> bool:
+            return b'"log_lines_lost"' in path.read_bytes()
+
+        wait_until(reported, 10, "no log_lines_lost")
+        assert proc.stop() == 0
+        (lost,) = [json.loads(line) for line in path.read_text().splitlines() if "log_lines_lost" in line]
+        assert lost["lines"] >= 20 and "No space left" in lost["error"]
+        assert proc.stderr.count(b"cannot write the log file") == 1 and b"Traceback" not in proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_an_unbindable_metrics_port_is_a_start_failure(server_process):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import gevent
 import gevent.event
 
-from kvgevent.logs import LogFile, Logger
+from kvgevent.logs import LogFile, Logger, get_logger
 
 
 def stop_requested(log: Logger) -> gevent.event.Event:
@@ -37,7 +37,10 @@ def reopen_on_hangup(log_file: LogFile | None, then: Callable[[], None] | None =
 
     def on_hangup() -> None:
         if log_file is not None:
-            log_file.reopen()
+            failed = log_file.reopen()
+            if failed is not None:  # (the old file stays the log: the service goes on)
+                error = failed.strerror or str(failed)
+                get_logger().error("log_reopen_failed", path=log_file.path, error=error)
         if then is not None:
             then()
 
