@@ -52,6 +52,12 @@ IDLE_CHECK = 0.25
 closed by Redis meanwhile (Redis's ``timeout``, a CLIENT KILL, a restart): one such is
 replaced before the round trip, which would otherwise fail (and begin an outage)."""
 
+SUSPECT_AFTER_LOSS = 1.0
+"""Seconds after a connection was lost during which its siblings are checked (as if idle,
+IDLE_CHECK) before each use: kills come in groups (``CLIENT KILL TYPE normal``, one per
+connection in a row, a restart), and a sibling closed while it had just been used would
+fail one more round trip."""
+
 RECONNECT_MIN = 0.05
 """Seconds before the first new attempt to connect after a failed one (then doubled)."""
 
@@ -175,14 +181,17 @@ class RespConnection:
         self.busy = False  # in a round trip
         self.on_connect: Callable[[], None] | None = None  # called after each connect
         self._used_at = 0.0  # when its last exchange ended (monotonic)
+        self.suspect_until = 0.0  # a sibling was lost: checked before each use until then
 
     def drop_if_closed(self) -> None:
         """Close this connection if it sat idle for IDLE_CHECK or more and Redis closed it
         meanwhile (Redis's ``timeout``, a ``CLIENT KILL``): not an outage, and not a reason
         to close the siblings; it connects anew (aside, while a sibling serves: see
         :meth:`Dispatcher._send_loop`)."""
-        idle = self.sock is not None and time.monotonic() - self._used_at > IDLE_CHECK
-        if idle and self.sock.closed_by_peer():
+        if self.sock is None:
+            return
+        now = time.monotonic()
+        if (now - self._used_at > IDLE_CHECK or now < self.suspect_until) and self.sock.closed_by_peer():
             self.close()
 
     def round_trip(self, payload: bytes, count: int) -> list[Any]:
@@ -192,10 +201,13 @@ class RespConnection:
         try:
             return self._exchange(payload, count)
         except BaseException as exc:
+            if _lost(exc):
+                # Killed alone (a CLIENT KILL: its siblings serve on, authenticated), or with
+                # Redis (then Redis closed theirs too, and each shows it already).
+                self._close_siblings_closed_by_peer()
+                raise Lost(f"lost in a round trip: {getattr(exc, 'strerror', None) or exc}") from None
             if _gone(exc):
                 self._close_idle_siblings()
-            if isinstance(exc, OSError) and not isinstance(exc, (TimeoutError, Refused)):
-                raise Lost(f"lost in a round trip: {exc.strerror or exc}") from None
             raise
 
     def _exchange(self, payload: bytes, count: int) -> list[Any]:
@@ -211,6 +223,15 @@ class RespConnection:
         finally:
             self.busy = False
             self._used_at = time.monotonic()
+
+    def _close_siblings_closed_by_peer(self) -> None:
+        """Close the sibling connections not in a round trip that Redis closed (seen without
+        a wait: MSG_PEEK); the others stay, checked before each use for SUSPECT_AFTER_LOSS."""
+        suspect_until = time.monotonic() + SUSPECT_AFTER_LOSS
+        for sibling in self.siblings:
+            sibling.suspect_until = suspect_until
+            if not sibling.busy and sibling.sock is not None and sibling.sock.closed_by_peer():
+                sibling.close()
 
     def _close_idle_siblings(self) -> None:
         """Close the sibling connections not in a round trip: Redis went away, so they are
@@ -250,6 +271,8 @@ class RespConnection:
             self._open()
         except BaseException as exc:
             self.close()
+            if isinstance(exc, Lost):  # (Redis took the connection, then closed it: it is up)
+                raise
             self._delay = min(max(self._delay * 2, RECONNECT_MIN), RECONNECT_MAX)
             self._retry_at = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
             if close_siblings and _gone(exc):
@@ -273,6 +296,8 @@ class RespConnection:
         try:
             self._connect(close_siblings=False)
         except Exception as exc:
+            if isinstance(exc, Lost):  # (no back-off after it: a pause here, not a busy loop)
+                gevent.sleep(RECONNECT_MIN)
             return exc  # (backing off: the next try is due later)
         return None
 
@@ -296,7 +321,12 @@ class RespConnection:
             commands.append([b"SELECT", str(self.db).encode()])
         commands += [[b"PING"], *self.setup]
         # (_connect decides what a failure here means for the siblings)
-        replies = self._exchange(b"".join(pack(c) for c in commands), len(commands))
+        try:
+            replies = self._exchange(b"".join(pack(c) for c in commands), len(commands))
+        except OSError as exc:
+            if _lost(exc):  # (a CLIENT KILL in the middle of it: Redis is up)
+                raise Lost(f"lost in its setup: {exc.strerror or exc}") from None
+            raise
         required = replies[: len(commands) - len(self.setup)]
         errors = [reply for reply in required if isinstance(reply, Exception)]
         if errors and not_now(str(errors[0])):  # (BUSY, LOADING...: as if it did not answer)
@@ -315,6 +345,14 @@ class RespConnection:
                 pass
         self.sock = self.reader = None
         self.ready = False
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by an exchange on a connection that was open, says the
+    connection was closed or reset under it (not a timeout, not Redis's refusal)."""
+    return isinstance(exc, OSError) and not isinstance(
+        exc, (TimeoutError, Refused, SetupRefused, Unreachable)
+    )
 
 
 def _gone(exc: BaseException) -> bool:
