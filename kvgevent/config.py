@@ -234,6 +234,18 @@ PRESSED_QUEUE_BYTES = 1 << 20
 --max-memory (instead of --queue-bytes): a prompt reader of a big value out of a full store
 is then not the biggest holder, disconnected first (bench/OPTIMISATIONS.md, "pressed queues")."""
 
+EVICT_DRAINING = 0.5
+"""Seconds since a byte of a client's queued replies last left within which its writer counts
+as draining them, at the first check of memory that sees it (then EVICT_DRAIN_RATE): eviction
+for --max-memory then counts its queue as no more than PRESSED_QUEUE_BYTES, what it holds
+once drained under the limit (a prompt reader whose queue filled to --queue-bytes just
+before the server went over was disconnected first)."""
+
+EVICT_DRAIN_RATE = 1 << 20
+"""Bytes a second a client's writer must have sent since the last check of memory for its
+queue to count as draining: one that reads a byte now and then to look alive keeps what it
+holds counted (a 16 MiB queue drains in 16 s at this rate)."""
+
 EVICT_MIN_BYTES = 4096
 """Clients holding fewer buffered bytes than this are never disconnected for memory: a
 polite client holds a request or two; a higher floor let many clients just under it fill the

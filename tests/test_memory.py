@@ -305,6 +305,28 @@ def test_with_the_store_full_a_client_can_still_read_a_big_reply(run_server, pee
     assert read_stats(peer)["evicted_clients"] == 0
 
 
+def test_a_prompt_reader_whose_reply_takes_the_server_over_the_limit_keeps_reading(run_server, peers):
+    """The store 8 MiB under --max-memory, a client reading as fast as it can asks for 3 GETs
+    of a key of 40 values of 1 MB: its queue fills towards --queue-bytes (16 MiB) while the
+    server is still under the limit, and takes it over. It gets every value, and nobody is
+    disconnected: eviction counts a queue its writer is draining as no more than the 1 MiB a
+    big reply is built ahead of its reader over the limit. Before, that queue made it the
+    biggest holder, disconnected at once (an attacker's pass: after 62 of 500 values)."""
+    value = b"m" * 1_000_000
+    load = b"".join(b"PUT:big:%s\n" % value for _ in range(40))
+    probe = run_server()
+    peer = peers(probe.port)
+    assert peer.request(load) == []
+    used = read_stats(peer)["used_memory"]
+    probe.stop(timeout=20)
+    server = run_server("--max-memory", str(used + 8 * MiB))
+    loader = peers(server.port)
+    assert loader.request(load) == []
+    reader = peers(server.port)
+    assert reader.request(b"GET:big\n" * 3) == [b"big:" + value] * 120
+    assert read_stats(loader)["evicted_clients"] == 0
+
+
 def test_max_memory_from_the_environment(run_server, peers):
     server = run_server(env={"KVGEVENT_MAX_MEMORY": "64m"})
     assert read_stats(peers(server.port))["maxmemory"] == 64 * MiB

@@ -40,7 +40,14 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.queue import Queue, UnboundQueue
 
-from kvgevent.config import DROP_GRACE, MAX_SEND_BATCH, ROOM_WAIT_LIMIT
+from kvgevent.config import (
+    DROP_GRACE,
+    EVICT_DRAIN_RATE,
+    EVICT_DRAINING,
+    MAX_SEND_BATCH,
+    PRESSED_QUEUE_BYTES,
+    ROOM_WAIT_LIMIT,
+)
 from kvgevent.fastio import FastSocket, wrap
 from kvgevent.logs import Logger
 from kvgevent.protocol import LineBuffer
@@ -90,6 +97,7 @@ class Connection:
         "sending",
         "acked",
         "acked_at",
+        "drain_seen",
         "parked",
         "stale",
         "_hub",
@@ -154,6 +162,7 @@ class Connection:
         self.sending = 0  # reply lines in the writer's sendall now (lost if it is killed)
         self.acked = -1  # bytes the client had acknowledged when last looked at (io.acked)
         self.acked_at = 0.0  # when that figure was first seen: the client's last known progress
+        self.drain_seen = (0, 0.0)  # (io.sent, when) at the last eviction check (holding)
         self.parked = False  # the writer waits for the queue to get something (_write_loop)
         self.stale = False  # the writer has been parked since the last retire_writer()
         self._hub = gevent.get_hub()
@@ -363,6 +372,27 @@ class Connection:
     def buffered(self) -> int:
         """Bytes this client holds now: its incomplete line, queued and in-flight replies."""
         return self.input_held + self.queued_bytes
+
+    def holding(self, now: float) -> int:
+        """What this client holds as eviction for --max-memory judges it: :meth:`buffered`,
+        but while its writer is draining the queue (a byte left within EVICT_DRAINING), the
+        queue counts for no more than PRESSED_QUEUE_BYTES: over the limit, a big reply is
+        built no further ahead of its reader than that, so a prompt reader's queue shrinks
+        to it by itself, where a client that does not read keeps what it holds."""
+        queued = self.queued_bytes
+        if queued > PRESSED_QUEUE_BYTES and self._draining(now):
+            queued = PRESSED_QUEUE_BYTES
+        return self.input_held + queued
+
+    def _draining(self, now: float) -> bool:
+        """Whether the writer is sending the queue out: at EVICT_DRAIN_RATE or more since the
+        last look (within a second), else, at a first look, a byte left within EVICT_DRAINING."""
+        sent, seen_at = self.drain_seen
+        self.drain_seen = (self.io.sent, now)
+        if seen_at and now - seen_at < 1.0:
+            return self.io.sent - sent >= EVICT_DRAIN_RATE * (now - seen_at)
+        stalled = self.io.stalled_since
+        return not stalled or now - stalled < EVICT_DRAINING
 
     def release(self) -> None:
         """Give back everything this connection counted in the guard (when it is dropped);

@@ -844,13 +844,14 @@ class KeyValueServer:
         return None
 
     def _evict(self, excess: int, floor: int) -> int:
-        """Disconnect the clients holding the most buffered bytes (at least ``floor`` each)
+        """Disconnect the clients holding the most buffered bytes (at least ``floor`` each),
+        as ``Connection.holding`` counts them (a prompt reader's queue, no more than the
+        pressed queue: what it holds beyond drains by itself, and is taken off ``excess``),
         until they held ``excess`` bytes (reason ``memory_limit``); returns how many."""
-        held = sorted(
-            ((conn.buffered(), conn) for conn in self._conns.values() if conn.failed is None),
-            key=lambda pair: pair[0],
-            reverse=True,
-        )
+        now = time.monotonic()
+        held = [(conn.holding(now), conn) for conn in self._conns.values() if conn.failed is None]
+        excess -= sum(conn.buffered() - holding for holding, conn in held)  # (given back by themselves)
+        held.sort(key=lambda pair: pair[0], reverse=True)
         evicted = 0
         for size, conn in held:
             if excess <= 0 or size < floor:
