@@ -567,17 +567,28 @@ class RedisStore(KVStore):
         outage begins, as for any data command; its answer ends one). ``within``: seconds
         to wait for its answer, if not the store's timeout (no answer by then: a timeout)."""
         ping = (self._dispatcher.execute, [(b"PING",)], [bytes])  # type: ignore[union-attr]  # (callers checked it is set)
+        asked = self.health.clock()
         if within is None:
-            self._call(*ping)
+            self._pinged(self._call(*ping, per_command=True), asked)
             return
         deadline = gevent.Timeout(within)
         try:
             with deadline:
-                self._call(*ping)
+                replies = self._call(*ping, per_command=True)
         except gevent.Timeout as exc:
             if exc is not deadline:  # (a caller's own deadline: not this PING's)
                 raise
             raise self._failure(TimeoutError("no answer to a PING"), {self.node}, 1).fresh() from None
+        self._pinged(replies, asked)
+
+    def _pinged(self, replies: list[Any], asked: float) -> None:
+        """Judge the data path's PING (sent at ``asked``) by its reply: an error reply (BUSY,
+        LOADING: Redis cannot serve now) fails as a command would, an outage begun or going
+        on; PONG says the node serves, the end of any outage."""
+        if isinstance(replies[0], Exception):
+            raise self._failure(replies[0], {self.node}, 1).fresh()
+        if self.health.outages:
+            self.health.up(self.node, asked)
 
     def _failure(self, exc: BaseException, nodes: set[str], commands: int) -> StoreError:
         """The StoreError for a call that raised ``exc``, with the episode it begins."""
