@@ -400,3 +400,24 @@ def test_a_server_that_closed_between_two_calls_is_reported_before_sending(serve
         assert not kv.connected
     finally:
         kv.close()
+
+
+def test_a_socket_connected_to_itself_is_refused(monkeypatch):
+    """A connect to a local port nobody listens on can be given that same port as its source
+    port, and TCP then connects the socket to itself (every request comes back as its own
+    "reply"). Forced here by binding the source port: Client() raises ConnectionLost "cannot
+    connect ... connected to itself" at once (before, it connected, and ping() read its own
+    echo until the timeout, or for ever with timeout=None)."""
+    from conftest import free_port
+
+    port = free_port()
+    real = socket.create_connection
+
+    def from_the_same_port(address, timeout=None, source_address=None):
+        return real(address, timeout, source_address=("127.0.0.1", port))
+
+    monkeypatch.setattr(socket, "create_connection", from_the_same_port)
+    kv = Client(port=port, timeout=None, connect=False)
+    with pytest.raises(ConnectionLost, match=f"cannot connect to 127.0.0.1:{port}: connected to itself"):
+        kv.connect()
+    assert not kv.connected

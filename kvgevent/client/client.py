@@ -150,12 +150,19 @@ class Client:
 
     def connect(self) -> None:
         """(Re)connect, handshake and authenticate; a fresh connection forgets anything
-        unread on the old one. Raises ConnectionLost, or ServerError for a refused password."""
+        unread on the old one. Raises ConnectionLost ("cannot connect to ...", also for a
+        socket the kernel connected to itself: a local port nobody listens on can be handed
+        out as the connection's own source port), or ServerError for a refused password."""
         self.close()
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
             raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        if _self_connected(sock):
+            sock.close()
+            raise ConnectionLost(
+                f"cannot connect to {self.host}:{self.port}: connected to itself (nothing listens there)"
+            )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         tls = self._handshake(sock) if self.tls is not None else None
@@ -311,6 +318,15 @@ class Client:
         if line is not None:
             self.close()
             raise _stray(line)
+
+
+def _self_connected(sock: socket.socket) -> bool:
+    """True if ``sock`` is connected to itself (TCP's simultaneous open: its own address is
+    its peer's), which talks to nothing but its own echo."""
+    try:
+        return bool(sock.getsockname() == sock.getpeername())
+    except OSError:  # already reset: the first call will say so
+        return False
 
 
 def _stray(line: bytes) -> ConnectionLost:
