@@ -619,3 +619,20 @@ def test_pipe_gives_up_on_a_stopped_server_while_stdin_keeps_giving(server_proce
     assert status == 3, (out, err)
     assert b"timed out" in err
     assert took < 15, took
+
+
+# --- review 32: usage errors, a closed stdout, bench ----------------------------------------
+
+
+def test_a_protocol_line_argument_holding_a_newline_is_a_usage_error(port):
+    """`run_client.py PUT:a:1 $'PUT:k:a\\nGET:k'`: the second argument would be two requests.
+    A usage error (exit 2, no traceback) before anything is sent: PUT:a:1 is not applied
+    either. (Before: an InvalidArgument traceback, exit 1.) A trailing line ending is still
+    only a line ending."""
+    result = client(port, "PUT:a:1", "PUT:k:a\nGET:k")
+    assert result.returncode == 2, result.stderr
+    assert b"error: a protocol line may not contain a newline: PUT:k:a\\nGET:k" in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert client(port, "get", "a").stdout == b""
+    assert client(port, "PUT:a:2\n").returncode == 0
+    assert client(port, "get", "a").stdout == b"2\n"

@@ -177,17 +177,33 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if not args.request and sys.stdin.isatty():
         return run_repl(client)
-    one_shot: list[Request] | None = None
-    if args.request and ":" not in args.request[0]:
-        try:  # checked before connecting: a usage error is reported as such
-            one_shot = [Request(command=command_from_words(args.request))]
-        except InvalidArgument as exc:
-            parser.error(str(exc))
+    one_shot = _checked_arguments(args.request, parser)  # before connecting: usage errors as such
     client.connect()
     with client:
         if one_shot is not None:
             return run_requests(client, [], sys.stdout, tty, commands=one_shot)
         return run_requests(client, args.request or _stdin_lines(), sys.stdout, tty)
+
+
+def _checked_arguments(request: list[str], parser: argparse.ArgumentParser) -> list[Request] | None:
+    """The one-shot command of COMMAND words (``get k``), or None when the arguments are
+    protocol lines (or there are none). Bad words, and a protocol line holding a newline (it
+    would be two requests), are a usage error: exit 2, before anything is sent."""
+    if not request:
+        return None
+    if ":" not in request[0]:
+        try:
+            return [Request(command=command_from_words(request))]
+        except InvalidArgument as exc:
+            parser.error(str(exc))
+    for text in request:
+        try:
+            raw = parse_request(text).raw
+        except InvalidArgument:
+            continue  # bad words among protocol lines: reported when run, as from stdin
+        if raw is not None and b"\n" in raw:
+            parser.error(f"a protocol line may not contain a newline: {escape_line(raw)}")
+    return None
 
 
 def _client(args: argparse.Namespace) -> Client:
