@@ -636,3 +636,38 @@ def test_a_protocol_line_argument_holding_a_newline_is_a_usage_error(port):
     assert client(port, "get", "a").stdout == b""
     assert client(port, "PUT:a:2\n").returncode == 0
     assert client(port, "get", "a").stdout == b"2\n"
+
+
+def read_then_close(port: int, *args: str, lines: int) -> tuple[int, bytes]:
+    """``run_client.py ARGS | head -LINES``: read that many lines of its stdout, close the
+    pipe, and return its exit status and stderr. The client is killed if still there."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        for _ in range(lines):
+            assert proc.stdout.readline()
+        proc.stdout.close()
+        status = proc.wait(timeout=20)
+        return status, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_a_closed_stdout_ends_the_client_quietly(port):
+    """`run_client.py get many | head -1` (2 MB of values, more than a pipe holds) and
+    `--stat | head -2`: the reader went away, the server did not. Exit 141 (as a tool ended
+    by SIGPIPE) with nothing on stderr. (Before: "[Errno 32] Broken pipe", exit 3, the
+    status of an unreachable server.)"""
+    lines = b"".join(b"PUT:many:%0100d\n" % i for i in range(20_000))
+    assert client(port, "--pipe", stdin=lines).returncode == 0
+    assert read_then_close(port, "get", "many", lines=1) == (141, b"")
+    assert read_then_close(port, "--stat", "--interval", "0.05", lines=2) == (141, b"")

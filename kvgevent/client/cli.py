@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import ssl
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,6 +50,8 @@ from kvgevent.tls import client_context
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CONNECTION = 3
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
+"""What a shell shows for a process ended by SIGPIPE: ``run_client.py ... | head -1``."""
 BATCH = 1000
 """Requests sent per write when reading requests from stdin: one round trip per batch."""
 DEFAULT_INTERVAL = 1.0
@@ -136,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.request and (args.pipe or args.stat or args.latency):
         parser.error("--pipe, --stat and --latency take no COMMAND")
     try:
-        return _run(args, parser)
+        status = _run(args, parser)
+        sys.stdout.flush()  # here, not at exit: a closed stdout is handled below
+        return status
+    except BrokenPipeError:  # stdout's reader has gone (`| head -1`); sockets raise ConnectionLost
+        return _stdout_closed()
     except ConnectionLost as exc:
         print(f"run_client.py: {exc}", file=sys.stderr)
         return EXIT_CONNECTION
@@ -148,6 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONNECTION
     except KeyboardInterrupt:
         return 0
+
+
+def _stdout_closed() -> int:
+    """Stop quietly once stdout's reader has gone, as a Unix tool killed by SIGPIPE does, with
+    the status a shell shows for one (128 + SIGPIPE = 141). Stdout is pointed at /dev/null
+    first, so the interpreter's last flush of what is left finds no closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_STDOUT_CLOSED
 
 
 def _bench_argv(argv: list[str]) -> list[str] | None:
