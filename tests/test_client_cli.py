@@ -671,3 +671,17 @@ def test_a_closed_stdout_ends_the_client_quietly(port):
     assert client(port, "--pipe", stdin=lines).returncode == 0
     assert read_then_close(port, "get", "many", lines=1) == (141, b"")
     assert read_then_close(port, "--stat", "--interval", "0.05", lines=2) == (141, b"")
+
+
+@pytest.mark.parametrize("test", ["ping", "put", "delete", "get"])
+def test_bench_against_a_dead_port_is_one_line_and_exit_3(test):
+    """README: "3 if the server cannot be reached; a failure prints one line on stderr".
+    (Before, -t ping/put/delete printed a traceback per connection, an empty report and
+    a cleanup traceback, exit 1.)"""
+    port = free_port()
+    result = client(port, "bench", "--port", str(port), "-t", test, "-n", "10", "-c", "2", "-q")
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.decode().splitlines() == [
+        f"run_client.py bench: cannot connect to 127.0.0.1:{port}: Connection refused"
+    ]
+    assert result.stdout == b""

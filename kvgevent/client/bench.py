@@ -93,8 +93,17 @@ def _worker(
     barrier = b"" if test in ("get", "ping") else b"PING\n"
     latencies: list[float] = []
     state = {"done": 0, "errors": 0}
+    failed: list[str] = []
 
     def connection(share: int) -> None:
+        """One connection's share of the requests; a failure is counted, not raised (a
+        greenlet's exception would print a traceback per connection)."""
+        try:
+            requests(share)
+        except OSError as exc:
+            failed.append(f"{type(exc).__name__}: {exc.strerror or exc}")
+
+    def requests(share: int) -> None:
         sock = socket.create_connection((args["host"], args["port"]))
         try:
             while share > 0:
@@ -108,7 +117,7 @@ def _worker(
                 while data.count(b"\n") < want:
                     chunk = sock.recv(1 << 16)
                     if not chunk:
-                        raise ConnectionError("the server closed the connection")
+                        raise ConnectionError("connection closed by the server")
                     data += chunk
                 latencies.append(time.perf_counter() - begin)
                 state["errors"] += count_errors(data)
@@ -129,7 +138,7 @@ def _worker(
     gevent.joinall(jobs)
     reporter.kill()
     progress[slot] = state["done"]
-    failed = [str(job.exception) for job in jobs if job.exception is not None]
+    failed += [str(job.exception) for job in jobs if job.exception is not None]
     results.put(
         {
             "latencies": latencies,
@@ -242,6 +251,8 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bench; the exit status: 0, 1 if a test had ERR replies or failed connections,
+    2 for bad usage, 3 if the server cannot be reached (one line on stderr)."""
     parser = build_parser()
     opts = parser.parse_args(argv)
     check_env(parser, opts)
@@ -254,36 +265,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kvgevent.errors import ConnectionLost
 
     try:
-        if any(t in ("get", "update") for t in tests):
-            _preload(opts.host, opts.port, prefix, opts.keys, opts.size)
+        _check_reachable(opts.host, opts.port)  # one line and exit 3, not a failure per connection
+        status = _run_tests(opts, tests, prefix)
+        _cleanup(opts.host, opts.port, prefix, opts.keys)
     except ConnectionLost as exc:
         print(f"run_client.py bench: {exc}", file=sys.stderr)
         return 3
+    return status
+
+
+def _check_reachable(host: str, port: int) -> None:
+    """Raise ConnectionLost unless the server answers a PING."""
+    from kvgevent.client.client import Client
+
+    with Client(host, port, timeout=60) as client:
+        client.ping()
+
+
+def _run_tests(opts: argparse.Namespace, tests: list[str], prefix: bytes) -> int:
+    """Run each test and print its report; 1 if any had errors or failed connections, else 0."""
     status = 0
+    if any(t in ("get", "update") for t in tests):
+        _preload(opts.host, opts.port, prefix, opts.keys, opts.size)
     for test in tests:
         if test == "get":  # a DELETE or PUT test before cannot have touched these, but be sure
             _preload(opts.host, opts.port, prefix, opts.keys, opts.size)
         result = run_test(opts, test, prefix, sys.stdout)
         if result["errors"] or result["failed_connections"]:
             status = 1
-        if opts.json:
-            print(json.dumps(result), flush=True)
-            continue
-        print(f"====== {test.upper()} ======")
-        print(f"  {result['requests']} requests completed in {result['seconds']:.2f} seconds")
-        print(
-            f"  {opts.clients} parallel clients, pipeline {opts.pipeline}, {opts.size} bytes payload, "
-            f"{result['processes']} bench process(es) at {result['bench_cpu_pct']}% CPU"
-        )
-        print(f"  throughput: {result['ops_s']:,} requests per second")
-        print(
-            f"  latency per {result['latency_of']} (ms): p50 {result['p50_ms']:.3f}  "
-            f"p99 {result['p99_ms']:.3f}  p99.9 {result['p999_ms']:.3f}  max {result['max_ms']:.3f}"
-        )
-        if result["errors"] or result["failed_connections"]:
-            print(
-                f"  ERRORS: {result['errors']} ERR replies, {result['failed_connections']} failed connections"
-            )
-        print(flush=True)
-    _cleanup(opts.host, opts.port, prefix, opts.keys)
+        _report(opts, result)
     return status
+
+
+def _report(opts: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Print one test's result: a JSON line with --json, else the human report."""
+    if opts.json:
+        print(json.dumps(result), flush=True)
+        return
+    print(f"====== {result['test'].upper()} ======")
+    print(f"  {result['requests']} requests completed in {result['seconds']:.2f} seconds")
+    print(
+        f"  {opts.clients} parallel clients, pipeline {opts.pipeline}, {opts.size} bytes payload, "
+        f"{result['processes']} bench process(es) at {result['bench_cpu_pct']}% CPU"
+    )
+    print(f"  throughput: {result['ops_s']:,} requests per second")
+    print(
+        f"  latency per {result['latency_of']} (ms): p50 {result['p50_ms']:.3f}  "
+        f"p99 {result['p99_ms']:.3f}  p99.9 {result['p999_ms']:.3f}  max {result['max_ms']:.3f}"
+    )
+    if result["errors"] or result["failed_connections"]:
+        print(f"  ERRORS: {result['errors']} ERR replies, {result['failed_connections']} failed connections")
+    print(flush=True)
