@@ -9,8 +9,9 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, Peer, Terminal, free_port
+from conftest import ROOT, Peer, Terminal, free_port, wait_until
 
+from kvgevent.client import Client
 from kvgevent.client.commands import escape
 
 
@@ -685,3 +686,69 @@ def test_bench_against_a_dead_port_is_one_line_and_exit_3(test):
         f"run_client.py bench: cannot connect to 127.0.0.1:{port}: Connection refused"
     ]
     assert result.stdout == b""
+
+
+def bench_json(port: int, *args: str, env: dict | None = None) -> list[dict]:
+    """``run_client.py ARGS`` (a bench with --json): its reports; it must exit 0."""
+    result = client(port, *args, "-c", "2", "-P", "4", "-n", "400", "--keys", "20", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_bench_takes_the_connection_options_of_every_mode(server_process, certs):
+    """README: every mode takes --timeout, and --password (or KVGEVENT_PASSWORD) and TLS. The
+    bench against a server with a password and TLS: every test runs without an error or a
+    failed connection, with the options after `bench` or before it (--timeout too), or from
+    the environment, and it cleans up. (Before, they were usage errors, KVGEVENT_PASSWORD was
+    ignored: '100 ERR replies', and nothing could reach a TLS server.)"""
+    proc = server_process("--tls-cert", str(certs.server_pem), env={"KVGEVENT_PASSWORD": "sekret"})
+    ca = str(certs.ca_pem)
+    runs = [
+        (["bench", "--password", "sekret", "--tls-ca", ca, "--timeout", "5"], None),
+        (["--timeout", "5", "--password=sekret", "--tls-insecure", "bench"], None),
+        (["bench", "--tls"], {"KVGEVENT_PASSWORD": "sekret", "KVGEVENT_TLS_CA": ca, "KVGEVENT_TIMEOUT": "5"}),
+    ]
+    for args, env in runs:
+        reports = bench_json(proc.port, *args, "-t", "put,get,update,delete,ping", env=env)
+        assert [r["test"] for r in reports] == ["put", "get", "update", "delete", "ping"], args
+        for report in reports:
+            assert (report["requests"], report["errors"], report["failed_connections"]) == (400, 0, 0), args
+    stats = client(proc.port, "--tls-ca", ca, "--password", "sekret", "stats")
+    assert b"keys=0\n" in stats.stdout, stats
+
+
+BENCH_FOREVER = ("-t", "ping", "-n", "100000000", "-c", "2", "-q")
+"""A bench that runs until it is stopped."""
+
+
+def test_bench_gives_up_on_a_stopped_server(server_process):
+    """README: "a server that stops answering is given up on after --timeout seconds (exit 3,
+    one line on stderr)". KVGEVENT_TIMEOUT=2 bench -t ping, run_server.py SIGSTOPped once the
+    bench is under way: the bench's connections time out (counted as failed), its cleanup
+    too, and it exits 3 within seconds. (Before, it was still blocked after 37 s.)"""
+    proc = server_process()
+    bench = None
+    try:
+        bench = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_client.py"), "--port", str(proc.port), "bench", *BENCH_FOREVER],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env={**os.environ, "KVGEVENT_TIMEOUT": "2"},
+        )
+        with Client(port=proc.port, timeout=5) as kv:
+            wait_until(lambda: kv.stats()["commands"] > 1000, timeout=20, message="the bench did not start")
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, err = bench.communicate(timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        if bench is not None and bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 3, err
+    assert err.decode().splitlines() == ["run_client.py bench: timed out: nothing sent or received for 2 s"]
+    assert b"0 ERR replies, 2 failed connections" in out
+    assert took < 15, took

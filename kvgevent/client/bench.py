@@ -23,8 +23,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvgevent.args import add_env_option, check_env, port_number, positive_int, program_name
-from kvgevent.config import DEFAULT_HOST, DEFAULT_PORT
+from kvgevent.args import check_env, positive_int, program_name
+from kvgevent.client.cli import add_connection_options, client_for
+from kvgevent.client.client import Client
 from kvgevent.protocol import ReplyKind, classify_reply
 
 TESTS = ("put", "get", "update", "delete", "ping")
@@ -38,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # "--proc" is a usage error, not a guess at --processes
         description="Load a kvgevent server and report ops/s and latency percentiles.",
     )
-    add_env_option(parser, "host", DEFAULT_HOST, "server address")
-    add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
+    add_connection_options(parser)  # those of every mode: run_client.py --help
     parser.add_argument("-c", dest="clients", type=positive_int, default=50, help="connections (default 50)")
     parser.add_argument(
         "-P", dest="pipeline", type=positive_int, default=1, help="requests per write (default 1)"
@@ -104,18 +104,19 @@ def _worker(
             failed.append(f"{type(exc).__name__}: {exc.strerror or exc}")
 
     def requests(share: int) -> None:
-        sock = socket.create_connection((args["host"], args["port"]))
+        sock = socket.create_connection((args["host"], args["port"]), timeout=args["timeout"])
         try:
+            stream = _connected(sock, args)
             while share > 0:
                 count = min(pipeline, share)
                 keys = [space + b"%d" % rng.randrange(args["keys"]) for _ in range(count)]
                 payload = b"".join(_requests(test, k, value) for k in keys) + barrier
                 want = count if replies_per_batch != 1 else 1
                 begin = time.perf_counter()
-                sock.sendall(payload)
+                stream.sendall(payload)
                 data = b""
                 while data.count(b"\n") < want:
-                    chunk = sock.recv(1 << 16)
+                    chunk = stream.recv(1 << 16)
                     if not chunk:
                         raise ConnectionError("connection closed by the server")
                     data += chunk
@@ -149,12 +150,58 @@ def _worker(
     )
 
 
-def _preload(host: str, port: int, prefix: bytes, keys: int, size: int) -> None:
-    """Every key holds exactly one value (GET then replies one line, UPDATE has a match)."""
-    from kvgevent.client.client import Client
+def _connected(sock: Any, args: dict[str, Any]) -> Any:
+    """What a worker's connection reads and writes: ``sock`` itself, or a TLS session over it
+    when ``args["tls"]`` is ``(cafile, verify)``; authenticated when ``args["password"]`` is
+    set. Each wait is bounded by the socket's timeout. OSError (ConnectionError for a refused
+    password, ssl.SSLError for a failed handshake) if it cannot be had."""
+    import threading
 
+    from kvgevent.tls import TlsStream, client_context
+
+    stream = sock
+    if args["tls"] is not None:
+        cafile, verify = args["tls"]
+        context = client_context(cafile, verify=verify)
+        stream = TlsStream(
+            sock, context, server_side=False, server_hostname=args["host"], lock_factory=threading.Lock
+        )
+        stream.handshake()
+    if args["password"] is not None:
+        stream.sendall(b"AUTH:" + args["password"] + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = stream.recv(1 << 10)
+            if not chunk:
+                raise ConnectionError("connection closed by the server")
+            reply += chunk
+        if reply != b"OK\n":
+            raise ConnectionError(f"AUTH refused: {reply.strip()[:80]!r}")
+    return stream
+
+
+def _worker_connection(opts: argparse.Namespace) -> dict[str, Any]:
+    """The connection options a worker process needs, in a form it can be sent (no context)."""
+    tls: tuple[str | None, bool] | None = None
+    if opts.tls_insecure:
+        tls = (None, False)
+    elif opts.tls or opts.tls_ca:
+        tls = (opts.tls_ca, True)
+    password = opts.password.encode() if opts.password is not None else None
+    return {
+        "host": opts.host,
+        "port": opts.port,
+        "timeout": opts.timeout or None,
+        "password": password,
+        "tls": tls,
+    }
+
+
+def _preload(opts: argparse.Namespace, prefix: bytes) -> None:
+    """Every key holds exactly one value (GET then replies one line, UPDATE has a match)."""
+    keys, size = opts.keys, opts.size
     value = (b"v" * size)[:size]
-    with Client(host, port, timeout=60) as client:
+    with _client(opts) as client:
         for start in range(0, keys, 5000):
             lines = []
             for i in range(start, min(start + 5000, keys)):
@@ -163,11 +210,10 @@ def _preload(host: str, port: int, prefix: bytes, keys: int, size: int) -> None:
             client.send_raw(lines)
 
 
-def _cleanup(host: str, port: int, prefix: bytes, keys: int) -> None:
+def _cleanup(opts: argparse.Namespace, prefix: bytes) -> None:
     """Delete every key the bench used."""
-    from kvgevent.client.client import Client
-
-    with Client(host, port, timeout=60) as client:
+    keys = opts.keys
+    with _client(opts) as client:
         for start in range(0, keys, 5000):
             client.send_raw(
                 [
@@ -188,8 +234,7 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
         "size": opts.size,
         "prefix": prefix,
         "keys": opts.keys,
-        "host": opts.host,
-        "port": opts.port,
+        **_worker_connection(opts),
     }
     per_process = [
         opts.clients // opts.processes + (1 if i < opts.clients % opts.processes else 0)
@@ -262,34 +307,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown test {', '.join(unknown)} (known: {', '.join(TESTS)})")
     prefix = b"bench%d:" % os.getpid()
     prefix = prefix.replace(b":", b"_")
-    from kvgevent.errors import ConnectionLost
+    from kvgevent.errors import ConnectionLost, ServerError
 
     try:
-        _check_reachable(opts.host, opts.port)  # one line and exit 3, not a failure per connection
+        with _client(opts) as client:  # one line and exit 3, not a failure per connection
+            client.ping()
         status = _run_tests(opts, tests, prefix)
-        _cleanup(opts.host, opts.port, prefix, opts.keys)
+        _cleanup(opts, prefix)
     except ConnectionLost as exc:
+        print(f"run_client.py bench: {exc}", file=sys.stderr)
+        return 3
+    except ServerError as exc:  # a refused AUTH
+        print(f"run_client.py bench: ERR {exc.reason}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # an unreadable --tls-ca
         print(f"run_client.py bench: {exc}", file=sys.stderr)
         return 3
     return status
 
 
-def _check_reachable(host: str, port: int) -> None:
-    """Raise ConnectionLost unless the server answers a PING."""
-    from kvgevent.client.client import Client
-
-    with Client(host, port, timeout=60) as client:
-        client.ping()
+def _client(opts: argparse.Namespace) -> Client:
+    """A connected client of the options' server (timeout, password, TLS)."""
+    client = client_for(opts)
+    client.connect()
+    return client
 
 
 def _run_tests(opts: argparse.Namespace, tests: list[str], prefix: bytes) -> int:
     """Run each test and print its report; 1 if any had errors or failed connections, else 0."""
     status = 0
     if any(t in ("get", "update") for t in tests):
-        _preload(opts.host, opts.port, prefix, opts.keys, opts.size)
+        _preload(opts, prefix)
     for test in tests:
         if test == "get":  # a DELETE or PUT test before cannot have touched these, but be sure
-            _preload(opts.host, opts.port, prefix, opts.keys, opts.size)
+            _preload(opts, prefix)
         result = run_test(opts, test, prefix, sys.stdout)
         if result["errors"] or result["failed_connections"]:
             status = 1

@@ -58,7 +58,12 @@ DEFAULT_INTERVAL = 1.0
 """Seconds between two lines of --stat and --latency."""
 
 
-def _seconds(accept_zero: bool, name: str) -> Callable[[str], float]:
+CONNECTION_OPTIONS = ("--host", "--port", "--timeout", "--password", "--tls-ca")
+"""The connection options that take a value."""
+CONNECTION_SWITCHES = ("--tls", "--tls-insecure")
+
+
+def seconds(accept_zero: bool, name: str) -> Callable[[str], float]:
     """An argparse type: a finite number of seconds, above zero (or at least zero when
     ``accept_zero``); argparse reports anything else as a usage error (exit status 2)."""
 
@@ -72,8 +77,58 @@ def _seconds(accept_zero: bool, name: str) -> Callable[[str], float]:
     return parse
 
 
-timeout_seconds = _seconds(accept_zero=True, name="timeout")  # 0: wait for ever
-interval_seconds = _seconds(accept_zero=False, name="interval")
+timeout_seconds = seconds(accept_zero=True, name="timeout")  # 0: wait for ever
+interval_seconds = seconds(accept_zero=False, name="interval")
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """Add the connection options to ``parser`` (read back by :func:`client_for`)."""
+    add_env_option(parser, "host", DEFAULT_HOST, "server address")
+    add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
+    add_env_option(
+        parser,
+        "timeout",
+        DEFAULT_CLIENT_TIMEOUT,
+        "seconds the server may take to connect, or to take or send a byte while a reply is due; 0: no limit",
+        type=timeout_seconds,
+    )
+    add_env_option(parser, "password", None, "send 'AUTH:<password>' first (prefer the environment variable)")
+    parser.add_argument("--tls", action="store_true", help="speak TLS (checking the server's certificate)")
+    add_env_option(parser, "tls-ca", None, "CA certificate (PEM) to check the server with; implies --tls")
+    parser.add_argument(
+        "--tls-insecure", action="store_true", help="speak TLS without checking the server's certificate"
+    )
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context the options ask for, or None for plain TCP. OSError for a --tls-ca
+    that cannot be read, ssl.SSLError for one that is not a certificate."""
+    if args.tls_insecure:
+        return client_context(verify=False)
+    if args.tls or args.tls_ca:
+        return client_context(args.tls_ca)
+    return None
+
+
+def client_for(args: argparse.Namespace) -> Client:
+    """A client for the options' server, not connected yet."""
+    timeout = args.timeout or None  # 0: no limit
+    tls = tls_context(args) or False
+    return Client(args.host, args.port, timeout=timeout, connect=False, password=args.password, tls=tls)
+
+
+def leading_connection_options(argv: list[str]) -> bool:
+    """True if ``argv`` holds only connection options (``--port 1 --tls``, ``--timeout=2``)."""
+    at = 0
+    while at < len(argv):
+        option, joined, _ = argv[at].partition("=")
+        if option in CONNECTION_SWITCHES and not joined:
+            at += 1
+        elif option in CONNECTION_OPTIONS:
+            at += 1 if joined else 2
+        else:
+            return False
+    return at == len(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,21 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  run_client.py bench -c 50 -P 16    load test (see: run_client.py bench --help)",
     )
     parser.add_argument("request", nargs="*", metavar="COMMAND", help="a command and its arguments")
-    add_env_option(parser, "host", DEFAULT_HOST, "server address")
-    add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
-    add_env_option(
-        parser,
-        "timeout",
-        DEFAULT_CLIENT_TIMEOUT,
-        "seconds the server may take to connect, or to take or send a byte while a reply is due; 0: no limit",
-        type=timeout_seconds,
-    )
-    add_env_option(parser, "password", None, "send 'AUTH:<password>' first (prefer the environment variable)")
-    parser.add_argument("--tls", action="store_true", help="speak TLS (checking the server's certificate)")
-    add_env_option(parser, "tls-ca", None, "CA certificate (PEM) to check the server with; implies --tls")
-    parser.add_argument(
-        "--tls-insecure", action="store_true", help="speak TLS without checking the server's certificate"
-    )
+    add_connection_options(parser)
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument(
         "--pipe", action="store_true", help="send protocol lines from stdin as fast as possible"
@@ -170,20 +211,19 @@ def _stdout_closed() -> int:
 
 def _bench_argv(argv: list[str]) -> list[str] | None:
     """The bench's own arguments if ``argv`` asks for ``bench`` (``run_client.py bench --help``;
-    ``--host`` and ``--port`` may come before it), else None."""
+    connection options, ``--timeout 2`` or ``--tls``, may come before it), else None."""
     if "bench" not in argv:
         return None
     where = argv.index("bench")
-    before = argv[:where]
-    if len(before) % 2 == 0 and all(a in ("--host", "--port") for a in before[::2]):
-        return before + argv[where + 1 :]
+    if leading_connection_options(argv[:where]):
+        return argv[:where] + argv[where + 1 :]
     return None
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run the mode the arguments ask for; returns the exit status."""
     tty = args.no_raw or (not args.raw and sys.stdout.isatty())
-    client = _client(args)
+    client = client_for(args)
     if args.pipe:
         return _run_pipe(client)
     if args.stat or args.latency:
@@ -222,17 +262,6 @@ def _checked_arguments(request: list[str], parser: argparse.ArgumentParser) -> l
         if raw is not None and b"\n" in raw:
             parser.error(f"a protocol line may not contain a newline: {escape_line(raw)}")
     return None
-
-
-def _client(args: argparse.Namespace) -> Client:
-    """A client for the arguments' server, not connected yet."""
-    tls: bool | ssl.SSLContext = False
-    if args.tls_insecure:
-        tls = client_context(verify=False)
-    elif args.tls or args.tls_ca:
-        tls = client_context(args.tls_ca)
-    timeout = args.timeout or None  # 0: no limit
-    return Client(args.host, args.port, timeout=timeout, connect=False, password=args.password, tls=tls)
 
 
 def _run_pipe(client: Client) -> int:
