@@ -752,3 +752,41 @@ def test_bench_gives_up_on_a_stopped_server(server_process):
     assert err.decode().splitlines() == ["run_client.py bench: timed out: nothing sent or received for 2 s"]
     assert b"0 ERR replies, 2 failed connections" in out
     assert took < 15, took
+
+
+BENCH_PUTS = ("-t", "put,get", "-n", "100000000", "-c", "4", "-q", "--keys", "2000")
+"""A bench that preloads 2,000 keys, then PUTs until it is stopped."""
+
+
+@pytest.mark.parametrize(
+    ("how", "status"), [("ctrl-c", 130), ("sigterm", 143)], ids=["ctrl-c-to-the-group", "sigterm"]
+)
+def test_an_interrupted_bench_still_cleans_up_its_keys(server_process, how, status):
+    """README: the bench "cleans up the keys it used", also when stopped: Ctrl-C (SIGINT to
+    its whole process group, workers included) or SIGTERM to its pid in the middle of a PUT
+    test (2,000 preloaded keys and the PUT test's own) leaves keys=0, exits 128 + the
+    signal's number and prints nothing on stderr. (Before: keys=4000 and a KeyboardInterrupt
+    traceback after Ctrl-C, keys=8000 after SIGTERM.)"""
+    proc = server_process()
+    bench = None
+    try:
+        bench = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_client.py"), "--port", str(proc.port), "bench", *BENCH_PUTS],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            start_new_session=True,  # its own process group, as a shell's foreground job
+        )
+        with Client(port=proc.port, timeout=5) as kv:
+            wait_until(lambda: kv.stats()["keys"] > 2000, timeout=20, message="the PUT test did not start")
+            if how == "ctrl-c":
+                os.killpg(bench.pid, signal.SIGINT)
+            else:
+                bench.send_signal(signal.SIGTERM)
+            _out, err = bench.communicate(timeout=30)
+            assert (bench.returncode, err) == (status, b"")
+            assert kv.stats()["keys"] == 0
+    finally:
+        if bench is not None and bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()

@@ -14,13 +14,15 @@ processes; the summary shows the bench's own CPU use so you can tell which side 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvgevent.args import check_env, positive_int, program_name
@@ -248,26 +250,20 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
         for i, (clients, quota) in enumerate(zip(per_process, quotas, strict=True))
     ]
     begin = time.perf_counter()
-    for proc in procs:
-        proc.start()
     show = out is not None and not opts.quiet and sys.stderr.isatty()
-    gathered: list[dict[str, Any]] = []
-    while len(gathered) < len(procs):
-        try:
-            gathered.append(results.get(timeout=PROGRESS_EVERY))
-        except Exception:  # queue.Empty: time for a progress line
-            pass
+    try:
+        with _sigint_ignored():  # Ctrl-C reaches the whole process group: the workers ignore it
+            for proc in procs:
+                proc.start()
+        gathered = _gather(procs, results, progress, show, test, opts.requests, begin)
+        seconds = time.perf_counter() - begin
+    except BaseException:  # interrupted: no worker goes on writing keys while the cleanup runs
+        _stop(procs, wait=0)
+        raise
+    finally:
         if show:
-            done, elapsed = sum(progress[:]), time.perf_counter() - begin
-            sys.stderr.write(f"\r{test.upper()}: {done}/{opts.requests} ({done / elapsed:,.0f} ops/s)   ")
-            sys.stderr.flush()
-        if all(not p.is_alive() for p in procs) and results.empty() and len(gathered) < len(procs):
-            break
-    seconds = time.perf_counter() - begin
-    for proc in procs:
-        proc.join(timeout=10)
-    if show:
-        sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.write("\r" + " " * 60 + "\r")
+    _stop(procs, wait=10)
     latencies = sorted(x for r in gathered for x in r["latencies"])
     failed = [f for r in gathered for f in r["failed"]]
     done = sum(progress[:])
@@ -295,9 +291,64 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
     }
 
 
+def _gather(
+    procs: list[Any], results: Any, progress: Any, show: bool, test: str, requests: int, begin: float
+) -> list[dict[str, Any]]:
+    """The workers' results as they end (with a progress line on stderr when ``show``)."""
+    gathered: list[dict[str, Any]] = []
+    while len(gathered) < len(procs):
+        try:
+            gathered.append(results.get(timeout=PROGRESS_EVERY))
+        except Exception:  # queue.Empty: time for a progress line
+            pass
+        if show:
+            done, elapsed = sum(progress[:]), time.perf_counter() - begin
+            sys.stderr.write(f"\r{test.upper()}: {done}/{requests} ({done / elapsed:,.0f} ops/s)   ")
+            sys.stderr.flush()
+        if all(not p.is_alive() for p in procs) and results.empty() and len(gathered) < len(procs):
+            break
+    return gathered
+
+
+def _stop(procs: list[Any], wait: float) -> None:
+    """Give the started workers ``wait`` seconds to end, then terminate those still running
+    (SIGTERM: a worker has no handler, so it ends at once) and wait for them."""
+    for proc in procs:
+        if proc.pid is None:  # never started
+            continue
+        proc.join(timeout=wait)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=10)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile: a process started now inherits that (Python leaves an
+    ignored SIGINT ignored), so a Ctrl-C to the group does not print a worker's traceback."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM, raised where the bench is (as Ctrl-C raises KeyboardInterrupt)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench; the exit status: 0, 1 if a test had ERR replies or failed connections,
-    2 for bad usage, 3 if the server cannot be reached (one line on stderr)."""
+    2 for bad usage, 3 if the server cannot be reached (one line on stderr), 130 after
+    Ctrl-C and 143 after SIGTERM (once the keys are cleaned up: the same after a failure)."""
     parser = build_parser()
     opts = parser.parse_args(argv)
     check_env(parser, opts)
@@ -309,11 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = prefix.replace(b":", b"_")
     from kvgevent.errors import ConnectionLost, ServerError
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with _client(opts) as client:  # one line and exit 3, not a failure per connection
-            client.ping()
-        status = _run_tests(opts, tests, prefix)
-        _cleanup(opts, prefix)
+        return _bench(opts, tests, prefix)
     except ConnectionLost as exc:
         print(f"run_client.py bench: {exc}", file=sys.stderr)
         return 3
@@ -323,7 +372,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # an unreadable --tls-ca
         print(f"run_client.py bench: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt as exc:  # a second one, during the cleanup
+        print(
+            f"run_client.py bench: stopped before its keys ({prefix.decode()}*) were deleted", file=sys.stderr
+        )
+        return _interrupted(exc)
+
+
+def _bench(opts: argparse.Namespace, tests: list[str], prefix: bytes) -> int:
+    """Check the server answers, run the tests, and delete the bench's keys whatever happened
+    (ending, failing, Ctrl-C, SIGTERM); the exit status."""
+    with _client(opts) as client:  # one line and exit 3, not a failure per connection
+        client.ping()
+    try:
+        status = _run_tests(opts, tests, prefix)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Stopped)
+        status = _interrupted(exc)
+    finally:
+        _cleanup(opts, prefix)
     return status
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """The exit status after an interruption: 128 + the signal's number, as a shell shows."""
+    return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
 
 
 def _client(opts: argparse.Namespace) -> Client:
