@@ -3,6 +3,7 @@ piped, requests from stdin, --pipe, --stat, --latency, and the REPL on a pseudo-
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -790,3 +791,51 @@ def test_an_interrupted_bench_still_cleans_up_its_keys(server_process, how, stat
         if bench is not None and bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)
             bench.wait()
+
+
+def read_line_within(fd: int, seconds: float) -> bytes:
+    """One line from ``fd`` (a pipe), read a byte at a time; fails after ``seconds``."""
+    end, line = time.monotonic() + seconds, b""
+    while not line.endswith(b"\n"):
+        left = end - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(0.0, left))
+        if not ready:
+            raise AssertionError(f"no line within {seconds} s (so far {line!r})")
+        byte = os.read(fd, 1)
+        assert byte, f"the client's stdout ended (so far {line!r})"
+        line += byte
+    return line
+
+
+def test_piped_requests_are_sent_once_stdin_has_nothing_more_ready(port):
+    """README: "each stdin line is one request". A producer that writes two lines and waits
+    for the reply before writing the third (a coprocess, `tail -f`) gets each reply while
+    stdin stays open, and a stdin left open after a PUT does not keep it from the server.
+    (Before, requests waited for 1,000 lines or the end of stdin: no reply came, and the
+    PUT was lost when the client was killed.)"""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_client.py"), "--port", str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        os.write(proc.stdin.fileno(), b"put k v\nget k\n")
+        assert read_line_within(proc.stdout.fileno(), 10) == b"v\n"
+        os.write(proc.stdin.fileno(), b"put k w\n")
+        with Client(port=port, timeout=5) as kv:
+            wait_until(lambda: kv.get("k") == [b"v", b"w"], timeout=10, message="the PUT was not sent")
+        os.write(proc.stdin.fileno(), b"get k\n")
+        assert read_line_within(proc.stdout.fileno(), 10) == b"v\n"
+        assert read_line_within(proc.stdout.fileno(), 10) == b"w\n"
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()

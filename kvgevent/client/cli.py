@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import select
 import signal
 import ssl
 import sys
@@ -54,6 +55,8 @@ EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
 """What a shell shows for a process ended by SIGPIPE: ``run_client.py ... | head -1``."""
 BATCH = 1000
 """Requests sent per write when reading requests from stdin: one round trip per batch."""
+STDIN_READ = 1 << 16
+"""Bytes of stdin read at a time when requests come from it."""
 DEFAULT_INTERVAL = 1.0
 """Seconds between two lines of --stat and --latency."""
 
@@ -275,15 +278,33 @@ def _run_pipe(client: Client) -> int:
     return EXIT_ERROR if summary.errors else 0
 
 
-def _stdin_lines() -> Iterator[str]:
+def _stdin_lines() -> Iterator[str | None]:
     """Stdin's lines as typed: split on ``\\n`` only (a ``\\r`` inside a line is part of a
-    value), bytes that are not UTF-8 kept (surrogateescape), so a protocol line goes out as read."""
-    for line in sys.stdin.buffer:
-        yield line.decode("utf-8", "surrogateescape")
+    value), bytes that are not UTF-8 kept (surrogateescape), so a protocol line goes out as read.
+    None before a read that could wait (nothing more is readable now): what was read so far
+    is then to be sent, so a producer that writes a line and waits for its reply gets it."""
+    fd = sys.stdin.fileno()
+    held = b""
+    while True:
+        if not select.select([fd], [], [], 0)[0]:  # (a regular file is always readable)
+            yield None
+        chunk = os.read(fd, STDIN_READ)
+        if not chunk:
+            break
+        *lines, held = (held + chunk).split(b"\n")
+        for line in lines:
+            yield (line + b"\n").decode("utf-8", "surrogateescape")
+    if held:
+        yield held.decode("utf-8", "surrogateescape")
 
 
-def _requests(lines: Iterable[str], errors: list[str]) -> Iterator[Request]:
+def _requests(lines: Iterable[str | None], errors: list[str]) -> Iterator[Request | None]:
+    """The requests of typed ``lines`` (a malformed one's message goes to ``errors``); a
+    None line (send what you have) is passed on as None."""
     for text in lines:
+        if text is None:
+            yield None
+            continue
         if not text.strip():
             continue
         try:
@@ -294,21 +315,23 @@ def _requests(lines: Iterable[str], errors: list[str]) -> Iterator[Request]:
 
 def run_requests(
     client: Client,
-    lines: Iterable[str],
+    lines: Iterable[str | None],
     out: TextIO,
     tty: bool,
     commands: list[Request] | None = None,
 ) -> int:
-    """Run requests (typed lines, or ready ``commands``) in batches; print each result in
-    order; report errors on stderr (or inline on a terminal). Returns the exit status."""
+    """Run requests (typed lines, or ready ``commands``) in batches of up to BATCH, a batch
+    sent early at a None line (nothing more is ready); print each result in order; report
+    errors on stderr (or inline on a terminal). Returns the exit status."""
     parse_errors: list[str] = []
     requests = commands if commands is not None else _requests(lines, parse_errors)
     printer = _Printer(out, tty)
     batch: list[Request] = []
     for request in requests:
         printer.parse_errors(parse_errors)
-        batch.append(request)
-        if len(batch) >= BATCH:
+        if request is not None:
+            batch.append(request)
+        if batch and (request is None or len(batch) >= BATCH):
             printer.results(_execute(client, batch, tty))
             batch.clear()
     printer.results(_execute(client, batch, tty))
