@@ -1,14 +1,16 @@
 """The client library against a real in-process server, run_server.py, and servers that
 misbehave on purpose."""
 
+import select
 import socket
 import subprocess
 import sys
 import time
 
 import gevent
+import gevent.event
 import pytest
-from conftest import ROOT
+from conftest import ROOT, wait_until
 
 from kvgevent.client import Client
 from kvgevent.errors import ConnectionLost, InvalidArgument, ServerError
@@ -300,3 +302,122 @@ def test_stats_through_execute(client):
     """STATS among other commands in one execute: one dict in its place."""
     results = client.execute([Put(b"s", b"1"), STATS, Get(b"s")])
     assert results[0] is None and results[1]["keys"] >= 1 and results[2] == [b"1"]
+
+
+# --- a reply nothing asked for, between two calls (review 32, item 6) --------------------------
+
+
+def stray_after_ping(stray: bytes, go: gevent.event.Event, received: list[bytes]):
+    """A respond() that answers the first PING with PONG, sends ``stray`` once ``go`` is set,
+    then keeps every byte the client sends after that in ``received`` (answering each read
+    as a GET of k would be), and ``<closed>`` once the client closes."""
+
+    def respond(conn: socket.socket) -> None:
+        got = b""
+        while b"PING\n" not in got:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                return
+            got += chunk
+        conn.sendall(b"PONG\n")
+        go.wait()
+        conn.sendall(stray)
+        while chunk := conn.recv(1 << 16):
+            received.append(chunk)
+            conn.sendall(b"k:real-value\nPONG\n")
+        received.append(b"<closed>")
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    ("stray", "why"),
+    [
+        (b"PONG\n", "b'PONG' when nothing was asked for"),
+        (b"k:v\nPONG\n", "b'k:v' when nothing was asked for"),
+        (b"PON", "b'PON' when nothing was asked for"),
+    ],
+    ids=["pong", "value-and-pong", "part-of-a-line"],
+)
+def test_a_stray_reply_between_two_calls_is_connection_lost(fake_server, stray, why):
+    """README ("A server that misbehaves"): a PONG nothing asked for is ConnectionLost and the
+    client is closed. Here it arrives after ping()'s reply, before the next call: the next
+    call raises before sending anything (before, get() took the stray PONG as its reply and
+    returned [], leaving the real reply to answer the call after)."""
+    received: list[bytes] = []
+    go = gevent.event.Event()
+    kv = Client(port=fake_server(stray_after_ping(stray, go, received)), timeout=5)
+    try:
+        assert kv.ping() is True
+        go.set()
+        wait_readable(kv)
+        with pytest.raises(ConnectionLost, match="unexpected reply from the server") as info:
+            kv.get("k")
+        assert why in str(info.value)
+        assert not kv.connected
+        wait_until(lambda: received == [b"<closed>"], message=f"the server received {received!r}")
+    finally:
+        kv.close()
+
+
+@pytest.mark.parametrize("stray", [b"k:v\n", b"k:"], ids=["line", "part-of-a-line"])
+def test_a_stray_reply_in_the_same_read_as_the_last_one_is_connection_lost(fake_server, stray):
+    """A line (or part of one) after the last PONG, in the same write as it: the call that read
+    it raises ConnectionLost for a whole line, the next call for a part, and the client is
+    closed (before, a whole line was dropped silently and a part was glued to the next reply)."""
+    kv = Client(port=fake_server(answer(b"PONG\n" + stray)), timeout=5)
+    try:
+        if stray.endswith(b"\n"):
+            with pytest.raises(ConnectionLost, match="b'k:v' when nothing was asked for"):
+                kv.ping()
+        else:
+            assert kv.ping() is True
+            with pytest.raises(ConnectionLost, match="bytes after the last reply"):
+                kv.get("k")
+        assert not kv.connected
+    finally:
+        kv.close()
+
+
+def wait_readable(kv: Client, timeout: float = 5.0) -> None:
+    """Wait until the client's socket holds something to read (a stray reply has arrived)."""
+    ready, _, _ = select.select([kv._sock], [], [], timeout)
+    assert ready, "nothing arrived"
+
+
+def test_a_server_that_closed_between_two_calls_is_reported_before_sending(server_process):
+    """run_server.py stopped between two calls: the next call raises 'connection closed by
+    the server' (the end of the stream is seen before anything is written), the client is
+    closed, and connect() to a new server works again."""
+    proc = server_process()
+    kv = Client(port=proc.port, timeout=5)
+    try:
+        kv.put("k", b"v")
+        assert proc.stop() == 0
+        wait_readable(kv)
+        with pytest.raises(ConnectionLost, match="connection closed by the server"):
+            kv.get("k")
+        assert not kv.connected
+    finally:
+        kv.close()
+
+
+def test_a_socket_connected_to_itself_is_refused(monkeypatch):
+    """A connect to a local port nobody listens on can be given that same port as its source
+    port, and TCP then connects the socket to itself (every request comes back as its own
+    "reply"). Forced here by binding the source port: Client() raises ConnectionLost "cannot
+    connect ... connected to itself" at once (before, it connected, and ping() read its own
+    echo until the timeout, or for ever with timeout=None)."""
+    from conftest import free_port
+
+    port = free_port()
+    real = socket.create_connection
+
+    def from_the_same_port(address, timeout=None, source_address=None):
+        return real(address, timeout, source_address=("127.0.0.1", port))
+
+    monkeypatch.setattr(socket, "create_connection", from_the_same_port)
+    kv = Client(port=port, timeout=None, connect=False)
+    with pytest.raises(ConnectionLost, match=f"cannot connect to 127.0.0.1:{port}: connected to itself"):
+        kv.connect()
+    assert not kv.connected

@@ -3,14 +3,16 @@ piped, requests from stdin, --pipe, --stat, --latency, and the REPL on a pseudo-
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, Peer, Terminal, free_port
+from conftest import ROOT, Peer, Terminal, free_port, wait_until
 
+from kvgevent.client import Client
 from kvgevent.client.commands import escape
 
 
@@ -619,3 +621,221 @@ def test_pipe_gives_up_on_a_stopped_server_while_stdin_keeps_giving(server_proce
     assert status == 3, (out, err)
     assert b"timed out" in err
     assert took < 15, took
+
+
+# --- review 32: usage errors, a closed stdout, bench ----------------------------------------
+
+
+def test_a_protocol_line_argument_holding_a_newline_is_a_usage_error(port):
+    """`run_client.py PUT:a:1 $'PUT:k:a\\nGET:k'`: the second argument would be two requests.
+    A usage error (exit 2, no traceback) before anything is sent: PUT:a:1 is not applied
+    either. (Before: an InvalidArgument traceback, exit 1.) A trailing line ending is still
+    only a line ending."""
+    result = client(port, "PUT:a:1", "PUT:k:a\nGET:k")
+    assert result.returncode == 2, result.stderr
+    assert b"error: a protocol line may not contain a newline: PUT:k:a\\nGET:k" in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert client(port, "get", "a").stdout == b""
+    assert client(port, "PUT:a:2\n").returncode == 0
+    assert client(port, "get", "a").stdout == b"2\n"
+
+
+def read_then_close(port: int, *args: str, lines: int) -> tuple[int, bytes]:
+    """``run_client.py ARGS | head -LINES``: read that many lines of its stdout, close the
+    pipe, and return its exit status and stderr. The client is killed if still there."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        for _ in range(lines):
+            assert proc.stdout.readline()
+        proc.stdout.close()
+        status = proc.wait(timeout=20)
+        return status, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_a_closed_stdout_ends_the_client_quietly(port):
+    """`run_client.py get many | head -1` (2 MB of values, more than a pipe holds) and
+    `--stat | head -2`: the reader went away, the server did not. Exit 141 (as a tool ended
+    by SIGPIPE) with nothing on stderr. (Before: "[Errno 32] Broken pipe", exit 3, the
+    status of an unreachable server.)"""
+    lines = b"".join(b"PUT:many:%0100d\n" % i for i in range(20_000))
+    assert client(port, "--pipe", stdin=lines).returncode == 0
+    assert read_then_close(port, "get", "many", lines=1) == (141, b"")
+    assert read_then_close(port, "--stat", "--interval", "0.05", lines=2) == (141, b"")
+
+
+@pytest.mark.parametrize("test", ["ping", "put", "delete", "get"])
+def test_bench_against_a_dead_port_is_one_line_and_exit_3(test):
+    """README: "3 if the server cannot be reached; a failure prints one line on stderr".
+    (Before, -t ping/put/delete printed a traceback per connection, an empty report and
+    a cleanup traceback, exit 1.)"""
+    port = free_port()
+    result = client(port, "bench", "--port", str(port), "-t", test, "-n", "10", "-c", "2", "-q")
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.decode().splitlines() == [
+        f"run_client.py bench: cannot connect to 127.0.0.1:{port}: Connection refused"
+    ]
+    assert result.stdout == b""
+
+
+def bench_json(port: int, *args: str, env: dict | None = None) -> list[dict]:
+    """``run_client.py ARGS`` (a bench with --json): its reports; it must exit 0."""
+    result = client(port, *args, "-c", "2", "-P", "4", "-n", "400", "--keys", "20", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_bench_takes_the_connection_options_of_every_mode(server_process, certs):
+    """README: every mode takes --timeout, and --password (or KVGEVENT_PASSWORD) and TLS. The
+    bench against a server with a password and TLS: every test runs without an error or a
+    failed connection, with the options after `bench` or before it (--timeout too), or from
+    the environment, and it cleans up. (Before, they were usage errors, KVGEVENT_PASSWORD was
+    ignored: '100 ERR replies', and nothing could reach a TLS server.)"""
+    proc = server_process("--tls-cert", str(certs.server_pem), env={"KVGEVENT_PASSWORD": "sekret"})
+    ca = str(certs.ca_pem)
+    runs = [
+        (["bench", "--password", "sekret", "--tls-ca", ca, "--timeout", "5"], None),
+        (["--timeout", "5", "--password=sekret", "--tls-insecure", "bench"], None),
+        (["bench", "--tls"], {"KVGEVENT_PASSWORD": "sekret", "KVGEVENT_TLS_CA": ca, "KVGEVENT_TIMEOUT": "5"}),
+    ]
+    for args, env in runs:
+        reports = bench_json(proc.port, *args, "-t", "put,get,update,delete,ping", env=env)
+        assert [r["test"] for r in reports] == ["put", "get", "update", "delete", "ping"], args
+        for report in reports:
+            assert (report["requests"], report["errors"], report["failed_connections"]) == (400, 0, 0), args
+    stats = client(proc.port, "--tls-ca", ca, "--password", "sekret", "stats")
+    assert b"keys=0\n" in stats.stdout, stats
+
+
+BENCH_FOREVER = ("-t", "ping", "-n", "100000000", "-c", "2", "-q")
+"""A bench that runs until it is stopped."""
+
+
+def test_bench_gives_up_on_a_stopped_server(server_process):
+    """README: "a server that stops answering is given up on after --timeout seconds (exit 3,
+    one line on stderr)". KVGEVENT_TIMEOUT=2 bench -t ping, run_server.py SIGSTOPped once the
+    bench is under way: the bench's connections time out (counted as failed), its cleanup
+    too, and it exits 3 within seconds. (Before, it was still blocked after 37 s.)"""
+    proc = server_process()
+    bench = None
+    try:
+        bench = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_client.py"), "--port", str(proc.port), "bench", *BENCH_FOREVER],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env={**os.environ, "KVGEVENT_TIMEOUT": "2"},
+        )
+        with Client(port=proc.port, timeout=5) as kv:
+            wait_until(lambda: kv.stats()["commands"] > 1000, timeout=20, message="the bench did not start")
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, err = bench.communicate(timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        if bench is not None and bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 3, err
+    assert err.decode().splitlines() == ["run_client.py bench: timed out: nothing sent or received for 2 s"]
+    assert b"0 ERR replies, 2 failed connections" in out
+    assert took < 15, took
+
+
+BENCH_PUTS = ("-t", "put,get", "-n", "100000000", "-c", "4", "-q", "--keys", "2000")
+"""A bench that preloads 2,000 keys, then PUTs until it is stopped."""
+
+
+@pytest.mark.parametrize(
+    ("how", "status"), [("ctrl-c", 130), ("sigterm", 143)], ids=["ctrl-c-to-the-group", "sigterm"]
+)
+def test_an_interrupted_bench_still_cleans_up_its_keys(server_process, how, status):
+    """README: the bench "cleans up the keys it used", also when stopped: Ctrl-C (SIGINT to
+    its whole process group, workers included) or SIGTERM to its pid in the middle of a PUT
+    test (2,000 preloaded keys and the PUT test's own) leaves keys=0, exits 128 + the
+    signal's number and prints nothing on stderr. (Before: keys=4000 and a KeyboardInterrupt
+    traceback after Ctrl-C, keys=8000 after SIGTERM.)"""
+    proc = server_process()
+    bench = None
+    try:
+        bench = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_client.py"), "--port", str(proc.port), "bench", *BENCH_PUTS],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            start_new_session=True,  # its own process group, as a shell's foreground job
+        )
+        with Client(port=proc.port, timeout=5) as kv:
+            wait_until(lambda: kv.stats()["keys"] > 2000, timeout=20, message="the PUT test did not start")
+            if how == "ctrl-c":
+                os.killpg(bench.pid, signal.SIGINT)
+            else:
+                bench.send_signal(signal.SIGTERM)
+            _out, err = bench.communicate(timeout=30)
+            assert (bench.returncode, err) == (status, b"")
+            assert kv.stats()["keys"] == 0
+    finally:
+        if bench is not None and bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+
+
+def read_line_within(fd: int, seconds: float) -> bytes:
+    """One line from ``fd`` (a pipe), read a byte at a time; fails after ``seconds``."""
+    end, line = time.monotonic() + seconds, b""
+    while not line.endswith(b"\n"):
+        left = end - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(0.0, left))
+        if not ready:
+            raise AssertionError(f"no line within {seconds} s (so far {line!r})")
+        byte = os.read(fd, 1)
+        assert byte, f"the client's stdout ended (so far {line!r})"
+        line += byte
+    return line
+
+
+def test_piped_requests_are_sent_once_stdin_has_nothing_more_ready(port):
+    """README: "each stdin line is one request". A producer that writes two lines and waits
+    for the reply before writing the third (a coprocess, `tail -f`) gets each reply while
+    stdin stays open, and a stdin left open after a PUT does not keep it from the server.
+    (Before, requests waited for 1,000 lines or the end of stdin: no reply came, and the
+    PUT was lost when the client was killed.)"""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_client.py"), "--port", str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        os.write(proc.stdin.fileno(), b"put k v\nget k\n")
+        assert read_line_within(proc.stdout.fileno(), 10) == b"v\n"
+        os.write(proc.stdin.fileno(), b"put k w\n")
+        with Client(port=port, timeout=5) as kv:
+            wait_until(lambda: kv.get("k") == [b"v", b"w"], timeout=10, message="the PUT was not sent")
+        os.write(proc.stdin.fileno(), b"get k\n")
+        assert read_line_within(proc.stdout.fileno(), 10) == b"v\n"
+        assert read_line_within(proc.stdout.fileno(), 10) == b"w\n"
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()

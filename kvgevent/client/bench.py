@@ -14,17 +14,20 @@ processes; the summary shows the bench's own CPU use so you can tell which side 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from kvgevent.args import add_env_option, check_env, port_number, positive_int, program_name
-from kvgevent.config import DEFAULT_HOST, DEFAULT_PORT
+from kvgevent.args import check_env, positive_int, program_name
+from kvgevent.client.cli import add_connection_options, client_for
+from kvgevent.client.client import Client
 from kvgevent.protocol import ReplyKind, classify_reply
 
 TESTS = ("put", "get", "update", "delete", "ping")
@@ -38,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # "--proc" is a usage error, not a guess at --processes
         description="Load a kvgevent server and report ops/s and latency percentiles.",
     )
-    add_env_option(parser, "host", DEFAULT_HOST, "server address")
-    add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
+    add_connection_options(parser)  # those of every mode: run_client.py --help
     parser.add_argument("-c", dest="clients", type=positive_int, default=50, help="connections (default 50)")
     parser.add_argument(
         "-P", dest="pipeline", type=positive_int, default=1, help="requests per write (default 1)"
@@ -93,22 +95,32 @@ def _worker(
     barrier = b"" if test in ("get", "ping") else b"PING\n"
     latencies: list[float] = []
     state = {"done": 0, "errors": 0}
+    failed: list[str] = []
 
     def connection(share: int) -> None:
-        sock = socket.create_connection((args["host"], args["port"]))
+        """One connection's share of the requests; a failure is counted, not raised (a
+        greenlet's exception would print a traceback per connection)."""
         try:
+            requests(share)
+        except OSError as exc:
+            failed.append(f"{type(exc).__name__}: {exc.strerror or exc}")
+
+    def requests(share: int) -> None:
+        sock = socket.create_connection((args["host"], args["port"]), timeout=args["timeout"])
+        try:
+            stream = _connected(sock, args)
             while share > 0:
                 count = min(pipeline, share)
                 keys = [space + b"%d" % rng.randrange(args["keys"]) for _ in range(count)]
                 payload = b"".join(_requests(test, k, value) for k in keys) + barrier
                 want = count if replies_per_batch != 1 else 1
                 begin = time.perf_counter()
-                sock.sendall(payload)
+                stream.sendall(payload)
                 data = b""
                 while data.count(b"\n") < want:
-                    chunk = sock.recv(1 << 16)
+                    chunk = stream.recv(1 << 16)
                     if not chunk:
-                        raise ConnectionError("the server closed the connection")
+                        raise ConnectionError("connection closed by the server")
                     data += chunk
                 latencies.append(time.perf_counter() - begin)
                 state["errors"] += count_errors(data)
@@ -129,7 +141,7 @@ def _worker(
     gevent.joinall(jobs)
     reporter.kill()
     progress[slot] = state["done"]
-    failed = [str(job.exception) for job in jobs if job.exception is not None]
+    failed += [str(job.exception) for job in jobs if job.exception is not None]
     results.put(
         {
             "latencies": latencies,
@@ -140,12 +152,58 @@ def _worker(
     )
 
 
-def _preload(host: str, port: int, prefix: bytes, keys: int, size: int) -> None:
-    """Every key holds exactly one value (GET then replies one line, UPDATE has a match)."""
-    from kvgevent.client.client import Client
+def _connected(sock: Any, args: dict[str, Any]) -> Any:
+    """What a worker's connection reads and writes: ``sock`` itself, or a TLS session over it
+    when ``args["tls"]`` is ``(cafile, verify)``; authenticated when ``args["password"]`` is
+    set. Each wait is bounded by the socket's timeout. OSError (ConnectionError for a refused
+    password, ssl.SSLError for a failed handshake) if it cannot be had."""
+    import threading
 
+    from kvgevent.tls import TlsStream, client_context
+
+    stream = sock
+    if args["tls"] is not None:
+        cafile, verify = args["tls"]
+        context = client_context(cafile, verify=verify)
+        stream = TlsStream(
+            sock, context, server_side=False, server_hostname=args["host"], lock_factory=threading.Lock
+        )
+        stream.handshake()
+    if args["password"] is not None:
+        stream.sendall(b"AUTH:" + args["password"] + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = stream.recv(1 << 10)
+            if not chunk:
+                raise ConnectionError("connection closed by the server")
+            reply += chunk
+        if reply != b"OK\n":
+            raise ConnectionError(f"AUTH refused: {reply.strip()[:80]!r}")
+    return stream
+
+
+def _worker_connection(opts: argparse.Namespace) -> dict[str, Any]:
+    """The connection options a worker process needs, in a form it can be sent (no context)."""
+    tls: tuple[str | None, bool] | None = None
+    if opts.tls_insecure:
+        tls = (None, False)
+    elif opts.tls or opts.tls_ca:
+        tls = (opts.tls_ca, True)
+    password = opts.password.encode() if opts.password is not None else None
+    return {
+        "host": opts.host,
+        "port": opts.port,
+        "timeout": opts.timeout or None,
+        "password": password,
+        "tls": tls,
+    }
+
+
+def _preload(opts: argparse.Namespace, prefix: bytes) -> None:
+    """Every key holds exactly one value (GET then replies one line, UPDATE has a match)."""
+    keys, size = opts.keys, opts.size
     value = (b"v" * size)[:size]
-    with Client(host, port, timeout=60) as client:
+    with _client(opts) as client:
         for start in range(0, keys, 5000):
             lines = []
             for i in range(start, min(start + 5000, keys)):
@@ -154,11 +212,10 @@ def _preload(host: str, port: int, prefix: bytes, keys: int, size: int) -> None:
             client.send_raw(lines)
 
 
-def _cleanup(host: str, port: int, prefix: bytes, keys: int) -> None:
+def _cleanup(opts: argparse.Namespace, prefix: bytes) -> None:
     """Delete every key the bench used."""
-    from kvgevent.client.client import Client
-
-    with Client(host, port, timeout=60) as client:
+    keys = opts.keys
+    with _client(opts) as client:
         for start in range(0, keys, 5000):
             client.send_raw(
                 [
@@ -179,8 +236,7 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
         "size": opts.size,
         "prefix": prefix,
         "keys": opts.keys,
-        "host": opts.host,
-        "port": opts.port,
+        **_worker_connection(opts),
     }
     per_process = [
         opts.clients // opts.processes + (1 if i < opts.clients % opts.processes else 0)
@@ -194,26 +250,20 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
         for i, (clients, quota) in enumerate(zip(per_process, quotas, strict=True))
     ]
     begin = time.perf_counter()
-    for proc in procs:
-        proc.start()
     show = out is not None and not opts.quiet and sys.stderr.isatty()
-    gathered: list[dict[str, Any]] = []
-    while len(gathered) < len(procs):
-        try:
-            gathered.append(results.get(timeout=PROGRESS_EVERY))
-        except Exception:  # queue.Empty: time for a progress line
-            pass
+    try:
+        with _sigint_ignored():  # Ctrl-C reaches the whole process group: the workers ignore it
+            for proc in procs:
+                proc.start()
+        gathered = _gather(procs, results, progress, show, test, opts.requests, begin)
+        seconds = time.perf_counter() - begin
+    except BaseException:  # interrupted: no worker goes on writing keys while the cleanup runs
+        _stop(procs, wait=0)
+        raise
+    finally:
         if show:
-            done, elapsed = sum(progress[:]), time.perf_counter() - begin
-            sys.stderr.write(f"\r{test.upper()}: {done}/{opts.requests} ({done / elapsed:,.0f} ops/s)   ")
-            sys.stderr.flush()
-        if all(not p.is_alive() for p in procs) and results.empty() and len(gathered) < len(procs):
-            break
-    seconds = time.perf_counter() - begin
-    for proc in procs:
-        proc.join(timeout=10)
-    if show:
-        sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.write("\r" + " " * 60 + "\r")
+    _stop(procs, wait=10)
     latencies = sorted(x for r in gathered for x in r["latencies"])
     failed = [f for r in gathered for f in r["failed"]]
     done = sum(progress[:])
@@ -241,7 +291,64 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
     }
 
 
+def _gather(
+    procs: list[Any], results: Any, progress: Any, show: bool, test: str, requests: int, begin: float
+) -> list[dict[str, Any]]:
+    """The workers' results as they end (with a progress line on stderr when ``show``)."""
+    gathered: list[dict[str, Any]] = []
+    while len(gathered) < len(procs):
+        try:
+            gathered.append(results.get(timeout=PROGRESS_EVERY))
+        except Exception:  # queue.Empty: time for a progress line
+            pass
+        if show:
+            done, elapsed = sum(progress[:]), time.perf_counter() - begin
+            sys.stderr.write(f"\r{test.upper()}: {done}/{requests} ({done / elapsed:,.0f} ops/s)   ")
+            sys.stderr.flush()
+        if all(not p.is_alive() for p in procs) and results.empty() and len(gathered) < len(procs):
+            break
+    return gathered
+
+
+def _stop(procs: list[Any], wait: float) -> None:
+    """Give the started workers ``wait`` seconds to end, then terminate those still running
+    (SIGTERM: a worker has no handler, so it ends at once) and wait for them."""
+    for proc in procs:
+        if proc.pid is None:  # never started
+            continue
+        proc.join(timeout=wait)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=10)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile: a process started now inherits that (Python leaves an
+    ignored SIGINT ignored), so a Ctrl-C to the group does not print a worker's traceback."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM, raised where the bench is (as Ctrl-C raises KeyboardInterrupt)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bench; the exit status: 0, 1 if a test had ERR replies or failed connections,
+    2 for bad usage, 3 if the server cannot be reached (one line on stderr), 130 after
+    Ctrl-C and 143 after SIGTERM (once the keys are cleaned up: the same after a failure)."""
     parser = build_parser()
     opts = parser.parse_args(argv)
     check_env(parser, opts)
@@ -251,39 +358,84 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown test {', '.join(unknown)} (known: {', '.join(TESTS)})")
     prefix = b"bench%d:" % os.getpid()
     prefix = prefix.replace(b":", b"_")
-    from kvgevent.errors import ConnectionLost
+    from kvgevent.errors import ConnectionLost, ServerError
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if any(t in ("get", "update") for t in tests):
-            _preload(opts.host, opts.port, prefix, opts.keys, opts.size)
+        return _bench(opts, tests, prefix)
     except ConnectionLost as exc:
         print(f"run_client.py bench: {exc}", file=sys.stderr)
         return 3
+    except ServerError as exc:  # a refused AUTH
+        print(f"run_client.py bench: ERR {exc.reason}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # an unreadable --tls-ca
+        print(f"run_client.py bench: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as exc:  # a second one, during the cleanup
+        print(
+            f"run_client.py bench: stopped before its keys ({prefix.decode()}*) were deleted", file=sys.stderr
+        )
+        return _interrupted(exc)
+
+
+def _bench(opts: argparse.Namespace, tests: list[str], prefix: bytes) -> int:
+    """Check the server answers, run the tests, and delete the bench's keys whatever happened
+    (ending, failing, Ctrl-C, SIGTERM); the exit status."""
+    with _client(opts) as client:  # one line and exit 3, not a failure per connection
+        client.ping()
+    try:
+        status = _run_tests(opts, tests, prefix)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Stopped)
+        status = _interrupted(exc)
+    finally:
+        _cleanup(opts, prefix)
+    return status
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """The exit status after an interruption: 128 + the signal's number, as a shell shows."""
+    return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+
+
+def _client(opts: argparse.Namespace) -> Client:
+    """A connected client of the options' server (timeout, password, TLS)."""
+    client = client_for(opts)
+    client.connect()
+    return client
+
+
+def _run_tests(opts: argparse.Namespace, tests: list[str], prefix: bytes) -> int:
+    """Run each test and print its report; 1 if any had errors or failed connections, else 0."""
     status = 0
+    if any(t in ("get", "update") for t in tests):
+        _preload(opts, prefix)
     for test in tests:
         if test == "get":  # a DELETE or PUT test before cannot have touched these, but be sure
-            _preload(opts.host, opts.port, prefix, opts.keys, opts.size)
+            _preload(opts, prefix)
         result = run_test(opts, test, prefix, sys.stdout)
         if result["errors"] or result["failed_connections"]:
             status = 1
-        if opts.json:
-            print(json.dumps(result), flush=True)
-            continue
-        print(f"====== {test.upper()} ======")
-        print(f"  {result['requests']} requests completed in {result['seconds']:.2f} seconds")
-        print(
-            f"  {opts.clients} parallel clients, pipeline {opts.pipeline}, {opts.size} bytes payload, "
-            f"{result['processes']} bench process(es) at {result['bench_cpu_pct']}% CPU"
-        )
-        print(f"  throughput: {result['ops_s']:,} requests per second")
-        print(
-            f"  latency per {result['latency_of']} (ms): p50 {result['p50_ms']:.3f}  "
-            f"p99 {result['p99_ms']:.3f}  p99.9 {result['p999_ms']:.3f}  max {result['max_ms']:.3f}"
-        )
-        if result["errors"] or result["failed_connections"]:
-            print(
-                f"  ERRORS: {result['errors']} ERR replies, {result['failed_connections']} failed connections"
-            )
-        print(flush=True)
-    _cleanup(opts.host, opts.port, prefix, opts.keys)
+        _report(opts, result)
     return status
+
+
+def _report(opts: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Print one test's result: a JSON line with --json, else the human report."""
+    if opts.json:
+        print(json.dumps(result), flush=True)
+        return
+    print(f"====== {result['test'].upper()} ======")
+    print(f"  {result['requests']} requests completed in {result['seconds']:.2f} seconds")
+    print(
+        f"  {opts.clients} parallel clients, pipeline {opts.pipeline}, {opts.size} bytes payload, "
+        f"{result['processes']} bench process(es) at {result['bench_cpu_pct']}% CPU"
+    )
+    print(f"  throughput: {result['ops_s']:,} requests per second")
+    print(
+        f"  latency per {result['latency_of']} (ms): p50 {result['p50_ms']:.3f}  "
+        f"p99 {result['p99_ms']:.3f}  p99.9 {result['p999_ms']:.3f}  max {result['max_ms']:.3f}"
+    )
+    if result["errors"] or result["failed_connections"]:
+        print(f"  ERRORS: {result['errors']} ERR replies, {result['failed_connections']} failed connections")
+    print(flush=True)

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import select
+import signal
 import ssl
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,13 +51,22 @@ from kvgevent.tls import client_context
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CONNECTION = 3
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
+"""What a shell shows for a process ended by SIGPIPE: ``run_client.py ... | head -1``."""
 BATCH = 1000
 """Requests sent per write when reading requests from stdin: one round trip per batch."""
+STDIN_READ = 1 << 16
+"""Bytes of stdin read at a time when requests come from it."""
 DEFAULT_INTERVAL = 1.0
 """Seconds between two lines of --stat and --latency."""
 
 
-def _seconds(accept_zero: bool, name: str) -> Callable[[str], float]:
+CONNECTION_OPTIONS = ("--host", "--port", "--timeout", "--password", "--tls-ca")
+"""The connection options that take a value."""
+CONNECTION_SWITCHES = ("--tls", "--tls-insecure")
+
+
+def seconds(accept_zero: bool, name: str) -> Callable[[str], float]:
     """An argparse type: a finite number of seconds, above zero (or at least zero when
     ``accept_zero``); argparse reports anything else as a usage error (exit status 2)."""
 
@@ -68,8 +80,58 @@ def _seconds(accept_zero: bool, name: str) -> Callable[[str], float]:
     return parse
 
 
-timeout_seconds = _seconds(accept_zero=True, name="timeout")  # 0: wait for ever
-interval_seconds = _seconds(accept_zero=False, name="interval")
+timeout_seconds = seconds(accept_zero=True, name="timeout")  # 0: wait for ever
+interval_seconds = seconds(accept_zero=False, name="interval")
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """Add the connection options to ``parser`` (read back by :func:`client_for`)."""
+    add_env_option(parser, "host", DEFAULT_HOST, "server address")
+    add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
+    add_env_option(
+        parser,
+        "timeout",
+        DEFAULT_CLIENT_TIMEOUT,
+        "seconds the server may take to connect, or to take or send a byte while a reply is due; 0: no limit",
+        type=timeout_seconds,
+    )
+    add_env_option(parser, "password", None, "send 'AUTH:<password>' first (prefer the environment variable)")
+    parser.add_argument("--tls", action="store_true", help="speak TLS (checking the server's certificate)")
+    add_env_option(parser, "tls-ca", None, "CA certificate (PEM) to check the server with; implies --tls")
+    parser.add_argument(
+        "--tls-insecure", action="store_true", help="speak TLS without checking the server's certificate"
+    )
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context the options ask for, or None for plain TCP. OSError for a --tls-ca
+    that cannot be read, ssl.SSLError for one that is not a certificate."""
+    if args.tls_insecure:
+        return client_context(verify=False)
+    if args.tls or args.tls_ca:
+        return client_context(args.tls_ca)
+    return None
+
+
+def client_for(args: argparse.Namespace) -> Client:
+    """A client for the options' server, not connected yet."""
+    timeout = args.timeout or None  # 0: no limit
+    tls = tls_context(args) or False
+    return Client(args.host, args.port, timeout=timeout, connect=False, password=args.password, tls=tls)
+
+
+def leading_connection_options(argv: list[str]) -> bool:
+    """True if ``argv`` holds only connection options (``--port 1 --tls``, ``--timeout=2``)."""
+    at = 0
+    while at < len(argv):
+        option, joined, _ = argv[at].partition("=")
+        if option in CONNECTION_SWITCHES and not joined:
+            at += 1
+        elif option in CONNECTION_OPTIONS:
+            at += 1 if joined else 2
+        else:
+            return False
+    return at == len(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,21 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  run_client.py bench -c 50 -P 16    load test (see: run_client.py bench --help)",
     )
     parser.add_argument("request", nargs="*", metavar="COMMAND", help="a command and its arguments")
-    add_env_option(parser, "host", DEFAULT_HOST, "server address")
-    add_env_option(parser, "port", DEFAULT_PORT, "server port", type=port_number)
-    add_env_option(
-        parser,
-        "timeout",
-        DEFAULT_CLIENT_TIMEOUT,
-        "seconds the server may take to connect, or to take or send a byte while a reply is due; 0: no limit",
-        type=timeout_seconds,
-    )
-    add_env_option(parser, "password", None, "send 'AUTH:<password>' first (prefer the environment variable)")
-    parser.add_argument("--tls", action="store_true", help="speak TLS (checking the server's certificate)")
-    add_env_option(parser, "tls-ca", None, "CA certificate (PEM) to check the server with; implies --tls")
-    parser.add_argument(
-        "--tls-insecure", action="store_true", help="speak TLS without checking the server's certificate"
-    )
+    add_connection_options(parser)
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument(
         "--pipe", action="store_true", help="send protocol lines from stdin as fast as possible"
@@ -136,7 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.request and (args.pipe or args.stat or args.latency):
         parser.error("--pipe, --stat and --latency take no COMMAND")
     try:
-        return _run(args, parser)
+        status = _run(args, parser)
+        sys.stdout.flush()  # here, not at exit: a closed stdout is handled below
+        return status
+    except BrokenPipeError:  # stdout's reader has gone (`| head -1`); sockets raise ConnectionLost
+        return _stdout_closed()
     except ConnectionLost as exc:
         print(f"run_client.py: {exc}", file=sys.stderr)
         return EXIT_CONNECTION
@@ -150,22 +202,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _stdout_closed() -> int:
+    """Stop quietly once stdout's reader has gone, as a Unix tool killed by SIGPIPE does, with
+    the status a shell shows for one (128 + SIGPIPE = 141). Stdout is pointed at /dev/null
+    first, so the interpreter's last flush of what is left finds no closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_STDOUT_CLOSED
+
+
 def _bench_argv(argv: list[str]) -> list[str] | None:
     """The bench's own arguments if ``argv`` asks for ``bench`` (``run_client.py bench --help``;
-    ``--host`` and ``--port`` may come before it), else None."""
+    connection options, ``--timeout 2`` or ``--tls``, may come before it), else None."""
     if "bench" not in argv:
         return None
     where = argv.index("bench")
-    before = argv[:where]
-    if len(before) % 2 == 0 and all(a in ("--host", "--port") for a in before[::2]):
-        return before + argv[where + 1 :]
+    if leading_connection_options(argv[:where]):
+        return argv[:where] + argv[where + 1 :]
     return None
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run the mode the arguments ask for; returns the exit status."""
     tty = args.no_raw or (not args.raw and sys.stdout.isatty())
-    client = _client(args)
+    client = client_for(args)
     if args.pipe:
         return _run_pipe(client)
     if args.stat or args.latency:
@@ -177,12 +238,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if not args.request and sys.stdin.isatty():
         return run_repl(client)
-    one_shot: list[Request] | None = None
-    if args.request and ":" not in args.request[0]:
-        try:  # checked before connecting: a usage error is reported as such
-            one_shot = [Request(command=command_from_words(args.request))]
-        except InvalidArgument as exc:
-            parser.error(str(exc))
+    one_shot = _checked_arguments(args.request, parser)  # before connecting: usage errors as such
     client.connect()
     with client:
         if one_shot is not None:
@@ -190,15 +246,25 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_requests(client, args.request or _stdin_lines(), sys.stdout, tty)
 
 
-def _client(args: argparse.Namespace) -> Client:
-    """A client for the arguments' server, not connected yet."""
-    tls: bool | ssl.SSLContext = False
-    if args.tls_insecure:
-        tls = client_context(verify=False)
-    elif args.tls or args.tls_ca:
-        tls = client_context(args.tls_ca)
-    timeout = args.timeout or None  # 0: no limit
-    return Client(args.host, args.port, timeout=timeout, connect=False, password=args.password, tls=tls)
+def _checked_arguments(request: list[str], parser: argparse.ArgumentParser) -> list[Request] | None:
+    """The one-shot command of COMMAND words (``get k``), or None when the arguments are
+    protocol lines (or there are none). Bad words, and a protocol line holding a newline (it
+    would be two requests), are a usage error: exit 2, before anything is sent."""
+    if not request:
+        return None
+    if ":" not in request[0]:
+        try:
+            return [Request(command=command_from_words(request))]
+        except InvalidArgument as exc:
+            parser.error(str(exc))
+    for text in request:
+        try:
+            raw = parse_request(text).raw
+        except InvalidArgument:
+            continue  # bad words among protocol lines: reported when run, as from stdin
+        if raw is not None and b"\n" in raw:
+            parser.error(f"a protocol line may not contain a newline: {escape_line(raw)}")
+    return None
 
 
 def _run_pipe(client: Client) -> int:
@@ -212,15 +278,33 @@ def _run_pipe(client: Client) -> int:
     return EXIT_ERROR if summary.errors else 0
 
 
-def _stdin_lines() -> Iterator[str]:
+def _stdin_lines() -> Iterator[str | None]:
     """Stdin's lines as typed: split on ``\\n`` only (a ``\\r`` inside a line is part of a
-    value), bytes that are not UTF-8 kept (surrogateescape), so a protocol line goes out as read."""
-    for line in sys.stdin.buffer:
-        yield line.decode("utf-8", "surrogateescape")
+    value), bytes that are not UTF-8 kept (surrogateescape), so a protocol line goes out as read.
+    None before a read that could wait (nothing more is readable now): what was read so far
+    is then to be sent, so a producer that writes a line and waits for its reply gets it."""
+    fd = sys.stdin.fileno()
+    held = b""
+    while True:
+        if not select.select([fd], [], [], 0)[0]:  # (a regular file is always readable)
+            yield None
+        chunk = os.read(fd, STDIN_READ)
+        if not chunk:
+            break
+        *lines, held = (held + chunk).split(b"\n")
+        for line in lines:
+            yield (line + b"\n").decode("utf-8", "surrogateescape")
+    if held:
+        yield held.decode("utf-8", "surrogateescape")
 
 
-def _requests(lines: Iterable[str], errors: list[str]) -> Iterator[Request]:
+def _requests(lines: Iterable[str | None], errors: list[str]) -> Iterator[Request | None]:
+    """The requests of typed ``lines`` (a malformed one's message goes to ``errors``); a
+    None line (send what you have) is passed on as None."""
     for text in lines:
+        if text is None:
+            yield None
+            continue
         if not text.strip():
             continue
         try:
@@ -231,21 +315,23 @@ def _requests(lines: Iterable[str], errors: list[str]) -> Iterator[Request]:
 
 def run_requests(
     client: Client,
-    lines: Iterable[str],
+    lines: Iterable[str | None],
     out: TextIO,
     tty: bool,
     commands: list[Request] | None = None,
 ) -> int:
-    """Run requests (typed lines, or ready ``commands``) in batches; print each result in
-    order; report errors on stderr (or inline on a terminal). Returns the exit status."""
+    """Run requests (typed lines, or ready ``commands``) in batches of up to BATCH, a batch
+    sent early at a None line (nothing more is ready); print each result in order; report
+    errors on stderr (or inline on a terminal). Returns the exit status."""
     parse_errors: list[str] = []
     requests = commands if commands is not None else _requests(lines, parse_errors)
     printer = _Printer(out, tty)
     batch: list[Request] = []
     for request in requests:
         printer.parse_errors(parse_errors)
-        batch.append(request)
-        if len(batch) >= BATCH:
+        if request is not None:
+            batch.append(request)
+        if batch and (request is None or len(batch) >= BATCH):
             printer.results(_execute(client, batch, tty))
             batch.clear()
     printer.results(_execute(client, batch, tty))

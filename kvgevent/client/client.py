@@ -150,12 +150,19 @@ class Client:
 
     def connect(self) -> None:
         """(Re)connect, handshake and authenticate; a fresh connection forgets anything
-        unread on the old one. Raises ConnectionLost, or ServerError for a refused password."""
+        unread on the old one. Raises ConnectionLost ("cannot connect to ...", also for a
+        socket the kernel connected to itself: a local port nobody listens on can be handed
+        out as the connection's own source port), or ServerError for a refused password."""
         self.close()
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
             raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        if _self_connected(sock):
+            sock.close()
+            raise ConnectionLost(
+                f"cannot connect to {self.host}:{self.port}: connected to itself (nothing listens there)"
+            )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         tls = self._handshake(sock) if self.tls is not None else None
@@ -245,6 +252,7 @@ class Client:
         payload = b"".join(encode(c) if c.__class__ is Ping else encode(c) + b"PING\n" for c in commands)
         replies = _Results(commands)
         self.exchange(_Payload(payload), replies)
+        self._nothing_after(replies.extra())
         if raise_on_error:
             for result in replies.results:
                 if isinstance(result, ServerError):
@@ -264,6 +272,7 @@ class Client:
         )
         replies = _RawReplies(pings)
         self.exchange(_Payload(payload), replies)
+        self._nothing_after(replies.extra())
         return replies.results
 
     def exchange(self, source: Source, replies: Replies) -> None:
@@ -271,13 +280,15 @@ class Client:
         return once the source is exhausted, every byte has left and ``replies.complete()``.
 
         Raises ConnectionLost (and closes the client) if the connection fails or closes, a
-        reply line is longer than MAX_REPLY_LINE, ``replies`` refuses a line, or ``timeout``
+        reply line is longer than MAX_REPLY_LINE, ``replies`` refuses a line, anything arrived
+        since the last exchange (a stray reply, or the end of the stream), or ``timeout``
         seconds pass with nothing sent and nothing received while something is due. Waiting
         on the source's ``fd`` with nothing due has no time limit. Any other exception from
         the source or ``replies`` also closes the client (the connection is mid-exchange)."""
         if self._wire is None or self._selector is None:
             raise ConnectionLost("not connected")
         try:
+            self._check_quiet(self._wire)
             _Exchange(self._wire, self._selector, self._buffer, self.timeout, source, replies).run()
         except OSError as exc:
             self.close()
@@ -285,6 +296,42 @@ class Client:
         except BaseException:
             self.close()
             raise
+
+    def _check_quiet(self, wire: _Wire) -> None:
+        """Between two exchanges the server owes nothing, so nothing may have arrived: raise
+        ConnectionLost for any byte there (a stray reply, such as a PONG nothing asked for,
+        would otherwise be taken as the next call's reply) or for the end of the stream.
+        One non-blocking read, which finds nothing in the usual case; nothing waits."""
+        if self._buffer.pending:  # part of a line after the last exchange's final reply
+            raise ConnectionLost("unexpected reply from the server: bytes after the last reply")
+        data = wire.receive()
+        if data is None:
+            return
+        if not data:
+            raise ConnectionLost("connection closed by the server")
+        raise _stray(data.split(b"\n", 1)[0])
+
+    def _nothing_after(self, line: bytes | None) -> None:
+        """``line``: the first reply line that came after the last reply due, in the same read
+        (None: there was none). Such a line is a stray reply: close the client and raise
+        ConnectionLost, as :meth:`_check_quiet` does for one that arrives later."""
+        if line is not None:
+            self.close()
+            raise _stray(line)
+
+
+def _self_connected(sock: socket.socket) -> bool:
+    """True if ``sock`` is connected to itself (TCP's simultaneous open: its own address is
+    its peer's), which talks to nothing but its own echo."""
+    try:
+        return bool(sock.getsockname() == sock.getpeername())
+    except OSError:  # already reset: the first call will say so
+        return False
+
+
+def _stray(line: bytes) -> ConnectionLost:
+    """The error for a reply ``line`` that nothing asked for."""
+    return ConnectionLost(f"unexpected reply from the server: {line[:80]!r} when nothing was asked for")
 
 
 class _Wire:
@@ -548,6 +595,12 @@ class _Results:
     def complete(self) -> bool:
         return len(self.results) == len(self.commands)
 
+    def extra(self) -> bytes | None:
+        """Once complete: the first line read after the last PONG (None if there was none)."""
+        if self.values:
+            return self.values[0]
+        return self.status[0][1] if self.status else None
+
 
 def _result(command: Command | None, values: list[bytes], status: list[tuple[ReplyKind, bytes]]) -> Any:
     """A command's result from its reply lines; an ``ERR`` among them is returned as a
@@ -608,6 +661,10 @@ class _RawReplies:
 
     def complete(self) -> bool:
         return len(self.results) == len(self.pings)
+
+    def extra(self) -> bytes | None:
+        """Once complete: the first line read after the last PONG (None if there was none)."""
+        return self.current[0] if self.current else None
 
 
 class Pipeline:
