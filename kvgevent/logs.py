@@ -17,14 +17,17 @@ unless it comes from the OS or is one of kvgevent's fixed phrases, its message.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import select
 import sys
 import traceback
 from typing import IO, Any
 from urllib.parse import urlparse
 
 import gevent
+import gevent.monkey
 import structlog
 from structlog.typing import FilteringBoundLogger
 
@@ -230,15 +233,16 @@ class LogOutput:
 
     def write(self, text: str) -> int:
         try:
-            written = self.stream.write(text)
-            if self.stream is sys.stderr:  # (a TextIOWrapper: push the line out now, or fail now)
-                self.stream.flush()
+            if self.stream is sys.stderr:
+                _write_or_drop(self.stream, text)
+            else:
+                self.stream.write(text)
         except (OSError, ValueError) as exc:  # (ValueError: a closed stream)
             self._dropped(exc)
             return len(text)
         if self.lost:
             self._recovered()
-        return written
+        return len(text)
 
     def _dropped(self, exc: Exception) -> None:
         self.lost += 1
@@ -268,6 +272,36 @@ class LogOutput:
             return bool(self.stream.isatty())
         except (OSError, ValueError):
             return False
+
+
+_poll = gevent.monkey.get_original("select", "poll")  # (the OS's: a look that never yields)
+
+PIPE_BUF = 4096
+"""Bytes a pipe takes in one write, all or nothing, once it has room for a page."""
+
+
+class LogBlocked(OSError):
+    """stderr cannot take a line now (a pipe or terminal whose reader stopped reading)."""
+
+
+def _write_or_drop(stream: Any, text: str) -> None:
+    """Write ``text`` to ``stream`` (stderr) now, or raise LogBlocked if it would block the
+    event loop: a pipe whose reader is alive but not reading (a stuck log shipper) filled
+    up and blocked every client. Looked at with poll(2), no wait; a line longer than a
+    pipe's page may still block once it does not fit."""
+    stream.flush()
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # (not a file: write as it is)
+        stream.write(text)
+        return
+    watch = _poll()
+    watch.register(fd, select.POLLOUT)
+    if not watch.poll(0):
+        raise LogBlocked(errno.EAGAIN, "stderr is not being read (its pipe is full)")
+    data = text.encode("utf-8", "backslashreplace")
+    while data:  # (a regular file or a pipe with room: at once)
+        data = data[os.write(fd, data) :]
 
 
 def _report_lost(lines: int, error: str) -> None:

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -481,6 +482,61 @@ def test_a_log_on_a_full_disk_drops_lines_and_the_server_serves_on(server_proces
         assert proc.stderr.count(b"cannot write the log file") == 1 and b"Traceback" not in proc.stderr
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_log_pipe_nobody_reads_does_not_stop_the_server(tmp_path):
+    """``run_server.py``'s stderr is a pipe whose reader is alive but reads nothing (a stuck
+    log shipper): 600 connections come and go (about 1,200 log lines, more than the pipe
+    holds), and a client is still answered at once; once the pipe is read again, a
+    ``log_lines_lost`` event says how many lines were dropped; SIGTERM exits 0. Before, the
+    full pipe blocked the event loop in the log's write: no client was answered."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "run_server.py", "--port", str(port)],
+        cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: _connects(port), 10, "the server did not listen")
+        for _ in range(600):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        peer = Peer(port, timeout=5)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        peer.close()
+        assert proc.stderr is not None
+        fd = proc.stderr.fileno()
+        os.set_blocking(fd, False)
+        read = b""
+
+        def drain() -> None:  # (what the pipe holds now)
+            nonlocal read
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(fd, 1 << 16):
+                    read += chunk
+
+        drain()
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # (a line written again)
+
+        def lost() -> bool:
+            drain()
+            return b'"log_lines_lost"' in read
+
+        wait_until(lost, 10, "no log_lines_lost")
+        (event,) = [json.loads(line) for line in read.splitlines() if b'"log_lines_lost"' in line]
+        assert event["lines"] > 100
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_an_unbindable_metrics_port_is_a_start_failure(server_process):
