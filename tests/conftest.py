@@ -6,6 +6,8 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -333,6 +335,10 @@ class ServerProcess:
         assert self.proc.stderr is not None
         self._stderr_fd = self.proc.stderr.fileno()
         os.set_blocking(self._stderr_fd, False)
+        # The server drops a log line its stderr cannot take at once (a full pipe): room for
+        # 1 MiB of lines while this process is busy elsewhere (Linux's F_SETPIPE_SZ).
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._stderr_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
         self._collector = gevent.spawn(self._collect)
 
     def _collect(self) -> None:
