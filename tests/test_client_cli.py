@@ -675,6 +675,15 @@ def test_a_closed_stdout_ends_the_client_quietly(port):
     assert read_then_close(port, "--stat", "--interval", "0.05", lines=2) == (141, b"")
 
 
+def test_a_closed_stdout_ends_the_bench_quietly_and_its_keys_are_deleted(port):
+    """`run_client.py bench | head -1`: exit 141 with nothing on stderr, and no key of the
+    bench's left on the server. (Before: "[Errno 32] Broken pipe" and exit 3, the status of
+    an unreachable server.)"""
+    status, stderr = read_then_close(port, "bench", "-t", "ping,put,get", "-n", "400", "-c", "2", lines=1)
+    assert (status, stderr) == (141, b"")
+    assert client(port, "stats").stdout.count(b"keys=0") == 1
+
+
 @pytest.mark.parametrize("test", ["ping", "put", "delete", "get"])
 def test_bench_against_a_dead_port_is_one_line_and_exit_3(test):
     """README: "3 if the server cannot be reached; a failure prints one line on stderr".

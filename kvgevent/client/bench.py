@@ -369,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServerError as exc:  # a refused AUTH
         print(f"run_client.py bench: ERR {exc.reason}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # stdout's reader has gone: the caller ends quietly (its keys are deleted)
+        raise
     except OSError as exc:  # an unreadable --tls-ca
         print(f"run_client.py bench: {exc}", file=sys.stderr)
         return 3

@@ -177,7 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bench_argv is not None:
         from kvgevent.client.bench import main as bench_main
 
-        return bench_main(bench_argv)
+        try:
+            status = bench_main(bench_argv)
+            sys.stdout.flush()
+            return status
+        except BrokenPipeError:  # (`bench | head -1`: as for the other modes, below)
+            return _stdout_closed()
     parser = build_parser()
     args = parser.parse_args(argv)
     check_env(parser, args)
