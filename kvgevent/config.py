@@ -246,6 +246,10 @@ EVICT_DRAIN_RATE = 1 << 20
 queue to count as draining: one that reads a byte now and then to look alive keeps what it
 holds counted (a 16 MiB queue drains in 16 s at this rate)."""
 
+EVICT_DRAIN_WINDOW = 1.0
+"""Most seconds between two looks at a client's writer for their difference to say at what
+rate it drains (a look older than that, from an earlier episode, says nothing of now)."""
+
 EVICT_MIN_BYTES = 4096
 """Clients holding fewer buffered bytes than this are never disconnected for memory: a
 polite client holds a request or two; a higher floor let many clients just under it fill the

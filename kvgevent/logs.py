@@ -193,7 +193,8 @@ class LogFile:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def write(self, text: str) -> int:
-        return os.write(self._fd, text.encode("utf-8", "backslashreplace"))
+        _write_all(self._fd, text)
+        return len(text)
 
     def flush(self) -> None:
         pass
@@ -276,9 +277,6 @@ class LogOutput:
 
 _poll = gevent.monkey.get_original("select", "poll")  # (the OS's: a look that never yields)
 
-PIPE_BUF = 4096
-"""Bytes a pipe takes in one write, all or nothing, once it has room for a page."""
-
 
 class LogBlocked(OSError):
     """stderr cannot take a line now (a pipe or terminal whose reader stopped reading)."""
@@ -299,8 +297,13 @@ def _write_or_drop(stream: Any, text: str) -> None:
     watch.register(fd, select.POLLOUT)
     if not watch.poll(0):
         raise LogBlocked(errno.EAGAIN, "stderr is not being read (its pipe is full)")
+    _write_all(fd, text)
+
+
+def _write_all(fd: int, text: str) -> None:
+    """Write ``text`` to ``fd`` whole (the usual line in one ``write(2)``); OSError as it comes."""
     data = text.encode("utf-8", "backslashreplace")
-    while data:  # (a regular file or a pipe with room: at once)
+    while data:
         data = data[os.write(fd, data) :]
 
 

@@ -38,6 +38,14 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def assert_stopped_without_errors(proc) -> None:
+    """SIGTERM ends ``proc`` with status 0, and it logged no error of the metrics port's nor
+    printed a traceback."""
+    assert proc.stop() == 0
+    assert not [e for e in proc.events() if e["event"] in ("unhandled_error", "metrics_http_error")]
+    assert b"Traceback" not in proc.stderr
+
+
 def serving(server_process, *args: str, **options):
     metrics = free_port()
     proc = server_process("--metrics-port", str(metrics), *args, **options)
@@ -741,9 +749,7 @@ def test_connections_past_their_headers_cannot_hold_the_metrics_port(server_proc
     finally:
         for sock in socks:
             sock.close()
-    assert proc.stop() == 0
-    assert not [e for e in proc.events() if e["event"] in ("unhandled_error", "metrics_http_error")]
-    assert b"Traceback" not in proc.stderr
+    assert_stopped_without_errors(proc)
 
 
 def test_a_silent_metrics_connection_is_closed_after_the_timeout(server_process):
@@ -765,6 +771,4 @@ def test_a_silent_metrics_connection_is_closed_after_the_timeout(server_process)
     finally:
         for sock in socks:
             sock.close()
-    assert proc.stop() == 0
-    assert not [e for e in proc.events() if e["event"] in ("unhandled_error", "metrics_http_error")]
-    assert b"Traceback" not in proc.stderr
+    assert_stopped_without_errors(proc)

@@ -43,6 +43,7 @@ from gevent.queue import Queue, UnboundQueue
 from kvgevent.config import (
     DROP_GRACE,
     EVICT_DRAIN_RATE,
+    EVICT_DRAIN_WINDOW,
     EVICT_DRAINING,
     MAX_SEND_BATCH,
     PRESSED_QUEUE_BYTES,
@@ -375,10 +376,11 @@ class Connection:
 
     def holding(self, now: float) -> int:
         """What this client holds as eviction for --max-memory judges it: :meth:`buffered`,
-        but while its writer is draining the queue (a byte left within EVICT_DRAINING), the
-        queue counts for no more than PRESSED_QUEUE_BYTES: over the limit, a big reply is
-        built no further ahead of its reader than that, so a prompt reader's queue shrinks
-        to it by itself, where a client that does not read keeps what it holds."""
+        but while its writer is draining the queue (:meth:`_draining`; this look is noted
+        for the next), the queue counts for no more than PRESSED_QUEUE_BYTES: over the
+        limit, a big reply is built no further ahead of its reader than that, so a prompt
+        reader's queue shrinks to it by itself, where a client that does not read keeps
+        what it holds."""
         queued = self.queued_bytes
         if queued > PRESSED_QUEUE_BYTES and self._draining(now):
             queued = PRESSED_QUEUE_BYTES
@@ -386,10 +388,11 @@ class Connection:
 
     def _draining(self, now: float) -> bool:
         """Whether the writer is sending the queue out: at EVICT_DRAIN_RATE or more since the
-        last look (within a second), else, at a first look, a byte left within EVICT_DRAINING."""
+        last look (within EVICT_DRAIN_WINDOW), else, at a first look, a byte left within
+        EVICT_DRAINING."""
         sent, seen_at = self.drain_seen
         self.drain_seen = (self.io.sent, now)
-        if seen_at and now - seen_at < 1.0:
+        if seen_at and now - seen_at < EVICT_DRAIN_WINDOW:
             return self.io.sent - sent >= EVICT_DRAIN_RATE * (now - seen_at)
         stalled = self.io.stalled_since
         return not stalled or now - stalled < EVICT_DRAINING

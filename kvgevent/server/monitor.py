@@ -322,11 +322,12 @@ class _MetricsHandler(WSGIHandler):
 
 class _MetricsHTTP(PausingListener, WSGIServer):
     """pywsgi's server within the metrics port's bounds: METRICS_CONNECTIONS at once (its
-    pool: when full, it stops accepting), each closed when a request does not come whole
-    within METRICS_TIMEOUT (:class:`_MetricsHandler`: idle, kept alive, or sending a byte
-    now and then); an accept() failing for want of files is the server's ``accept_failed``
-    episode (PausingListener), not an unhandled error. Before, idle connections were kept
-    for ever, without limit, and could take every file of the process."""
+    pool: when full, it stops accepting), each closed when a request does not come whole,
+    or its answer is not taken, within METRICS_TIMEOUT (:class:`_MetricsHandler`: idle, kept
+    alive, sending a byte now and then, not reading); an accept() failing for want of files
+    is the server's ``accept_failed`` episode (PausingListener), not an unhandled error.
+    Before, idle connections were kept for ever, without limit, and could take every file of
+    the process."""
 
     handler_class = _MetricsHandler
 

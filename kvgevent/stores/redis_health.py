@@ -132,10 +132,7 @@ class RedisHealth:
         the outage). Logged once (``store_connection_lost``) until none was lost for
         ERROR_QUIET seconds."""
         self.unavailable += commands
-        now = self.clock()
-        last = self._lost.get(node)
-        self._lost[node] = now
-        if last is None or now - last >= ERROR_QUIET:
+        if _first_in_a_while(self._lost, node, self.clock()):
             self.log.warning("store_connection_lost", node=node, error=error[:200], commands=commands)
         return ERR_UNAVAILABLE
 
@@ -143,10 +140,7 @@ class RedisHealth:
         """Redis refused ``commands`` with the error ``text``: the StoreError to answer."""
         self.errors += commands
         error = _PHRASES.get(text.split(" ", 1)[0], ERR_STORE)  # (by the reply's code word)
-        now = self.clock()
-        last = self._errors.get(error.reason)
-        self._errors[error.reason] = now
-        if last is None or now - last >= ERROR_QUIET:
+        if _first_in_a_while(self._errors, error.reason, self.clock()):
             self.log.warning("store_error", reply=error.reason, error=text[:200])
         return error
 
@@ -156,6 +150,14 @@ class RedisHealth:
             "store_errors": self.errors,
             "store_nodes_down": len(self.outages),
         }
+
+
+def _first_in_a_while(last_seen: dict[str, float], kind: str, now: float) -> bool:
+    """Note one of ``kind`` at ``now`` in ``last_seen``; True if it is the first since none
+    came for ERROR_QUIET seconds (an episode begins: log it)."""
+    last = last_seen.get(kind)
+    last_seen[kind] = now
+    return last is None or now - last >= ERROR_QUIET
 
 
 def not_now(text: str) -> bool:

@@ -568,10 +568,7 @@ class RedisStore(KVStore):
         to wait for its answer, if not the store's timeout (no answer by then: a timeout)."""
         ping = (self._dispatcher.execute, [(b"PING",)], [bytes])  # type: ignore[union-attr]  # (callers checked it is set)
         asked = self.health.clock()
-        if within is None:
-            self._pinged(self._call(*ping, per_command=True), asked)
-            return
-        deadline = gevent.Timeout(within)
+        deadline = gevent.Timeout(within)  # (None: never fires; the store's timeout holds)
         try:
             with deadline:
                 replies = self._call(*ping, per_command=True)
