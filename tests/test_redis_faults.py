@@ -281,7 +281,9 @@ def test_update_sends_the_script_sha_and_a_script_flush_fails_none(tmp_path):
     (which loads the script again), with the GETs of its key that came after it: no ERR, and
     the GET sees the UPDATE. Only an UPDATE after which a write of its key already ran gets
     ERR store unavailable (sending it again would reorder the two). (A Redis of its own: its
-    command counts see no other test's clients.)"""
+    command counts see no other test's clients. The store's four connections are all made
+    first: one made after a flush, aside while a sibling serves, loads the script again in
+    its setup, and the UPDATE would find it: the test failed now and then.)"""
     import redis as redis_py
 
     from kvgevent import Delete, Get, Put, Update
@@ -293,6 +295,12 @@ def test_update_sends_the_script_sha_and_a_script_flush_fails_none(tmp_path):
     admin.config_resetstat()
     store = RedisStore(redis.url, prefix=f"s{random.randrange(10**9)}:")
     try:
+
+        def all_connected() -> bool:  # (a connection made after a flush loads the script again)
+            gevent.joinall([gevent.spawn(store.apply, [Get(b"warm")]) for _ in range(8)], raise_error=True)
+            return len(admin.client_list()) == 1 + 4  # (the admin's, the store's four)
+
+        wait_until(all_connected, timeout=20, message="the store's four connections were never all made")
         store.apply([Put(b"k", b"a")])
         assert store.apply([Update(b"k", b"a", b"b"), Get(b"k")]) == [None, [b"b"]]
         commands = admin.info("commandstats")
