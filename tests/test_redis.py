@@ -103,6 +103,7 @@ def test_a_redis_outage_is_an_err_then_service_resumes(tmp_path, log_stream):
         assert time.monotonic() - began < 5
         redis.start()
         wait_until(lambda: peer.request(b"PUT:k:again\nGET:k\n") == [b"k:again"], timeout=10)
+        wait_until(lambda: "store_recovered" in log_stream.getvalue(), timeout=10)  # (once answers last)
         events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
         assert events == ["store_connection_lost", "store_unavailable", "store_recovered"]
     finally:

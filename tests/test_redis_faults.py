@@ -98,6 +98,7 @@ def test_a_killed_redis_on_an_ephemeral_port_is_never_answered_for(server_proces
         )
         redis.start()  # the port is free: no socket of kvgevent's holds it (and the data is gone)
         wait_until(lambda: probe.request(b"DELETE:k\nPUT:k:w\nGET:k\n") == [b"k:w"], timeout=10)
+        wait_until(lambda: events(server, "store_recovered"), timeout=15)  # (once answers last)
         assert len(events(server, "store_unavailable")) == 1
         (recovered,) = events(server, "store_recovered")
         assert recovered["failed_commands"] >= len(rounds) * 2
@@ -640,6 +641,7 @@ def test_a_busy_redis_is_one_outage_then_service_resumes(tmp_path, log_stream):
             gevent.sleep(0.3)
         raw.script_kill()
         wait_until(lambda: peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"], timeout=10)
+        wait_until(lambda: events_named(log_stream, "store_recovered"), timeout=10)  # (once answers last)
         events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
         assert [e["event"] for e in events] == ["store_unavailable", "store_recovered"], events[:6]
         assert read_stats(peer)["store_nodes_down"] == 0
@@ -759,6 +761,92 @@ def test_a_late_reply_from_before_an_outage_does_not_end_it_and_a_retry_doubles_
     assert health.outages == {}
 
 
+def test_an_outage_is_over_only_once_the_node_answered_for_the_settle_time(log_stream):
+    """The settle rule on a clock the test moves: the first answer lets commands through
+    (not waiting, not counted down) without ending the outage; a failure before ``settle``
+    seconds of answers is the same outage (no second ``store_unavailable``), tried again
+    after RETRY_MIN, not after a doubled wait; the outage is over at the first answer
+    ``settle`` seconds after the first answer since the last failure, logged once with the
+    time from the first failure to that answer and every command failed."""
+    from kvgevent.logs import get_logger
+    from kvgevent.stores.redis_health import RETRY_MIN, RedisHealth
+
+    now = [100.0]
+    health = RedisHealth(get_logger(), clock=lambda: now[0], jitter=lambda low, high: 1.0, settle=2.5)
+    health.down("n", "timeout", 3)
+    now[0] = health.outages["n"].retry_at
+    health.down("n", "timeout", 1)  # a retry failed: the wait doubles, as ever
+    assert health.outages["n"].delay == 2 * RETRY_MIN
+    now[0] += 0.2
+    health.up("n")  # a read answered (writes paused)
+    assert not health.waiting("n") and health.stats()["store_nodes_down"] == 0
+    now[0] += 2.0
+    health.down("n", "timeout", 2)  # a write timed out: the same outage
+    assert health.waiting("n") and health.stats()["store_nodes_down"] == 1
+    assert health.outages["n"].retry_at == now[0] + RETRY_MIN
+    now[0] += 0.1
+    health.up("n")
+    answered = now[0]
+    now[0] += 2.4
+    health.up("n")
+    assert "n" in health.outages  # (2.4 s of answers: not yet)
+    now[0] += 0.1
+    health.up("n")
+    assert health.outages == {}
+    events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+    assert [e["event"] for e in events] == ["store_unavailable", "store_recovered"], events
+    assert events[1]["outage_s"] == round(answered - 100.0, 3) and events[1]["failed_commands"] == 6
+
+
+def test_writes_paused_longer_than_the_timeout_are_one_outage_and_reads_go_on(tmp_path, log_stream):
+    """A real CLIENT PAUSE WRITE of 3 s, six times the store's timeout (0.5 s here), while 8
+    clients write and read and one only reads: each write times out (ERR store unavailable)
+    and Redis answers the reads at once. One outage, logged once, over ``settle`` after the
+    pause (before: a ``store_unavailable``/``store_recovered`` pair per timeout, each
+    answered read ending the outage the next timed-out write began). Reads keep being
+    answered with their values through the pause."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    store = RedisStore(redis.url, prefix="pw:", timeout=0.5)
+    server = KeyValueServer(store)
+    server.start(0)
+    admin = redis_py.Redis(port=redis.port)
+    reader = Peer(server.port, timeout=15)
+    stop = gevent.event.Event()
+    rounds: list[list[bytes]] = []
+    writers = [gevent.spawn(write_and_read, server.port, rounds, stop) for _ in range(8)]
+    try:
+        assert reader.request(b"PUT:r:v\n") == []
+        wait_until(lambda: len(rounds) > 50, timeout=10)
+        admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+        end = time.monotonic() + 3.0
+        reads = []
+        while time.monotonic() < end:
+            reads.append(reader.request(b"GET:r\n"))
+            gevent.sleep(0.02)  # (a client's pace, not a synchronisation)
+        wait_until(lambda: events_named(log_stream, "store_recovered"), timeout=15)
+        stop.set()
+        gevent.joinall(writers, raise_error=True)
+        assert sum(read == [b"r:v"] for read in reads) >= 20, reads[:5]
+        assert any(b"ERR store unavailable" in r for r in rounds), "no write timed out"
+        events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
+        assert [e["event"] for e in events if e["event"] != "store_bookkeeping_failed"] == [
+            "store_unavailable",
+            "store_recovered",
+        ], events
+        assert events_named(log_stream, "store_recovered")[0]["outage_s"] >= 1.0  # (more than one timeout)
+        assert reader.request(b"PUT:r:w\nGET:r\n") == [b"r:v", b"r:w"]
+        assert b" store_nodes_down=0 " in reader.request(b"STATS\n")[0]
+    finally:
+        stop.set()
+        gevent.joinall(writers)
+        reader.close()
+        admin.close()
+        server.close()
+        redis.kill()
+
+
 def test_a_redis_at_its_maxclients_serves_through_the_connections_it_allows(tmp_path, log_stream):
     """A real ``maxclients`` lower than the store's connections (Redis refuses the others with
     ``ERR max number of clients reached``): the connections that get in serve every request,
@@ -806,6 +894,44 @@ def test_a_redis_at_its_maxclients_serves_through_the_connections_it_allows(tmp_
         wait_until(restored, timeout=15)
         assert not events_named(log_stream, "store_unavailable")
     finally:
+        admin.close()
+        server.close()
+        redis.kill()
+
+
+def test_a_redis_with_room_for_one_data_connection_at_startup_begins_no_outage(tmp_path, log_stream):
+    """A real ``maxclients`` that leaves room for one data connection when the first clients
+    come (this admin connection and redis-py's are in): 8 clients at once wake the four
+    data connections together, each connecting with a batch in hand; one gets in, Redis
+    refuses the others. The refused ones give their batches back to the queue (nothing was
+    sent) and reconnect aside: every answer right, no outage, one
+    ``store_connections_failing``. (Before: a refused connection failed its batch as
+    Redis unreachable, an outage of ~30 ms and hundreds of ERR, in 3 of 3 runs.)"""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    store = RedisStore(redis.url, prefix="one:")
+    server = KeyValueServer(store)
+    server.start(0)
+    try:
+        wait_until(lambda: len(admin.client_list()) >= 2, timeout=10)  # redis-py's report is in
+        admin.config_set("maxclients", len(admin.client_list()) + 1)
+        stop = gevent.event.Event()
+        rounds: list[list[bytes]] = []
+        writers = [gevent.spawn(write_and_read, server.port, rounds, stop) for _ in range(8)]
+        wait_until(lambda: len(rounds) > 400, timeout=15)
+        stop.set()
+        gevent.joinall(writers, raise_error=True)
+        assert admin.info("stats")["rejected_connections"] > 0, "the limit was never met"
+        assert sum(c.ready for c in store._dispatcher._connections) == 1  # type: ignore[union-attr]
+        assert all(r and not any(line.startswith(b"ERR") for line in r) for r in rounds), [
+            r for r in rounds if any(line.startswith(b"ERR") for line in r)
+        ][:3]
+        events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
+        assert events == ["store_connections_failing"], events
+    finally:
+        admin.config_set("maxclients", 100)
         admin.close()
         server.close()
         redis.kill()
@@ -1076,6 +1202,7 @@ def test_stats_and_readyz_during_a_stall_wait_one_timeout(tmp_path, log_stream):
         finally:
             os.kill(redis.proc.pid, signal.SIGCONT)
         wait_until(lambda: peer.request(b"GET:k\n") == [b"k:v"], timeout=10)
+        wait_until(lambda: events_named(log_stream, "store_recovered"), timeout=10)  # (once answers last)
         events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
         assert events == ["store_unavailable", "store_recovered"], events
     finally:

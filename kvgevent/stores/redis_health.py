@@ -3,13 +3,18 @@ episode, and when an unreachable node is worth trying again. Pure: no I/O, no ge
 clock and the jitter are parameters.
 
 An outage of a node begins with the first command that could not reach it (``store_unavailable``,
-with the node and the error) and ends with the first command it answers (``store_recovered``,
-with how long it lasted and how many commands failed meanwhile). Between the two, the store
-tries the node again only RETRY_MIN seconds after the failure, doubling up to RETRY_MAX (with
-jitter), and fails the commands for it at once otherwise: a dead node costs neither a connect
-per command nor a log line per command. With Redis Cluster each node has its own outage. A
-connection lost in a round trip (``lost``) is no outage by itself: Redis may serve on (a
-``CLIENT KILL``); if it is gone, the next connect fails and begins one.
+with the node and the error). Until the node answers, the store tries it again only RETRY_MIN
+seconds after the failure, doubling up to RETRY_MAX (with jitter), and fails the commands for
+it at once otherwise: a dead node costs neither a connect per command nor a log line per
+command. The first command it answers lets every command through again; the outage is over
+(``store_recovered``, with how long the node failed and how many commands failed meanwhile)
+once it has answered for ``settle`` seconds with no command failing. A failure before then
+is the same outage going on, not a new one: a Redis whose writes are paused (``CLIENT PAUSE
+WRITE``, as in a failover) answers reads at once and times each write out, and each answered
+read would otherwise end an outage that the next timed-out write began again. With Redis
+Cluster each node has its own outage. A connection lost in a round trip (``lost``) is no
+outage by itself: Redis may serve on (a ``CLIENT KILL``); if it is gone, the next connect
+fails and begins one.
 
 Error replies (Redis answered, but refused: ``OOM`` at its maxmemory, ``READONLY`` from a
 replica, ``NOSCRIPT`` after a SCRIPT FLUSH, ``NOPERM`` from an ACL, a script error...) become
@@ -64,18 +69,23 @@ class Outage:
     failed: int = 0  # commands that failed for it
     delay: float = RETRY_MIN
     retry_at: float = 0.0
+    answered: float = 0.0  # when the node first answered since its last failure (0: not yet)
 
 
 class RedisHealth:
-    """Outages by node name, error-reply episodes by phrase, and their counts (STATS)."""
+    """Outages by node name, error-reply episodes by phrase, and their counts (STATS).
+    ``settle``: seconds a node in an outage must answer, with no command failing, for the
+    outage to be over (0: at its first answer)."""
 
     def __init__(
         self,
         log: Logger,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[float, float], float] = random.uniform,
+        settle: float = 0.0,
     ) -> None:
         self.log = log
+        self.settle = settle
         self.clock = clock
         self.jitter = jitter
         self.outages: dict[str, Outage] = {}
@@ -85,9 +95,10 @@ class RedisHealth:
         self.errors = 0  # commands failed with an error reply
 
     def waiting(self, node: str) -> bool:
-        """True while ``node`` is in an outage and not due for another try."""
+        """True while ``node`` is in an outage, has not answered since it failed, and is not
+        due for another try."""
         outage = self.outages.get(node)
-        return outage is not None and self.clock() < outage.retry_at
+        return outage is not None and not outage.answered and self.clock() < outage.retry_at
 
     def skipped(self, node: str, commands: int) -> None:
         """``commands`` failed at once, unsent: ``node`` is not due for another try."""
@@ -103,6 +114,8 @@ class RedisHealth:
         if outage is None:
             outage = self.outages[node] = Outage(now, error)
             self.log.error("store_unavailable", node=node, error=error[:200])
+        elif outage.answered:  # failing again before the outage was over: the same one, begun anew
+            outage.answered, outage.delay, outage.retry_at = 0.0, RETRY_MIN, 0.0
         outage.failed += commands
         if now < outage.retry_at:  # (a call on its way when another failed: that one set the next try)
             return
@@ -111,19 +124,27 @@ class RedisHealth:
         outage.retry_at = now + outage.delay * self.jitter(0.5, 1.0)
 
     def up(self, node: str, asked: float | None = None) -> None:
-        """``node`` answered a call made at ``asked`` (this clock; None: now): end its outage,
-        if any, unless the call was made before the outage began. (A reply read late, to a
-        round trip sent before Redis died, says nothing about Redis now: it would end the
-        outage only for the next call to begin another.)"""
+        """``node`` answered a call made at ``asked`` (this clock; None: now): its outage, if
+        any, lets every command through, and is over once the node has answered for
+        ``settle`` seconds with no failure; unless the call was made before the outage began.
+        (A reply read late, to a round trip sent before Redis died, says nothing about Redis
+        now.) ``outage_s`` in the log: from the first failure to the first answer after the
+        last one."""
         outage = self.outages.get(node)
-        if outage is not None and (asked is None or asked >= outage.since):
-            del self.outages[node]
-            self.log.info(
-                "store_recovered",
-                node=node,
-                outage_s=round(self.clock() - outage.since, 3),
-                failed_commands=outage.failed,
-            )
+        if outage is None or (asked is not None and asked < outage.since):
+            return
+        now = self.clock()
+        if not outage.answered:
+            outage.answered = now
+        if now - outage.answered < self.settle:
+            return
+        del self.outages[node]
+        self.log.info(
+            "store_recovered",
+            node=node,
+            outage_s=round(outage.answered - outage.since, 3),
+            failed_commands=outage.failed,
+        )
 
     def lost(self, node: str, error: str, commands: int) -> StoreError:
         """A connection to ``node`` was lost in a round trip of ``commands`` commands: ERR
@@ -148,7 +169,7 @@ class RedisHealth:
         return {
             "store_unavailable": self.unavailable,
             "store_errors": self.errors,
-            "store_nodes_down": len(self.outages),
+            "store_nodes_down": sum(not outage.answered for outage in self.outages.values()),
         }
 
 

@@ -97,6 +97,12 @@ PING_AFTER_TIMEOUT = 0.5
 Redis answers one at once unless it is stalled (writes paused, CLIENT PAUSE WRITE, still
 answer it), and a stall should not be waited for twice."""
 
+RECOVERY_SETTLE = 0.5
+"""Seconds beyond the store's timeout a node in an outage must answer, with no command
+failing, for the outage to be over (``store_recovered``): a write sent as its writes were
+paused (CLIENT PAUSE WRITE) fails one timeout after the reads are answered again, and should
+not begin a new outage; the half second is for a busy worker's lateness."""
+
 DISPATCH_CONNECTIONS = 4
 """Round trips in flight at once from one process (each carries the batches queued meanwhile,
 up to resp.MAX_ROUND_TRIP commands). 2, 4 and 8 measured the same at 50 clients x 16 GETs
@@ -161,7 +167,7 @@ class RedisStore(KVStore):
         self.url = url
         self.prefix = prefix.encode()
         self.log = log if log is not None else get_logger()
-        self.health = RedisHealth(self.log)
+        self.health = RedisHealth(self.log, settle=timeout + RECOVERY_SETTLE)
         self.node = redacted_url(url)  # the node's name in logs (a cluster names each of its nodes)
         scheme = urlparse(url).scheme
         self.cluster = scheme == "redis+cluster"

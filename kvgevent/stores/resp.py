@@ -179,6 +179,7 @@ class RespConnection:
         # The other connections to the same Redis (a Dispatcher's): see _close_idle_siblings.
         self.siblings: list[RespConnection] = []
         self.busy = False  # in a round trip
+        self.serving = False  # its sender holds requests taken from the queue (see Dispatcher)
         self.on_connect: Callable[[], None] | None = None  # called after each connect
         self._used_at = 0.0  # when its last exchange ended (monotonic)
         self.suspect_until = 0.0  # a sibling was lost: checked before each use until then
@@ -197,7 +198,7 @@ class RespConnection:
     def round_trip(self, payload: bytes, count: int) -> list[Any]:
         """Send ``payload``, return its ``count`` replies; connects first if closed."""
         if self.sock is None:
-            self._connect()
+            self.connect()
         try:
             return self._exchange(payload, count)
         except BaseException as exc:
@@ -261,7 +262,7 @@ class RespConnection:
         """Seconds before the next attempt to connect is due (0: due, or connected)."""
         return max(0.0, self._retry_at - time.monotonic()) if self.sock is None else 0.0
 
-    def _connect(self, close_siblings: bool = True) -> None:
+    def connect(self, close_siblings: bool = True) -> None:
         """Connect, check the peer, authenticate; back off after a failure (Unreachable
         until the next attempt is due), closing the idle siblings unless told not to."""
         now = time.monotonic()
@@ -294,7 +295,7 @@ class RespConnection:
             gevent.sleep(wait)
             return None
         try:
-            self._connect(close_siblings=False)
+            self.connect(close_siblings=False)
         except Exception as exc:
             if isinstance(exc, Lost):  # (no back-off after it: a pause here, not a busy loop)
                 gevent.sleep(RECONNECT_MIN)
@@ -320,7 +321,7 @@ class RespConnection:
         if self.db:
             commands.append([b"SELECT", str(self.db).encode()])
         commands += [[b"PING"], *self.setup]
-        # (_connect decides what a failure here means for the siblings)
+        # (connect decides what a failure here means for the siblings)
         try:
             replies = self._exchange(b"".join(pack(c) for c in commands), len(commands))
         except OSError as exc:
@@ -447,15 +448,19 @@ class Dispatcher:
                 self._hub.switch()  # (a kill while parked ends the sender: close())
                 continue
             connection.drop_if_closed()
-            if not connection.ready and any(sibling.ready for sibling in connection.siblings):
-                # (a connection that cannot connect must not fail requests a sibling can serve)
+            if not connection.ready and any(s.ready or s.serving for s in connection.siblings):
+                # (a connection that cannot connect must not fail requests a sibling can serve,
+                # or one connecting for requests of its own: see _connected_for)
                 self._wake_connected()  # (this sender was woken for the queue: pass it on)
                 failed = connection.reconnect_aside()
                 if failed is not None:
                     self._failing_aside(failed)
                 continue
             batch, count = _next_batch(queue)
+            connection.serving = True
             try:
+                if not connection.ready and not self._connected_for(batch, connection):
+                    continue
                 payload = batch[0].payload if len(batch) == 1 else b"".join([r.payload for r in batch])
                 replies = connection.round_trip(payload, count)
                 check_types(replies, _expected(batch))
@@ -464,10 +469,31 @@ class Dispatcher:
                 if not isinstance(exc, Exception):
                     raise
                 continue
+            finally:
+                connection.serving = False
             start = 0
             for request in batch:
                 self._finish(request, replies[start : start + request.count])
                 start += request.count
+
+    def _connected_for(self, batch: list[_Request], connection: RespConnection) -> bool:
+        """Connect ``connection`` for ``batch``, just taken from the queue: True once it is
+        connected. Refused by a Redis that answered (at its ``maxclients``, a password changed)
+        while a sibling is connected or connecting for requests of its own, False: the batch
+        goes back to the head of the queue for the sibling (nothing of it was sent), and this
+        connection tries again aside (:meth:`_send_loop`). Connections woken together at
+        startup all connect at once, and a Redis with room for some refuses the others: each
+        refused batch failed as an outage of the store. Otherwise raises what the connect
+        raised, which fails the batch."""
+        try:
+            connection.connect()
+        except (Refused, SetupRefused) as exc:
+            if not any(sibling.ready or sibling.serving for sibling in connection.siblings):
+                raise
+            self._queue.extendleft(reversed(batch))
+            self._failing_aside(exc)
+            return False
+        return True
 
     def _failed(self, batch: list[_Request], exc: BaseException, connection: RespConnection) -> None:
         """The round trip of ``batch`` on ``connection`` raised ``exc``: its requests fail
