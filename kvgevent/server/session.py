@@ -319,6 +319,14 @@ class Session:
         results = _fetched(store.get_plain, keys)
         mark = len(out)
         append = out.append
+        try:  # the usual read: one value each, none big (else ValueError or TypeError)
+            for key, (value,) in zip(keys, results, strict=True):  # type: ignore[misc]  # (see the except)
+                if len(value) > INLINE_REPLY_BYTES:
+                    raise ValueError
+                append(b"".join((key, b":", value, b"\n")))
+            return None
+        except (ValueError, TypeError):  # (no values, several, a big one, an error)
+            del out[mark:]
         for key, values in zip(keys, results, strict=True):
             if not values:  # (None or an empty list: no values)
                 continue
@@ -795,6 +803,20 @@ def _group_ends(ops: list[PlainOp]) -> list[int]:
 def _get_keys(items: Items) -> list[bytes] | None:
     """The keys of ``items`` if each is a well-formed GET line (by the rules of
     :func:`_plain_ops`), else None."""
+    try:  # the usual lines, each ``GET:key``: split in C, not a partition per line
+        joined = b"\n".join(items)  # type: ignore[arg-type]  # (a marker: TypeError)
+    except TypeError:
+        return None
+    if joined.startswith(b"GET:"):
+        keys = joined[4:].split(b"\nGET:")
+        # (as many as lines: each began with GET:; as many ':' as lines: none in a key)
+        if len(keys) == len(items) and joined.count(COLON) == len(keys) and b"" not in keys:
+            return keys
+    return _spelled_get_keys(items)
+
+
+def _spelled_get_keys(items: Items) -> list[bytes] | None:
+    """:func:`_get_keys` line by line (GET in any of its spellings)."""
     keys: list[bytes] = []
     append = keys.append
     try:

@@ -109,12 +109,6 @@ up to resp.MAX_ROUND_TRIP commands). 2, 4 and 8 measured the same at 50 clients 
 (bench/OPTIMISATIONS.md, "smaller round trips"); fewer leave more of a Redis's ``maxclients``."""
 
 
-_PLAIN_REPLIES = frozenset((list, int))
-"""The types of a plain op's reply that is not an error reply (a GET's list, a write's int)."""
-
-_LISTS = frozenset((list,))
-"""A GET's reply that is not an error reply."""
-
 _INTS = frozenset((int,))
 """A write's reply that is not an error reply."""
 
@@ -183,6 +177,7 @@ class RedisStore(KVStore):
             self.get_plain = self._get_plain
             # each command's head with the prefix in it, by the key's length (see _encoded)
             self._lrange_heads = _heads(LRANGE_HEAD, self.prefix)
+            self._lrange_gaps = [LRANGE_TAIL + head for head in self._lrange_heads]  # (key to key)
             self._rpush_heads = _heads(RPUSH_HEAD, self.prefix)
             self._del_heads = _heads(DEL_HEAD, self.prefix)
         self._meta = self.prefix + b"_meta:"
@@ -222,7 +217,7 @@ class RedisStore(KVStore):
         replies = self._call(
             self._dispatcher.execute_encoded, payload, expected, commands=len(commands), per_command=True
         )
-        if not _PLAIN_REPLIES.issuperset(map(type, replies)):  # an error reply (rare; checked in C)
+        if replies.__class__ is not list:  # an error reply, maybe (rare: see resp.Mixed)
             self._scripts_again(commands, replies)
         return self._results(commands, replies, asked)
 
@@ -304,23 +299,28 @@ class RedisStore(KVStore):
     def _get_plain(self, keys: list[bytes]) -> list[Result]:
         """See :attr:`KVStore.get_plain`: an LRANGE for each, in one round trip shared with
         others (as :meth:`_apply_plain`, with less to do per key: each is a GET)."""
-        heads = self._lrange_heads
-        pieces: list[bytes] = []
-        add = pieces.extend
-        try:
-            for key in keys:
-                add((heads[len(key)], key, LRANGE_TAIL))
-        except IndexError:  # a key too long for the table (rare): as any plain op
-            return self._apply_plain([(key,) for key in keys])
+        heads, size = self._lrange_heads, len(keys[0])
+        if size < len(heads) and len(set(map(len, keys))) == 1:
+            # (the usual batch, keys of one length: one join, each key's head between two)
+            payload = b"".join((heads[size], self._lrange_gaps[size].join(keys), LRANGE_TAIL))
+        else:
+            pieces: list[bytes] = []
+            add = pieces.extend
+            try:
+                for key in keys:
+                    add((heads[len(key)], key, LRANGE_TAIL))
+            except IndexError:  # a key too long for the table (rare): as any plain op
+                return self._apply_plain([(key,) for key in keys])
+            payload = b"".join(pieces)
         asked = self.health.clock()
         replies = self._call(
             self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
-            b"".join(pieces),
+            payload,
             [list] * len(keys),
             commands=len(keys),
             per_command=True,
         )
-        if not self.health.outages and _LISTS.issuperset(map(type, replies)):  # (checked in C)
+        if replies.__class__ is list and not self.health.outages:  # (lists only: see resp.Mixed)
             return replies  # (a key with no values: an empty list)
         return self._plain_results([(key,) for key in keys], replies, asked)
 
@@ -330,7 +330,7 @@ class RedisStore(KVStore):
         if not self.health.outages:  # the usual case: no error reply, no outage to end
             if _INTS.issuperset(map(type, replies)):  # (writes only; checked in C)
                 return [None] * len(replies)
-            if _PLAIN_REPLIES.issuperset(map(type, replies)):  # (no call per reply)
+            if replies.__class__ is list:  # (no error reply: see resp.Mixed; no call per reply)
                 return [(reply or None) if reply.__class__ is list else None for reply in replies]
         health = self.health
         results: list[Result] = []
@@ -519,22 +519,27 @@ class RedisStore(KVStore):
         reply of the wrong type, ``ERR store error`` (never data). Outages and errors are
         logged once per episode. ``per_command``: the caller judges each command's reply
         (and ends outages by them), so a call that returned ends none by itself."""
-        nodes = {self._node_of(self.prefix + cmd[0]) for cmd in keys} if keys else {self.node}
-        if self.health.outages and all(self.health.waiting(node) for node in nodes):
-            for node in nodes:
-                self.health.skipped(node, commands)
+        health = self.health
+        if health.outages and all(health.waiting(node) for node in self._nodes(keys)):
+            for node in self._nodes(keys):
+                health.skipped(node, commands)
             raise ERR_UNAVAILABLE.fresh()
-        asked, began = self.health.clock(), time.perf_counter()
+        asked = health.clock()
         try:
             result = function(*args, **kwargs)
         except self._redis_errors as exc:
-            raise self._failure(exc, nodes, commands).fresh() from None
+            raise self._failure(exc, self._nodes(keys), commands).fresh() from None
         finally:
-            STORE_WAIT.set(STORE_WAIT.get() + time.perf_counter() - began)
-        if self.health.outages and not per_command:
-            for node in nodes:
-                self.health.up(node, asked)
+            STORE_WAIT.set(STORE_WAIT.get() + health.clock() - asked)
+        if health.outages and not per_command:
+            for node in self._nodes(keys):
+                health.up(node, asked)
         return result
+
+    def _nodes(self, keys: Sequence[Any]) -> set[str]:
+        """The nodes of ``keys`` (data commands: the key is their first item), or the
+        store's own node when none are given."""
+        return {self._node_of(self.prefix + cmd[0]) for cmd in keys} if keys else {self.node}
 
     def _bookkeeping(self, what: str, function: Callable[[], _T]) -> _T:
         """``function()``, a bookkeeping call through redis-py (``what``: the client report,

@@ -364,13 +364,21 @@ def _gone(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, (Refused, SetupRefused))
 
 
-def check_types(replies: list[Any], expected: Sequence[Expected]) -> None:
-    """Raise ReplyMismatch unless each reply is an error reply or of its command's type."""
+class Mixed(list[Any]):
+    """The replies of a request whose round trip held an error reply (or a reply of a subtype
+    of its command's type): a caller whose replies are a plain ``list`` knows, without looking
+    at them, that each is of exactly its command's type, no error reply among them."""
+
+
+def check_types(replies: list[Any], expected: Sequence[Expected]) -> bool:
+    """Raise ReplyMismatch unless each reply is an error reply or of its command's type;
+    True if each is of exactly its command's type (no error reply)."""
     if list(map(type, replies)) == expected:  # (the usual case: checked in C)
-        return
+        return True
     for reply, kind in zip(replies, expected, strict=True):
         if reply.__class__ is not kind and not isinstance(reply, (kind, hiredis.ReplyError)):
             raise ReplyMismatch(f"a {type(reply).__name__} reply where a {kind} was due")
+    return False
 
 
 class _Request:
@@ -416,7 +424,8 @@ class Dispatcher:
 
     def execute(self, commands: Sequence[Command], expected: Sequence[Expected]) -> list[Any]:
         """Send ``commands`` (in a round trip shared with other callers); wait for their
-        replies, in order, each checked to be of its ``expected`` type or an error reply.
+        replies, in order, each checked to be of its ``expected`` type or an error reply (a
+        :class:`Mixed` list if any may be an error reply, else a plain list).
         Raises what the connection raised if the round trip failed (ReplyMismatch for a
         reply of the wrong type), and ConnectionError once the dispatcher is closed."""
         return self.execute_encoded(b"".join([pack(c) for c in commands]), expected)
@@ -463,7 +472,7 @@ class Dispatcher:
                     continue
                 payload = batch[0].payload if len(batch) == 1 else b"".join([r.payload for r in batch])
                 replies = connection.round_trip(payload, count)
-                check_types(replies, _expected(batch))
+                exact = check_types(replies, _expected(batch))
             except BaseException as exc:  # GreenletExit too (close()): nobody may wait forever
                 self._failed(batch, exc, connection)
                 if not isinstance(exc, Exception):
@@ -473,7 +482,8 @@ class Dispatcher:
                 connection.serving = False
             start = 0
             for request in batch:
-                self._finish(request, replies[start : start + request.count])
+                mine = replies[start : start + request.count]
+                self._finish(request, mine if exact else Mixed(mine))
                 start += request.count
 
     def _connected_for(self, batch: list[_Request], connection: RespConnection) -> bool:
