@@ -680,6 +680,45 @@ def test_the_redis_py_path_gives_the_same_results(redis_server):
         fast.close()
 
 
+def test_a_cluster_node_back_from_a_stall_is_recovered_with_no_traffic(redis_cluster, log_stream):
+    """A real stall (SIGSTOP, 1.2 s) of one node of three under writes to keys of every node,
+    then the writes answered again, then no traffic at all: the node's outage is over once
+    it has answered for the settle time (``store_recovered`` for it, STATS' nodes down 0),
+    though nothing is sent to it any more. (Before: only the store's own node got the
+    once-a-second PING that ended a settled outage; the stalled node's stayed open, never
+    logged over, until a client next used one of its keys.)"""
+    import os
+    import signal
+
+    from kvgevent.stores.redis_store import RedisStore
+
+    store = RedisStore(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", prefix="s:", timeout=0.5)
+    server = KeyValueServer(store)
+    server.start(0)
+    peer = Peer(server.port, timeout=30)
+    stalled = redis_cluster[1]
+    batch = b"".join(b"PUT:key%d:x\n" % i for i in range(30))
+    try:
+        assert peer.request(batch) == []
+        os.kill(stalled.proc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: b"ERR store unavailable" in peer.request(batch), timeout=10)
+        finally:
+            os.kill(stalled.proc.pid, signal.SIGCONT)
+        wait_until(lambda: peer.request(batch) == [], timeout=15)  # every node answers again
+        down = {e["node"] for e in log_events(log_stream) if e["event"] == "store_unavailable"}
+        assert f"127.0.0.1:{stalled.port}" in down, down
+
+        def over() -> set:
+            return {e["node"] for e in log_events(log_stream) if e["event"] == "store_recovered"}
+
+        wait_until(lambda: down <= over(), timeout=10)  # (no client sends anything now)
+        assert store.health.outages == {} and store.stats()["store_nodes_down"] == 0
+    finally:
+        peer.close()
+        server.close()
+
+
 def test_a_cluster_node_down_is_one_outage_not_a_flood(redis_cluster, log_stream):
     """One of three nodes is killed while a client keeps writing keys spread over every node
     for 6 s. Before, the outage was one store-wide state that every command to a live node

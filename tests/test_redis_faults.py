@@ -59,15 +59,17 @@ def ephemeral_even_port() -> int:
 # --- 1. an outage: never an answer that Redis did not give -----------------------------------
 
 
-def write_and_read(port: int, rounds: list[list[bytes]], stop: gevent.event.Event) -> None:
+def write_and_read(port: int, rounds: list[list[bytes]], stop: gevent.event.Event, pace: float = 0.0) -> None:
     """A client: PUT then GET of its own key, then a PING, until ``stop``; each round's reply
-    lines go to ``rounds``."""
+    lines go to ``rounds``. ``pace``: seconds between two rounds (a client's pace)."""
     peer = Peer(port, timeout=30)
     try:
         index = 0
         while not stop.is_set():
             index += 1
             rounds.append(peer.request(b"PUT:w%d:v%d\nGET:w%d\n" % (index, index, index)))
+            if pace:
+                gevent.sleep(pace)
     finally:
         peer.close()
 
@@ -767,7 +769,8 @@ def test_an_outage_is_over_only_once_the_node_answered_for_the_settle_time(log_s
     seconds of answers is the same outage (no second ``store_unavailable``), tried again
     after RETRY_MIN, not after a doubled wait; the outage is over at the first answer
     ``settle`` seconds after the first answer since the last failure, logged once with the
-    time from the first failure to that answer and every command failed."""
+    time from the first failure to that answer and every command failed; or, with nothing
+    sent to the node, at the first ``settled()`` by then."""
     from kvgevent.logs import get_logger
     from kvgevent.stores.redis_health import RETRY_MIN, RedisHealth
 
@@ -796,6 +799,16 @@ def test_an_outage_is_over_only_once_the_node_answered_for_the_settle_time(log_s
     events = [e for e in log_events(log_stream) if e["event"].startswith("store_")]
     assert [e["event"] for e in events] == ["store_unavailable", "store_recovered"], events
     assert events[1]["outage_s"] == round(answered - 100.0, 3) and events[1]["failed_commands"] == 6
+    health.down("m", "timeout", 1)  # another node: answered once, then nothing sent to it
+    now[0] += 1.0
+    health.up("m")
+    now[0] += 2.4
+    health.settled()
+    assert "m" in health.outages
+    now[0] += 0.1
+    health.settled()  # (what the once-a-second client report calls)
+    assert health.outages == {}
+    assert [e["node"] for e in log_events(log_stream) if e["event"] == "store_recovered"] == ["n", "m"]
 
 
 def test_writes_paused_longer_than_the_timeout_are_one_outage_and_reads_go_on(tmp_path, log_stream):
@@ -931,6 +944,55 @@ def test_a_redis_with_room_for_one_data_connection_at_startup_begins_no_outage(t
         events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
         assert events == ["store_connections_failing"], events
     finally:
+        admin.config_set("maxclients", 100)
+        admin.close()
+        server.close()
+        redis.kill()
+
+
+def test_the_one_data_connection_room_killed_again_and_again_begins_no_outage(tmp_path, log_stream):
+    """A real ``maxclients`` with room for one data connection (the others refused, backing
+    off up to 2 s), and that one killed 40 times (CLIENT KILL, every 0.15 s) while 2 clients
+    write and read, a round each 50 ms (the senders park between them): each kill frees the
+    room, the killed connection connects again at once. A sender whose connection was still
+    backing off used to take the next batch when nobody else was connected or connecting,
+    and fail it unsent as Redis unreachable ("next attempt in 1.40 s"): a false outage, in
+    5 of 6 runs of an attacker's script. Now it gives the batch back and wakes the sender
+    free to connect: no ``store_unavailable``, ERR only for round trips killed."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    store = RedisStore(redis.url, prefix="k1:", timeout=0.5)
+    server = KeyValueServer(store)
+    server.start(0)
+    stop = gevent.event.Event()
+    rounds: list[list[bytes]] = []
+    writers: list = []
+    try:
+        wait_until(lambda: len(admin.client_list()) >= 2, timeout=10)  # redis-py's report is in
+        admin.config_set("maxclients", len(admin.client_list()) + 1)
+        writers = [gevent.spawn(write_and_read, server.port, rounds, stop, 0.05) for _ in range(2)]
+        wait_until(lambda: len(rounds) > 20, timeout=10)
+        kills = 0
+        for _ in range(40):
+            data = [c for c in admin.client_list() if c["cmd"] in ("rpush", "lrange", "ping")]
+            if data:
+                admin.client_kill_filter(_id=data[0]["id"])
+                kills += 1
+            gevent.sleep(0.15)
+        served = len(rounds)
+        wait_until(lambda: len(rounds) > served + 10, timeout=10)  # served after the last kill
+        stop.set()
+        gevent.joinall(writers, raise_error=True)
+        assert kills >= 30 and admin.info("stats")["rejected_connections"] > 0
+        failed = [r for r in rounds if any(line.startswith(b"ERR") for line in r)]
+        assert len(failed) <= 2 * kills, failed[:3]  # (the killed round trips: 2 clients' batches)
+        outages = events_named(log_stream, "store_unavailable")
+        assert not outages, outages
+    finally:
+        stop.set()
+        gevent.joinall(writers)
         admin.config_set("maxclients", 100)
         admin.close()
         server.close()

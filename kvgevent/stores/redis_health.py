@@ -136,8 +136,19 @@ class RedisHealth:
         now = self.clock()
         if not outage.answered:
             outage.answered = now
-        if now - outage.answered < self.settle:
-            return
+        if now - outage.answered >= self.settle:
+            self._over(node, outage)
+
+    def settled(self) -> None:
+        """End each outage whose node answered ``settle`` seconds ago or more, with no
+        failure since (called once a second: an idle store sends nothing that would end it;
+        a cluster's nodes other than the store's own get no PING)."""
+        now = self.clock()
+        for node, outage in list(self.outages.items()):
+            if outage.answered and now - outage.answered >= self.settle:
+                self._over(node, outage)
+
+    def _over(self, node: str, outage: Outage) -> None:
         del self.outages[node]
         self.log.info(
             "store_recovered",

@@ -458,7 +458,9 @@ class RedisStore(KVStore):
 
     def report_clients(self, worker: str, active: int, dropped_delta: int, final: bool = False) -> None:
         """Publish this worker's client counts (called every second by the server, and a last
-        time, ``final``, when it stops: then it leaves the table)."""
+        time, ``final``, when it stops: then it leaves the table). Ends the outages that
+        settled meanwhile (RedisHealth.settled)."""
+        self.health.settled()
 
         def report() -> None:
             pipe = self.client.pipeline(transaction=False)

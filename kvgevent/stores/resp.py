@@ -77,6 +77,10 @@ class Unreachable(ConnectionError):
     """Redis cannot be reached now (refused, timed out, connected to itself, backing off)."""
 
 
+class BackingOff(Unreachable):
+    """Not tried: the connection's last attempt to connect failed, and the next is not due."""
+
+
 class Refused(ConnectionError):
     """Redis answered with an error and closed the connection (``ERR max number of clients
     reached``): it is up, so the other connections to it are not stale."""
@@ -180,6 +184,7 @@ class RespConnection:
         self.siblings: list[RespConnection] = []
         self.busy = False  # in a round trip
         self.serving = False  # its sender holds requests taken from the queue (see Dispatcher)
+        self.connecting = False  # in connect(), for requests or aside
         self.on_connect: Callable[[], None] | None = None  # called after each connect
         self._used_at = 0.0  # when its last exchange ended (monotonic)
         self.suspect_until = 0.0  # a sibling was lost: checked before each use until then
@@ -267,10 +272,12 @@ class RespConnection:
         until the next attempt is due), closing the idle siblings unless told not to."""
         now = time.monotonic()
         if now < self._retry_at:
-            raise Unreachable(f"Redis unreachable; next attempt in {self._retry_at - now:.2f} s")
+            raise BackingOff(f"Redis unreachable; next attempt in {self._retry_at - now:.2f} s")
+        self.connecting = True
         try:
             self._open()
         except BaseException as exc:
+            self.connecting = False
             self.close()
             if isinstance(exc, Lost):  # (Redis took the connection, then closed it: it is up)
                 raise
@@ -279,7 +286,7 @@ class RespConnection:
             if close_siblings and _gone(exc):
                 self._close_idle_siblings()
             raise
-        self._delay = 0.0
+        self._delay, self.connecting = 0.0, False
         if self.on_connect is not None:
             self.on_connect()
 
@@ -469,10 +476,11 @@ class Dispatcher:
             connection.serving = True
             try:
                 if not connection.ready and not self._connected_for(batch, connection):
-                    continue
-                payload = batch[0].payload if len(batch) == 1 else b"".join([r.payload for r in batch])
-                replies = connection.round_trip(payload, count)
-                exact = check_types(replies, _expected(batch))
+                    batch = []  # (given back to the queue)
+                else:
+                    payload = batch[0].payload if len(batch) == 1 else b"".join([r.payload for r in batch])
+                    replies = connection.round_trip(payload, count)
+                    exact = check_types(replies, _expected(batch))
             except BaseException as exc:  # GreenletExit too (close()): nobody may wait forever
                 self._failed(batch, exc, connection)
                 if not isinstance(exc, Exception):
@@ -480,6 +488,9 @@ class Dispatcher:
                 continue
             finally:
                 connection.serving = False
+            if not batch:  # (the sibling woken for them takes them: let it run)
+                gevent.sleep(connection.backing_off())
+                continue
             start = 0
             for request in batch:
                 mine = replies[start : start + request.count]
@@ -488,19 +499,22 @@ class Dispatcher:
 
     def _connected_for(self, batch: list[_Request], connection: RespConnection) -> bool:
         """Connect ``connection`` for ``batch``, just taken from the queue: True once it is
-        connected. Refused by a Redis that answered (at its ``maxclients``, a password changed)
-        while a sibling is connected or connecting for requests of its own, False: the batch
-        goes back to the head of the queue for the sibling (nothing of it was sent), and this
-        connection tries again aside (:meth:`_send_loop`). Connections woken together at
-        startup all connect at once, and a Redis with room for some refuses the others: each
-        refused batch failed as an outage of the store. Otherwise raises what the connect
-        raised, which fails the batch."""
+        connected. Refused by a Redis that answered (at its ``maxclients``, a password
+        changed; a refusal may come as a reset: Lost in the setup), or not tried (backing off
+        after such a refusal), while a sibling may serve them (connected, connecting, or
+        free to try now: woken for them), False: the batch goes back
+        to the head of the queue (nothing of it was sent), and this connection tries again
+        aside (:meth:`_send_loop`). Connections woken together at startup all connect at
+        once, and a Redis with room for some refuses the others; a connection killed frees
+        its room while its siblings back off: each such batch failed as an outage of the
+        store. Otherwise raises what the connect raised, which fails the batch."""
         try:
             connection.connect()
-        except (Refused, SetupRefused) as exc:
-            if not any(sibling.ready or sibling.serving for sibling in connection.siblings):
+        except (Refused, SetupRefused, Lost, BackingOff) as exc:
+            if not any(map(_may_serve, connection.siblings)):
                 raise
             self._queue.extendleft(reversed(batch))
+            self._wake_connected(or_free=True)
             self._failing_aside(exc)
             return False
         return True
@@ -547,11 +561,19 @@ class Dispatcher:
         if self._log is not None:
             self._log.info("store_connections_restored", node=self._node, failing_s=failing_s)
 
-    def _wake_connected(self) -> None:
+    def _wake_connected(self, or_free: bool = False) -> None:
         """Wake the longest idle sender whose connection is connected, if one is idle (the
-        busy ones take the queue when their round trip ends)."""
+        busy ones take the queue when their round trip ends); if none is and ``or_free``,
+        the longest idle one whose connection is free to try to connect now."""
         for index, (sender, connection) in enumerate(self._idle):
             if connection.ready:
+                del self._idle[index]
+                self._hub.loop.run_callback(sender.switch)
+                return
+        if not or_free:
+            return
+        for index, (sender, connection) in enumerate(self._idle):
+            if _may_serve(connection):
                 del self._idle[index]
                 self._hub.loop.run_callback(sender.switch)
                 return
@@ -573,6 +595,14 @@ class Dispatcher:
             self._finish(self._queue.popleft(), failure=ConnectionError("the dispatcher closed"))
         for connection in self._connections:
             connection.close()
+
+
+def _may_serve(connection: RespConnection) -> bool:
+    """Whether ``connection`` serves, or may soon: connected, connecting (for requests or
+    aside), holding requests, or closed and free to try to connect now (not backing off)."""
+    if connection.ready or connection.serving or connection.connecting:
+        return True
+    return connection.sock is None and not connection.backing_off()
 
 
 def _next_batch(queue: deque[_Request]) -> tuple[list[_Request], int]:
