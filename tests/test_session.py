@@ -672,3 +672,28 @@ def test_a_batch_of_gets_alone_takes_one_get_plain_call_and_its_errors_are_fresh
     finally:
         gc.enable()
     assert session.shared.counters.errors_by == {"store unavailable": 3}
+
+
+@pytest.mark.parametrize(
+    "items, keys",
+    [
+        ([b"GET:a", b"GET:bb"], [b"a", b"bb"]),
+        ([b"Get:a", b"Get:bb", b"Get:c"], [b"a", b"bb", b"c"]),  # (the original's clients)
+        ([b"get:a"], [b"a"]),
+        ([b"Get:a", b"GET:b", b"get:c"], [b"a", b"b", b"c"]),  # spellings mixed: line by line
+        ([b"Get:a", b"Get:b:c"], None),  # ':' in a key
+        ([b"Get:a", b"Get:"], None),  # an empty key
+        ([b"Get:a", b"Put:b:c"], None),  # not a GET
+        ([b"Get:a", b"xGet:b"], None),
+        ([b"GET:a\nGET:b"], None),  # (one line: a key may not hold a newline)
+        ([b"Get:a", Dropped], None),  # (a marker: a line too long)
+        ([b"GeT:a"], None),  # (a spelling the general path folds)
+    ],
+)
+def test_the_keys_of_a_batch_of_gets_are_split_as_the_line_by_line_rules_say(items, keys):
+    """The GETs-only fast path (one join and one split for a batch in one spelling) gives
+    exactly the keys of the line-by-line rules, and None where they refuse a line."""
+    from kvgevent.server.session import _get_keys, _spelled_get_keys
+
+    assert _get_keys(items) == keys
+    assert _spelled_get_keys(items) == keys

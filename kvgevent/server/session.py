@@ -78,6 +78,8 @@ from kvgevent.server.memory import ERR_OUT_OF_MEMORY, MemoryGuard
 from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, PlainOp, Result
 
 _GET_INITIALS = b"Gg"
+_GET_HEADS = frozenset(verb + b":" for verb in GET_SPELLINGS)
+"""How a GET line begins: ``GET:``, ``Get:`` (the original's clients), ``get:``."""
 """What a GET line starts with (:meth:`Session._served_plainly`)."""
 
 _VERB_BY_INITIAL: dict[int, type] = {ord("P"): Put, ord("p"): Put, ord("D"): Delete, ord("d"): Delete}
@@ -803,13 +805,14 @@ def _group_ends(ops: list[PlainOp]) -> list[int]:
 def _get_keys(items: Items) -> list[bytes] | None:
     """The keys of ``items`` if each is a well-formed GET line (by the rules of
     :func:`_plain_ops`), else None."""
-    try:  # the usual lines, each ``GET:key``: split in C, not a partition per line
+    try:  # the usual lines, each ``Get:key`` in one spelling: split in C, not one by one
         joined = b"\n".join(items)  # type: ignore[arg-type]  # (a marker: TypeError)
     except TypeError:
         return None
-    if joined.startswith(b"GET:"):
-        keys = joined[4:].split(b"\nGET:")
-        # (as many as lines: each began with GET:; as many ':' as lines: none in a key)
+    head = joined[:4]
+    if head in _GET_HEADS:
+        keys = joined[4:].split(b"\n" + head)
+        # (as many as lines: each began with the head; as many ':' as lines: none in a key)
         if len(keys) == len(items) and joined.count(COLON) == len(keys) and b"" not in keys:
             return keys
     return _spelled_get_keys(items)
