@@ -719,6 +719,97 @@ def test_a_cluster_node_back_from_a_stall_is_recovered_with_no_traffic(redis_clu
         server.close()
 
 
+def test_a_write_to_a_stalled_cluster_node_is_never_applied_twice(redis_cluster):
+    """A real stall (SIGSTOP, 1.5 s: longer than the store's 1 s timeout, shorter than two)
+    of one node of three while a client PUTs a new value to keys of every node: a PUT whose
+    round trip timed out may have been applied, so it is answered ERR and not sent again. Afterwards
+    every key holds each value at most once, and every PUT answered OK exactly once. (Before:
+    redis-py's cluster pipeline sent a timed-out command again on its own, one by one, and
+    the RPUSH was applied twice: three PUTs answered OK stood twice each, 3 of 3 runs.)"""
+    import os
+    import signal
+
+    import redis as redis_py
+
+    from kvgevent.stores.redis_store import RedisStore
+
+    store = RedisStore(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", prefix="w:", timeout=1.0)
+    server = KeyValueServer(store)
+    server.start(0)
+    peer = Peer(server.port, timeout=30)
+    stalled = redis_cluster[1]
+    answered: dict[bytes, list[bytes]] = {}  # key -> values whose PUT was answered OK
+    index = 0
+
+    def put_round() -> list[bytes]:
+        nonlocal index
+        index += 1
+        replies = []
+        for n in range(12):
+            key, value = b"key%d" % n, b"v%d" % index
+            reply = peer.request(b"PUT:%s:%s\n" % (key, value))  # (its own PING after it)
+            if not reply:  # applied
+                answered.setdefault(key, []).append(value)
+            replies += reply
+        return replies
+
+    try:
+        put_round()
+        os.kill(stalled.proc.pid, signal.SIGSTOP)
+        resume = gevent.spawn_later(1.5, os.kill, stalled.proc.pid, signal.SIGCONT)
+        try:
+            while not resume.dead:
+                put_round()
+        finally:
+            resume.join()
+            os.kill(stalled.proc.pid, signal.SIGCONT)
+        wait_until(lambda: b"ERR" not in b"".join(put_round()), timeout=15)
+        cluster = redis_py.RedisCluster(host="127.0.0.1", port=redis_cluster[0].port)
+        try:
+            for key, values in answered.items():
+                stored = cluster.lrange(b"w:" + key, 0, -1)
+                assert len(stored) == len(set(stored)), (key, stored)  # nothing applied twice
+                assert set(values) <= set(stored), (key, values, stored)
+        finally:
+            cluster.close()
+    finally:
+        peer.close()
+        server.close()
+
+
+def test_a_write_redirected_by_a_moved_slot_is_sent_again_and_applied_once(redis_cluster):
+    """The store's cluster pipeline sends no command twice on its own; a command refused
+    with MOVED (not run by the node asked) is sent again, to the slot's new node. A real
+    slot handed to another node (CLUSTER SETSLOT ... NODE, on every node, the slot empty)
+    after the store learnt the slot map: a PUT of a key in it is answered OK and stands
+    once, on the new node; its GET finds it."""
+    import redis as redis_py
+
+    from kvgevent.stores.redis_store import RedisStore
+
+    store = RedisStore(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", prefix="m:")
+    server = KeyValueServer(store)
+    server.start(0)
+    peer = Peer(server.port, timeout=30)
+    admins = {node.port: redis_py.Redis(port=node.port) for node in redis_cluster}
+    try:
+        assert peer.request(b"PUT:warm:up\nGET:warm\n") == [b"warm:up"]  # (the slot map learnt)
+        slot = admins[redis_cluster[0].port].cluster("keyslot", "m:moved")
+        owner = store.client.get_node_from_key(b"m:moved").port
+        target = next(port for port in admins if port != owner)
+        target_id = admins[target].cluster("myid")
+        for admin in admins.values():
+            admin.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        assert peer.request(b"PUT:moved:v\n") == []
+        assert admins[target].lrange("m:moved", 0, -1) == [b"v"]
+        assert peer.request(b"GET:moved\n") == [b"moved:v"]
+    finally:
+        for admin in admins.values():
+            admin.close()
+        peer.close()
+        server.close()
+
+
 def test_a_cluster_node_down_is_one_outage_not_a_flood(redis_cluster, log_stream):
     """One of three nodes is killed while a client keeps writing keys spread over every node
     for 6 s. Before, the outage was one store-wide state that every command to a live node

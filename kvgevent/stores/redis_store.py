@@ -373,10 +373,38 @@ class RedisStore(KVStore):
         replies: list[Any] = []
         asked = self.health.clock()
         if sent:
-            execute, count = pipe.execute, len(sent)
-            replies = self._call(execute, raise_on_error=False, commands=count, keys=sent, per_command=True)
+            execute = self._sent_once if self.cluster else self._pipe_execute
+            replies = self._call(execute, pipe, commands=len(sent), keys=sent, per_command=True)
         results = iter(self._results(sent, replies, asked))
         return [skipped[i] if i in skipped else next(results) for i in range(len(commands))]
+
+    def _sent_once(self, pipe: Any) -> list[Any]:
+        """Execute a cluster pipeline (redis-py's), each command sent once: a command whose
+        connection timed out or failed may have been applied (a PUT is an RPUSH), so it
+        fails (ERR store unavailable) and is not sent again, where redis-py's own execute
+        sends such commands again one by one (a PUT answered OK stood twice after a stalled
+        node's timeout). A command redirected (MOVED, ASK: not run by the node asked) is
+        sent again through the cluster client, which follows the redirection."""
+        import redis
+
+        strategy = getattr(pipe, "_execution_strategy", None)  # (redis-py 7; 5 and 6: the pipe)
+        stack = list(strategy.command_queue if strategy is not None else pipe.command_stack)
+        try:
+            replies = pipe.send_cluster_commands(stack, raise_on_error=False, allow_redirections=False)
+        finally:
+            pipe.reset()
+        redirected = (redis.exceptions.MovedError, redis.exceptions.AskError)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, redirected):
+                command = stack[index]
+                try:
+                    replies[index] = self.client.execute_command(*command.args, **command.options)
+                except redis.exceptions.RedisError as exc:
+                    replies[index] = exc
+        return list(replies)
+
+    def _pipe_execute(self, pipe: Any) -> list[Any]:
+        return list(pipe.execute(raise_on_error=False))
 
     def _results(
         self, commands: Sequence[DataCommand], replies: list[Any], asked: float
