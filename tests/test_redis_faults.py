@@ -163,6 +163,38 @@ def test_a_peer_that_echoes_is_not_taken_for_redis(log_stream):
         echo.close()
 
 
+def test_a_proxy_whose_redis_is_gone_is_answered_err_and_not_reconnected_to_in_a_loop(log_stream):
+    """A peer that accepts each connection and closes it at once (a TCP proxy, docker-proxy
+    or haproxy, whose Redis is gone): each connection is lost in its setup. Requests get ERR
+    store unavailable at once, none waits; with no request, the store does not connect
+    again and again (a connection lost in its setup gives its batch back to no sibling: an
+    attacker's pass found the batch going round the connections for ever, ~3,000 connects a
+    second with no client, requests and STATS unanswered, SIGTERM not obeyed)."""
+    accepted = [0]
+
+    def close_at_once(sock, address) -> None:
+        accepted[0] += 1
+        sock.close()
+
+    proxy = StreamServer(("127.0.0.1", 0), close_at_once)
+    proxy.start()
+    store = RedisStore(f"redis://127.0.0.1:{proxy.server_port}/0", prefix="x:", timeout=0.5)
+    server = KeyValueServer(store)
+    server.start(0)
+    try:
+        peer = Peer(server.port, timeout=5)
+        for _ in range(20):
+            began = time.monotonic()
+            assert peer.request(b"PUT:k:v\nGET:k\n") == [UNAVAILABLE] * 2
+            assert time.monotonic() - began < 2.0  # (no wait: ERR at once)
+        quiet = accepted[0]
+        gevent.sleep(1.0)  # (no request meanwhile: what the store does by itself)
+        assert accepted[0] - quiet < 20, accepted[0] - quiet
+    finally:
+        server.close()
+        proxy.stop(timeout=1)
+
+
 def test_a_reply_of_the_wrong_type_is_a_store_error_never_data(log_stream):
     """A peer that answers PING with PONG but every other command with an array: RPUSH gets
     an array where an integer is due, so the whole round trip (the GET after it too) fails

@@ -180,6 +180,7 @@ class RespConnection:
         self.ready = False
         self._delay = 0.0  # the current wait between two attempts to connect
         self._retry_at = 0.0  # no attempt before this (monotonic)
+        self._failure = ""  # why the last attempt to connect failed
         # The other connections to the same Redis (a Dispatcher's): see _close_idle_siblings.
         self.siblings: list[RespConnection] = []
         self.busy = False  # in a round trip
@@ -272,7 +273,8 @@ class RespConnection:
         until the next attempt is due), closing the idle siblings unless told not to."""
         now = time.monotonic()
         if now < self._retry_at:
-            raise BackingOff(f"Redis unreachable; next attempt in {self._retry_at - now:.2f} s")
+            wait = self._retry_at - now
+            raise BackingOff(f"Redis unreachable; next attempt in {wait:.2f} s (last: {self._failure})")
         self.connecting = True
         try:
             self._open()
@@ -281,6 +283,7 @@ class RespConnection:
             self.close()
             if isinstance(exc, Lost):  # (Redis took the connection, then closed it: it is up)
                 raise
+            self._failure = str(exc)[:200]  # (said by the BackingOff of the attempts not made)
             self._delay = min(max(self._delay * 2, RECONNECT_MIN), RECONNECT_MAX)
             self._retry_at = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
             if close_siblings and _gone(exc):
@@ -489,7 +492,7 @@ class Dispatcher:
             finally:
                 connection.serving = False
             if not batch:  # (the sibling woken for them takes them: let it run)
-                gevent.sleep(connection.backing_off())
+                gevent.sleep(connection.backing_off() or RECONNECT_MIN)
                 continue
             start = 0
             for request in batch:
@@ -500,17 +503,19 @@ class Dispatcher:
     def _connected_for(self, batch: list[_Request], connection: RespConnection) -> bool:
         """Connect ``connection`` for ``batch``, just taken from the queue: True once it is
         connected. Refused by a Redis that answered (at its ``maxclients``, a password
-        changed; a refusal may come as a reset: Lost in the setup), or not tried (backing off
-        after such a refusal), while a sibling may serve them (connected, connecting, or
-        free to try now: woken for them), False: the batch goes back
+        changed), or not tried (backing off after such a refusal), while a sibling may serve
+        them (connected, connecting, or free to try now: woken for them), False: the batch goes back
         to the head of the queue (nothing of it was sent), and this connection tries again
         aside (:meth:`_send_loop`). Connections woken together at startup all connect at
         once, and a Redis with room for some refuses the others; a connection killed frees
         its room while its siblings back off: each such batch failed as an outage of the
-        store. Otherwise raises what the connect raised, which fails the batch."""
+        store. Otherwise raises what the connect raised, which fails the batch: a connection
+        lost in its setup too (a ``CLIENT KILL``; Redis's refusal read as a reset; a proxy
+        whose Redis is gone accepting and closing at once) does not back off, so giving its
+        batch back to a sibling free to try would go round the connections for ever."""
         try:
             connection.connect()
-        except (Refused, SetupRefused, Lost, BackingOff) as exc:
+        except (Refused, SetupRefused, BackingOff) as exc:
             if not any(map(_may_serve, connection.siblings)):
                 raise
             self._queue.extendleft(reversed(batch))
@@ -540,6 +545,8 @@ class Dispatcher:
         that answered and refused (Refused, SetupRefused): one that cannot be reached, times
         out or cannot serve now fails the siblings too, an outage of the store."""
         if self._failing_since is not None or not isinstance(error, (Refused, SetupRefused)):
+            return
+        if not any(c.ready or c.connecting for c in self._connections):  # (the outage says it)
             return
         self._failing_since = time.monotonic()
         if self._log is not None:
