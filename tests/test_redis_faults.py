@@ -59,6 +59,18 @@ def ephemeral_even_port() -> int:
 # --- 1. an outage: never an answer that Redis did not give -----------------------------------
 
 
+def reads_while_writes_pause(admin, peer: Peer, read: bytes, seconds: float) -> list[list[bytes]]:
+    """A real CLIENT PAUSE WRITE of ``seconds`` (``admin``: a redis-py client), during which
+    ``peer`` sends ``read`` at a client's pace; the replies of each."""
+    admin.execute_command("CLIENT", "PAUSE", str(int(seconds * 1000)), "WRITE")
+    end = time.monotonic() + seconds
+    replies = []
+    while time.monotonic() < end:
+        replies.append(peer.request(read))
+        gevent.sleep(0.02)  # (a client's pace, not a synchronisation)
+    return replies
+
+
 def write_and_read(port: int, rounds: list[list[bytes]], stop: gevent.event.Event, pace: float = 0.0) -> None:
     """A client: PUT then GET of its own key, then a PING, until ``stop``; each round's reply
     lines go to ``rounds``. ``pace``: seconds between two rounds (a client's pace)."""
@@ -864,12 +876,7 @@ def test_writes_paused_longer_than_the_timeout_are_one_outage_and_reads_go_on(tm
     try:
         assert reader.request(b"PUT:r:v\n") == []
         wait_until(lambda: len(rounds) > 50, timeout=10)
-        admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
-        end = time.monotonic() + 3.0
-        reads = []
-        while time.monotonic() < end:
-            reads.append(reader.request(b"GET:r\n"))
-            gevent.sleep(0.02)  # (a client's pace, not a synchronisation)
+        reads = reads_while_writes_pause(admin, reader, b"GET:r\n", 3.0)
         wait_until(lambda: events_named(log_stream, "store_recovered"), timeout=15)
         stop.set()
         gevent.joinall(writers, raise_error=True)
@@ -1320,12 +1327,7 @@ def test_writes_paused_fail_no_read(tmp_path, log_stream):
     peer = Peer(server.port, timeout=15)
     try:
         assert peer.request(b"PUT:k:v\n") == []
-        admin.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
-        end = time.monotonic() + 2.5
-        answers = []
-        while time.monotonic() < end:
-            answers.append(peer.request(b"GET:k\n"))
-            gevent.sleep(0.02)  # (a client's pace, not a synchronisation)
+        answers = reads_while_writes_pause(admin, peer, b"GET:k\n", 2.5)
         assert len(answers) >= 20 and all(answer == [b"k:v"] for answer in answers), answers[:3]
         wait_until(lambda: peer.request(b"PUT:k:w\nGET:k\n") == [b"k:v", b"k:w"], timeout=10)
         assert not events_named(log_stream, "store_unavailable")
