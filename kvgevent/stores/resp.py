@@ -22,7 +22,10 @@ Reconnecting. After a failed connect a connection waits RECONNECT_MIN seconds, d
 RECONNECT_MAX (with jitter: connections do not retry in step), before it tries again;
 meanwhile its round trips fail at once with :class:`Unreachable`. When one of a dispatcher's
 connections fails, its idle siblings are closed as well: after a Redis restart they would each
-fail one round trip more (and start a new outage of the store).
+fail one round trip more (and start a new outage of the store). A connection that cannot
+connect while a sibling serves takes no request (it tries again aside); one refused, or not
+tried, with requests in hand gives them back to the queue for a sibling that may serve them
+(:meth:`Dispatcher._connected_for`).
 """
 
 from __future__ import annotations
@@ -504,9 +507,9 @@ class Dispatcher:
         """Connect ``connection`` for ``batch``, just taken from the queue: True once it is
         connected. Refused by a Redis that answered (at its ``maxclients``, a password
         changed), or not tried (backing off after such a refusal), while a sibling may serve
-        them (connected, connecting, or free to try now: woken for them), False: the batch goes back
-        to the head of the queue (nothing of it was sent), and this connection tries again
-        aside (:meth:`_send_loop`). Connections woken together at startup all connect at
+        them (connected, connecting, or free to try now: woken for them), False: the batch
+        goes back to the head of the queue (nothing of it was sent), and this connection
+        tries again aside (:meth:`_send_loop`). Connections woken together at startup all connect at
         once, and a Redis with room for some refuses the others; a connection killed frees
         its room while its siblings back off: each such batch failed as an outage of the
         store. Otherwise raises what the connect raised, which fails the batch: a connection
