@@ -177,11 +177,14 @@ def test_a_peer_that_echoes_is_not_taken_for_redis(log_stream):
 
 def test_a_proxy_whose_redis_is_gone_is_answered_err_and_not_reconnected_to_in_a_loop(log_stream):
     """A peer that accepts each connection and closes it at once (a TCP proxy, docker-proxy
-    or haproxy, whose Redis is gone): each connection is lost in its setup. Requests get ERR
-    store unavailable at once, none waits; with no request, the store does not connect
-    again and again (a connection lost in its setup gives its batch back to no sibling: an
-    attacker's pass found the batch going round the connections for ever, ~3,000 connects a
-    second with no client, requests and STATS unanswered, SIGTERM not obeyed)."""
+    or haproxy, whose Redis is gone): each connection is lost in its setup, and nothing has
+    answered: Redis is unreachable, one outage (``store_unavailable``, nodes down 1), with
+    its back-off. Requests get ERR store unavailable at once, none waits; the store does
+    not connect once a request (before: a lost connection each, no outage, ~500 connects a
+    second under load), nor again and again with no request (a connection lost in its setup
+    gives its batch back to no sibling: an attacker's pass found the batch going round the
+    connections for ever, ~3,000 connects a second with no client, requests and STATS
+    unanswered, SIGTERM not obeyed)."""
     accepted = [0]
 
     def close_at_once(sock, address) -> None:
@@ -199,9 +202,13 @@ def test_a_proxy_whose_redis_is_gone_is_answered_err_and_not_reconnected_to_in_a
             began = time.monotonic()
             assert peer.request(b"PUT:k:v\nGET:k\n") == [UNAVAILABLE] * 2
             assert time.monotonic() - began < 2.0  # (no wait: ERR at once)
+        assert accepted[0] < 20, accepted[0]  # (backing off: not a connect per request)
         quiet = accepted[0]
         gevent.sleep(1.0)  # (no request meanwhile: what the store does by itself)
         assert accepted[0] - quiet < 20, accepted[0] - quiet
+        (outage,) = events_named(log_stream, "store_unavailable")  # (a first loss may come before)
+        assert "nothing answered" in outage["error"] and not events_named(log_stream, "store_recovered")
+        assert store.stats()["store_nodes_down"] == 1
     finally:
         server.close()
         proxy.stop(timeout=1)

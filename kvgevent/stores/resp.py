@@ -191,6 +191,7 @@ class RespConnection:
         self.connecting = False  # in connect(), for requests or aside
         self.on_connect: Callable[[], None] | None = None  # called after each connect
         self._used_at = 0.0  # when its last exchange ended (monotonic)
+        self.answered_at = 0.0  # when an exchange last had all its replies (monotonic)
         self.suspect_until = 0.0  # a sibling was lost: checked before each use until then
 
     def drop_if_closed(self) -> None:
@@ -226,13 +227,15 @@ class RespConnection:
         self.busy = True
         try:
             self.sock.sendall(payload)
-            return self._replies(count)
+            replies = self._replies(count)
         except BaseException:
             self.close()
             raise
         finally:
             self.busy = False
             self._used_at = time.monotonic()
+        self.answered_at = self._used_at
+        return replies
 
     def _close_siblings_closed_by_peer(self) -> None:
         """Close the sibling connections not in a round trip that Redis closed (seen without
@@ -281,20 +284,45 @@ class RespConnection:
         self.connecting = True
         try:
             self._open()
+        except Lost as exc:
+            self.connecting = False
+            self.close()
+            if self._answered_lately():  # (Redis took the connection, then closed it: it is up)
+                raise
+            # (nothing answered lately: no Redis behind the port)
+            unreachable = Unreachable(f"{exc}; nothing answered for {self.timeout:g} s or more")
+            self._failed_to_connect(unreachable, close_siblings)
+            raise unreachable from None
         except BaseException as exc:
             self.connecting = False
             self.close()
-            if isinstance(exc, Lost):  # (Redis took the connection, then closed it: it is up)
-                raise
-            self._failure = str(exc)[:200]  # (said by the BackingOff of the attempts not made)
-            self._delay = min(max(self._delay * 2, RECONNECT_MIN), RECONNECT_MAX)
-            self._retry_at = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
-            if close_siblings and _gone(exc):
-                self._close_idle_siblings()
+            self._failed_to_connect(exc, close_siblings)
             raise
         self._delay, self.connecting = 0.0, False
         if self.on_connect is not None:
             self.on_connect()
+
+    def _failed_to_connect(self, exc: BaseException, close_siblings: bool) -> None:
+        """Back off after a failed attempt to connect (``exc``), closing the idle siblings
+        if Redis seems gone (and ``close_siblings``)."""
+        self._failure = str(exc)[:200]  # (said by the BackingOff of the attempts not made)
+        self._delay = min(max(self._delay * 2, RECONNECT_MIN), RECONNECT_MAX)
+        self._retry_at = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
+        if close_siblings and _gone(exc):
+            self._close_idle_siblings()
+
+    def _answered_lately(self) -> bool:
+        """Whether this connection or a sibling had a whole answer within the timeout, or a
+        sibling is connected or connecting. A connection lost in its setup is a lost
+        connection then (a ``CLIENT KILL`` in the middle of it, Redis serving the others; a
+        refusal read as a reset while a sibling gets in); else Redis is taken for
+        unreachable: a TCP proxy whose Redis is gone accepts each connection and closes it at
+        once, and each such loss would otherwise fail its batch with no outage, no back-off,
+        and a connect per batch."""
+        if any(sibling.ready or sibling.connecting for sibling in self.siblings):
+            return True
+        latest = max(self.answered_at, *(sibling.answered_at for sibling in self.siblings))
+        return time.monotonic() - latest < self.timeout
 
     def reconnect_aside(self) -> Exception | None:
         """While a sibling serves: wait out this connection's back-off, then try to connect,
