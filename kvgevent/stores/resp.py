@@ -67,6 +67,12 @@ RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0
 """Most seconds between two attempts to connect while Redis is unreachable."""
 
+LOST_SETUPS_UNREACHABLE = 2
+"""Attempts in a row lost in their setup, with nothing answered lately, after which Redis is
+taken for unreachable (see RespConnection._answered_lately). One is not enough: after an idle
+spell, a ``CLIENT KILL`` landing in the first setup made a false outage (an attacker's pass:
+2-7 in 25 cycles of kills every 1-2 ms); a proxy whose Redis is gone loses every one."""
+
 _NOT_YET = object()
 """What the hiredis reader gives while no whole reply is there (its default, False, equals an
 integer reply of 0: ``iter(gets, False)`` would stop at one)."""
@@ -184,6 +190,7 @@ class RespConnection:
         self._delay = 0.0  # the current wait between two attempts to connect
         self._retry_at = 0.0  # no attempt before this (monotonic)
         self._failure = ""  # why the last attempt to connect failed
+        self._lost_setups = 0  # attempts in a row lost in their setup
         # The other connections to the same Redis (a Dispatcher's): see _close_idle_siblings.
         self.siblings: list[RespConnection] = []
         self.busy = False  # in a round trip
@@ -287,8 +294,9 @@ class RespConnection:
         except Lost as exc:
             self.connecting = False
             self.close()
-            if self._answered_lately():  # (Redis took the connection, then closed it: it is up)
-                raise
+            self._lost_setups += 1
+            if self._lost_setups < LOST_SETUPS_UNREACHABLE or self._answered_lately():
+                raise  # (Redis took the connection, then closed it: it is up, most likely)
             # (nothing answered lately: no Redis behind the port)
             unreachable = Unreachable(f"{exc}; nothing answered for {self.timeout:g} s or more")
             self._failed_to_connect(unreachable, close_siblings)
@@ -298,7 +306,7 @@ class RespConnection:
             self.close()
             self._failed_to_connect(exc, close_siblings)
             raise
-        self._delay, self.connecting = 0.0, False
+        self._delay, self.connecting, self._lost_setups = 0.0, False, 0
         if self.on_connect is not None:
             self.on_connect()
 
@@ -313,12 +321,12 @@ class RespConnection:
 
     def _answered_lately(self) -> bool:
         """Whether this connection or a sibling had a whole answer within the timeout, or a
-        sibling is connected or connecting. A connection lost in its setup is a lost
-        connection then (a ``CLIENT KILL`` in the middle of it, Redis serving the others; a
-        refusal read as a reset while a sibling gets in); else Redis is taken for
-        unreachable: a TCP proxy whose Redis is gone accepts each connection and closes it at
-        once, and each such loss would otherwise fail its batch with no outage, no back-off,
-        and a connect per batch."""
+        sibling is connected or connecting. A connection lost in its setup (and in the one
+        before: LOST_SETUPS_UNREACHABLE) is a lost connection then (a ``CLIENT KILL`` in the
+        middle of it, Redis serving the others; a refusal read as a reset while a sibling
+        gets in); else Redis is taken for unreachable: a TCP proxy whose Redis is gone
+        accepts each connection and closes it at once, and each such loss would otherwise
+        fail its batch with no outage, no back-off, and a connect per batch."""
         if any(sibling.ready or sibling.connecting for sibling in self.siblings):
             return True
         latest = max(self.answered_at, *(sibling.answered_at for sibling in self.siblings))
