@@ -210,17 +210,24 @@ def fake_server():
         listener.close()
 
 
+def read_to_ping(conn: socket.socket) -> bool:
+    """Read what the client sends up to its first PING: False if it closed before one."""
+    received = b""
+    while b"PING\n" not in received:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            return False
+        received += chunk
+    return True
+
+
 def answer(reply: bytes, gap: float = 0.0):
     """A respond() that reads up to the first PING, then sends ``reply`` (a byte every
     ``gap`` seconds when given), then reads until the client closes."""
 
     def respond(conn: socket.socket) -> None:
-        received = b""
-        while b"PING\n" not in received:
-            chunk = conn.recv(1 << 16)
-            if not chunk:
-                return
-            received += chunk
+        if not read_to_ping(conn):
+            return
         if gap:
             for byte in reply:
                 conn.sendall(bytes([byte]))
@@ -313,12 +320,8 @@ def stray_after_ping(stray: bytes, go: gevent.event.Event, received: list[bytes]
     as a GET of k would be), and ``<closed>`` once the client closes."""
 
     def respond(conn: socket.socket) -> None:
-        got = b""
-        while b"PING\n" not in got:
-            chunk = conn.recv(1 << 16)
-            if not chunk:
-                return
-            got += chunk
+        if not read_to_ping(conn):
+            return
         conn.sendall(b"PONG\n")
         go.wait()
         conn.sendall(stray)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 from conftest import ROOT, Peer, Terminal, free_port, wait_until
@@ -728,6 +729,12 @@ def test_bench_takes_the_connection_options_of_every_mode(server_process, certs)
     assert b"keys=0\n" in stats.stdout, stats
 
 
+def start_bench(port: int, args: tuple[str, ...], **popen: Any) -> subprocess.Popen:
+    """``run_client.py --port PORT bench ARGS`` started, its stdout and stderr piped."""
+    command = [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), "bench", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, **popen)
+
+
 BENCH_FOREVER = ("-t", "ping", "-n", "100000000", "-c", "2", "-q")
 """A bench that runs until it is stopped."""
 
@@ -740,13 +747,7 @@ def test_bench_gives_up_on_a_stopped_server(server_process):
     proc = server_process()
     bench = None
     try:
-        bench = subprocess.Popen(
-            [sys.executable, str(ROOT / "run_client.py"), "--port", str(proc.port), "bench", *BENCH_FOREVER],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=ROOT,
-            env={**os.environ, "KVGEVENT_TIMEOUT": "2"},
-        )
+        bench = start_bench(proc.port, BENCH_FOREVER, env={**os.environ, "KVGEVENT_TIMEOUT": "2"})
         with Client(port=proc.port, timeout=5) as kv:
             wait_until(lambda: kv.stats()["commands"] > 1000, timeout=20, message="the bench did not start")
         os.kill(proc.proc.pid, signal.SIGSTOP)
@@ -780,13 +781,7 @@ def test_an_interrupted_bench_still_cleans_up_its_keys(server_process, how, stat
     proc = server_process()
     bench = None
     try:
-        bench = subprocess.Popen(
-            [sys.executable, str(ROOT / "run_client.py"), "--port", str(proc.port), "bench", *BENCH_PUTS],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=ROOT,
-            start_new_session=True,  # its own process group, as a shell's foreground job
-        )
+        bench = start_bench(proc.port, BENCH_PUTS, start_new_session=True)  # (its own group: a job)
         with Client(port=proc.port, timeout=5) as kv:
             wait_until(lambda: kv.stats()["keys"] > 2000, timeout=20, message="the PUT test did not start")
             if how == "ctrl-c":

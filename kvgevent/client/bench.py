@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvgevent.args import check_env, positive_int, program_name
-from kvgevent.client.cli import add_connection_options, client_for
+from kvgevent.client.cli import add_connection_options, client_for, tls_choice
 from kvgevent.client.client import Client
 from kvgevent.protocol import ReplyKind, classify_reply
 
@@ -184,18 +184,13 @@ def _connected(sock: Any, args: dict[str, Any]) -> Any:
 
 def _worker_connection(opts: argparse.Namespace) -> dict[str, Any]:
     """The connection options a worker process needs, in a form it can be sent (no context)."""
-    tls: tuple[str | None, bool] | None = None
-    if opts.tls_insecure:
-        tls = (None, False)
-    elif opts.tls or opts.tls_ca:
-        tls = (opts.tls_ca, True)
     password = opts.password.encode() if opts.password is not None else None
     return {
         "host": opts.host,
         "port": opts.port,
         "timeout": opts.timeout or None,
         "password": password,
-        "tls": tls,
+        "tls": tls_choice(opts),
     }
 
 

@@ -103,14 +103,24 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def tls_choice(args: argparse.Namespace) -> tuple[str | None, bool] | None:
+    """What TLS the options ask for: ``(cafile, verify)``, or None for plain TCP (a form a
+    bench worker process can be sent, where a context cannot)."""
+    if args.tls_insecure:
+        return (None, False)
+    if args.tls or args.tls_ca:
+        return (args.tls_ca, True)
+    return None
+
+
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS context the options ask for, or None for plain TCP. OSError for a --tls-ca
     that cannot be read, ssl.SSLError for one that is not a certificate."""
-    if args.tls_insecure:
-        return client_context(verify=False)
-    if args.tls or args.tls_ca:
-        return client_context(args.tls_ca)
-    return None
+    choice = tls_choice(args)
+    if choice is None:
+        return None
+    cafile, verify = choice
+    return client_context(cafile, verify=verify)
 
 
 def client_for(args: argparse.Namespace) -> Client:

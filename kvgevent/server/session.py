@@ -78,9 +78,10 @@ from kvgevent.server.memory import ERR_OUT_OF_MEMORY, MemoryGuard
 from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, PlainOp, Result
 
 _GET_INITIALS = b"Gg"
+"""What a GET line starts with (:meth:`Session._served_plainly`)."""
+
 _GET_HEADS = frozenset(verb + b":" for verb in GET_SPELLINGS)
 """How a GET line begins: ``GET:``, ``Get:`` (the original's clients), ``get:``."""
-"""What a GET line starts with (:meth:`Session._served_plainly`)."""
 
 _VERB_BY_INITIAL: dict[int, type] = {ord("P"): Put, ord("p"): Put, ord("D"): Delete, ord("d"): Delete}
 """The command class of a plain PUT or DELETE line by its first byte (a GET's is the default):

@@ -550,10 +550,12 @@ class RedisStore(KVStore):
         logged once per episode. ``per_command``: the caller judges each command's reply
         (and ends outages by them), so a call that returned ends none by itself."""
         health = self.health
-        if health.outages and all(health.waiting(node) for node in self._nodes(keys)):
-            for node in self._nodes(keys):
-                health.skipped(node, commands)
-            raise ERR_UNAVAILABLE.fresh()
+        if health.outages:
+            nodes = self._nodes(keys)
+            if all(health.waiting(node) for node in nodes):
+                for node in nodes:
+                    health.skipped(node, commands)
+                raise ERR_UNAVAILABLE.fresh()
         asked = health.clock()
         try:
             result = function(*args, **kwargs)
