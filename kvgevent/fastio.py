@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import socket
 import struct
 import termios
@@ -65,6 +66,9 @@ class PlainSocket:
 
     def recv(self, size: int) -> bytes:
         return self.sock.recv(size)
+
+    def forget_reader(self) -> None:
+        """Before the socket is closed (see :meth:`FastSocket.forget_reader`): nothing here."""
 
     def acked(self) -> int:
         """Bytes the client has acknowledged (``sent`` where the OS does not say): grows
@@ -138,7 +142,7 @@ class FastSocket(PlainSocket):
     ``Hub.switch`` and ``loop.run_callback`` (:meth:`retire_reader`).
     """
 
-    __slots__ = ("_raw", "_hub", "_read_event", "_write_event", "_drained", "quiet")
+    __slots__ = ("_raw", "_hub", "_read_event", "_write_event", "_away", "_drained", "quiet")
 
     def __init__(self, sock: Any) -> None:
         super().__init__(sock)
@@ -146,12 +150,24 @@ class FastSocket(PlainSocket):
         self._hub = get_hub()
         self._read_event = sock._read_event
         self._write_event = sock._write_event
+        # The read watcher's callback while no reader is parked in recv (see there): it only
+        # stops the watcher. A partial, with no ``__self__``: gevent's ``cancel_wait`` (the
+        # socket closed) throws into its callback's ``__self__``, a parked reader.
+        self._away = functools.partial(self._read_event.stop)
         self._drained = True  # the last read returned less than asked: the socket is empty
         self.quiet = 0  # counted up by whoever watches for idle readers; 0 at each wake-up
 
     def parked_reading(self) -> bool:
-        """Whether a greenlet is parked in :meth:`recv` now (its watcher is started)."""
-        return bool(self._read_event.active)
+        """Whether a greenlet is parked in :meth:`recv` now (its watcher started for it)."""
+        watcher = self._read_event
+        return bool(watcher.active) and watcher.callback is not self._away
+
+    def forget_reader(self) -> None:
+        """Before the socket is closed: stop the read watcher if no reader is parked on it
+        (left started by :meth:`recv`), so that gevent closes the socket at once rather than
+        after the loop's next turn. A parked reader's watcher stays: the close wakes it."""
+        if self._read_event.callback is self._away:
+            self._read_event.stop()
 
     def retire_reader(self, reader: Any) -> None:
         """Make ``reader``, parked in :meth:`recv` (:meth:`parked_reading`), raise
@@ -168,26 +184,45 @@ class FastSocket(PlainSocket):
         self._read_event.stop()
 
     def recv(self, size: int) -> bytes:
-        """Like gevent's ``recv``: waits cooperatively for at least one byte (or EOF)."""
+        """Like gevent's ``recv``: waits cooperatively for at least one byte (or EOF).
+
+        After a wake-up the read watcher is left started, its callback :attr:`_away` (which
+        only stops it, should the client send while the reader waits elsewhere), and the next
+        wait here only sets its callback back. Stopped, then started again around a wait
+        elsewhere (a Redis round trip, a write waiting for the disk), libev had the kernel
+        re-add the socket to its epoll set: an ``epoll_ctl`` per request
+        (bench/OPTIMISATIONS.md, "a watcher left started"). It is stopped on EOF, on an error,
+        on an exception thrown into the wait, and by :meth:`forget_reader`."""
         while True:
             if self._drained:
                 # Outside any except block: a wait inside one would keep the exception and
                 # its traceback alive for as long as the client stays idle. (park() inline:
                 # a call less per request, bench/OPTIMISATIONS.md, "calls per request".)
                 watcher = self._read_event
-                watcher.start(getcurrent().switch)
+                switch = getcurrent().switch
+                if watcher.active:  # (left started: see above)
+                    watcher.callback = switch
+                else:
+                    watcher.start(switch)
                 try:
                     woken = self._hub.switch()
-                finally:
+                except BaseException:
                     watcher.stop()
-                if woken is _DORMANT:
+                    raise
+                if woken is _DORMANT:  # (retire_reader stopped the watcher)
                     raise Dormant
+                watcher.callback = self._away
                 self.quiet = 0
             try:
                 data = self._raw.recv(size)
             except BlockingIOError:
                 self._drained = True
                 continue
+            except OSError:
+                self._read_event.stop()
+                raise
+            if not data:  # (EOF: nothing more to wait for)
+                self._read_event.stop()
             self._drained = len(data) < size
             return data
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.hub
 import gevent.pool
 import gevent.server
@@ -132,6 +133,82 @@ def test_closing_a_socket_under_a_parked_reader_wakes_it_with_an_error():
         assert not watcher.active
     finally:
         right.close()
+
+
+def test_a_reader_waiting_elsewhere_keeps_its_watcher_and_loses_nothing_sent_meanwhile():
+    """After a wake-up the read watcher is left started (no epoll_ctl to add the socket
+    again at the next wait, see FastSocket.recv) while the reader waits elsewhere, as for a
+    Redis round trip. Data sent meanwhile stops the watcher (its callback only stops it: a
+    watcher left firing on a readable socket would spin the loop) and is read at the next
+    recv; the reader is not woken in its other wait."""
+    left, right = _pair()
+    try:
+        fast = wrap(left)
+        watcher = left._read_event
+        elsewhere = gevent.event.Event()
+        got: list[bytes] = []
+
+        def read_wait_read() -> None:
+            got.append(fast.recv(4096))
+            elsewhere.wait()
+            got.append(fast.recv(4096))
+
+        reader = _parked(read_wait_read, watcher=watcher)
+        right.sendall(b"first")
+        wait_until(lambda: got == [b"first"], timeout=5, message="the first read")
+        assert watcher.active and not fast.parked_reading()  # left started, nobody parked on it
+        right.sendall(b"second")
+        wait_until(lambda: not watcher.active, timeout=5, message="the watcher stopped by the data")
+        assert got == [b"first"] and not reader.dead  # not woken in its other wait
+        elsewhere.set()
+        reader.join(timeout=5)
+        assert reader.successful() and got == [b"first", b"second"]
+        assert watcher.active  # (left started again after the second wake-up)
+        fast.forget_reader()
+        assert not watcher.active
+        left.close()
+        assert fast._raw.fileno() == -1  # closed at once, not after the loop's next turn
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_reader_s_watcher_is_stopped_when_its_client_closes_or_resets():
+    """EOF and an error from recv stop the watcher left started: nothing is left for a
+    socket that ends."""
+    for end in ("close", "reset"):
+        left, right = _pair() if end == "close" else _tcp_pair()
+        try:
+            fast = wrap(left)
+            watcher = left._read_event
+            right.sendall(b"x")
+            assert fast.recv(4096) == b"x"
+            assert watcher.active
+            if end == "close":
+                right.close()
+                assert fast.recv(4096) == b""
+            else:
+                _reset(right)
+                with contextlib.suppress(ConnectionResetError):
+                    while fast.recv(4096):
+                        pass
+            assert not watcher.active, end
+        finally:
+            left.close()
+            right.close()
+
+
+def _tcp_pair() -> tuple[gevent.socket.socket, gevent.socket.socket]:
+    """A connected pair of loopback TCP sockets (a reset needs TCP)."""
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        right = gevent.socket.create_connection(listener.getsockname(), timeout=5)
+        left, _ = listener.accept()
+    finally:
+        listener.close()
+    return left, right
 
 
 def test_a_parked_sender_resumes_as_the_peer_reads_and_sends_everything():

@@ -539,6 +539,7 @@ class Connection:
         writer.kill(block=True)
 
     def close(self) -> None:
+        self.io.forget_reader()
         try:
             self.sock.close()
         except OSError:
