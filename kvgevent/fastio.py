@@ -138,7 +138,8 @@ class FastSocket(PlainSocket):
     It relies on these gevent interfaces (pinned by requirements.txt's gevent range, checked by
     tests/test_lean_waits.py::test_the_gevent_interfaces_the_lean_waits_use): a gevent socket's
     ``_sock`` (the non-blocking socket under it), ``_read_event`` and ``_write_event`` (its io
-    watchers, with ``start(callback)``, ``stop()`` and ``active``), ``gevent.get_hub()``,
+    watchers, with ``start(callback)``, ``stop()`` (which clears the callback), ``active`` and a
+    ``callback`` that can be set while started), ``gevent.get_hub()``,
     ``Hub.switch`` and ``loop.run_callback`` (:meth:`retire_reader`).
     """
 

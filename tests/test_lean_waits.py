@@ -55,6 +55,15 @@ def test_the_gevent_interfaces_the_lean_waits_use():
         for watcher in (left._read_event, left._write_event):
             assert callable(watcher.start) and callable(watcher.stop)
             assert watcher.active is False and watcher.callback is None
+        # FastSocket.recv: a started watcher's callback swapped in place, stop() clearing it
+        # (forget_reader tells a watcher left started by its callback; gevent's close defers
+        # the socket's close while a watcher has one)
+        watcher = left._read_event
+        watcher.start(print)
+        watcher.callback = len
+        assert watcher.active and watcher.callback is len
+        watcher.stop()
+        assert not watcher.active and watcher.callback is None
         assert isinstance(wrap(left), FastSocket)
         hub = gevent.get_hub()
         assert callable(hub.loop.run_callback)
