@@ -153,6 +153,11 @@ DEFAULT_CLIENT_TIMEOUT = 10.0
 REPORT_INTERVAL = 1.0
 """Seconds between two reports of a worker's client counts to a shared store."""
 
+FINAL_REPORT_TIMEOUT = 0.5
+"""Seconds a stopping server gives its last report to a shared store (this worker leaving the
+table): a Redis that stalled would hold the shutdown for all of ``--redis-timeout``; a live one
+answers in milliseconds, and an entry left behind stops counting after the store's WORKER_TTL."""
+
 WRITER_IDLE = 0.1
 """Seconds after which a client's writer greenlet and reply queue, idle (nothing to send), are
 released (one to two such periods after its last reply): they are most of what a client that

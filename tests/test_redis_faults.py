@@ -1319,6 +1319,38 @@ def test_stats_and_readyz_during_a_stall_wait_one_timeout(tmp_path, log_stream):
         redis.kill()
 
 
+def test_sigterm_with_redis_stalled_stops_without_waiting_for_the_redis_timeout(server_process, tmp_path):
+    """A real stall (SIGSTOP) and SIGTERM, a client waiting on Redis: the server stops in
+    about ``--shutdown-flush`` (1 s here), not the ``--redis-timeout`` (30 s) its last client
+    report to Redis would have waited (before: the whole timeout, so a worker under
+    ``--workers`` was killed by its supervisor first). One ``final_report_abandoned`` says
+    this worker left no word in the workers table; it exits 0 and the client sees EOF."""
+    import os
+    import signal
+
+    redis = RedisProcess(tmp_path)
+    server = server_process("--store", redis.url, "--redis-timeout", "30", "--shutdown-flush", "1")
+    peer = Peer(server.port, timeout=30)
+    try:
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            peer.sock.sendall(b"GET:k\n")  # (waits on the frozen Redis)
+            began = time.monotonic()
+            assert server.stop(signal.SIGTERM, timeout=25) == 0
+            took = time.monotonic() - began
+            assert took < 8, took  # (30 s and more before; 1 s flush + 0.5 s report here)
+            assert peer.sock.recv(64) == b""
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        names = [e["event"] for e in server.events()]
+        assert names.count("final_report_abandoned") == 1 and names[-1] == "server_stopped", names
+        assert not [n for n in names if n in ("client_error", "unhandled_error")]
+    finally:
+        peer.close()
+        redis.kill()
+
+
 def test_writes_paused_fail_no_read(tmp_path, log_stream):
     """A real CLIENT PAUSE WRITE (what a failover does): for 2.5 s, writes wait, so the
     once-a-second client report (a write) times out (0.5 s here), while clients' GETs are

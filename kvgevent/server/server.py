@@ -49,6 +49,7 @@ from kvgevent.config import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_SHUTDOWN_FLUSH,
     EOF_FLUSH_STALL,
+    FINAL_REPORT_TIMEOUT,
     HEAVY_TURN,
     MAX_SEND_BATCH,
     PRE_AUTH_LINE_COST,
@@ -452,7 +453,7 @@ class KeyValueServer:
             self._pool.kill(block=True, timeout=1.0)
             self._writers.kill(block=True, timeout=1.0)
             if self.store.shared:
-                self._publish_counts(final=True)  # the last drops, and this worker leaves the table
+                self._publish_final_counts()
             self.store.close()
             self._turns.close()
             if self._monitor is not None:
@@ -909,6 +910,23 @@ class KeyValueServer:
         while True:
             self._publish_counts()
             gevent.sleep(REPORT_INTERVAL)
+
+    def _publish_final_counts(self) -> None:
+        """The last report at close (the last drops, and this worker leaves the table), given
+        at most FINAL_REPORT_TIMEOUT: a stalled Redis must not hold the shutdown for the whole
+        ``--redis-timeout`` (a worker under ``--workers`` would be killed first)."""
+        timeout = gevent.Timeout(FINAL_REPORT_TIMEOUT)
+        try:
+            with timeout:
+                self._publish_counts(final=True)
+        except gevent.Timeout as exc:
+            if exc is not timeout:
+                raise
+            self.log.warning(
+                "final_report_abandoned",
+                timeout=FINAL_REPORT_TIMEOUT,
+                hint="Redis did not answer; this worker stops counting in cluster_active by itself",
+            )
 
     def _publish_counts(self, final: bool = False) -> None:
         dropped = self.counters.dropped
