@@ -1324,7 +1324,8 @@ def test_sigterm_with_redis_stalled_stops_without_waiting_for_the_redis_timeout(
     about ``--shutdown-flush`` (1 s here), not the ``--redis-timeout`` (30 s) its last client
     report to Redis would have waited (before: the whole timeout, so a worker under
     ``--workers`` was killed by its supervisor first). One ``final_report_abandoned`` says
-    this worker left no word in the workers table; it exits 0 and the client sees EOF."""
+    the worker's word may not have reached the workers table; it exits 0 and the client sees
+    EOF."""
     import os
     import signal
 
@@ -1348,6 +1349,43 @@ def test_sigterm_with_redis_stalled_stops_without_waiting_for_the_redis_timeout(
         assert not [n for n in names if n in ("client_error", "unhandled_error")]
     finally:
         peer.close()
+        redis.kill()
+
+
+def test_a_metrics_scrape_waiting_on_a_stalled_redis_is_answered_at_shutdown(server_process, tmp_path):
+    """A real stall (SIGSTOP), a /metrics scrape waiting on it (its key count goes through
+    redis-py), then SIGTERM: the scrape is answered 200 without the key count as the store
+    closes, and the server exits 0 at once. Before, redis-py's close left its pool open: the
+    scrape kept waiting until the metrics listener's stop killed it a second later (HTTP 500),
+    and the close of the data connections under a readiness PING was logged as an outage."""
+    import os
+    import signal
+    import threading
+
+    from tests.conftest import free_port, http_get
+
+    redis = RedisProcess(tmp_path)
+    metrics = free_port()
+    server = server_process(
+        "--store", redis.url, "--redis-timeout", "30", "--shutdown-flush", "0", "--metrics-port", str(metrics)
+    )
+    wait_until(lambda: any(e["event"] == "metrics_listening" for e in server.events()), 10)
+    scraped: list[tuple[int, str]] = []
+    try:
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            scrape = threading.Thread(target=lambda: scraped.append(http_get(metrics, "/metrics")))
+            scrape.start()
+            time.sleep(0.5)  # (times the fault: the scrape is waiting on Redis by then)
+            assert server.stop(signal.SIGTERM, timeout=25) == 0
+            scrape.join(timeout=10)
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert scraped and scraped[0][0] == 200, scraped
+        assert "kvgevent_keys" not in scraped[0][1]
+        names = [e["event"] for e in server.events()]
+        assert "store_unavailable" not in names and names[-1] == "server_stopped", names
+    finally:
         redis.kill()
 
 

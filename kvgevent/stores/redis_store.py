@@ -166,6 +166,7 @@ class RedisStore(KVStore):
         scheme = urlparse(url).scheme
         self.cluster = scheme == "redis+cluster"
         self._dispatcher: Dispatcher | None = None  # the fast data path (plain redis:// only)
+        self._closed = False  # close() was called: failures after it begin no outage
         if scheme not in ("redis", "rediss", "redis+cluster"):
             raise ValueError(
                 f"not a Redis URL: {redacted_url(url)!r} (redis://host:port/db or redis+cluster://host:port)"
@@ -475,10 +476,18 @@ class RedisStore(KVStore):
         return count
 
     def close(self) -> None:
+        """Close the data connections and redis-py's. A call waiting on Redis then (a metrics
+        scrape's key count at shutdown) fails at once as a StoreError, and begins no outage:
+        redis-py's ``close()`` leaves a pool it was given open, and the scrape waited for the
+        whole ``--redis-timeout`` on a stalled Redis."""
+        self._closed = True
         if self._dispatcher is not None:
             self._dispatcher.close()
         try:
             self.client.close()
+            pool = getattr(self.client, "connection_pool", None)  # (a cluster's: one per node)
+            if pool is not None:
+                pool.disconnect()
         except Exception:
             pass
 
@@ -631,7 +640,10 @@ class RedisStore(KVStore):
             self.health.up(self.node, asked)
 
     def _failure(self, exc: BaseException, nodes: set[str], commands: int) -> StoreError:
-        """The StoreError for a call that raised ``exc``, with the episode it begins."""
+        """The StoreError for a call that raised ``exc``, with the episode it begins (none
+        once the store is closed: the failure is the close's)."""
+        if self._closed:
+            return ERR_UNAVAILABLE
         text = self._text(exc)
         if isinstance(exc, ReplyMismatch):
             return self.health.error_reply(f"a reply of the wrong type: {text}", commands)
