@@ -55,6 +55,32 @@ def test_keys_are_namespaced_lists(redis_server, store):
     raw.close()
 
 
+def test_long_gone_workers_are_forgotten_and_recent_ones_kept(redis_server, store):
+    """The workers table (``_meta:workers``): an entry not reported for WORKER_FORGET (a
+    worker killed, or whose last report was lost) or unreadable is deleted when the totals
+    are read; one silent only past WORKER_TTL stops counting but stays (a stopped worker
+    comes back); the reader's own count is always in. Before, killed workers' entries stayed
+    for ever, and every restart under --workers adds one."""
+    import time
+
+    import redis
+
+    from kvgevent.stores.redis_store import WORKER_FORGET, WORKER_TTL
+
+    raw = redis.Redis(port=redis_server.port)
+    table = store.prefix + b"_meta:workers"
+    now = time.time()
+    raw.hset(table, b"fresh", f"3 {now:.3f}")
+    raw.hset(table, b"silent", f"4 {now - WORKER_TTL - 1:.3f}")
+    raw.hset(table, b"gone", f"5 {now - WORKER_FORGET - 1:.3f}")
+    raw.hset(table, b"garbled", b"not a report")
+    try:
+        assert store.cluster_stats("me", 2) == {"cluster_active": 5, "cluster_dropped": 0, "workers": 2}
+        assert sorted(raw.hkeys(table)) == [b"fresh", b"silent"]
+    finally:
+        raw.close()
+
+
 def test_update_keeps_p0_semantics_on_redis(store):
     for value in (b"a", b"b", b"a"):
         store.put(b"k", value)

@@ -68,6 +68,12 @@ in a loop does not make every one of them scan the keyspace."""
 WORKER_TTL = 5.0
 """Seconds after which a worker that stopped reporting no longer counts in cluster totals."""
 
+WORKER_FORGET = 300.0
+"""Seconds after which such a worker's entry is deleted from the table (by whoever reads the
+totals next): one killed, or whose last report was lost, would otherwise stay for ever, and
+every restart under ``--workers`` adds one (a new pid). Long beyond WORKER_TTL: a worker that
+was only stopped (SIGSTOP) a while reports again, and puts its entry back."""
+
 # Atomic p0 UPDATE: remove the first `old` (if any), append `new` (an absent key becomes [new]).
 # Run with no key it does nothing: _RELOAD puts it back in Redis's cache for a user allowed
 # SCRIPT LOAD or one allowed EVAL (two permissions: either may be refused).
@@ -520,6 +526,11 @@ class RedisStore(KVStore):
             pipe.hgetall(self._meta + b"workers")
             pipe.get(self._meta + b"dropped")
             workers, dropped = pipe.execute()
+            gone = _long_gone(workers, time.time())
+            if gone:
+                self.client.hdel(self._meta + b"workers", *gone)
+                for name in gone:
+                    del workers[name]
             return workers, dropped
 
         workers, dropped = self._bookkeeping("cluster figures", read)
@@ -710,6 +721,19 @@ def _redone(commands: Sequence[DataCommand], replies: list[Any]) -> list[int]:
 def _no_script(reply: Any) -> bool:
     """Whether ``reply`` is Redis's NOSCRIPT error reply (EVALSHA of a script it does not have)."""
     return isinstance(reply, Exception) and str(reply).startswith(NO_SCRIPT)
+
+
+def _long_gone(workers: dict[bytes, bytes], now: float) -> list[bytes]:
+    """The workers table's entries (``active reported_at``) last reported WORKER_FORGET or
+    more before ``now``, or unreadable."""
+    gone = []
+    for name, entry in workers.items():
+        try:
+            if now - float(entry.split()[1]) >= WORKER_FORGET:
+                gone.append(name)
+        except (IndexError, ValueError):
+            gone.append(name)
+    return gone
 
 
 def _heads(head: bytes, prefix: bytes) -> list[bytes]:
