@@ -491,7 +491,9 @@ class RedisStore(KVStore):
             self._dispatcher.close()
         try:
             self.client.close()
-            pool = getattr(self.client, "connection_pool", None)  # (a cluster's: one per node)
+            # (a cluster client has a pool per node: a scrape waiting on a stalled node still
+            # waits until the metrics listener stops it, a second later)
+            pool = getattr(self.client, "connection_pool", None)
             if pool is not None:
                 pool.disconnect()
         except Exception:
