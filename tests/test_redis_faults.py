@@ -963,7 +963,7 @@ def test_a_redis_with_room_for_one_data_connection_at_startup_begins_no_outage(t
     come (this admin connection and redis-py's are in): 8 clients at once wake the four
     data connections together, each connecting with a batch in hand; one gets in, Redis
     refuses the others. The refused ones give their batches back to the queue (nothing was
-    sent) and reconnect aside: every answer right, no outage, one
+    sent) and reconnect aside: every answer right, no outage, at most one
     ``store_connections_failing``. (Before: a refused connection failed its batch as
     Redis unreachable, an outage of ~30 ms and hundreds of ERR, in 3 of 3 runs.)"""
     import redis as redis_py
@@ -988,7 +988,10 @@ def test_a_redis_with_room_for_one_data_connection_at_startup_begins_no_outage(t
             r for r in rounds if any(line.startswith(b"ERR") for line in r)
         ][:3]
         events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
-        assert events == ["store_connections_failing"], events
+        # (No outage. The episode is logged when a refusal comes while a sibling is in or
+        # connecting; under load the only refusals can come before the one that gets in has
+        # begun to connect, and then none is logged: 1 run in 4 of the full suite.)
+        assert events in ([], ["store_connections_failing"]), events
     finally:
         admin.config_set("maxclients", 100)
         admin.close()
