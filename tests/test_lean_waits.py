@@ -37,6 +37,19 @@ def _pair() -> tuple[gevent.socket.socket, gevent.socket.socket]:
     return left, right
 
 
+def _tcp_pair() -> tuple[gevent.socket.socket, gevent.socket.socket]:
+    """A connected pair of loopback TCP sockets (a reset needs TCP)."""
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        right = gevent.socket.create_connection(listener.getsockname(), timeout=5)
+        left, _ = listener.accept()
+    finally:
+        listener.close()
+    return left, right
+
+
 def _parked(call, *args, watcher) -> gevent.Greenlet:
     """``call(*args)`` in a greenlet of its own, once it is parked on ``watcher``."""
     greenlet = gevent.spawn(call, *args)
@@ -205,19 +218,6 @@ def test_a_reader_s_watcher_is_stopped_when_its_client_closes_or_resets():
         finally:
             left.close()
             right.close()
-
-
-def _tcp_pair() -> tuple[gevent.socket.socket, gevent.socket.socket]:
-    """A connected pair of loopback TCP sockets (a reset needs TCP)."""
-    listener = gevent.socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    try:
-        right = gevent.socket.create_connection(listener.getsockname(), timeout=5)
-        left, _ = listener.accept()
-    finally:
-        listener.close()
-    return left, right
 
 
 def test_a_parked_sender_resumes_as_the_peer_reads_and_sends_everything():

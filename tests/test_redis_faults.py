@@ -1029,7 +1029,7 @@ def test_the_one_data_connection_room_killed_again_and_again_begins_no_outage(tm
             if data:
                 admin.client_kill_filter(_id=data[0]["id"])
                 kills += 1
-            gevent.sleep(0.15)
+            gevent.sleep(0.15)  # (the kills' pace: the fault, not a synchronisation)
         served = len(rounds)
         wait_until(lambda: len(rounds) > served + 10, timeout=10)  # served after the last kill
         stop.set()
@@ -1322,6 +1322,19 @@ def test_stats_and_readyz_during_a_stall_wait_one_timeout(tmp_path, log_stream):
         redis.kill()
 
 
+def bytes_waiting_at(port: int) -> int:
+    """Bytes sent to the loopback TCP port ``port`` that its (frozen) owner has not read yet,
+    from /proc/net/tcp: a command that reached a SIGSTOPped Redis."""
+    waiting = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # (ESTABLISHED)
+                waiting += int(fields[4].split(":")[1], 16)
+    return waiting
+
+
 def test_sigterm_with_redis_stalled_stops_without_waiting_for_the_redis_timeout(server_process, tmp_path):
     """A real stall (SIGSTOP) and SIGTERM, a client waiting on Redis: the server stops in
     about ``--shutdown-flush`` (1 s here), not the ``--redis-timeout`` (30 s) its last client
@@ -1379,7 +1392,7 @@ def test_a_metrics_scrape_waiting_on_a_stalled_redis_is_answered_at_shutdown(ser
         try:
             scrape = threading.Thread(target=lambda: scraped.append(http_get(metrics, "/metrics")))
             scrape.start()
-            time.sleep(0.5)  # (times the fault: the scrape is waiting on Redis by then)
+            wait_until(lambda: bytes_waiting_at(redis.port), timeout=10, message="the scrape reached Redis")
             assert server.stop(signal.SIGTERM, timeout=25) == 0
             scrape.join(timeout=10)
         finally:

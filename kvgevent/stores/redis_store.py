@@ -538,9 +538,9 @@ class RedisStore(KVStore):
         workers, dropped = self._bookkeeping("cluster figures", read)
         now, total, live = time.time(), active, 1
         for name, entry in workers.items():
-            count, at = entry.split()
-            if name != worker.encode() and now - float(at) <= WORKER_TTL:
-                total += int(count)
+            count, at = _worker_report(entry) or (0, 0.0)  # (unreadable ones were deleted)
+            if name != worker.encode() and now - at <= WORKER_TTL:
+                total += count
                 live += 1
         return {"cluster_active": total, "cluster_dropped": int(dropped or 0), "workers": live}
 
@@ -725,15 +725,22 @@ def _no_script(reply: Any) -> bool:
     return isinstance(reply, Exception) and str(reply).startswith(NO_SCRIPT)
 
 
+def _worker_report(entry: bytes) -> tuple[int, float] | None:
+    """A workers table entry (``active reported_at``) read, or None if it cannot be."""
+    try:
+        active, at = entry.split()
+        return int(active), float(at)
+    except ValueError:
+        return None
+
+
 def _long_gone(workers: dict[bytes, bytes], now: float) -> list[bytes]:
-    """The workers table's entries (``active reported_at``) last reported WORKER_FORGET or
-    more before ``now``, or unreadable."""
+    """The workers table's entries last reported WORKER_FORGET or more before ``now``, or
+    unreadable."""
     gone = []
     for name, entry in workers.items():
-        try:
-            if now - float(entry.split()[1]) >= WORKER_FORGET:
-                gone.append(name)
-        except (IndexError, ValueError):
+        report = _worker_report(entry)
+        if report is None or now - report[1] >= WORKER_FORGET:
             gone.append(name)
     return gone
 
