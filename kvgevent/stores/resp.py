@@ -73,6 +73,10 @@ taken for unreachable (see RespConnection._answered_lately). One is not enough: 
 spell, a ``CLIENT KILL`` landing in the first setup made a false outage (an attacker's pass:
 2-7 in 25 cycles of kills every 1-2 ms); a proxy whose Redis is gone loses every one."""
 
+SIBLING_POLL = 0.005
+"""Seconds between two looks at a sibling's connect, when one lost in its setup waits to
+know whether a sibling got in (rare: Redis at its ``maxclients``, all connecting at once)."""
+
 _NOT_YET = object()
 """What the hiredis reader gives while no whole reply is there (its default, False, equals an
 integer reply of 0: ``iter(gets, False)`` would stop at one)."""
@@ -346,8 +350,8 @@ class RespConnection:
         try:
             self.connect(close_siblings=False)
         except Exception as exc:
-            if isinstance(exc, Lost):  # (no back-off after it: a pause here, not a busy loop)
-                gevent.sleep(RECONNECT_MIN)
+            if isinstance(exc, Lost):  # (connect does not back off after it: aside, it does)
+                self._failed_to_connect(exc, close_siblings=False)
             return exc  # (backing off: the next try is due later)
         return None
 
@@ -548,20 +552,32 @@ class Dispatcher:
         tries again aside (:meth:`_send_loop`). Connections woken together at startup all connect at
         once, and a Redis with room for some refuses the others; a connection killed frees
         its room while its siblings back off: each such batch failed as an outage of the
-        store. Otherwise raises what the connect raised, which fails the batch: a connection
-        lost in its setup too (a ``CLIENT KILL``; Redis's refusal read as a reset; a proxy
-        whose Redis is gone accepting and closing at once) does not back off, so giving its
-        batch back to a sibling free to try would go round the connections for ever."""
+        store. Lost in its setup (Redis's refusal read as a reset; a ``CLIENT KILL``), the
+        batch goes back only if a sibling is connected once those connecting are done: such
+        a loss does not back off, and a proxy whose Redis is gone accepts and closes every
+        connection at once, so giving its batch back to a sibling free to try would go round
+        the connections for ever. Otherwise raises what the connect raised, which fails the
+        batch."""
         try:
             connection.connect()
         except (Refused, SetupRefused, BackingOff) as exc:
             if not any(map(_may_serve, connection.siblings)):
                 raise
-            self._queue.extendleft(reversed(batch))
-            self._wake_connected(or_free=True)
-            self._failing_aside(exc)
+            self._give_back(batch, exc)
+            return False
+        except Lost as exc:
+            if not _sibling_in(connection):
+                raise
+            self._give_back(batch, exc)
             return False
         return True
+
+    def _give_back(self, batch: list[_Request], exc: Exception) -> None:
+        """Put ``batch`` (nothing of it sent) back at the head of the queue for a sibling;
+        ``exc``: why this connection could not connect for it."""
+        self._queue.extendleft(reversed(batch))
+        self._wake_connected(or_free=True)
+        self._failing_aside(exc)
 
     def _failed(self, batch: list[_Request], exc: BaseException, connection: RespConnection) -> None:
         """The round trip of ``batch`` on ``connection`` raised ``exc``: its requests fail
@@ -581,11 +597,17 @@ class Dispatcher:
         a password changed under open connections): not an outage, the siblings serve every
         request; logged once per episode (``store_connections_failing``), which ends when
         every connection is connected (``store_connections_restored``). Only for a Redis
-        that answered and refused (Refused, SetupRefused): one that cannot be reached, times
-        out or cannot serve now fails the siblings too, an outage of the store."""
-        if self._failing_since is not None or not isinstance(error, (Refused, SetupRefused)):
+        that answered and refused (Refused, SetupRefused), or a connection lost in its setup
+        while another is connected (Lost: Redis at its ``maxclients`` closes a new connection
+        with our setup unread, and its error reads as a reset): one that cannot be reached,
+        times out or cannot serve now fails the siblings too, an outage of the store."""
+        if self._failing_since is not None:
             return
-        if not any(c.ready or c.connecting for c in self._connections):  # (the outage says it)
+        if isinstance(error, (Refused, SetupRefused)):
+            serving = any(c.ready or c.connecting for c in self._connections)
+        else:  # a connection lost in its setup while another is in: a refusal read as a reset
+            serving = isinstance(error, Lost) and any(c.ready for c in self._connections)
+        if not serving:  # (the outage says it)
             return
         self._failing_since = time.monotonic()
         if self._log is not None:
@@ -649,6 +671,18 @@ def _may_serve(connection: RespConnection) -> bool:
     if connection.ready or connection.serving or connection.connecting:
         return True
     return connection.sock is None and not connection.backing_off()
+
+
+def _sibling_in(connection: RespConnection) -> bool:
+    """Whether a sibling of ``connection`` is connected, once those connecting have finished
+    (at most ``timeout``). After ``connection`` was lost in its setup: Redis at its
+    ``maxclients`` accepts a connection and closes it with our setup unread, which reads
+    as a reset (its ``max number of clients`` error discarded with it) while a sibling
+    that got in serves."""
+    deadline = time.monotonic() + connection.timeout
+    while any(s.connecting for s in connection.siblings) and time.monotonic() < deadline:
+        gevent.sleep(SIBLING_POLL)
+    return any(s.ready for s in connection.siblings)
 
 
 def _next_batch(queue: deque[_Request]) -> tuple[list[_Request], int]:
