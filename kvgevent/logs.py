@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import select
+import stat
 import sys
 import traceback
 from typing import IO, Any
@@ -301,10 +302,32 @@ def _write_or_drop(stream: Any, text: str) -> None:
 
 
 def _write_all(fd: int, text: str) -> None:
-    """Write ``text`` to ``fd`` whole (the usual line in one ``write(2)``); OSError as it comes."""
+    """Write ``text`` to ``fd`` whole (the usual line in one ``write(2)``); OSError as it comes,
+    after taking back the part of the line written before it (:func:`_take_back`)."""
     data = text.encode("utf-8", "backslashreplace")
-    while data:
-        data = data[os.write(fd, data) :]
+    written = 0
+    try:
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except OSError:
+        if written:
+            _take_back(fd, written)
+        raise
+
+
+def _take_back(fd: int, count: int) -> None:
+    """Cut the ``count`` bytes of a line that a failed write left at the end of a regular
+    file: on a nearly full disk the first ``write(2)`` fills the last block and returns
+    short, the next fails, and the next line written would be glued to that fragment (a
+    line that is not JSON, and the event after it lost to a parser). Left as it is when
+    another writer appended after it (another process on the file) or ``fd`` is not a
+    regular file (a pipe)."""
+    with contextlib.suppress(OSError):
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        status = os.fstat(fd)
+        if stat.S_ISREG(status.st_mode) and status.st_size == end and end >= count:
+            os.ftruncate(fd, end - count)
+            os.lseek(fd, end - count, os.SEEK_SET)  # (a file not opened to append: no hole)
 
 
 def _report_lost(lines: int, error: str) -> None:

@@ -449,9 +449,10 @@ def test_a_log_on_a_full_disk_drops_lines_and_the_server_serves_on(server_proces
     """``--log-file`` on a real full disk (a 1 MiB tmpfs, its free space taken by a filler
     file): 40 clients are served one after another while their events are dropped (once the
     log's last page is full), stderr says so once;
-    once space is free again, ``log_lines_lost`` counts the dropped lines; SIGTERM exits 0.
-    Before, each failed log write raised into the client's handler: every client was reset,
-    and SIGTERM exited 1 with a traceback."""
+    once space is free again, ``log_lines_lost`` counts the dropped lines; SIGTERM exits 0;
+    every line of the log is whole JSON. Before, each failed log write raised into the
+    client's handler: every client was reset, and SIGTERM exited 1 with a traceback; later,
+    the line whose write filled the disk stayed half-written, the next event glued to it."""
     if os.geteuid() != 0:
         pytest.skip("a full disk needs a tmpfs, and mounting one needs root (CI runs as root)")
     disk = tmp_path / "disk"
@@ -485,7 +486,8 @@ def test_a_log_on_a_full_disk_drops_lines_and_the_server_serves_on(server_proces
 
         wait_until(reported, 10, "no log_lines_lost")
         assert proc.stop() == 0
-        (lost,) = [json.loads(line) for line in path.read_text().splitlines() if "log_lines_lost" in line]
+        logged = [json.loads(line) for line in path.read_text().splitlines()]  # (each line whole)
+        (lost,) = [event for event in logged if event["event"] == "log_lines_lost"]
         assert lost["lines"] >= 20 and "No space left" in lost["error"]
         assert proc.stderr.count(b"cannot write the log file") == 1 and b"Traceback" not in proc.stderr
     finally:
