@@ -15,6 +15,7 @@ counted, and after a restart every acknowledged write is there, in order, and no
 """
 
 import os
+import resource
 import subprocess
 import threading
 import time
@@ -368,6 +369,42 @@ def test_a_disk_with_room_for_small_writes_only_does_not_flap(server_process, ti
         (disk.path / "ballast").unlink()
         wait_until(lambda: events_named(proc, "aof_recovered"), 10, "the log did not recover")
         assert peer.request(b"PUT:big:" + b"b" * 400_000 + b"\n") == []
+    finally:
+        peer.close()
+    assert proc.stop() == 0
+    assert_no_bug_reported(proc)
+
+
+def test_a_log_at_its_file_size_limit_does_not_flap(server_process, tmp_path):
+    """A real file-size limit (RLIMIT_FSIZE set on the running server, as systemd's
+    ``LimitFSIZE=`` would): once the log reaches it, every write fails with EFBIG while the
+    disk has room. The log stays failing (its probe also extends the log itself): one
+    aof_write_failed, no aof_recovered, each PUT refused, until the limit is lifted; then
+    it recovers by itself. Before, a new small probe file passed: the log recovered and
+    failed again about once a second, a pair of events each time."""
+    path = tmp_path / "kv.aof"
+    proc = server_process("--aof", str(path), "--fsync", "always")
+    peer = Peer(proc.port)
+    try:
+        assert peer.request(b"PUT:before:x\n") == []  # (its PONG: on disk)
+        limit = path.stat().st_size + (256 << 10)
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        value = b"v" * 1000
+        for n in range(2000):  # (about 256 PUTs fit under the limit)
+            if peer.request(b"PUT:k%d:%s\n" % (n, value)) == [b"ERR persistence failed"]:
+                break
+        else:
+            raise AssertionError("2 MB of PUTs passed a 256 KiB file-size limit")
+        end = time.monotonic() + 3  # (the recovery tries at 50 ms doubling to 1 s: 5 tries)
+        while time.monotonic() < end:
+            assert peer.request(b"PUT:small:x\n") == [b"ERR persistence failed"]
+            gevent.sleep(0.05)
+        assert len(events_named(proc, "aof_write_failed")) == 1
+        assert "too large" in events_named(proc, "aof_write_failed")[0]["error"]
+        assert not events_named(proc, "aof_recovered")
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        wait_until(lambda: events_named(proc, "aof_recovered"), 10, "the log did not recover")
+        assert peer.request(b"PUT:after:x\nGET:before\n") == [b"before:x"]
     finally:
         peer.close()
     assert proc.stop() == 0

@@ -18,7 +18,8 @@ go on) and a recovery greenlet retries on a timer with backoff (:data:`RETRY_MIN
 :data:`RETRY_MAX`): cut any torn tail, make what was written durable (an fsync; after a
 failed fsync the kernel may have dropped the data, so only a rewrite of the whole file from
 the data in memory counts), then write and fsync a probe file beside the log, as big as the
-write that failed (:data:`PROBE_BYTES` to :data:`PROBE_MAX`). When every step succeeds the
+write that failed (:data:`PROBE_BYTES` to :data:`PROBE_MAX`), and extend the log by as much
+(a file-size limit). When every step succeeds the
 episode ends with one ``aof_recovered`` event and writes are accepted again.
 
 Policies: ``always`` (:meth:`AppendOnlyLog.barrier` returns once a position is durable;
@@ -452,18 +453,25 @@ class AppendOnlyLog:
     def _probe(self, failed_bytes: int) -> None:
         """Write and fsync as many bytes as the write that failed (at least PROBE_BYTES, at
         most PROBE_MAX) in a scratch file beside the log, then remove it: the disk takes
-        such a write again. Raises OSError."""
+        such a write again. Then extend the log itself by as much (sparse, no data) and cut
+        it back: a file-size limit (RLIMIT_FSIZE, systemd's ``LimitFSIZE=``; a filesystem's
+        largest file) fails the log's writes with EFBIG while a new small file passes, and
+        the log would recover and fail again at every attempt. (A crash between the two
+        leaves a tail of NUL bytes: a torn tail, cut at start.) Raises OSError."""
         path = self.path + PROBE_SUFFIX
         size = min(max(PROBE_BYTES, failed_bytes), PROBE_MAX)
+        fd, end = self.fd, self.size  # (no write moves them while the log is failing)
 
         def probe() -> None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            scratch = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                pwrite_all(fd, [bytes(size)], 0)
-                os.fsync(fd)
+                pwrite_all(scratch, [bytes(size)], 0)
+                os.fsync(scratch)
             finally:
-                os.close(fd)
+                os.close(scratch)
                 os.unlink(path)
+            os.ftruncate(fd, end + size)
+            os.ftruncate(fd, end)
 
         in_thread(probe)
 
