@@ -411,6 +411,31 @@ def test_a_log_at_its_file_size_limit_does_not_flap(server_process, tmp_path):
     assert_no_bug_reported(proc)
 
 
+def test_a_second_server_on_the_same_log_is_refused_even_after_a_compaction(server_process, tmp_path):
+    """Two servers on one ``--aof`` file would each append at their own end, over the other's
+    records: the acknowledged writes of one lost at the next start, silently. The second
+    now exits 1 at once (``aof_unreadable``, the file in use), also after the first has
+    compacted the file (its new file is locked before it takes the path); once the first
+    has stopped, the file opens again with every write."""
+    path = tmp_path / "kv.aof"
+    first = server_process("--aof", str(path), "--fsync", "always", "--aof-rewrite-min-size", "4K")
+    peer = Peer(first.port)
+    try:
+        assert peer.request(b"".join(b"PUT:k%d:%s\n" % (n, b"v" * 100) for n in range(100))) == []
+        assert peer.request(b"DELETE:k0\n") == []
+        wait_until(lambda: events_named(first, "aof_rewritten"), 10, "no compaction")
+        second = server_process("--aof", str(path), wait=False)
+        assert second.stop(sig=None, timeout=20) == 1
+        (refused,) = events_named(second, "aof_unreadable")
+        assert "in use by another process" in refused["error"], refused
+        assert peer.request(b"PUT:after:x\nGET:k1\n") == [b"k1:" + b"v" * 100]
+    finally:
+        peer.close()
+    assert first.stop() == 0
+    replies, _ = after_restart(server_process, path, b"GET:after\nGET:k0\n")
+    assert replies == [b"after:x"]
+
+
 def metrics_port(proc) -> int:
     """The port a server started with ``--metrics-port 0`` picked (its metrics_listening event)."""
     wait_until(lambda: events_named(proc, "metrics_listening"), 10, "no metrics_listening event")

@@ -31,6 +31,7 @@ loop never waits for the disk.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -112,6 +113,21 @@ def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> i
                 views[index] = views[index][done:]
                 done = 0
     return total
+
+
+def lock(fd: int) -> None:
+    """Take the log file ``fd`` for this process (an exclusive ``flock``, released when the
+    last descriptor of it closes, a crash included), or raise OSError: two servers appending
+    to one file write over each other's records, at their own ends, and the acknowledged
+    writes of one are lost at the next start. A compaction's new file is locked before it
+    is renamed over the log's path, so the file at the path is always locked. A filesystem
+    that cannot lock (ENOLCK: an NFS mount without its lock daemon) is used unlocked."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OSError(errno.EBUSY, "the file is in use by another process (locked)") from None
+    except OSError:
+        pass  # (no locks here: as before there were)
 
 
 def in_thread(function: Callable[..., Any], *args: Any) -> Any:
@@ -203,11 +219,12 @@ class AppendOnlyLog:
         ``repair``, a corrupt one), and open the file for appending. Creates a missing file.
         Raises AofCorrupt for corruption without ``repair`` (``apply`` has then seen the
         records before it), OSError if the file cannot be read or written."""
-        for leftover in (self.path + REWRITE_SUFFIX, self.path + PROBE_SUFFIX):
-            if os.path.exists(leftover):  # left by a crash: the log itself is intact
-                os.unlink(leftover)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            lock(fd)  # (before the leftovers: they may be another server's, at work)
+            for leftover in (self.path + REWRITE_SUFFIX, self.path + PROBE_SUFFIX):
+                if os.path.exists(leftover):  # left by a crash: the log itself is intact
+                    os.unlink(leftover)
             found = self._replay(fd, apply)
             report = self._check(found, repair)
             if found.good_end < found.size:

@@ -45,6 +45,7 @@ from kvgevent.stores.aof_log import (
     AppendOnlyLog,
     fsync_directory,
     in_thread,
+    lock,
     pwrite_all,
 )
 from kvgevent.stores.memory import MemoryStore
@@ -182,6 +183,7 @@ class Rewrite:
         except FileNotFoundError:
             pass
         self.fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        lock(self.fd)  # (renamed over the log's path: locked as the log is)
 
     def _check(self, writing: int = 0) -> None:
         """Stop unless the compaction should go on and ``writing`` more bytes leave the disk
