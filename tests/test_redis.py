@@ -91,6 +91,33 @@ def test_update_keeps_p0_semantics_on_redis(store):
     assert store.get(b"fresh") == [b"new"]
 
 
+def test_update_matches_the_memory_store_when_old_and_new_are_equal(store):
+    """The UPDATE script appends first, then removes the first ``old`` (so that its first
+    write is the one Redis refuses at its maxmemory): with ``old`` equal to ``new`` it must
+    not take the value it just appended for the one to remove. Random runs of PUT, UPDATE
+    (often with equal values) and DELETE give what the memory store gives."""
+    import random
+
+    from kvgevent.stores.memory import MemoryStore
+
+    model = MemoryStore()
+    rng = random.Random(15)
+    keys, values = [b"a", b"b"], [b"x", b"y", b"z"]
+    for _ in range(400):
+        key, old, new = rng.choice(keys), rng.choice(values), rng.choice(values)
+        action = rng.random()
+        for target in (store, model):
+            if action < 0.3:
+                target.put(key, new)
+            elif action < 0.45:
+                target.update(key, old, old)
+            elif action < 0.9:
+                target.update(key, old, new)
+            else:
+                target.delete(key)
+        assert store.get(key) == model.get(key), (key, old, new, action)
+
+
 def test_concurrent_updates_on_one_key_lose_and_duplicate_nothing(redis_server, connect):
     """Many clients replacing values of one key at once (each UPDATE is one atomic script)."""
     server = KeyValueServer(redis_store(redis_server.url))

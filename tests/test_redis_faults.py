@@ -248,8 +248,10 @@ def assert_clean_exit(server) -> None:
 def test_a_redis_at_its_maxmemory_gives_store_out_of_memory(server_process, tmp_path):
     """Redis with --maxmemory 2mb and noeviction refuses writes with OOM. Before, the error
     escaped: the client was dropped (internal_error), the worker-count reporter died and
-    close() raised. Now PUT gets 'ERR store out of memory', GET and DELETE work, one
-    store_error event stands for all the refusals, and SIGTERM exits 0."""
+    close() raised. Now PUT and UPDATE get 'ERR store out of memory' and change nothing
+    (before, the UPDATE script's LREM came first, and Redis let its RPUSH through: UPDATE
+    grew Redis past its maxmemory), GET and DELETE work, one store_error event stands for
+    all the refusals, and SIGTERM exits 0."""
     redis = RedisProcess(tmp_path, None, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
     server = server_process("--store", redis.url)
     try:
@@ -263,6 +265,10 @@ def test_a_redis_at_its_maxmemory_gives_store_out_of_memory(server_process, tmp_
         assert refused == [b"ERR store out of memory"]
         for _ in range(5):
             assert peer.request(b"PUT:more:%s\n" % value) == [b"ERR store out of memory"]
+        for _ in range(5):  # (the script's first write is its RPUSH: refused, nothing applied)
+            assert peer.request(b"UPDATE:k0:nomatch:%s\n" % value) == [b"ERR store out of memory"]
+            assert peer.request(b"UPDATE:absent:x:y\n") == [b"ERR store out of memory"]
+        assert peer.request(b"GET:absent\n") == []
         assert peer.request(b"GET:k0\n") == [b"k0:" + value]
         assert peer.request(b"DELETE:k0\nGET:k0\n") == []
         stats = read_stats(peer)
@@ -334,8 +340,9 @@ def test_update_sends_the_script_sha_and_a_script_flush_fails_none(tmp_path):
     """UPDATE goes as EVALSHA (the script is loaded once per connection, not sent each
     time). After a real SCRIPT FLUSH, an UPDATE refused with NOSCRIPT is sent again as EVAL
     (which loads the script again), with the GETs of its key that came after it: no ERR, and
-    the GET sees the UPDATE. Only an UPDATE after which a write of its key already ran gets
-    ERR store unavailable (sending it again would reorder the two). (A Redis of its own: its
+    the GET sees the UPDATE. Only an UPDATE after which a write (of any key) already ran gets
+    ERR store unavailable (sending it again would reorder the two: a client that saw the
+    other write could see the UPDATE's key still unchanged). (A Redis of its own: its
     command counts see no other test's clients. The store's four connections are all made
     first: one made after a flush, aside while a sibling serves, loads the script again in
     its setup, and the UPDATE would find it: the test failed now and then.)"""
@@ -373,6 +380,13 @@ def test_update_sends_the_script_sha_and_a_script_flush_fails_none(tmp_path):
         # nothing sent again: the script is put back all the same, for the next UPDATEs
         admin.script_flush()
         assert store.apply([Update(b"k", b"g", b"h"), Delete(b"k")])[0] is ERR_UNAVAILABLE
+        admin.script_flush()  # a write of another key ran after it: sent again, it would follow it
+        assert store.apply([Put(b"k", b"a"), Get(b"k")]) == [None, [b"a"]]
+        admin.script_flush()
+        results = store.apply([Update(b"k", b"a", b"b"), Put(b"other", b"x"), Get(b"k")])
+        assert results[0] is ERR_UNAVAILABLE and results[1:] == [None, [b"a"]]
+        assert store.apply([Get(b"k"), Get(b"other")]) == [[b"a"], [b"x"]]
+        store.apply([Delete(b"k"), Delete(b"other")])
         assert admin.script_exists(_SCRIPT_SHA.decode()) == [True]
         for _ in range(8):  # (each of the store's connections)
             assert store.apply([Put(b"k", b"a"), Update(b"k", b"a", b"b"), Delete(b"k")]) == [None] * 3

@@ -72,27 +72,30 @@ def test_replies_are_checked_against_their_commands_types():
 
 def test_updates_refused_with_noscript_are_sent_again_unless_a_later_write_ran():
     """Which commands go again as EVAL (and LRANGE) after NOSCRIPT: an UPDATE refused after
-    the last write of its key that ran, with the GETs of that key after it; never a command
-    of another key, never an UPDATE after which a PUT, DELETE or UPDATE of its key ran."""
+    the last write (of any key) that ran, with the GETs of its key after it; never a command
+    of another key, never an UPDATE after which a PUT, DELETE or UPDATE of any key ran
+    (sent again, it would apply after that write)."""
     from kvgevent import Delete, Get, Put, Update
     from kvgevent.stores.redis_store import _redone
 
     noscript = hiredis.ReplyError("NOSCRIPT No matching script. Please use EVAL.")
     commands = [
         Get(b"a"),  # 0: before the UPDATE of a: not again
-        Update(b"a", b"x", b"y"),  # 1: refused, nothing of a ran after it: again
-        Get(b"b"),  # 2: another key
-        Get(b"a"),  # 3: after 1: again
-        Update(b"c", b"x", b"y"),  # 4: refused, but the PUT of c ran after it: not again
-        Put(b"c", b"z"),  # 5
-        Update(b"a", b"y", b"z"),  # 6: refused, after 1: again
-        Update(b"d", b"x", b"y"),  # 7: ran (an int)
-        Delete(b"e"),  # 8
+        Update(b"a", b"x", b"y"),  # 1: refused, but the PUT of b ran after it: not again
+        Put(b"b", b"z"),  # 2: ran
+        Get(b"a"),  # 3: a's UPDATE not sent again: neither is this
+        Update(b"c", b"x", b"y"),  # 4: refused, nothing ran after it: again
+        Get(b"b"),  # 5: another key
+        Get(b"c"),  # 6: after 4: again
+        Update(b"c", b"y", b"z"),  # 7: refused, after 4: again
+        Update(b"d", b"x", b"y"),  # 8: refused: again
     ]
-    replies = [[b"x"], noscript, [], [b"x"], noscript, 2, noscript, 1, 1]
-    assert _redone(commands, replies) == [1, 3, 6]
-    assert _redone(commands, [[b"x"], 1, [], [b"x"], 1, 2, 1, 1, 1]) == []
+    replies = [[b"x"], noscript, 1, [b"x"], noscript, [b"z"], [b"x"], noscript, noscript]
+    assert _redone(commands, replies) == [4, 6, 7, 8]
+    assert _redone(commands, [[b"x"], 1, 1, [b"x"], 1, [b"z"], [b"x"], 1, 1]) == []
     assert _redone([Update(b"a", b"x", b"y"), Delete(b"a")], [noscript, 1]) == []
+    assert _redone([Update(b"a", b"x", b"y"), Delete(b"e")], [noscript, 1]) == []
+    assert _redone([Update(b"a", b"x", b"y"), Get(b"e")], [noscript, []]) == [0]
 
 
 @pytest.mark.parametrize("prefix", [b"p:", b"P" * 100], ids=["short prefix", "prefix too long for tables"])

@@ -79,8 +79,17 @@ was only stopped (SIGSTOP) a while reports again, and puts its entry back."""
 # SCRIPT LOAD or one allowed EVAL (two permissions: either may be refused).
 UPDATE_SCRIPT = (
     "if #KEYS == 0 then return 0 end "
-    "redis.call('LREM', KEYS[1], 1, ARGV[1]) return redis.call('RPUSH', KEYS[1], ARGV[2])"
+    "local n = redis.call('RPUSH', KEYS[1], ARGV[2]) "
+    "redis.call('LREM', KEYS[1], 1, ARGV[1]) "
+    "if ARGV[1] == ARGV[2] and redis.call('LINDEX', KEYS[1], -1) ~= ARGV[2] then "
+    "redis.call('RPUSH', KEYS[1], ARGV[2]) end return n"
 )
+"""UPDATE as one script (atomic: two workers' UPDATEs of a key never interleave): append
+``new``, then remove the first ``old``; when the two are equal and no ``old`` was there
+before, that removed the one just appended: append it again. The RPUSH comes first so
+that it is the script's first write: Redis refuses a script's first write that would grow
+memory past ``maxmemory`` (OOM), not a later one (an LREM first, even one removing
+nothing, let the RPUSH through). Returns an integer (only its type is checked)."""
 _SCRIPT = UPDATE_SCRIPT.encode()
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT).hexdigest().encode()
 _RELOAD = pack((b"SCRIPT", b"LOAD", _SCRIPT)) + pack((b"EVAL", _SCRIPT, b"0"))
@@ -231,7 +240,7 @@ class RedisStore(KVStore):
     def _scripts_again(self, commands: Sequence[DataCommand], replies: list[Any]) -> None:
         """After a NOSCRIPT (Redis's script cache flushed, or evicted; or this user may not
         SCRIPT LOAD): put the script back (_RELOAD), and send the UPDATEs refused again
-        (EVALSHA, after it), unless a write of the same key ran after them in the batch; with
+        (EVALSHA, after it), unless a write (of any key) ran after them in the batch; with
         them, the GETs of their keys that came after them (they ran before the UPDATE did).
         Their replies replace those in ``replies``. If this second round trip fails too, the
         first replies stay: ``ERR store unavailable`` for each."""
@@ -704,17 +713,19 @@ class RedisStore(KVStore):
 
 def _redone(commands: Sequence[DataCommand], replies: list[Any]) -> list[int]:
     """Which of ``commands`` :meth:`RedisStore._scripts_again` sends again, in order: each
-    UPDATE refused with NOSCRIPT after the last write of its key that ran, and from the
-    first of them on, every GET of that key."""
-    ran: dict[bytes, int] = {}  # key -> the index of its last write that ran
+    UPDATE refused with NOSCRIPT after the last write (of any key) that ran, and from the
+    first of them on, every GET of its key. One before a write that ran is not: sent again,
+    it would apply after that write, and a client that saw the write (a PUT of another
+    key, say) could see the key the UPDATE should have changed before it still unchanged."""
+    last = -1  # the index of the last write that ran
     for index, (cmd, reply) in enumerate(zip(commands, replies, strict=True)):
         if cmd.__class__ is not Get and not _no_script(reply):
-            ran[cmd[0]] = index
+            last = index
     redo: list[int] = []
     again: set[bytes] = set()  # keys with an UPDATE sent again
     for index, (cmd, reply) in enumerate(zip(commands, replies, strict=True)):
         key = cmd[0]
-        if key in again or (cmd.__class__ is Update and _no_script(reply) and index > ran.get(key, -1)):
+        if key in again or (cmd.__class__ is Update and index > last and _no_script(reply)):
             again.add(key)
             redo.append(index)
     return redo
