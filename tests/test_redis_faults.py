@@ -921,6 +921,54 @@ def test_writes_paused_longer_than_the_timeout_are_one_outage_and_reads_go_on(tm
         redis.kill()
 
 
+def test_reads_are_answered_through_writes_paused_on_every_connection(tmp_path, log_stream):
+    """A real CLIENT PAUSE WRITE of 3 s, three times the store's timeout (1 s), while 4
+    clients write and read and 4 others only read. Redis stops a connection at its first
+    paused write, with everything after it; round trips holding writes now take at most all
+    the store's connections but one, so the readers' GETs get their values all through the
+    pause, none ERR (before: once each connection had met a write, every read waited the
+    whole timeout and got ERR store unavailable: thousands in an attacker's run)."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    server = KeyValueServer(RedisStore(redis.url, prefix="rp:", timeout=1.0))
+    server.start(0)
+    admin = redis_py.Redis(port=redis.port)
+    stop = gevent.event.Event()
+    rounds: list[list[bytes]] = []
+    writers = [gevent.spawn(write_and_read, server.port, rounds, stop) for _ in range(4)]
+    readers = [Peer(server.port, timeout=15) for _ in range(4)]
+    try:
+        assert readers[0].request(b"PUT:r:v\n") == []
+        wait_until(lambda: len(rounds) > 50, timeout=10)
+        admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+        end = time.monotonic() + 3.0
+
+        def read(peer: Peer) -> list[list[bytes]]:
+            replies = []
+            while time.monotonic() < end:
+                replies.append(peer.request(b"GET:r\n"))
+                gevent.sleep(0.02)  # (a client's pace, not a synchronisation)
+            return replies
+
+        jobs = gevent.joinall([gevent.spawn(read, peer) for peer in readers], raise_error=True)
+        stop.set()
+        gevent.joinall(writers, raise_error=True)
+        assert any(b"ERR store unavailable" in r for r in rounds), "no write timed out"
+        for job in jobs:
+            assert len(job.value) >= 10 and all(reply == [b"r:v"] for reply in job.value), [
+                reply for reply in job.value if reply != [b"r:v"]
+            ][:3]
+    finally:
+        stop.set()
+        gevent.joinall(writers)
+        for peer in readers:
+            peer.close()
+        admin.close()
+        server.close()
+        redis.kill()
+
+
 def test_a_redis_at_its_maxclients_serves_through_the_connections_it_allows(tmp_path, log_stream):
     """A real ``maxclients`` lower than the store's connections (Redis refuses the others with
     ``ERR max number of clients reached``): the connections that get in serve every request,

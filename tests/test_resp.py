@@ -44,7 +44,7 @@ def test_a_batch_of_gets_is_what_hiredis_packs_for_each_lrange(keys):
     sent: list[bytes] = []
 
     class Keeper:
-        def execute_encoded(self, payload: bytes, expected: list) -> list:
+        def execute_encoded(self, payload: bytes, expected: list, writes: bool = True) -> list:
             sent.append(payload)
             assert expected == [list] * len(keys)
             return [[b"v"] for _ in expected]
@@ -111,7 +111,7 @@ def test_the_plain_path_encodes_what_hiredis_packs(prefix):
     sent: list[bytes] = []
 
     class Recorder:
-        def execute_encoded(self, payload: bytes, expected: list[type]) -> list[object]:
+        def execute_encoded(self, payload: bytes, expected: list[type], writes: bool = True) -> list[object]:
             sent.append(payload)
             return [[] if kind is list else 0 for kind in expected]
 

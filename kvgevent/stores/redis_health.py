@@ -105,9 +105,12 @@ class RedisHealth:
         self.unavailable += commands
         self.outages[node].failed += commands
 
-    def down(self, node: str, error: str, commands: int) -> None:
+    def down(self, node: str, error: str, commands: int, answering: bool = False) -> None:
         """A try of ``node`` failed for ``commands`` commands: begin or go on with its outage
-        and set its next try."""
+        and set its next try. ``answering``: the node answered other calls since this one
+        was sent (it timed out while Redis held writes only: ``CLIENT PAUSE WRITE``, as in a
+        failover): the outage goes on, but commands are not failed unsent meanwhile (the
+        reads would get ERR for what Redis answers)."""
         now = self.clock()
         self.unavailable += commands
         outage = self.outages.get(node)
@@ -117,6 +120,9 @@ class RedisHealth:
         elif outage.answered:  # failing again before the outage was over: the same one, begun anew
             outage.answered, outage.delay, outage.retry_at = 0.0, RETRY_MIN, 0.0
         outage.failed += commands
+        if answering:  # (no next try to wait for: every command is sent)
+            outage.retry_at = 0.0
+            return
         if now < outage.retry_at:  # (a call on its way when another failed: that one set the next try)
             return
         if outage.retry_at:  # a try that failed (0: the outage begins now): wait twice as long

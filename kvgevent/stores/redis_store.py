@@ -231,7 +231,12 @@ class RedisStore(KVStore):
         payload = encoded[0] if len(encoded) == 1 else b"".join(encoded)
         asked = self.health.clock()
         replies = self._call(
-            self._dispatcher.execute_encoded, payload, expected, commands=len(commands), per_command=True
+            self._dispatcher.execute_encoded,
+            payload,
+            expected,
+            gets < len(commands),  # (writes: a round trip of reads only passes paused writes)
+            commands=len(commands),
+            per_command=True,
         )
         if replies.__class__ is not list:  # an error reply, maybe (rare: see resp.Mixed)
             self._scripts_again(commands, replies)
@@ -283,6 +288,7 @@ class RedisStore(KVStore):
             self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
             payload,
             expected,
+            int in expected,  # (writes: an RPUSH or DEL among them)
             commands=len(ops),
             per_command=True,
         )
@@ -333,6 +339,7 @@ class RedisStore(KVStore):
             self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
             payload,
             [list] * len(keys),
+            False,  # (no write)
             commands=len(keys),
             per_command=True,
         )
@@ -591,7 +598,7 @@ class RedisStore(KVStore):
         try:
             result = function(*args, **kwargs)
         except self._redis_errors as exc:
-            raise self._failure(exc, self._nodes(keys), commands).fresh() from None
+            raise self._failure(exc, self._nodes(keys), commands, asked).fresh() from None
         finally:
             STORE_WAIT.set(STORE_WAIT.get() + health.clock() - asked)
         if health.outages and not per_command:
@@ -640,7 +647,7 @@ class RedisStore(KVStore):
         """A PING through the dispatcher's connections (StoreError if it fails: the node's
         outage begins, as for any data command; its answer ends one). ``within``: seconds
         to wait for its answer, if not the store's timeout (no answer by then: a timeout)."""
-        ping = (self._dispatcher.execute, [(b"PING",)], [bytes])  # type: ignore[union-attr]  # (callers checked it is set)
+        ping = (self._dispatcher.execute, [(b"PING",)], [bytes], False)  # type: ignore[union-attr]  # (callers checked it is set)
         asked = self.health.clock()
         deadline = gevent.Timeout(within)  # (None: never fires; the store's timeout holds)
         try:
@@ -661,9 +668,12 @@ class RedisStore(KVStore):
         if self.health.outages:
             self.health.up(self.node, asked)
 
-    def _failure(self, exc: BaseException, nodes: set[str], commands: int) -> StoreError:
-        """The StoreError for a call that raised ``exc``, with the episode it begins (none
-        once the store is closed: the failure is the close's)."""
+    def _failure(
+        self, exc: BaseException, nodes: set[str], commands: int, asked: float | None = None
+    ) -> StoreError:
+        """The StoreError for a call made at ``asked`` (the health clock) that raised ``exc``,
+        with the episode it begins (none once the store is closed: the failure is the
+        close's)."""
         if self._closed:
             return ERR_UNAVAILABLE
         text = self._text(exc)
@@ -674,10 +684,18 @@ class RedisStore(KVStore):
         if isinstance(exc, self._unreachable) or not_now(text):
             # A cluster pipeline fails as a whole when one node does: its message names it.
             named = {node for node in nodes if node in text}
+            answering = self._answered_since(asked) if isinstance(exc, TimeoutError) else False
             for node in named or nodes:
-                self.health.down(node, text, commands)
+                self.health.down(node, text, commands, answering)
             return ERR_UNAVAILABLE
         return self.health.error_reply(text, commands)
+
+    def _answered_since(self, asked: float | None) -> bool:
+        """Whether a data connection had a whole answer after ``asked`` (a call that timed out
+        meanwhile: Redis answers, but held that call: paused writes)."""
+        if asked is None or self._dispatcher is None:
+            return False
+        return self._dispatcher.answered_since(asked)
 
     def _text(self, exc: BaseException) -> str:
         """An error's text as Redis sent it, code word first, for the log: without what would

@@ -437,13 +437,14 @@ def check_types(replies: list[Any], expected: Sequence[Expected]) -> bool:
 class _Request:
     """One caller's batch: its payload, and where its outcome goes (``done`` set, then
     ``replies`` or ``failure``). ``waiter`` is the greenlet waiting for it, None once that
-    greenlet gave up waiting (killed: a late wake-up must not resume it in another wait)."""
+    greenlet gave up waiting (killed: a late wake-up must not resume it in another wait).
+    ``writes``: it may hold a write (see :meth:`Dispatcher._send_loop`)."""
 
-    __slots__ = ("payload", "count", "expected", "waiter", "replies", "failure", "done")
+    __slots__ = ("payload", "count", "expected", "waiter", "replies", "failure", "done", "writes")
 
-    def __init__(self, payload: bytes, expected: Sequence[Expected], waiter: Any) -> None:
+    def __init__(self, payload: bytes, expected: Sequence[Expected], waiter: Any, writes: bool) -> None:
         self.payload, self.count, self.expected = payload, len(expected), expected
-        self.waiter = waiter
+        self.waiter, self.writes = waiter, writes
         self.replies: list[Any] = []
         self.failure: BaseException | None = None
         self.done = False
@@ -457,7 +458,15 @@ class Dispatcher:
     schedules its ``switch`` with ``loop.run_callback``; a sender with nothing to send parks the
     same way until a caller schedules it. gevent's AsyncResult and Queue made a Waiter per wait
     and a Timeout context per ``get``. Relies on ``Hub.switch`` and ``loop.run_callback``
-    (pinned and tested with the server's)."""
+    (pinned and tested with the server's).
+
+    Reads keep a way through while Redis holds writes (``CLIENT PAUSE WRITE``, as in a
+    failover): Redis stops a connection at its first write, with every command after it, so
+    a round trip holds either requests of reads only or requests with writes (of many
+    callers: each caller's own commands stay together, in order), round trips with writes
+    take at most all connections but one (:meth:`_write_slots`), and the requests of a
+    round trip that timed out fail with it, the writes queued behind it too, but while a
+    connection answers, not the reads."""
 
     def __init__(
         self, make_connection: Any, connections: int = 4, log: Logger | None = None, node: str = ""
@@ -467,6 +476,7 @@ class Dispatcher:
         self._failing_since: float | None = None  # a connection failing aside since then
         # Senders parked on an empty queue, longest first, each with its connection.
         self._idle: deque[tuple[Any, RespConnection]] = deque()
+        self._writing = 0  # round trips holding a write in flight
         self._hub = gevent.get_hub()
         self._closed = False
         self._connections = [make_connection() for _ in range(connections)]
@@ -475,20 +485,23 @@ class Dispatcher:
             connection.on_connect = self._connected
         self._senders = [gevent.spawn(self._send_loop, c) for c in self._connections]
 
-    def execute(self, commands: Sequence[Command], expected: Sequence[Expected]) -> list[Any]:
+    def execute(
+        self, commands: Sequence[Command], expected: Sequence[Expected], writes: bool = True
+    ) -> list[Any]:
         """Send ``commands`` (in a round trip shared with other callers); wait for their
         replies, in order, each checked to be of its ``expected`` type or an error reply (a
         :class:`Mixed` list if any may be an error reply, else a plain list).
         Raises what the connection raised if the round trip failed (ReplyMismatch for a
-        reply of the wrong type), and ConnectionError once the dispatcher is closed."""
-        return self.execute_encoded(b"".join([pack(c) for c in commands]), expected)
+        reply of the wrong type), and ConnectionError once the dispatcher is closed.
+        ``writes``: False if none of ``commands`` writes (they may pass paused writes)."""
+        return self.execute_encoded(b"".join([pack(c) for c in commands]), expected, writes)
 
-    def execute_encoded(self, payload: bytes, expected: Sequence[Expected]) -> list[Any]:
+    def execute_encoded(self, payload: bytes, expected: Sequence[Expected], writes: bool = True) -> list[Any]:
         """:meth:`execute` for commands encoded already (``payload``: RESP, one command per
         item of ``expected``)."""
         if self._closed:
             raise ConnectionError("the Redis dispatcher is closed")
-        request = _Request(payload, expected, gevent.getcurrent())
+        request = _Request(payload, expected, gevent.getcurrent(), writes)
         self._queue.append(request)
         if self._idle:  # (the longest idle: round trips take turns over the connections)
             self._hub.loop.run_callback(self._idle.popleft()[0].switch)
@@ -518,8 +531,14 @@ class Dispatcher:
                 if failed is not None:
                     self._failing_aside(failed)
                 continue
-            batch, count = _next_batch(queue)
+            writing = self._writing
+            batch, count, writes = _next_batch(queue, not writing or writing < self._write_slots())
+            if not batch:  # (only writes queued, as many round trips of writes as may be out)
+                self._idle.append((me, connection))
+                self._hub.switch()  # (one that ends takes them; a read wakes this one)
+                continue
             connection.serving = True
+            self._writing += writes
             try:
                 if not connection.ready and not self._connected_for(batch, connection):
                     batch = []  # (given back to the queue)
@@ -534,14 +553,19 @@ class Dispatcher:
                 continue
             finally:
                 connection.serving = False
+                self._writing -= writes
             if not batch:  # (the sibling woken for them takes them: let it run)
                 gevent.sleep(connection.backing_off() or RECONNECT_MIN)
                 continue
-            start = 0
-            for request in batch:
-                mine = replies[start : start + request.count]
-                self._finish(request, mine if exact else Mixed(mine))
-                start += request.count
+            self._deliver(batch, replies, exact)
+
+    def _deliver(self, batch: list[_Request], replies: list[Any], exact: bool) -> None:
+        """Give each request of ``batch`` its replies (a :class:`Mixed` list unless ``exact``)."""
+        start = 0
+        for request in batch:
+            mine = replies[start : start + request.count]
+            self._finish(request, mine if exact else Mixed(mine))
+            start += request.count
 
     def _connected_for(self, batch: list[_Request], connection: RespConnection) -> bool:
         """Connect ``connection`` for ``batch``, just taken from the queue: True once it is
@@ -579,18 +603,40 @@ class Dispatcher:
         self._wake_connected(or_free=True)
         self._failing_aside(exc)
 
+    def answered_since(self, when: float) -> bool:
+        """Whether a connection had all the replies of a round trip after ``when`` (monotonic)."""
+        return any(connection.answered_at > when for connection in self._connections)
+
+    def _write_slots(self) -> int:
+        """How many round trips holding a write may be out at once: all connections that can
+        serve but one, kept for reads (at least one)."""
+        return max(1, sum(c.ready for c in self._connections) - 1)
+
     def _failed(self, batch: list[_Request], exc: BaseException, connection: RespConnection) -> None:
         """The round trip of ``batch`` on ``connection`` raised ``exc``: its requests fail
         with it; after a timeout (Redis stalled), so do those queued meanwhile, which would
-        wait as long again (on a new connection, in its setup)."""
+        wait as long again (on a new connection, in its setup), but for the reads while
+        another connection answers (Redis holds writes only: CLIENT PAUSE WRITE)."""
         if isinstance(exc, ReplyMismatch):
             connection.close()
         failure = exc if isinstance(exc, Exception) else ConnectionError("the dispatcher closed")
         for request in batch:
             self._finish(request, failure=failure)
-        if isinstance(exc, TimeoutError):
-            while self._queue:
-                self._finish(self._queue.popleft(), failure=failure)
+        if not isinstance(exc, TimeoutError):
+            return
+        reads_pass = self._answering(connection)
+        kept = [request for request in self._queue if reads_pass and not request.writes]
+        for request in self._queue:
+            if not (reads_pass and not request.writes):
+                self._finish(request, failure=failure)
+        self._queue.clear()
+        self._queue.extend(kept)
+
+    def _answering(self, connection: RespConnection) -> bool:
+        """Whether a sibling of ``connection`` (whose round trip just timed out) had all its
+        replies within the last half of the timeout: Redis answers, not stalled."""
+        since = time.monotonic() - connection.timeout / 2
+        return any(sibling.answered_at > since for sibling in connection.siblings)
 
     def _failing_aside(self, error: Exception) -> None:
         """A connection failed to connect while a sibling serves (Redis at its ``maxclients``,
@@ -685,16 +731,25 @@ def _sibling_in(connection: RespConnection) -> bool:
     return any(s.ready for s in connection.siblings)
 
 
-def _next_batch(queue: deque[_Request]) -> tuple[list[_Request], int]:
-    """The requests of the next round trip, taken from ``queue`` (not empty), and how many
-    commands they hold: all queued, up to MAX_ROUND_TRIP commands (at least one request)."""
-    batch = [queue.popleft()]
-    count = batch[0].count
-    while count < MAX_ROUND_TRIP and queue:
-        request = queue.popleft()
-        batch.append(request)
-        count += request.count
-    return batch, count
+def _next_batch(queue: deque[_Request], writes_allowed: bool) -> tuple[list[_Request], int, bool]:
+    """The requests of the next round trip, taken from ``queue`` (not empty), how many
+    commands they hold, and whether they may write: the queued requests of the first one's
+    kind (reads only, or holding writes), up to MAX_ROUND_TRIP commands (at least one
+    request); unless ``writes_allowed``, the reads only (maybe none). The others stay queued
+    in order: a round trip of reads never waits behind a paused write."""
+    writes = writes_allowed and queue[0].writes
+    batch: list[_Request] = []
+    kept: list[_Request] = []
+    count = 0
+    for request in queue:
+        if request.writes == writes and count < MAX_ROUND_TRIP:
+            batch.append(request)
+            count += request.count
+        else:
+            kept.append(request)
+    queue.clear()
+    queue.extend(kept)
+    return batch, count, writes
 
 
 def _expected(batch: list[_Request]) -> Sequence[Expected]:
