@@ -197,6 +197,9 @@ class LogFile:
         _write_all(self._fd, text)
         return len(text)
 
+    def fileno(self) -> int:
+        return self._fd
+
     def flush(self) -> None:
         pass
 
@@ -225,8 +228,9 @@ class LogOutput:
     full disk, a pipe whose reader is gone) is dropped, never raised into the code that
     logged (a client's handler: each such error reset that client, every client once the
     log's disk was full). The first failure of an episode says so once on stderr, when the
-    log is a file (systemd's journal keeps it); once a line is written again, a
-    ``log_lines_lost`` event follows it, with how many were dropped and why."""
+    log is a file (systemd's journal keeps it); once a line is written again (for a file,
+    once its filesystem has LOG_ROOM free), a ``log_lines_lost`` event follows it, with how
+    many were dropped and why."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -234,6 +238,9 @@ class LogOutput:
         self.error = ""  # why the first of them was
 
     def write(self, text: str) -> int:
+        if self.lost and _short_of_room(self.stream):  # (the episode goes on: see LOG_ROOM)
+            self.lost += 1
+            return len(text)
         try:
             if self.stream is sys.stderr:
                 _write_or_drop(self.stream, text)
@@ -275,6 +282,11 @@ class LogOutput:
         except (OSError, ValueError):
             return False
 
+
+LOG_ROOM = 64 << 10
+"""Bytes free a log file's filesystem must have again before lines that could not be written
+(a full disk) are written again: with less, a short line fits where a longer one failed,
+and the log would begin and end an episode of lost lines at almost every line."""
 
 _poll = gevent.monkey.get_original("select", "poll")  # (the OS's: a look that never yields)
 
@@ -328,6 +340,18 @@ def _take_back(fd: int, count: int) -> None:
         if stat.S_ISREG(status.st_mode) and status.st_size == end and end >= count:
             os.ftruncate(fd, end - count)
             os.lseek(fd, end - count, os.SEEK_SET)  # (a file not opened to append: no hole)
+
+
+def _short_of_room(stream: Any) -> bool:
+    """Whether ``stream`` is a regular file on a filesystem with less than LOG_ROOM free."""
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        disk = os.fstatvfs(fd)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return disk.f_bavail * disk.f_frsize < LOG_ROOM
 
 
 def _report_lost(lines: int, error: str) -> None:
