@@ -43,6 +43,11 @@ headers), from when it came or from its last answer (kept alive), and to take it
 byte now and then or not reading is closed, so that a scraper waits at most this long for a
 place. A scraper sends its request at once and reads its answer."""
 
+METRICS_REQUESTS = 100
+"""Requests one metrics connection may make: after the answer to that many it is closed, so a
+client pipelining requests (each answered at once, the deadline armed anew) cannot keep one
+of METRICS_CONNECTIONS places for itself."""
+
 ACCEPT_FAILED_QUIET = 2.0
 """Seconds without accept() failing for want of files or memory after which the episode is
 over (one ``accept_failed``, one ``accept_failed_ended``): longer than gevent's longest pause

@@ -754,6 +754,81 @@ def test_connections_past_their_headers_cannot_hold_the_metrics_port(server_proc
     assert_stopped_without_errors(proc)
 
 
+PIPELINER = """
+import socket, sys, threading, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+sock = socket.create_connection(("127.0.0.1", port))
+received = []
+def read():
+    while chunk := sock.recv(1 << 20):
+        received.append(chunk)
+reader = threading.Thread(target=read, daemon=True)
+reader.start()
+end = time.monotonic() + seconds
+try:
+    while time.monotonic() < end:
+        sock.sendall(b"GET /healthz HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n" * 50)
+except OSError:
+    pass
+reader.join(5)  # (the server closes the connection: its end)
+print(b"".join(received).count(b"HTTP/1.1 200"), int(not reader.is_alive()))
+"""
+
+
+def test_a_client_pipelining_metrics_requests_holds_up_nobody(server_process):
+    """A client on the metrics port that keeps one connection alive and pipelines requests
+    (50 per write, for 3 s, reading every answer): each was answered from pywsgi's buffer
+    without a wait, and the loop served nothing else; the key-value port answered no PING for
+    the whole attack (an attacker's pass: 10.0 s of 10), and SIGTERM waited for it. Now the
+    handler lets the others run before each request, and closes the connection after
+    METRICS_REQUESTS answers: PINGs are answered meanwhile (within 1 s each), and so is a
+    scrape."""
+    from kvgevent.config import METRICS_REQUESTS
+
+    proc, metrics = serving(server_process)
+    attacker = subprocess.Popen(
+        [sys.executable, "-c", PIPELINER, str(metrics), "3"], stdout=subprocess.PIPE, text=True
+    )
+    peer = Peer(proc.port, timeout=10)
+    try:
+        end = time.monotonic() + 2.5
+        slowest = 0.0
+        while time.monotonic() < end:
+            began = time.monotonic()
+            assert peer.request(b"") == []
+            slowest = max(slowest, time.monotonic() - began)
+            gevent.sleep(0.02)  # (a client's pace, not a synchronisation)
+        assert slowest < 1.0, slowest
+        assert http_get(metrics, "/healthz") == (200, "ok\n")
+        out, _ = attacker.communicate(timeout=30)
+        answers, closed = map(int, out.split())
+        assert answers == METRICS_REQUESTS and closed == 1, (answers, closed)
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait()
+        peer.close()
+    assert proc.stop() == 0
+
+
+def test_a_request_with_too_many_headers_is_a_400_and_no_traceback(server_process):
+    """A request with 101 headers (pywsgi's bound is 100): answered 400, and logged as one
+    ``metrics_http_error``. Before, pywsgi printed a raw traceback on stderr for it (a JSON
+    log broken, and a blocking write when stderr is a pipe nobody reads: the server froze
+    after about 48 such requests)."""
+    proc, metrics = serving(server_process)
+    request = b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % n for n in range(101)) + b"\r\n"
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", metrics), timeout=10) as sock:
+            sock.sendall(request)
+            answer = b"".join(iter(functools.partial(sock.recv, 1000), b""))
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:60]
+    assert proc.stop() == 0
+    assert b"Traceback" not in proc.stderr
+    errors = [e for e in proc.events() if e["event"] == "metrics_http_error"]  # (every line JSON)
+    assert len(errors) == 1 and "100 headers" in errors[0]["error"], errors
+
+
 def test_a_silent_metrics_connection_is_closed_after_the_timeout(server_process):
     """Connections to ``run_server.py``'s metrics port that send nothing, half a request
     line, or a line and half its headers, and then nothing, are closed METRICS_TIMEOUT (2 s)

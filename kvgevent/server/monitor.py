@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from gevent import GreenletExit, get_hub, getcurrent
+from gevent import GreenletExit, get_hub, getcurrent, sleep
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from kvgevent.config import METRICS_CONNECTIONS, METRICS_TIMEOUT
+from kvgevent.config import METRICS_CONNECTIONS, METRICS_REQUESTS, METRICS_TIMEOUT
 from kvgevent.errors import KVError
 from kvgevent.logs import Logger
 from kvgevent.protocol import Auth, Delete, Get, Ping, Put, Stats, Update
@@ -279,16 +279,34 @@ class _MetricsHandler(WSGIHandler):
     deadline raised there made a 500 and a traceback)."""
 
     _deadline: Any = None  # the loop timer armed, if any
+    _requests = 0  # requests read on this connection
 
     def read_requestline(self) -> Any:
+        if self._requests:
+            # Let the others run before the next request: one kept alive and pipelining
+            # requests is read from pywsgi's buffer and answered without a wait, and held
+            # the loop for as long as it sent (the key-value clients, signals, everything).
+            sleep(0)
         self._arm()
         return super().read_requestline()
 
+    def _handle_client_error(self, ex: BaseException) -> Any:
+        """pywsgi's answer to a request it cannot read (400), without the traceback it
+        prints on stderr for anything but a ValueError (more than 100 headers: an
+        HTTPException): a raw traceback in a JSON log, and a blocking write to a stderr
+        nobody reads. The error goes to the error log (one ``metrics_http_error`` a second)."""
+        pywsgi: Any = super()  # (its hook for subclasses, not in its type stubs)
+        return pywsgi._handle_client_error(ValueError(str(ex) or type(ex).__name__))
+
     def read_request(self, requestline: Any) -> Any:
         try:
-            return super().read_request(requestline)
+            request = super().read_request(requestline)
         finally:
             self._end_deadline()
+        self._requests += 1
+        if self._requests >= METRICS_REQUESTS:  # (closed after its answer)
+            self.close_connection = True
+        return request
 
     def process_result(self) -> None:
         self._arm()  # (pywsgi reads what is left of the body after this: under it too)
