@@ -921,6 +921,53 @@ def test_writes_paused_longer_than_the_timeout_are_one_outage_and_reads_go_on(tm
         redis.kill()
 
 
+def test_redis_restarted_with_another_password_is_an_outage_and_nothing_else(tmp_path, log_stream):
+    """Redis restarted with another ``requirepass`` while 4 clients write and read (40
+    commands a write): every
+    connection's setup is refused (WRONGPASS), none is in: an outage (``store_unavailable``),
+    and nothing else; once Redis is back with the store's password, ``store_recovered``.
+    Before, a refusal that came while a sibling was still connecting was also logged as
+    ``store_connections_failing`` (``connected: 0``), which says "no outage" (4 of 4 runs of
+    an attacker's script, with run_server.py; rarer in this process: the unit test of
+    ``_failing_aside`` in test_resp.py makes that moment)."""
+    redis = RedisProcess(tmp_path, None, "--requirepass", "pw1")
+    server = KeyValueServer(RedisStore(f"redis://:pw1@127.0.0.1:{redis.port}/0", prefix="pw:"))
+    server.start(0)
+    stop = gevent.event.Event()
+    rounds: list[list[bytes]] = []
+
+    def client(n: int) -> None:  # (40 commands a write, as fast as answered)
+        peer = Peer(server.port, timeout=30)
+        while not stop.is_set():
+            rounds.append(
+                peer.request(b"".join(b"PUT:c%d-%d:v\nGET:c%d-%d\n" % (n, i, n, i) for i in range(20)))
+            )
+        peer.close()
+
+    writers = [gevent.spawn(client, n) for n in range(4)]
+    try:
+        wait_until(lambda: len(rounds) > 20, timeout=10)
+        redis.proc.terminate()  # (a restart: SIGTERM)
+        redis.proc.wait()
+        redis = RedisProcess(tmp_path, redis.port, "--requirepass", "pw2")
+        wait_until(lambda: events_named(log_stream, "store_unavailable"), timeout=10)
+        served = len(rounds)
+        wait_until(lambda: len(rounds) > served + 40, timeout=10)  # (refused: ERR at once)
+        redis.kill()
+        redis = RedisProcess(tmp_path, redis.port, "--requirepass", "pw1")
+        wait_until(lambda: events_named(log_stream, "store_recovered"), timeout=15)
+        stop.set()
+        gevent.joinall(writers, raise_error=True)
+        events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
+        outage = [e for e in events if not e.startswith(("store_bookkeeping_", "store_connection_lost"))]
+        assert outage == ["store_unavailable", "store_recovered"], events
+    finally:
+        stop.set()
+        gevent.joinall(writers)
+        server.close()
+        redis.kill()
+
+
 def test_reads_are_answered_through_writes_paused_on_every_connection(tmp_path, log_stream):
     """A real CLIENT PAUSE WRITE of 3 s, three times the store's timeout (1 s), while 4
     clients write and read and 4 others only read. Redis stops a connection at its first

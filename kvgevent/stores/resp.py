@@ -644,16 +644,13 @@ class Dispatcher:
         request; logged once per episode (``store_connections_failing``), which ends when
         every connection is connected (``store_connections_restored``). Only for a Redis
         that answered and refused (Refused, SetupRefused), or a connection lost in its setup
-        while another is connected (Lost: Redis at its ``maxclients`` closes a new connection
-        with our setup unread, and its error reads as a reset): one that cannot be reached,
-        times out or cannot serve now fails the siblings too, an outage of the store."""
-        if self._failing_since is not None:
+        (Lost: Redis at its ``maxclients`` closes a new connection with our setup unread, and
+        its error reads as a reset), while another connection is in: with none in (Redis
+        restarted with another password, say), it is an outage of the store, logged as one;
+        one that cannot be reached, times out or cannot serve now fails the siblings too."""
+        if self._failing_since is not None or not isinstance(error, (Refused, SetupRefused, Lost)):
             return
-        if isinstance(error, (Refused, SetupRefused)):
-            serving = any(c.ready or c.connecting for c in self._connections)
-        else:  # a connection lost in its setup while another is in: a refusal read as a reset
-            serving = isinstance(error, Lost) and any(c.ready for c in self._connections)
-        if not serving:  # (the outage says it)
+        if not any(c.ready for c in self._connections):  # (none in: an outage, which says it)
             return
         self._failing_since = time.monotonic()
         if self._log is not None:
