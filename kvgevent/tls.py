@@ -86,7 +86,8 @@ class TlsStream:
             except ssl.SSLWantReadError:
                 self._flush()
                 if not self._fill():
-                    raise ssl.SSLEOFError("connection closed during the TLS handshake") from None
+                    closed = "connection closed during the TLS handshake"
+                    raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, closed) from None
 
     @property
     def version(self) -> str | None:

@@ -287,6 +287,29 @@ def test_silent_client_on_the_tls_port_times_out(make_server, certs, log_stream,
         wait_until(lambda: server.count_dropped() == 1)
         (drop,) = [e for e in log_events(log_stream) if e["event"] == "client_dropped"]
         assert drop["reason"] == "tls_handshake_timeout"
+        assert drop["error"] == "no TLS handshake within 0.3 s"
+    finally:
+        silent.close()
+
+
+def test_a_tls_handshake_under_way_is_not_closed_as_idle(make_server, certs, log_stream, monkeypatch):
+    """With ``--idle-timeout`` shorter than the handshake's own timeout, a client on the TLS
+    port still in its handshake is closed by the handshake's timeout, not as idle (before:
+    a ClientHello trickled a byte at a time was closed as ``idle``, its bytes not counted);
+    one that closes in its handshake is ``tls_handshake_failed`` with a readable error
+    (before: a tuple's repr)."""
+    monkeypatch.setattr(server_module, "TLS_HANDSHAKE_TIMEOUT", 1.5)
+    server = make_server(tls=certs.server, idle_timeout=0.4)
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    closing = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        closing.sendall(b"\x16\x03\x01")  # (the start of a ClientHello)
+        closing.close()
+        assert silent.recv(10) == b""
+        wait_until(lambda: server.count_dropped() == 2)
+        drops = {e["reason"]: e for e in log_events(log_stream) if e["event"] == "client_dropped"}
+        assert sorted(drops) == ["tls_handshake_failed", "tls_handshake_timeout"], drops
+        assert drops["tls_handshake_failed"]["error"] == "connection closed during the TLS handshake"
     finally:
         silent.close()
 

@@ -110,7 +110,6 @@ class _Closed(Exception):
 _REASONS: dict[type[BaseException], str] = {
     _Closing: "server_shutdown",
     _Idle: "idle",
-    gevent.Timeout: "tls_handshake_timeout",
 }
 
 
@@ -125,6 +124,8 @@ def drop_reason(exc: BaseException, handshaking: bool) -> tuple[str, str | None]
     reason = _REASONS.get(type(exc))
     if reason is not None:
         return reason, None
+    if type(exc) is gevent.Timeout:  # (the handshake's: the only one around a reader's work)
+        return "tls_handshake_timeout", f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
     if isinstance(exc, ssl.SSLError):
         return "tls_handshake_failed" if handshaking else "tls_error", getattr(exc, "reason", None) or str(
             exc
@@ -869,7 +870,10 @@ class KeyValueServer:
         while True:
             gevent.sleep(period)
             limit = time.monotonic() - self.idle_timeout
+            tls = self._tls is not None
             for conn in list(self._conns.values()):
+                if tls and conn.stream is conn.io:  # (handshaking: its own timeout holds)
+                    continue
                 if conn.reading and conn.last_seen < limit:
                     conn.reading = False
                     self._interrupt(conn, _Idle)
