@@ -135,6 +135,21 @@ def test_bad_flag_value_is_a_usage_error():
     assert result.returncode == 2 and b"--port" in result.stderr
 
 
+def test_a_password_too_long_for_the_line_bound_is_a_usage_error(server_process):
+    """A password whose AUTH line is longer than --max-line could never authenticate (its
+    AUTH gets ERR line too long): refused at start, from the flag or the environment, the
+    password not shown (before: the server started and every client was refused)."""
+    secret = "s" * 20
+    for args, env in [(["--password", secret], None), ([], {"KVGEVENT_PASSWORD": secret})]:
+        result = run("run_server.py", "--max-line", "20", *args, env=env)
+        assert result.returncode == 2 and b"--password is too long for --max-line" in result.stderr
+        assert secret.encode() not in result.stderr
+    proc = server_process("--max-line", "25", "--password", secret)  # (AUTH: + 20 bytes fits)
+    peer = Peer(proc.port)
+    assert peer.request(b"AUTH:" + secret.encode() + b"\n") == [b"OK"]
+    peer.close()
+
+
 def test_a_worker_timeout_below_the_minimum_is_a_usage_error():
     """--worker-timeout below MIN_WORKER_TIMEOUT (but 0: never), from the flag or from
     KVGEVENT_WORKER_TIMEOUT, is refused: the supervisor checks five times a second, and

@@ -255,6 +255,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--tls-key needs --tls-cert")
     if args.password == "":
         parser.error("--password may not be empty")
+    if args.password is not None and len(b"AUTH:" + args.password.encode()) > args.max_line:
+        parser.error("--password is too long for --max-line: its AUTH line would get ERR line too long")
     if 0 < args.worker_timeout < MIN_WORKER_TIMEOUT:
         parser.error(f"--worker-timeout must be 0 (never) or at least {MIN_WORKER_TIMEOUT:g} seconds")
 
