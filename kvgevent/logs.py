@@ -343,7 +343,8 @@ def _take_back(fd: int, count: int) -> None:
 
 
 def _short_of_room(stream: Any) -> bool:
-    """Whether ``stream`` is a regular file on a filesystem with less than LOG_ROOM free."""
+    """Whether ``stream`` is a regular file on a filesystem with less than LOG_ROOM free (for
+    root, the blocks reserved for it count: it writes into them)."""
     try:
         fd = stream.fileno()
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -351,7 +352,8 @@ def _short_of_room(stream: Any) -> bool:
         disk = os.fstatvfs(fd)
     except (OSError, ValueError, AttributeError):
         return False
-    return disk.f_bavail * disk.f_frsize < LOG_ROOM
+    free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail
+    return free * disk.f_frsize < LOG_ROOM
 
 
 def _report_lost(lines: int, error: str) -> None:

@@ -436,6 +436,57 @@ def test_a_second_server_on_the_same_log_is_refused_even_after_a_compaction(serv
     assert replies == [b"after:x"]
 
 
+def test_a_symlinked_log_stays_the_locked_log_across_a_compaction(server_process, tmp_path):
+    """``--aof`` names a symlink to the file: a compaction's rename used to replace the link
+    with a new file beside it, leaving the file it named behind, unlocked (a second server
+    on it then served stale data beside the first). The path is resolved at start: the
+    link still names the log after a compaction, and a second server on it is refused."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "kv.aof"
+    link = tmp_path / "kv.aof"
+    link.symlink_to(target)
+    first = server_process("--aof", str(link), "--aof-rewrite-min-size", "4K")
+    peer = Peer(first.port)
+    try:
+        assert peer.request(b"".join(b"PUT:k%d:%s\n" % (n, b"v" * 100) for n in range(100))) == []
+        assert peer.request(b"DELETE:k0\n") == []
+        wait_until(lambda: events_named(first, "aof_rewritten"), 10, "no compaction")
+        assert link.is_symlink() and link.resolve() == target
+        second = server_process("--aof", str(target), wait=False)
+        assert second.stop(sig=None, timeout=20) == 1
+    finally:
+        peer.close()
+    assert first.stop() == 0
+
+
+def test_a_log_replaced_between_its_open_and_its_lock_is_opened_again(tmp_path, monkeypatch):
+    """Another server's compaction can rename its new file over the path between this
+    server's open and its lock: the file locked is then not the log. Injected at the OS-call
+    boundary (the window is microseconds wide): the lock's first call renames a new file over
+    the path first; the descriptor returned is the file now at the path."""
+    from kvgevent.stores import aof_log
+
+    path = tmp_path / "kv.aof"
+    path.write_bytes(MAGIC)
+    replacement = tmp_path / "new"
+    replacement.write_bytes(MAGIC)
+    real_lock, calls = aof_log.lock, []
+
+    def lock_after_a_compaction(fd: int) -> None:
+        if not calls:
+            os.replace(replacement, path)
+        calls.append(fd)
+        real_lock(fd)
+
+    monkeypatch.setattr(aof_log, "lock", lock_after_a_compaction)
+    fd = aof_log._open_locked(str(path))
+    try:
+        assert len(calls) == 2
+        assert os.fstat(fd).st_ino == path.stat().st_ino
+    finally:
+        os.close(fd)
+
+
 def metrics_port(proc) -> int:
     """The port a server started with ``--metrics-port 0`` picked (its metrics_listening event)."""
     wait_until(lambda: events_named(proc, "metrics_listening"), 10, "no metrics_listening event")

@@ -144,9 +144,18 @@ def test_a_password_too_long_for_the_line_bound_is_a_usage_error(server_process)
         result = run("run_server.py", "--max-line", "20", *args, env=env)
         assert result.returncode == 2 and b"--password is too long for --max-line" in result.stderr
         assert secret.encode() not in result.stderr
+    for bad in ("a\nb", "ab\r"):  # (a newline ends the AUTH line; a \r before it is dropped)
+        result = run("run_server.py", "--password", bad)
+        assert result.returncode == 2 and b"--password may not hold a newline" in result.stderr
     proc = server_process("--max-line", "25", "--password", secret)  # (AUTH: + 20 bytes fits)
     peer = Peer(proc.port)
     assert peer.request(b"AUTH:" + secret.encode() + b"\n") == [b"OK"]
+    peer.close()
+    # Bytes that are not UTF-8 (before: a traceback at start, exit 1): the password is them.
+    raw = os.fsdecode(b"p\xff\xfe")
+    proc = server_process(env={"KVGEVENT_PASSWORD": raw})
+    peer = Peer(proc.port)
+    assert peer.request(b"AUTH:p\xff\xfe\nGET:k\n") == [b"OK"]
     peer.close()
 
 

@@ -255,10 +255,18 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--tls-key needs --tls-cert")
     if args.password == "":
         parser.error("--password may not be empty")
-    if args.password is not None and len(b"AUTH:" + args.password.encode()) > args.max_line:
-        parser.error("--password is too long for --max-line: its AUTH line would get ERR line too long")
+    if args.password is not None:
+        _check_password(parser, args.password, args.max_line)
     if 0 < args.worker_timeout < MIN_WORKER_TIMEOUT:
         parser.error(f"--worker-timeout must be 0 (never) or at least {MIN_WORKER_TIMEOUT:g} seconds")
+
+
+def _check_password(parser: argparse.ArgumentParser, password: str, max_line: int) -> None:
+    """Refuse a password no AUTH line can carry (it could never authenticate)."""
+    if "\n" in password or password.endswith("\r"):
+        parser.error("--password may not hold a newline nor end in a carriage return: no AUTH line can")
+    if len(b"AUTH:" + os.fsencode(password)) > max_line:
+        parser.error("--password is too long for --max-line: its AUTH line would get ERR line too long")
 
 
 def _aof_options(args: argparse.Namespace) -> list[str]:

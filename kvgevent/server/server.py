@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
+import os
 import socket
 import ssl
 import time
@@ -239,7 +240,8 @@ class KeyValueServer:
         self.idle_timeout = idle_timeout
         self.backlog = backlog
         self.reuse_port = reuse_port  # several processes on one port (SO_REUSEPORT)
-        self._password = password.encode() if isinstance(password, str) else password
+        # (os.fsencode: a password from argv or the environment may hold bytes not UTF-8)
+        self._password = os.fsencode(password) if isinstance(password, str) else password
         self._tls = tls
         self.log = get_logger()
         self.counters = Counters()
@@ -678,6 +680,7 @@ class KeyValueServer:
         stream = TlsStream(conn.io, self._tls, server_side=True, lock_factory=Semaphore)  # type: ignore[arg-type]  # (conn.io has what TlsStream uses of a socket: recv, sendall)
         with gevent.Timeout(TLS_HANDSHAKE_TIMEOUT):
             stream.handshake()
+        conn.last_seen = time.monotonic()  # (it sent its handshake: the idle timeout starts now)
         conn.stream = stream
 
     def _read_loop(self, conn: Connection) -> None:

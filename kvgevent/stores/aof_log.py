@@ -73,6 +73,10 @@ would otherwise recover and fail again at every attempt."""
 REWRITE_SUFFIX = ".rewrite"
 PROBE_SUFFIX = ".probe"
 
+LOCK_TRIES = 3
+"""Attempts to open and lock the log when another server's compaction keeps replacing the
+file at its path (each a rename: the locked file was not the log any more)."""
+
 ERR_PERSISTENCE = StoreError("persistence failed")
 
 Payloads = Sequence[bytes]
@@ -130,6 +134,24 @@ def lock(fd: int) -> None:
         pass  # (no locks here: as before there were)
 
 
+def _open_locked(path: str) -> int:
+    """The log file at ``path`` (created if missing), opened and locked (:func:`lock`). A
+    file locked after another server's compaction renamed its new file over the path is no
+    longer the log: opened again."""
+    for _ in range(LOCK_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lock(fd)
+            opened, current = os.fstat(fd), os.stat(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if (opened.st_dev, opened.st_ino) == (current.st_dev, current.st_ino):
+            return fd
+        os.close(fd)
+    raise OSError(errno.EBUSY, "the file is in use by another process (replaced while opened)")
+
+
 def in_thread(function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)`` in gevent's threadpool (the calling greenlet waits; the others
     run). An exception is raised here, in the caller, and only here: gevent would also hand
@@ -181,7 +203,9 @@ class AppendOnlyLog:
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
-        self.path, self.policy = path, fsync
+        # Resolved: a compaction renames its new file over the path, and over a symlink it
+        # would replace the link, leaving the file it named behind (and unlocked).
+        self.path, self.policy = os.path.realpath(path), fsync
         self.log = log if log is not None else get_logger()
         self.rebuild = rebuild
         self.fd = -1
@@ -219,9 +243,8 @@ class AppendOnlyLog:
         ``repair``, a corrupt one), and open the file for appending. Creates a missing file.
         Raises AofCorrupt for corruption without ``repair`` (``apply`` has then seen the
         records before it), OSError if the file cannot be read or written."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_locked(self.path)  # (before the leftovers: they may be another server's)
         try:
-            lock(fd)  # (before the leftovers: they may be another server's, at work)
             for leftover in (self.path + REWRITE_SUFFIX, self.path + PROBE_SUFFIX):
                 if os.path.exists(leftover):  # left by a crash: the log itself is intact
                     os.unlink(leftover)
