@@ -811,6 +811,27 @@ def test_a_client_pipelining_metrics_requests_holds_up_nobody(server_process):
     assert proc.stop() == 0
 
 
+def test_a_head_request_gets_headers_and_no_body(server_process):
+    """HEAD of /metrics, /healthz and an unknown path, then a GET, on one connection kept
+    alive: each HEAD gets its GET's status and headers and no body, so the GET's answer is
+    read as such (before: /metrics answered 405 with a body, and every HEAD's body was sent,
+    which a client kept alive takes for the start of the next answer)."""
+    proc, metrics = serving(server_process)
+    heads = b"".join(b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % p for p in (b"/metrics", b"/healthz", b"/nope"))
+    with socket.create_connection(("127.0.0.1", metrics), timeout=10) as sock:
+        sock.sendall(heads + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = b"".join(iter(functools.partial(sock.recv, 1 << 16), b"")).split(b"HTTP/1.1 ")[1:]
+    assert [answer.split(b"\r\n")[0] for answer in answers] == [
+        b"200 OK",
+        b"200 OK",
+        b"404 Not Found",
+        b"200 OK",
+    ]
+    assert [answer.endswith(b"\r\n\r\n") for answer in answers[:3]] == [True] * 3
+    assert answers[3].endswith(b"\r\n\r\nok\n")
+    assert_stopped_without_errors(proc)
+
+
 def test_a_request_with_too_many_headers_is_a_400_and_no_traceback(server_process):
     """A request with 101 headers (pywsgi's bound is 100): answered 400, and logged as one
     ``metrics_http_error``. Before, pywsgi printed a raw traceback on stderr for it (a JSON

@@ -241,9 +241,18 @@ class Monitor:
             self._http.stop(timeout=1)
 
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        """The WSGI application: /metrics, /healthz, /readyz; 404 for anything else."""
+        """The WSGI application: /metrics, /healthz, /readyz; 404 for anything else. A HEAD
+        gets a GET's status and headers, and no body (pywsgi sends what the application
+        returns, and a client kept alive would take a HEAD's body for the next answer)."""
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            for _ in self._answer({**environ, "REQUEST_METHOD": "GET"}, start_response):
+                pass
+            return []
+        return self._answer(environ, start_response)
+
+    def _answer(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+        if environ.get("REQUEST_METHOD") != "GET":
             path = ""  # anything but a GET (or HEAD) of these three: 404
         if path == "/metrics":
             return self._metrics(environ, start_response)
