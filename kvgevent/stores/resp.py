@@ -73,6 +73,11 @@ taken for unreachable (see RespConnection._answered_lately). One is not enough: 
 spell, a ``CLIENT KILL`` landing in the first setup made a false outage (an attacker's pass:
 2-7 in 25 cycles of kills every 1-2 ms); a proxy whose Redis is gone loses every one."""
 
+FAILING_QUIET = 10.0
+"""Seconds after a ``store_connections_failing`` episode ended during which connections lost
+in their setup begin no new one (a refusal with Redis's words still does): under a storm of
+``CLIENT KILL`` some land in setups, and each burst was an episode of its own."""
+
 SIBLING_POLL = 0.005
 """Seconds between two looks at a sibling's connect, when one lost in its setup waits to
 know whether a sibling got in (rare: Redis at its ``maxclients``, all connecting at once)."""
@@ -474,6 +479,7 @@ class Dispatcher:
         self._queue: deque[_Request] = deque()
         self._log, self._node = log, node  # (``node``: Redis's name in the log)
         self._failing_since: float | None = None  # a connection failing aside since then
+        self._failing_ended = -FAILING_QUIET  # when the last such episode ended
         # Senders parked on an empty queue, longest first, each with its connection.
         self._idle: deque[tuple[Any, RespConnection]] = deque()
         self._writing = 0  # round trips holding a write in flight
@@ -503,7 +509,11 @@ class Dispatcher:
             raise ConnectionError("the Redis dispatcher is closed")
         request = _Request(payload, expected, gevent.getcurrent(), writes)
         self._queue.append(request)
-        if self._idle:  # (the longest idle: round trips take turns over the connections)
+        # The longest idle sender (round trips take turns over the connections); none for a
+        # write while as many round trips of writes are out as may be: the one idle could
+        # take reads only (the busy ones take it next), and waking it for every write cost
+        # two switches each (5 % at 1,000 clients writing).
+        if self._idle and not (writes and self._writing >= len(self._connections) - 1):
             self._hub.loop.run_callback(self._idle.popleft()[0].switch)
         try:
             while not request.done:
@@ -608,9 +618,10 @@ class Dispatcher:
         return any(connection.answered_at > when for connection in self._connections)
 
     def _write_slots(self) -> int:
-        """How many round trips holding a write may be out at once: all connections that can
-        serve but one, kept for reads (at least one)."""
-        return max(1, sum(c.ready for c in self._connections) - 1)
+        """How many round trips holding a write may be out at once: all connections that may
+        serve (connected, or free to connect: see :func:`_may_serve`) but one, kept for reads
+        (at least one: with room in Redis for one connection, it takes writes too)."""
+        return max(1, sum(map(_may_serve, self._connections)) - 1)
 
     def _failed(self, batch: list[_Request], exc: BaseException, connection: RespConnection) -> None:
         """The round trip of ``batch`` on ``connection`` raised ``exc``: its requests fail
@@ -650,6 +661,8 @@ class Dispatcher:
         one that cannot be reached, times out or cannot serve now fails the siblings too."""
         if self._failing_since is not None or not isinstance(error, (Refused, SetupRefused, Lost)):
             return
+        if isinstance(error, Lost) and time.monotonic() - self._failing_ended < FAILING_QUIET:
+            return  # (a CLIENT KILL storm loses setups too: one episode, not one per burst)
         if not any(c.ready for c in self._connections):  # (none in: an outage, which says it)
             return
         self._failing_since = time.monotonic()
@@ -667,7 +680,8 @@ class Dispatcher:
         every connection is."""
         if self._failing_since is None or not all(c.ready for c in self._connections):
             return
-        failing_s = round(time.monotonic() - self._failing_since, 3)
+        self._failing_ended = time.monotonic()
+        failing_s = round(self._failing_ended - self._failing_since, 3)
         self._failing_since = None
         if self._log is not None:
             self._log.info("store_connections_restored", node=self._node, failing_s=failing_s)
@@ -736,16 +750,17 @@ def _next_batch(queue: deque[_Request], writes_allowed: bool) -> tuple[list[_Req
     in order: a round trip of reads never waits behind a paused write."""
     writes = writes_allowed and queue[0].writes
     batch: list[_Request] = []
-    kept: list[_Request] = []
+    skipped: list[_Request] = []  # (of the other kind: back to the head, in order)
     count = 0
-    for request in queue:
-        if request.writes == writes and count < MAX_ROUND_TRIP:
+    while queue and count < MAX_ROUND_TRIP:  # (no further: thousands may be queued)
+        request = queue.popleft()
+        if request.writes == writes:
             batch.append(request)
             count += request.count
         else:
-            kept.append(request)
-    queue.clear()
-    queue.extend(kept)
+            skipped.append(request)
+    if skipped:
+        queue.extendleft(reversed(skipped))
     return batch, count, writes
 
 
