@@ -672,7 +672,7 @@ class Dispatcher:
                 node=self._node,
                 connected=sum(c.ready for c in self._connections),
                 connections=len(self._connections),
-                error=str(error)[:200],
+                error=_said(error),
             )
 
     def _connected(self) -> None:
@@ -728,6 +728,14 @@ def _may_serve(connection: RespConnection) -> bool:
     if connection.ready or connection.serving or connection.connecting:
         return True
     return connection.sock is None and not connection.backing_off()
+
+
+def _said(error: Exception) -> str:
+    """The ``error`` of a ``store_connections_failing`` event: what the refusal said, or for a
+    connection lost in its setup while another is in, what that most likely is."""
+    if isinstance(error, Lost):
+        return f"{str(error)[:150]} (most likely Redis at its maxclients, which closes the new connection)"
+    return str(error)[:200]
 
 
 def _sibling_in(connection: RespConnection) -> bool:
