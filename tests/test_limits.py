@@ -296,13 +296,13 @@ def test_a_slow_tls_handshake_starts_the_idle_timeout_when_it_ends(make_server, 
     """A TLS client silent for longer than ``--idle-timeout`` before its handshake (under the
     handshake's own timeout), then sending a PING a little later: answered. Before, its idle
     time ran from when it connected, and the first sweep after the handshake closed it."""
-    monkeypatch.setattr(server_module, "TLS_HANDSHAKE_TIMEOUT", 5.0)
-    server = make_server(tls=certs.server, idle_timeout=1.0)
+    monkeypatch.setattr(server_module, "TLS_HANDSHAKE_TIMEOUT", 8.0)
+    server = make_server(tls=certs.server, idle_timeout=2.0)
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     try:
-        gevent.sleep(1.5)  # (the fault: silence longer than the idle timeout, before the handshake)
+        gevent.sleep(2.5)  # (the fault: silence longer than the idle timeout, before the handshake)
         tls = certs.client.wrap_socket(raw, server_hostname="127.0.0.1")
-        gevent.sleep(0.6)  # (longer than a sweep's period, 0.5 s, shorter than the timeout)
+        gevent.sleep(1.2)  # (longer than a sweep's period, 1 s; 0.8 s short of the timeout)
         tls.sendall(b"PING\n")
         assert tls.recv(100) == b"PONG\n"
     finally:

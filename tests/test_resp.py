@@ -275,28 +275,34 @@ def test_connections_failing_aside_is_logged_only_while_one_is_in():
 
 
 def test_a_round_trip_takes_one_kind_and_leaves_the_others_in_order():
-    """``_next_batch``: the queued requests of the first one's kind (reads only, or holding
-    writes), up to MAX_ROUND_TRIP commands, the others left queued in their order; unless
-    writes may go, reads only. It stops at a full round trip: thousands of requests may be
-    queued (an attacker's pass: scanning them all for each round trip cost 10 µs a request
-    with 3,000 clients)."""
-    from collections import deque
-
-    from kvgevent.stores.resp import MAX_ROUND_TRIP, _next_batch, _Request
+    """The dispatcher's queue: a round trip takes the requests of the kind whose first has
+    waited longest (reads only, or holding writes), up to MAX_ROUND_TRIP commands, the
+    others left waiting in their order; unless writes may go, reads only. It looks at no
+    more requests than it takes: thousands may be queued (an attacker's pass: a single
+    queue skipped over the other kind, 10 µs a request at 3,000 clients)."""
+    from kvgevent.stores.resp import MAX_ROUND_TRIP, _Queue, _Request
 
     def request(name: str, writes: bool, count: int = 16) -> _Request:
         return _Request(name.encode(), [list] * count, None, writes)
 
-    queue = deque([request("r1", False), request("w1", True), request("r2", False), request("w2", True)])
-    batch, count, writes = _next_batch(queue, True)
+    queue = _Queue()
+    for name, writes in [("r1", False), ("w1", True), ("r2", False), ("w2", True)]:
+        queue.append(request(name, writes))
+    batch, count, writes = queue.take(True)
     assert [r.payload for r in batch] == [b"r1", b"r2"] and (count, writes) == (32, False)
-    assert [r.payload for r in queue] == [b"w1", b"w2"]
-    queue.appendleft(request("r3", False))
-    batch, count, writes = _next_batch(queue, False)  # (no more writes may go out)
+    assert [r.payload for r in queue.writes] == [b"w1", b"w2"] and not queue.reads
+    queue.append(request("r3", False))
+    batch, count, writes = queue.take(False)  # (no more writes may go out)
     assert [r.payload for r in batch] == [b"r3"] and not writes
-    batch, count, writes = _next_batch(queue, False)
-    assert batch == [] and [r.payload for r in queue] == [b"w1", b"w2"]
-    queue = deque(request(f"w{n}", True) for n in range(1000))
-    batch, count, writes = _next_batch(queue, True)
-    assert count == MAX_ROUND_TRIP and writes and len(queue) == 1000 - MAX_ROUND_TRIP // 16
-    assert queue[0].payload == b"w%d" % (MAX_ROUND_TRIP // 16)
+    assert queue.take(False) == ([], 0, False) and [r.payload for r in queue.writes] == [b"w1", b"w2"]
+    taken, _, writes = queue.take(True)
+    assert [r.payload for r in taken] == [b"w1", b"w2"] and writes
+    queue.give_back(taken)  # (refused at its connect: back at the head, in order)
+    queue.append(request("r4", False))
+    assert [r.payload for r in queue.take(True)[0]] == [b"w1", b"w2"]  # (they came first)
+    queue = _Queue()
+    for n in range(1000):
+        queue.append(request(f"w{n}", True))
+    batch, count, writes = queue.take(True)
+    assert count == MAX_ROUND_TRIP and writes and len(queue.writes) == 1000 - MAX_ROUND_TRIP // 16
+    assert queue.writes[0].payload == b"w%d" % (MAX_ROUND_TRIP // 16)

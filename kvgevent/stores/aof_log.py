@@ -19,8 +19,8 @@ go on) and a recovery greenlet retries on a timer with backoff (:data:`RETRY_MIN
 failed fsync the kernel may have dropped the data, so only a rewrite of the whole file from
 the data in memory counts), then write and fsync a probe file beside the log, as big as the
 write that failed (:data:`PROBE_BYTES` to :data:`PROBE_MAX`), and extend the log by as much
-(a file-size limit). When every step succeeds the
-episode ends with one ``aof_recovered`` event and writes are accepted again.
+(a file-size limit). When every step succeeds the episode ends with one ``aof_recovered``
+event and writes are accepted again.
 
 Policies: ``always`` (:meth:`AppendOnlyLog.barrier` returns once a position is durable;
 concurrent callers share one fsync), ``everysec`` (a background fsync each second), ``no``

@@ -30,6 +30,7 @@ tried, with requests in hand gives them back to the queue for a sibling that may
 
 from __future__ import annotations
 
+import itertools
 import random
 import socket
 import time
@@ -445,14 +446,58 @@ class _Request:
     greenlet gave up waiting (killed: a late wake-up must not resume it in another wait).
     ``writes``: it may hold a write (see :meth:`Dispatcher._send_loop`)."""
 
-    __slots__ = ("payload", "count", "expected", "waiter", "replies", "failure", "done", "writes")
+    __slots__ = ("payload", "count", "expected", "waiter", "replies", "failure", "done", "writes", "arrival")
 
     def __init__(self, payload: bytes, expected: Sequence[Expected], waiter: Any, writes: bool) -> None:
         self.payload, self.count, self.expected = payload, len(expected), expected
         self.waiter, self.writes = waiter, writes
+        self.arrival = 0  # (its place in the queue's order: set by _Queue.append)
         self.replies: list[Any] = []
         self.failure: BaseException | None = None
         self.done = False
+
+
+class _Queue:
+    """The requests waiting for a round trip: those of reads only and those with writes
+    apart, each in arrival order. A round trip takes the kind whose first has waited longest
+    (or reads only, while no more round trips of writes may go out), and looks at no more
+    requests than it takes: thousands may wait (a single queue skipped over the other kind,
+    10 µs a request at 3,000 clients)."""
+
+    __slots__ = ("reads", "writes", "_arrivals")
+
+    def __init__(self) -> None:
+        self.reads: deque[_Request] = deque()
+        self.writes: deque[_Request] = deque()
+        self._arrivals = itertools.count()
+
+    def __bool__(self) -> bool:
+        return bool(self.reads or self.writes)
+
+    def append(self, request: _Request) -> None:
+        request.arrival = next(self._arrivals)
+        (self.writes if request.writes else self.reads).append(request)
+
+    def take(self, writes_allowed: bool) -> tuple[list[_Request], int, bool]:
+        """The requests of the next round trip, how many commands they hold, and whether
+        they write: up to MAX_ROUND_TRIP commands (at least one request) of one kind; none
+        if only writes wait and ``writes_allowed`` is False."""
+        reads, writes = self.reads, self.writes
+        kind = writes_allowed and bool(writes) and (not reads or writes[0].arrival < reads[0].arrival)
+        queue = writes if kind else reads
+        if not queue:
+            return [], 0, False
+        request = queue.popleft()
+        batch, count = [request], request.count
+        while count < MAX_ROUND_TRIP and queue:
+            request = queue.popleft()
+            batch.append(request)
+            count += request.count
+        return batch, count, kind
+
+    def give_back(self, batch: list[_Request]) -> None:
+        """Put ``batch`` (one kind, taken by :meth:`take`) back at the head, in order."""
+        (self.writes if batch[0].writes else self.reads).extendleft(reversed(batch))
 
 
 class Dispatcher:
@@ -476,7 +521,7 @@ class Dispatcher:
     def __init__(
         self, make_connection: Any, connections: int = 4, log: Logger | None = None, node: str = ""
     ) -> None:
-        self._queue: deque[_Request] = deque()
+        self._queue = _Queue()
         self._log, self._node = log, node  # (``node``: Redis's name in the log)
         self._failing_since: float | None = None  # a connection failing aside since then
         self._failing_ended = -FAILING_QUIET  # when the last such episode ended
@@ -542,7 +587,7 @@ class Dispatcher:
                     self._failing_aside(failed)
                 continue
             writing = self._writing
-            batch, count, writes = _next_batch(queue, not writing or writing < self._write_slots())
+            batch, count, writes = queue.take(not writing or writing < self._write_slots())
             if not batch:  # (only writes queued, as many round trips of writes as may be out)
                 self._idle.append((me, connection))
                 self._hub.switch()  # (one that ends takes them; a read wakes this one)
@@ -609,7 +654,7 @@ class Dispatcher:
     def _give_back(self, batch: list[_Request], exc: Exception) -> None:
         """Put ``batch`` (nothing of it sent) back at the head of the queue for a sibling;
         ``exc``: why this connection could not connect for it."""
-        self._queue.extendleft(reversed(batch))
+        self._queue.give_back(batch)
         self._wake_connected(or_free=True)
         self._failing_aside(exc)
 
@@ -635,19 +680,13 @@ class Dispatcher:
             self._finish(request, failure=failure)
         if not isinstance(exc, TimeoutError):
             return
-        reads_pass = self._answering(connection)
-        kept = [request for request in self._queue if reads_pass and not request.writes]
-        for request in self._queue:
-            if not (reads_pass and not request.writes):
-                self._finish(request, failure=failure)
-        self._queue.clear()
-        self._queue.extend(kept)
-
-    def _answering(self, connection: RespConnection) -> bool:
-        """Whether a sibling of ``connection`` (whose round trip just timed out) had all its
-        replies within the last half of the timeout: Redis answers, not stalled."""
-        since = time.monotonic() - connection.timeout / 2
-        return any(sibling.answered_at > since for sibling in connection.siblings)
+        queue = self._queue
+        # (Redis answers, not stalled, if a connection had a whole answer within the last half
+        # of the timeout: this one's last was before its round trip, a whole timeout ago)
+        stalled = not self.answered_since(time.monotonic() - connection.timeout / 2)
+        for waiting in (queue.writes, queue.reads) if stalled else (queue.writes,):
+            while waiting:
+                self._finish(waiting.popleft(), failure=failure)
 
     def _failing_aside(self, error: Exception) -> None:
         """A connection failed to connect while a sibling serves (Redis at its ``maxclients``,
@@ -716,8 +755,9 @@ class Dispatcher:
         self._closed = True
         for sender in self._senders:
             sender.kill()
-        while self._queue:
-            self._finish(self._queue.popleft(), failure=ConnectionError("the dispatcher closed"))
+        for waiting in (self._queue.reads, self._queue.writes):
+            while waiting:
+                self._finish(waiting.popleft(), failure=ConnectionError("the dispatcher closed"))
         for connection in self._connections:
             connection.close()
 
@@ -748,28 +788,6 @@ def _sibling_in(connection: RespConnection) -> bool:
     while any(s.connecting for s in connection.siblings) and time.monotonic() < deadline:
         gevent.sleep(SIBLING_POLL)
     return any(s.ready for s in connection.siblings)
-
-
-def _next_batch(queue: deque[_Request], writes_allowed: bool) -> tuple[list[_Request], int, bool]:
-    """The requests of the next round trip, taken from ``queue`` (not empty), how many
-    commands they hold, and whether they may write: the queued requests of the first one's
-    kind (reads only, or holding writes), up to MAX_ROUND_TRIP commands (at least one
-    request); unless ``writes_allowed``, the reads only (maybe none). The others stay queued
-    in order: a round trip of reads never waits behind a paused write."""
-    writes = writes_allowed and queue[0].writes
-    batch: list[_Request] = []
-    skipped: list[_Request] = []  # (of the other kind: back to the head, in order)
-    count = 0
-    while queue and count < MAX_ROUND_TRIP:  # (no further: thousands may be queued)
-        request = queue.popleft()
-        if request.writes == writes:
-            batch.append(request)
-            count += request.count
-        else:
-            skipped.append(request)
-    if skipped:
-        queue.extendleft(reversed(skipped))
-    return batch, count, writes
 
 
 def _expected(batch: list[_Request]) -> Sequence[Expected]:
