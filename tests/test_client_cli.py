@@ -1,20 +1,24 @@
 """run_client.py as a user runs it: one-shot commands and exit statuses, raw output when
 piped, requests from stdin, --pipe, --stat, --latency, and the REPL on a pseudo-terminal."""
 
+import io
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
+import gevent
 import pytest
 from conftest import ROOT, Peer, Terminal, free_port, wait_until
 
 from kvgevent.client import Client
 from kvgevent.client.commands import escape
+from kvgevent.errors import ConnectionLost
 
 
 def client(port: int, *args: str, stdin: bytes = b"", env: dict | None = None, timeout: float = 60):
@@ -125,6 +129,72 @@ def test_pipe_counts_errors_and_survives_user_pings(port):
     assert "sent 5 commands" in result.stdout.decode() and "1 errors" in result.stdout.decode()
     assert b"ERR unknown command" in result.stderr
     assert client(port, "get", "b").stdout == b"\n"  # the unterminated last line was sent too
+
+
+def pipe_replies(sent: bytes, replies: bytes) -> tuple[int, int]:
+    """Feed --pipe's reply checker ``replies`` for a pipe that sent ``sent`` in one chunk:
+    (reply lines, errors) counted, or ConnectionLost for a line it cannot be answered with."""
+    from kvgevent.client.tools import PipeSummary, _PipeInput, _PipeReplies
+
+    source = _PipeInput(io.BytesIO(sent), PipeSummary(), None)
+    while source.read() is not None:
+        pass
+    checker = _PipeReplies(source)
+    checker.feed(replies.splitlines())
+    assert checker.complete()
+    return source.summary.replies, source.summary.errors
+
+
+def test_pipe_checks_each_reply_against_what_was_sent():
+    """A reply line is taken only if a line sent can be answered with it (values of a key
+    GET read, in any case of the verb and with a \\r; a STATS line for a STATS, OK for an
+    AUTH, a PONG for each PING); an ERR may answer any line. Anything else (here a value for a
+    PUT, or an OK, a STATS line or a PONG nobody asked for) is ConnectionLost: the replies no
+    longer match the commands."""
+    sent = b"PUT:k:v\nget:k\r\nGeT:other\nPING\nSTATS\nAUTH:pw\nBOGUS\n"
+    good = b"k:v\nk:w\nother:x\nPONG\nactive=1 dropped=0\nOK\nERR unknown command\nPONG\n"
+    assert pipe_replies(sent, good) == (5, 1)
+    assert pipe_replies(b"PUT:k:v\n", b"ERR x\nPONG\n") == (0, 1)
+    for line in (b"k:v", b"OK", b"active=1", b"garbage", b"PONG"):
+        with pytest.raises(ConnectionLost, match="unexpected reply from the server to --pipe"):
+            pipe_replies(b"PUT:k:v\nPUT:a:b\n", line + b"\nPONG\n")
+    with pytest.raises(ConnectionLost):  # a second STATS line for one STATS
+        pipe_replies(b"STATS\n", b"active=1\nactive=1\nPONG\n")
+    with pytest.raises(ConnectionLost):  # a value of a key read by a later chunk only
+        pipe_replies(b"GET:a\n", b"b:1\nPONG\n")
+
+
+def test_pipe_ends_with_status_3_when_a_server_answers_a_put_with_a_value(tmp_path):
+    """A server (a loopback fake here) that answers a PUT with a value line: --pipe says so in
+    one line on stderr and exits 3, as the library does for a reply that cannot be."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            received = b""
+            while b"PING\n" not in received:
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    return
+                received += chunk
+            conn.sendall(b"k:surprise\nPONG\n")
+            while conn.recv(1 << 16):
+                pass
+
+    server = gevent.spawn(serve)
+    try:
+        result = client(port, "--timeout", "10", "--pipe", stdin=b"PUT:k:v\n")
+    finally:
+        server.kill()
+        listener.close()
+    assert result.returncode == 3
+    assert result.stderr.decode().splitlines() == [
+        "run_client.py: unexpected reply from the server to --pipe: b'k:surprise'"
+    ]
 
 
 def test_stat_prints_a_line_per_interval(port):

@@ -9,11 +9,13 @@ import os
 import re
 import stat
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from kvgevent.client.client import Client
+from kvgevent.errors import ConnectionLost
 from kvgevent.protocol import ReplyKind, classify_reply
 
 PIPE_CHUNK = 1 << 20
@@ -31,7 +33,12 @@ LATENCY_GAP = 0.01
 STATS_OWN_COMMANDS = 2
 """Commands that one sample of --stat adds to the server's count (STATS and its PING)."""
 
-_USER_PING = re.compile(rb"^ping\r?$", re.IGNORECASE | re.MULTILINE)
+_PING = re.compile(rb"^ping\r?$", re.IGNORECASE | re.MULTILINE)
+_STATS = re.compile(rb"^stats\r?$", re.IGNORECASE | re.MULTILINE)
+_AUTH = re.compile(rb"^auth:", re.IGNORECASE | re.MULTILINE)
+_GET_KEY = re.compile(rb"^get:([^:\n]*?)\r?$", re.IGNORECASE | re.MULTILINE)
+"""The lines of a chunk that are answered by something else than ERR (as the server reads
+them, in any case): a PING by PONG, a STATS by its line, an AUTH by OK, a GET by its values."""
 
 
 @dataclass
@@ -54,13 +61,15 @@ class PipeSummary:
 class _PipeInput:
     """The :class:`~kvgevent.client.Source` of --pipe: stdin in chunks of whole lines, each
     chunk followed by a PING; an unterminated last line is sent with a newline. Counts what it
-    gives in ``summary`` and the PONGs that must come back in ``pongs_due``."""
+    gives in ``summary``, the PONGs that must come back in ``pongs_due``, and what each chunk
+    not yet answered in full may be answered with in ``chunks``."""
 
     def __init__(self, source: BinaryIO, summary: PipeSummary, progress: TextIO | None) -> None:
         self.source = source
         self.summary = summary
         self.progress = progress
         self.pongs_due = 0
+        self.chunks: deque[_ChunkReplies] = deque()  # those whose last PONG has not come
         self.pending = b""  # an incomplete last line, until its newline is read
         self.ended = False
         self.started = self.last_progress = time.monotonic()
@@ -87,7 +96,9 @@ class _PipeInput:
             return None if self.ended else b""
         self.summary.commands += data.count(b"\n")
         self.summary.bytes_sent += len(data)
-        self.pongs_due += 1 + len(_USER_PING.findall(data))
+        chunk_replies = _ChunkReplies(data)
+        self.chunks.append(chunk_replies)
+        self.pongs_due += chunk_replies.pongs
         return data + b"PING\n"
 
     def _show_progress(self) -> None:
@@ -110,9 +121,43 @@ def _fileno(source: BinaryIO) -> int | None:
         return None
 
 
+class _ChunkReplies:
+    """What the lines of one chunk (with its PING) may be answered with besides ERR lines:
+    ``pongs`` PONGs, values of the keys it reads, its STATS lines and its AUTHs' OKs. Only
+    the PINGs are counted at once (a scan of the chunk costs about as much as sending it):
+    the rest when such a reply comes, so a chunk of writes answered with nothing costs nothing
+    more. The chunk is kept until its last PONG came (a few MiB at most: what the sockets
+    hold)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        # (a substring test in C, far cheaper than a multi-line scan with no PING to find)
+        self.pongs = 1 + (len(_PING.findall(data)) if b"ping" in data.lower() else 0)
+        self._keys: set[bytes] | None = None
+        self._left = {_STATS: -1, _AUTH: -1}  # of each, those not answered yet (-1: not counted)
+
+    def reads(self, key: bytes) -> bool:
+        """Whether a line of this chunk is a GET of ``key``."""
+        if self._keys is None:
+            self._keys = set(_GET_KEY.findall(self.data))
+        return key in self._keys
+
+    def answered(self, kind: re.Pattern[bytes]) -> bool:
+        """Count one reply to a ``kind`` line (_STATS or _AUTH); False if none was left."""
+        left = self._left[kind]
+        if left < 0:
+            left = len(kind.findall(self.data))
+        self._left[kind] = left - 1
+        return left > 0
+
+
 class _PipeReplies:
     """The :class:`~kvgevent.client.Replies` of --pipe: counts PONGs, ERR lines (keeping the
-    first few) and every other line, each told apart by :func:`classify_reply`."""
+    first few) and every other line, each told apart by :func:`classify_reply`, and checks
+    each against the chunk it answers (the oldest whose last PONG has not come): a line none
+    of that chunk's commands can be answered with (a value of a key it does not read, a PONG,
+    STATS line or OK more than it asked for) raises ConnectionLost, as the library does, since
+    the replies can no longer be matched to the commands. An ERR line may answer any line."""
 
     def __init__(self, source: _PipeInput) -> None:
         self.source = source
@@ -120,19 +165,40 @@ class _PipeReplies:
         self.pongs = 0
 
     def feed(self, lines: list[bytes]) -> None:
+        chunks = self.source.chunks
         for line in lines:
             kind = classify_reply(line)
+            if kind is ReplyKind.ERROR:
+                self._error(line)
+                continue
+            if not chunks:
+                raise _unexpected(line)
+            chunk = chunks[0]
             if kind is ReplyKind.PONG:
                 self.pongs += 1
-            elif kind is ReplyKind.ERROR:
-                self.summary.errors += 1
-                if len(self.summary.first_errors) < PIPE_FIRST_ERRORS:
-                    self.summary.first_errors.append(line.decode(errors="replace"))
+                chunk.pongs -= 1
+                if not chunk.pongs:
+                    chunks.popleft()
+                continue
+            self.summary.replies += 1
+            if kind is ReplyKind.VALUE:
+                expected = chunk.reads(line.partition(b":")[0])
             else:
-                self.summary.replies += 1
+                expected = chunk.answered(_AUTH if kind is ReplyKind.OK else _STATS)
+            if not expected:
+                raise _unexpected(line)
+
+    def _error(self, line: bytes) -> None:
+        self.summary.errors += 1
+        if len(self.summary.first_errors) < PIPE_FIRST_ERRORS:
+            self.summary.first_errors.append(line.decode(errors="replace"))
 
     def complete(self) -> bool:
         return self.pongs >= self.source.pongs_due
+
+
+def _unexpected(line: bytes) -> ConnectionLost:
+    return ConnectionLost(f"unexpected reply from the server to --pipe: {line[:80]!r}")
 
 
 def run_pipe(client: Client, source: BinaryIO, progress: TextIO | None) -> PipeSummary:
