@@ -48,6 +48,10 @@ METRICS_REQUESTS = 100
 client pipelining requests (each answered at once, the deadline armed anew) cannot keep one
 of METRICS_CONNECTIONS places for itself."""
 
+METRICS_STOP = 1.0
+"""At shutdown, seconds a metrics answer on its way gets to finish (a scrape is no reason to
+hold up the exit longer; connections waiting for a request are closed at once)."""
+
 ACCEPT_FAILED_QUIET = 2.0
 """Seconds without accept() failing for want of files or memory after which the episode is
 over (one ``accept_failed``, one ``accept_failed_ended``): longer than gevent's longest pause

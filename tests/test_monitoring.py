@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import gevent
@@ -870,3 +871,29 @@ def test_a_silent_metrics_connection_is_closed_after_the_timeout(server_process)
         for sock in socks:
             sock.close()
     assert_stopped_without_errors(proc)
+
+
+def test_idle_metrics_connections_do_not_hold_up_the_shutdown(server_process):
+    """A scraper's connection kept alive after its answer, and one that sent nothing yet, are
+    closed as soon as SIGTERM comes: from ``shutdown_requested`` to ``server_stopped`` well
+    under the second the metrics listener gives answers on their way (it took that second,
+    waiting for those two to end, before: the whole exit was --shutdown-flush + 1 s)."""
+    import http.client
+
+    proc, port = serving(server_process)
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        kept.request("GET", "/healthz")
+        assert kept.getresponse().read() == b"ok\n"
+        assert proc.stop() == 0
+        assert silent.recv(100) == b""  # closed without a word
+    finally:
+        kept.close()
+        silent.close()
+    events = {e["event"]: e for e in proc.events()}
+    asked, stopped = (
+        datetime.fromisoformat(events[name]["timestamp"]) for name in ("shutdown_requested", "server_stopped")
+    )
+    assert (stopped - asked).total_seconds() < 0.6
+    assert b"Traceback" not in proc.stderr and "metrics_http_error" not in events

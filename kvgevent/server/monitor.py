@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from kvgevent.config import METRICS_CONNECTIONS, METRICS_REQUESTS, METRICS_TIMEOUT
+from kvgevent.config import METRICS_CONNECTIONS, METRICS_REQUESTS, METRICS_STOP, METRICS_TIMEOUT
 from kvgevent.errors import KVError
 from kvgevent.logs import Logger
 from kvgevent.protocol import Auth, Delete, Get, Ping, Put, Stats, Update
@@ -216,7 +216,7 @@ class Monitor:
         self.registry.register(ServerCollector(server))
         ProcessCollector(registry=self.registry)
         self._metrics = make_wsgi_app(self.registry)
-        self._http: WSGIServer | None = None
+        self._http: _MetricsHTTP | None = None
 
     def start(self, port: int, host: str) -> None:
         self._http = _MetricsHTTP(
@@ -237,8 +237,14 @@ class Monitor:
         return port
 
     def close(self) -> None:
+        """Stop listening, close at once the connections waiting for a request (idle, kept
+        alive: they would hold the shutdown for METRICS_STOP), and give answers on their way
+        up to METRICS_STOP seconds to finish."""
         if self._http is not None:
-            self._http.stop(timeout=1)
+            self._http.close()  # (stops accepting; the handlers run on)
+            for handler in list(self._http.waiting):
+                handler.kill(GreenletExit, block=False)
+            self._http.stop(timeout=METRICS_STOP)
 
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """The WSGI application: /metrics, /healthz, /readyz; 404 for anything else. A HEAD
@@ -297,7 +303,14 @@ class _MetricsHandler(WSGIHandler):
             # the loop for as long as it sent (the key-value clients, signals, everything).
             sleep(0)
         self._arm()
-        return super().read_requestline()
+        server: Any = self.server  # (a _MetricsHTTP)
+        waiting: set[Any] = server.waiting
+        handler = getcurrent()
+        waiting.add(handler)
+        try:
+            return super().read_requestline()
+        finally:
+            waiting.discard(handler)
 
     def _handle_client_error(self, ex: BaseException) -> Any:
         """pywsgi's answer to a request it cannot read (400), without the traceback it
@@ -357,6 +370,12 @@ class _MetricsHTTP(PausingListener, WSGIServer):
     the process."""
 
     handler_class = _MetricsHandler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting: set[Any] = set()
+        """The handlers' greenlets waiting for a request line: nothing in hand, closed first
+        at shutdown."""
 
 
 class _ErrorLog:
