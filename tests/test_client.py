@@ -424,3 +424,57 @@ def test_a_socket_connected_to_itself_is_refused(monkeypatch):
     with pytest.raises(ConnectionLost, match=f"cannot connect to 127.0.0.1:{port}: connected to itself"):
         kv.connect()
     assert not kv.connected
+
+
+def test_an_err_and_a_pong_nothing_asked_for_are_an_unexpected_reply(fake_server):
+    """A server that answers a PUT with its PONG, then an ERR and another PONG: the client
+    says so at once (ConnectionLost), as for a lone stray PONG. (Before, the ERR was taken as
+    the reply of a command that does not exist, and the call waited for ever with no timeout,
+    or got a timeout's message after it.)"""
+    kv = Client(port=fake_server(answer(b"PONG\nERR x\nPONG\n")), timeout=None)
+    try:
+        with gevent.Timeout(10), pytest.raises(ConnectionLost, match="nothing asked for"):
+            kv.put("k", "v")
+    finally:
+        kv.close()
+
+
+@pytest.mark.parametrize(
+    ("lines", "reply"),
+    [
+        ([b"PUT:k:v"], b"k:garbage\nPONG\n"),  # a value for a PUT
+        ([b"GET:k"], b"OK\nPONG\n"),  # a status line among a GET's values
+        ([b"get:k"], b"other:v\nPONG\n"),  # a value of another key
+        ([b"PING"], b"k:v\nPONG\n"),  # anything before a PING's PONG
+        ([b"STATS"], b"PONG\n"),  # no STATS line
+    ],
+    ids=["value-for-put", "status-in-get", "other-key", "before-pong", "no-stats-line"],
+)
+def test_protocol_lines_replies_are_checked_as_commands_are(fake_server, lines, reply):
+    """README, "A server that misbehaves": a line the command cannot have ends the exchange
+    (ConnectionLost) for protocol lines sent as typed (``send_raw``: one-shot lines, stdin,
+    the REPL) as for commands. (Before, such lines were shown as the reply.)"""
+    kv = Client(port=fake_server(answer(reply)), timeout=5)
+    try:
+        with pytest.raises(ConnectionLost, match="unexpected reply from the server"):
+            kv.send_raw(lines)
+    finally:
+        kv.close()
+
+
+def test_protocol_lines_get_their_replies_as_sent(server_process):
+    """The checks let through every reply a real server gives: values in any verb's case
+    and with a \\r, ERR for any line, OK for AUTH's absence as ERR, a STATS line."""
+    proc = server_process()
+    with Client(port=proc.port, timeout=10) as kv:
+        kv.put("k", "v")
+        replies = kv.send_raw([b"gEt:k\r", b"PING", b"BOGUS", b"AUTH:x", b"PUT:k"])
+        assert replies == [
+            [b"k:v"],
+            [b"PONG"],
+            [b"ERR unknown command"],
+            [b"ERR no password is set"],
+            [b"ERR wrong number of fields for PUT"],
+        ]
+        (stats,) = kv.send_raw([b"STATS"])
+        assert len(stats) == 1 and stats[0].startswith(b"active=")

@@ -164,37 +164,71 @@ def test_pipe_checks_each_reply_against_what_was_sent():
         pipe_replies(b"GET:a\n", b"b:1\nPONG\n")
 
 
-def test_pipe_ends_with_status_3_when_a_server_answers_a_put_with_a_value(tmp_path):
+@pytest.fixture
+def answering():
+    """Factory of loopback fakes of a server: ``answering(reply)`` listens, and answers its
+    first connection's bytes up to the first PING with ``reply``, then reads until the client
+    closes. Closed after the test."""
+    listeners, greenlets = [], []
+
+    def make(reply: bytes) -> int:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listeners.append(listener)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                received = b""
+                while b"PING\n" not in received:
+                    chunk = conn.recv(1 << 16)
+                    if not chunk:
+                        return
+                    received += chunk
+                conn.sendall(reply)
+                while conn.recv(1 << 16):
+                    pass
+
+        greenlets.append(gevent.spawn(serve))
+        return listener.getsockname()[1]
+
+    yield make
+    gevent.killall(greenlets)
+    for listener in listeners:
+        listener.close()
+
+
+def test_pipe_ends_with_status_3_when_a_server_answers_a_put_with_a_value(answering):
     """A server (a loopback fake here) that answers a PUT with a value line: --pipe says so in
     one line on stderr and exits 3, as the library does for a reply that cannot be."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            received = b""
-            while b"PING\n" not in received:
-                chunk = conn.recv(1 << 16)
-                if not chunk:
-                    return
-                received += chunk
-            conn.sendall(b"k:surprise\nPONG\n")
-            while conn.recv(1 << 16):
-                pass
-
-    server = gevent.spawn(serve)
-    try:
-        result = client(port, "--timeout", "10", "--pipe", stdin=b"PUT:k:v\n")
-    finally:
-        server.kill()
-        listener.close()
+    result = client(answering(b"k:surprise\nPONG\n"), "--timeout", "10", "--pipe", stdin=b"PUT:k:v\n")
     assert result.returncode == 3
     assert result.stderr.decode().splitlines() == [
         "run_client.py: unexpected reply from the server to --pipe: b'k:surprise'"
     ]
+
+
+@pytest.mark.parametrize("how", ["argument", "stdin"])
+def test_a_protocol_line_answered_with_a_line_it_cannot_have_is_status_3(answering, how):
+    """README, "A server that misbehaves": a value for a PUT is exit 3 and one line on
+    stderr, for a protocol line as for words. (Before: the value was printed, exit 0.)"""
+    port = answering(b"k:garbage\nPONG\n")
+    result = client(port, "PUT:k:v") if how == "argument" else client(port, stdin=b"PUT:k:v\n")
+    assert (result.returncode, result.stdout) == (3, b"")
+    assert result.stderr.decode().splitlines() == [
+        "run_client.py: unexpected reply from the server to PUT: b'k:garbage'"
+    ]
+
+
+def test_the_bench_shows_a_refused_auths_reason_escaped(answering):
+    """An AUTH refused with control bytes in its reason (a server that would retitle the
+    terminal and clear it): the bench's one line on stderr has them escaped, as every other
+    mode's. (Before, they reached the terminal as they came.)"""
+    port = answering(b"ERR no\x1b]0;pwned\x07\x1b[2J\nPONG\n")
+    result = client(port, "--password", "x", "bench", "-n", "10", "-c", "1")
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == ["run_client.py bench: ERR no\\x1b]0;pwned\\x07\\x1b[2J"]
 
 
 def test_stat_prints_a_line_per_interval(port):
@@ -268,6 +302,26 @@ def test_repl_history_is_recalled_and_persisted(port, tmp_path):
         again.expect(b'1) "remembered"')
     finally:
         again.close()
+
+
+def test_repl_keeps_no_auth_in_its_history(server_process, tmp_path):
+    """AUTH typed at the prompt (as words or a protocol line) goes to no history, as in
+    redis-cli: the history file outlives the session. (Before, the password was written to
+    ~/.kvgevent_history.)"""
+    proc = server_process("--password", "s3cret")
+    term = repl(proc.port, tmp_path)
+    try:
+        for keys, shown in [(b"auth s3cret\r", b"OK"), (b"AUTH:s3cret\r", b"OK"), (b"get k\r", b"(empty)")]:
+            type_at_prompt(term, keys, f"127.0.0.1:{proc.port}> ".encode())
+            term.expect(shown)
+        type_at_prompt(term, b"\x1b[A\x1b[A\r")  # up twice: before 'get k' there is nothing
+        term.expect(b"(empty)")
+        type_at_prompt(term, b"\x04")
+        assert term.proc.wait(timeout=10) == 0
+    finally:
+        term.close()
+    history = (tmp_path / "history").read_text()
+    assert "get k" in history and "s3cret" not in history
 
 
 def test_repl_reports_a_lost_connection_and_reconnects(server_process, tmp_path):
@@ -913,3 +967,145 @@ def test_piped_requests_are_sent_once_stdin_has_nothing_more_ready(port):
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def has_a_socket(pid: int) -> bool:
+    """Whether process ``pid`` holds a socket (run_client.py has connected: it is past its
+    start, and a SIGINT is Python's KeyboardInterrupt, not the default action)."""
+    fds = f"/proc/{pid}/fd"
+    try:
+        return any(os.readlink(f"{fds}/{fd}").startswith("socket:") for fd in os.listdir(fds))
+    except OSError:  # (an fd closed meanwhile, or the process gone)
+        return False
+
+
+@pytest.mark.parametrize("mode", ["one-shot", "protocol-line", "pipe"])
+def test_ctrl_c_ends_a_command_with_status_130(server_process, mode):
+    """README: 130 after Ctrl-C. A one-shot command waiting on a SIGSTOPped run_server.py,
+    and --pipe waiting for more of its stdin, end with 130 when interrupted: a script sees
+    that the command was cut short. (Before: 0, as if it had succeeded.)"""
+    proc = server_process()
+    args = {"one-shot": ["put", "k", "v"], "protocol-line": ["PUT:k:v"], "pipe": ["--pipe"]}[mode]
+    if mode != "pipe":
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+    command = [
+        sys.executable,
+        str(ROOT / "run_client.py"),
+        "--port",
+        str(proc.port),
+        "--timeout",
+        "60",
+        *args,
+    ]
+    run = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        if mode == "pipe":
+            assert run.stdin is not None
+            run.stdin.write(b"PUT:k:v\n")
+            run.stdin.flush()  # (and stdin stays open: it waits for more)
+        wait_until(lambda: has_a_socket(run.pid), timeout=20, message="the client did not connect")
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=20)
+        assert run.returncode == 130
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def test_pipe_from_dev_null_sends_nothing_and_succeeds(port):
+    """stdin /dev/null (cron, systemd, ``docker run`` without -i), which epoll cannot watch:
+    an empty mass insertion, exit 0. (Before: "connection failed: Operation not permitted",
+    exit 3, against a healthy server.)"""
+    with open(os.devnull, "rb") as devnull:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), "--pipe"],
+            stdin=devnull,
+            capture_output=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.startswith(b"sent 0 commands")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--timeout", "3e6", "get", "k"], ["--timeout", "1e10", "get", "k"], ["--stat", "--interval", "1e10"]],
+    ids=["timeout-3e6", "timeout-1e10", "interval-1e10"],
+)
+def test_seconds_too_long_for_the_os_are_a_usage_error(args):
+    """A --timeout or --interval over 1,000,000 s: exit 2 and argparse's message, nothing
+    sent. (Before: an OverflowError traceback from the OS's wait, exit 1.)"""
+    result = client(free_port(), *args)
+    assert result.returncode == 2
+    assert b"Traceback" not in result.stderr and b"run_client.py: error:" in result.stderr
+
+
+def test_a_closed_stdout_or_stdin_is_no_traceback(port):
+    """``ping >&-`` and ``<&-`` (the caller closed the stream): the command runs and its exit
+    status tells, as with /dev/null. (Before: an AttributeError traceback, exit 1.)"""
+    base = f"exec {sys.executable} {ROOT / 'run_client.py'} --port {port}"
+    for shell in (f"{base} ping >&-", f"{base} put k v <&-", f"{base} <&-", f"{base} --pipe <&-"):
+        result = subprocess.run(["sh", "-c", shell], capture_output=True, timeout=60, cwd=ROOT)
+        assert (result.returncode, result.stderr) == (0, b""), shell
+    assert client(port, "get", "k").stdout == b"v\n"
+
+
+def test_a_bench_process_that_dies_is_a_failed_test(port):
+    """A bench worker killed (SIGKILL: the OOM killer, say) takes its part of the requests
+    with it: the report says so and the exit status is 1. (Before: a short count, no ERRORS
+    line, exit 0.)"""
+    bench = start_bench(port, ("-t", "ping", "-n", "100000", "-c", "2", "--processes", "2", "-q"))
+    try:
+        workers: list[int] = []
+
+        def started() -> bool:
+            workers[:] = [pid for pid in children(bench.pid) if b"spawn_main" in cmdline(pid)]
+            return len(workers) == 2
+
+        wait_until(started, timeout=30, message="the bench's workers did not start")
+        os.kill(workers[0], signal.SIGKILL)  # (50,000 PINGs each, one at a time: seconds)
+        out, _err = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 1
+    assert b"ERRORS: 0 ERR replies, 0 failed connections, 1 bench process(es) lost" in out
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as file:
+            return [int(child) for child in file.read().split()]
+    except OSError:
+        return []
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read()
+    except OSError:
+        return b""
+
+
+def test_stat_shows_a_figure_the_server_did_not_send_as_a_dash():
+    """--stat against a server whose STATS line lacks figures (older or newer than this
+    client; ``keys`` during a Redis outage): "-" in their columns, no KeyError traceback."""
+    from kvgevent.client.tools import run_stat
+
+    class Stub:
+        samples = iter([{"active": 1}, {"active": 2, "dropped": 0}])
+
+        def stats(self) -> dict[str, int]:
+            return next(self.samples)
+
+    out = io.StringIO()
+    run_stat(Stub(), 0.001, 1, out, tty=False)  # type: ignore[arg-type]
+    _header, row = out.getvalue().splitlines()
+    assert row.split()[1:] == ["2", "0", "-", "-", "-", "-", "-"]

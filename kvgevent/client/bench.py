@@ -28,6 +28,7 @@ from typing import Any
 from kvgevent.args import check_env, positive_int, program_name
 from kvgevent.client.cli import add_connection_options, client_for, tls_choice
 from kvgevent.client.client import Client
+from kvgevent.client.commands import escape_line
 from kvgevent.protocol import ReplyKind, classify_reply
 
 TESTS = ("put", "get", "update", "delete", "ping")
@@ -281,6 +282,7 @@ def run_test(opts: argparse.Namespace, test: str, prefix: bytes, out: Any) -> di
         "max_ms": round(latencies[-1] * 1000, 3) if latencies else 0.0,
         "errors": sum(r["errors"] for r in gathered),
         "failed_connections": len(failed),
+        "lost_processes": len(procs) - len(gathered),  # (died without a result: killed, out of memory)
         "bench_cpu_pct": round(100 * sum(r["cpu"] for r in gathered) / seconds),
         "processes": len(procs),
     }
@@ -362,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run_client.py bench: {exc}", file=sys.stderr)
         return 3
     except ServerError as exc:  # a refused AUTH
-        print(f"run_client.py bench: ERR {exc.reason}", file=sys.stderr)
+        print(f"run_client.py bench: ERR {escape_line(exc.reason.encode())}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # stdout's reader has gone: the caller ends quietly (its keys are deleted)
         raise
@@ -403,7 +405,7 @@ def _client(opts: argparse.Namespace) -> Client:
 
 
 def _run_tests(opts: argparse.Namespace, tests: list[str], prefix: bytes) -> int:
-    """Run each test and print its report; 1 if any had errors or failed connections, else 0."""
+    """Run each test and print its report; 1 if any went wrong (:func:`_failed`), else 0."""
     status = 0
     if any(t in ("get", "update") for t in tests):
         _preload(opts, prefix)
@@ -411,7 +413,7 @@ def _run_tests(opts: argparse.Namespace, tests: list[str], prefix: bytes) -> int
         if test == "get":  # a DELETE or PUT test before cannot have touched these, but be sure
             _preload(opts, prefix)
         result = run_test(opts, test, prefix, sys.stdout)
-        if result["errors"] or result["failed_connections"]:
+        if _failed(result):
             status = 1
         _report(opts, result)
     return status
@@ -433,6 +435,15 @@ def _report(opts: argparse.Namespace, result: dict[str, Any]) -> None:
         f"  latency per {result['latency_of']} (ms): p50 {result['p50_ms']:.3f}  "
         f"p99 {result['p99_ms']:.3f}  p99.9 {result['p999_ms']:.3f}  max {result['max_ms']:.3f}"
     )
-    if result["errors"] or result["failed_connections"]:
-        print(f"  ERRORS: {result['errors']} ERR replies, {result['failed_connections']} failed connections")
+    if _failed(result):
+        print(
+            f"  ERRORS: {result['errors']} ERR replies, {result['failed_connections']} failed connections"
+            + (f", {result['lost_processes']} bench process(es) lost" if result["lost_processes"] else "")
+        )
     print(flush=True)
+
+
+def _failed(result: dict[str, Any]) -> bool:
+    """Whether a test went wrong: ERR replies, failed connections, or a bench process that
+    ended without a result (its requests are missing from the count)."""
+    return bool(result["errors"] or result["failed_connections"] or result["lost_processes"])

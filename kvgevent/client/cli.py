@@ -20,7 +20,6 @@ was malformed), 2 bad usage, 3 the connection failed or the server made no progr
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import select
 import signal
@@ -52,6 +51,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CONNECTION = 3
 EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # (as a shell shows a command Ctrl-C ended)
 """What a shell shows for a process ended by SIGPIPE: ``run_client.py ... | head -1``."""
 BATCH = 1000
 """Requests sent per write when reading requests from stdin: one round trip per batch."""
@@ -66,13 +66,18 @@ CONNECTION_OPTIONS = ("--host", "--port", "--timeout", "--password", "--tls-ca")
 CONNECTION_SWITCHES = ("--tls", "--tls-insecure")
 
 
+MAX_SECONDS = 1_000_000.0
+"""The longest --timeout or --interval (about 11.5 days): the OS's waits take at most 2^31
+milliseconds (about 24.8 days), and a longer one was a traceback."""
+
+
 def seconds(accept_zero: bool, name: str) -> Callable[[str], float]:
-    """An argparse type: a finite number of seconds, above zero (or at least zero when
-    ``accept_zero``); argparse reports anything else as a usage error (exit status 2)."""
+    """An argparse type: a number of seconds up to MAX_SECONDS, above zero (or at least zero
+    when ``accept_zero``); argparse reports anything else as a usage error (exit status 2)."""
 
     def parse(text: str) -> float:
         value = float(text)
-        if not math.isfinite(value) or value < 0 or (value == 0 and not accept_zero):
+        if not 0 <= value <= MAX_SECONDS or (value == 0 and not accept_zero):  # (NaN: False)
             raise ValueError(text)
         return value
 
@@ -183,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _open_closed_streams()
     bench_argv = _bench_argv(argv)
     if bench_argv is not None:
         from kvgevent.client.bench import main as bench_main
@@ -213,8 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # e.g. an unreadable --tls-ca
         print(f"run_client.py: {exc}", file=sys.stderr)
         return EXIT_CONNECTION
-    except KeyboardInterrupt:
-        return 0
+    except KeyboardInterrupt:  # Ctrl-C: how --stat and --latency end; anything else is cut short
+        return 0 if args.stat or args.latency else EXIT_INTERRUPTED
+
+
+def _open_closed_streams() -> None:
+    """A standard stream the caller closed (``>&-``, ``<&-``: Python sets it to None) as
+    /dev/null, so the command still runs and its exit status still tells: else the first
+    print was a traceback."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))  # noqa: SIM115  # (for the process's life)
 
 
 def _stdout_closed() -> int:

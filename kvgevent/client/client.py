@@ -31,7 +31,7 @@ import time
 from typing import Any, NoReturn, Protocol
 
 from kvgevent.config import DEFAULT_CLIENT_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT
-from kvgevent.errors import ConnectionLost, InvalidArgument, ServerError
+from kvgevent.errors import ConnectionLost, InvalidArgument, ProtocolError, ServerError
 from kvgevent.protocol import (
     ERR_LINE_TOO_LONG,
     PING,
@@ -266,11 +266,12 @@ class Client:
         gets ``[b"PONG"]``; any other line is followed by a barrier ``PING`` on the wire."""
         if any(b"\n" in line for line in lines):
             raise InvalidArgument("a protocol line may not contain a newline")
-        pings = [parse(line[:-1] if line.endswith(b"\r") else line) is PING for line in lines]
+        commands = [parse(line[:-1] if line.endswith(b"\r") else line) for line in lines]
         payload = b"".join(
-            line + b"\n" if ping else line + b"\nPING\n" for line, ping in zip(lines, pings, strict=True)
+            line + b"\n" if command is PING else line + b"\nPING\n"
+            for line, command in zip(lines, commands, strict=True)
         )
-        replies = _RawReplies(pings)
+        replies = _RawReplies(commands)
         self.exchange(_Payload(payload), replies)
         self._nothing_after(replies.extra())
         return replies.results
@@ -605,16 +606,14 @@ class _Results:
 def _result(command: Command | None, values: list[bytes], status: list[tuple[ReplyKind, bytes]]) -> Any:
     """A command's result from its reply lines; an ``ERR`` among them is returned as a
     ServerError; lines the command cannot have raise ConnectionLost."""
+    if command is None:  # (before an ERR is returned: else the results outgrow the commands)
+        raise ConnectionLost("unexpected reply from the server: a PONG nothing asked for")
     for kind, line in status:
         if kind is _ERROR:
             return server_error(line)
-    if command is None:
-        raise ConnectionLost("unexpected reply from the server: a PONG nothing asked for")
     verb = command.__class__
     if verb is Get:
-        if status:
-            _unexpected(command, status[0][1])
-        return [parse_value(line) for line in values]
+        return _values(command, values, status)
     if values:
         _unexpected(command, values[0])
     expected = _STATUS_REPLY.get(verb)
@@ -623,6 +622,17 @@ def _result(command: Command | None, values: list[bytes], status: list[tuple[Rep
     if verb is Stats:
         return _stats(command, status[0][1])
     return True if verb is Ping or verb is Auth else None
+
+
+def _values(command: Command, values: list[bytes], status: list[tuple[ReplyKind, bytes]]) -> list[bytes]:
+    """A GET's values from its reply lines: each a value of its key, and nothing else."""
+    if status:
+        _unexpected(command, status[0][1])
+    head = command.key + b":"  # type: ignore[union-attr]  # (a Get)
+    for line in values:
+        if not line.startswith(head):  # (a value of another key)
+            _unexpected(command, line)
+    return [parse_value(line) for line in values]
 
 
 _STATUS_REPLY: dict[type, ReplyKind] = {Stats: _OTHER, Auth: _OK}
@@ -642,10 +652,13 @@ def _stats(command: Command, line: bytes) -> dict[str, int]:
 
 
 class _RawReplies:
-    """The :class:`Replies` of :meth:`Client.send_raw`: each line's reply lines, up to a PONG."""
+    """The :class:`Replies` of :meth:`Client.send_raw`: each line's reply lines, up to a PONG,
+    checked against what the line asks for (``commands``: each line as parsed) as
+    :meth:`Client.execute` checks its own; a line the client cannot parse may be answered with
+    anything (a server newer than this client may know more)."""
 
-    def __init__(self, pings: list[bool]) -> None:
-        self.pings = pings
+    def __init__(self, commands: list[Command | ProtocolError]) -> None:
+        self.commands = commands
         self.results: list[list[bytes]] = []
         self.current: list[bytes] = []
 
@@ -653,18 +666,39 @@ class _RawReplies:
         for line in lines:
             if classify_reply(line) is not _PONG:
                 self.current.append(line)
-            elif len(self.results) < len(self.pings):
-                self.results.append([b"PONG"] if self.pings[len(self.results)] else self.current)
-                self.current = []
-            else:
+                continue
+            if len(self.results) == len(self.commands):
                 raise ConnectionLost("unexpected reply from the server: a PONG nothing asked for")
+            command = self.commands[len(self.results)]
+            _check_raw(command, self.current)
+            self.results.append([b"PONG"] if command is PING else self.current)
+            self.current = []
 
     def complete(self) -> bool:
-        return len(self.results) == len(self.pings)
+        return len(self.results) == len(self.commands)
 
     def extra(self) -> bytes | None:
         """Once complete: the first line read after the last PONG (None if there was none)."""
         return self.current[0] if self.current else None
+
+
+def _check_raw(command: Command | ProtocolError, lines: list[bytes]) -> None:
+    """Raise ConnectionLost if ``lines`` (before its PONG) cannot be the reply to ``command``."""
+    if isinstance(command, ProtocolError):
+        return
+    if command is PING:
+        if lines:  # (its PONG is its whole reply)
+            _unexpected(command, lines[0])
+        return
+    values: list[bytes] = []
+    status: list[tuple[ReplyKind, bytes]] = []
+    for line in lines:
+        kind = classify_reply(line)
+        if kind is _VALUE:
+            values.append(line)
+        else:
+            status.append((kind, line))
+    _result(command, values, status)
 
 
 class Pipeline:

@@ -5,6 +5,7 @@ a reconnect when the connection is lost."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -113,12 +114,24 @@ class Repl:
             return False
 
     def _remember(self, text: str) -> None:
-        if self._readline is None or self.history is None or not text.strip():
+        """Append ``text`` to the history file; an AUTH (its password) to no history at all,
+        as redis-cli does: the history file outlives the session, and up-arrow shows it."""
+        if self._readline is None or not text.strip():
+            return
+        if _is_auth(text):
+            self._readline.remove_history_item(self._readline.get_current_history_length() - 1)
+            return
+        if self.history is None:
             return
         try:
             self._readline.append_history_file(1, str(self.history))
         except OSError:
             pass
+
+
+def _is_auth(text: str) -> bool:
+    """Whether a typed request is an AUTH, as words (``auth pw``) or a protocol line."""
+    return re.match(r"\s*auth(\s|:|$)", text, re.IGNORECASE) is not None
 
 
 def _load_readline(history: Path | None):

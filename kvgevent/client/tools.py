@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import selectors
 import stat
 import time
 from collections import deque
@@ -74,10 +75,11 @@ class _PipeInput:
         self.ended = False
         self.started = self.last_progress = time.monotonic()
         self.read_fd = _fileno(source)
-        # A regular file is always readable: read it without waiting. A pipe or a terminal is
-        # read only once it has something, so replies keep being read meanwhile.
+        # A regular file is always readable: read it without waiting, as a file the OS cannot
+        # watch (/dev/null, stdin under cron or systemd). A pipe or a terminal is read only
+        # once it has something, so replies keep being read meanwhile.
         regular = self.read_fd is not None and stat.S_ISREG(os.fstat(self.read_fd).st_mode)
-        self.fd = None if regular else self.read_fd
+        self.fd = None if regular or not _watchable(self.read_fd) else self.read_fd
 
     def read(self) -> bytes | None:
         if self.ended:
@@ -112,6 +114,18 @@ class _PipeInput:
             f"{rate:,.0f}/s, {self.summary.errors} errors "
         )
         self.progress.flush()
+
+
+def _watchable(fd: int | None) -> bool:
+    """Whether the OS can tell when ``fd`` is readable (epoll refuses /dev/null: EPERM)."""
+    if fd is None:
+        return False
+    with selectors.DefaultSelector() as selector:
+        try:
+            selector.register(fd, selectors.EVENT_READ)
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def _fileno(source: BinaryIO) -> int | None:
@@ -231,24 +245,32 @@ def run_stat(client: Client, interval: float, count: int | None, out: TextIO, tt
     while count is None or printed < count:
         time.sleep(interval)
         stats, now = client.stats(), time.monotonic()
-        done = stats["commands"] - previous["commands"] - STATS_OWN_COMMANDS
-        rate = max(done, 0) / (now - previous_at)
         if printed % STAT_HEADER_EVERY == 0 and (tty or printed == 0):
             out.write(_stat_row(STAT_COLUMNS))
+        # (a figure the server did not send shows as "-": keys while the store cannot count
+        # them, in a Redis outage; any of them from a server older or newer than this client)
         row = [
             time.strftime("%H:%M:%S"),
-            stats["active"],
-            stats["dropped"],
-            stats.get("connections", 0),
-            f"{rate:.0f}",
-            stats["messages_dropped"],
-            stats.get("keys", "-"),  # (not while the store cannot count: a Redis outage)
-            stats.get("errors", 0),
+            stats.get("active", "-"),
+            stats.get("dropped", "-"),
+            stats.get("connections", "-"),
+            _rate(previous, stats, now - previous_at),
+            stats.get("messages_dropped", "-"),
+            stats.get("keys", "-"),
+            stats.get("errors", "-"),
         ]
         out.write(_stat_row(row))
         out.flush()
         previous, previous_at = stats, now
         printed += 1
+
+
+def _rate(previous: dict[str, int], stats: dict[str, int], seconds: float) -> str:
+    """Commands a second between two samples, without --stat's own ("-" if not both have it)."""
+    if "commands" not in stats or "commands" not in previous:
+        return "-"
+    done = stats["commands"] - previous["commands"] - STATS_OWN_COMMANDS
+    return f"{max(done, 0) / seconds:.0f}"
 
 
 def _stat_row(values: Sequence[object]) -> str:
