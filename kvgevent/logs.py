@@ -184,17 +184,44 @@ class LogFile:
     logrotate renamed it, the next events go to a new file at the path (SIGHUP, as logrotate's
     ``postrotate`` sends). Each event is one ``write(2)`` of a whole line, unbuffered: a write
     that fails (a full disk) leaves nothing half-written behind to be sent later.
-    :meth:`write` raises OSError as the system call does (:class:`LogOutput` copes)."""
+    :meth:`write` raises OSError as the system call does (:class:`LogOutput` copes).
+
+    The path may be a pipe (a named pipe a log shipper reads, ``/dev/stderr`` in a
+    container): it is opened and written without blocking, so a reader that stops reading
+    makes lines dropped (LogBlocked), never a stopped event loop, and a pipe no process reads
+    cannot be opened (ENXIO: at start a usage error, on SIGHUP the old file stays). A line a
+    full pipe took only part of (longer than the pipe's atomic 4 KiB) is finished before the
+    next one, which is dropped until it is: lines stay whole."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd = self._open()
+        self._rest = b""  # the part of a line a pipe has not taken yet
+        self._fd, self._regular = self._open()
 
-    def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def _open(self) -> tuple[int, bool]:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise OSError(exc.errno, "a pipe that no process reads") from exc
+            raise
+        return fd, stat.S_ISREG(os.fstat(fd).st_mode)
 
     def write(self, text: str) -> int:
-        _write_all(self._fd, text)
+        if self._regular:
+            _write_all(self._fd, text)
+            return len(text)
+        if self._rest:  # (BlockingIOError: still full, this line dropped)
+            self._rest = self._rest[os.write(self._fd, self._rest) :]
+            if self._rest:
+                raise LogBlocked(errno.EAGAIN, _PIPE_FULL)
+        data = text.encode("utf-8", "backslashreplace")
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            raise LogBlocked(errno.EAGAIN, _PIPE_FULL) from None
+        self._rest = data[written:]
         return len(text)
 
     def fileno(self) -> int:
@@ -212,10 +239,10 @@ class LogFile:
         cannot be opened (its directory gone, a directory in its place), the old file stays
         the log, and the error is returned: never raised (it comes from a signal handler)."""
         try:
-            new = self._open()
+            new, regular = self._open()
         except OSError as exc:
             return exc
-        old, self._fd = self._fd, new
+        old, self._fd, self._regular, self._rest = self._fd, new, regular, b""
         os.close(old)
         return None
 
@@ -258,7 +285,7 @@ class LogOutput:
         if self.lost > 1:
             return
         self.error = str(exc)[:200]
-        if isinstance(self.stream, LogFile):
+        if isinstance(self.stream, LogFile) and not _is_stderr(self.stream.fileno()):
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.write(
                     f"kvgevent: cannot write the log file {self.stream.path}: {self.error}; "
@@ -293,6 +320,9 @@ _poll = gevent.monkey.get_original("select", "poll")  # (the OS's: a look that n
 
 class LogBlocked(OSError):
     """stderr cannot take a line now (a pipe or terminal whose reader stopped reading)."""
+
+
+_PIPE_FULL = "the log's pipe is full (its reader is not reading)"
 
 
 def _write_or_drop(stream: Any, text: str) -> None:
@@ -354,6 +384,16 @@ def _short_of_room(stream: Any) -> bool:
         return False
     free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail
     return free * disk.f_frsize < LOG_ROOM
+
+
+def _is_stderr(fd: int) -> bool:
+    """Whether ``fd`` is the file stderr is (``--log-file /dev/stderr``): no notice about it
+    goes to stderr, where it would be a line that is not JSON in the log it is about."""
+    try:
+        ours, theirs = os.fstat(fd), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def _report_lost(lines: int, error: str) -> None:

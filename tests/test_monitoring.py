@@ -16,12 +16,14 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import gevent
 import gevent.event
 import pytest
 
 from tests.conftest import (
+    ROOT,
     Peer,
     RedisProcess,
     Systemd,
@@ -761,8 +763,11 @@ port, seconds = int(sys.argv[1]), float(sys.argv[2])
 sock = socket.create_connection(("127.0.0.1", port))
 received = []
 def read():
-    while chunk := sock.recv(1 << 20):
-        received.append(chunk)
+    try:
+        while chunk := sock.recv(1 << 20):
+            received.append(chunk)
+    except ConnectionResetError:
+        pass
 reader = threading.Thread(target=read, daemon=True)
 reader.start()
 end = time.monotonic() + seconds
@@ -803,7 +808,8 @@ def test_a_client_pipelining_metrics_requests_holds_up_nobody(server_process):
         assert http_get(metrics, "/healthz") == (200, "ok\n")
         out, _ = attacker.communicate(timeout=30)
         answers, closed = map(int, out.split())
-        assert answers == METRICS_REQUESTS and closed == 1, (answers, closed)
+        # (at most: the server closes with requests unread, its reset may cut the last answers)
+        assert 0 < answers <= METRICS_REQUESTS and closed == 1, (answers, closed)
     finally:
         if attacker.poll() is None:
             attacker.kill()
@@ -897,3 +903,96 @@ def test_idle_metrics_connections_do_not_hold_up_the_shutdown(server_process):
     )
     assert (stopped - asked).total_seconds() < 0.6
     assert b"Traceback" not in proc.stderr and "metrics_http_error" not in events
+
+
+@pytest.mark.parametrize("where", ["named-pipe", "dev-stderr"])
+def test_a_log_file_that_is_a_pipe_nobody_reads_does_not_stop_the_server(tmp_path, where):
+    """``--log-file`` a named pipe (a log shipper's) or ``/dev/stderr`` with stderr a pipe (a
+    container's), its reader alive but reading nothing: 600 connections come and go (more
+    lines than the pipe holds) and a client is still answered at once; once the pipe is read
+    again, every line in it is whole JSON and ``log_lines_lost`` says how many were dropped;
+    SIGTERM exits 0. (Before: the log's blocking write stopped the event loop, no client was
+    answered, and SIGTERM was not obeyed.)"""
+    port = free_port()
+    if where == "named-pipe":
+        path = tmp_path / "log.pipe"
+        os.mkfifo(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (the reader: there before the server)
+        stderr: Any = subprocess.DEVNULL
+    else:
+        path, stderr = Path("/dev/stderr"), subprocess.PIPE
+    proc = subprocess.Popen(
+        [sys.executable, "run_server.py", "--port", str(port), "--log-file", str(path)],
+        cwd=ROOT, stderr=stderr,
+    )  # fmt: skip
+    if where == "dev-stderr":
+        assert proc.stderr is not None
+        fd = proc.stderr.fileno()
+        os.set_blocking(fd, False)
+    read = b""
+
+    def drain() -> None:  # (what the pipe holds now)
+        nonlocal read
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 1 << 16):
+                read += chunk
+
+    try:
+        wait_until(lambda: _connects(port), 10, "the server did not listen")
+        for _ in range(600):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        peer = Peer(port, timeout=5)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        peer.close()
+        drain()
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # (a line written again)
+
+        def lost() -> bool:
+            drain()
+            return b'"log_lines_lost"' in read
+
+        wait_until(lost, 10, "no log_lines_lost")
+        events = [json.loads(line) for line in read.splitlines()]  # (each line whole)
+        (event,) = [e for e in events if e["event"] == "log_lines_lost"]
+        assert event["lines"] > 100
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if where == "named-pipe":
+            os.close(fd)
+
+
+def test_a_log_pipe_without_a_reader_is_refused_at_start_and_kept_at_sighup(tmp_path):
+    """A named pipe no process reads: at start, ``--log-file`` is a usage error that says so
+    (exit 2; opening it would wait for a reader for ever); on SIGHUP (the reader gone), the
+    old log stays and the server goes on serving and obeys SIGTERM. (Before: start hung, and
+    a SIGHUP stopped the event loop in the pipe's open.)"""
+    path = tmp_path / "log.pipe"
+    os.mkfifo(path)
+    command = [sys.executable, "run_server.py", "--port", str(free_port()), "--log-file", str(path)]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=30)
+    assert refused.returncode == 2
+    assert f"cannot open --log-file {path}: a pipe that no process reads".encode() in refused.stderr
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    port = free_port()
+    proc = subprocess.Popen([*command[:3], str(port), *command[4:]], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _connects(port), 10, "the server did not listen")
+        os.close(reader)
+        reader = -1
+        proc.send_signal(signal.SIGHUP)
+        for _ in range(3):  # (each a new connection: its events written, or dropped, at once)
+            peer = Peer(port, timeout=5)
+            assert peer.request(b"PUT:k:v\nGET:k\n")[-1] == b"k:v"
+            peer.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if reader >= 0:
+            os.close(reader)
