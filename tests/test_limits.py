@@ -59,6 +59,8 @@ def test_client_over_max_clients_is_told_and_closed(make_server, connect, log_st
     assert extra.sock.recv(10) == b""
     stats = peers[0].request(b"STATS\n")[0]
     assert b"rejected=1" in stats and b"active=3" in stats and b"dropped=0" in stats
+    # (an ERR reply like any other: STATS errors and the errors by phrase count it)
+    assert b" errors=1 " in stats and server.counters.errors_by == {"max clients reached": 1}
     peers[0].close()
     wait_until(lambda: server.count_active() == 2)
     assert connect(server.port).request(b"PUT:k:v\nGET:k\n") == [b"k:v"]

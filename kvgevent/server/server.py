@@ -608,6 +608,8 @@ class KeyValueServer:
                 sock.send(ERR_MAX_CLIENTS.reply)  # a few bytes into an empty buffer: never blocks
             except OSError:
                 pass
+            else:  # (an ERR reply as any other: STATS errors, kvgevent_errors_total{reason})
+                self.counters.count_error(ERR_MAX_CLIENTS.reason)
         if not self._rejecting.note():
             return
         self.log.warning(
