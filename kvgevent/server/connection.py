@@ -29,6 +29,7 @@ while held, and given back by :meth:`Connection.release` when the client is drop
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Any
@@ -39,17 +40,19 @@ from gevent import GreenletExit
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.queue import Queue, UnboundQueue
+from gevent.socket import wait_read
 
 from kvgevent.config import (
     DROP_GRACE,
     EVICT_DRAIN_RATE,
     EVICT_DRAIN_WINDOW,
     EVICT_DRAINING,
+    LINGER_POLL,
     MAX_SEND_BATCH,
     PRESSED_QUEUE_BYTES,
     ROOM_WAIT_LIMIT,
 )
-from kvgevent.fastio import FastSocket, wrap
+from kvgevent.fastio import FastSocket, unacknowledged, wrap
 from kvgevent.logs import Logger
 from kvgevent.protocol import LineBuffer
 from kvgevent.server.counters import Counters
@@ -532,11 +535,48 @@ class Connection:
             writer.join(wait)
             if not writer.dead and self.io.acked() == acked:
                 break  # no progress: the client is not reading
-        lost = self.queued_lines + self.sending if not writer.dead else 0
+        if writer.dead:  # (all left the queue)
+            if self.failed is None:
+                self._linger(stall, deadline)
+            return
+        lost = self.queued_lines + self.sending
         if lost:  # queued, or in a send that will not finish
             self.messages_dropped += lost
             self.counters.messages_dropped += lost
         writer.kill(block=True)
+
+    def _linger(self, stall: float, deadline: float | None) -> None:
+        """Once the queue has left: wait until the kernel's send queue is acknowledged too,
+        reading and throwing away what the client still sends, as flush waits (no progress for
+        ``stall`` seconds, or ``deadline``). A socket closed with unread input is reset by the
+        kernel, which throws away its send queue: a client pipelining requests lost megabytes
+        of replies that had left, unseen and uncounted. The write side is shut first, so the
+        client's end of stream comes right after the last reply."""
+        pending = unacknowledged(self.sock)
+        if not pending:  # (0: all delivered; None: unknown here)
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        fd = self.sock.fileno()
+        progress_at = time.monotonic()
+        ended = False  # (the client's input)
+        while pending:
+            now = time.monotonic()
+            left = stall - (now - progress_at)
+            if deadline is not None:
+                left = min(left, deadline - now)
+            if left <= 0:
+                return
+            now_ended = _discard_input(fd, min(LINGER_POLL, left), ended)
+            if now_ended is None:
+                return
+            ended = now_ended
+            now_pending = unacknowledged(self.sock) or 0
+            if now_pending < pending:
+                progress_at = time.monotonic()
+            pending = now_pending
 
     def close(self) -> None:
         self.io.forget_reader()
@@ -544,3 +584,28 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+def _discard_input(fd: int, timeout: float, ended: bool) -> bool | None:
+    """Wait up to ``timeout`` for input on socket ``fd`` and throw it away (once its input
+    ``ended``, only wait). True if the input ended now or before, False if not, None once
+    the connection failed (reset: nothing more can be delivered)."""
+    if ended:
+        gevent.sleep(timeout)  # (the acknowledgements have no event of their own)
+        return True
+    try:
+        wait_read(fd, timeout)
+    except TimeoutError:  # (gevent's socket.timeout)
+        return False
+    try:
+        while os.read(fd, DISCARD_READ):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+DISCARD_READ = 1 << 16
+"""Bytes read at a time from a closing client's input, to be thrown away."""
