@@ -147,6 +147,38 @@ def test_idle_client_is_closed_and_logged(make_server, connect, log_stream):
     assert drop["reason"] == "idle"
 
 
+def test_a_client_reading_a_long_reply_is_not_idle_and_one_not_reading_is(make_server, connect):
+    """idle_timeout 1 s, queues of 1 MiB: a client that sent one GET of a 4 MB reply and
+    reads it at its pace (about 1 MB/s, with a small receive buffer: 4 s) sends nothing
+    meanwhile, and gets the whole reply and its PONG: taking replies is not idle. (Before, it
+    was closed as idle after 1 s, mid-reply: the part not yet queued was never sent, and not
+    counted.) A client that sent the same and reads nothing is closed as idle."""
+    server = make_server(idle_timeout=1.0, queue_bytes=1 << 20)
+    writer = connect(server.port)
+    value = b"v" * (200 << 10)
+    writer.request(b"".join(b"PUT:big:" + value + b"\n" for _ in range(20)))
+    reader, stuck = (socket.socket() for _ in range(2))
+    try:
+        for sock in (reader, stuck):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET:big\nPING\n")
+        got = bytearray()
+        while not got.endswith(b"PONG\n"):
+            chunk = reader.recv(65536)
+            assert chunk, f"closed after {len(got)} bytes"
+            got += chunk
+            gevent.sleep(0.05)  # (the client's pace, not a synchronisation)
+        assert got == (b"big:" + value + b"\n") * 20 + b"PONG\n"
+        # (closed as idle: the writer, long quiet, and the stuck one; the reader is left)
+        wait_until(lambda: server.count_active() == 1, timeout=20, message="the stuck one is kept")
+        assert server.stats()["idle_closed"] == 2
+    finally:
+        reader.close()
+        stuck.close()
+
+
 def test_idle_timeout_is_off_by_default(server, connect):
     assert server.idle_timeout == 0
     assert server._sweeper is None

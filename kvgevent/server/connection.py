@@ -93,6 +93,7 @@ class Connection:
         "messages_dropped",
         "failed",
         "last_seen",
+        "acked_mark",
         "guard",
         "input_held",
         "released",
@@ -158,6 +159,7 @@ class Connection:
         self.messages_dropped = 0
         self.failed: str | None = None  # why writing failed, once it has
         self.last_seen = time.monotonic()  # when the client last sent bytes
+        self.acked_mark: int | None = None  # its acknowledged bytes at the idle sweep's last look
         self.guard = guard
         self.input_held = 0  # bytes allocated for an incomplete request line, counted in guard.buffered
         self.released = False  # release() has run: nothing more is counted
@@ -577,6 +579,18 @@ class Connection:
             if now_pending < pending:
                 progress_at = time.monotonic()
             pending = now_pending
+
+    def receiving(self) -> bool | None:
+        """For the idle sweep: whether replies are on their way to the client and it took
+        some since the sweep's last look (None: replies are on their way, and this is the
+        first look: ask again at the next). A client reading a long reply sends nothing, and
+        is not idle; one that does not read is."""
+        acked = self.io.acked()
+        mark, self.acked_mark = self.acked_mark, acked
+        if self.queued_lines or self.sending or unacknowledged(self.sock):
+            return None if mark is None else acked > mark
+        self.acked_mark = None
+        return False
 
     def close(self) -> None:
         self.io.forget_reader()

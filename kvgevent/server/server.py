@@ -869,15 +869,21 @@ class KeyValueServer:
         return evicted
 
     def _sweep_idle(self) -> None:
-        """Close clients that sent nothing for ``idle_timeout`` seconds (checked twice per timeout,
-        at most once a second)."""
+        """Close clients that sent nothing for ``idle_timeout`` seconds, unless they are taking
+        replies (:meth:`Connection.receiving`: a long reply read at the client's pace); checked
+        twice per timeout, at most once a second."""
         period = min(1.0, self.idle_timeout / 2)
         while True:
             gevent.sleep(period)
-            limit = time.monotonic() - self.idle_timeout
+            now = time.monotonic()
+            limit = now - self.idle_timeout
             tls = self._tls is not None
             for conn in list(self._conns.values()):
                 if tls and conn.stream is conn.io:  # (handshaking: its own timeout holds)
+                    continue
+                if conn.last_seen < limit and (taking := conn.receiving()) is not False:
+                    if taking:  # (None: it is looked at again at the next sweep)
+                        conn.last_seen = now
                     continue
                 if conn.reading and conn.last_seen < limit:
                     conn.reading = False
