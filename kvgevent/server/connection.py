@@ -100,6 +100,8 @@ class Connection:
         "heavy",
         "session",
         "sending",
+        "batch",
+        "batch_from",
         "acked",
         "acked_at",
         "drain_seen",
@@ -166,6 +168,8 @@ class Connection:
         self.heavy = False  # its last turn held the loop for HEAVY_TURN: the next one queues
         self.session: Any = None  # its Session (kvgevent.server.session), set by the server
         self.sending = 0  # reply lines in the writer's sendall now (lost if it is killed)
+        self.batch: bytes | None = None  # the bytes of that sendall
+        self.batch_from = 0  # the socket's bytes sent before it (what of it the kernel took)
         self.acked = -1  # bytes the client had acknowledged when last looked at (io.acked)
         self.acked_at = 0.0  # when that figure was first seen: the client's last known progress
         self.drain_seen = (0, 0.0)  # (io.sent, when) at the last eviction check (holding)
@@ -446,6 +450,7 @@ class Connection:
         of its own: more than the rest of a small reply costs (bench/OPTIMISATIONS.md, "lean
         waits"). A kill while parked comes out of the switch as GreenletExit."""
         sendall = self.stream.sendall
+        io = self.io
         hub = self._hub
         try:
             while True:
@@ -464,8 +469,10 @@ class Connection:
                 self.queued_lines -= self.sending
                 if self.waiting:
                     self.room.set()  # type: ignore[union-attr]  # (waiting: _wait_for_room made the event)
+                self.batch, self.batch_from = data, io.sent
                 sendall(data)
                 self.sending = 0
+                self.batch = None
                 del data
                 if self.failed is not None:
                     return  # aborted meanwhile: abort() has discarded the queue and its bytes
@@ -476,6 +483,8 @@ class Connection:
             self._write_failed(exc)
         except GreenletExit:
             pass  # killed: end as a plain return, so that no traceback pins the batch
+        finally:
+            self.batch = None  # (nor does this: flush counted its lines before the kill)
 
     @staticmethod
     def _gather(queue: Queue, data: bytes) -> tuple[bytes, bool]:
@@ -541,11 +550,20 @@ class Connection:
             if self.failed is None:
                 self._linger(stall, deadline)
             return
-        lost = self.queued_lines + self.sending
+        lost = self.queued_lines + self._unsent_lines()
         if lost:  # queued, or in a send that will not finish
             self.messages_dropped += lost
             self.counters.messages_dropped += lost
         writer.kill(block=True)
+
+    def _unsent_lines(self) -> int:
+        """Of the lines in the writer's sendall now, those the kernel has not taken whole
+        (a line whose newline it has not taken does not reach the client whole). Over TLS,
+        where bytes sent are not the reply's: all of them."""
+        batch = self.batch
+        if batch is None or self.stream is not self.io:
+            return self.sending
+        return batch.count(b"\n", self.io.sent - self.batch_from)
 
     def _linger(self, stall: float, deadline: float | None) -> None:
         """Once the queue has left: wait until the kernel's send queue is acknowledged too,
@@ -579,6 +597,12 @@ class Connection:
             if now_pending < pending:
                 progress_at = time.monotonic()
             pending = now_pending
+
+    def count_lost(self, count: int) -> None:
+        """Count ``count`` reply lines the client will never get (not a full queue's drop:
+        no ``messages_dropping`` episode)."""
+        self.messages_dropped += count
+        self.counters.messages_dropped += count
 
     def receiving(self) -> bool | None:
         """For the idle sweep: whether replies are on their way to the client and it took

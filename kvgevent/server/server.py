@@ -563,8 +563,12 @@ class KeyValueServer:
         return True
 
     def _end_reader(self, conn: Connection, reason: str, error: str | None) -> None:
-        """Flush what is queued (unless writing failed) and drop the client."""
+        """Flush what is queued (unless writing failed) and drop the client; the lines of a
+        big reply it will never get, left unbuilt, count as dropped."""
         conn.reading = False
+        if conn.session.abandoned:
+            conn.count_lost(conn.session.abandoned)
+            conn.session.abandoned = 0
         try:
             if conn.failed is None:
                 conn.flush(EOF_FLUSH_STALL, self._flush_deadline if self._closing else None)
@@ -821,6 +825,9 @@ class KeyValueServer:
                     action = actions.send(self._carry_out(conn, action))
         except StopIteration:
             return
+        except BaseException:  # the client goes mid-actions (shutdown, eviction, a reset)
+            actions.close()  # (now, so that a big reply's unbuilt lines are counted: see _end_reader)
+            raise
 
     def _carry_out(self, conn: Connection, action: Any) -> Any:
         """One action other than reply lines; returns what the session is sent back."""

@@ -165,6 +165,7 @@ class Session:
         "chunk_lines",
         "chunk_bytes",
         "verb",
+        "abandoned",
     )
 
     def __init__(
@@ -190,6 +191,7 @@ class Session:
         # The class of the last batch's first request (metrics). A class, not the line: no
         # request bytes outlive their batch (a quiet client holds its incomplete line only).
         self.verb: type = type(None)
+        self.abandoned = 0  # lines of big replies left unbuilt when their client went (see _values)
 
     def logger(self) -> Logger:
         """The server's logger bound to this client (made on use: most clients never log)."""
@@ -643,7 +645,8 @@ class Session:
         """A big GET reply, in chunks that fit the client's queue (at most REPLY_CHUNK lines
         and one send batch, at least one line), each built only once the queue has room for
         it, the turn ending as the work adds up; once the client does not read, the rest is
-        :class:`Dropped`, unbuilt."""
+        :class:`Dropped`, unbuilt. Closed before its end (its client went), it adds the lines
+        left unbuilt to :attr:`abandoned`."""
         if out:
             yield out  # the replies before this one go first
             out.clear()
@@ -651,20 +654,24 @@ class Session:
         extra = len(prefix) + 1
         count = len(values)
         index = 0
-        while index < count:
-            end, size = self._chunk(values, index, extra)
-            if not (yield Room(end - index, size)):
-                yield Dropped(count - index)
-                return
-            parts: list[bytes] = []
-            for value in values[index:end]:
-                parts += (prefix, value, b"\n")
-            yield Chunk(b"".join(parts), end - index)  # one copy of each value
-            del parts
-            self.work += REPLY_LINE_WORK * (end - index) + (size >> 3)
-            index = end
-            if self.work >= TURN_WORK and index < count:
-                yield from self._next_turn(out)
+        try:
+            while index < count:
+                end, size = self._chunk(values, index, extra)
+                if not (yield Room(end - index, size)):
+                    yield Dropped(count - index)
+                    return
+                parts: list[bytes] = []
+                for value in values[index:end]:
+                    parts += (prefix, value, b"\n")
+                yield Chunk(b"".join(parts), end - index)  # one copy of each value
+                del parts
+                self.work += REPLY_LINE_WORK * (end - index) + (size >> 3)
+                index = end
+                if self.work >= TURN_WORK and index < count:
+                    yield from self._next_turn(out)
+        except GeneratorExit:  # the client goes mid-reply (shutdown, eviction, a reset)
+            self.abandoned += count - index  # (the server counts them as dropped)
+            raise
 
     def _chunk(self, values: list[bytes], index: int, extra: int) -> tuple[int, int]:
         """Where the chunk of a big reply that starts at ``index`` ends, and its size: at
