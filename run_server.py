@@ -5,8 +5,11 @@ import signal
 
 # Until the server installs its own handlers (before it listens), a Ctrl-C ends the process
 # as the signal's default does, not with a KeyboardInterrupt traceback from an import or an
-# AOF replay: nothing is served yet.
+# AOF replay: nothing is served yet. A SIGHUP (logrotate's postrotate, ExecReload=) is ignored
+# meanwhile: its default action killed a server still importing, a death that systemd counts
+# as clean (Restart=on-failure does not restart it). The SIGHUP handler replaces this.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 from gevent import monkey  # noqa: E402
 

@@ -389,6 +389,73 @@ def test_a_worker_starts_with_sighup_ignored_until_it_handles_it():
     assert out.stdout.strip() == b"True"
 
 
+PAUSE_AT_GEVENT_IMPORT = (
+    "import os, sys\n"
+    "fifo = os.environ.get('PAUSE_AT_GEVENT_IMPORT')\n"
+    "class Pause:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'gevent':\n"
+    "            sys.meta_path.remove(self)\n"
+    "            fd = os.open(fifo, os.O_RDONLY)\n"
+    "            os.read(fd, 1)\n"
+    "            os.close(fd)\n"
+    "if fifo and not os.environ.get('KVGEVENT_SUPERVISOR_PID'):\n"
+    "    sys.meta_path.insert(0, Pause())\n"
+)
+"""A sitecustomize for the server (the supervisor with --workers, not its workers): its first
+import of gevent waits until the test has opened ``$PAUSE_AT_GEVENT_IMPORT`` (a FIFO) and
+written a byte to it."""
+
+
+@pytest.mark.parametrize("how", ["run_server.py", "kvgevent-server", "--workers"])
+def test_a_sighup_while_the_server_starts_does_not_kill_it(server_process, tmp_path, how, request):
+    """A SIGHUP (logrotate's postrotate, ExecReload=) that comes as the server starts, before
+    its handler is installed: the server starts and serves. Before, SIGHUP's default action
+    killed it (the supervisor too), in about the first 0.3 s after launch, and systemd counts
+    a death by SIGHUP as clean: Restart=on-failure did not restart it. The SIGHUP is real; the
+    process is held at its first import of gevent (a sitecustomize reading a FIFO) so that it
+    comes inside that window every time. ``kvgevent-server`` is the installed command's script
+    (``from kvgevent.serve.entry import main``)."""
+    (tmp_path / "sitecustomize.py").write_text(PAUSE_AT_GEVENT_IMPORT)
+    fifo = tmp_path / "pause"
+    os.mkfifo(fifo)
+    pythonpath = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, pythonpath)), "PAUSE_AT_GEVENT_IMPORT": str(fifo)}
+    args: list[str] = []
+    options: dict[str, Any] = {}
+    if how == "--workers":
+        args = ["--workers", "2", "--store", request.getfixturevalue("redis_server").url]
+    elif how == "kvgevent-server":
+        options["script"] = tmp_path / "kvgevent-server"
+        options["script"].write_text("import sys\nfrom kvgevent.serve.entry import main\nsys.exit(main())\n")
+    proc = server_process(*args, env=env, wait=False, **options)
+    writer = -1
+
+    def paused() -> bool:  # (a FIFO opens for writing once its reader is opening it)
+        nonlocal writer
+        with contextlib.suppress(OSError):
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        return writer >= 0 or proc.proc.poll() is not None
+
+    wait_until(paused, timeout=30, message="the server did not reach its import of gevent")
+    assert writer >= 0, proc.stderr.decode()
+    proc.proc.send_signal(signal.SIGHUP)
+    with contextlib.suppress(BrokenPipeError):  # (the server died of it: its reader is gone)
+        os.write(writer, b"x")
+    os.close(writer)
+    started = 2 if how == "--workers" else 1
+    wait_until(
+        lambda: proc.stderr.count(b'"server_started"') == started or proc.proc.poll() is not None,
+        timeout=30,
+        message="server did not start",
+    )
+    assert proc.proc.poll() is None, f"exit status {proc.proc.returncode}: {proc.stderr.decode()[-2000:]}"
+    peer = Peer(proc.port)
+    assert peer.request(b"") == []  # (it serves: a round trip, done before the SIGTERM)
+    peer.close()
+    assert_stopped_without_errors(proc)
+
+
 # --- the log file --------------------------------------------------------------------------
 
 

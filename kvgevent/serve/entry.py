@@ -10,8 +10,10 @@ import sys
 def main() -> None:
     import signal
 
-    # As in run_server.py: a SIGINT before the server's own handlers ends the process quietly.
+    # As in run_server.py: a SIGINT before the server's own handlers ends the process quietly,
+    # and a SIGHUP is ignored (its default action would kill it) until reopen_on_hangup.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gevent import monkey
 
     monkey.patch_all()
