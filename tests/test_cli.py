@@ -12,7 +12,7 @@ import time
 
 import gevent
 import pytest
-from conftest import ROOT, Peer, RedisProcess, needs_redis, read_stats, wait_until
+from conftest import ROOT, Peer, RedisProcess, free_port, needs_redis, read_stats, wait_until
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
 
@@ -171,6 +171,44 @@ def test_a_worker_timeout_below_the_minimum_is_a_usage_error():
         assert result.returncode == 2 and b"--worker-timeout must be 0" in result.stderr, value
     result = run("run_server.py", "--workers", "2", "--store", store, env={"KVGEVENT_WORKER_TIMEOUT": "0.5"})
     assert result.returncode == 2 and b"--worker-timeout must be 0" in result.stderr
+
+
+def test_a_store_url_redis_cannot_read_is_a_usage_error():
+    """A --store URL redis-py cannot read (a port that is not a number, or out of range), from
+    the flag or from KVGEVENT_STORE, with or without --workers: exit 2 with a usage message
+    naming --store, its password hidden. Before, the store's constructor raised ValueError:
+    a traceback, exit 1 (with --workers, one per worker and restart until workers_failing)."""
+    for url in ("redis://127.0.0.1:abc/0", "redis://:sekrit@127.0.0.1:70000/0", "redis+cluster://h:x"):
+        for args, env in [(["--store", url], None), ([], {"KVGEVENT_STORE": url})]:
+            for workers in ("1", "2"):
+                result = run("run_server.py", "--port", "0", "--workers", workers, *args, env=env)
+                assert result.returncode == 2, (url, workers, result.stderr[-300:])
+                assert b"--store redis" in result.stderr and b"Port" in result.stderr, result.stderr
+                assert b"Traceback" not in result.stderr and b"sekrit" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_redis_cluster_unreachable_at_start_is_a_start_failure(server_process, workers):
+    """--store redis+cluster:// whose node does not answer (a port nothing listens on): the
+    cluster client asks it for the slots as the store is made. One ``server_start_failed``
+    (the store, redis-py's error, a hint) and exit 1; with --workers each worker logs it and
+    exits 1, and the supervisor gives up (workers_failing). Before, a RedisClusterException
+    traceback and no event."""
+    from kvgevent.serve.workers import GIVE_UP_AFTER
+
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    proc = server_process("--workers", workers, "--store", url, wait=False)
+    assert proc.stop(None, timeout=50) == 1
+    events = proc.events()
+    failed = [e for e in events if e["event"] == "server_start_failed"]
+    assert failed and all(e["store"] == url and e["error"] and e["hint"] for e in failed), failed
+    assert "Redis Cluster cannot be connected" in failed[0]["error"]
+    if workers == "1":
+        assert len(failed) == 1 and "server_started" not in [e["event"] for e in events]
+    else:
+        supervisor = [e["event"] for e in events if "worker" not in e]  # (workers' lines name them)
+        assert len(failed) >= GIVE_UP_AFTER and supervisor[-1] == "workers_failing"
+    assert b"Traceback" not in proc.stderr
 
 
 def test_append_only_file_options_without_a_file_are_a_usage_error(server_process):

@@ -59,6 +59,7 @@ from kvgevent.logs import (
     Logger,
     configure_logging,
     get_logger,
+    redacted_url,
 )
 from kvgevent.serve.signals import reopen_on_hangup, stop_requested
 from kvgevent.serve.systemd import feed_watchdog, notify
@@ -240,6 +241,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     redis = args.store.startswith(("redis://", "rediss://", "redis+cluster://"))
     if args.store != "memory" and not redis:
         parser.error("--store must be memory, redis://host:port/db or redis+cluster://host:port")
+    problem = _redis_url_problem(args.store) if redis else None
+    if problem is not None:
+        parser.error(f"--store {redacted_url(args.store)}: {problem}")
     if args.workers > 1 and not redis:
         parser.error(
             "--workers above 1 needs a shared store (--store redis://...): with the memory store "
@@ -259,6 +263,24 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         _check_password(parser, args.password, args.max_line)
     if 0 < args.worker_timeout < MIN_WORKER_TIMEOUT:
         parser.error(f"--worker-timeout must be 0 (never) or at least {MIN_WORKER_TIMEOUT:g} seconds")
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """Why redis-py's ``parse_url``, which reads the URL for both of the Redis store's
+    clients, refuses ``url`` (a port that is not a number, or out of range; a query value of
+    the wrong type), or None. Checked with the flags: found in the store's constructor, it was
+    a ValueError traceback (exit 1), and with --workers one per worker and restart. None
+    without redis-py (the start then fails saying that it is missing)."""
+    try:
+        from redis.connection import parse_url
+    except ImportError:
+        return None
+    try:
+        # (a cluster's URL is read as redis:// by RedisCluster.from_url too)
+        parse_url(("redis://" + url.removeprefix("redis+cluster://")) if url.startswith("redis+") else url)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _check_password(parser: argparse.ArgumentParser, password: str, max_line: int) -> None:
@@ -319,14 +341,7 @@ def clients_within(fd_limit: int, max_clients: int, log: Logger) -> int:
 def open_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
     """The store the flags ask for, loaded; None (after logging why) if it cannot be."""
     if args.store != "memory":
-        try:
-            from kvgevent.stores.redis_store import RedisStore  # (redis and hiredis: only when asked for)
-        except ImportError as exc:
-            log.error(
-                "server_start_failed", error=f"the Redis store needs {exc.name}", hint=EXTRA_HINT % "redis"
-            )
-            return None
-        return RedisStore(args.store, prefix=args.redis_prefix, timeout=args.redis_timeout, log=log)
+        return _redis_store(args, log)
     if not args.aof:
         return MemoryStore()
     store = DurableStore(args.aof, args.fsync, args.aof_rewrite_min_size, args.aof_rewrite_growth, log)
@@ -369,6 +384,30 @@ def open_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
         fsync=args.fsync,
     )
     return store
+
+
+def _redis_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
+    """The Redis store of --store; None, after one ``server_start_failed``, if it cannot be
+    made: its libraries are missing, or (a Redis Cluster asks a node for its slots as it is
+    made) no node answered. A plain ``redis://`` store connects on its first command: a Redis
+    down at start is an outage (``store_unavailable``), as later."""
+    try:
+        import redis.exceptions
+
+        from kvgevent.stores.redis_store import RedisStore  # (redis and hiredis: only when asked for)
+    except ImportError as exc:
+        log.error("server_start_failed", error=f"the Redis store needs {exc.name}", hint=EXTRA_HINT % "redis")
+        return None
+    try:
+        return RedisStore(args.store, prefix=args.redis_prefix, timeout=args.redis_timeout, log=log)
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError, ValueError) as exc:
+        log.error(
+            "server_start_failed",
+            store=redacted_url(args.store),
+            error=str(exc) or type(exc).__name__,
+            hint="check --store: a node of the Redis Cluster must answer at start, in cluster mode",
+        )
+        return None
 
 
 def load_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
