@@ -216,6 +216,84 @@ def test_systemd_hears_ready_once_listening_and_stopping_at_shutdown(
         systemd.close()
 
 
+def test_a_tmpdir_too_long_for_a_unix_socket_does_not_stop_the_supervisor(server_process, tmp_path, request):
+    """--workers with NOTIFY_SOCKET and a TMPDIR whose path is too long for a Unix socket's
+    address (108 bytes): the supervisor's socket for its workers' READY=1 takes a name in the
+    abstract namespace instead, and systemd hears READY=1 once both workers listen. Before,
+    the supervisor died at start with an "AF_UNIX path too long" traceback."""
+    redis = request.getfixturevalue("redis_server")
+    systemd = Systemd(tmp_path)
+    long_tmpdir = tmp_path / ("t" * 60) / ("m" * 60)
+    long_tmpdir.mkdir(parents=True)
+    env = {"NOTIFY_SOCKET": systemd.path, "TMPDIR": str(long_tmpdir)}
+    try:
+        proc = server_process("--workers", "2", "--store", redis.url, env=env, wait=False)
+        assert "READY=1" in systemd.next().split("\n")
+        assert [e["event"] for e in proc.events()].count("server_started") == 2  # (logged before READY=1)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in systemd.next().split("\n")
+        assert proc.stop(sig=None) == 0
+    finally:
+        systemd.close()
+    assert b"Traceback" not in proc.stderr
+    assert not [e for e in proc.events() if e["event"] == "notify_relay_unavailable"]
+    assert not list(long_tmpdir.iterdir())  # (nothing left behind)
+
+
+NO_UNIX_SOCKET_BINDS = """
+import errno, socket, sys
+sys.path.insert(0, {root!r})
+from gevent import monkey
+monkey.patch_all()
+import gevent.socket
+bind = gevent.socket.socket.bind
+def refused(self, address):
+    if self.family == socket.AF_UNIX:
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+    return bind(self, address)
+gevent.socket.socket.bind = refused
+from kvgevent.serve.cli import main
+sys.exit(main())
+"""
+"""``run_server.py`` whose Unix sockets cannot be bound (in the supervisor only: its workers
+are processes of their own)."""
+
+
+def test_a_supervisor_that_cannot_bind_its_workers_notify_socket_runs_without(
+    server_process, tmp_path, request
+):
+    """--workers with NOTIFY_SOCKET, and no socket for the workers' READY=1 can be bound: the
+    supervisor says so once (notify_relay_unavailable), tells systemd READY=1 once the workers
+    are started, and serves; the workers, given no NOTIFY_SOCKET, tell systemd nothing
+    themselves. Before, OSError ended the supervisor with a traceback. The bind's failure is
+    injected (every AF_UNIX bind of the supervisor refused with EADDRINUSE): the abstract
+    namespace, the fallback, cannot be made to refuse a fresh name for real."""
+    redis = request.getfixturevalue("redis_server")
+    systemd = Systemd(tmp_path)
+    script = tmp_path / "supervisor.py"
+    script.write_text(NO_UNIX_SOCKET_BINDS.format(root=str(ROOT)))
+    try:
+        proc = server_process(
+            "--workers", "2", "--store", redis.url, env={"NOTIFY_SOCKET": systemd.path}, script=script
+        )  # (returns once a worker listens)
+        assert "READY=1" in systemd.next().split("\n")
+        wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+        peer = Peer(proc.port)
+        assert peer.request(b"") == []
+        peer.close()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in systemd.next().split("\n")
+        assert proc.stop(sig=None) == 0
+        systemd.sock.settimeout(0.5)  # (the workers' STOPPING=1 would have come with the supervisor's)
+        with pytest.raises(TimeoutError):
+            systemd.next()
+    finally:
+        systemd.close()
+    (unavailable,) = [e for e in proc.events() if e["event"] == "notify_relay_unavailable"]
+    assert unavailable["error"] == "Address already in use" and unavailable["hint"]
+    assert b"Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_systemd_watchdog_hears_from_the_event_loop_while_it_runs(server_process, tmp_path, workers, request):
     """WatchdogSec= set (WATCHDOG_USEC, here 0.6 s): WATCHDOG=1 comes every half of it, from

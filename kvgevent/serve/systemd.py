@@ -12,6 +12,7 @@ systemd restarts a server whose loop stopped running.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import tempfile
 
@@ -81,14 +82,21 @@ def _feed_every(interval: float) -> None:
 
 class ReadyCollector:
     """A notification socket for the supervisor's workers: they send READY=1 to it (their
-    ``NOTIFY_SOCKET``) as they would to systemd; :meth:`wait` counts them, :meth:`drain`
-    reads the rest. Whoever reads it is stopped before :meth:`close`."""
+    ``NOTIFY_SOCKET``: :attr:`path`) as they would to systemd; :meth:`wait` counts them,
+    :meth:`drain` reads the rest. Whoever reads it is stopped before :meth:`close`.
+
+    The socket is ``notify`` in a private directory of the temporary directory; when that path
+    cannot be bound (a TMPDIR too long for a Unix socket's 108 bytes, a TMPDIR that does not
+    exist), a name in Linux's abstract namespace (``@kvgevent-notify-<pid>-<random>``). OSError
+    if neither can be bound: the supervisor then runs without (logged)."""
 
     def __init__(self) -> None:
-        self._directory = tempfile.mkdtemp(prefix="kvgevent-notify-")
-        self.path = os.path.join(self._directory, "notify")
         self._sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(self.path)
+        try:
+            self.path, self._directory = _bind_notify_socket(self._sock)
+        except OSError:
+            self._sock.close()
+            raise
         self.ready = 0
 
     def wait(self, count: int, timeout: float) -> bool:
@@ -112,8 +120,30 @@ class ReadyCollector:
 
     def close(self) -> None:
         self._sock.close()
+        if self._directory is None:  # (an abstract name: nothing on disk)
+            return
         for path in (self.path, self._directory):
             try:
                 os.rmdir(path) if path == self._directory else os.unlink(path)
             except OSError:
                 pass
+
+
+def _bind_notify_socket(sock: socket.socket) -> tuple[str, str | None]:
+    """Bind ``sock`` to a new private path, else to a new abstract name; return its
+    ``NOTIFY_SOCKET`` form and the directory to remove at close (None for an abstract name).
+    OSError if neither can be bound."""
+    try:
+        directory = tempfile.mkdtemp(prefix="kvgevent-notify-")
+    except OSError:  # (TMPDIR missing or read-only)
+        directory = None
+    if directory is not None:
+        path = os.path.join(directory, "notify")
+        try:
+            sock.bind(path)
+            return path, directory
+        except OSError:  # ("AF_UNIX path too long": a long TMPDIR)
+            os.rmdir(directory)
+    name = f"kvgevent-notify-{os.getpid()}-{secrets.token_hex(8)}"
+    sock.bind("\0" + name)
+    return "@" + name, None

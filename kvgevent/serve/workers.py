@@ -156,10 +156,26 @@ class Supervisor:
         self.heartbeats: list[Heartbeat | None] = [None] * args.workers
         self.quick_deaths = 0
         self.stop = stop_requested(log)
-        self.readiness = ReadyCollector() if os.environ.get("NOTIFY_SOCKET") else None
+        self.readiness = self._ready_collector() if os.environ.get("NOTIFY_SOCKET") else None
         if self.readiness is not None:
             self.env["NOTIFY_SOCKET"] = self.readiness.path
+        else:  # (workers must not tell systemd READY=1 themselves: it is the supervisor's to say)
+            self.env.pop("NOTIFY_SOCKET", None)
         reopen_on_hangup(log_file, then=self._pass_hangup_on)
+
+    def _ready_collector(self) -> ReadyCollector | None:
+        """The socket the workers send READY=1 to; None if none can be bound (logged once:
+        systemd is then told READY=1 as soon as the workers are started, not once they listen:
+        a notification never holds up the server)."""
+        try:
+            return ReadyCollector()
+        except OSError as exc:
+            self.log.warning(
+                "notify_relay_unavailable",
+                error=exc.strerror or str(exc),
+                hint="READY=1 is sent once the workers are started, not once they listen",
+            )
+            return None
 
     def run(self) -> int:
         args = self.args
@@ -167,6 +183,8 @@ class Supervisor:
         self.log.info("workers_starting", workers=args.workers, host=args.host, port=self.port, store=store)
         for slot in range(args.workers):
             self.start(slot)
+        if self.readiness is None:  # (without the relay: see _ready_collector)
+            notify(self._ready_message())
         reporter = gevent.spawn(self._report_ready) if self.readiness is not None else None
         feed_watchdog()
         status = 0
@@ -267,8 +285,11 @@ class Supervisor:
         messages for as long as they run (see ReadyCollector.drain)."""
         assert self.readiness is not None
         if self.readiness.wait(len(self.workers), READY_TIMEOUT):
-            notify(f"READY=1\nSTATUS={len(self.workers)} workers serving on {self.args.host}:{self.port}")
+            notify(self._ready_message())
         self.readiness.drain()
+
+    def _ready_message(self) -> str:
+        return f"READY=1\nSTATUS={len(self.workers)} workers serving on {self.args.host}:{self.port}"
 
     def _pass_hangup_on(self) -> None:
         for proc in self.workers:
