@@ -216,6 +216,75 @@ def test_systemd_hears_ready_once_listening_and_stopping_at_shutdown(
         systemd.close()
 
 
+PAUSE_FIRST_WORKER = (
+    "import os\n"
+    "fifo = os.environ.get('PAUSE_FIRST_WORKER')\n"
+    "if fifo and os.environ.get('KVGEVENT_SUPERVISOR_PID'):\n"
+    "    try:\n"
+    "        os.close(os.open(fifo + '.claimed', os.O_CREAT | os.O_EXCL | os.O_WRONLY))\n"
+    "    except FileExistsError:\n"
+    "        pass\n"
+    "    else:\n"
+    "        fd = os.open(fifo, os.O_RDONLY)\n"
+    "        os.read(fd, 1)\n"
+    "        os.close(fd)\n"
+)
+"""A sitecustomize for workers: the first to start waits, before it imports anything, until
+the test writes a byte to ``$PAUSE_FIRST_WORKER`` (a FIFO); the others go on."""
+
+
+def _release(fifo: Path) -> None:
+    """Let the worker that PAUSE_FIRST_WORKER holds go on (nothing if none is waiting)."""
+    with contextlib.suppress(OSError):  # (ENXIO: no reader, BrokenPipeError: it died)
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(writer, b"x")
+        finally:
+            os.close(writer)
+
+
+def test_systemd_hears_ready_only_once_every_running_worker_listens(server_process, tmp_path, request):
+    """--workers 2 with NOTIFY_SOCKET: one worker held before it listens, the other killed
+    (SIGKILL) after it listened and sent READY=1, then restarted, listening and sending its own
+    READY=1: two READY=1 from one slot are not both workers. systemd hears READY=1 only once
+    the held worker listens too. Before, the supervisor counted READY=1 messages and told
+    systemd READY=1 with a worker not listening yet. (The hold is a sitecustomize reading a
+    FIFO: the worker is a real process that has not listened; the kill is real.)"""
+    redis = request.getfixturevalue("redis_server")
+    systemd = Systemd(tmp_path)
+    (tmp_path / "sitecustomize.py").write_text(PAUSE_FIRST_WORKER)
+    fifo = tmp_path / "pause"
+    os.mkfifo(fifo)
+    env = {
+        "NOTIFY_SOCKET": systemd.path,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+        "PAUSE_FIRST_WORKER": str(fifo),
+    }
+
+    def listening() -> list[int]:
+        return [e["worker"] for e in proc.events() if e["event"] == "server_started"]
+
+    try:
+        proc = server_process("--workers", "2", "--store", redis.url, env=env)  # (one listens)
+        (first,) = listening()
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: len(listening()) == 2, timeout=30, message="the killed worker was not replaced")
+        systemd.sock.settimeout(2.0)  # (before, READY=1 came at once: the replacement's was the second)
+        with pytest.raises(TimeoutError):
+            systemd.next()
+        _release(fifo)
+        systemd.sock.settimeout(30)
+        assert "READY=1" in systemd.next().split("\n")
+        assert len(listening()) == 3  # (the held worker's server_started: logged before its READY=1)
+        assert proc.stop() == 0
+    finally:
+        _release(fifo)
+        systemd.close()
+    events = proc.events()
+    assert [e["pid"] for e in events if e["event"] == "worker_exited"] == [first]
+    assert b"Traceback" not in proc.stderr
+
+
 def test_a_tmpdir_too_long_for_a_unix_socket_does_not_stop_the_supervisor(server_process, tmp_path, request):
     """--workers with NOTIFY_SOCKET and a TMPDIR whose path is too long for a Unix socket's
     address (108 bytes): the supervisor's socket for its workers' READY=1 takes a name in the

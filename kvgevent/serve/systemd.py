@@ -11,12 +11,17 @@ systemd restarts a server whose loop stopped running.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import socket
+import struct
 import tempfile
+import time
+from collections.abc import Callable, Collection
 
 import gevent
+import gevent.event
 import gevent.socket
 
 
@@ -80,43 +85,61 @@ def _feed_every(interval: float) -> None:
         notify("WATCHDOG=1")
 
 
+UCRED = struct.Struct("iII")
+"""Linux's ``struct ucred`` (pid, uid, gid): the credentials the kernel attaches to each
+datagram for a socket with SO_PASSCRED, as systemd reads its services' notifications."""
+
+
 class ReadyCollector:
     """A notification socket for the supervisor's workers: they send READY=1 to it (their
-    ``NOTIFY_SOCKET``: :attr:`path`) as they would to systemd; :meth:`wait` counts them,
-    :meth:`drain` reads the rest. Whoever reads it is stopped before :meth:`close`.
+    ``NOTIFY_SOCKET``: :attr:`path`) as they would to systemd. :meth:`read` reads every
+    message for as long as the workers run (their queue must not fill, or their next
+    ``notify`` would find it full) and keeps the pid of each READY=1's sender, as the kernel
+    gives it (SO_PASSCRED), not as a message says; :meth:`wait` waits for the workers running
+    now. Whoever reads it is stopped before :meth:`close`.
 
     The socket is ``notify`` in a private directory of the temporary directory; when that path
     cannot be bound (a TMPDIR too long for a Unix socket's 108 bytes, a TMPDIR that does not
-    exist), a name in Linux's abstract namespace (``@kvgevent-notify-<pid>-<random>``). OSError
-    if neither can be bound: the supervisor then runs without (logged)."""
+    exist), a name in Linux's abstract namespace (``@kvgevent-notify-<pid>-<random>``), which
+    any local process may send to: only the workers' pids count. OSError if neither can be
+    bound, or without SO_PASSCRED (not Linux): the supervisor then runs without (logged)."""
 
     def __init__(self) -> None:
         self._sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
+            self._sock.setsockopt(socket.SOL_SOCKET, _passcred(), 1)
             self.path, self._directory = _bind_notify_socket(self._sock)
         except OSError:
             self._sock.close()
             raise
-        self.ready = 0
+        self.ready: set[int] = set()  # the pids that sent READY=1 (see forget)
+        self._heard = gevent.event.Event()  # set at each READY=1
 
-    def wait(self, count: int, timeout: float) -> bool:
-        """Wait until ``count`` READY=1 have come (True), or ``timeout`` seconds (False)."""
-        try:
-            with gevent.Timeout(timeout):
-                while self.ready < count:
-                    message = self._sock.recv(4096)
-                    if b"READY=1" in message.split(b"\n"):
-                        self.ready += 1
-        except gevent.Timeout:
-            pass
-        return self.ready >= count
-
-    def drain(self) -> None:
-        """Read and drop whatever comes, until the socket is closed: the workers' later
-        messages (a restarted worker's READY=1, STOPPING=1 at shutdown) must not fill its
-        queue, or their next ``notify`` would find it full."""
+    def read(self) -> None:
+        """Read every message until the socket is closed; note each READY=1's sender."""
         while True:
-            self._sock.recv(4096)
+            message, ancillary, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(UCRED.size))
+            pid = _sender(ancillary)
+            if pid is not None and b"READY=1" in message.split(b"\n"):
+                self.ready.add(pid)
+                self._heard.set()
+
+    def forget(self, pid: int) -> None:
+        """``pid`` exited: its READY=1 no longer stands for its slot (its replacement's must
+        come). Before, READY=1 messages were counted: a worker restarted after it listened
+        counted twice, and systemd heard READY=1 with another worker not listening yet."""
+        self.ready.discard(pid)
+
+    def wait(self, pids: Callable[[], Collection[int]], timeout: float) -> bool:
+        """Wait until every pid of ``pids()`` (the workers running now: asked again at each
+        READY=1, restarts replace them) has sent READY=1 (True), or ``timeout`` seconds
+        (False). :meth:`read` must be running."""
+        deadline = time.monotonic() + timeout
+        while not set(pids()) <= self.ready:
+            self._heard.clear()
+            if not self._heard.wait(deadline - time.monotonic()):
+                return False
+        return True
 
     def close(self) -> None:
         self._sock.close()
@@ -127,6 +150,23 @@ class ReadyCollector:
                 os.rmdir(path) if path == self._directory else os.unlink(path)
             except OSError:
                 pass
+
+
+def _passcred() -> int:
+    """SO_PASSCRED; OSError where the system has none."""
+    option = getattr(socket, "SO_PASSCRED", None)
+    if option is None:
+        raise OSError(errno.ENOTSUP, "no SO_PASSCRED: the senders of notifications cannot be told apart")
+    return int(option)
+
+
+def _sender(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The pid in a datagram's SCM_CREDENTIALS, if any."""
+    for level, kind, data in ancillary:
+        credentials = level == socket.SOL_SOCKET and kind == getattr(socket, "SCM_CREDENTIALS", None)
+        if credentials and len(data) >= UCRED.size:
+            return int(UCRED.unpack_from(data)[0])
+    return None
 
 
 def _bind_notify_socket(sock: socket.socket) -> tuple[str, str | None]:

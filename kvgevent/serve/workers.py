@@ -52,6 +52,9 @@ READY_TIMEOUT = 60.0
 STARTUP_GRACE = 2.0
 """A worker that dies sooner than this after starting counts as failing to start."""
 
+NO_WORKER = -1
+"""The pid that stands for an empty slot: no process has it, so no READY=1 comes from it."""
+
 PR_SET_PDEATHSIG = 1
 """Linux prctl option: the signal a process gets when its parent dies."""
 
@@ -185,7 +188,11 @@ class Supervisor:
             self.start(slot)
         if self.readiness is None:  # (without the relay: see _ready_collector)
             notify(self._ready_message())
-        reporter = gevent.spawn(self._report_ready) if self.readiness is not None else None
+        greenlets = (
+            []
+            if self.readiness is None
+            else [gevent.spawn(self.readiness.read), gevent.spawn(self._report_ready)]
+        )
         feed_watchdog()
         status = 0
         while not self.stop.is_set() and status == 0:
@@ -196,8 +203,7 @@ class Supervisor:
         for heartbeat in self.heartbeats:
             if heartbeat is not None:
                 heartbeat.close()
-        if reporter is not None:
-            reporter.kill()  # (its socket is closed next: not under a greenlet reading it)
+        gevent.killall(greenlets)  # (the socket is closed next: not under a greenlet reading it)
         if self.readiness is not None:
             self.readiness.close()
         if status == 0:
@@ -240,6 +246,8 @@ class Supervisor:
             if proc.poll() is None:
                 self._check_heartbeat(slot, proc)
                 continue
+            if self.readiness is not None:
+                self.readiness.forget(proc.pid)
             lived = time.monotonic() - self.started[slot]
             self.log.warning(
                 "worker_exited", slot=slot, pid=proc.pid, exit_status=proc.returncode, lived_s=round(lived, 1)
@@ -281,12 +289,16 @@ class Supervisor:
         heartbeat.killed = True
 
     def _report_ready(self) -> None:
-        """READY=1 to systemd once every worker has sent it; then read the workers' later
-        messages for as long as they run (see ReadyCollector.drain)."""
+        """READY=1 to systemd once every worker running has sent it (the one in each slot:
+        a worker that exited counts no more, its replacement must send its own)."""
         assert self.readiness is not None
-        if self.readiness.wait(len(self.workers), READY_TIMEOUT):
+        if self.readiness.wait(self._slot_pids, READY_TIMEOUT):
             notify(self._ready_message())
-        self.readiness.drain()
+
+    def _slot_pids(self) -> list[int]:
+        """The pid of the worker in each slot; NO_WORKER for a slot whose worker has exited
+        (not yet restarted, or not yet seen by _check_workers)."""
+        return [NO_WORKER if proc is None or proc.poll() is not None else proc.pid for proc in self.workers]
 
     def _ready_message(self) -> str:
         return f"READY=1\nSTATUS={len(self.workers)} workers serving on {self.args.host}:{self.port}"
