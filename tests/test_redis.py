@@ -664,6 +664,47 @@ def test_workers_killed_for_their_silence_are_restarted_without_giving_up(server
     assert len(unresponsive) > GIVE_UP_AFTER and kept not in unresponsive
 
 
+def test_workers_killed_as_soon_as_they_listen_are_restarted_without_giving_up(server_process, redis_server):
+    """Workers killed (a real SIGKILL, as an OOM killer's) as soon as they listen, each within
+    STARTUP_GRACE of its start, more than GIVE_UP_AFTER times in a row: they had started (they
+    listened: READY=1 to the supervisor), so the supervisor goes on replacing them, and the
+    service serves on. Before, it looked only at how long each had lived, and gave up
+    (workers_failing, exit status 1) at the fifth, a documented sign of workers that cannot
+    start."""
+    import os
+    import signal
+
+    from kvgevent.serve.workers import GIVE_UP_AFTER, STARTUP_GRACE
+
+    proc = server_process("--workers", "2", "--store", redis_server.url, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    kept = next(e["pid"] for e in proc.events() if e["event"] == "worker_started")
+    killed: list[int] = []
+
+    def kill_new_workers() -> int:
+        """Kill each worker but ``kept`` once it listens; the number of them that died within
+        STARTUP_GRACE (the case at hand)."""
+        events = proc.events()
+        for event in events:
+            pid = event.get("worker")
+            if event["event"] == "server_started" and pid != kept and pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return sum(e["event"] == "worker_exited" and e["lived_s"] < STARTUP_GRACE for e in events)
+
+    wait_until(
+        lambda: kill_new_workers() > GIVE_UP_AFTER or proc.proc.poll() is not None,
+        timeout=50,
+        message="too few restarts",
+    )
+    assert proc.proc.poll() is None, "the supervisor gave up"
+    _serve_new_clients(proc.port)
+    assert proc.stop() == 0
+    events = proc.events()
+    assert not [e for e in events if e["event"] == "workers_failing"]
+    assert kept not in [e["pid"] for e in events if e["event"] == "worker_exited"]
+
+
 def test_the_supervisor_gives_up_on_workers_that_cannot_start(server_process, redis_server, tmp_path):
     """Workers that exit as soon as they start (here: a sitecustomize on PYTHONPATH that makes
     every process a supervisor started exit 1) stop the supervisor with exit status 1 instead

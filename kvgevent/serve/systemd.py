@@ -3,10 +3,11 @@
 
 ``run_server.py`` sends ``READY=1`` once it listens (after the append-only file was replayed)
 and ``STOPPING=1`` when a SIGINT/SIGTERM starts its shutdown. With ``--workers`` the supervisor
-gives its workers a socket of its own (:class:`ReadyCollector`) and sends ``READY=1`` once every
-worker has sent it. With systemd's watchdog on (``WatchdogSec=``: ``WATCHDOG_USEC``), the
-process it watches sends ``WATCHDOG=1`` from its event loop (:func:`feed_watchdog`), so that
-systemd restarts a server whose loop stopped running.
+gives its workers a socket of its own (:class:`ReadyCollector`, with systemd or not: it tells
+it which workers listened) and sends ``READY=1`` once every worker has sent it. With
+systemd's watchdog on (``WatchdogSec=``: ``WATCHDOG_USEC``), the process it watches sends
+``WATCHDOG=1`` from its event loop (:func:`feed_watchdog`), so that systemd restarts a server
+whose loop stopped running.
 """
 
 from __future__ import annotations
@@ -124,11 +125,14 @@ class ReadyCollector:
                 self.ready.add(pid)
                 self._heard.set()
 
-    def forget(self, pid: int) -> None:
+    def forget(self, pid: int) -> bool:
         """``pid`` exited: its READY=1 no longer stands for its slot (its replacement's must
-        come). Before, READY=1 messages were counted: a worker restarted after it listened
-        counted twice, and systemd heard READY=1 with another worker not listening yet."""
+        come); whether it had sent one. Before, READY=1 messages were counted: a worker
+        restarted after it listened counted twice, and systemd heard READY=1 with another
+        worker not listening yet."""
+        ready = pid in self.ready
         self.ready.discard(pid)
+        return ready
 
     def wait(self, pids: Callable[[], Collection[int]], timeout: float) -> bool:
         """Wait until every pid of ``pids()`` (the workers running now: asked again at each

@@ -44,13 +44,15 @@ RESTART_DELAY = 0.5
 """Seconds before a worker that died is started again."""
 
 GIVE_UP_AFTER = 5
-"""Consecutive workers that die within STARTUP_GRACE of starting before the supervisor stops."""
+"""Consecutive workers that die within STARTUP_GRACE of starting, before they listened,
+before the supervisor stops."""
 
 READY_TIMEOUT = 60.0
 """Seconds the supervisor waits for every worker's READY=1 before it tells systemd none."""
 
 STARTUP_GRACE = 2.0
-"""A worker that dies sooner than this after starting counts as failing to start."""
+"""A worker that dies sooner than this after starting, and had not listened (sent READY=1),
+counts as failing to start."""
 
 NO_WORKER = -1
 """The pid that stands for an empty slot: no process has it, so no READY=1 comes from it."""
@@ -129,8 +131,10 @@ def supervise(
 
 class Supervisor:
     """The workers of one port: started, restarted when they die, stopped together. SIGHUP is
-    passed on to them (each reopens its --log-file); with systemd (NOTIFY_SOCKET) they report
-    READY=1 to this process, which reports READY=1 once all of them have."""
+    passed on to them (each reopens its --log-file). They report READY=1 to this process (their
+    NOTIFY_SOCKET is its ReadyCollector's, with systemd or not): with systemd (NOTIFY_SOCKET),
+    it reports READY=1 once all of them have; and a worker that listened is not one that
+    failed to start, however soon it died."""
 
     def __init__(
         self,
@@ -159,7 +163,7 @@ class Supervisor:
         self.heartbeats: list[Heartbeat | None] = [None] * args.workers
         self.quick_deaths = 0
         self.stop = stop_requested(log)
-        self.readiness = self._ready_collector() if os.environ.get("NOTIFY_SOCKET") else None
+        self.readiness = self._ready_collector()
         if self.readiness is not None:
             self.env["NOTIFY_SOCKET"] = self.readiness.path
         else:  # (workers must not tell systemd READY=1 themselves: it is the supervisor's to say)
@@ -168,15 +172,17 @@ class Supervisor:
 
     def _ready_collector(self) -> ReadyCollector | None:
         """The socket the workers send READY=1 to; None if none can be bound (logged once:
-        systemd is then told READY=1 as soon as the workers are started, not once they listen:
-        a notification never holds up the server)."""
+        systemd is then told READY=1 as soon as the workers are started, not once they listen,
+        for a notification never holds up the server; and a worker that dies within
+        STARTUP_GRACE counts as failing to start, whether it listened or not)."""
         try:
             return ReadyCollector()
         except OSError as exc:
             self.log.warning(
                 "notify_relay_unavailable",
                 error=exc.strerror or str(exc),
-                hint="READY=1 is sent once the workers are started, not once they listen",
+                hint="the workers' READY=1 is not heard: systemd's is sent once they are started, and "
+                f"any worker dying within {STARTUP_GRACE:g} s of its start counts towards workers_failing",
             )
             return None
 
@@ -246,16 +252,11 @@ class Supervisor:
             if proc.poll() is None:
                 self._check_heartbeat(slot, proc)
                 continue
-            if self.readiness is not None:
-                self.readiness.forget(proc.pid)
             lived = time.monotonic() - self.started[slot]
             self.log.warning(
                 "worker_exited", slot=slot, pid=proc.pid, exit_status=proc.returncode, lived_s=round(lived, 1)
             )
-            # One killed for its silence had started (it beat, or had FIRST_HEARTBEAT_TIMEOUT):
-            # stopped or stuck as soon as it served, it is replaced for as long as it takes.
-            heartbeat = self.heartbeats[slot]
-            quick = lived < STARTUP_GRACE and not (heartbeat is not None and heartbeat.killed)
+            quick = lived < STARTUP_GRACE and not self._had_started(slot, proc.pid)
             self.quick_deaths = self.quick_deaths + 1 if quick else 0
             if self.quick_deaths >= GIVE_UP_AFTER:
                 self.log.error(
@@ -266,6 +267,17 @@ class Supervisor:
             if not self.stop.is_set():
                 self.start(slot)
         return 0
+
+    def _had_started(self, slot: int, pid: int) -> bool:
+        """Whether the worker ``pid`` that exited from ``slot`` had started: it listened (sent
+        READY=1: killed as soon as it served, by an OOM killer say, it is replaced for as
+        long as it takes), or was killed for its silence (it beat, or had
+        FIRST_HEARTBEAT_TIMEOUT: stopped or stuck as soon as it served). Its READY=1 is
+        forgotten. Before, any worker that lived less than STARTUP_GRACE counted as failing
+        to start, and five killed so made the supervisor give up."""
+        listened = self.readiness is not None and self.readiness.forget(pid)
+        heartbeat = self.heartbeats[slot]
+        return listened or (heartbeat is not None and heartbeat.killed)
 
     def _check_heartbeat(self, slot: int, proc: subprocess.Popen[bytes]) -> None:
         """Kill the worker in ``slot`` if it has sent no heartbeat for --worker-timeout seconds
