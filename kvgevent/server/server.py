@@ -176,18 +176,20 @@ class _Listener(PausingListener):
                 self.do_close(*args)
             return
         self._pending += 1
+        # (the handler as it is now: a close() before the greenlet starts takes _handle away)
+        handle = self._handle  # type: ignore[attr-defined]  # (gevent's BaseServer: the handler given)
         try:
-            self._spawn(self._serve_socket, *args)  # type: ignore[attr-defined]  # (gevent's BaseServer: the pool's spawn)
+            self._spawn(self._serve_socket, handle, *args)  # type: ignore[attr-defined]  # (gevent's BaseServer: the pool's spawn)
         except BaseException:
             self._pending -= 1
             self.do_close(*args)
             raise
 
-    def _serve_socket(self, sock: Any, address: Any) -> None:
+    def _serve_socket(self, handle: Callable[[Any, Any], bool], sock: Any, address: Any) -> None:
         self._pending -= 1
         dormant = False
         try:
-            dormant = self._handle(sock, address)  # type: ignore[attr-defined]  # (gevent's BaseServer: the handler given)
+            dormant = handle(sock, address)
         finally:
             if not dormant:  # (a dormant client's socket stays open: its next reader closes it)
                 sock.close()
