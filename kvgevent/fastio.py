@@ -44,6 +44,14 @@ _OUTQ = getattr(termios, "TIOCOUTQ", None)
 """SIOCOUTQ on Linux: a TCP socket's bytes not yet acknowledged by the peer."""
 
 
+def unread(sock: Any) -> int:
+    """Bytes waiting in ``sock``'s receive queue (FIONREAD); 0 where unknown."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
+
+
 def unacknowledged(sock: Any) -> int | None:
     """Bytes ``sock`` has sent that the peer has not acknowledged, or None where unknown."""
     if _OUTQ is None:

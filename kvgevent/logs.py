@@ -213,7 +213,11 @@ class LogFile:
             _write_all(self._fd, text)
             return len(text)
         if self._rest:  # (BlockingIOError: still full, this line dropped)
-            self._rest = self._rest[os.write(self._fd, self._rest) :]
+            try:
+                self._rest = self._rest[os.write(self._fd, self._rest) :]
+            except BrokenPipeError:  # (its reader is gone: a new one must not start with it)
+                self._rest = b""
+                raise
             if self._rest:
                 raise LogBlocked(errno.EAGAIN, _PIPE_FULL)
         data = text.encode("utf-8", "backslashreplace")

@@ -1,6 +1,7 @@
 """Integration tests of KeyValueServer over real loopback sockets: the protocol, bad input,
 slow and fast readers, counts, shutdown and logs."""
 
+import contextlib
 import errno
 import functools
 import json
@@ -9,6 +10,7 @@ import struct
 import time
 
 import gevent
+import gevent.event
 import gevent.socket
 import pytest
 from conftest import Peer, WrappedStore, log_events, read_stats, wait_until
@@ -656,3 +658,72 @@ def test_a_client_accepted_just_before_the_listener_closes_is_served(make_server
     listener.close()
     assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
     assert not [e for e in log_events(log_stream) if e["event"] == "unhandled_error"]
+
+
+def test_shutdown_lets_replies_reach_a_client_whose_writer_was_released(make_server):
+    """A client asked for 3,000 lines (300 kB, all taken by the kernel: its writer, idle,
+    was released) and streams PUTs without reading; the shutdown stops reading them, and the
+    client then reads: it gets all 3,000 lines and a clean end of stream. (Before, a client
+    whose writer was released was closed at once with its PUTs unread, and the kernel reset
+    the connection, throwing away the replies that had left: an attacker's pass, 5 of 7.)"""
+    server = make_server()
+    server.store.put("big", b"v" * 100)
+    for _ in range(2999):
+        server.store.put("big", b"v" * 100)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", server.port))
+    stop = gevent.event.Event()
+
+    def puts() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                sock.sendall(b"PUT:other:v\n" * 5000)
+
+    putter = None
+    try:
+        sock.sendall(b"GET:big\n")
+        wait_until(lambda: server.count_active() == 1)
+        (conn,) = server._conns.values()
+        wait_until(lambda: conn.queue is None and conn.batch is None, timeout=10, message="writer kept")
+        putter = gevent.spawn(puts)
+        closing = gevent.spawn(server.close, 2.0)
+        got = bytearray()
+        while chunk := sock.recv(65536):
+            got += chunk
+        stop.set()
+        closing.join(timeout=10)
+    finally:
+        stop.set()
+        if putter is not None:
+            putter.kill()
+        sock.close()
+    assert got == (b"big:" + b"v" * 100 + b"\n") * 3000
+
+
+def test_replies_thrown_away_with_an_evicted_client_are_counted(make_server, log_stream):
+    """A client that reads nothing, evicted (``abort``, as --max-memory does) while its queue
+    holds replies and its 20 MB reply is half built: the queued lines and those never built
+    count in its ``messages_dropped``. (Before: 0, though 1,790 of 2,000 lines were lost in
+    an attacker's run.) What the kernel had taken is not counted: it may have arrived."""
+    server = make_server(queue_bytes=1 << 20)
+    for _ in range(10_000):  # (20 MB: more than the kernel's buffers take)
+        server.store.put("big", b"v" * 2000)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"GET:big\n")
+        wait_until(lambda: server.count_active() == 1)
+        (conn,) = server._conns.values()
+        wait_until(lambda: conn.queued_lines + conn.sending > 100, timeout=10, message="nothing queued")
+        wait_until(lambda: conn.io.stalled_since, timeout=10, message="the writer does not wait")
+        queued = conn.queued_lines
+        conn.abort("memory_limit")
+        wait_until(lambda: server.count_active() == 0, timeout=10)
+    finally:
+        sock.close()
+    (drop,) = [e for e in log_events(log_stream) if e["event"] == "client_dropped"]
+    assert drop["reason"] == "memory_limit"
+    assert drop["messages_dropped"] >= queued + 5000  # (at most 1 MiB queued: 10 MB were still to build)

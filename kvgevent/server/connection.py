@@ -52,7 +52,7 @@ from kvgevent.config import (
     PRESSED_QUEUE_BYTES,
     ROOM_WAIT_LIMIT,
 )
-from kvgevent.fastio import FastSocket, unacknowledged, wrap
+from kvgevent.fastio import FastSocket, unacknowledged, unread, wrap
 from kvgevent.logs import Logger
 from kvgevent.protocol import LineBuffer
 from kvgevent.server.counters import Counters
@@ -421,6 +421,7 @@ class Connection:
         if self.failed is None:
             self.failed = reason
         if self.writer is not None and not self.writer.dead:
+            self.count_lost(self._unsent_lines())  # (the send it is killed in)
             self.writer.kill(block=False)
         self._discard_queue()
         try:
@@ -429,8 +430,11 @@ class Connection:
             pass
 
     def _discard_queue(self) -> None:
-        """Empty the queue (its replies are lost), wake a reader waiting for room."""
+        """Empty the queue (its replies are lost, and counted so), wake a reader waiting for
+        room."""
         queue = self.queue
+        if self.queued_lines:
+            self.count_lost(self.queued_lines)
         while queue is not None and not queue.empty():
             queue.get_nowait()
         if not self.released:
@@ -518,6 +522,7 @@ class Connection:
             self.failed = (
                 "reset" if isinstance(exc, ConnectionResetError | BrokenPipeError) else "write_error"
             )
+            self.count_lost(self._unsent_lines())  # (the send that failed; after an abort: counted)
         self._discard_queue()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if it is in recv
@@ -525,36 +530,34 @@ class Connection:
             pass
 
     def flush(self, stall: float, deadline: float | None) -> None:
-        """Let the writer send what is queued, then stop it. Gives up when no byte leaves for
-        ``stall`` seconds (the client is not reading) or at ``deadline`` (monotonic); what
-        was still queued then counts as dropped."""
+        """Let the writer send what is queued, then stop it, and let what left reach the
+        client (:meth:`_linger`). Gives up when no byte leaves for ``stall`` seconds (the
+        client is not reading) or at ``deadline`` (monotonic); what was still queued then
+        counts as dropped."""
         writer = self.writer
-        if writer is None or writer.dead:
+        if writer is not None and not writer.dead:
+            self._wait_for_writer(writer, stall, deadline)
+        if writer is None or writer.dead:  # (all left the queue; or released while idle)
+            if self.failed is None:
+                self._linger(stall, deadline)
             return
-        queued_eof = False
+        self.count_lost(self.queued_lines + self._unsent_lines())  # queued, or in a send that will not end
+        writer.kill(block=True)
+
+    def _wait_for_writer(self, writer: Greenlet, stall: float, deadline: float | None) -> None:
+        """Queue the end of the stream and wait for the writer to send everything before it:
+        until it ends, no byte was acknowledged for ``stall`` seconds, or ``deadline``."""
+        self._enqueue(_EOF)  # (the queue is unbounded: it always takes it)
         while not writer.dead:
             wait = stall
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
-                    break
+                    return
             acked = self.io.acked()  # bytes the client took (see kvgevent.fastio)
-            if not queued_eof:
-                self._enqueue(_EOF)  # (the queue is unbounded: it always takes it)
-                queued_eof = True
-                continue
             writer.join(wait)
             if not writer.dead and self.io.acked() == acked:
-                break  # no progress: the client is not reading
-        if writer.dead:  # (all left the queue)
-            if self.failed is None:
-                self._linger(stall, deadline)
-            return
-        lost = self.queued_lines + self._unsent_lines()
-        if lost:  # queued, or in a send that will not finish
-            self.messages_dropped += lost
-            self.counters.messages_dropped += lost
-        writer.kill(block=True)
+                return  # no progress: the client is not reading
 
     def _unsent_lines(self) -> int:
         """Of the lines in the writer's sendall now, those the kernel has not taken whole
@@ -566,14 +569,16 @@ class Connection:
         return batch.count(b"\n", self.io.sent - self.batch_from)
 
     def _linger(self, stall: float, deadline: float | None) -> None:
-        """Once the queue has left: wait until the kernel's send queue is acknowledged too,
-        reading and throwing away what the client still sends, as flush waits (no progress for
-        ``stall`` seconds, or ``deadline``). A socket closed with unread input is reset by the
-        kernel, which throws away its send queue: a client pipelining requests lost megabytes
-        of replies that had left, unseen and uncounted. The write side is shut first, so the
-        client's end of stream comes right after the last reply."""
+        """Once the queue has left, and the client sent what was not read (or replies still
+        wait in the kernel): shut the write side (its end of stream comes right after the
+        last reply), then read and throw away what it sends until the replies are
+        acknowledged and it closes too, as flush waits (no progress for ``stall`` seconds,
+        or ``deadline``). A socket closed with unread input is reset by the kernel, which
+        throws away its send queue (and the client's kernel, what it had not read yet): a
+        client pipelining requests lost megabytes of replies that had left, unseen and
+        uncounted."""
         pending = unacknowledged(self.sock)
-        if not pending:  # (0: all delivered; None: unknown here)
+        if pending is None or (not pending and not unread(self.sock)):  # (the usual close)
             return
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -582,7 +587,7 @@ class Connection:
         fd = self.sock.fileno()
         progress_at = time.monotonic()
         ended = False  # (the client's input)
-        while pending:
+        while pending or not ended:
             now = time.monotonic()
             left = stall - (now - progress_at)
             if deadline is not None:
@@ -601,6 +606,8 @@ class Connection:
     def count_lost(self, count: int) -> None:
         """Count ``count`` reply lines the client will never get (not a full queue's drop:
         no ``messages_dropping`` episode)."""
+        if not count:
+            return
         self.messages_dropped += count
         self.counters.messages_dropped += count
 

@@ -851,6 +851,8 @@ class KeyValueServer:
         elif kind is Dropped:
             if conn.failed is None:
                 conn.drop(action.lines)
+            else:  # (it is gone: lost, but no episode of a full queue)
+                conn.count_lost(action.lines)
         elif kind is Sleep:
             gevent.sleep(action.seconds)
         elif kind is Close:
