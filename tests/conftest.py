@@ -490,3 +490,65 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+# --- fake servers, for the clients' tests ----------------------------------------------------
+
+
+@pytest.fixture
+def fake_server():
+    """Factory of loopback listeners playing a server: ``respond(conn)`` serves the first
+    connection in a greenlet; without it the connection is never even accepted (the kernel
+    completes it). Everything is closed after the test."""
+    listeners: list[socket.socket] = []
+    greenlets: list[gevent.Greenlet] = []
+
+    def make(respond=None) -> int:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listeners.append(listener)
+        if respond is not None:
+
+            def serve():
+                conn, _ = listener.accept()
+                with conn:
+                    respond(conn)
+
+            greenlets.append(gevent.spawn(serve))
+        return listener.getsockname()[1]
+
+    yield make
+    gevent.killall(greenlets)
+    for listener in listeners:
+        listener.close()
+
+
+def read_to_ping(conn: socket.socket) -> bool:
+    """Read what the client sends up to its first PING: False if it closed before one."""
+    received = b""
+    while b"PING\n" not in received:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            return False
+        received += chunk
+    return True
+
+
+def answer(reply: bytes, gap: float = 0.0):
+    """A respond() that reads up to the first PING, then sends ``reply`` (a byte every
+    ``gap`` seconds when given), then reads until the client closes."""
+
+    def respond(conn: socket.socket) -> None:
+        if not read_to_ping(conn):
+            return
+        if gap:
+            for byte in reply:
+                conn.sendall(bytes([byte]))
+                gevent.sleep(gap)  # the slow server under test, not a synchronisation
+        else:
+            conn.sendall(reply)
+        while conn.recv(1 << 16):
+            pass
+
+    return respond

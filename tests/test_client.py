@@ -10,7 +10,7 @@ import time
 import gevent
 import gevent.event
 import pytest
-from conftest import ROOT, wait_until
+from conftest import ROOT, answer, read_to_ping, wait_until
 
 from kvgevent.client import Client
 from kvgevent.errors import ConnectionLost, InvalidArgument, ServerError
@@ -180,64 +180,6 @@ def test_deep_pipeline_with_a_small_reply_queue(make_server, certs, tls):
 
 
 # --- the timeout bounds a wait without progress ------------------------------------------------
-
-
-@pytest.fixture
-def fake_server():
-    """Factory of loopback listeners playing a server: ``respond(conn)`` serves the first
-    connection in a greenlet; without it the connection is never even accepted (the kernel
-    completes it). Everything is closed after the test."""
-    listeners, greenlets = [], []
-
-    def make(respond=None) -> int:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        listeners.append(listener)
-        if respond is not None:
-
-            def serve():
-                conn, _ = listener.accept()
-                with conn:
-                    respond(conn)
-
-            greenlets.append(gevent.spawn(serve))
-        return listener.getsockname()[1]
-
-    yield make
-    gevent.killall(greenlets)
-    for listener in listeners:
-        listener.close()
-
-
-def read_to_ping(conn: socket.socket) -> bool:
-    """Read what the client sends up to its first PING: False if it closed before one."""
-    received = b""
-    while b"PING\n" not in received:
-        chunk = conn.recv(1 << 16)
-        if not chunk:
-            return False
-        received += chunk
-    return True
-
-
-def answer(reply: bytes, gap: float = 0.0):
-    """A respond() that reads up to the first PING, then sends ``reply`` (a byte every
-    ``gap`` seconds when given), then reads until the client closes."""
-
-    def respond(conn: socket.socket) -> None:
-        if not read_to_ping(conn):
-            return
-        if gap:
-            for byte in reply:
-                conn.sendall(bytes([byte]))
-                gevent.sleep(gap)  # the slow server under test, not a synchronisation
-        else:
-            conn.sendall(reply)
-        while conn.recv(1 << 16):
-            pass
-
-    return respond
 
 
 def test_a_slow_but_steady_reply_is_not_a_timeout(fake_server):

@@ -6,15 +6,13 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
-import gevent
 import pytest
-from conftest import ROOT, Peer, Terminal, free_port, wait_until
+from conftest import ROOT, Peer, Terminal, answer, free_port, wait_until
 
 from kvgevent.client import Client
 from kvgevent.client.commands import escape
@@ -164,45 +162,12 @@ def test_pipe_checks_each_reply_against_what_was_sent():
         pipe_replies(b"GET:a\n", b"b:1\nPONG\n")
 
 
-@pytest.fixture
-def answering():
-    """Factory of loopback fakes of a server: ``answering(reply)`` listens, and answers its
-    first connection's bytes up to the first PING with ``reply``, then reads until the client
-    closes. Closed after the test."""
-    listeners, greenlets = [], []
-
-    def make(reply: bytes) -> int:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        listeners.append(listener)
-
-        def serve() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                received = b""
-                while b"PING\n" not in received:
-                    chunk = conn.recv(1 << 16)
-                    if not chunk:
-                        return
-                    received += chunk
-                conn.sendall(reply)
-                while conn.recv(1 << 16):
-                    pass
-
-        greenlets.append(gevent.spawn(serve))
-        return listener.getsockname()[1]
-
-    yield make
-    gevent.killall(greenlets)
-    for listener in listeners:
-        listener.close()
-
-
-def test_pipe_ends_with_status_3_when_a_server_answers_a_put_with_a_value(answering):
+def test_pipe_ends_with_status_3_when_a_server_answers_a_put_with_a_value(fake_server):
     """A server (a loopback fake here) that answers a PUT with a value line: --pipe says so in
     one line on stderr and exits 3, as the library does for a reply that cannot be."""
-    result = client(answering(b"k:surprise\nPONG\n"), "--timeout", "10", "--pipe", stdin=b"PUT:k:v\n")
+    result = client(
+        fake_server(answer(b"k:surprise\nPONG\n")), "--timeout", "10", "--pipe", stdin=b"PUT:k:v\n"
+    )
     assert result.returncode == 3
     assert result.stderr.decode().splitlines() == [
         "run_client.py: unexpected reply from the server to --pipe: b'k:surprise'"
@@ -210,10 +175,10 @@ def test_pipe_ends_with_status_3_when_a_server_answers_a_put_with_a_value(answer
 
 
 @pytest.mark.parametrize("how", ["argument", "stdin"])
-def test_a_protocol_line_answered_with_a_line_it_cannot_have_is_status_3(answering, how):
+def test_a_protocol_line_answered_with_a_line_it_cannot_have_is_status_3(fake_server, how):
     """README, "A server that misbehaves": a value for a PUT is exit 3 and one line on
     stderr, for a protocol line as for words. (Before: the value was printed, exit 0.)"""
-    port = answering(b"k:garbage\nPONG\n")
+    port = fake_server(answer(b"k:garbage\nPONG\n"))
     result = client(port, "PUT:k:v") if how == "argument" else client(port, stdin=b"PUT:k:v\n")
     assert (result.returncode, result.stdout) == (3, b"")
     assert result.stderr.decode().splitlines() == [
@@ -221,11 +186,11 @@ def test_a_protocol_line_answered_with_a_line_it_cannot_have_is_status_3(answeri
     ]
 
 
-def test_the_bench_shows_a_refused_auths_reason_escaped(answering):
+def test_the_bench_shows_a_refused_auths_reason_escaped(fake_server):
     """An AUTH refused with control bytes in its reason (a server that would retitle the
     terminal and clear it): the bench's one line on stderr has them escaped, as every other
     mode's. (Before, they reached the terminal as they came.)"""
-    port = answering(b"ERR no\x1b]0;pwned\x07\x1b[2J\nPONG\n")
+    port = fake_server(answer(b"ERR no\x1b]0;pwned\x07\x1b[2J\nPONG\n"))
     result = client(port, "--password", "x", "bench", "-n", "10", "-c", "1")
     assert result.returncode == 1
     assert result.stderr.decode().splitlines() == ["run_client.py bench: ERR no\\x1b]0;pwned\\x07\\x1b[2J"]

@@ -723,39 +723,48 @@ def test_a_log_pipe_nobody_reads_does_not_stop_the_server(tmp_path):
         cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        wait_until(lambda: _connects(port), 10, "the server did not listen")
-        for _ in range(600):
-            socket.create_connection(("127.0.0.1", port), timeout=10).close()
-        peer = Peer(port, timeout=5)
-        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
-        peer.close()
         assert proc.stderr is not None
         fd = proc.stderr.fileno()
         os.set_blocking(fd, False)
-        read = b""
-
-        def drain() -> None:  # (what the pipe holds now)
-            nonlocal read
-            with contextlib.suppress(BlockingIOError):
-                while chunk := os.read(fd, 1 << 16):
-                    read += chunk
-
-        drain()
-        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # (a line written again)
-
-        def lost() -> bool:
-            drain()
-            return b'"log_lines_lost"' in read
-
-        wait_until(lost, 10, "no log_lines_lost")
-        (event,) = [json.loads(line) for line in read.splitlines() if b'"log_lines_lost"' in line]
-        assert event["lines"] > 100
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        _serves_past_a_full_log_pipe(proc, port, fd)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _serves_past_a_full_log_pipe(proc: subprocess.Popen, port: int, fd: int) -> None:
+    """``proc`` (run_server.py on ``port``) logs into a pipe nobody reads (``fd``: its read
+    end, non-blocking): 600 connections come and go (about 1,200 lines, more than the pipe
+    holds), a client is still answered at once; the pipe read again, every line in it is
+    whole JSON and a ``log_lines_lost`` counts more than 100 lines; SIGTERM exits 0."""
+    wait_until(lambda: _connects(port), 10, "the server did not listen")
+    for _ in range(600):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    peer = Peer(port, timeout=5)
+    assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+    peer.close()
+    read = b""
+
+    def drain() -> None:  # (what the pipe holds now)
+        nonlocal read
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 1 << 16):
+                read += chunk
+
+    drain()
+    socket.create_connection(("127.0.0.1", port), timeout=10).close()  # (a line written again)
+
+    def lost() -> bool:
+        drain()
+        return b'"log_lines_lost"' in read
+
+    wait_until(lost, 10, "no log_lines_lost")
+    events = [json.loads(line) for line in read.splitlines()]  # (each line whole)
+    (event,) = [e for e in events if e["event"] == "log_lines_lost"]
+    assert event["lines"] > 100
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
 
 
 def _connects(port: int) -> bool:
@@ -1143,34 +1152,8 @@ def test_a_log_file_that_is_a_pipe_nobody_reads_does_not_stop_the_server(tmp_pat
         assert proc.stderr is not None
         fd = proc.stderr.fileno()
         os.set_blocking(fd, False)
-    read = b""
-
-    def drain() -> None:  # (what the pipe holds now)
-        nonlocal read
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(fd, 1 << 16):
-                read += chunk
-
     try:
-        wait_until(lambda: _connects(port), 10, "the server did not listen")
-        for _ in range(600):
-            socket.create_connection(("127.0.0.1", port), timeout=10).close()
-        peer = Peer(port, timeout=5)
-        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
-        peer.close()
-        drain()
-        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # (a line written again)
-
-        def lost() -> bool:
-            drain()
-            return b'"log_lines_lost"' in read
-
-        wait_until(lost, 10, "no log_lines_lost")
-        events = [json.loads(line) for line in read.splitlines()]  # (each line whole)
-        (event,) = [e for e in events if e["event"] == "log_lines_lost"]
-        assert event["lines"] > 100
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        _serves_past_a_full_log_pipe(proc, port, fd)
     finally:
         if proc.poll() is None:
             proc.kill()
