@@ -153,7 +153,7 @@ EOF_FLUSH_STALL = DROP_GRACE
 """After a client half-closes: seconds without write progress before queued replies are
 abandoned (as long as a client that reads may take between two steps of progress)."""
 
-LINGER_POLL = 0.05
+LINGER_POLL = 0.2
 """While a closing client's last replies wait in the kernel: seconds between two looks at how
 many it has acknowledged (no event says so), reading and discarding what it still sends."""
 

@@ -242,8 +242,9 @@ class Connection:
     def send_lines(self, lines: list[bytes]) -> None:
         """Queue reply lines (each ending in a newline) as one chunk, with :meth:`send`'s
         rules for a full queue; a chunk that could never fit goes line by line."""
-        if self.failed is not None:
-            return  # the client is gone: nothing can reach it
+        if self.failed is not None:  # the client is gone: nothing can reach it
+            self.count_lost(len(lines))
+            return
         count = len(lines)
         data = lines[0] if count == 1 else b"".join(lines)
         size = len(data)
@@ -269,6 +270,7 @@ class Connection:
     def send(self, line: bytes) -> None:
         """Queue one reply line (ending in a newline); see the module docstring when full."""
         if self.failed is not None:
+            self.count_lost(1)
             return
         size = len(line)
         if self._fits(1, size) or (not self.dropping and self._wait_for_room(1, size)):
@@ -303,9 +305,12 @@ class Connection:
         )
 
     def put_reserved(self, data: bytes, count: int) -> None:
-        """Queue a chunk of ``count`` lines that :meth:`reserve` made room for."""
+        """Queue a chunk of ``count`` lines that :meth:`reserve` made room for (counted as
+        lost if the client went meanwhile)."""
         if self.failed is None:
             self._put(data, count, len(data))
+        else:
+            self.count_lost(count)
 
     def _put(self, data: bytes, count: int, size: int) -> None:
         # (_enqueue inline: a call less per reply, bench/OPTIMISATIONS.md, "calls per request")
@@ -363,7 +368,7 @@ class Connection:
                     return False
                 self.room.clear()
                 self.room.wait(DROP_GRACE / 5)
-            return True
+            return self.failed is None  # (a client gone meanwhile: its queue emptied, not read)
         finally:
             self.waiting = False
 
@@ -529,16 +534,16 @@ class Connection:
         except OSError:
             pass
 
-    def flush(self, stall: float, deadline: float | None) -> None:
-        """Let the writer send what is queued, then stop it, and let what left reach the
-        client (:meth:`_linger`). Gives up when no byte leaves for ``stall`` seconds (the
-        client is not reading) or at ``deadline`` (monotonic); what was still queued then
-        counts as dropped."""
+    def flush(self, stall: float, deadline: float | None, linger: bool = True) -> None:
+        """Let the writer send what is queued, then stop it, and (``linger``) let what left
+        reach the client (:meth:`_linger`). Gives up when no byte leaves for ``stall``
+        seconds (the client is not reading) or at ``deadline`` (monotonic); what was still
+        queued then counts as dropped."""
         writer = self.writer
         if writer is not None and not writer.dead:
             self._wait_for_writer(writer, stall, deadline)
         if writer is None or writer.dead:  # (all left the queue; or released while idle)
-            if self.failed is None:
+            if self.failed is None and linger:
                 self._linger(stall, deadline)
             return
         self.count_lost(self.queued_lines + self._unsent_lines())  # queued, or in a send that will not end
@@ -586,18 +591,22 @@ class Connection:
             return
         fd = self.sock.fileno()
         progress_at = time.monotonic()
-        ended = False  # (the client's input)
-        while pending or not ended:
+        # Waiting for its close matters only if it sent what was not read (else nothing can
+        # make the kernel reset the connection): an idle client whose last reply awaits a
+        # delayed ACK is closed once that comes.
+        sent_input, ended = unread(self.sock) > 0, False
+        while pending or (sent_input and not ended):
             now = time.monotonic()
             left = stall - (now - progress_at)
             if deadline is not None:
                 left = min(left, deadline - now)
             if left <= 0:
                 return
-            now_ended = _discard_input(fd, min(LINGER_POLL, left), ended)
-            if now_ended is None:
+            found = _discard_input(fd, min(LINGER_POLL, left), ended)
+            if found == INPUT_FAILED:
                 return
-            ended = now_ended
+            sent_input = sent_input or found == INPUT_SOME
+            ended = found == INPUT_ENDED
             now_pending = unacknowledged(self.sock) or 0
             if now_pending < pending:
                 progress_at = time.monotonic()
@@ -631,26 +640,34 @@ class Connection:
             pass
 
 
-def _discard_input(fd: int, timeout: float, ended: bool) -> bool | None:
-    """Wait up to ``timeout`` for input on socket ``fd`` and throw it away (once its input
-    ``ended``, only wait). True if the input ended now or before, False if not, None once
-    the connection failed (reset: nothing more can be delivered)."""
+def _discard_input(fd: int, timeout: float, ended: bool) -> int:
+    """Wait up to ``timeout`` for input on socket ``fd`` and throw away what came, at most
+    DISCARD_READS reads (a client sending faster than that is read again after a wait, which
+    lets the others run); once its input ``ended``, only wait. INPUT_NONE, INPUT_SOME,
+    INPUT_ENDED, or INPUT_FAILED (reset: nothing more can be delivered)."""
     if ended:
         gevent.sleep(timeout)  # (the acknowledgements have no event of their own)
-        return True
+        return INPUT_ENDED
     try:
         wait_read(fd, timeout)
     except TimeoutError:  # (gevent's socket.timeout)
-        return False
+        return INPUT_NONE
     try:
-        while os.read(fd, DISCARD_READ):
-            pass
+        for _ in range(DISCARD_READS):
+            if not os.read(fd, DISCARD_READ):
+                return INPUT_ENDED
     except BlockingIOError:
-        return False
+        pass
     except OSError:
-        return None
-    return True
+        return INPUT_FAILED
+    return INPUT_SOME
 
+
+INPUT_NONE, INPUT_SOME, INPUT_ENDED, INPUT_FAILED = range(4)
+"""What :func:`_discard_input` found."""
+
+DISCARD_READS = 16
+"""Reads of a closing client's input in a row before it waits again (1 MiB at most)."""
 
 DISCARD_READ = 1 << 16
 """Bytes read at a time from a closing client's input, to be thrown away."""

@@ -573,7 +573,10 @@ class KeyValueServer:
             conn.session.abandoned = 0
         try:
             if conn.failed is None:
-                conn.flush(EOF_FLUSH_STALL, self._flush_deadline if self._closing else None)
+                # (no lingering close for a password guesser: nothing it is owed is worth 2 s
+                # of a file and a place under --max-clients)
+                deadline = self._flush_deadline if self._closing else None
+                conn.flush(EOF_FLUSH_STALL, deadline, linger=reason != "auth_failures")
         except (_Closing, _Idle):  # delivered late, while flushing: the client goes anyway
             pass
         finally:
