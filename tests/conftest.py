@@ -552,3 +552,13 @@ def answer(reply: bytes, gap: float = 0.0):
             pass
 
     return respond
+
+
+def small_buffer_socket(port: int, rcvbuf: int = 4096) -> socket.socket:
+    """A client socket connected to ``port`` with a small receive buffer (what it does not
+    read stays in the server, not in this kernel) and a 10 s timeout."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock

@@ -426,19 +426,19 @@ def test_pipe_gives_up_on_a_server_that_stopped(server_process, tmp_path, stdin_
     assert elapsed < 30
 
 
+def pipe_from(port: int, stdin: Any) -> subprocess.CompletedProcess:
+    """``run_client.py --pipe`` with ``stdin`` (an open file) as its standard input."""
+    command = [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), "--pipe"]
+    return subprocess.run(command, stdin=stdin, capture_output=True, timeout=60, cwd=ROOT)
+
+
 def test_pipe_from_a_file_whose_only_line_is_longer_than_a_chunk(port, tmp_path):
     """A regular file is read without waiting: a 2 MiB unterminated line (two reads, the
     first with no newline) is still sent, answered ERR line too long, and --pipe ends."""
     source = tmp_path / "input"
     source.write_bytes(b"PUT:long:" + b"a" * (2 << 20))
     with open(source, "rb") as stdin:
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), "--pipe"],
-            stdin=stdin,
-            capture_output=True,
-            timeout=30,
-            cwd=ROOT,
-        )
+        result = pipe_from(port, stdin)
     assert result.returncode == 1
     assert "sent 1 commands" in result.stdout.decode() and "1 errors" in result.stdout.decode()
     assert result.stderr == b"(error) ERR line too long\n"
@@ -986,13 +986,7 @@ def test_pipe_from_dev_null_sends_nothing_and_succeeds(port):
     an empty mass insertion, exit 0. (Before: "connection failed: Operation not permitted",
     exit 3, against a healthy server.)"""
     with open(os.devnull, "rb") as devnull:
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "run_client.py"), "--port", str(port), "--pipe"],
-            stdin=devnull,
-            capture_output=True,
-            timeout=60,
-            cwd=ROOT,
-        )
+        result = pipe_from(port, devnull)
     assert (result.returncode, result.stderr) == (0, b"")
     assert result.stdout.startswith(b"sent 0 commands")
 

@@ -8,7 +8,7 @@ import time
 
 import gevent
 import pytest
-from conftest import Peer, free_port, log_events, read_stats, wait_until
+from conftest import Peer, free_port, log_events, read_stats, small_buffer_socket, wait_until
 
 from kvgevent import KeyValueServer
 from kvgevent.client import Client
@@ -157,12 +157,9 @@ def test_a_client_reading_a_long_reply_is_not_idle_and_one_not_reading_is(make_s
     writer = connect(server.port)
     value = b"v" * (200 << 10)
     writer.request(b"".join(b"PUT:big:" + value + b"\n" for _ in range(20)))
-    reader, stuck = (socket.socket() for _ in range(2))
+    reader, stuck = (small_buffer_socket(server.port, 16384) for _ in range(2))
     try:
         for sock in (reader, stuck):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.settimeout(10)
-            sock.connect(("127.0.0.1", server.port))
             sock.sendall(b"GET:big\nPING\n")
         got = bytearray()
         while not got.endswith(b"PONG\n"):
@@ -191,10 +188,7 @@ def test_a_reply_cut_short_by_the_shutdown_counts_every_line_the_client_lost(
     server = make_server(queue_bytes=1 << 20)
     value = b"v" * (200 << 10)
     connect(server.port).request(b"".join(b"PUT:big:" + value + b"\n" for _ in range(40)))
-    reader = socket.socket()
-    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    reader.settimeout(10)
-    reader.connect(("127.0.0.1", server.port))
+    reader = small_buffer_socket(server.port, 16384)
     got = bytearray()
     try:
         reader.sendall(b"GET:big\nPING\n")

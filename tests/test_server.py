@@ -13,7 +13,7 @@ import gevent
 import gevent.event
 import gevent.socket
 import pytest
-from conftest import Peer, WrappedStore, log_events, read_stats, wait_until
+from conftest import Peer, WrappedStore, log_events, read_stats, small_buffer_socket, wait_until
 
 from kvgevent import KeyValueServer, MemoryStore, StoreError
 from kvgevent.server import server as server_module
@@ -667,13 +667,9 @@ def test_shutdown_lets_replies_reach_a_client_whose_writer_was_released(make_ser
     whose writer was released was closed at once with its PUTs unread, and the kernel reset
     the connection, throwing away the replies that had left: an attacker's pass, 5 of 7.)"""
     server = make_server()
-    server.store.put("big", b"v" * 100)
-    for _ in range(2999):
+    for _ in range(3000):
         server.store.put("big", b"v" * 100)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", server.port))
+    sock = small_buffer_socket(server.port, 4096)
     stop = gevent.event.Event()
 
     def puts() -> None:
@@ -712,10 +708,7 @@ def test_replies_thrown_away_with_an_evicted_client_are_counted(make_server, log
     server = make_server(queue_bytes=1 << 20)
     for _ in range(400):
         server.store.put("big", b"v" * 20_000)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", server.port))
+    sock = small_buffer_socket(server.port, 16384)
     got = bytearray()
     try:
         sock.sendall(b"GET:big\n")
