@@ -46,18 +46,18 @@ _OUTQ = getattr(termios, "TIOCOUTQ", None)
 
 def unread(sock: Any) -> int:
     """Bytes waiting in ``sock``'s receive queue (FIONREAD); 0 where unknown."""
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
-    except (OSError, ValueError):
-        return 0
+    return _queued(sock, termios.FIONREAD) or 0
 
 
 def unacknowledged(sock: Any) -> int | None:
     """Bytes ``sock`` has sent that the peer has not acknowledged, or None where unknown."""
-    if _OUTQ is None:
-        return None
+    return None if _OUTQ is None else _queued(sock, _OUTQ)
+
+
+def _queued(sock: Any, request: int) -> int | None:
+    """The int an ioctl ``request`` on ``sock`` gives (a queue's length), None if it fails."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0])
     except (OSError, ValueError):
         return None
 

@@ -583,7 +583,11 @@ class Connection:
         client pipelining requests lost megabytes of replies that had left, unseen and
         uncounted."""
         pending = unacknowledged(self.sock)
-        if pending is None or (not pending and not unread(self.sock)):  # (the usual close)
+        # Waiting for its close matters only if it sent what was not read (else nothing can
+        # make the kernel reset the connection): an idle client whose last reply awaits a
+        # delayed ACK is closed once that comes.
+        sent_input = unread(self.sock) > 0
+        if pending is None or not (pending or sent_input):  # (the usual close)
             return
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -591,10 +595,7 @@ class Connection:
             return
         fd = self.sock.fileno()
         progress_at = time.monotonic()
-        # Waiting for its close matters only if it sent what was not read (else nothing can
-        # make the kernel reset the connection): an idle client whose last reply awaits a
-        # delayed ACK is closed once that comes.
-        sent_input, ended = unread(self.sock) > 0, False
+        ended = False
         while pending or (sent_input and not ended):
             now = time.monotonic()
             left = stall - (now - progress_at)
