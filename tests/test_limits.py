@@ -282,6 +282,26 @@ def test_too_many_wrong_passwords_close_the_connection(make_server, connect, log
     assert drop["reason"] == "auth_failures"
 
 
+def test_a_client_closed_for_wrong_passwords_is_closed_at_once(make_server, connect, monkeypatch):
+    """A client dropped with input the server did not read gets a lingering close (its
+    replies are not reset away), which keeps its file and its place until it closes or
+    stops making progress; a password guesser is owed nothing worth that: it is closed at
+    once. (The stall is made long here so that a lingering close could not end in time.)"""
+    monkeypatch.setattr(server_module, "EOF_FLUSH_STALL", 60.0)
+    server = make_server(password="s3cret")
+    peer = connect(server.port)
+    peer.send(b"AUTH:guess\n" * 10)
+    peer.sock.setblocking(False)
+    try:  # what it pipelines after them stays unread in the server's kernel
+        while True:
+            peer.sock.send(b"PING\n" * 4096)
+    except BlockingIOError:
+        pass
+    peer.sock.settimeout(10)
+    assert peer.read_lines(10) == [b"ERR invalid password"] * 10
+    wait_until(lambda: server.count_dropped() == 1, 10, "the guesser was not closed at once")
+
+
 def test_auth_without_a_password_set(server, connect):
     assert connect(server.port).request(b"AUTH:x\n") == [b"ERR no password is set"]
 
