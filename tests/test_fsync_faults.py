@@ -210,7 +210,8 @@ def test_a_failed_fsync_is_never_acknowledged_and_a_rebuild_recovers(loop_disk):
     persistence failed' for the PING (the fsync failed), once aof_fsync_failed; STATS says
     aof_ok=0. Recovery attempts fail while the disk stays full, and meanwhile that client's
     PINGs keep getting the ERR (no later fsync counts for the write), its PUTs are refused,
-    and a client that neither wrote nor read gets PONG. Once the tmpfs is grown the log
+    and a client that neither wrote nor read gets PONG, also one whose only write was
+    refused. Once the tmpfs is grown the log
     recovers by a rebuild (aof_rewritten, reason recovery; aof_recovered), the PING is
     answered PONG and writes are accepted. After the filesystem is mounted again (what the
     device holds), a restart finds every acknowledged write, the write whose fsync failed
@@ -243,6 +244,12 @@ def test_a_failed_fsync_is_never_acknowledged_and_a_rebuild_recovers(loop_disk):
         peer.send(b"PUT:d:refused\nPING\n")
         assert peer.read_lines(2) == [ERR, ERR]
         assert watcher.request(b"") == []  # (a PING with nothing of its own to wait for)
+        refused = Peer(proc.port)  # its write refused changed nothing: its PING waits for no
+        try:  # one's (it got the ERR: the write of c, made before, is not durable)
+            refused.send(b"DELETE:nothing\nPING\n")
+            assert refused.read_lines(2) == [ERR, b"PONG"]
+        finally:
+            refused.close()
         stats = read_stats(watcher)
         assert stats["aof_ok"] == 0 and stats["aof_writes_refused"] >= 1
         assert len(events_named(proc, "aof_fsync_failed")) == 1, "logged more than once in one episode"

@@ -45,7 +45,7 @@ from kvgevent.config import (
     ROUND_TRIP_GETS,
     TURN_WORK,
 )
-from kvgevent.errors import KVError, ProtocolError
+from kvgevent.errors import KVError, ProtocolError, StoreError
 from kvgevent.logs import Logger
 from kvgevent.protocol import (
     COLON,
@@ -596,7 +596,10 @@ class Session:
             results, work = store.apply_some(run, TURN_WORK - self.work)
         except KVError as exc:  # failed as a whole: each command it was given, its ERR line
             return [exc.fresh()] * len(run), 0  # (the writes held back over the limit: refused next)
-        if store.needs_barrier:  # what this client's next PING waits for
+        # What this client's next PING waits for; not when the store refused every command
+        # (the log failing): they read and wrote nothing, so the PING after them waits for no
+        # one's writes (the writes of others that the position includes may never be synced).
+        if store.needs_barrier and not all(isinstance(result, StoreError) for result in results):
             self.write_mark = store.write_position()
         return results, work
 
