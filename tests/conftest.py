@@ -22,7 +22,7 @@ import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -311,9 +311,12 @@ class ServerProcess:
         port: int | None = None,
         script: Path = ROOT / "run_server.py",
         cwd: Path = ROOT,
+        prefix: Sequence[str] = (),
     ) -> None:
+        # ``prefix``: a command that execs the server (e.g. setpriv, to drop capabilities)
         self.port = port or free_port()
         self.args = [
+            *prefix,
             sys.executable,
             str(script),
             "--host",

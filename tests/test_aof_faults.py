@@ -16,6 +16,7 @@ counted, and after a restart every acknowledged write is there, in order, and no
 
 import os
 import resource
+import shutil
 import subprocess
 import threading
 import time
@@ -344,6 +345,52 @@ def test_a_compaction_that_does_not_fit_leaves_the_log_working(server_process, t
         peer.close()
     assert proc.stop() == 0
     assert_no_bug_reported(proc)
+
+
+DROP_OVERRIDES = "-dac_override,-dac_read_search,-fowner"
+"""Capabilities that let root write where its user may not: dropped, root is a service user."""
+
+
+@pytest.mark.parametrize("case", ["unwritable directory", "longest name"])
+def test_a_log_recovers_where_no_file_can_be_made_beside_it(server_process, tiny_disk, case):
+    """The recovery from a full disk used to write its probe in a new file beside the log
+    (``PATH.probe``). Where the server may write the log but not make files in its
+    directory (a root-owned /var/lib/kvgevent, the file given to the service's user: here a
+    directory of nobody's, the server root without the capabilities that override file
+    permissions, as setpriv drops them), or where the log's name leaves no room for the
+    suffix (255 bytes), every attempt failed: writes refused for ever after the disk had
+    room again, and no event said why (2/2 each, an auditor's runs). The probe is written
+    past the log's end now."""
+    disk = tiny_disk("2m")
+    prefix: tuple[str, ...] = ()
+    if case == "unwritable directory":
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to drop root's file capabilities")
+        path = disk.path / "kv.aof"
+        path.touch()
+        os.chown(disk.path, 65534, 65534)
+        disk.path.chmod(0o755)  # (a tmpfs's root is 1777)
+        prefix = (setpriv, f"--inh-caps={DROP_OVERRIDES}", f"--bounding-set={DROP_OVERRIDES}")
+    else:
+        path = disk.path / ("k" * 255)
+    proc = server_process("--aof", str(path), "--fsync", "always", prefix=prefix)
+    peer = Peer(proc.port)
+    try:
+        assert peer.request(b"PUT:a:1\n") == []
+        filler = disk.fill()
+        peer.send(b"PUT:b:" + b"v" * 20_000 + b"\nPING\n")
+        assert peer.read_lines(2) == [b"ERR persistence failed", b"PONG"]
+        filler.unlink()
+        wait_until(lambda: read_stats(peer)["aof_ok"] == 1, 10, "the log did not recover")
+        assert peer.request(b"PUT:c:1\nGET:a\nGET:b\nGET:c\n") == [b"a:1", b"c:1"]
+    finally:
+        peer.close()
+    assert proc.stop() == 0
+    assert_no_bug_reported(proc)
+    assert [len(events_named(proc, name)) for name in ("aof_write_failed", "aof_recovered")] == [1, 1]
+    replies, _ = after_restart(server_process, path, b"GET:a\nGET:b\nGET:c\n")
+    assert replies == [b"a:1", b"c:1"]
 
 
 def test_a_disk_with_room_for_small_writes_only_does_not_flap(server_process, tiny_disk):

@@ -17,10 +17,10 @@ Failures. A failed write or fsync opens an *episode* (logged once: ``aof_write_f
 go on) and a recovery greenlet retries on a timer with backoff (:data:`RETRY_MIN` doubling to
 :data:`RETRY_MAX`): cut any torn tail, make what was written durable (an fsync; after a
 failed fsync the kernel may have dropped the data, so only a rewrite of the whole file from
-the data in memory counts), then write and fsync a probe file beside the log, as big as the
-write that failed (:data:`PROBE_BYTES` to :data:`PROBE_MAX`), and extend the log by as much
-(a file-size limit). When every step succeeds the episode ends with one ``aof_recovered``
-event and writes are accepted again.
+the data in memory counts), then write and fsync as many bytes as the write that failed
+(:data:`PROBE_BYTES` to :data:`PROBE_MAX`) past the log's end, and cut them off again. When
+every step succeeds the episode ends with one ``aof_recovered`` event and writes are
+accepted again.
 
 Policies: ``always`` (:meth:`AppendOnlyLog.barrier` returns once a position is durable;
 concurrent callers share one fsync), ``everysec`` (a background fsync each second), ``no``
@@ -63,7 +63,7 @@ RELAPSE_WINDOW = 10.0
 so a disk that keeps failing again cannot turn into a stream of log events."""
 
 PROBE_BYTES = 64 << 10
-"""Least bytes the recovery writes and fsyncs in ``<path>.probe`` before writes are accepted
+"""Least bytes the recovery writes and fsyncs past the log's end before writes are accepted
 again; as many as the write that failed, if more..."""
 
 PROBE_MAX = 16 << 20
@@ -72,6 +72,7 @@ would otherwise recover and fail again at every attempt."""
 
 REWRITE_SUFFIX = ".rewrite"
 PROBE_SUFFIX = ".probe"
+"""(A scratch file earlier versions probed with: one a crash left is removed at start.)"""
 
 LOCK_TRIES = 3
 """Attempts to open and lock the log when another server's compaction keeps replacing the
@@ -492,26 +493,22 @@ class AppendOnlyLog:
 
     def _probe(self, failed_bytes: int) -> None:
         """Write and fsync as many bytes as the write that failed (at least PROBE_BYTES, at
-        most PROBE_MAX) in a scratch file beside the log, then remove it: the disk takes
-        such a write again. Then extend the log itself by as much (sparse, no data) and cut
-        it back: a file-size limit (RLIMIT_FSIZE, systemd's ``LimitFSIZE=``; a filesystem's
-        largest file) fails the log's writes with EFBIG while a new small file passes, and
-        the log would recover and fail again at every attempt. (A crash between the two
-        leaves a tail of NUL bytes: a torn tail, cut at start.) Raises OSError."""
-        path = self.path + PROBE_SUFFIX
+        most PROBE_MAX) past the log's end, then cut them off: the log takes such a write
+        again. In the log itself, not in a file beside it: a file-size limit
+        (RLIMIT_FSIZE, systemd's ``LimitFSIZE=``; a filesystem's largest file) fails the
+        log's writes with EFBIG while a new small file passes, and a directory the server
+        may not create files in, or a path with no room for a suffix, would fail every
+        attempt for ever. (A crash before the cut leaves a tail of NUL bytes: a torn tail,
+        cut at start.) Raises OSError."""
         size = min(max(PROBE_BYTES, failed_bytes), PROBE_MAX)
         fd, end = self.fd, self.size  # (no write moves them while the log is failing)
 
         def probe() -> None:
-            scratch = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                pwrite_all(scratch, [bytes(size)], 0)
-                os.fsync(scratch)
+                pwrite_all(fd, [bytes(size)], end)
+                os.fsync(fd)
             finally:
-                os.close(scratch)
-                os.unlink(path)
-            os.ftruncate(fd, end + size)
-            os.ftruncate(fd, end)
+                os.ftruncate(fd, end)
 
         in_thread(probe)
 
