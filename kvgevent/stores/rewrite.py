@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 import zlib
 from collections.abc import Sequence
@@ -182,8 +183,17 @@ class Rewrite:
             os.unlink(self.temporary)  # a fresh file, even if a failed switch left this name
         except FileNotFoundError:
             pass
-        self.fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         lock(self.fd)  # (renamed over the log's path: locked as the log is)
+        # It takes the log's place: its permissions and owner too (an operator's 0600 log,
+        # owned by the service's user, must not come back readable by all, owned by root).
+        log = os.fstat(self.aof.fd)
+        os.fchmod(self.fd, stat.S_IMODE(log.st_mode))
+        if (log.st_uid, log.st_gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.fchown(self.fd, log.st_uid, log.st_gid)
+            except PermissionError:  # (not root: the file stays ours, as a new log would be)
+                pass
 
     def _check(self, writing: int = 0) -> None:
         """Stop unless the compaction should go on and ``writing`` more bytes leave the disk
