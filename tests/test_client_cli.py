@@ -38,6 +38,19 @@ def port(server_process):
 # --- one-shot commands -------------------------------------------------------------------------
 
 
+def test_a_password_that_is_not_utf8_works_from_the_command_line_and_the_environment(server_process):
+    """The server takes a password's bytes as given, bytes that are not UTF-8 too; the client
+    failed on those with a UnicodeEncodeError traceback (exit 1), from --password and from
+    KVGEVENT_PASSWORD alike (an auditor's runs, 2/2 each)."""
+    password = os.fsdecode(b"\xffpw")  # (as Python gives such bytes of argv and environ)
+    proc = server_process("--password", password)
+    for args, env in ((["--password", password], None), ([], {"KVGEVENT_PASSWORD": password})):
+        result = client(proc.port, *args, "put", "k", "v", env=env)
+        assert (result.returncode, result.stderr) == (0, b"")
+    result = client(proc.port, "--password", os.fsdecode(b"\xfepw"), "get", "k")
+    assert (result.returncode, result.stdout) == (1, b"")
+
+
 def test_one_shot_commands_and_raw_output(port):
     """put/get/update/delete as words; piped output is one value per line and nothing else."""
     assert client(port, "put", "fruit", "apple").returncode == 0

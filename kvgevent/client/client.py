@@ -71,11 +71,13 @@ _VALUE, _PONG, _OK, _ERROR, _OTHER = ReplyKind
 
 
 def to_bytes(data: bytes | str, what: str = "value") -> bytes:
-    """Keys and values may be given as ``str`` (sent as UTF-8) or ``bytes``."""
+    """Keys and values may be given as ``str`` (sent as UTF-8) or ``bytes``. A ``str`` from
+    the command line or the environment holds bytes that are not UTF-8 as surrogate escapes
+    (as Python decodes them): sent as those bytes, as ``os.fsencode`` gives them back."""
     if isinstance(data, bytes):
         return data
     if isinstance(data, str):
-        return data.encode()
+        return data.encode("utf-8", "surrogateescape")
     raise InvalidArgument(f"a {what} must be bytes or str, not {type(data).__name__}")
 
 
