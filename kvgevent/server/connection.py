@@ -89,6 +89,7 @@ class Connection:
         "patience",
         "dropping",
         "waiting",
+        "executing",
         "room",
         "messages_dropped",
         "failed",
@@ -157,6 +158,7 @@ class Connection:
         self.patience = 1  # READER_IDLE periods parked in recv before the reader is released
         self.dropping = False  # inside an episode of dropped replies
         self.waiting = False  # the reader waits for room; the writer must signal it
+        self.executing = False  # the reader is in a batch (KeyValueServer._execute), not in a read
         self.room: gevent.event.Event | None = None
         self.messages_dropped = 0
         self.failed: str | None = None  # why writing failed, once it has

@@ -145,6 +145,17 @@ def _throw_if_waiting(reader: Any, exc: type[Exception]) -> None:
         reader.throw(exc)
 
 
+def _close_if_waiting(conn: Connection) -> None:
+    """At shutdown: raise :class:`_Closing` in ``conn``'s reader if it waits for the client
+    (its input, or room for its replies). One in the middle of a batch (a Redis round trip,
+    the disk's fsync for a PING, a turn) is left to finish it: those replies are owed (they
+    were thrown away, uncounted, and the PUT waiting on Redis never made, in an auditor's
+    runs), and it sees the shutdown at the batch's end (:meth:`KeyValueServer._execute`)."""
+    reader = conn.reader
+    if reader.gr_frame is not None and (conn.waiting or not conn.executing):
+        reader.throw(_Closing)
+
+
 class _Listener(PausingListener):
     """gevent's StreamServer, spawning the handler itself (in the pool) rather than through
     gevent's wrapper that calls it with ``*args`` and closes the socket after it: that call
@@ -449,14 +460,7 @@ class KeyValueServer:
             for helper in helpers:
                 if helper is not None:
                     helper.kill()
-            for conn in list(self._conns.values()):
-                if conn.reading:
-                    self._interrupt(conn, _Closing)
-                elif conn.dormant:
-                    self._wake(conn, _Closing())
-            self._pool.join(timeout=flush_timeout + 1.0)
-            self._pool.kill(block=True, timeout=1.0)
-            self._writers.kill(block=True, timeout=1.0)
+            self._close_clients(flush_timeout)
             if self.store.shared:
                 self._publish_final_counts()
             self.store.close()
@@ -476,6 +480,24 @@ class KeyValueServer:
             )
         finally:
             self._closed.set()  # even if something above failed: a later close() must not hang
+
+    def _close_clients(self, flush_timeout: float) -> None:
+        """Close every client: those waiting for input (or room) at once, those in the middle
+        of a batch once it is done (:func:`_close_if_waiting`), each flushed until the
+        deadline; then a batch still waiting on the store is interrupted, and after one more
+        second whatever is left is killed."""
+        for conn in list(self._conns.values()):
+            if conn.reading:
+                gevent.get_hub().loop.run_callback(_close_if_waiting, conn)
+            elif conn.dormant:
+                self._wake(conn, _Closing())
+        self._pool.join(timeout=flush_timeout)
+        for conn in list(self._conns.values()):
+            if conn.reading:
+                self._interrupt(conn, _Closing)
+        self._pool.join(timeout=1.0)
+        self._pool.kill(block=True, timeout=1.0)
+        self._writers.kill(block=True, timeout=1.0)
 
     # --- one client -------------------------------------------------------------------------
 
@@ -806,12 +828,18 @@ class KeyValueServer:
         histogram."""
         waited = STORE_WAIT.get()
         began = time.perf_counter()
-        actions = conn.session.handle(items)
-        if actions.__class__ is list:  # the usual case: reply lines, and nothing to wait for
-            if actions:
-                conn.send_lines(actions)
-        else:
-            self._drive(conn, actions)
+        conn.executing = True
+        try:
+            actions = conn.session.handle(items)
+            if actions.__class__ is list:  # the usual case: reply lines, and nothing to wait for
+                if actions:
+                    conn.send_lines(actions)
+            else:
+                self._drive(conn, actions)
+        finally:
+            conn.executing = False
+        if self._closing:  # (close() let this batch finish: see _close_if_waiting)
+            raise _Closing
         elapsed = time.perf_counter() - began
         # This client's waits on the store (Redis round trips) did not hold the loop.
         conn.heavy = elapsed - (STORE_WAIT.get() - waited) >= HEAVY_TURN
@@ -856,8 +884,12 @@ class KeyValueServer:
                 conn.drop(action.lines)
             else:  # (it is gone: lost, but no episode of a full queue)
                 conn.count_lost(action.lines)
-        elif kind is Sleep:
-            gevent.sleep(action.seconds)
+        elif kind is Sleep:  # (an AUTH held back: a shutdown interrupts it, as a read)
+            conn.executing = False
+            try:
+                gevent.sleep(action.seconds)
+            finally:
+                conn.executing = True
         elif kind is Close:
             raise _Closed(action.reason)
         else:
