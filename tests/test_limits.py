@@ -176,6 +176,27 @@ def test_a_client_reading_a_long_reply_is_not_idle_and_one_not_reading_is(make_s
         stuck.close()
 
 
+def test_a_client_whose_requests_the_server_has_not_read_yet_is_not_idle(make_server, connect):
+    """idle_timeout 1 s, queues of 64 KiB: a client sends 3,000 GETs of a key of ten 1 kB
+    values, then a PUT, in one write, and reads nothing. The server is behind its input (the
+    reader waits for room, then drops replies and reads on): the client's silence is not its
+    own, and its PUT must be applied before it is closed as idle. (Before, it was closed as
+    idle while its reader waited for room, its unread requests thrown away: 0 of 300 such
+    PUTs applied in an auditor's runs.)"""
+    server = make_server(idle_timeout=1.0, queue_bytes=64 << 10)
+    watcher = connect(server.port)
+    watcher.request(b"".join(b"PUT:k:" + b"v" * 1000 + b"\n" for _ in range(10)))
+    stuck = small_buffer_socket(server.port)
+    try:
+        stuck.sendall(b"GET:k\n" * 3000 + b"PUT:marker:sent\n")
+        wait_until(lambda: watcher.request(b"GET:marker\n") == [b"marker:sent"], 30, "the PUT was lost")
+        # (then both are closed as idle: the stuck one, read to its end, and the watcher)
+        wait_until(lambda: server.count_active() == 0, 20, "the stuck client was not closed as idle")
+        assert server.stats()["idle_closed"] == 2
+    finally:
+        stuck.close()
+
+
 def test_a_reply_cut_short_by_the_shutdown_counts_every_line_the_client_lost(
     make_server, connect, log_stream
 ):

@@ -623,6 +623,17 @@ class Connection:
         self.messages_dropped += count
         self.counters.messages_dropped += count
 
+    def awaiting_input(self) -> bool:
+        """For the idle sweep: whether the reader waits for the client's input (parked in
+        ``recv``, nothing unread). One busy elsewhere (a batch, room for its replies, its
+        turn) has the client's requests still to read: the silence is the server's, and a
+        client closed then lost the writes it had sent (an auditor's runs: 0 of 300)."""
+        io = self.io
+        parked = getattr(io, "parked_reading", None)
+        if parked is not None and not parked():
+            return False
+        return unread(self.sock) == 0
+
     def receiving(self) -> bool | None:
         """For the idle sweep: whether replies are on their way to the client and it took
         some since the sweep's last look (None: replies are on their way, and this is the

@@ -932,6 +932,9 @@ class KeyValueServer:
                         conn.last_seen = now
                     continue
                 if conn.reading and conn.last_seen < limit:
+                    if not conn.awaiting_input():  # (its requests wait for the server)
+                        conn.last_seen = now
+                        continue
                     conn.reading = False
                     self._interrupt(conn, _Idle)
                 elif conn.dormant and conn.last_seen < limit:
