@@ -102,7 +102,8 @@ class TlsStream:
                 with self._tls_lock:
                     while total < size:
                         chunk = self._tls.read(size - total)
-                        if not chunk:
+                        if not chunk:  # the peer's close_notify (SSLObject returns b"" for it)
+                            self._eof = True
                             break
                         chunks.append(chunk)
                         total += len(chunk)
@@ -110,7 +111,11 @@ class TlsStream:
                 pass
             except ssl.SSLZeroReturnError:  # the peer's close_notify
                 self._eof = True
-            if self._outgoing.pending:
+            # Sent now unless the writer is sending (it may wait for a client that does not
+            # read): its next send takes these bytes first, in order. Waiting for it held a
+            # reader that had an alert to send (a refused renegotiation) from seeing the end
+            # of the stream.
+            if self._outgoing.pending and not self._send_lock.locked():
                 self._flush()
             if chunks:
                 return b"".join(chunks)
@@ -129,6 +134,18 @@ class TlsStream:
                     ciphertext = self._outgoing.read()
                 self.sock.sendall(ciphertext)
                 del ciphertext
+
+    def close_notify(self) -> bytes:
+        """Make this side's close_notify alert (nothing can be sent after it) and return its
+        ciphertext, for the caller to send if it can; b"" if the session cannot make one."""
+        with self._tls_lock:
+            try:
+                self._tls.unwrap()
+            except ssl.SSLWantReadError:  # (it waits for the peer's: ours is made)
+                pass
+            except (ssl.SSLError, ValueError):
+                return b""
+            return self._outgoing.read()
 
     def _fill(self) -> bool:
         """Read ciphertext from the socket into the TLS engine; False at end of stream."""
@@ -157,3 +174,6 @@ class _NoLock:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+    def locked(self) -> bool:
+        return False

@@ -352,6 +352,34 @@ def test_tls_round_trip_with_the_client_library(make_server, certs):
         assert len(pipe.results[-1]) == 10_000
 
 
+def test_a_tls_client_that_ends_its_session_gets_the_servers_close_notify(make_server, certs, log_stream):
+    """A client that ends the TLS session properly (``unwrap``: its close_notify, then it waits
+    for the server's) after a big reply and a PONG: the server reads the close_notify as the
+    end of the stream, sends its own after the last reply, and drops the client (reason
+    closed). Before, the close_notify was not taken for the end: the server sent nothing,
+    and the client waited until its own timeout, its file and place kept meanwhile (2/2 in
+    an auditor's runs)."""
+    server = make_server(tls=certs.server)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        tls = certs.client.wrap_socket(raw, server_hostname="127.0.0.1")
+        tls.sendall(b"PUT:k:" + b"v" * 100_000 + b"\nGET:k\nPING\n")
+        got = bytearray()
+        while not got.endswith(b"PONG\n"):
+            chunk = tls.recv(1 << 16)
+            assert chunk, f"closed after {len(got)} bytes"
+            got += chunk
+        assert got == b"k:" + b"v" * 100_000 + b"\nPONG\n"
+        plain = tls.unwrap()  # (raises, or times out after 10 s, without the server's close_notify)
+        assert plain.recv(10) == b""
+        plain.close()
+    finally:
+        raw.close()
+    wait_until(lambda: server.count_dropped() == 1)
+    (drop,) = [e for e in log_events(log_stream) if e["event"] == "client_dropped"]
+    assert drop["reason"] == "closed"
+
+
 def test_plain_client_on_the_tls_port_is_one_log_event(make_server, certs, log_stream):
     """A plain-TCP client is dropped with one JSON event (no traceback); TLS clients go on."""
     server = make_server(tls=certs.server)

@@ -545,11 +545,24 @@ class Connection:
         if writer is not None and not writer.dead:
             self._wait_for_writer(writer, stall, deadline)
         if writer is None or writer.dead:  # (all left the queue; or released while idle)
+            if self.failed is None and self.stream is not self.io:
+                self._close_notify()
             if self.failed is None and linger:
                 self._linger(stall, deadline)
             return
         self.count_lost(self.queued_lines + self._unsent_lines())  # queued, or in a send that will not end
         writer.kill(block=True)
+
+    def _close_notify(self) -> None:
+        """TLS: send this side's close_notify after the last reply, if the kernel takes it at
+        once (a client that does not read is not waited for): a client that ends the session
+        properly (``SSLSocket.unwrap``) waits for it."""
+        alert = self.stream.close_notify()
+        if alert:
+            try:
+                os.write(self.sock.fileno(), alert)  # (the socket is non-blocking: never waits)
+            except OSError:
+                pass
 
     def _wait_for_writer(self, writer: Greenlet, stall: float, deadline: float | None) -> None:
         """Queue the end of the stream and wait for the writer to send everything before it:
