@@ -1442,6 +1442,56 @@ def test_requests_queued_behind_a_stalled_round_trip_wait_one_timeout_not_two(tm
         redis.kill()
 
 
+def test_during_a_stall_only_one_request_waits_for_each_try_the_others_fail_at_once(tmp_path):
+    """A real stall (SIGSTOP) of 5 s, the store's timeout 2 s, eight clients each sending a
+    GET as soon as the last was answered. Once the outage began, each try of Redis (a new
+    connection: a stalled Redis accepts it, then answers nothing) is one request, which
+    waits the timeout; the others fail at once. Before, every request that came during a try
+    waited with it: most ERR came late, and some a second timeout after the first (4 s with
+    a 2 s timeout, 5/5 in an auditor's runs)."""
+    import os
+    import signal
+
+    redis = RedisProcess(tmp_path)
+    server = KeyValueServer(RedisStore(redis.url, prefix="t:", timeout=2.0))
+    server.start(0)
+    peers = [Peer(server.port, timeout=15) for _ in range(8)]
+    stop = gevent.event.Event()
+    timings: list[tuple[float, list[bytes]]] = []
+
+    def client(peer: Peer) -> None:
+        while not stop.is_set():
+            began = time.monotonic()
+            reply = peer.request(b"GET:k\n")
+            timings.append((time.monotonic() - began, reply))
+
+    try:
+        assert peers[0].request(b"PUT:k:v\n") == []
+        clients = [gevent.spawn(client, peer) for peer in peers]
+        wait_until(lambda: len(timings) > 50, timeout=10)
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            gevent.sleep(5.0)  # (the fault's length, not a synchronisation)
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        wait_until(lambda: timings[-1][1] == [b"k:v"], timeout=15)
+        stop.set()
+        gevent.joinall(clients, raise_error=True)
+    finally:
+        stop.set()
+        for peer in peers:
+            peer.close()
+        server.close()
+        redis.kill()
+    failed = sorted(took for took, reply in timings if reply == [UNAVAILABLE])
+    # The first timeout catches the eight in flight; then one request for each try (at
+    # most three in 3 s: the first 0.05 s after the failure, each lasting 2 s). Before: the
+    # eight clients each waited for every try (16 in all, then 8 more per try).
+    waited = [took for took in failed if took > 1.0]
+    assert len(waited) <= len(peers) + 3, f"requests waited for a try: {waited}"
+    assert max(took for took, _ in timings) < 3.2, "an ERR came a second timeout late"
+
+
 def test_connections_redis_closed_while_idle_are_replaced_before_use(tmp_path, log_stream):
     """A real Redis ``timeout 1`` closes the store's connections while they are idle: the
     next requests, and /readyz's PING, find them closed before use and connect anew, so

@@ -6,7 +6,10 @@ An outage of a node begins with the first command that could not reach it (``sto
 with the node and the error). Until the node answers, the store tries it again only RETRY_MIN
 seconds after the failure, doubling up to RETRY_MAX (with jitter), and fails the commands for
 it at once otherwise: a dead node costs neither a connect per command nor a log line per
-command. The first command it answers lets every command through again; the outage is over
+command. One call is the try; the others fail at once until its outcome (or ``try_limit``
+seconds): a stalled Redis accepts connections and answers nothing, so each try lasts a whole
+timeout, and every command that came meanwhile waited with it. The first command it answers
+lets every command through again; the outage is over
 (``store_recovered``, with how long the node failed and how many commands failed meanwhile)
 once it has answered for ``settle`` seconds with no command failing. A failure before then
 is the same outage going on, not a new one: a Redis whose writes are paused (``CLIENT PAUSE
@@ -70,6 +73,8 @@ class Outage:
     delay: float = RETRY_MIN
     retry_at: float = 0.0
     answered: float = 0.0  # when the node first answered since its last failure (0: not yet)
+    trying_until: float = 0.0  # a try is on its way until its outcome, or this time at most
+    passing: bool = False  # it answered other calls as one failed: every command goes (no tries)
 
 
 class RedisHealth:
@@ -83,9 +88,11 @@ class RedisHealth:
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[float, float], float] = random.uniform,
         settle: float = 0.0,
+        try_limit: float = 10.0,
     ) -> None:
         self.log = log
         self.settle = settle
+        self.try_limit = try_limit  # (the store's timeout: a try has its outcome by then)
         self.clock = clock
         self.jitter = jitter
         self.outages: dict[str, Outage] = {}
@@ -96,9 +103,30 @@ class RedisHealth:
 
     def waiting(self, node: str) -> bool:
         """True while ``node`` is in an outage, has not answered since it failed, and is not
-        due for another try."""
+        due for another try, or a call is that try (:meth:`trying`)."""
         outage = self.outages.get(node)
-        return outage is not None and not outage.answered and self.clock() < outage.retry_at
+        if outage is None or outage.answered or outage.passing:
+            return False
+        now = self.clock()
+        return now < outage.retry_at or now < outage.trying_until
+
+    def trying(self, nodes: set[str]) -> None:
+        """A call to ``nodes`` goes now (none of them :meth:`waiting`): for a node in an
+        outage it is the try, and the calls after it fail at once until :meth:`tried` (or
+        ``try_limit`` seconds)."""
+        now = self.clock()
+        for node in nodes:
+            outage = self.outages.get(node)
+            if outage is not None and not (outage.answered or outage.passing):
+                outage.trying_until = now + self.try_limit
+
+    def tried(self, nodes: set[str]) -> None:
+        """A call to ``nodes`` ended (the try of one in an outage, perhaps): the next call
+        due is the next try (whatever the outcome: a failure set when, an answer let all in)."""
+        for node in nodes:
+            outage = self.outages.get(node)
+            if outage is not None:
+                outage.trying_until = 0.0
 
     def skipped(self, node: str, commands: int) -> None:
         """``commands`` failed at once, unsent: ``node`` is not due for another try."""
@@ -120,6 +148,7 @@ class RedisHealth:
         elif outage.answered:  # failing again before the outage was over: the same one, begun anew
             outage.answered, outage.delay, outage.retry_at = 0.0, RETRY_MIN, 0.0
         outage.failed += commands
+        outage.trying_until, outage.passing = 0.0, answering
         if answering:  # (no next try to wait for: every command is sent)
             outage.retry_at = 0.0
             return

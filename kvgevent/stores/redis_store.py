@@ -179,7 +179,8 @@ class RedisStore(KVStore):
         self.url = url
         self.prefix = prefix.encode()
         self.log = log if log is not None else get_logger()
-        self.health = RedisHealth(self.log, settle=timeout + RECOVERY_SETTLE)
+        settle = timeout + RECOVERY_SETTLE  # (also how long a try of a node in an outage may take)
+        self.health = RedisHealth(self.log, settle=settle, try_limit=settle)
         self.node = redacted_url(url)  # the node's name in logs (a cluster names each of its nodes)
         scheme = urlparse(url).scheme
         self.cluster = scheme == "redis+cluster"
@@ -597,6 +598,7 @@ class RedisStore(KVStore):
                 for node in nodes:
                     health.skipped(node, commands)
                 raise ERR_UNAVAILABLE.fresh()
+            health.trying(nodes)  # (ended in the finally below)
         asked = health.clock()
         try:
             result = function(*args, **kwargs)
@@ -604,6 +606,8 @@ class RedisStore(KVStore):
             raise self._failure(exc, self._nodes(keys), commands, asked).fresh() from None
         finally:
             STORE_WAIT.set(STORE_WAIT.get() + health.clock() - asked)
+            if health.outages:  # (if this call was a node's try, its outcome is known now)
+                health.tried(self._nodes(keys))
         if health.outages and not per_command:
             for node in self._nodes(keys):
                 health.up(node, asked)
