@@ -107,7 +107,8 @@ class MemoryGuard:
     libraries; measured by :meth:`calibrate` as the RSS minus the store's bytes) plus what the
     store reports holding (:meth:`~kvgevent.stores.base.KVStore.memory_used`), plus ``buffered`` (the
     bytes every client holds: an incomplete request line, queued and in-flight replies, kept
-    up to date by the connections), plus CONNECTION_COST per connection.
+    up to date by the connections), plus ``connection_cost`` per connection (CONNECTION_COST,
+    and TLS_CONNECTION_COST more over TLS).
 
     Connections add to ``buffered`` and, when it passes ``mark``, call :meth:`check`, which
     wakes :meth:`run` when the server is over the limit; :meth:`run` then asks the server to
@@ -116,10 +117,18 @@ class MemoryGuard:
     one ``max_memory_reached`` and one ``max_memory_ok``.
     """
 
-    def __init__(self, limit: int, store: Any, connections: Callable[[], int], log: Logger) -> None:
+    def __init__(
+        self,
+        limit: int,
+        store: Any,
+        connections: Callable[[], int],
+        log: Logger,
+        connection_cost: int = CONNECTION_COST,
+    ) -> None:
         self.limit = limit
         self.store = store
         self.connections = connections
+        self.connection_cost = connection_cost  # (more over TLS: TLS_CONNECTION_COST)
         self.log = log
         self.base = 0
         self.buffered = 0
@@ -141,7 +150,8 @@ class MemoryGuard:
             self.base = rss * 1024 - self.store.memory_used()
 
     def used(self) -> int:
-        return self.base + self.store.memory_used() + self.buffered + CONNECTION_COST * self.connections()
+        connections = self.connection_cost * self.connections()
+        return self.base + self.store.memory_used() + self.buffered + connections
 
     def over(self) -> bool:
         """True while a limit is set and the memory in use is above it (sets ``queue_cap``)."""

@@ -39,6 +39,7 @@ from kvgevent.config import (
     ACCEPT_FAILED_QUIET,
     AUTH_MAX_LINE,
     AUTH_SWEEP_INTERVAL,
+    CONNECTION_COST,
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -60,6 +61,7 @@ from kvgevent.config import (
     REJECTED_QUIET,
     REPLY_CHUNK,
     REPORT_INTERVAL,
+    TLS_CONNECTION_COST,
     TLS_HANDSHAKE_TIMEOUT,
     TURN_BYTES,
     WRITER_IDLE,
@@ -264,7 +266,8 @@ class KeyValueServer:
         self._sweeper: gevent.Greenlet | None = None
         self._turns = Turns()
         self._conns: dict[int, Connection] = {}
-        self.memory = MemoryGuard(max_memory, self.store, self._conns.__len__, self.log)
+        cost = CONNECTION_COST + (TLS_CONNECTION_COST if tls is not None else 0)
+        self.memory = MemoryGuard(max_memory, self.store, self._conns.__len__, self.log, cost)
         self.auth_throttle = AuthThrottle()
         self._shared = Shared(
             self.store, self.counters, self._password, self.stats, self.memory, self.auth_throttle, self.log
