@@ -51,6 +51,20 @@ def test_a_password_that_is_not_utf8_works_from_the_command_line_and_the_environ
     assert (result.returncode, result.stdout) == (1, b"")
 
 
+@pytest.mark.parametrize("mode", [["ping"], ["bench", "-n", "1"]])
+def test_a_tls_ca_that_cannot_be_used_is_a_usage_error_naming_it(tmp_path, mode):
+    """--tls-ca naming no file, or a file with no certificate: a usage error (exit 2) that
+    names the file. Before: "[Errno 2] No such file or directory" without the path, or
+    OpenSSL's "[X509: NO_CERTIFICATE_OR_CRL_FOUND] ... (_ssl.c:4154)", and exit 3, which
+    says the server could not be reached (no server is needed to tell)."""
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    for path, why in ((tmp_path / "absent.pem", b"No such file"), (empty, b"no CA certificate")):
+        result = client(free_port(), "--tls-ca", str(path), *mode)
+        assert result.returncode == 2, result
+        assert b"--tls-ca " + str(path).encode() + b": " + why in result.stderr, result.stderr
+
+
 def test_one_shot_commands_and_raw_output(port):
     """put/get/update/delete as words; piped output is one value per line and nothing else."""
     assert client(port, "put", "fruit", "apple").returncode == 0

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvgevent.args import check_env, positive_int, program_name
-from kvgevent.client.cli import add_connection_options, client_for, tls_choice
+from kvgevent.client.cli import add_connection_options, check_tls_ca, client_for, tls_choice
 from kvgevent.client.client import Client
 from kvgevent.client.commands import escape_line
 from kvgevent.protocol import ReplyKind, classify_reply
@@ -349,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     check_env(parser, opts)
+    check_tls_ca(parser, opts)
     tests = [t.strip().lower() for t in opts.tests.split(",") if t.strip()]
     unknown = [t for t in tests if t not in TESTS]
     if unknown:

@@ -128,6 +128,20 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return client_context(cafile, verify=verify)
 
 
+def check_tls_ca(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A --tls-ca that cannot be read, or holds no certificate, is a usage error (exit 2),
+    said with its path: before, a bare "[Errno 2] No such file or directory" or OpenSSL's
+    "[X509: NO_CERTIFICATE_OR_CRL_FOUND]", and exit 3 (the server cannot be reached)."""
+    if not args.tls_ca:
+        return
+    try:
+        client_context(args.tls_ca)
+    except ssl.SSLError as exc:
+        parser.error(f"--tls-ca {args.tls_ca}: no CA certificate (PEM) in it ({exc.reason or exc})")
+    except OSError as exc:
+        parser.error(f"--tls-ca {args.tls_ca}: {exc.strerror or exc}")
+
+
 def client_for(args: argparse.Namespace) -> Client:
     """A client for the options' server, not connected yet."""
     timeout = args.timeout or None  # 0: no limit
@@ -202,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_env(parser, args)
+    check_tls_ca(parser, args)
     if args.request and (args.pipe or args.stat or args.latency):
         parser.error("--pipe, --stat and --latency take no COMMAND")
     try:
