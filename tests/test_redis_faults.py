@@ -1492,6 +1492,48 @@ def test_during_a_stall_only_one_request_waits_for_each_try_the_others_fail_at_o
     assert max(took for took, _ in timings) < 3.2, "an ERR came a second timeout late"
 
 
+def test_after_a_restart_with_writes_paused_reads_have_a_try_of_their_own(tmp_path):
+    """Redis killed, restarted and its writes paused at once (CLIENT PAUSE WRITE, as in a
+    failover), the store's timeout 5 s; a client writing, then one reading. The outage's
+    try is a write, which Redis holds: the reads, with a try of their own, are answered
+    once their try is due (and their answer lets every command through). With one try for
+    all, the reads failed at once until the write's try timed out, and then as long as the
+    next try was a write (an attacker's runs: 122 failed reads in a 12 s pause)."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    server = KeyValueServer(RedisStore(redis.url, prefix="rw:", timeout=5.0))
+    server.start(0)
+    writer, reader = Peer(server.port, timeout=15), Peer(server.port, timeout=15)
+    stop = gevent.event.Event()
+
+    def write() -> None:
+        while not stop.is_set():
+            writer.request(b"PUT:w:v\n")
+
+    try:
+        assert reader.request(b"PUT:r:v\nGET:r\n") == [b"r:v"]
+        redis.kill()
+        writing = gevent.spawn(write)  # (its writes fail: the outage begins)
+        gevent.sleep(1.0)  # (the outage's length, not a synchronisation)
+        redis.start()
+        admin = redis_py.Redis(port=redis.port)
+        admin.execute_command("CLIENT", "PAUSE", "8000", "WRITE")
+        gevent.sleep(0.5)  # (the writes' try comes first: not a synchronisation)
+        began = time.monotonic()
+        wait_until(lambda: reader.request(b"GET:r\n") == [], 10, "no read answered")  # (the data is gone)
+        answered = time.monotonic() - began
+        assert answered < 3.0, f"the first read answered after {answered:.1f} s"  # (4.5 s and more before)
+        stop.set()
+        writing.join(timeout=15)
+    finally:
+        stop.set()
+        writer.close()
+        reader.close()
+        server.close()
+        redis.kill()
+
+
 def test_connections_redis_closed_while_idle_are_replaced_before_use(tmp_path, log_stream):
     """A real Redis ``timeout 1`` closes the store's connections while they are idle: the
     next requests, and /readyz's PING, find them closed before use and connect anew, so

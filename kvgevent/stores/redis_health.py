@@ -6,9 +6,10 @@ An outage of a node begins with the first command that could not reach it (``sto
 with the node and the error). Until the node answers, the store tries it again only RETRY_MIN
 seconds after the failure, doubling up to RETRY_MAX (with jitter), and fails the commands for
 it at once otherwise: a dead node costs neither a connect per command nor a log line per
-command. One call is the try; the others fail at once until its outcome (or ``try_limit``
-seconds): a stalled Redis accepts connections and answers nothing, so each try lasts a whole
-timeout, and every command that came meanwhile waited with it. The first command it answers
+command. One call is the try (one of reads only, and one with writes: a Redis that holds
+writes answers reads); the others fail at once until its outcome (or ``try_limit`` seconds): a
+stalled Redis accepts connections and answers nothing, so each try lasts a whole timeout, and
+every command that came meanwhile waited with it. The first command it answers
 lets every command through again; the outage is over
 (``store_recovered``, with how long the node failed and how many commands failed meanwhile)
 once it has answered for ``settle`` seconds with no command failing. A failure before then
@@ -74,6 +75,7 @@ class Outage:
     retry_at: float = 0.0
     answered: float = 0.0  # when the node first answered since its last failure (0: not yet)
     trying_until: float = 0.0  # a try is on its way until its outcome, or this time at most
+    reading_until: float = 0.0  # the same for a try of reads only (see RedisHealth.trying)
     passing: bool = False  # it answered other calls as one failed: every command goes (no tries)
 
 
@@ -101,31 +103,43 @@ class RedisHealth:
         self.unavailable = 0  # commands failed because a node was unreachable
         self.errors = 0  # commands failed with an error reply
 
-    def waiting(self, node: str) -> bool:
+    def waiting(self, node: str, reads_only: bool = False) -> bool:
         """True while ``node`` is in an outage, has not answered since it failed, and is not
-        due for another try, or a call is that try (:meth:`trying`)."""
+        due for another try, or a call of the same kind (``reads_only`` or not) is that try
+        (:meth:`trying`)."""
         outage = self.outages.get(node)
         if outage is None or outage.answered or outage.passing:
             return False
         now = self.clock()
-        return now < outage.retry_at or now < outage.trying_until
+        return now < outage.retry_at or now < (outage.reading_until if reads_only else outage.trying_until)
 
-    def trying(self, nodes: set[str]) -> None:
+    def trying(self, nodes: set[str], reads_only: bool = False) -> None:
         """A call to ``nodes`` goes now (none of them :meth:`waiting`): for a node in an
-        outage it is the try, and the calls after it fail at once until :meth:`tried` (or
-        ``try_limit`` seconds)."""
+        outage it is the try of its kind, and the calls of that kind after it fail at once
+        until :meth:`tried` (or ``try_limit`` seconds). Reads have a try of their own: a
+        Redis that holds writes (CLIENT PAUSE WRITE, as in a failover) answers them, and
+        their answer lets every command through."""
         now = self.clock()
         for node in nodes:
             outage = self.outages.get(node)
-            if outage is not None and not (outage.answered or outage.passing):
+            if outage is None or outage.answered or outage.passing:
+                continue
+            if reads_only:
+                outage.reading_until = now + self.try_limit
+            else:
                 outage.trying_until = now + self.try_limit
 
-    def tried(self, nodes: set[str]) -> None:
+    def tried(self, nodes: set[str], reads_only: bool = False) -> None:
         """A call to ``nodes`` ended (the try of one in an outage, perhaps): the next call
-        due is the next try (whatever the outcome: a failure set when, an answer let all in)."""
+        of its kind due is the next try (whatever the outcome: a failure set when, an answer
+        let all in)."""
         for node in nodes:
             outage = self.outages.get(node)
-            if outage is not None:
+            if outage is None:
+                continue
+            if reads_only:
+                outage.reading_until = 0.0
+            else:
                 outage.trying_until = 0.0
 
     def skipped(self, node: str, commands: int) -> None:
@@ -148,7 +162,8 @@ class RedisHealth:
         elif outage.answered:  # failing again before the outage was over: the same one, begun anew
             outage.answered, outage.delay, outage.retry_at = 0.0, RETRY_MIN, 0.0
         outage.failed += commands
-        outage.trying_until, outage.passing = 0.0, answering
+        outage.trying_until = outage.reading_until = 0.0
+        outage.passing = answering
         if answering:  # (no next try to wait for: every command is sent)
             outage.retry_at = 0.0
             return

@@ -241,6 +241,7 @@ class RedisStore(KVStore):
             gets < len(commands),  # (writes: a round trip of reads only passes paused writes)
             commands=len(commands),
             per_command=True,
+            reads_only=gets == len(commands),
         )
         if replies.__class__ is not list:  # an error reply, maybe (rare: see resp.Mixed)
             self._scripts_again(commands, replies)
@@ -295,6 +296,7 @@ class RedisStore(KVStore):
             int in expected,  # (writes: an RPUSH or DEL among them)
             commands=len(ops),
             per_command=True,
+            reads_only=int not in expected,
         )
         return self._plain_results(ops, replies, asked)
 
@@ -346,6 +348,7 @@ class RedisStore(KVStore):
             False,  # (no write)
             commands=len(keys),
             per_command=True,
+            reads_only=True,
         )
         if replies.__class__ is list and not self.health.outages:  # (lists only: see resp.Mixed)
             return replies  # (a key with no values: an empty list)
@@ -583,6 +586,7 @@ class RedisStore(KVStore):
         commands: int = 1,
         keys: Sequence[Any] = (),
         per_command: bool = False,
+        reads_only: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Run a Redis call for ``commands`` commands (on the nodes of ``keys``, data commands;
@@ -590,15 +594,17 @@ class RedisStore(KVStore):
         StoreError: unreachable, ``ERR store unavailable``; an error reply, its phrase; a
         reply of the wrong type, ``ERR store error`` (never data). Outages and errors are
         logged once per episode. ``per_command``: the caller judges each command's reply
-        (and ends outages by them), so a call that returned ends none by itself."""
+        (and ends outages by them), so a call that returned ends none by itself.
+        ``reads_only``: the call writes nothing (in an outage, reads have a try of their own:
+        one of writes that Redis holds, CLIENT PAUSE WRITE, must not keep them waiting)."""
         health = self.health
         if health.outages:
             nodes = self._nodes(keys)
-            if all(health.waiting(node) for node in nodes):
+            if all(health.waiting(node, reads_only) for node in nodes):
                 for node in nodes:
                     health.skipped(node, commands)
                 raise ERR_UNAVAILABLE.fresh()
-            health.trying(nodes)  # (ended in the finally below)
+            health.trying(nodes, reads_only)  # (ended in the finally below)
         asked = health.clock()
         try:
             result = function(*args, **kwargs)
@@ -607,7 +613,7 @@ class RedisStore(KVStore):
         finally:
             STORE_WAIT.set(STORE_WAIT.get() + health.clock() - asked)
             if health.outages:  # (if this call was a node's try, its outcome is known now)
-                health.tried(self._nodes(keys))
+                health.tried(self._nodes(keys), reads_only)
         if health.outages and not per_command:
             for node in self._nodes(keys):
                 health.up(node, asked)
