@@ -112,9 +112,9 @@ class TlsStream:
             except ssl.SSLZeroReturnError:  # the peer's close_notify
                 self._eof = True
             # Sent now unless the writer is sending (it may wait for a client that does not
-            # read): its next send takes these bytes first, in order. Waiting for it held a
-            # reader that had an alert to send (a refused renegotiation) from seeing the end
-            # of the stream.
+            # read): it sends these bytes before it lets the lock go (sendall). Waiting for
+            # it held a reader that had an alert to send (a refused renegotiation) from
+            # seeing the end of the stream.
             if self._outgoing.pending and not self._send_lock.locked():
                 self._flush()
             if chunks:
@@ -134,6 +134,11 @@ class TlsStream:
                     ciphertext = self._outgoing.read()
                 self.sock.sendall(ciphertext)
                 del ciphertext
+            # What the reader made while the last send waited (an alert: recv leaves it to
+            # this lock's holder) goes before the lock is let go, or it would wait for the
+            # next send. (No wait between this look and the release: nothing can slip in.)
+            while self._outgoing.pending:
+                self._flush_held()
 
     def close_notify(self) -> bytes:
         """Make this side's close_notify alert (nothing can be sent after it) and return its
@@ -160,10 +165,14 @@ class TlsStream:
     def _flush(self) -> None:
         """Send whatever the TLS engine has produced (handshake messages, alerts)."""
         with self._send_lock:
-            with self._tls_lock:
-                ciphertext = self._outgoing.read()
-            if ciphertext:
-                self.sock.sendall(ciphertext)
+            self._flush_held()
+
+    def _flush_held(self) -> None:
+        """:meth:`_flush`, the send lock held already."""
+        with self._tls_lock:
+            ciphertext = self._outgoing.read()
+        if ciphertext:
+            self.sock.sendall(ciphertext)
 
 
 class _NoLock:

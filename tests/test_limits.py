@@ -9,12 +9,13 @@ import time
 import gevent
 import pytest
 from conftest import Peer, free_port, log_events, read_stats, small_buffer_socket, wait_until
+from gevent.lock import Semaphore
 
 from kvgevent import KeyValueServer
 from kvgevent.client import Client
 from kvgevent.errors import ConnectionLost, ServerError
 from kvgevent.server import server as server_module
-from kvgevent.tls import client_context
+from kvgevent.tls import TlsStream, client_context
 
 # --- queue bytes ----------------------------------------------------------------------------
 
@@ -378,6 +379,38 @@ def test_a_tls_client_that_ends_its_session_gets_the_servers_close_notify(make_s
     wait_until(lambda: server.count_dropped() == 1)
     (drop,) = [e for e in log_events(log_stream) if e["event"] == "client_dropped"]
     assert drop["reason"] == "closed"
+
+
+def test_tls_bytes_the_reader_made_while_the_writer_sent_leave_with_that_send(certs):
+    """The reader does not wait for the send lock to send what the TLS engine made (an alert:
+    it may wait for ever on a writer stuck on a client that does not read): the writer sends
+    it. Bytes made while the writer's last send waited went only with its next send, so an
+    alert could wait as long as the connection did. (The reader's bytes are put in the
+    outgoing BIO at the socket's sendall, where the writer waits: the two greenlets' race made
+    certain, not a fault of the OS.)"""
+    raw_server, raw_client = socket.socketpair()
+    server = TlsStream(raw_server, certs.server, server_side=True, lock_factory=Semaphore)
+    client = TlsStream(raw_client, certs.client, server_side=False, server_hostname="127.0.0.1")
+    try:
+        gevent.joinall([gevent.spawn(server.handshake), gevent.spawn(client.handshake)], raise_error=True)
+
+        class Socket:
+            """The server's socket, whose first sendall sees the reader make an alert."""
+
+            made = False
+
+            def sendall(self, data: bytes) -> None:
+                raw_server.sendall(data)
+                if not self.made:
+                    self.made = True
+                    server._outgoing.write(b"alert")
+
+        server.sock = Socket()  # type: ignore[assignment]
+        server.sendall(b"PONG\n")
+        assert server._outgoing.pending == 0, "the reader's bytes wait for the next send"
+    finally:
+        raw_server.close()
+        raw_client.close()
 
 
 def test_plain_client_on_the_tls_port_is_one_log_event(make_server, certs, log_stream):

@@ -1494,9 +1494,10 @@ def test_during_a_stall_only_one_request_waits_for_each_try_the_others_fail_at_o
 
 def test_after_a_restart_with_writes_paused_reads_have_a_try_of_their_own(tmp_path):
     """Redis killed, restarted and its writes paused at once (CLIENT PAUSE WRITE, as in a
-    failover), the store's timeout 5 s; a client writing, then one reading. The outage's
-    try is a write, which Redis holds: the reads, with a try of their own, are answered
-    once their try is due (and their answer lets every command through). With one try for
+    failover), the store's timeout 5 s; a client writing, then, once Redis holds one of its
+    writes (INFO's blocked_clients), one reading. The outage's try is a write, which Redis
+    holds: the reads, with a try of their own, are answered once their try is due (and their
+    answer lets every command through). With one try for
     all, the reads failed at once until the write's try timed out, and then as long as the
     next try was a write (an attacker's runs: 122 failed reads in a 12 s pause)."""
     import redis as redis_py
@@ -1519,7 +1520,7 @@ def test_after_a_restart_with_writes_paused_reads_have_a_try_of_their_own(tmp_pa
         redis.start()
         admin = redis_py.Redis(port=redis.port)
         admin.execute_command("CLIENT", "PAUSE", "8000", "WRITE")
-        gevent.sleep(0.5)  # (the writes' try comes first: not a synchronisation)
+        wait_until(lambda: admin.info("clients")["blocked_clients"] >= 1, 10, "no write held by the pause")
         began = time.monotonic()
         wait_until(lambda: reader.request(b"GET:r\n") == [], 10, "no read answered")  # (the data is gone)
         answered = time.monotonic() - began

@@ -642,8 +642,7 @@ class Connection:
         turn) has the client's requests still to read: the silence is the server's, and a
         client closed then lost the writes it had sent (an auditor's runs: 0 of 300)."""
         io = self.io
-        parked = getattr(io, "parked_reading", None)
-        if parked is not None and not parked():
+        if isinstance(io, FastSocket) and not io.parked_reading():
             return False
         return unread(self.sock) == 0
 

@@ -9,16 +9,15 @@ it at once otherwise: a dead node costs neither a connect per command nor a log 
 command. One call is the try (one of reads only, and one with writes: a Redis that holds
 writes answers reads); the others fail at once until its outcome (or ``try_limit`` seconds): a
 stalled Redis accepts connections and answers nothing, so each try lasts a whole timeout, and
-every command that came meanwhile waited with it. The first command it answers
-lets every command through again; the outage is over
-(``store_recovered``, with how long the node failed and how many commands failed meanwhile)
-once it has answered for ``settle`` seconds with no command failing. A failure before then
-is the same outage going on, not a new one: a Redis whose writes are paused (``CLIENT PAUSE
-WRITE``, as in a failover) answers reads at once and times each write out, and each answered
-read would otherwise end an outage that the next timed-out write began again. With Redis
-Cluster each node has its own outage. A connection lost in a round trip (``lost``) is no
-outage by itself: Redis may serve on (a ``CLIENT KILL``); if it is gone, the next connect
-fails and begins one.
+every command that came meanwhile waited with it. The first command it answers lets every
+command through again; the outage is over (``store_recovered``, with how long the node failed
+and how many commands failed meanwhile) once it has answered for ``settle`` seconds with no
+command failing. A failure before then is the same outage going on, not a new one: a Redis
+whose writes are paused (``CLIENT PAUSE WRITE``, as in a failover) answers reads at once and
+times each write out, and each answered read would otherwise end an outage that the next
+timed-out write began again. With Redis Cluster each node has its own outage. A connection
+lost in a round trip (``lost``) is no outage by itself: Redis may serve on (a ``CLIENT
+KILL``); if it is gone, the next connect fails and begins one.
 
 Error replies (Redis answered, but refused: ``OOM`` at its maxmemory, ``READONLY`` from a
 replica, ``NOSCRIPT`` after a SCRIPT FLUSH, ``NOPERM`` from an ACL, a script error...) become
