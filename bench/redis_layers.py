@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a batch of 16 GETs spends kvgevent's CPU over Redis, layer by layer, without the
 clients' sockets: the memory store's whole session, and over a local redis-server (started
-here on a free loopback port) the dispatcher alone (16 LRANGEs encoded already), the store
+here on a free loopback port) the dispatcher alone (16 GETs encoded already), the store
 (``get_plain``: encoding, the dispatcher, the checks) and the whole session (parsing the
 lines, the store, the reply lines). 50 greenlets each send their batches one after another,
 as 50 clients pipelining 16 GETs would. Prints the process's CPU per batch (user + system,
@@ -96,7 +96,7 @@ def main() -> int:
         return 1
     from kvgevent.stores.memory import MemoryStore
     from kvgevent.stores.redis_store import RedisStore
-    from kvgevent.stores.resp import lrange_all
+    from kvgevent.stores.resp import get
 
     keys = [b"k%d" % i for i in range(KEYS)]
     rng = random.Random(1)
@@ -123,8 +123,8 @@ def main() -> int:
                     raise
                 gevent.sleep(0.1)
         dispatcher: Any = store._dispatcher
-        payloads = [b"".join(lrange_all(b"layers:" + key) for key in pick) for pick in picks]
-        expected = [list] * BATCH
+        payloads = [b"".join(get(b"layers:" + key) for key in pick) for pick in picks]
+        expected = [bytes] * BATCH
         memory_session, redis_session = session_for(memory), session_for(store)
         layers: list[tuple[str, Callable[[int], Any]]] = [
             ("memory store, whole session", lambda i: memory_session.handle(lines[i % 200])),

@@ -230,10 +230,11 @@ imports, connects to the store and binds first, which a busy machine can make sl
 
 GC_YOUNG_THRESHOLD = 10_000
 """Container objects allocated (net of those freed) before the cyclic collector's youngest
-generation is collected (Python's default: 700). Over Redis, hiredis makes a list per LRANGE
-reply and a shared round trip's replies are alive at once: at 700, about 220 collections a
-second took 4% of a worker's CPU at 50 x 16 GETs; at 5,000 almost none ran. The server is
-built to free what it drops by reference counting, so few cycles wait longer for it."""
+generation is collected (Python's default: 700). Over Redis, when hiredis made a list per
+reply (the list layout, before the lines layout) and a shared round trip's replies were alive
+at once: at 700, about 220 collections a second took 4% of a worker's CPU at 50 x 16 GETs; at
+5,000 almost none ran. The server is built to free what it drops by reference counting, so
+few cycles wait longer for it."""
 
 MEMORY_CHECK_INTERVAL = 0.1
 """Seconds between two checks of the memory in use, while over --max-memory or near it."""

@@ -313,6 +313,13 @@ def value_lines(key: bytes, values: list[bytes]) -> list[bytes]:
     return [prefix + value + b"\n" for value in values]
 
 
+def line_values(key: bytes, lines: bytes) -> list[bytes]:
+    """The values of a GET of ``key`` from its reply ``lines`` (:func:`value_lines` joined):
+    the inverse of that (a value never holds a newline; ``key`` never a colon)."""
+    start = len(key) + 1
+    return [line[start:] for line in lines.split(b"\n")[:-1]]
+
+
 def small_reply(values: list[bytes]) -> bool:
     """True for a GET reply small enough to build at once with the rest of its batch (at most
     INLINE_REPLY_BYTES of values, and INLINE_REPLY_VALUES of them); the server builds and

@@ -21,9 +21,9 @@ from conftest import (
     wait_until,
 )
 
-from kvgevent import KeyValueServer, Put, Update
+from kvgevent import Delete, Get, KeyValueServer, Put, Update
 from kvgevent.client import Client
-from kvgevent.stores.redis_store import UPDATE_SCRIPT
+from kvgevent.stores.redis_store import LAYOUT
 
 pytestmark = needs_redis
 
@@ -41,18 +41,83 @@ def store(redis_server):
     store.close()
 
 
-def test_keys_are_namespaced_lists(redis_server, store):
-    """Each key is a Redis list under the prefix; other users' keys are not touched."""
+def test_keys_are_namespaced_strings_of_their_reply_lines(redis_server, store):
+    """Each key is a Redis string under the prefix holding its GET's reply lines, through
+    every path (plain lines, command objects, UPDATE's script); other users' keys are not
+    touched."""
     import redis
 
     raw = redis.Redis(port=redis_server.port)
     raw.set(b"someone-elses", b"x")
     store.apply([Put(b"k", b"1"), Put(b"k", b"2:3")])
-    assert raw.lrange(store.prefix + b"k", 0, -1) == [b"1", b"2:3"]
-    assert store.count_keys() == 1
+    assert raw.get(store.prefix + b"k") == b"k:1\nk:2:3\n"
+    store.apply_plain([(b"k", b""), (b"j", b"v")])
+    store.apply([Update(b"k", b"1", b"4")])
+    assert raw.get(store.prefix + b"k") == b"k:2:3\nk:\nk:4\n"
+    assert store.get_plain([b"k", b"j", b"none"]) == [b"k:2:3\nk:\nk:4\n", b"j:v\n", None]
+    assert store.count_keys() == 2
     assert raw.get(b"someone-elses") == b"x"
-    assert "LREM" in UPDATE_SCRIPT and "RPUSH" in UPDATE_SCRIPT
+    assert raw.get(store.prefix + b"_meta:layout") == LAYOUT
     raw.close()
+
+
+def _random_batch(rnd, keys: list[bytes], values: list[bytes]) -> list:
+    batch: list = []
+    for _ in range(rnd.randint(1, 12)):
+        key, kind = rnd.choice(keys), rnd.random()
+        if kind < 0.35:
+            batch.append(Put(key, rnd.choice(values)))
+        elif kind < 0.6:
+            batch.append(Get(key))
+        elif kind < 0.9:
+            batch.append(Update(key, rnd.choice(values), rnd.choice(values)))
+        else:
+            batch.append(Delete(key))
+    return batch
+
+
+def _applied_through(store, path: str, batch: list) -> list:
+    """``batch`` applied through one of the Redis store's paths: ``apply`` (the dispatcher),
+    ``redis-py`` (the cluster's path, here on one Redis) or ``apply_plain`` (command by
+    command: UPDATEs through ``apply``, the others as plain ops)."""
+    if path == "apply":
+        return store.apply(batch)
+    if path == "redis-py":
+        return store._apply_redis_py(batch)
+    plain = {
+        Get: lambda cmd: (cmd[0],),
+        Put: lambda cmd: (cmd[0], cmd[1]),
+        Delete: lambda cmd: (cmd[0], None),
+    }
+    return [
+        store.apply([cmd])[0]
+        if cmd.__class__ is Update
+        else store.apply_plain([plain[cmd.__class__](cmd)])[0]
+        for cmd in batch
+    ]
+
+
+@pytest.mark.parametrize("path", ["apply", "apply_plain", "redis-py"])
+def test_every_path_over_redis_answers_as_the_memory_store(redis_server, store, path):
+    """Random PUT, GET, UPDATE and DELETE batches on a few keys (values that hold ':', are
+    empty, repeat, or begin or end like another; UPDATEs of values present, absent, twice
+    present, and to themselves), through one path of the Redis store and through the
+    memory store: the same results, batch by batch, and the same data at the end. (UPDATE's
+    script finds its line among the key's lines: a value that another ends or begins with
+    is not it.)"""
+    import random
+
+    from kvgevent.stores.memory import MemoryStore
+
+    rnd = random.Random(path)
+    memory = MemoryStore()
+    values = [b"a", b"b", b"ab", b"ba", b"", b"a:b", b"b:a", b"x" * 300]
+    keys = [b"k1", b"k2", b"k12"]
+    for _ in range(150):
+        batch = _random_batch(rnd, keys, values)
+        assert _applied_through(store, path, batch) == memory.apply(batch), batch
+    for key in keys:
+        assert store.get(key) == memory.get(key)
 
 
 def test_long_gone_workers_are_forgotten_and_recent_ones_kept(redis_server, store):
@@ -405,7 +470,7 @@ def test_a_database_number_in_the_url_is_used(redis_server):
     try:
         store.put(b"k", b"v")
         raw = redis.Redis(port=redis_server.port, db=3)
-        assert raw.lrange(b"db:k", 0, -1) == [b"v"]
+        assert raw.get(b"db:k") == b"k:v\n"
         raw.close()
     finally:
         store.close()
@@ -861,7 +926,8 @@ def test_a_write_to_a_stalled_cluster_node_is_never_applied_twice(redis_cluster)
         cluster = redis_py.RedisCluster(host="127.0.0.1", port=redis_cluster[0].port)
         try:
             for key, values in answered.items():
-                stored = cluster.lrange(b"w:" + key, 0, -1)
+                stored = (cluster.get(b"w:" + key) or b"").split(b"\n")[:-1]
+                stored = [line.partition(b":")[2] for line in stored]
                 assert len(stored) == len(set(stored)), (key, stored)  # nothing applied twice
                 assert set(values) <= set(stored), (key, values, stored)
         finally:
@@ -869,6 +935,34 @@ def test_a_write_to_a_stalled_cluster_node_is_never_applied_twice(redis_cluster)
     finally:
         peer.close()
         server.close()
+
+
+def test_a_cluster_has_the_lists_of_every_node_converted_at_start(redis_cluster):
+    """Keys of the list layout (an older kvgevent's) spread over the three nodes of a real
+    cluster: a store started over it converts each, on every node (SCAN of each, a script
+    run on the key's node), and serves their values; a key not under the prefix stays a
+    list."""
+    import redis as redis_py
+
+    from kvgevent.stores.redis_store import RedisStore
+
+    cluster = redis_py.RedisCluster(host="127.0.0.1", port=redis_cluster[0].port)
+    try:
+        keys = [b"k%d" % n for n in range(60)]
+        for key in keys:
+            cluster.rpush(b"c:" + key, b"1", b"2:" + key)
+        cluster.rpush(b"other", b"x")
+        nodes = {cluster.get_node_from_key(b"c:" + key).port for key in keys}
+        assert len(nodes) == 3  # (the keys are on every node)
+        store = RedisStore(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", prefix="c:")
+        try:
+            assert not store.layout_pending
+            assert store.apply([Get(key) for key in keys]) == [[b"1", b"2:" + key] for key in keys]
+            assert cluster.type(b"c:k7") == b"string" and cluster.type(b"other") == b"list"
+        finally:
+            store.close()
+    finally:
+        cluster.close()
 
 
 def test_a_write_redirected_by_a_moved_slot_is_sent_again_and_applied_once(redis_cluster):
@@ -895,7 +989,7 @@ def test_a_write_redirected_by_a_moved_slot_is_sent_again_and_applied_once(redis
         for admin in admins.values():
             admin.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
         assert peer.request(b"PUT:moved:v\n") == []
-        assert admins[target].lrange("m:moved", 0, -1) == [b"v"]
+        assert admins[target].get("m:moved") == b"moved:v\n"
         assert peer.request(b"GET:moved\n") == [b"moved:v"]
     finally:
         for admin in admins.values():
@@ -944,7 +1038,7 @@ def test_gets_read_at_once_are_each_read_and_judged_once(store):
 
     session = session_for(store)
     served(session, [b"PUT:big:" + b"x" * 5000])  # a reply too big to build with the others
-    store.client.set(store.prefix + b"bad", b"a string")  # LRANGE on it: WRONGTYPE
+    store.client.hset(store.prefix + b"bad", b"f", b"a hash")  # GET of it: WRONGTYPE
     before = store.health.stats()["store_errors"]
     session.work = 0
     replies, _ = served(session, [b"GET:big", b"GET:bad", b"GET:none"])
@@ -954,22 +1048,22 @@ def test_gets_read_at_once_are_each_read_and_judged_once(store):
 
 
 def test_a_batch_of_gets_alone_reads_what_the_plain_path_reads(store):
-    """KVStore.get_plain (a batch of GETs alone: the usual read) gives each key what
-    apply_plain gives its GET: its values in order, none for a missing key (an empty list),
-    the error of a key that is not a list, for keys longer than its encoding table too."""
+    """KVStore.get_plain (a batch of GETs alone: the usual read) gives each key the reply
+    lines of what apply_plain gives its GET: its values in order, None for a missing key,
+    the error of a key that is not a string, for keys longer than its encoding table too."""
+    from kvgevent.protocol import value_lines
+
     long_key = b"L" * 300
     store.apply([Put(b"one", b"v"), Put(b"two", b"a"), Put(b"two", b"b:c"), Put(long_key, b"w")])
-    store.client.set(store.prefix + b"bad", b"a string")  # LRANGE on it: WRONGTYPE
+    store.client.hset(store.prefix + b"bad", b"f", b"a hash")  # GET of it: WRONGTYPE
     for keys in ([b"one", b"two", b"none", b"one"], [b"one", long_key, b"none"], [b"two", b"bad", b"one"]):
         got = store.get_plain(keys)
         plain = store.apply_plain([(key,) for key in keys])
-        assert [str(r) if isinstance(r, Exception) else r or None for r in got] == [
-            str(r) if isinstance(r, Exception) else r for r in plain
+        assert [str(r) if isinstance(r, Exception) else r for r in got] == [
+            str(r) if isinstance(r, Exception) else r and b"".join(value_lines(key, r))
+            for key, r in zip(keys, plain, strict=True)
         ], keys
-    assert store.get_plain([b"two", b"none", long_key]) in (
-        [[b"a", b"b:c"], [], [b"w"]],
-        [[b"a", b"b:c"], None, [b"w"]],
-    )
+    assert store.get_plain([b"two", b"none", long_key]) == [b"two:a\ntwo:b:c\n", None, long_key + b":w\n"]
     assert str(store.get_plain([b"bad"])[0]) == "store error"
 
 

@@ -288,7 +288,7 @@ def test_an_acl_user_that_may_not_write_gets_store_error(server_process, tmp_pat
 
     redis = RedisProcess(tmp_path)
     admin = redis_py.Redis(port=redis.port)
-    admin.rpush("kvgevent:seen", b"before")
+    admin.append("kvgevent:seen", b"seen:before\n")
     admin.acl_setuser(
         "reader", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-@write"]
     )
@@ -323,7 +323,7 @@ def test_a_password_with_an_at_sign_and_a_db_query_mean_the_same_to_both_clients
         assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
         db2 = redis_py.Redis(port=redis.port, password="p@ss:w", db=2)
         db0 = redis_py.Redis(port=redis.port, password="p@ss:w", db=0)
-        assert db2.lrange("kvgevent:k", 0, -1) == [b"v"]
+        assert db2.get("kvgevent:k") == b"k:v\n"
         wait_until(lambda: db2.exists("kvgevent:_meta:workers") == 1, timeout=10)
         assert db0.dbsize() == 0
         db2.close()
@@ -499,7 +499,7 @@ def test_an_acl_user_that_cannot_run_the_update_script_gets_an_error_for_updates
         for n in range(50):
             batch = b"UPDATE:k:0:%d\nPUT:j:%d\nGET:k\nGET:j\nDELETE:j\n" % (n + 1, n)
             assert peer.request(batch) == [reply, b"k:0", b"j:%d" % n]
-        assert admin.lrange("n:k", 0, -1) == [b"0"]
+        assert admin.get("n:k") == b"k:0\n"
         assert admin.info("stats")["total_connections_received"] - before <= 4
         store_events = [e["event"] for e in log_events(log_stream) if e["event"].startswith("store_")]
         assert store_events == ["store_error"]
@@ -1218,7 +1218,7 @@ def test_the_one_data_connection_room_killed_again_and_again_begins_no_outage(tm
         wait_until(lambda: len(rounds) > 20, timeout=10)
         kills = 0
         for _ in range(40):
-            data = [c for c in admin.client_list() if c["cmd"] in ("rpush", "lrange", "ping")]
+            data = [c for c in admin.client_list() if c["cmd"] in ("append", "get", "ping")]
             if data:
                 admin.client_kill_filter(_id=data[0]["id"])
                 kills += 1
@@ -1276,7 +1276,7 @@ def test_a_changed_password_and_one_killed_connection_leave_the_others_serving(t
             return rounds, failed
 
         def data_connections() -> list[dict]:
-            return [c for c in admin.client_list() if c["cmd"] in ("lrange", "rpush")]
+            return [c for c in admin.client_list() if c["cmd"] in ("get", "append")]
 
         def all_connected() -> bool:  # (a connection connects at its first round trip)
             gevent.joinall([gevent.spawn(client, n, 0.2) for n in range(8)], raise_error=True)
@@ -1389,7 +1389,7 @@ def test_a_client_kill_of_busy_connections_fails_their_round_trips_only(tmp_path
 
         jobs = [gevent.spawn(client, n) for n in range(8)]
         gevent.sleep(0.5)
-        data = [c for c in admin.client_list() if c["cmd"] in ("lrange", "rpush")]
+        data = [c for c in admin.client_list() if c["cmd"] in ("get", "append")]
         for connection in data:
             admin.client_kill_filter(_id=connection["id"])
         killed.set()
@@ -1683,7 +1683,7 @@ def test_sigterm_lets_a_batch_waiting_on_redis_finish_and_its_replies_leave(serv
         assert server.stop(None, timeout=20) == 0
         (stopped,) = events(server, "server_stopped")
         assert stopped["messages_dropped"] == 0
-        assert redis_py.Redis(port=redis.port).lrange("kvgevent:y", 0, -1) == [b"1"]
+        assert redis_py.Redis(port=redis.port).get("kvgevent:y") == b"y:1\n"
     finally:
         peer.close()
         redis.kill()
@@ -1881,4 +1881,125 @@ def test_a_stall_while_connections_reconnect_aside_is_answered_within_the_timeou
             os.kill(redis.proc.pid, signal.SIGCONT)
     finally:
         server.close()
+        redis.kill()
+
+
+# --- the list layout of older kvgevent ----------------------------------------------------
+
+
+def _old_layout(admin, prefix: str, keys: int) -> dict[bytes, list[bytes]]:
+    """Keys as kvgevent kept them before the lines layout (a Redis list each, one value an
+    item), with values that hold ':' or are empty; the values of each, by kvgevent key."""
+    data = {b"k%d" % n: [b"v%d" % n, b"a:b", b""][: 1 + n % 3] for n in range(keys)}
+    pipe = admin.pipeline(transaction=False)
+    for key, values in data.items():
+        pipe.rpush(prefix.encode() + key, *values)
+    pipe.execute()
+    return data
+
+
+def _gets(peer: Peer, keys: list[bytes]) -> list[bytes]:
+    return peer.request(b"".join(b"GET:%s\n" % key for key in keys))
+
+
+def test_keys_of_the_list_layout_are_converted_at_start_and_served(server_process, tmp_path):
+    """A Redis holding 1,200 keys as an older kvgevent kept them (lists; more than one
+    conversion batch and one SCAN step), one with a time to live, kvgevent's own bookkeeping
+    and another user's list: at start every key under the prefix is converted
+    (``store_layout_converted``, keys=1200) before the server listens; GETs answer each
+    key's values in order, PUT and UPDATE work on them, the time to live stays, the other
+    user's list and the bookkeeping are untouched. A second server started then converts
+    nothing (the layout marker)."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    try:
+        data = _old_layout(admin, "old:", 1200)
+        admin.expire("old:k5", 3600)
+        admin.rpush("other:k1", "x")
+        admin.hset("old:_meta:workers", "gone", "0 0")
+        server = server_process("--store", redis.url, "--redis-prefix", "old:")
+        (converted,) = events(server, "store_layout_converted")
+        assert converted["keys"] == 1200
+        peer = Peer(server.port, timeout=30)
+        keys = sorted(data)
+        expected = [b"%s:%s" % (key, value) for key in keys for value in data[key]]
+        assert _gets(peer, keys) == expected
+        update = b"PUT:k1:new\nUPDATE:k1:v1:w\nGET:k1\n"
+        assert peer.request(update) == [b"k1:a:b", b"k1:new", b"k1:w"]
+        assert 0 < admin.ttl("old:k5") <= 3600
+        assert admin.lrange("other:k1", 0, -1) == [b"x"]
+        assert admin.type("old:_meta:workers") == b"hash"
+        peer.close()
+        again = server_process("--store", redis.url, "--redis-prefix", "old:")
+        assert Peer(again.port, timeout=30).request(b"GET:k2\n") == [b"k2:v2", b"k2:a:b", b"k2:"]
+        assert events(again, "store_layout_converted") == []
+    finally:
+        admin.close()
+        redis.kill()
+
+
+def test_a_redis_away_at_start_has_its_lists_converted_once_it_answers(server_process, tmp_path):
+    """Redis down when the server starts (killed, its data saved), then started again with
+    keys of the list layout: the client report converts them once Redis answers
+    (``store_layout_converted``), and GETs then answer their values."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    try:
+        data = _old_layout(admin, "kvgevent:", 30)
+        admin.save()
+        redis.kill()
+        server = server_process("--store", redis.url)
+        peer = Peer(server.port, timeout=30)
+        assert peer.request(b"GET:k1\n") == [UNAVAILABLE]
+        redis.start()  # (it loads the saved keys)
+        wait_until(lambda: events(server, "store_layout_converted"), timeout=15)
+        assert events(server, "store_layout_converted")[0]["keys"] == 30
+        keys = sorted(data)
+        wait_until(
+            lambda: _gets(peer, keys) == [b"%s:%s" % (k, v) for k in keys for v in data[k]], timeout=10
+        )
+        peer.close()
+    finally:
+        admin.close()
+        redis.kill()
+
+
+def test_a_user_who_may_not_convert_lists_is_told_once_and_not_scanned_each_second(server_process, tmp_path):
+    """An ACL user that may read but not write, over keys of the list layout: the conversion
+    is refused (its script may not write); ``store_bookkeeping_failed`` (``layout conversion``) is logged at
+    start, once, and not tried again every second (each try scans the keyspace:
+    CONVERT_RETRY); a GET of such a key gets ``ERR store error``; STATS works."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    try:
+        _old_layout(admin, "kvgevent:", 5)
+        admin.acl_setuser(
+            "reader", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-@write"]
+        )
+        server = server_process("--store", f"redis://reader:secret@127.0.0.1:{redis.port}/0")
+
+        def conversions() -> list[dict]:
+            return [e for e in events(server, "store_bookkeeping_failed") if e["what"] == "layout conversion"]
+
+        (failed,) = conversions()
+        assert "can't run this command" in failed["error"]  # (the script's DEL: a write)
+        peer = Peer(server.port, timeout=30)
+        assert peer.request(b"GET:k1\n") == [b"ERR store error"]
+
+        def runs() -> int:  # (the conversion script's runs: one per key a try)
+            return admin.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)
+
+        assert runs() == 5
+        wait_until(lambda: read_stats(peer)["uptime_s"] >= 3, timeout=10)  # (three client reports)
+        assert runs() == 5
+        assert len(conversions()) == 1
+        peer.close()
+    finally:
+        admin.close()
         redis.kill()

@@ -7,7 +7,7 @@ import random
 import hiredis
 import pytest
 
-from kvgevent.stores.resp import ReplyMismatch, check_types, delete, lrange_all, rpush
+from kvgevent.stores.resp import ReplyMismatch, append_line, check_types, delete, get
 
 
 def _samples() -> list[bytes]:
@@ -19,8 +19,9 @@ def _samples() -> list[bytes]:
 @pytest.mark.parametrize("key", _samples()[:20])
 def test_the_templates_are_what_hiredis_packs(key):
     for value in _samples():
-        assert rpush(key, value) == hiredis.pack_command((b"RPUSH", key, value))
-    assert lrange_all(key) == hiredis.pack_command((b"LRANGE", key, b"0", b"-1"))
+        line = b"name:" + value + b"\n"
+        assert append_line(key, b"name", value) == hiredis.pack_command((b"APPEND", key, line))
+    assert get(key) == hiredis.pack_command((b"GET", key))
     assert delete(key) == hiredis.pack_command((b"DEL", key))
 
 
@@ -34,10 +35,10 @@ def test_the_templates_are_what_hiredis_packs(key):
         [b"only"],
     ],
 )
-def test_a_batch_of_gets_is_what_hiredis_packs_for_each_lrange(keys):
-    """The GETs-only path of the Redis store (``get_plain``) sends exactly one ``LRANGE
-    <prefix><key> 0 -1`` per key, in order, whatever the lengths of its keys (no Redis: the
-    dispatcher is a stand-in that keeps what it is given)."""
+def test_a_batch_of_gets_is_what_hiredis_packs_for_each_get(keys):
+    """The GETs-only path of the Redis store (``get_plain``) sends exactly one ``GET
+    <prefix><key>`` per key, in order, whatever the lengths of its keys, and gives back the
+    replies as they are (no Redis: the dispatcher is a stand-in that keeps what it is given)."""
     from kvgevent.stores.redis_store import RedisStore
 
     store = RedisStore("redis://127.0.0.1:1/0", prefix="pre:")
@@ -46,32 +47,35 @@ def test_a_batch_of_gets_is_what_hiredis_packs_for_each_lrange(keys):
     class Keeper:
         def execute_encoded(self, payload: bytes, expected: list, writes: bool = True) -> list:
             sent.append(payload)
-            assert expected == [list] * len(keys)
-            return [[b"v"] for _ in expected]
+            assert expected == [bytes] * len(keys)
+            return [b"k:v\n" for _ in expected]
 
         def close(self) -> None:
             pass
 
     store._dispatcher = Keeper()  # type: ignore[assignment]
     try:
-        assert store.get_plain(keys) == [[b"v"]] * len(keys)  # type: ignore[misc]
-        assert sent == [b"".join(hiredis.pack_command((b"LRANGE", b"pre:" + k, b"0", b"-1")) for k in keys)]
+        assert store.get_plain(keys) == [b"k:v\n"] * len(keys)  # type: ignore[misc]
+        assert sent == [b"".join(hiredis.pack_command((b"GET", b"pre:" + k)) for k in keys)]
     finally:
         store.close()
 
 
 def test_replies_are_checked_against_their_commands_types():
-    assert check_types([[b"v"], 3, []], [list, int, list]) is True  # (exact: no error reply)
+    assert check_types([[b"v"], 3, b"k:v\n"], [list, int, bytes]) is True  # (exact: no error reply)
+    assert check_types([None, 3], [bytes, int]) is False  # (a nil: a GET of nothing, not exact)
     assert check_types([hiredis.ReplyError("NOSCRIPT No matching script"), 1], [int, int]) is False
     check_types([hiredis.ReplyError("OOM command not allowed")], [int])
     with pytest.raises(ReplyMismatch):
         check_types([b"LRANGE"], [list])  # (what a socket connected to itself echoes)
     with pytest.raises(ReplyMismatch):
+        check_types([None], [int])  # (a nil only where a GET's bulk string was due)
+    with pytest.raises(ReplyMismatch):
         check_types([[b"x"]], [int])
 
 
 def test_updates_refused_with_noscript_are_sent_again_unless_a_later_write_ran():
-    """Which commands go again as EVAL (and LRANGE) after NOSCRIPT: an UPDATE refused after
+    """Which commands go again as EVALSHA (and GET) after NOSCRIPT: an UPDATE refused after
     the last write (of any key) that ran, with the GETs of its key after it; never a command
     of another key, never an UPDATE after which a PUT, DELETE or UPDATE of any key ran
     (sent again, it would apply after that write)."""
@@ -103,7 +107,7 @@ def test_the_plain_path_encodes_what_hiredis_packs(prefix):
     """RedisStore.apply_plain and get_plain build their commands from pieces (head tables
     with the prefix in them; a batch with a key too long for them, the general encoder): the
     same bytes as pack_command, for keys and values on both sides of the tables' bound."""
-    from kvgevent.stores.redis_store import TABLE_PREFIX_MAX, RedisStore
+    from kvgevent.stores.redis_store import RedisStore
     from kvgevent.stores.resp import HEADS
 
     store = RedisStore("redis://127.0.0.1:1/0", prefix=prefix.decode())  # (connects on first use: never here)
@@ -113,14 +117,14 @@ def test_the_plain_path_encodes_what_hiredis_packs(prefix):
     class Recorder:
         def execute_encoded(self, payload: bytes, expected: list[type], writes: bool = True) -> list[object]:
             sent.append(payload)
-            return [[] if kind is list else 0 for kind in expected]
+            return [None if kind is bytes else 0 for kind in expected]
 
     def pack(op: tuple) -> bytes:
         if len(op) == 1:
-            return hiredis.pack_command((b"LRANGE", prefix + op[0], b"0", b"-1"))
+            return hiredis.pack_command((b"GET", prefix + op[0]))
         if op[1] is None:
             return hiredis.pack_command((b"DEL", prefix + op[0]))
-        return hiredis.pack_command((b"RPUSH", prefix + op[0], op[1]))
+        return hiredis.pack_command((b"APPEND", prefix + op[0], op[0] + b":" + op[1] + b"\n"))
 
     samples = _samples() + [b"k" * (HEADS + n) for n in range(-4, 2)]
     short = [key for key in samples if len(key) < HEADS]  # (the tables: every key shorter)
@@ -137,10 +141,7 @@ def test_the_plain_path_encodes_what_hiredis_packs(prefix):
             assert results == [None] * len(ops)
             assert sent.pop() == b"".join(pack(op) for op in ops)
         for keys in (samples, short):
-            results = store.get_plain(keys)
-            # (a key beyond the tables: through apply_plain, None for no values; else as
-            # Redis answers, an empty list)
-            assert results == [None if keys is samples or len(prefix) > TABLE_PREFIX_MAX else []] * len(keys)
+            assert store.get_plain(keys) == [None] * len(keys)  # (nil: no values)
             assert sent.pop() == b"".join(pack((key,)) for key in keys)
     finally:
         store._dispatcher = dispatcher

@@ -9,7 +9,7 @@ import pytest
 
 from kvgevent.config import REPLY_CHUNK
 from kvgevent.errors import StoreError
-from kvgevent.protocol import ERR_LINE_TOO_LONG
+from kvgevent.protocol import ERR_LINE_TOO_LONG, value_lines
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import MemoryGuard
@@ -379,7 +379,7 @@ class Fetching(MemoryStore):
 
 class FetchingGets(Fetching):
     """``Fetching(True)`` with ``get_plain`` too (a batch of GETs alone, in one call), which
-    gives a key without values an empty list, as Redis does (LRANGE of a missing key)."""
+    gives each GET's reply lines, as the Redis store does (None for a key without values)."""
 
     def __init__(self) -> None:
         super().__init__(True)
@@ -388,7 +388,9 @@ class FetchingGets(Fetching):
 
     def _get_plain(self, keys):
         self.get_calls += 1
-        return [[] if result is None else result for result in self._apply_plain([(key,) for key in keys])]
+        results = self._apply_plain([(key,) for key in keys])
+        pairs = zip(keys, results, strict=True)
+        return [b"".join(value_lines(key, r)) if r.__class__ is list else r for key, r in pairs]
 
 
 GET_LINES = [line for line in PLAIN_LINES if line[:1] in b"Gg"]

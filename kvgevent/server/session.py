@@ -67,6 +67,7 @@ from kvgevent.protocol import (
     Put,
     Stats,
     add_small_reply,
+    line_values,
     parse,
     small_reply,
     stats_line,
@@ -75,7 +76,7 @@ from kvgevent.protocol import (
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import ERR_OUT_OF_MEMORY, MemoryGuard
-from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, PlainOp, Result
+from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, Lines, PlainOp, Result
 
 _GET_INITIALS = b"Gg"
 """What a GET line starts with (:meth:`Session._served_plainly`)."""
@@ -319,29 +320,22 @@ class Session:
 
     def _fetched_values(self, keys: list[bytes], store: KVStore, out: list[bytes]) -> Actions | None:
         """:meth:`_applied_plainly` for a batch of GETs only (their ``keys``), through
-        ``store.get_plain``: the usual replies built here; if one is not (a big reply, an
-        error), all of them as :meth:`_ponged_replies` builds them."""
+        ``store.get_plain``, whose results are the replies' lines: the usual ones queued as
+        they are; if one is not small (INLINE_REPLY_BYTES), or is an error, all of them as
+        :meth:`_ponged_replies` builds them from their values."""
         results = _fetched(store.get_plain, keys)
-        mark = len(out)
-        append = out.append
-        try:  # the usual read: one value each, none big (else ValueError or TypeError)
-            for key, (value,) in zip(keys, results, strict=True):  # type: ignore[misc]  # (see the except)
-                if len(value) > INLINE_REPLY_BYTES:
-                    raise ValueError
-                append(b"".join((key, b":", value, b"\n")))
-            return None
-        except (ValueError, TypeError):  # (no values, several, a big one, an error)
-            del out[mark:]
-        for key, values in zip(keys, results, strict=True):
-            if not values:  # (None or an empty list: no values)
-                continue
-            if values.__class__ is list and len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:
-                append(b"".join((key, b":", values[0], b"\n")))
-                continue
-            del out[mark:]  # (unusual: the general way, from the first)
-            ops: list[PlainOp] = [(key,) for key in keys]
-            return self._ponged_replies(ops, [values or None for values in results], out, [])
-        return None
+        try:  # the usual read: each key's lines, none big (None or an error: TypeError)
+            if max(map(len, results)) <= INLINE_REPLY_BYTES:
+                out += results  # (bytes only: len() took each)
+                return None
+        except TypeError:  # (a key with no values, or an error)
+            found = [lines for lines in results if lines is not None]
+            if all(lines.__class__ is bytes and len(lines) <= INLINE_REPLY_BYTES for lines in found):
+                out += found
+                return None
+        ops: list[PlainOp] = [(key,) for key in keys]  # (unusual: the general way, from values)
+        values = [_lines_result(key, lines) for key, lines in zip(keys, results, strict=True)]
+        return self._ponged_replies(ops, values, out, [])
 
     def _ponged_replies(
         self, ops: list[PlainOp], results: list[Result], out: list[bytes], pongs: list[int]
@@ -776,7 +770,7 @@ class Session:
             self.logger().warning("line_too_long", max_line=self.max_line)
 
 
-def _fetched(fetch: Callable[[list[Any]], list[Result]] | None, ops: list[Any]) -> list[Result]:
+def _fetched(fetch: Callable[[list[Any]], list[Any]] | None, ops: list[Any]) -> list[Any]:
     """``fetch(ops)``'s results (a store's ``apply_plain`` or ``get_plain``); if the store
     failed as a whole, its error for each op (a fresh one: the raised error's traceback would
     hold the batch), counted as its ERR line is added."""
@@ -784,6 +778,11 @@ def _fetched(fetch: Callable[[list[Any]], list[Result]] | None, ops: list[Any]) 
         return fetch(ops)  # type: ignore[misc]  # (the callers checked it is not None)
     except KVError as exc:
         return [exc.fresh()] * len(ops)
+
+
+def _lines_result(key: bytes, lines: Lines) -> Result:
+    """A GET's result (its values, None or its error) from its :data:`Lines`."""
+    return (line_values(key, lines) or None) if lines.__class__ is bytes else lines  # type: ignore[return-value]  # (bytes: checked)
 
 
 def _first_verb(ops: list[PlainOp], pongs: list[int]) -> type:

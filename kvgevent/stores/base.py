@@ -42,6 +42,9 @@ VERBS = {Put: "put", Get: "get", Update: "update", Delete: "delete"}
 WRITES = frozenset((Put, Update))
 """The commands that make the data bigger (refused over --max-memory; DELETE is not)."""
 Result = list[bytes] | KVError | None
+Lines = bytes | KVError | None
+"""A GET's result from :attr:`KVStore.get_plain`: the reply's lines as the client gets them
+(``<key>:<value>\\n`` each), None for a key with no values, or that GET's KVError."""
 PlainOp = tuple[bytes] | tuple[bytes, bytes | None]
 """A plain command (:attr:`KVStore.apply_plain`): ``(key,)`` a GET, ``(key, value)`` a PUT,
 ``(key, None)`` a DELETE."""
@@ -156,10 +159,11 @@ class KVStore(abc.ABC):
     session serves runs of well-formed PUT, GET and DELETE lines through it, without a
     command object each."""
 
-    get_plain: Callable[[list[bytes]], list[Result]] | None = None
+    get_plain: Callable[[list[bytes]], list[Lines]] | None = None
     """For a store kept elsewhere, with :attr:`apply_plain`: ``get_plain(keys)``, as
-    ``apply_plain`` with a GET of each key, but quicker; a key without values may have an
-    empty list for its result, as well as None."""
+    ``apply_plain`` with a GET of each key, but quicker: each result is the GET's reply
+    lines as they are to be sent (:data:`Lines`), not its values; raises KVError if the store
+    failed as a whole."""
 
     serve_plain: Callable[[Sequence[object], list[bytes], int, bool], tuple[int, int]] | None = None
     """For a store that holds its data in this process and promises nothing beyond memory (the

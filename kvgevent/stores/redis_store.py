@@ -1,11 +1,16 @@
 """RedisStore: the store interface over Redis or Redis Cluster, shared by many kvgevent
 processes.
 
-Each kvgevent key is a Redis list named ``<prefix><key>``: PUT is RPUSH, GET is LRANGE, DELETE
-is DEL, and UPDATE is a Lua script (LREM the first ``old``, RPUSH ``new``), atomic on the
+Each kvgevent key is a Redis string named ``<prefix><key>`` that holds its reply lines,
+the bytes a GET of it answers (``<key>:<value>\n`` for each value, in order): PUT is APPEND
+of one line, GET is GET (its reply goes to the client as it is: no list or line per value
+in the worker, bench/OPTIMISATIONS.md, "the lines layout"), DELETE is DEL, and UPDATE is a Lua
+script (append ``new``'s line, remove the first line of ``old`` before it), atomic on the
 Redis side, so workers updating one key never lose or duplicate a value. A key's values live
-in one list, hence in one cluster slot. kvgevent's own bookkeeping lives under
-``<prefix>_meta:``, which no client key can reach (client keys never contain ':').
+in one string, hence in one cluster slot. kvgevent's own bookkeeping lives under
+``<prefix>_meta:``, which no client key can reach (client keys never contain ':'). Keys
+that an older kvgevent kept as Redis lists (one value an item) are converted at start
+(:meth:`RedisStore.convert_lists`).
 
 Batches are not sent one round trip each: every batch queued while a round trip is in flight
 goes out together in the next one (:mod:`kvgevent.stores.resp`), so a worker serves many requests per
@@ -31,26 +36,35 @@ import gevent
 from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
 from kvgevent.errors import KVError, StoreError
 from kvgevent.logs import Logger, get_logger, redacted_url
-from kvgevent.protocol import Delete, Get, Put, Update
-from kvgevent.stores.base import STORE_WAIT, VERBS, DataCommand, Key, KVStore, PlainOp, Result, key_bytes
+from kvgevent.protocol import Delete, Get, Put, Update, line_values
+from kvgevent.stores.base import (
+    STORE_WAIT,
+    VERBS,
+    DataCommand,
+    Key,
+    KVStore,
+    Lines,
+    PlainOp,
+    Result,
+    key_bytes,
+)
 from kvgevent.stores.redis_health import ERR_UNAVAILABLE, NO_SCRIPT, READ_ONLY, RedisHealth, not_now
 from kvgevent.stores.resp import (
+    APPEND_HEAD,
     CRLF,
     DEL_HEAD,
+    GET_HEAD,
     HEADS,
-    LRANGE_HEAD,
-    LRANGE_TAIL,
-    RPUSH_HEAD,
     VALUE_HEAD,
     VALUE_HEADS,
     Dispatcher,
     Lost,
     ReplyMismatch,
     RespConnection,
+    append_line,
     delete,
-    lrange_all,
+    get,
     pack,
-    rpush,
 )
 
 _T = TypeVar("_T")
@@ -74,22 +88,50 @@ totals next): one killed, or whose last report was lost, would otherwise stay fo
 every restart under ``--workers`` adds one (a new pid). Long beyond WORKER_TTL: a worker that
 was only stopped (SIGSTOP) a while reports again, and puts its entry back."""
 
-# Atomic p0 UPDATE: remove the first `old` (if any), append `new` (an absent key becomes [new]).
-# Run with no key it does nothing: _RELOAD puts it back in Redis's cache for a user allowed
-# SCRIPT LOAD or one allowed EVAL (two permissions: either may be refused).
+# Atomic p0 UPDATE: remove the first `old` (if any), append `new` (an absent key becomes [new]),
+# on the key's reply lines; ARGV are the two lines (`key:old\n`, `key:new\n`). Run with no key
+# it does nothing: _RELOAD puts it back in Redis's cache for a user allowed SCRIPT LOAD or one
+# allowed EVAL (two permissions: either may be refused).
 UPDATE_SCRIPT = (
     "if #KEYS == 0 then return 0 end "
-    "local n = redis.call('RPUSH', KEYS[1], ARGV[2]) "
-    "redis.call('LREM', KEYS[1], 1, ARGV[1]) "
-    "if ARGV[1] == ARGV[2] and redis.call('LINDEX', KEYS[1], -1) ~= ARGV[2] then "
-    "redis.call('RPUSH', KEYS[1], ARGV[2]) end return n"
+    "local n = redis.call('APPEND', KEYS[1], ARGV[2]) "
+    "local s = redis.call('GET', KEYS[1]) "
+    "local at = string.find('\\n' .. string.sub(s, 1, n - #ARGV[2]), '\\n' .. ARGV[1], 1, true) "
+    "if at then "
+    "redis.call('SET', KEYS[1], string.sub(s, 1, at - 1) .. string.sub(s, at + #ARGV[1]), 'KEEPTTL') end "
+    "return n"
 )
 """UPDATE as one script (atomic: two workers' UPDATEs of a key never interleave): append
-``new``, then remove the first ``old``; when the two are equal and no ``old`` was there
-before, that removed the one just appended: append it again. The RPUSH comes first so
-that it is the script's first write: Redis refuses a script's first write that would grow
-memory past ``maxmemory`` (OOM), not a later one (an LREM first, even one removing
-nothing, let the RPUSH through). Returns an integer (only its type is checked)."""
+``new``'s line, then remove the first line of ``old`` among those before it (a line begins
+the string or follows a newline: a value never holds one). The APPEND comes first so that
+it is the script's first write: Redis refuses a script's first write that would grow
+memory past ``maxmemory`` (OOM), not a later one. Returns an integer (only its type is
+checked)."""
+
+CONVERT_SCRIPT = (
+    "if redis.call('TYPE', KEYS[1])['ok'] ~= 'list' then return -1 end "
+    "local values = redis.call('LRANGE', KEYS[1], 0, -1) "
+    "for i = 1, #values do values[i] = ARGV[1] .. values[i] .. '\\n' end "
+    "local ttl = redis.call('PTTL', KEYS[1]) "
+    "redis.call('DEL', KEYS[1]) "
+    "redis.call('SET', KEYS[1], table.concat(values)) "
+    "if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end "
+    "return #values"
+)
+"""A key of the list layout (kvgevent before the lines layout: one value an item) made the
+string of its reply lines, ``ARGV[1]`` (``<key>:``) before each value; a key that is not a
+list is left alone (-1). Atomic: two workers converting at once convert it once."""
+
+LAYOUT = b"lines"
+"""The value of ``<prefix>_meta:layout`` once every key under the prefix is in the lines
+layout (set by :meth:`RedisStore.convert_lists`, read by the next to start)."""
+
+CONVERT_BATCH = 500
+"""Keys converted a round trip (each one script run, atomic by itself)."""
+
+CONVERT_RETRY = 60.0
+"""Seconds before the conversion is tried again after Redis refused it (an error reply: a user
+who may not write or run scripts): each try scans the whole keyspace."""
 _SCRIPT = UPDATE_SCRIPT.encode()
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT).hexdigest().encode()
 _RELOAD = pack((b"SCRIPT", b"LOAD", _SCRIPT)) + pack((b"EVAL", _SCRIPT, b"0"))
@@ -126,6 +168,9 @@ One more than the 4 that serve writes: round trips holding writes take all conne
 one, kept for reads while Redis holds writes (resp.Dispatcher); with 4 in all, 1,000 clients
 writing lost 8 %."""
 
+
+LINE_END = b"\n" + CRLF
+"""The end of an APPEND's line and of the command."""
 
 _INTS = frozenset((int,))
 """A write's reply that is not an error reply."""
@@ -196,13 +241,33 @@ class RedisStore(KVStore):
             self.apply_plain = self._apply_plain
             self.get_plain = self._get_plain
             # each command's head with the prefix in it, by the key's length (see _encoded)
-            self._lrange_heads = _heads(LRANGE_HEAD, self.prefix)
-            self._lrange_gaps = [LRANGE_TAIL + head for head in self._lrange_heads]  # (key to key)
-            self._rpush_heads = _heads(RPUSH_HEAD, self.prefix)
+            self._get_heads = _heads(GET_HEAD, self.prefix)
+            self._get_gaps = [CRLF + head for head in self._get_heads]  # (key to key)
+            self._append_heads = _heads(APPEND_HEAD, self.prefix)
             self._del_heads = _heads(DEL_HEAD, self.prefix)
         self._meta = self.prefix + b"_meta:"
         self._keys = (0.0, 0)  # (reuse until, count)
         self._bookkeeping_failing: dict[str, float] = {}  # what -> since when it fails
+        self.layout_pending = True  # keys of the list layout may be left (see convert_lists)
+        self._convert_after = 0.0  # (monotonic) no try before then: see convert_lists
+        self._convert_at_start()
+
+    def _convert_at_start(self) -> None:
+        """:meth:`convert_lists` before the server listens. Redis away: the client report
+        tries again within a second of its coming back; refused: said now (the next try is
+        CONVERT_RETRY seconds away). Then redis-py's connection is closed: the data path has
+        its own, and the first report makes it again."""
+        try:
+            self.convert_lists()
+        except self._redis_errors as exc:
+            if self._convert_after:  # (refused, not unreachable)
+                self._bookkeeping_failing["layout conversion"] = self.health.clock()
+                error = self._text(exc)[:200]
+                self.log.warning(
+                    "store_bookkeeping_failed", node=self.node, what="layout conversion", error=error
+                )
+        if self._dispatcher is not None:
+            self.client.connection_pool.disconnect()
 
     # --- the store interface ---------------------------------------------------------------
 
@@ -217,15 +282,15 @@ class RedisStore(KVStore):
         for cmd in commands:
             kind, key = cmd.__class__, prefix + cmd[0]
             if kind is Get:
-                encode(lrange_all(key))
-                expect(list)
+                encode(get(key))
+                expect(bytes)
                 gets += 1
                 continue
             self.applied[VERBS[kind]] += 1
             if kind is Put:
-                encode(rpush(key, cmd[1]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
+                encode(append_line(key, cmd[0], cmd[1]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
             elif kind is Update:  # loaded on every connection (see _dispatcher); else _scripts_again
-                encode(pack((b"EVALSHA", _SCRIPT_SHA, b"1", key, cmd[1], cmd[2])))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
+                encode(pack((b"EVALSHA", _SCRIPT_SHA, b"1", key, *_update_lines(cmd))))
             elif kind is Delete:
                 encode(delete(key))
             else:
@@ -263,10 +328,10 @@ class RedisStore(KVStore):
             cmd = commands[index]
             key = self.prefix + cmd[0]
             if cmd.__class__ is Get:
-                pieces.append(lrange_all(key))
-                expected.append(list)
+                pieces.append(get(key))
+                expected.append(bytes)
             else:
-                pieces.append(pack((b"EVALSHA", _SCRIPT_SHA, b"1", key, cmd[1], cmd[2])))  # type: ignore[misc]  # (an Update)
+                pieces.append(pack((b"EVALSHA", _SCRIPT_SHA, b"1", key, *_update_lines(cmd))))
                 expected.append(int)
         try:
             again = self._call(
@@ -282,7 +347,7 @@ class RedisStore(KVStore):
             replies[index] = reply
 
     def _apply_plain(self, ops: list[PlainOp]) -> list[Result]:
-        """See :attr:`KVStore.apply_plain`: LRANGE, RPUSH or DEL for each, in one round trip
+        """See :attr:`KVStore.apply_plain`: GET, APPEND or DEL for each, in one round trip
         shared with others, each reply judged as :meth:`apply` judges its command's."""
         try:
             payload, expected = self._encoded(ops)
@@ -293,7 +358,7 @@ class RedisStore(KVStore):
             self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
             payload,
             expected,
-            int in expected,  # (writes: an RPUSH or DEL among them)
+            int in expected,  # (writes: an APPEND or DEL among them)
             commands=len(ops),
             per_command=True,
             reads_only=int not in expected,
@@ -304,64 +369,75 @@ class RedisStore(KVStore):
         """The commands of :meth:`_apply_plain`, and their replies' types, from the head tables
         with the prefix in them (no call, no format per op); IndexError for a key too long
         for them."""
-        lrange, rpush, delete = self._lrange_heads, self._rpush_heads, self._del_heads
+        get, append, delete = self._get_heads, self._append_heads, self._del_heads
         pieces: list[bytes] = []
         add = pieces.extend
         gets = False
         for op in ops:
             key = op[0]
             if len(op) == 1:
-                add((lrange[len(key)], key, LRANGE_TAIL))
+                add((get[len(key)], key, CRLF))
                 gets = True
                 continue
             value = op[1]
             if value is None:
                 add((delete[len(key)], key, CRLF))
-            else:
-                m = len(value)
-                add((rpush[len(key)], key, VALUE_HEADS[m] if m < HEADS else VALUE_HEAD % m, value, CRLF))
+            else:  # (APPEND of the line `key:value\n`)
+                m = len(key) + len(value) + 2
+                head = VALUE_HEADS[m] if m < HEADS else VALUE_HEAD % m
+                add((append[len(key)], key, head, key, b":", value, LINE_END))
         # (the types afterwards: writes only, the usual run of writes, need no loop)
-        expected: list[type] = [list if len(op) == 1 else int for op in ops] if gets else [int] * len(ops)
+        expected: list[type] = [bytes if len(op) == 1 else int for op in ops] if gets else [int] * len(ops)
         return b"".join(pieces), expected
 
-    def _get_plain(self, keys: list[bytes]) -> list[Result]:
-        """See :attr:`KVStore.get_plain`: an LRANGE for each, in one round trip shared with
-        others (as :meth:`_apply_plain`, with less to do per key: each is a GET)."""
-        heads, size = self._lrange_heads, len(keys[0])
+    def _get_plain(self, keys: list[bytes]) -> list[Lines]:
+        """See :attr:`KVStore.get_plain`: a GET for each, in one round trip shared with
+        others (as :meth:`_apply_plain`, with less to do per key); each key's reply lines as
+        Redis holds them."""
+        heads, size = self._get_heads, len(keys[0])
         if size < len(heads) and len(set(map(len, keys))) == 1:
             # (the usual batch, keys of one length: one join, each key's head between two)
-            payload = b"".join((heads[size], self._lrange_gaps[size].join(keys), LRANGE_TAIL))
+            payload = b"".join((heads[size], self._get_gaps[size].join(keys), CRLF))
         else:
             pieces: list[bytes] = []
             add = pieces.extend
             try:
                 for key in keys:
-                    add((heads[len(key)], key, LRANGE_TAIL))
-            except IndexError:  # a key too long for the table (rare): as any plain op
-                return self._apply_plain([(key,) for key in keys])
+                    add((heads[len(key)], key, CRLF))
+            except IndexError:  # a key too long for the table (rare)
+                pieces = [get(self.prefix + key) for key in keys]
             payload = b"".join(pieces)
         asked = self.health.clock()
         replies = self._call(
             self._dispatcher.execute_encoded,  # type: ignore[union-attr]  # (set only with a dispatcher)
             payload,
-            [list] * len(keys),
+            [bytes] * len(keys),
             False,  # (no write)
             commands=len(keys),
             per_command=True,
             reads_only=True,
         )
-        if replies.__class__ is list and not self.health.outages:  # (lists only: see resp.Mixed)
-            return replies  # (a key with no values: an empty list)
-        return self._plain_results([(key,) for key in keys], replies, asked)
+        if replies.__class__ is list and not self.health.outages:  # (strings only: see resp.Mixed)
+            return replies
+        health = self.health
+        results: list[Lines] = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, Exception):  # an error reply
+                results.append(self._failed(key, reply))
+                continue
+            if health.outages:  # its node answered: any outage of it is over
+                health.up(self._node_of(self.prefix + key), asked)
+            results.append(reply or None)
+        return results
 
     def _plain_results(self, ops: list[PlainOp], replies: list[Any], asked: float) -> list[Result]:
-        """Each plain op's result from its reply (types checked by the dispatcher: a list
-        for a GET, an int for a write, or an error reply)."""
+        """Each plain op's result from its reply (types checked by the dispatcher: a string
+        or nil for a GET, an int for a write, or an error reply)."""
         if not self.health.outages:  # the usual case: no error reply, no outage to end
             if _INTS.issuperset(map(type, replies)):  # (writes only; checked in C)
                 return [None] * len(replies)
             if replies.__class__ is list:  # (no error reply: see resp.Mixed; no call per reply)
-                return [(reply or None) if reply.__class__ is list else None for reply in replies]
+                return [_get_result(op, reply) for op, reply in zip(ops, replies, strict=True)]
         health = self.health
         results: list[Result] = []
         for op, reply in zip(ops, replies, strict=True):
@@ -370,7 +446,7 @@ class RedisStore(KVStore):
                 continue
             if health.outages:  # its node answered: any outage of it is over
                 health.up(self._node_of(self.prefix + op[0]), asked)
-            results.append((reply or None) if reply.__class__ is list else None)
+            results.append(_get_result(op, reply))
         return results
 
     def _apply_redis_py(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
@@ -389,12 +465,12 @@ class RedisStore(KVStore):
                 skipped[index] = ERR_UNAVAILABLE
                 continue
             if kind is Get:
-                pipe.lrange(key, 0, -1)
+                pipe.get(key)
             elif kind is Put:
-                pipe.rpush(key, cmd[1])  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
+                pipe.append(key, b"%s:%s\n" % (cmd[0], cmd[1]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
             elif kind is Update:
                 # (execute_command: the cluster pipeline has no eval(), but routes EVAL by its key)
-                pipe.execute_command("EVAL", UPDATE_SCRIPT, 1, key, cmd[1], cmd[2])  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
+                pipe.execute_command("EVAL", UPDATE_SCRIPT, 1, key, *_update_lines(cmd))
             elif kind is Delete:
                 pipe.delete(key)
             else:
@@ -410,7 +486,7 @@ class RedisStore(KVStore):
 
     def _sent_once(self, pipe: Any) -> list[Any]:
         """Execute a cluster pipeline (redis-py's), each command sent once: a command whose
-        connection timed out or failed may have been applied (a PUT is an RPUSH), so it
+        connection timed out or failed may have been applied (a PUT is an APPEND), so it
         fails (ERR store unavailable) and is not sent again, where redis-py's own execute
         sends such commands again one by one (a PUT answered OK stood twice after a stalled
         node's timeout). A command redirected (MOVED, ASK: not run by the node asked) is
@@ -451,10 +527,12 @@ class RedisStore(KVStore):
             if health.outages:  # its node answered: any outage of it is over
                 health.up(self._node_of(self.prefix + cmd[0]), asked)
             if cmd.__class__ is Get:
-                if reply.__class__ is not list:  # (the redis-py path: the dispatcher checked)
-                    results.append(self.health.error_reply(f"LRANGE answered a {type(reply).__name__}"))
+                if reply is None:
+                    results.append(None)
+                elif reply.__class__ is not bytes:  # (the redis-py path: the dispatcher checked)
+                    results.append(self.health.error_reply(f"GET answered a {type(reply).__name__}"))
                 else:
-                    results.append(reply or None)
+                    results.append(line_values(cmd[0], reply) or None)
             else:
                 results.append(None)
         return results
@@ -527,8 +605,11 @@ class RedisStore(KVStore):
     def report_clients(self, worker: str, active: int, dropped_delta: int, final: bool = False) -> None:
         """Publish this worker's client counts (called every second by the server, and a last
         time, ``final``, when it stops: then it leaves the table). Ends the outages that
-        settled meanwhile (RedisHealth.settled)."""
+        settled meanwhile (RedisHealth.settled). Converts the keys of the list layout first
+        if that could not be done at start (:meth:`convert_lists`)."""
         self.health.settled()
+        if self.layout_pending and not final and time.monotonic() >= self._convert_after:
+            self._bookkeeping("layout conversion", self.convert_lists)
 
         def report() -> None:
             pipe = self.client.pipeline(transaction=False)
@@ -541,6 +622,57 @@ class RedisStore(KVStore):
             pipe.execute()
 
         self._bookkeeping("client report", report)
+
+    def convert_lists(self) -> None:
+        """Make every key under the prefix that is a Redis list (the layout of kvgevent
+        before the lines layout: a value an item) the string of its reply lines, each key at
+        once (CONVERT_SCRIPT, atomic), unless ``<prefix>_meta:layout`` says this was done;
+        then say so there. Run at start, before the server listens; if Redis could not be
+        reached then, by the client report once it can (meanwhile a command of a key still a
+        list gets ``ERR store error``, WRONGTYPE). Logs ``store_layout_converted`` when it
+        converted any key. Raises what redis-py raises, ReplyMismatch for a peer whose
+        replies redis-py cannot read; after an error reply (a user who may not write, or run
+        scripts), the report tries again only after CONVERT_RETRY seconds (each try scans
+        the keyspace)."""
+        import redis
+
+        try:
+            self._convert_lists()
+        except redis.exceptions.ResponseError:
+            self._convert_after = time.monotonic() + CONVERT_RETRY
+            raise
+        except (ValueError, TypeError) as exc:  # (redis-py could not read a reply: not Redis)
+            raise ReplyMismatch(f"not a Redis reply: {exc}") from None
+
+    def _convert_lists(self) -> None:
+        """:meth:`convert_lists`, its errors as redis-py raises them."""
+        client, marker = self.client, self._meta + b"layout"
+        if client.get(marker) == LAYOUT:
+            self.layout_pending = False
+            return
+        began, converted, batch = time.monotonic(), 0, []
+        for key in client.scan_iter(match=_glob_escape(self.prefix) + b"*", count=1000, _type="list"):
+            if not key.startswith(self._meta):
+                batch.append(key)
+            if len(batch) >= CONVERT_BATCH:
+                converted += self._converted(batch)
+                batch = []
+        converted += self._converted(batch)
+        self.layout_pending = False  # (even if the marker cannot be set: nothing is left)
+        if converted:
+            took = round(time.monotonic() - began, 3)
+            self.log.info("store_layout_converted", node=self.node, keys=converted, seconds=took)
+        client.set(marker, LAYOUT)
+
+    def _converted(self, keys: list[bytes]) -> int:
+        """Convert ``keys`` (found to be lists) in one pipeline: how many were still lists."""
+        if not keys:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        start = len(self.prefix)
+        for key in keys:
+            pipe.execute_command("EVAL", CONVERT_SCRIPT, 1, key, key[start:] + b":")
+        return sum(1 for count in pipe.execute() if count >= 0)
 
     def cluster_stats(self, worker: str, active: int) -> dict[str, int]:
         """Cluster-wide totals: clients connected to live workers (this one's counted now,
@@ -762,6 +894,17 @@ def _redone(commands: Sequence[DataCommand], replies: list[Any]) -> list[int]:
     return redo
 
 
+def _get_result(op: PlainOp, reply: Any) -> list[bytes] | None:
+    """A plain op's result from its reply (not an error): a GET's values, None for a write."""
+    return (line_values(op[0], reply) or None) if reply.__class__ is bytes else None
+
+
+def _update_lines(cmd: Any) -> tuple[bytes, bytes]:
+    """The lines of an UPDATE's old and new values, as UPDATE_SCRIPT takes them."""
+    key, old, new = cmd
+    return b"%s:%s\n" % (key, old), b"%s:%s\n" % (key, new)
+
+
 def _no_script(reply: Any) -> bool:
     """Whether ``reply`` is Redis's NOSCRIPT error reply (EVALSHA of a script it does not have)."""
     return isinstance(reply, Exception) and str(reply).startswith(NO_SCRIPT)
@@ -799,14 +942,14 @@ def _heads(head: bytes, prefix: bytes) -> list[bytes]:
 def _encoded_slowly(prefix: bytes, ops: list[PlainOp]) -> tuple[bytes, list[type]]:
     """:meth:`RedisStore._encoded` for keys of any length (one call per op)."""
     commands = [
-        lrange_all(prefix + op[0])
+        get(prefix + op[0])
         if len(op) == 1
         else delete(prefix + op[0])
         if op[1] is None
-        else rpush(prefix + op[0], op[1])
+        else append_line(prefix + op[0], op[0], op[1])
         for op in ops
     ]
-    return b"".join(commands), [list if len(op) == 1 else int for op in ops]
+    return b"".join(commands), [bytes if len(op) == 1 else int for op in ops]
 
 
 def _glob_escape(prefix: bytes) -> bytes:

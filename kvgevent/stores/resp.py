@@ -14,7 +14,7 @@ Redis: it is closed if it is connected to itself (a local port with nothing list
 handed out as the connecting socket's own source port, and TCP then connects the socket to
 itself: every command comes back as its "reply"), and its first round trip is a PING that
 must be answered ``PONG``. Each reply must then be of the type its command returns (an array
-for LRANGE, an integer for RPUSH...): a reply of another type fails the whole round trip with
+for GET, an integer for APPEND...): a reply of another type fails the whole round trip with
 :class:`ReplyMismatch` and closes the connection. Error replies (hiredis ``ReplyError``) are
 returned as they are, for the store to map.
 
@@ -134,18 +134,17 @@ def pack(args: Command) -> bytes:
 HEADS = 256
 """Lengths whose headers are made once (a longer key or value's is formatted each time)."""
 
-LRANGE_HEAD = b"*4\r\n$6\r\nLRANGE\r\n$%d\r\n"
-LRANGE_HEADS = [LRANGE_HEAD % n for n in range(HEADS)]
-LRANGE_TAIL = b"\r\n$1\r\n0\r\n$2\r\n-1\r\n"
-"""``LRANGE key 0 -1`` = ``LRANGE_HEADS[len(key)] + key + LRANGE_TAIL``."""
+GET_HEAD = b"*2\r\n$3\r\nGET\r\n$%d\r\n"
+GET_HEADS = [GET_HEAD % n for n in range(HEADS)]
+"""``GET key`` = ``GET_HEADS[len(key)] + key + CRLF``."""
 
-RPUSH_HEAD = b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n"
-RPUSH_HEADS = [RPUSH_HEAD % n for n in range(HEADS)]
-"""``RPUSH key value`` = ``RPUSH_HEADS[len(key)] + key + VALUE_HEADS[len(value)] + value + CRLF``."""
+APPEND_HEAD = b"*3\r\n$6\r\nAPPEND\r\n$%d\r\n"
+APPEND_HEADS = [APPEND_HEAD % n for n in range(HEADS)]
+"""``APPEND key line`` = ``APPEND_HEADS[len(key)] + key + VALUE_HEADS[len(line)] + line + CRLF``."""
 
 VALUE_HEAD = b"\r\n$%d\r\n"
 VALUE_HEADS = [VALUE_HEAD % n for n in range(HEADS)]
-"""What comes between RPUSH's key and its value: the end of the key, the value's length."""
+"""What comes between APPEND's key and its argument: the end of the key, the argument's length."""
 
 DEL_HEAD = b"*2\r\n$3\r\nDEL\r\n$%d\r\n"
 DEL_HEADS = [DEL_HEAD % n for n in range(HEADS)]
@@ -154,17 +153,19 @@ DEL_HEADS = [DEL_HEAD % n for n in range(HEADS)]
 CRLF = b"\r\n"
 
 
-def lrange_all(key: bytes) -> bytes:
-    """``LRANGE key 0 -1`` in RESP."""
+def get(key: bytes) -> bytes:
+    """``GET key`` in RESP."""
     n = len(key)
-    return b"".join((LRANGE_HEADS[n] if n < HEADS else LRANGE_HEAD % n, key, LRANGE_TAIL))
+    return b"".join((GET_HEADS[n] if n < HEADS else GET_HEAD % n, key, CRLF))
 
 
-def rpush(key: bytes, value: bytes) -> bytes:
-    """``RPUSH key value`` in RESP."""
-    n, m = len(key), len(value)
-    head = RPUSH_HEADS[n] if n < HEADS else RPUSH_HEAD % n
-    return b"".join((head, key, VALUE_HEADS[m] if m < HEADS else VALUE_HEAD % m, value, CRLF))
+def append_line(key: bytes, name: bytes, value: bytes) -> bytes:
+    """``APPEND key <name>:<value>\\n`` in RESP: a PUT of ``value`` to the kvgevent key
+    ``name`` kept in the Redis string ``key`` (see :mod:`kvgevent.stores.redis_store`)."""
+    n, m = len(key), len(name) + len(value) + 2
+    head = APPEND_HEADS[n] if n < HEADS else APPEND_HEAD % n
+    size = VALUE_HEADS[m] if m < HEADS else VALUE_HEAD % m
+    return b"".join((head, key, size, name, b":", value, b"\n", CRLF))
 
 
 def delete(key: bytes) -> bytes:
@@ -424,17 +425,21 @@ def _gone(exc: BaseException) -> bool:
 
 
 class Mixed(list[Any]):
-    """The replies of a request whose round trip held an error reply (or a reply of a subtype
-    of its command's type): a caller whose replies are a plain ``list`` knows, without looking
-    at them, that each is of exactly its command's type, no error reply among them."""
+    """The replies of a request whose round trip held an error reply, a nil (a GET of a key
+    with no values) or a reply of a subtype of its command's type: a caller whose replies
+    are a plain ``list`` knows, without looking at them, that each is of exactly its
+    command's type, no error reply among them."""
 
 
 def check_types(replies: list[Any], expected: Sequence[Expected]) -> bool:
-    """Raise ReplyMismatch unless each reply is an error reply or of its command's type;
-    True if each is of exactly its command's type (no error reply)."""
+    """Raise ReplyMismatch unless each reply is an error reply or of its command's type (or
+    nil, for a GET: a bulk string); True if each is of exactly its command's type (no error
+    reply, no nil)."""
     if list(map(type, replies)) == expected:  # (the usual case: checked in C)
         return True
     for reply, kind in zip(replies, expected, strict=True):
+        if reply is None and kind is bytes:  # (GET of a key with no values)
+            continue
         if reply.__class__ is not kind and not isinstance(reply, (kind, hiredis.ReplyError)):
             raise ReplyMismatch(f"a {type(reply).__name__} reply where a {kind} was due")
     return False
