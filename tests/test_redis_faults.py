@@ -1904,12 +1904,12 @@ def _gets(peer: Peer, keys: list[bytes]) -> list[bytes]:
 
 def test_keys_of_the_list_layout_are_converted_at_start_and_served(server_process, tmp_path):
     """A Redis holding 1,200 keys as an older kvgevent kept them (lists; more than one
-    conversion batch and one SCAN step), one with a time to live, kvgevent's own bookkeeping
-    and another user's list: at start every key under the prefix is converted
-    (``store_layout_converted``, keys=1200) before the server listens; GETs answer each
-    key's values in order, PUT and UPDATE work on them, the time to live stays, the other
-    user's list and the bookkeeping are untouched. A second server started then converts
-    nothing (the layout marker)."""
+    conversion batch and one SCAN step), one with a time to live, kvgevent's own bookkeeping,
+    another user's list and another deployment's whose prefix begins with this one's: at
+    start every key under the prefix is converted (``store_layout_converted``, keys=1200)
+    before the server listens; GETs answer each key's values in order, PUT and UPDATE work
+    on them, the time to live stays, the others' lists and the bookkeeping are untouched. A
+    second server started then converts nothing (the layout marker)."""
     import redis as redis_py
 
     redis = RedisProcess(tmp_path)
@@ -1918,6 +1918,7 @@ def test_keys_of_the_list_layout_are_converted_at_start_and_served(server_proces
         data = _old_layout(admin, "old:", 1200)
         admin.expire("old:k5", 3600)
         admin.rpush("other:k1", "x")
+        admin.rpush("old:b:k1", "x")  # (a deployment whose prefix, old:b:, begins with ours)
         admin.hset("old:_meta:workers", "gone", "0 0")
         server = server_process("--store", redis.url, "--redis-prefix", "old:")
         (converted,) = events(server, "store_layout_converted")
@@ -1929,7 +1930,7 @@ def test_keys_of_the_list_layout_are_converted_at_start_and_served(server_proces
         update = b"PUT:k1:new\nUPDATE:k1:v1:w\nGET:k1\n"
         assert peer.request(update) == [b"k1:a:b", b"k1:new", b"k1:w"]
         assert 0 < admin.ttl("old:k5") <= 3600
-        assert admin.lrange("other:k1", 0, -1) == [b"x"]
+        assert admin.lrange("other:k1", 0, -1) == [b"x"] and admin.lrange("old:b:k1", 0, -1) == [b"x"]
         assert admin.type("old:_meta:workers") == b"hash"
         peer.close()
         again = server_process("--store", redis.url, "--redis-prefix", "old:")

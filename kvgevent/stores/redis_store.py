@@ -36,7 +36,7 @@ import gevent
 from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
 from kvgevent.errors import KVError, StoreError
 from kvgevent.logs import Logger, get_logger, redacted_url
-from kvgevent.protocol import Delete, Get, Put, Update, line_values
+from kvgevent.protocol import COLON, Delete, Get, Put, Update, line_values
 from kvgevent.stores.base import (
     STORE_WAIT,
     VERBS,
@@ -650,9 +650,11 @@ class RedisStore(KVStore):
         if client.get(marker) == LAYOUT:
             self.layout_pending = False
             return
-        began, converted, batch = time.monotonic(), 0, []
+        began, converted, batch, start = time.monotonic(), 0, [], len(self.prefix)
         for key in client.scan_iter(match=_glob_escape(self.prefix) + b"*", count=1000, _type="list"):
-            if not key.startswith(self._meta):
+            # (a client key has no ':': one with it is the bookkeeping's, or the key of a
+            # deployment whose prefix begins with this one, `kv:` and `kv:b:`: not ours)
+            if COLON not in key[start:]:
                 batch.append(key)
             if len(batch) >= CONVERT_BATCH:
                 converted += self._converted(batch)
