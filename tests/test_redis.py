@@ -49,6 +49,7 @@ def test_keys_are_namespaced_strings_of_their_reply_lines(redis_server, store):
 
     raw = redis.Redis(port=redis_server.port)
     raw.set(b"someone-elses", b"x")
+    raw.set(store.prefix + b"b:k", b"k:x\n")  # (a deployment of prefix <ours>b: : not counted)
     store.apply([Put(b"k", b"1"), Put(b"k", b"2:3")])
     assert raw.get(store.prefix + b"k") == b"k:1\nk:2:3\n"
     store.apply_plain([(b"k", b""), (b"j", b"v")])

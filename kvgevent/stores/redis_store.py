@@ -567,13 +567,9 @@ class RedisStore(KVStore):
             return count
 
         def scan() -> int:
-            pattern = _glob_escape(self.prefix) + b"*"
-            meta = 0
-            total = 0
-            for key in self.client.scan_iter(match=pattern, count=1000):
-                total += 1
-                meta += key.startswith(self._meta)
-            return total - meta
+            pattern, start = _glob_escape(self.prefix) + b"*", len(self.prefix)
+            # (a key with a ':' after the prefix is not a client's: see _convert_lists)
+            return sum(COLON not in key[start:] for key in self.client.scan_iter(match=pattern, count=1000))
 
         began = time.monotonic()
         count = self._bookkeeping("key count", scan)
