@@ -2004,3 +2004,31 @@ def test_a_user_who_may_not_convert_lists_is_told_once_and_not_scanned_each_seco
     finally:
         admin.close()
         redis.kill()
+
+
+def test_a_conversion_slower_than_the_redis_timeout_finishes_before_the_server_listens(
+    server_process, tmp_path
+):
+    """A list of 1.5 million values takes Redis longer to convert than a --redis-timeout of
+    0.2 s: the conversion waits for it (CONVERT_TIMEOUT), so the server listens with every
+    key converted and ``store_layout_converted`` logged (keys=2). (Before, the call timed out:
+    the server listened with the lists left, GETs of them ERR, and nothing said so.)"""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    try:
+        pipe = admin.pipeline(transaction=False)
+        for start in range(0, 1_500_000, 50_000):
+            pipe.rpush("kvgevent:big", *range(start, start + 50_000))
+        pipe.rpush("kvgevent:small", "v")
+        pipe.execute()
+        server = server_process("--store", redis.url, "--redis-timeout", "0.2")
+        (converted,) = events(server, "store_layout_converted")  # (logged before it listened)
+        assert converted["keys"] == 2 and converted["seconds"] > 0.2
+        assert admin.type("kvgevent:big") == b"string" and admin.strlen("kvgevent:big") > 1_500_000 * 4
+        assert Peer(server.port, timeout=30).request(b"GET:small\n") == [b"small:v"]
+        assert events(server, "store_bookkeeping_failed") == []
+    finally:
+        admin.close()
+        redis.kill()

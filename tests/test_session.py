@@ -396,6 +396,38 @@ class FetchingGets(Fetching):
 GET_LINES = [line for line in PLAIN_LINES if line[:1] in b"Gg"]
 
 
+def test_gets_alone_queue_one_item_per_reply_line_whatever_the_store_hands_over():
+    """The queue's bounds (``--queue-size`` lines) and ``messages_dropped`` count the items
+    a batch hands over as lines: a batch of GETs alone through ``get_plain`` (whose results
+    are each key's reply lines in one piece) gives one item per line, for keys of one value,
+    several (small: 500 in 2,890 bytes), none, and one value bigger than a reply built inline.
+    (Before, a key of 1,000 values was one item: an auditor's client queued 7 million lines
+    against 1.4 million from the memory store, and 999 of each such reply's lost lines went
+    uncounted.)"""
+    store = FetchingGets()
+    for n in range(500):  # (2,890 bytes of lines: not big)
+        store.apply_plain([(b"m", b"%d" % n)])
+    store.apply_plain([(b"one", b"x"), (b"big", b"b" * 5000)])
+    session = session_for(store)
+    for keys in ([b"one", b"one"], [b"one", b"none", b"one"], [b"one", b"m"], [b"big", b"one"]):
+        handed = session.handle([b"GET:" + key for key in keys])
+        items: list = [handed] if isinstance(handed, list) else []
+        reply = None
+        try:
+            while not isinstance(handed, list):  # (the general path's actions, Room granted)
+                action = handed.send(reply)
+                reply = True if isinstance(action, Room) else None
+                items.append(action)
+        except StopIteration:
+            pass
+        for item in items:
+            if isinstance(item, list):  # one line an item
+                assert all(line.count(b"\n") == 1 and line.endswith(b"\n") for line in item), keys
+            elif isinstance(item, Chunk):  # lines joined, and counted
+                assert item.data.count(b"\n") == item.lines, keys
+    assert session.handle([b"GET:one", b"GET:one"]) == [b"one:x\n", b"one:x\n"]
+
+
 @pytest.mark.parametrize("gets", [False, True], ids=["apply_plain", "get_plain"])
 @pytest.mark.parametrize("seed", range(4))
 def test_plain_lines_applied_at_once_are_answered_as_the_general_path_answers_them(seed, gets):

@@ -320,19 +320,18 @@ class Session:
 
     def _fetched_values(self, keys: list[bytes], store: KVStore, out: list[bytes]) -> Actions | None:
         """:meth:`_applied_plainly` for a batch of GETs only (their ``keys``), through
-        ``store.get_plain``, whose results are the replies' lines: the usual ones queued as
-        they are; if one is not small (INLINE_REPLY_BYTES), or is an error, all of them as
-        :meth:`_ponged_replies` builds them from their values."""
+        ``store.get_plain``, whose results are the replies' lines: the usual ones (one line
+        each, small) queued as they are; if one is not (several values, a big one, an
+        error), all of them as :meth:`_ponged_replies` builds them from their values, which
+        counts and chunks their lines as the queue's bounds and counts want."""
         results = _fetched(store.get_plain, keys)
-        try:  # the usual read: each key's lines, none big (None or an error: TypeError)
-            if max(map(len, results)) <= INLINE_REPLY_BYTES:
-                out += results  # (bytes only: len() took each)
-                return None
-        except TypeError:  # (a key with no values, or an error)
-            found = [lines for lines in results if lines is not None]
-            if all(lines.__class__ is bytes and len(lines) <= INLINE_REPLY_BYTES for lines in found):
-                out += found
-                return None
+        if _one_small_line_each(results):  # the usual read
+            out += results
+            return None
+        found = [lines for lines in results if lines is not None]  # (no values: no line)
+        if len(found) < len(results) and _one_small_line_each(found):
+            out += found
+            return None
         ops: list[PlainOp] = [(key,) for key in keys]  # (unusual: the general way, from values)
         values = [_lines_result(key, lines) for key, lines in zip(keys, results, strict=True)]
         return self._ponged_replies(ops, values, out, [])
@@ -778,6 +777,19 @@ def _fetched(fetch: Callable[[list[Any]], list[Any]] | None, ops: list[Any]) -> 
         return fetch(ops)  # type: ignore[misc]  # (the callers checked it is not None)
     except KVError as exc:
         return [exc.fresh()] * len(ops)
+
+
+def _one_small_line_each(replies: list[Any]) -> bool:
+    """Whether each of ``replies`` (GETs' :data:`Lines`) is one reply line of at most
+    INLINE_REPLY_BYTES: bytes, its lines counted all at once (a GET's lines each end in a
+    newline, and it has one at least), not one by one."""
+    try:
+        return (
+            b"".join(replies).count(b"\n") == len(replies)
+            and max(map(len, replies), default=0) <= INLINE_REPLY_BYTES
+        )
+    except TypeError:  # (None: no values; an error)
+        return False
 
 
 def _lines_result(key: bytes, lines: Lines) -> Result:

@@ -129,6 +129,11 @@ layout (set by :meth:`RedisStore.convert_lists`, read by the next to start)."""
 CONVERT_BATCH = 500
 """Keys converted a round trip (each one script run, atomic by itself)."""
 
+CONVERT_TIMEOUT = 60.0
+"""Seconds a call of the list layout's conversion may wait for Redis (if --redis-timeout is
+less): a SCAN step, or a batch of scripts, one of which may convert a list of millions of
+values (seconds of Redis's time)."""
+
 CONVERT_RETRY = 60.0
 """Seconds before the conversion is tried again after Redis refused it (an error reply: a user
 who may not write or run scripts): each try scans the whole keyspace."""
@@ -250,17 +255,21 @@ class RedisStore(KVStore):
         self._bookkeeping_failing: dict[str, float] = {}  # what -> since when it fails
         self.layout_pending = True  # keys of the list layout may be left (see convert_lists)
         self._convert_after = 0.0  # (monotonic) no try before then: see convert_lists
+        self._conversion: tuple[float, int] | None = None  # (began, keys converted) once needed
+        self._convert_timeout = max(timeout, CONVERT_TIMEOUT)
         self._convert_at_start()
 
     def _convert_at_start(self) -> None:
         """:meth:`convert_lists` before the server listens. Redis away: the client report
-        tries again within a second of its coming back; refused: said now (the next try is
-        CONVERT_RETRY seconds away). Then redis-py's connection is closed: the data path has
-        its own, and the first report makes it again."""
+        tries again within a second of its coming back; refused, or failed on the way (the
+        server then listens with lists left): said now, ``store_bookkeeping_failed`` (the
+        client report tries again, at once or CONVERT_RETRY seconds later if refused). Then
+        redis-py's connection is closed: the data path has its own, and the first report
+        makes it again."""
         try:
             self.convert_lists()
         except self._redis_errors as exc:
-            if self._convert_after:  # (refused, not unreachable)
+            if self._convert_after or self._conversion is not None:  # (not only unreachable)
                 self._bookkeeping_failing["layout conversion"] = self.health.clock()
                 error = self._text(exc)[:200]
                 self.log.warning(
@@ -629,7 +638,8 @@ class RedisStore(KVStore):
         converted any key. Raises what redis-py raises, ReplyMismatch for a peer whose
         replies redis-py cannot read; after an error reply (a user who may not write, or run
         scripts), the report tries again only after CONVERT_RETRY seconds (each try scans
-        the keyspace)."""
+        the keyspace). Its calls wait for Redis up to CONVERT_TIMEOUT seconds (or
+        --redis-timeout if more): a list of millions of values takes Redis seconds."""
         import redis
 
         try:
@@ -642,35 +652,47 @@ class RedisStore(KVStore):
 
     def _convert_lists(self) -> None:
         """:meth:`convert_lists`, its errors as redis-py raises them."""
-        client, marker = self.client, self._meta + b"layout"
-        if client.get(marker) == LAYOUT:
+        marker = self._meta + b"layout"
+        if self.client.get(marker) == LAYOUT:
             self.layout_pending = False
             return
-        began, converted, batch, start = time.monotonic(), 0, [], len(self.prefix)
-        for key in client.scan_iter(match=_glob_escape(self.prefix) + b"*", count=1000, _type="list"):
-            # (a client key has no ':': one with it is the bookkeeping's, or the key of a
-            # deployment whose prefix begins with this one, `kv:` and `kv:b:`: not ours)
-            if COLON not in key[start:]:
-                batch.append(key)
-            if len(batch) >= CONVERT_BATCH:
-                converted += self._converted(batch)
-                batch = []
-        converted += self._converted(batch)
+        if self._conversion is None:
+            self._conversion = (time.monotonic(), 0)
+        client = _redis_py_client(self.url, self._convert_timeout)
+        try:
+            batch: list[bytes] = []
+            start = len(self.prefix)
+            for key in client.scan_iter(match=_glob_escape(self.prefix) + b"*", count=1000, _type="list"):
+                # (a client key has no ':' and is not empty: one with it is the bookkeeping's,
+                # or the key of a deployment whose prefix begins with this one, `kv:` and
+                # `kv:b:`: not ours)
+                if COLON not in key[start:] and len(key) > start:
+                    batch.append(key)
+                if len(batch) >= CONVERT_BATCH:
+                    self._converted(client, batch)
+                    batch = []
+            self._converted(client, batch)
+        finally:
+            client.close()
         self.layout_pending = False  # (even if the marker cannot be set: nothing is left)
+        began, converted = self._conversion
         if converted:
             took = round(time.monotonic() - began, 3)
             self.log.info("store_layout_converted", node=self.node, keys=converted, seconds=took)
-        client.set(marker, LAYOUT)
+        self.client.set(marker, LAYOUT)
 
-    def _converted(self, keys: list[bytes]) -> int:
-        """Convert ``keys`` (found to be lists) in one pipeline: how many were still lists."""
+    def _converted(self, client: Any, keys: list[bytes]) -> None:
+        """Convert ``keys`` (found to be lists) in one pipeline, counting those that were still
+        lists (another worker may have converted some) in ``_conversion``."""
         if not keys:
-            return 0
-        pipe = self.client.pipeline(transaction=False)
+            return
+        pipe = client.pipeline(transaction=False)
         start = len(self.prefix)
         for key in keys:
             pipe.execute_command("EVAL", CONVERT_SCRIPT, 1, key, key[start:] + b":")
-        return sum(1 for count in pipe.execute() if count >= 0)
+        converted = sum(1 for count in pipe.execute() if count >= 0)
+        began, before = self._conversion or (time.monotonic(), 0)
+        self._conversion = (began, before + converted)
 
     def cluster_stats(self, worker: str, active: int) -> dict[str, int]:
         """Cluster-wide totals: clients connected to live workers (this one's counted now,
