@@ -652,6 +652,8 @@ class RedisStore(KVStore):
 
     def _convert_lists(self) -> None:
         """:meth:`convert_lists`, its errors as redis-py raises them."""
+        import redis
+
         marker = self._meta + b"layout"
         if self.client.get(marker) == LAYOUT:
             self.layout_pending = False
@@ -679,7 +681,10 @@ class RedisStore(KVStore):
         if converted:
             took = round(time.monotonic() - began, 3)
             self.log.info("store_layout_converted", node=self.node, keys=converted, seconds=took)
-        self.client.set(marker, LAYOUT)
+        try:
+            self.client.set(marker, LAYOUT)
+        except redis.exceptions.ResponseError:  # (a user who may not write: nothing was left
+            pass  # to convert, or the scripts would have failed first; the next start scans)
 
     def _converted(self, client: Any, keys: list[bytes]) -> None:
         """Convert ``keys`` (found to be lists) in one pipeline, counting those that were still
