@@ -50,6 +50,7 @@ def test_keys_are_namespaced_strings_of_their_reply_lines(redis_server, store):
     raw = redis.Redis(port=redis_server.port)
     raw.set(b"someone-elses", b"x")
     raw.set(store.prefix + b"b:k", b"k:x\n")  # (a deployment of prefix <ours>b: : not counted)
+    raw.set(store.prefix, b"x")  # (the prefix itself: no client key, not counted)
     store.apply([Put(b"k", b"1"), Put(b"k", b"2:3")])
     assert raw.get(store.prefix + b"k") == b"k:1\nk:2:3\n"
     store.apply_plain([(b"k", b""), (b"j", b"v")])
@@ -1184,3 +1185,38 @@ def test_a_sigterm_before_the_workers_are_ready_logs_no_error(server_process, re
     assert proc.stop(timeout=15) == 0
     events = [e["event"] for e in proc.events()]
     assert "workers_stopped" in events and "unhandled_error" not in events, events
+
+
+def test_a_cluster_down_at_the_conversion_is_tried_again_with_the_next_report(redis_server):
+    """CLUSTERDOWN, TRYAGAIN or READONLY while the list layout is converted are a node that
+    cannot serve now, not a refusal: the conversion is tried again with the next client
+    report, not CONVERT_RETRY (60 s) later; a refusal (NOPERM) waits. (The errors are
+    injected at redis-py's boundary, the store's client raising them: a cluster that is down
+    for a moment at a worker's start was made for real by an auditor, 60 s of ERR after it
+    came back, which a test cannot wait for.)"""
+    import redis
+
+    from kvgevent.stores.redis_store import RedisStore
+
+    store = RedisStore(redis_server.url, prefix="cd:")
+    try:
+        for error in (
+            redis.exceptions.ClusterDownError,
+            redis.exceptions.TryAgainError,
+            redis.exceptions.ReadOnlyError,
+        ):
+            store.layout_pending, store._convert_after = True, 0.0
+
+            def fail(*args, error=error):
+                raise error("CLUSTERDOWN The cluster is down")
+
+            store.client.get = fail
+            with pytest.raises(redis.exceptions.ResponseError):
+                store.convert_lists()
+            assert store._convert_after == 0.0, error
+        store.client.get = lambda *args: (_ for _ in ()).throw(redis.exceptions.NoPermissionError("NOPERM"))
+        with pytest.raises(redis.exceptions.ResponseError):
+            store.convert_lists()
+        assert store._convert_after > 0
+    finally:
+        store.close()

@@ -578,7 +578,8 @@ class RedisStore(KVStore):
         def scan() -> int:
             pattern, start = _glob_escape(self.prefix) + b"*", len(self.prefix)
             # (a key with a ':' after the prefix is not a client's: see _convert_lists)
-            return sum(COLON not in key[start:] for key in self.client.scan_iter(match=pattern, count=1000))
+            keys = self.client.scan_iter(match=pattern, count=1000)
+            return sum(COLON not in key[start:] and len(key) > start for key in keys)
 
         began = time.monotonic()
         count = self._bookkeeping("key count", scan)
@@ -644,8 +645,11 @@ class RedisStore(KVStore):
 
         try:
             self._convert_lists()
-        except redis.exceptions.ResponseError:
-            self._convert_after = time.monotonic() + CONVERT_RETRY
+        except redis.exceptions.ResponseError as exc:
+            # (a refusal; not a node that cannot serve now, CLUSTERDOWN or TRYAGAIN, nor a
+            # replica, READONLY in a failover: those are tried again with the next report)
+            if not isinstance(exc, (*self._unreachable, redis.exceptions.ReadOnlyError)):
+                self._convert_after = time.monotonic() + CONVERT_RETRY
             raise
         except (ValueError, TypeError) as exc:  # (redis-py could not read a reply: not Redis)
             raise ReplyMismatch(f"not a Redis reply: {exc}") from None
