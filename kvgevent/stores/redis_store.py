@@ -36,7 +36,7 @@ import gevent
 from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
 from kvgevent.errors import KVError, StoreError
 from kvgevent.logs import Logger, get_logger, redacted_url
-from kvgevent.protocol import COLON, Delete, Get, Put, Update, line_values
+from kvgevent.protocol import COLON, Delete, Get, Put, Update, line_values, value_line
 from kvgevent.stores.base import (
     STORE_WAIT,
     VERBS,
@@ -428,16 +428,7 @@ class RedisStore(KVStore):
         )
         if replies.__class__ is list and not self.health.outages:  # (strings only: see resp.Mixed)
             return replies
-        health = self.health
-        results: list[Lines] = []
-        for key, reply in zip(keys, replies, strict=True):
-            if isinstance(reply, Exception):  # an error reply
-                results.append(self._failed(key, reply))
-                continue
-            if health.outages:  # its node answered: any outage of it is over
-                health.up(self._node_of(self.prefix + key), asked)
-            results.append(reply or None)
-        return results
+        return self._judged(keys, replies, asked, _lines)
 
     def _plain_results(self, ops: list[PlainOp], replies: list[Any], asked: float) -> list[Result]:
         """Each plain op's result from its reply (types checked by the dispatcher: a string
@@ -446,16 +437,23 @@ class RedisStore(KVStore):
             if _INTS.issuperset(map(type, replies)):  # (writes only; checked in C)
                 return [None] * len(replies)
             if replies.__class__ is list:  # (no error reply: see resp.Mixed; no call per reply)
-                return [_get_result(op, reply) for op, reply in zip(ops, replies, strict=True)]
+                return [_get_result(op[0], reply) for op, reply in zip(ops, replies, strict=True)]
+        return self._judged([op[0] for op in ops], replies, asked, _get_result)
+
+    def _judged(
+        self, keys: list[bytes], replies: list[Any], asked: float, result: Callable[[bytes, Any], _T]
+    ) -> list[_T | KVError]:
+        """Each reply (to a call made at ``asked``) judged for its key: an error reply, its
+        KVError; else ``result(key, reply)``, and any outage of the key's node is over."""
         health = self.health
-        results: list[Result] = []
-        for op, reply in zip(ops, replies, strict=True):
+        results: list[_T | KVError] = []
+        for key, reply in zip(keys, replies, strict=True):
             if isinstance(reply, Exception):  # an error reply
-                results.append(self._failed(op[0], reply))
+                results.append(self._failed(key, reply))
                 continue
             if health.outages:  # its node answered: any outage of it is over
-                health.up(self._node_of(self.prefix + op[0]), asked)
-            results.append(_get_result(op, reply))
+                health.up(self._node_of(self.prefix + key), asked)
+            results.append(result(key, reply))
         return results
 
     def _apply_redis_py(self, commands: Sequence[DataCommand]) -> list[list[bytes] | KVError | None]:
@@ -476,7 +474,7 @@ class RedisStore(KVStore):
             if kind is Get:
                 pipe.get(key)
             elif kind is Put:
-                pipe.append(key, b"%s:%s\n" % (cmd[0], cmd[1]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
+                pipe.append(key, value_line(cmd[0], cmd[1]))  # type: ignore[misc]  # (kind narrows cmd; mypy does not follow __class__)
             elif kind is Update:
                 # (execute_command: the cluster pipeline has no eval(), but routes EVAL by its key)
                 pipe.execute_command("EVAL", UPDATE_SCRIPT, 1, key, *_update_lines(cmd))
@@ -577,9 +575,8 @@ class RedisStore(KVStore):
 
         def scan() -> int:
             pattern, start = _glob_escape(self.prefix) + b"*", len(self.prefix)
-            # (a key with a ':' after the prefix is not a client's: see _convert_lists)
             keys = self.client.scan_iter(match=pattern, count=1000)
-            return sum(COLON not in key[start:] and len(key) > start for key in keys)
+            return sum(_client_key(key, start) for key in keys)
 
         began = time.monotonic()
         count = self._bookkeeping("key count", scan)
@@ -669,10 +666,7 @@ class RedisStore(KVStore):
             batch: list[bytes] = []
             start = len(self.prefix)
             for key in client.scan_iter(match=_glob_escape(self.prefix) + b"*", count=1000, _type="list"):
-                # (a client key has no ':' and is not empty: one with it is the bookkeeping's,
-                # or the key of a deployment whose prefix begins with this one, `kv:` and
-                # `kv:b:`: not ours)
-                if COLON not in key[start:] and len(key) > start:
+                if _client_key(key, start):
                     batch.append(key)
                 if len(batch) >= CONVERT_BATCH:
                     self._converted(client, batch)
@@ -700,7 +694,7 @@ class RedisStore(KVStore):
         for key in keys:
             pipe.execute_command("EVAL", CONVERT_SCRIPT, 1, key, key[start:] + b":")
         converted = sum(1 for count in pipe.execute() if count >= 0)
-        began, before = self._conversion or (time.monotonic(), 0)
+        began, before = self._conversion  # type: ignore[misc]  # (set before the first batch)
         self._conversion = (began, before + converted)
 
     def cluster_stats(self, worker: str, active: int) -> dict[str, int]:
@@ -923,15 +917,27 @@ def _redone(commands: Sequence[DataCommand], replies: list[Any]) -> list[int]:
     return redo
 
 
-def _get_result(op: PlainOp, reply: Any) -> list[bytes] | None:
+def _get_result(key: bytes, reply: Any) -> list[bytes] | None:
     """A plain op's result from its reply (not an error): a GET's values, None for a write."""
-    return (line_values(op[0], reply) or None) if reply.__class__ is bytes else None
+    return (line_values(key, reply) or None) if reply.__class__ is bytes else None
+
+
+def _lines(key: bytes, reply: bytes | None) -> bytes | None:
+    """A GET's :data:`Lines` from its reply (not an error): None for none."""
+    return reply or None
+
+
+def _client_key(key: bytes, start: int) -> bool:
+    """Whether ``key`` (a Redis key whose prefix ends at ``start``) can be a client's: a name
+    after the prefix, with no ':' (one with it is the bookkeeping's, ``_meta:``, or the key of
+    a deployment whose prefix begins with this one's, ``kv:`` and ``kv:b:``)."""
+    return len(key) > start and COLON not in key[start:]
 
 
 def _update_lines(cmd: Any) -> tuple[bytes, bytes]:
     """The lines of an UPDATE's old and new values, as UPDATE_SCRIPT takes them."""
     key, old, new = cmd
-    return b"%s:%s\n" % (key, old), b"%s:%s\n" % (key, new)
+    return value_line(key, old), value_line(key, new)
 
 
 def _no_script(reply: Any) -> bool:
