@@ -75,6 +75,11 @@ class PlainSocket:
     def recv(self, size: int) -> bytes:
         return self.sock.recv(size)
 
+    def has_input(self) -> bool:
+        """Whether a read would not wait (see :meth:`FastSocket.has_input`): not known here,
+        so True."""
+        return True
+
     def forget_reader(self) -> None:
         """Before the socket is closed (see :meth:`FastSocket.forget_reader`): nothing here."""
 
@@ -185,12 +190,27 @@ class FastSocket(PlainSocket):
         self._read_event.stop()
         self._hub.loop.run_callback(reader.switch, _DORMANT)
 
+    def has_input(self) -> bool:
+        """Whether a read would not wait: bytes are there or the client closed its side (a
+        one-byte ``MSG_PEEK``: no byte is consumed). The socket's pending error (a reset)
+        is raised, OSError, as a read would: the kernel reports it once, so it is the
+        caller's to treat as that read's."""
+        try:
+            self._raw.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        return True
+
     def wake_on_readable(self, callback: Any) -> None:
         """Call ``callback()`` (in the hub) once the socket is readable, or shut down."""
         self._read_event.start(callback)
 
     def stop_waking(self) -> None:
+        """Stop what :meth:`wake_on_readable` started. The socket is taken to be readable
+        now (its callback ran, or it is closing): the next :meth:`recv` reads at once rather
+        than waiting a loop iteration for the watcher to say so again."""
         self._read_event.stop()
+        self._drained = False
 
     def recv(self, size: int) -> bytes:
         """Like gevent's ``recv``: waits cooperatively for at least one byte (or EOF).

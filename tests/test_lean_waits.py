@@ -18,6 +18,7 @@ import gevent.hub
 import gevent.pool
 import gevent.server
 import gevent.socket
+import pytest
 from conftest import log_events, wait_until
 
 from kvgevent import KeyValueServer, MemoryStore
@@ -611,6 +612,82 @@ def test_a_quiet_client_s_reader_is_released_and_made_again_on_its_next_request(
         assert server.count_active() == 1 and server.count_dropped() == 0
     assert server.count_dropped() == 1 and len(server._pool) == 0
     assert not [e for e in log_events(log_stream) if e["event"] in ("unhandled_error", "client_error")]
+
+
+@pytest.mark.parametrize("password", [None, "secret"])
+def test_a_client_that_has_sent_nothing_has_no_reader_from_the_start(password, log_stream, monkeypatch):
+    """A client that has sent nothing when it is accepted (the usual case: its request follows
+    its connect) gets no reader greenlet until it sends: it is dormant from the start, as a
+    client gone quiet is later (an idle connection 2.5 kB instead of 7.7 at 1,000 and 9.1 at
+    10,000: bench/OPTIMISATIONS.md, "dormant from the start"). Its first request makes its
+    reader, which answers it (after its AUTH, under a password), and earns no patience: that
+    reader is released after one quiet READER_IDLE, as one made at accept would be. The
+    sweeps that release quiet readers are off here (READER_IDLE an hour): dormancy can only
+    be the new clients'."""
+    monkeypatch.setattr(server_module, "READER_IDLE", 3600.0)
+    server = KeyValueServer(MemoryStore(), password=password)
+    server.start(0, host="127.0.0.1")
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
+    try:
+        _dormant(server, 20)
+        assert len(server._pool) == 0 and server.stats()["dormant"] == 20 == server.count_active()
+        auth = b"AUTH:secret\n" if password else b""
+        for i, sock in enumerate(socks):
+            sock.sendall(auth + b"PUT:k%d:v\nGET:k%d\n" % (i, i))
+        for i, sock in enumerate(socks):
+            expected = (b"OK\n" if password else b"") + b"k%d:v\n" % i
+            assert _recv_exactly(sock, len(expected)) == expected
+        assert server.count_dormant() == 0 and len(server._pool) == 20
+        assert {conn.patience for conn in server._conns.values()} == {1}
+        for sock in socks:
+            sock.close()
+        wait_until(lambda: server.count_dropped() == 20, timeout=10)
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close(flush_timeout=0.5)
+    events = log_events(log_stream)
+    assert [e["reason"] for e in events if e["event"] == "client_dropped"] == ["closed"] * 20
+    assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]
+
+
+def test_a_client_dormant_from_the_start_ends_as_any_other(log_stream, monkeypatch):
+    """Clients that never sent a byte, dormant since they connected, end as others do: reset
+    (also one reset before the server looked at it: the look at accept, a MSG_PEEK, meets the
+    reset and must not swallow it, as the kernel reports it once), closed, timed out idle,
+    still connected when the server closes.
+    Each is dropped once with its reason, and nothing is left started. (The sweeps that
+    release quiet readers are off: READER_IDLE an hour.)"""
+    monkeypatch.setattr(server_module, "READER_IDLE", 3600.0)
+    before = _active_watchers()
+    server = KeyValueServer(MemoryStore(), idle_timeout=5.0)
+    server.start(0, host="127.0.0.1")
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+    reset, closes, idle = socks
+    # Reset before the server has even looked at it (no yield between the connect and the
+    # reset): the look at accept meets the reset, which must be reported as one.
+    _reset(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+    try:
+        _dormant(server, 3)
+        _reset(reset)
+        closes.close()
+        wait_until(lambda: server.count_dropped() == 3, timeout=10, message="resets and closed")
+        wait_until(lambda: server.count_dropped() == 4, timeout=20, message="the idle timeout")
+        assert idle.recv(64) == b""
+        socks.append(kept := socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        _dormant(server, 1)
+        server.close(flush_timeout=0.5)
+        assert kept.recv(64) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close(flush_timeout=0.5)
+    events = log_events(log_stream)
+    reasons = [e["reason"] for e in events if e["event"] == "client_dropped"]
+    assert sorted(reasons[:3]) == ["closed", "reset", "reset"] and reasons[3:] == ["idle", "server_shutdown"]
+    assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]
+    assert server.count_active() == 0 and len(server._pool) == 0
+    assert _active_watchers() <= before
 
 
 def test_every_way_a_dormant_client_ends_leaves_nothing_started(log_stream):

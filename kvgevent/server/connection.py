@@ -155,7 +155,7 @@ class Connection:
         self.writers = writers
         self.reading = True  # False once the reader stopped reading (flushing, closing, dormant)
         self.dormant = False  # no reader greenlet: a read watcher makes one (KeyValueServer)
-        self.patience = 1  # READER_IDLE periods parked in recv before the reader is released
+        self.patience = 1  # READER_IDLE periods parked in recv before the reader is released (0: see _handle)
         self.dropping = False  # inside an episode of dropped replies
         self.waiting = False  # the reader waits for room; the writer must signal it
         self.executing = False  # the reader is in a batch (KeyValueServer._execute), not in a read

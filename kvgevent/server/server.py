@@ -515,9 +515,25 @@ class KeyValueServer:
         try:
             # Replies are small and sent once per batch: Nagle would only delay them.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Nothing sent yet: no reader greenlet until it is, as for a client gone quiet (a
+            # parked reader is most of what an idle client costs; bench/OPTIMISATIONS.md,
+            # "dormant from the start"). Not over TLS: a reader made later skips the handshake.
+            quiet = self._tls is None and not conn.io.has_input()
         except OSError as exc:  # (a client gone already: dropped as its first read would)
-            first = exc
+            first, quiet = exc, False
+        if quiet and self._start_dormant(conn):
+            return True
         return self._run_reader(conn, first, handshaking=self._tls is not None)
+
+    def _start_dormant(self, conn: Connection) -> bool:
+        """A new client that has sent nothing yet goes dormant (:meth:`_go_dormant`) at once;
+        False if it cannot (the server closes). Its first request earns no patience (see
+        :meth:`_wake`): it starts with what a client that had a reader has."""
+        conn.patience = 0
+        if self._go_dormant(conn):
+            return True
+        conn.patience = 1
+        return False
 
     def _wake(self, conn: Connection, first: Exception | None = None) -> None:
         """A dormant client sent something (called by its read watcher, in the hub), or must
@@ -527,7 +543,8 @@ class KeyValueServer:
         self._dormant -= 1
         conn.reading = True
         if first is None:  # woken by its client: wait longer before releasing it again
-            conn.patience = min(conn.patience * 2, READER_PATIENCE_MAX)
+            # (0: dormant since it connected, its first request: the patience it starts with)
+            conn.patience = min(conn.patience * 2, READER_PATIENCE_MAX) or 1
         conn.reader = self._pool.spawn(self._run_reader, conn, first, False)
 
     def _interrupt(self, conn: Connection, exc: type[Exception]) -> None:
