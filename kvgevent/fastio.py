@@ -208,9 +208,11 @@ class FastSocket(PlainSocket):
     def stop_waking(self) -> None:
         """Stop what :meth:`wake_on_readable` started. The socket is taken to be readable
         now (its callback ran, or it is closing): the next :meth:`recv` reads at once rather
-        than waiting a loop iteration for the watcher to say so again."""
+        than waiting a loop iteration for the watcher to say so again; so a quiet spell ends
+        here too (:attr:`quiet` back to 0), as at a wake-up in :meth:`recv`."""
         self._read_event.stop()
         self._drained = False
+        self.quiet = 0
 
     def recv(self, size: int) -> bytes:
         """Like gevent's ``recv``: waits cooperatively for at least one byte (or EOF).

@@ -795,6 +795,25 @@ def test_a_tls_client_quiet_before_its_handshake_keeps_its_reader(certs, log_str
     assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]
 
 
+def test_a_woken_reader_is_released_only_after_its_whole_patience(log_stream, monkeypatch):
+    """A request that wakes a released reader starts a new quiet spell: the new reader is
+    released after ``patience`` more quiet looks, the doubled patience whole (a count of
+    quiet looks left over from before the wake-up halved it: a client pausing two seconds
+    between requests got twice the readers made). The sweeps are made here by hand, calling
+    what the sweeper calls (``Connection.retire_reader``), with READER_IDLE an hour."""
+    monkeypatch.setattr(server_module, "READER_IDLE", 3600.0)
+    with _answered_client() as (server, sock, conn):
+        for patience in (1, 2, 4, 8):
+            assert conn.patience == patience
+            # (its writer released first, WRITER_IDLE after the last reply: no reader goes before)
+            wait_until(lambda: conn.writer is None and conn.io.parked_reading(), timeout=5)
+            looks = [conn.retire_reader() for _ in range(patience + 1)]
+            assert looks == [False] * patience + [True]  # quiet through `patience` looks, then released
+            _dormant(server, 1)
+            sock.sendall(b"PING\n")
+            assert _recv_exactly(sock, 5) == b"PONG\n"
+
+
 def test_a_client_that_keeps_waking_its_reader_is_given_more_patience(log_stream, monkeypatch):
     """Each time a client's request wakes its released reader, the client's patience doubles
     (up to READER_PATIENCE_MAX passes of the sweeper): a client pausing about READER_IDLE

@@ -528,7 +528,8 @@ class KeyValueServer:
     def _start_dormant(self, conn: Connection) -> bool:
         """A new client that has sent nothing yet goes dormant (:meth:`_go_dormant`) at once;
         False if it cannot (the server closes). Its first request earns no patience (see
-        :meth:`_wake`): it starts with what a client that had a reader has."""
+        :meth:`_wake`): its reader has the patience of one made at accept (one that was
+        released after a quiet spell and woken had twice that)."""
         conn.patience = 0
         if self._go_dormant(conn):
             return True
