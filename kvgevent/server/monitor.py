@@ -115,7 +115,8 @@ class ServerCollector(Collector):
         )
         yield GaugeMetricFamily(
             "kvgevent_clients_dormant",
-            "Clients connected now whose reader was released while they are quiet.",
+            "Clients connected now with no reader greenlet: quiet since they connected, or since"
+            " their reader was released.",
             value=server.count_dormant(),
         )
         yield _labelled(

@@ -1,7 +1,9 @@
 """The gevent I/O of kvgevent: accepting clients, reading requests, applying them.
 
 Shape: a ``gevent.server.StreamServer`` spawns one reader greenlet per client through a
-``gevent.pool.Pool`` (so :meth:`KeyValueServer.close` can stop them). Each client is a
+``gevent.pool.Pool`` (so :meth:`KeyValueServer.close` can stop them). A plain TCP client that
+is quiet (it has sent nothing yet, or nothing for a while) is left without one: its read
+watcher makes the next when it sends (*dormant*: :meth:`KeyValueServer._wake`). Each client is a
 :class:`~kvgevent.server.connection.Connection`: a bounded queue of reply lines feeding one
 writer greenlet (see there for what happens when it is full), and a
 :class:`~kvgevent.server.session.Session` that applies its requests (sans I/O). Requests are
@@ -376,7 +378,8 @@ class KeyValueServer:
         return len(self._conns)
 
     def count_dormant(self) -> int:
-        """Clients connected now whose reader greenlet was released while they are quiet."""
+        """Clients connected now with no reader greenlet: quiet since they connected, or since
+        their reader was released."""
         return self._dormant
 
     def count_dropped(self) -> int:
