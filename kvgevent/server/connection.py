@@ -2,9 +2,10 @@
 
 Ownership: the server's reader greenlet owns the socket: it closes it when the client is
 dropped (:meth:`Connection.close`), and gevent's StreamServer closes it once more when the
-reader's handler returns (a second close does nothing). A client quiet long enough has no
-reader (``dormant``: the server released it, see :meth:`Connection.retire_reader`):
-its socket stays open, and the next reader, made when it sends or must go, owns it. The
+reader's handler returns (a second close does nothing). A client quiet long enough, or one
+that has sent nothing yet, has no reader (``dormant``: the server released it, see
+:meth:`Connection.retire_reader`, or made none at accept): its socket stays open, and the
+next reader, made when it sends or must go, owns it. The
 writer greenlet never closes it: on a write error it records :attr:`Connection.failed`,
 empties the queue and shuts the socket down, which wakes a reader blocked in ``recv`` (or a
 dormant client's read watcher); so does :meth:`Connection.abort`.
