@@ -1214,7 +1214,11 @@ def test_a_cluster_down_at_the_conversion_is_tried_again_with_the_next_report(re
             with pytest.raises(redis.exceptions.ResponseError):
                 store.convert_lists()
             assert store._convert_after == 0.0, error
-        store.client.get = lambda *args: (_ for _ in ()).throw(redis.exceptions.NoPermissionError("NOPERM"))
+
+        def refuse(*args):
+            raise redis.exceptions.NoPermissionError("NOPERM")
+
+        store.client.get = refuse
         with pytest.raises(redis.exceptions.ResponseError):
             store.convert_lists()
         assert store._convert_after > 0

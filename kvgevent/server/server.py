@@ -524,20 +524,12 @@ class KeyValueServer:
             quiet = self._tls is None and not conn.io.has_input()
         except OSError as exc:  # (a client gone already: dropped as its first read would)
             first, quiet = exc, False
-        if quiet and self._start_dormant(conn):
+        if quiet and self._go_dormant(conn):  # (False: the server closes; served as usual)
+            # Its first request earns no patience (see _wake): its reader has the patience of
+            # one made at accept (one released after a quiet spell and woken had twice that).
+            conn.patience = 0
             return True
         return self._run_reader(conn, first, handshaking=self._tls is not None)
-
-    def _start_dormant(self, conn: Connection) -> bool:
-        """A new client that has sent nothing yet goes dormant (:meth:`_go_dormant`) at once;
-        False if it cannot (the server closes). Its first request earns no patience (see
-        :meth:`_wake`): its reader has the patience of one made at accept (one that was
-        released after a quiet spell and woken had twice that)."""
-        conn.patience = 0
-        if self._go_dormant(conn):
-            return True
-        conn.patience = 1
-        return False
 
     def _wake(self, conn: Connection, first: Exception | None = None) -> None:
         """A dormant client sent something (called by its read watcher, in the hub), or must

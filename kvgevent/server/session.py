@@ -230,8 +230,10 @@ class Session:
             # GETs first where the batch starts with one: a GET-only loop, without the lock,
             # is the fastest for them (about 4% of a pipelined GET's cost).
             done = self._gets(items, 0, store, out)
-            if done == len(items) or self.work >= TURN_WORK:
-                return out if done == len(items) else self._rest(items, done, out, True)
+            if done == len(items):
+                return out
+            if self.work >= TURN_WORK:  # (the rest waits for the next turn: see _rest)
+                return self._rest(items, done, out, True)
         # Over the memory limit, it stops before a PUT (checked once a batch, as the general
         # path does: it refuses them). (A store that serves plainly needs no write mark.)
         guard = shared.guard
