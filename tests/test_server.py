@@ -579,6 +579,7 @@ class _RemoteStore(MemoryStore):
     computes for 10 ms, holding the loop."""
 
     serve_plain = None
+    waits_elsewhere = True  # (as the Redis store: the server reads STORE_WAIT around its batches)
 
     def __init__(self) -> None:
         super().__init__()

@@ -251,10 +251,21 @@ class Connection:
         count = len(lines)
         data = lines[0] if count == 1 else b"".join(lines)
         size = len(data)
-        # (the usual case of _fits inline: a call less per reply; the rest of it below)
+        # (the usual case of _fits inline, and then _put's: two calls less per reply)
+        if self.queued_lines + count <= self.queue_size and self.queued_bytes + size <= self.queue_bytes:
+            (self.queue or self._start_writer()).put_nowait(data)
+            if self.parked:
+                self.parked = self.stale = False
+                self._hub.loop.run_callback(self.writer.switch)  # type: ignore[union-attr]  # (parked: a writer exists)
+            self.queued_lines += count
+            self.queued_bytes += size
+            self.dropping = False
+            guard = self.guard
+            guard.buffered += size
+            if guard.buffered > guard.mark:
+                guard.check()
+            return
         if (
-            self.queued_lines + count <= self.queue_size and self.queued_bytes + size <= self.queue_bytes
-        ) or (
             count > 1
             and not self.dropping
             and count <= self.queue_size
@@ -453,50 +464,64 @@ class Connection:
 
     def _write_loop(self, queue: Queue) -> None:
         """The writer greenlet: send queued chunks in batches of up to MAX_SEND_BATCH bytes,
-        one ``sendall`` per batch, until the _EOF sentinel or a socket error.
-
-        An empty queue parks it with a bare ``Hub.switch``, :attr:`parked` set; whoever puts
-        into the queue (:meth:`_enqueue`) schedules its wake-up with ``loop.run_callback``.
-        gevent's ``Queue.get`` on an empty queue makes a ``Waiter`` and enters a pure-Python
-        ``Timeout`` context each time, and ``put_nowait`` wakes it through a scheduled callback
-        of its own: more than the rest of a small reply costs (bench/OPTIMISATIONS.md, "lean
-        waits"). A kill while parked comes out of the switch as GreenletExit."""
-        sendall = self.stream.sendall
-        io = self.io
-        hub = self._hub
+        one ``sendall`` per batch, until the _EOF sentinel or a socket error
+        (:meth:`_write_batches`); a socket error is recorded (:meth:`_write_failed`)."""
         try:
-            while True:
-                if not queue.qsize():
-                    self.parked = True
-                    hub.switch()
-                    continue
-                data = queue.get_nowait()
-                if not data:  # _EOF
-                    return
-                eof = False
-                if queue.qsize():
-                    data, eof = self._gather(queue, data)
-                size = len(data)
-                self.sending = data.count(b"\n")  # values never hold a newline
-                self.queued_lines -= self.sending
-                if self.waiting:
-                    self.room.set()  # type: ignore[union-attr]  # (waiting: _wait_for_room made the event)
-                self.batch, self.batch_from = data, io.sent
-                sendall(data)
-                self.sending = 0
-                self.batch = None
-                del data
-                if self.failed is not None:
-                    return  # aborted meanwhile: abort() has discarded the queue and its bytes
-                self._sent(size)
-                if eof:
-                    return
+            self._write_batches(queue)
         except OSError as exc:
             self._write_failed(exc)
         except GreenletExit:
             pass  # killed: end as a plain return, so that no traceback pins the batch
         finally:
             self.batch = None  # (nor does this: flush counted its lines before the kill)
+
+    def _write_batches(self, queue: Queue) -> None:
+        """The writer's loop (:meth:`_write_loop`). An empty queue parks it with a bare
+        ``Hub.switch``, :attr:`parked` set; whoever puts into the queue (:meth:`_enqueue`)
+        schedules its wake-up with ``loop.run_callback``. gevent's ``Queue.get`` on an empty
+        queue makes a ``Waiter`` and enters a pure-Python ``Timeout`` context each time, and
+        ``put_nowait`` wakes it through a scheduled callback of its own: more than the rest
+        of a small reply costs (bench/OPTIMISATIONS.md, "lean waits"). A kill while parked
+        comes out of the switch as GreenletExit. A batch's bytes are free only once
+        ``sendall`` returned (until then the batch is pinned): then a reader waiting for room
+        may go on."""
+        sendall = self.stream.sendall
+        io = self.io
+        hub = self._hub
+        guard = self.guard
+        while True:
+            if not queue.qsize():
+                self.parked = True
+                hub.switch()
+                continue
+            data = queue.get_nowait()
+            if not data:  # _EOF
+                return
+            eof = False
+            if queue.qsize():
+                data, eof = self._gather(queue, data)
+                self.sending = data.count(b"\n")  # values never hold a newline
+            else:  # (the queue's only chunk: every line queued is in it, no count needed)
+                self.sending = self.queued_lines
+            self.queued_lines -= self.sending
+            if self.waiting:
+                self.room.set()  # type: ignore[union-attr]  # (waiting: _wait_for_room made the event)
+            self.batch, self.batch_from = data, io.sent
+            sendall(data)
+            self.sending = 0
+            self.batch = None
+            size = len(data)
+            del data
+            if self.failed is not None:
+                return  # aborted meanwhile: abort() has discarded the queue and its bytes
+            # Its bytes are free now (inline, not a method: a call less per batch).
+            self.queued_bytes -= size
+            if not self.released:
+                guard.buffered -= size
+            if self.waiting:
+                self.room.set()  # type: ignore[union-attr]  # (waiting: _wait_for_room made the event)
+            if eof:
+                return
 
     @staticmethod
     def _gather(queue: Queue, data: bytes) -> tuple[bytes, bool]:
@@ -513,15 +538,6 @@ class Connection:
             if size >= MAX_SEND_BATCH:
                 break
         return b"".join(batch), False
-
-    def _sent(self, size: int) -> None:
-        """A batch of ``size`` bytes was sent: only now are its bytes free (until sendall
-        returned, the batch was pinned), and a reader waiting for room may go on."""
-        self.queued_bytes -= size
-        if not self.released:
-            self.guard.buffered -= size
-        if self.waiting:
-            self.room.set()  # type: ignore[union-attr]  # (waiting: _wait_for_room made the event)
 
     def _write_failed(self, exc: OSError) -> None:
         """Sending failed: record why, drop what is queued, wake the reader (see the module

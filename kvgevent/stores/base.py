@@ -182,6 +182,10 @@ class KVStore(abc.ABC):
     needs_barrier = False
     """True if :meth:`barrier` may wait: the server then sends earlier replies first."""
 
+    waits_elsewhere = False
+    """True if the store's calls wait on another process (Redis): they add the time to
+    :data:`STORE_WAIT`, which the server reads around each batch only for such a store."""
+
     shared = False
     """True if other server processes use the same data (e.g. Redis): the server then
     publishes its client counts with :meth:`report_clients` and adds :meth:`cluster_stats`."""

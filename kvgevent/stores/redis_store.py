@@ -188,6 +188,7 @@ class RedisStore(KVStore):
     percent-encoded password and ``?db=`` mean the same to both."""
 
     shared = True  # other processes see the same data: the server reports its counts here
+    waits_elsewhere = True  # its calls add their time to STORE_WAIT
 
     def __init__(
         self,
