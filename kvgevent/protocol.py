@@ -140,30 +140,37 @@ class LineBuffer:
 
     def feed(self, data: bytes) -> list[bytes | ProtocolError]:
         """Add received bytes; return the lines (or too-long markers) they complete."""
-        out: list[bytes | ProtocolError] = []
         if self._discarding or self._partial:
-            rest = self._finish_held(data, out)
-            if rest is None:
-                return out
-            data = rest
+            return self._feed_held(data)
         lines = data.split(b"\n")
         tail = lines.pop()
         if lines:
             # (a read shorter than the bound holds no line longer than it: no per-line check)
             if len(data) > self.max_line and max(map(len, lines)) > self.max_line:
-                limit = self.max_line
-                lines = [
-                    ERR_LINE_TOO_LONG if _too_long(x, limit) else x[:-1] if x[-1:] == b"\r" else x  # type: ignore[misc]  # (a marker among the lines: see the return type)
-                    for x in lines
-                ]
-            elif CR in data:
+                return self._marked(lines, tail)
+            if CR in data:
                 lines = [x[:-1] if x[-1:] == b"\r" else x for x in lines]
-            if out:
-                out.extend(lines)
-            else:
-                out = lines  # type: ignore[assignment]  # (list[bytes] where list[bytes | ProtocolError] is due: read-only here)
+        out: list[bytes | ProtocolError] = lines  # type: ignore[assignment]  # (only bytes so far: _hold may add a marker)
         if tail:
             self._hold(tail, out)
+        return out
+
+    def _marked(self, lines: list[bytes], tail: bytes) -> list[bytes | ProtocolError]:
+        """:meth:`feed`'s result where a line is longer than ``max_line``: each such line
+        replaced by its marker."""
+        limit = self.max_line
+        out = [ERR_LINE_TOO_LONG if _too_long(x, limit) else x[:-1] if x[-1:] == b"\r" else x for x in lines]
+        if tail:
+            self._hold(tail, out)
+        return out
+
+    def _feed_held(self, data: bytes) -> list[bytes | ProtocolError]:
+        """:meth:`feed` while a line is held from earlier reads (or a too-long one is being
+        discarded): that line first, then the rest as :meth:`feed` takes it."""
+        out: list[bytes | ProtocolError] = []
+        rest = self._finish_held(data, out)
+        if rest is not None:
+            out += self.feed(rest)  # (nothing is held now: the usual path)
         return out
 
     def _finish_held(self, data: bytes, out: list[bytes | ProtocolError]) -> bytes | None:
