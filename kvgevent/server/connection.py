@@ -176,7 +176,7 @@ class Connection:
         self.acked = -1  # bytes the client had acknowledged when last looked at (io.acked)
         self.acked_at = 0.0  # when that figure was first seen: the client's last known progress
         self.drain_seen = (0, 0.0)  # (io.sent, when) at the last eviction check (holding)
-        self.parked = False  # the writer waits for the queue to get something (_write_loop)
+        self.parked = False  # the writer waits for the queue to get something (_write_batches)
         self.stale = False  # the writer has been parked since the last retire_writer()
         self._hub = gevent.get_hub()
 
@@ -193,7 +193,7 @@ class Connection:
     def _enqueue(self, data: bytes) -> None:
         """Put ``data`` in the queue and wake the writer if it is parked on an empty queue:
         its ``switch`` scheduled with ``loop.run_callback``, so it runs once this turn yields
-        (see :meth:`_write_loop`). Nothing else can resume it before that callback runs: a
+        (see :meth:`_write_batches`). Nothing else can resume it before that callback runs: a
         kill (abort, release) is delivered by a callback scheduled after it, and a switch to
         a greenlet that died meanwhile would go to its parent, the hub, which runs the
         callback: a no-op. (:meth:`_put` does the same inline.)"""
