@@ -251,21 +251,10 @@ class Connection:
         count = len(lines)
         data = lines[0] if count == 1 else b"".join(lines)
         size = len(data)
-        # (the usual case of _fits inline, and then _put's: two calls less per reply)
-        if self.queued_lines + count <= self.queue_size and self.queued_bytes + size <= self.queue_bytes:
-            (self.queue or self._start_writer()).put_nowait(data)
-            if self.parked:
-                self.parked = self.stale = False
-                self._hub.loop.run_callback(self.writer.switch)  # type: ignore[union-attr]  # (parked: a writer exists)
-            self.queued_lines += count
-            self.queued_bytes += size
-            self.dropping = False
-            guard = self.guard
-            guard.buffered += size
-            if guard.buffered > guard.mark:
-                guard.check()
-            return
+        # (the usual case of _fits inline: a call less per reply; the rest of it below)
         if (
+            self.queued_lines + count <= self.queue_size and self.queued_bytes + size <= self.queue_bytes
+        ) or (
             count > 1
             and not self.dropping
             and count <= self.queue_size
