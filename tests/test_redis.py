@@ -462,6 +462,40 @@ def test_a_stalled_redis_times_out_and_recovers(tmp_path, connect):
         redis.kill()
 
 
+def test_a_batch_that_waits_on_a_stopped_redis_does_not_make_its_client_heavy(tmp_path, connect, monkeypatch):
+    """A batch that waited on Redis (stopped with SIGSTOP for 0.3 s while the GET was in
+    flight) held the event loop for none of that wait: its client is not judged heavy (which
+    would queue its next requests behind every other client's turn). Fails if the Redis store
+    stops saying that its calls wait elsewhere (``KVStore.waits_elsewhere``: the server then
+    counts the wait as the batch's). HEAVY_TURN is 50 ms here: a busy machine may deschedule
+    the process for a millisecond in the batch's own work."""
+    import os
+    import signal
+
+    import kvgevent.server.server as server_module
+    from kvgevent.stores.redis_store import RedisStore
+
+    monkeypatch.setattr(server_module, "HEAVY_TURN", 0.05)
+    redis = RedisProcess(tmp_path)
+    server = KeyValueServer(RedisStore(redis.url, prefix="h:", timeout=10))
+    server.start(0)
+    try:
+        peer = connect(server.port, timeout=10)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        (conn,) = server._conns.values()
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        peer.send(b"GET:k\n")
+        wait_until(lambda: conn.executing, timeout=10)  # the GET is out to Redis, its batch waiting
+        gevent.sleep(0.3)  # (the stall's length, not a synchronisation)
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        assert peer.read_lines(1) == [b"k:v"]
+        assert conn.heavy is False
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        server.close()
+        redis.kill()
+
+
 def test_a_database_number_in_the_url_is_used(redis_server):
     """redis://host:port/3 keeps kvgevent's keys in database 3."""
     import redis
