@@ -3,9 +3,13 @@ and recovery, and a three-node Redis Cluster. Every Redis here is a throwaway re
 free loopback port (the protocol suite itself also runs over Redis: see the ``server``
 fixture)."""
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import gevent
 import pytest
@@ -436,18 +440,27 @@ def test_workers_stop_when_the_supervisor_is_killed(server_process, redis_server
     )
 
 
-def test_a_stalled_redis_times_out_and_recovers(tmp_path, connect):
-    """A Redis that stops answering (SIGSTOP) costs --redis-timeout, then ERR; when it
-    answers again, so does the store."""
-    import os
-    import signal
-
+@contextlib.contextmanager
+def _over_stoppable_redis(tmp_path, timeout: float) -> Iterator[tuple[RedisProcess, KeyValueServer]]:
+    """A server over a throwaway Redis of its own (which a test may SIGSTOP: it is resumed,
+    then killed, on the way out), with ``--redis-timeout`` ``timeout``."""
     from kvgevent.stores.redis_store import RedisStore
 
     redis = RedisProcess(tmp_path)
-    server = KeyValueServer(RedisStore(redis.url, prefix="s:", timeout=0.5))
+    server = KeyValueServer(RedisStore(redis.url, prefix="s:", timeout=timeout))
     server.start(0)
     try:
+        yield redis, server
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        server.close()
+        redis.kill()
+
+
+def test_a_stalled_redis_times_out_and_recovers(tmp_path, connect):
+    """A Redis that stops answering (SIGSTOP) costs --redis-timeout, then ERR; when it
+    answers again, so does the store."""
+    with _over_stoppable_redis(tmp_path, timeout=0.5) as (redis, server):
         peer = connect(server.port, timeout=10)
         assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
         os.kill(redis.proc.pid, signal.SIGSTOP)
@@ -456,10 +469,6 @@ def test_a_stalled_redis_times_out_and_recovers(tmp_path, connect):
         assert time.monotonic() - began < 5
         os.kill(redis.proc.pid, signal.SIGCONT)
         wait_until(lambda: peer.request(b"GET:k\n") == [b"k:v"], timeout=10)
-    finally:
-        os.kill(redis.proc.pid, signal.SIGCONT)
-        server.close()
-        redis.kill()
 
 
 def test_a_batch_that_waits_on_a_stopped_redis_does_not_make_its_client_heavy(tmp_path, connect, monkeypatch):
@@ -469,17 +478,10 @@ def test_a_batch_that_waits_on_a_stopped_redis_does_not_make_its_client_heavy(tm
     stops saying that its calls wait elsewhere (``KVStore.waits_elsewhere``: the server then
     counts the wait as the batch's). HEAVY_TURN is 50 ms here: a busy machine may deschedule
     the process for a millisecond in the batch's own work."""
-    import os
-    import signal
-
     import kvgevent.server.server as server_module
-    from kvgevent.stores.redis_store import RedisStore
 
     monkeypatch.setattr(server_module, "HEAVY_TURN", 0.05)
-    redis = RedisProcess(tmp_path)
-    server = KeyValueServer(RedisStore(redis.url, prefix="h:", timeout=10))
-    server.start(0)
-    try:
+    with _over_stoppable_redis(tmp_path, timeout=10) as (redis, server):
         peer = connect(server.port, timeout=10)
         assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
         (conn,) = server._conns.values()
@@ -490,10 +492,6 @@ def test_a_batch_that_waits_on_a_stopped_redis_does_not_make_its_client_heavy(tm
         os.kill(redis.proc.pid, signal.SIGCONT)
         assert peer.read_lines(1) == [b"k:v"]
         assert conn.heavy is False
-    finally:
-        os.kill(redis.proc.pid, signal.SIGCONT)
-        server.close()
-        redis.kill()
 
 
 def test_a_database_number_in_the_url_is_used(redis_server):
