@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def server(*args: str, cpu: int | None = None) -> Iterator[tuple[subprocess.Pope
     """``run_server.py`` with ``args`` on a free port (pinned to ``cpu`` when taskset
     exists), serving; stopped with SIGTERM on exit. Yields (process, port)."""
     port = free_port()
-    pin = ["taskset", "-c", str(cpu)] if cpu is not None and _has("taskset") else []
+    pin = pinned(cpu)
     proc = subprocess.Popen(
         [
             *pin,
@@ -78,7 +79,7 @@ def server(*args: str, cpu: int | None = None) -> Iterator[tuple[subprocess.Pope
 def load(port: int, tests: str, *args: str, cpu: int | None = None) -> dict[str, dict]:
     """``run_client.py bench -t tests`` against ``port`` (pinned to ``cpu`` when taskset
     exists); its JSON report, by test."""
-    pin = ["taskset", "-c", str(cpu)] if cpu is not None and _has("taskset") else []
+    pin = pinned(cpu)
     out = subprocess.run(
         [
             *pin,
@@ -101,7 +102,7 @@ def load(port: int, tests: str, *args: str, cpu: int | None = None) -> dict[str,
     return {report["test"]: report for report in map(json.loads, out.splitlines())}
 
 
-def _has(program: str) -> bool:
-    import shutil
-
-    return shutil.which(program) is not None
+def pinned(cpu: int | None) -> list[str]:
+    """The prefix that runs a command on ``cpu`` (``taskset``), or none: no CPU given, or no
+    taskset here."""
+    return ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []

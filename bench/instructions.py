@@ -39,6 +39,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port, pinned  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "bench"
 
 SHAPES = "put:50x1,get:50x1,put:50x16,get:50x16"
@@ -94,13 +98,17 @@ def main() -> None:
     )
 
 
+PORT = "{port}"
+"""Where a server's command takes its port (:func:`_servers`)."""
+
+
 def _servers(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """(name, command without its port) of the ceiling, then of each kvgevent checkout."""
-    servers = [("ceiling", [_python(ROOT), str(args.ceiling)])]
+    """(name, command, its port as PORT) of the ceiling, then of each kvgevent checkout."""
+    servers = [("ceiling", [_python(ROOT), str(args.ceiling), PORT])]
     for checkout in [ROOT, *args.checkout]:
         name = "kvgevent" if checkout == ROOT else f"kvgevent@{checkout}"
         slowed = _SLOWED.format(checkout=str(checkout))
-        servers.append((name, [_python(checkout), "-c", slowed, "--log-level", "warning"]))
+        servers.append((name, [_python(checkout), "-c", slowed, "--log-level", "warning", "--port", PORT]))
     return servers
 
 
@@ -137,19 +145,18 @@ def _build_loadgen() -> str:
 
 
 def _per_batch(command: list[str], loadgen: str, mode: str, conns: int, pipeline: int, batches: int) -> float:
-    """Instructions the server ``command`` (given ``--port``) executed per batch of the load."""
-    port = _free_port()
+    """Instructions the server ``command`` (its port as PORT) executed per batch of the load."""
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         server = subprocess.Popen(
             [
-                *_pin(0),
+                *pinned(0),
                 "valgrind",
                 "--tool=callgrind",
                 "--instr-atstart=no",
                 f"--callgrind-out-file={out}",
-                *command,
-                *(["--port", str(port)] if "-c" in command else [str(port)]),
+                *(str(port) if arg == PORT else arg for arg in command),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -158,11 +165,12 @@ def _per_batch(command: list[str], loadgen: str, mode: str, conns: int, pipeline
             _wait_listening(port, server)
             prefix = f"ic{os.getpid()}"
             common = ["-addr", f"127.0.0.1:{port}", "-keys", str(KEYS), "-prefix", prefix, "-quiet"]
-            subprocess.run([*_pin(1), loadgen, "-mode", "preload", *common], check=True, capture_output=True)
+            preload = [*pinned(1), loadgen, "-mode", "preload", *common]
+            subprocess.run(preload, check=True, capture_output=True)
             _instrument(server.pid, "on")
             report = subprocess.run(
                 [
-                    *_pin(1),
+                    *pinned(1),
                     loadgen,
                     *common,
                     "-mode",
@@ -172,7 +180,7 @@ def _per_batch(command: list[str], loadgen: str, mode: str, conns: int, pipeline
                     "-pipeline",
                     str(pipeline),
                     "-requests",
-                    str(batches * pipeline),  # (GET: a request a line; PUT: one more, its closing GET)
+                    str(batches * pipeline),  # (about that many batches: the count is read back below)
                     "-warmup",
                     "0s",
                     "-timeout",
@@ -215,16 +223,6 @@ def _wait_listening(port: int, server: subprocess.Popen[bytes]) -> None:
         except OSError:
             time.sleep(0.2)
     raise SystemExit(f"nothing listened on {port} within {START_TIMEOUT:.0f} s")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _pin(cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") else []
 
 
 if __name__ == "__main__":
