@@ -793,12 +793,13 @@ def _one_small_line_each(replies: list[Any]) -> bool:
     INLINE_REPLY_BYTES: bytes, its lines counted all at once (a GET's lines each end in a
     newline, and it has one at least), not one by one."""
     try:
-        return (
-            b"".join(replies).count(b"\n") == len(replies)
-            and max(map(len, replies), default=0) <= INLINE_REPLY_BYTES
-        )
+        joined = b"".join(replies)
     except TypeError:  # (None: no values; an error)
         return False
+    # (small all together, the usual batch: none is big, no look at each)
+    return joined.count(b"\n") == len(replies) and (
+        len(joined) <= INLINE_REPLY_BYTES or max(map(len, replies)) <= INLINE_REPLY_BYTES
+    )
 
 
 def _lines_result(key: bytes, lines: Lines) -> Result:
