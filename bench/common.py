@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +107,40 @@ def pinned(cpu: int | None) -> list[str]:
     """The prefix that runs a command on ``cpu`` (``taskset``), or none: no CPU given, or no
     taskset here."""
     return ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
+
+
+@contextlib.contextmanager
+def redis_server(cpu: int | None = None) -> Iterator[int]:
+    """A redis-server of its own on a free loopback port (no persistence, its files in a
+    temporary directory; pinned to ``cpu`` when given), answering PING; stopped on exit.
+    Yields its port. Exits with a message if redis-server is not installed."""
+    if not shutil.which("redis-server"):
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as directory:
+        command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        command += ["--appendonly", "no", "--dir", directory]
+        redis = subprocess.Popen([*pinned(cpu), *command], stdout=subprocess.DEVNULL)
+        try:
+            _wait_redis(port, redis)
+            yield port
+        finally:
+            redis.terminate()
+            redis.wait(timeout=30)
+
+
+def _wait_redis(port: int, redis: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Until the Redis on ``port`` answers a PING."""
+    end = time.monotonic() + timeout
+    while redis.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                if probe.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > end:
+            break
+        time.sleep(0.05)
+    raise SystemExit(f"redis-server on {port} did not answer (exit code {redis.poll()})")

@@ -19,14 +19,20 @@ Needs valgrind (``apt-get install -y valgrind``) and the load generator
 
 usage: python bench/instructions.py [--shapes put:50x1,get:50x1,put:50x16] [--batches N]
                                     [--checkout DIR ...] [--ceiling PATH] [--loadgen PATH]
+                                    [--redis]
 
 ``--checkout`` (repeatable) counts other checkouts of kvgevent beside this one (each with
-a ``.venv`` or run by this Python): before and after a change, in one run.
+a ``.venv`` or run by this Python): before and after a change, in one run. ``--redis`` counts
+each checkout over a Redis too (redis-server, started here and pinned to CPU 1 with the load;
+only kvgevent's instructions are counted, not Redis's). Under valgrind kvgevent is some 50
+times slower and Redis is not: fewer requests wait for each round trip than in a native run,
+so the dispatcher's cost per round trip weighs more per batch here than it does natively.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -37,11 +43,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, pinned  # noqa: E402
+from bench.common import free_port, pinned, redis_server  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "bench"
 
@@ -79,37 +86,73 @@ redis-py and prometheus_client: about 20 s under callgrind)."""
 def main() -> None:
     args = _parse()
     loadgen = args.loadgen or _build_loadgen()
-    servers = _servers(args)
-    others = servers[1:]
-    print(
-        f"| load | {' | '.join(name for name, _ in servers)} | "
-        + " | ".join(f"ceiling / {name}" for name, _ in others)
-        + " |"
-    )
-    print("|---" * (2 * len(servers)) + "|")
-    for shape in args.shapes.split(","):
-        mode, conns, pipeline = _shape(shape)
-        counts = [_per_batch(command, loadgen, mode, conns, pipeline, args.batches) for _, command in servers]
-        cells = [f"{count:,.0f}" for count in counts] + [f"{counts[0] / count:.2f}" for count in counts[1:]]
-        print(f"| {mode.upper()} {conns} x {pipeline} | {' | '.join(cells)} |", flush=True)
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(redis_server(cpu=1)) if args.redis else None
+        servers = _servers(args, redis)
+        print(
+            f"| load | {' | '.join(server.name for server in servers)} | "
+            + " | ".join(_ratio_names(servers))
+            + " |"
+        )
+        print("|---" * (1 + len(servers) + len(servers) - 1) + "|")
+        for shape in args.shapes.split(","):
+            mode, conns, pipeline = _shape(shape)
+            counts = [
+                _per_batch(server.command, loadgen, mode, conns, pipeline, args.batches) for server in servers
+            ]
+            ratios = [counts[server.against] / count for server, count in zip(servers, counts, strict=True)][
+                1:
+            ]
+            cells = [f"{count:,.0f}" for count in counts] + [f"{ratio:.2f}" for ratio in ratios]
+            print(f"| {mode.upper()} {conns} x {pipeline} | {' | '.join(cells)} |", flush=True)
     print(
         f"\ninstructions per batch (callgrind Ir, user space), about {args.batches:,} batches a run; "
         "ceiling / kvgevent is the share of kvgevent's instructions the ceiling needs"
+        + (
+            "; kvgevent / over Redis, the share of its instructions over Redis that it needs over memory"
+            if args.redis
+            else ""
+        )
     )
+
+
+class Server(NamedTuple):
+    """A server counted: its name, its command (its port as PORT), and the index of the
+    server its ratio is taken against (the ceiling for kvgevent over memory; the same
+    checkout over memory for one over Redis)."""
+
+    name: str
+    command: list[str]
+    against: int
+
+
+def _ratio_names(servers: list[Server]) -> list[str]:
+    return [f"{servers[server.against].name} / {server.name}" for server in servers[1:]]
 
 
 PORT = "{port}"
 """Where a server's command takes its port (:func:`_servers`)."""
 
 
-def _servers(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """(name, command, its port as PORT) of the ceiling, then of each kvgevent checkout."""
-    servers = [("ceiling", [_python(ROOT), str(args.ceiling), PORT])]
-    for checkout in [ROOT, *args.checkout]:
+def _servers(args: argparse.Namespace, redis: int | None) -> list[Server]:
+    """The ceiling, then each kvgevent checkout over memory, then (``redis``: a Redis's port)
+    each over that Redis."""
+    servers = [Server("ceiling", [_python(ROOT), str(args.ceiling), PORT], 0)]
+    checkouts = [ROOT, *args.checkout]
+    for checkout in checkouts:
         name = "kvgevent" if checkout == ROOT else f"kvgevent@{checkout}"
-        slowed = _SLOWED.format(checkout=str(checkout))
-        servers.append((name, [_python(checkout), "-c", slowed, "--log-level", "warning", "--port", PORT]))
+        servers.append(Server(name, _kvgevent(checkout), 0))
+    if redis is not None:
+        for index, checkout in enumerate(checkouts, start=1):
+            store = ["--store", f"redis://127.0.0.1:{redis}/0"]
+            servers.append(Server(f"{servers[index].name} over Redis", _kvgevent(checkout, *store), index))
     return servers
+
+
+def _kvgevent(checkout: Path, *args: str) -> list[str]:
+    """The command that runs ``checkout``'s server (HEAVY_TURN scaled: see _SLOWED)."""
+    slowed = _SLOWED.format(checkout=str(checkout))
+    return [_python(checkout), "-c", slowed, "--log-level", "warning", "--port", PORT, *args]
 
 
 def _parse() -> argparse.Namespace:
@@ -119,6 +162,11 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--checkout", type=Path, action="append", default=[], help="another checkout")
     parser.add_argument("--ceiling", type=Path, default=SHARED / "ceiling" / "gcard_lean.py")
     parser.add_argument("--loadgen", help="a built kvloadgen (default: build ../shared/bench/loadgen)")
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also count each checkout over a Redis of its own (redis-server, on CPU 1)",
+    )
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:

@@ -13,17 +13,14 @@ usage: python bench/redis_bench.py [-c 50] [-P 16] [-n 1000000] [--processes 1]
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, load, server  # noqa: E402
+from bench.common import load, redis_server, server  # noqa: E402
 
 
 def measure(server_args: list[str], bench_args: list[str]) -> dict[str, dict]:
@@ -41,49 +38,24 @@ def main() -> int:
     parser.add_argument("-n", dest="requests", default="1000000")
     parser.add_argument("--processes", default="1")
     args = parser.parse_args()
-    if not shutil.which("redis-server"):
-        print("redis-server is not installed (apt-get install redis-server)", file=sys.stderr)
-        return 1
     bench_args = ["-c", args.clients, "-P", args.pipeline, "-n", args.requests, "--processes", args.processes]
-    with tempfile.TemporaryDirectory() as directory:
-        redis_port = free_port()
-        redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                directory,
-            ],
-            stdout=subprocess.DEVNULL,
+    with redis_server() as redis_port:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        configs = [
+            ("1 worker, memory store", []),
+            ("1 worker, Redis store", ["--store", url]),
+            ("2 workers, Redis store", ["--store", url, "--workers", "2"]),
+        ]
+        print(
+            f"{args.clients} connections x pipeline {args.pipeline}, {args.requests} requests per test, "
+            f"{args.processes} bench process(es):"
         )
-        try:
-            time.sleep(0.5)
-            url = f"redis://127.0.0.1:{redis_port}/0"
-            configs = [
-                ("1 worker, memory store", []),
-                ("1 worker, Redis store", ["--store", url]),
-                ("2 workers, Redis store", ["--store", url, "--workers", "2"]),
-            ]
-            print(
-                f"{args.clients} connections x pipeline {args.pipeline}, {args.requests} requests per test, "
-                f"{args.processes} bench process(es):"
-            )
-            print(f"{'config':<26} {'GET ops/s':>11} {'PUT ops/s':>11} {'GET p99 ms':>11}")
-            for name, server_args in configs:
-                r = measure(server_args, bench_args)
-                get, put = r["get"], r["put"]
-                row = f"{name:<26} {get['ops_s']:>11,} {put['ops_s']:>11,} {get['p99_ms']:>11.2f}"
-                print(row, flush=True)
-        finally:
-            redis.terminate()
-            redis.wait(timeout=30)
+        print(f"{'config':<26} {'GET ops/s':>11} {'PUT ops/s':>11} {'GET p99 ms':>11}")
+        for name, server_args in configs:
+            r = measure(server_args, bench_args)
+            get, put = r["get"], r["put"]
+            row = f"{name:<26} {get['ops_s']:>11,} {put['ops_s']:>11,} {get['p99_ms']:>11.2f}"
+            print(row, flush=True)
     return 0
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import random
 import resource
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +34,7 @@ monkey.patch_all()
 
 import gevent  # noqa: E402
 
-from bench.common import free_port  # noqa: E402
+from bench.common import redis_server  # noqa: E402
 
 CLIENTS = 50
 """Greenlets sending batches at once (the compare grid's 50 connections)."""
@@ -91,9 +89,6 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=40_000)
     parser.add_argument("--redis-cpu", type=int, help="pin redis-server to this CPU")
     args = parser.parse_args()
-    if not shutil.which("redis-server"):
-        print("redis-server is not installed (apt-get install redis-server)", file=sys.stderr)
-        return 1
     from kvgevent.stores.memory import MemoryStore
     from kvgevent.stores.redis_store import RedisStore
     from kvgevent.stores.resp import get
@@ -105,12 +100,7 @@ def main() -> int:
     memory = MemoryStore()
     for key in keys:
         memory.put(key, b"v" * 16)
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    if args.redis_cpu is not None:
-        command = ["taskset", "-c", str(args.redis_cpu), *command]
-    redis = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    try:
+    with redis_server(args.redis_cpu) as port:
         store = RedisStore(f"redis://127.0.0.1:{port}/0", prefix="layers:")
         end = time.monotonic() + 10
         while True:  # (until Redis answers)
@@ -137,9 +127,6 @@ def main() -> int:
             rounds = [cpu_per_batch(batch, args.batches) for _ in range(3)]
             print(f"  {name:30s} " + "  ".join(f"{r:6.2f}" for r in rounds))
         store.close()
-    finally:
-        redis.terminate()
-        redis.wait(timeout=10)
     return 0
 
 
