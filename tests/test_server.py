@@ -264,6 +264,30 @@ def test_messages_dropping_is_logged_once_per_episode(server, connect, log_strea
     assert events[0]["client_id"] == 1 and events[0]["level"] == "warning"
 
 
+def test_each_episode_of_drops_is_logged_once(server, connect, log_stream):
+    """A stuck client's replies are dropped, then it reads everything and its next reply
+    arrives (the episode ends), then it is stuck again: two 'messages_dropping' events, one
+    per episode (a flag never reset would log the first alone; one per message, thousands).
+    Each says how many of the client's replies had been dropped before it began."""
+    _fill(server, 3000, 4096)
+    slow = connect(server.port)
+    for _ in range(2):
+        before = server.stats()["messages_dropped"]
+        slow.send(b"".join(b"GET:k%d\n" % i for i in range(3000)))
+        wait_until(lambda: server.stats()["messages_dropped"] > before + 100, timeout=15)  # noqa: B023
+        connect(server.port).request(b"")  # (the flood is read: its drops are all counted)
+        # It reads what was kept for it (until a second of silence), then a PING's PONG.
+        slow.sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                slow.read_lines(1)
+        slow.sock.settimeout(10)
+        slow.request(b"")
+    events = [e for e in log_events(log_stream) if e["event"] == "messages_dropping"]
+    assert [e["client_id"] for e in events] == [1, 1]
+    assert events[0]["messages_dropped"] == 0 < events[1]["messages_dropped"]
+
+
 # --- counts ----------------------------------------------------------------------------------
 
 
