@@ -409,8 +409,12 @@ class RedisStore(KVStore):
         if not self.health.outages:  # the usual case: no error reply, no outage to end
             if _INTS.issuperset(map(type, replies)):  # (writes only; checked in C)
                 return [None] * len(replies)
-            if replies.__class__ is list:  # (no error reply: see resp.Mixed; no call per reply)
-                return [_get_result(op[0], reply) for op, reply in zip(ops, replies, strict=True)]
+            if replies.__class__ is list:  # (no error reply: see resp.Mixed)
+                # (a write's int is its None without a call: a GET among writes costs one)
+                return [
+                    None if reply.__class__ is int else _get_result(op[0], reply)
+                    for op, reply in zip(ops, replies, strict=True)
+                ]
         return self._judged([op[0] for op in ops], replies, asked, _get_result)
 
     def _judged(
