@@ -67,6 +67,33 @@ def test_keys_are_namespaced_strings_of_their_reply_lines(redis_server, store):
     raw.close()
 
 
+@pytest.mark.parametrize("batch", [b"GET:%s\n", b"GET:%s\nPUT:other:v\nGET:%s\n"])
+def test_a_string_another_program_wrote_keeps_the_stream_framed(redis_server, make_server, connect, batch):
+    """README, "When Redis fails": a string another program wrote under the prefix is taken
+    for the key's reply lines, unchecked. Lines ``key:value`` of that key are answered as
+    they are (the GETs-only path and the general one alike); anything else may be mangled,
+    but every reply line ends in a newline and the next request is served: a string without
+    one gets no reply, not a line that runs into the next reply."""
+    import redis
+
+    store = redis_store(redis_server.url)
+    server = make_server(store=store)
+    raw = redis.Redis(port=redis_server.port)
+    try:
+        raw.set(store.prefix + b"good", b"good:1\ngood:2:x\n")
+        raw.set(store.prefix + b"bare", b"no newline at all")
+        raw.set(store.prefix + b"odd", b"x:1\ny\n")
+        peer = connect(server.port)
+        good = peer.request(batch.replace(b"%s", b"good"))
+        assert good == [b"good:1", b"good:2:x"] * batch.count(b"GET")
+        assert peer.request(batch.replace(b"%s", b"bare")) == []
+        odd = peer.request(batch.replace(b"%s", b"odd"))
+        assert len(odd) == 2 * batch.count(b"GET")  # (two lines each: mangled, but lines)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+    finally:
+        raw.close()
+
+
 def _random_batch(rnd, keys: list[bytes], values: list[bytes]) -> list:
     batch: list = []
     for _ in range(rnd.randint(1, 12)):
