@@ -73,6 +73,19 @@ def _commands_read(peer: Peer) -> Callable[[], int]:
     return commands
 
 
+def _half_closed_flood(proc: ServerProcess, connect: Callable[..., Peer]) -> socket.socket:
+    """A client (the server's second: a first stored the 1 kB value k, and left) that
+    pipelines FLOOD GETs of k with a small receive buffer, half-closes and reads nothing."""
+    writer = connect(proc.port)
+    writer.request(b"PUT:k:" + VALUE + b"\n")
+    writer.close()
+    wait_until(lambda: len(_dropped_events(proc)) == 1, timeout=10)
+    sock = small_buffer_socket(proc.port)
+    sock.sendall(b"GET:k\n" * FLOOD)
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
 def test_a_half_closed_client_that_never_reads_is_closed_and_what_it_lost_is_counted(server_process, connect):
     """README, "Slow clients": a client that half-closes still gets its replies, unless it then
     reads nothing for 2 s: what was still queued is dropped and the connection closed, with an
@@ -80,14 +93,8 @@ def test_a_half_closed_client_that_never_reads_is_closed_and_what_it_lost_is_cou
     reads nothing until the server has closed it: every line it asked for either reaches it
     whole or is counted, the log's count and STATS agree, and nothing is left active."""
     proc = server_process()
-    writer = connect(proc.port)
-    writer.request(b"PUT:k:" + VALUE + b"\n")
-    writer.close()
-    wait_until(lambda: len(_dropped_events(proc)) == 1, timeout=10)
-    sock = small_buffer_socket(proc.port)
+    sock = _half_closed_flood(proc, connect)
     try:
-        sock.sendall(b"GET:k\n" * FLOOD)
-        sock.shutdown(socket.SHUT_WR)
         wait_until(
             lambda: len(_dropped_events(proc)) == 2, timeout=30, message="the silent client was not closed"
         )
@@ -347,14 +354,8 @@ def test_a_connection_the_server_is_closing_keeps_its_place_under_max_clients(se
     dropped, and one that comes after that is served."""
     metrics = free_port()
     proc = server_process("--max-clients", "1", "--metrics-port", str(metrics))
-    writer = connect(proc.port)
-    writer.request(b"PUT:k:" + VALUE + b"\n")
-    writer.close()
-    wait_until(lambda: len(_dropped_events(proc)) == 1, timeout=10)
-    sock = small_buffer_socket(proc.port)
+    sock = _half_closed_flood(proc, connect)
     try:
-        sock.sendall(b"GET:k\n" * FLOOD)
-        sock.shutdown(socket.SHUT_WR)
         wait_until(
             lambda: scrape(metrics)[("kvgevent_requests_total", ())] >= 2 + FLOOD,
             timeout=30,
