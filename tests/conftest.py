@@ -15,6 +15,7 @@ import select  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import ssl  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -312,8 +313,10 @@ class ServerProcess:
         script: Path = ROOT / "run_server.py",
         cwd: Path = ROOT,
         prefix: Sequence[str] = (),
+        log_format: str | None = "json",
     ) -> None:
-        # ``prefix``: a command that execs the server (e.g. setpriv, to drop capabilities)
+        # ``prefix``: a command that execs the server (e.g. setpriv, to drop capabilities);
+        # ``log_format``: None leaves the server's default (``auto``)
         self.port = port or free_port()
         self.args = [
             *prefix,
@@ -323,8 +326,7 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--log-format",
-            "json",
+            *(("--log-format", log_format) if log_format else ()),
             *args,
         ]
         self.proc = subprocess.Popen(
@@ -435,6 +437,22 @@ class Terminal:
                 self.output += chunk
         start, self.seen = self.seen, found + len(text)
         return self.output[start : self.seen]
+
+    def finish(self, timeout: float = 20.0) -> tuple[int, bytes]:
+        """Read what the program writes until it exits: (its exit status, the output not
+        matched by :meth:`expect` yet)."""
+        end = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"the program did not finish: {self.output[self.seen :]!r}")
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: the program exited and its output was read
+                chunk = b""
+            if not chunk:
+                return self.proc.wait(timeout=10), self.output[self.seen :]
+            self.output += chunk
 
     def close(self) -> int:
         if self.proc.poll() is None:
@@ -555,6 +573,12 @@ def answer(reply: bytes, gap: float = 0.0):
             pass
 
     return respond
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close ``sock`` with a TCP reset instead of a FIN (SO_LINGER on, with a zero timeout)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def small_buffer_socket(port: int, rcvbuf: int = 4096) -> socket.socket:

@@ -5,15 +5,9 @@ server picks when its stderr is not a terminal."""
 
 from __future__ import annotations
 
-import json
-import os
-import select
 import signal
 import socket
-import struct
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +22,7 @@ from tests.conftest import (
     free_port,
     log_events,
     read_stats,
+    reset_close,
     scrape,
     small_buffer_socket,
     wait_until,
@@ -44,21 +39,16 @@ def _dropped_events(proc: ServerProcess, reason: str | None = None) -> list[dict
     return [e for e in proc.events() if e["event"] == "client_dropped" and reason in (None, e["reason"])]
 
 
-def _read_to_end(sock: socket.socket) -> tuple[int, str]:
-    """Read what ``sock`` receives until its end: (lines, "eof" or the error's name)."""
+def _to_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything ``sock`` receives until its end, and how it ended: "eof" or "reset" (a
+    timeout raises)."""
     received = b""
     try:
         while chunk := sock.recv(1 << 16):
             received += chunk
-    except OSError as exc:
-        return received.count(b"\n"), type(exc).__name__
-    return received.count(b"\n"), "eof"
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+    except ConnectionResetError:
+        return received, "reset"
+    return received, "eof"
 
 
 def _commands_read(peer: Peer) -> Callable[[], int]:
@@ -99,7 +89,8 @@ def test_a_half_closed_client_that_never_reads_is_closed_and_what_it_lost_is_cou
             lambda: len(_dropped_events(proc)) == 2, timeout=30, message="the silent client was not closed"
         )
         (event,) = [e for e in _dropped_events(proc) if e["client_id"] == 2]
-        lines, end = _read_to_end(sock)  # (what the kernels held: it was on its way)
+        received, end = _to_end(sock)
+        lines = received.count(b"\n")  # (what the kernels held: it was on its way)
     finally:
         sock.close()
     assert event["reason"] == "closed"
@@ -134,7 +125,7 @@ def test_replies_queued_for_a_client_that_resets_are_counted(server_process, con
 
     wait_until(settled, timeout=10)
     held = looks[-1]
-    _reset(sock)
+    reset_close(sock)
     wait_until(lambda: _dropped_events(proc, "reset"), timeout=10, message="the reset was not seen")
     (event,) = _dropped_events(proc, "reset")
     line = len(b"k:" + VALUE + b"\n")
@@ -157,7 +148,7 @@ def test_server_stopped_carries_the_final_counts(server_process, connect):
     wait_until(lambda: len(_dropped_events(proc)) == 1, timeout=10)
     reset = connect(proc.port)
     reset.request(b"GET:k\n")
-    _reset(reset.sock)
+    reset_close(reset.sock)
     wait_until(lambda: len(_dropped_events(proc)) == 2, timeout=10)
     idle = connect(proc.port)
     idle.request(b"GET:k\n")
@@ -206,32 +197,16 @@ def test_aof_replayed_says_what_was_loaded_before_the_server_serves(server_proce
     assert connect(second.port).request(b"GET:a\nGET:b\nGET:c\n") == before == [b"a:2", b"a:3", b"c:x"]
 
 
-def test_logs_are_json_by_default_when_stderr_is_not_a_terminal(connect, tmp_path):
+def test_logs_are_json_by_default_when_stderr_is_not_a_terminal(server_process, connect):
     """README, "Logs": ``--log-format auto`` (the default) writes JSON lines when stderr is not
-    a terminal, so a pipe or a file gets what log shippers parse."""
-    port = free_port()
-    log = tmp_path / "stderr.log"
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "run_server.py"), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env={k: v for k, v in os.environ.items() if not k.startswith("KVGEVENT_")},
-        )
-    try:
-        wait_until(lambda: b"server_started" in log.read_bytes(), timeout=15, message="no server_started")
-        peer = connect(port)
-        peer.request(b"PUT:k:v\n")
-        peer.close()
-        wait_until(lambda: b"client_dropped" in log.read_bytes(), timeout=10)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    a terminal (a pipe here), so a pipe or a file gets what log shippers parse."""
+    proc = server_process(log_format=None)  # (its server_started found only in JSON)
+    peer = connect(proc.port)
+    peer.request(b"PUT:k:v\n")
+    peer.close()
+    wait_until(lambda: _dropped_events(proc), timeout=10)
+    assert proc.stop() == 0
+    events = [e["event"] for e in proc.events()]  # (fails on any line that is not JSON)
     for name in ("server_started", "client_connected", "client_dropped", "server_stopped"):
         assert name in events
 
@@ -257,17 +232,6 @@ def _connect_when_listening(connect: Callable[..., Peer], proc: ServerProcess) -
     return peers[0]
 
 
-def _bytes_to_end(sock: socket.socket) -> bytes:
-    """Everything ``sock`` receives until its end (a reset ends it too)."""
-    received = b""
-    try:
-        while chunk := sock.recv(1 << 16):
-            received += chunk
-    except ConnectionResetError:
-        pass
-    return received
-
-
 def test_log_level_warning_hides_info_events_and_keeps_warnings(server_process, connect):
     """README, Configuration: ``--log-level`` (``info`` by default) is the least severe level
     logged; the Logs table gives each event's level. With ``--log-level warning``, a client
@@ -279,7 +243,7 @@ def test_log_level_warning_hides_info_events_and_keeps_warnings(server_process, 
     holder = _connect_when_listening(connect, proc)
     assert holder.request(b"PUT:k:" + b"x" * 100 + b"\nPUT:k:v\nGET:k\n") == [b"ERR line too long", b"k:v"]
     with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as refused:
-        assert _bytes_to_end(refused) == b"ERR max clients reached\n"
+        assert _to_end(refused)[0] == b"ERR max clients reached\n"
     assert proc.stop(signal.SIGTERM, timeout=20) == 0
     events = proc.events()
     names = [e["event"] for e in events]
@@ -314,7 +278,7 @@ def test_stats_connections_counts_the_clients_accepted_and_not_the_refused(serve
     for peer in staying:
         assert peer.request(b"") == []
     with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as refused:
-        assert _bytes_to_end(refused) == b"ERR max clients reached\n"
+        assert _to_end(refused)[0] == b"ERR max clients reached\n"
     stats = read_stats(watcher)
     assert (stats["connections"], stats["rejected"]) == (8, 1), stats
     assert (stats["dropped"], stats["active"]) == (5, 3), stats
@@ -363,11 +327,12 @@ def test_a_connection_the_server_is_closing_keeps_its_place_under_max_clients(se
         )
         assert len(_dropped_events(proc)) == 1, "the silent client was dropped before it could be flushed"
         with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as refused:
-            assert _bytes_to_end(refused) == b"ERR max clients reached\n"
+            assert _to_end(refused)[0] == b"ERR max clients reached\n"
         assert len(_dropped_events(proc)) == 1, "the silent client was dropped before the refusal"
         wait_until(lambda: len(_dropped_events(proc)) == 2, timeout=30, message="the silent client stayed")
         (event,) = [e for e in _dropped_events(proc) if e["client_id"] == 2]
-        lines, end = _read_to_end(sock)
+        received, end = _to_end(sock)
+        lines = received.count(b"\n")
     finally:
         sock.close()
     assert event["reason"] == "closed" and event["messages_dropped"] > 0
@@ -389,7 +354,7 @@ def test_a_tls_client_over_max_clients_is_closed_without_the_err_line(server_pro
     holder = connect(proc.port, tls=certs.client)
     assert holder.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
     with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as plain:
-        assert _bytes_to_end(plain) == b""
+        assert _to_end(plain)[0] == b""
     with (
         socket.create_connection(("127.0.0.1", proc.port), timeout=10) as raw,
         pytest.raises(OSError),  # (ssl.SSLError is one: an end of stream in the handshake)
@@ -403,18 +368,7 @@ def _on_terminal(*args: str) -> tuple[int, bytes]:
     """Run ``run_client.py args`` with its stdout on a pseudo-terminal: (exit status, output)."""
     term = Terminal([sys.executable, str(ROOT / "run_client.py"), *args])
     try:
-        end = time.monotonic() + 20
-        while True:
-            ready, _, _ = select.select([term.master], [], [], max(0.0, end - time.monotonic()))
-            assert ready, f"the client did not finish: {term.output!r}"
-            try:
-                chunk = os.read(term.master, 1 << 16)
-            except OSError:  # EIO: the client exited and its output was read
-                break
-            if not chunk:
-                break
-            term.output += chunk
-        return term.proc.wait(timeout=10), term.output
+        return term.finish()
     finally:
         term.close()
 

@@ -7,7 +7,6 @@ sockets closed under a parked greenlet, the server closing."""
 import contextlib
 import gc
 import socket
-import struct
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,18 +18,12 @@ import gevent.pool
 import gevent.server
 import gevent.socket
 import pytest
-from conftest import log_events, wait_until
+from conftest import log_events, reset_close, wait_until
 
 from kvgevent import KeyValueServer, MemoryStore
 from kvgevent.config import MAX_SEND_BATCH, READER_PATIENCE_MAX, WRITER_IDLE
 from kvgevent.fastio import FastSocket, TimedSocket, park, wrap
 from kvgevent.server import server as server_module
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0: the server's side gets a TCP reset."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def _pair() -> tuple[gevent.socket.socket, gevent.socket.socket]:
@@ -211,7 +204,7 @@ def test_a_reader_s_watcher_is_stopped_when_its_client_closes_or_resets():
                 right.close()
                 assert fast.recv(4096) == b""
             else:
-                _reset(right)
+                reset_close(right)
                 with contextlib.suppress(ConnectionResetError):
                     while fast.recv(4096):
                         pass
@@ -289,7 +282,7 @@ def test_every_way_a_parked_client_ends_leaves_nothing_started(log_stream):
         client(answered=True)  # still connected when the server closes
         wait_until(lambda: server.count_active() == 5)
         wait_until(lambda: any(c.io.stalled_since for c in server._conns.values()), timeout=10)
-        _reset(reset)
+        reset_close(reset)
         closes.close()
         wait_until(lambda: server.count_dropped() >= 3, timeout=10, message="idle, reset and closed clients")
         assert idle.recv(64) == b""  # closed by the server's idle timeout
@@ -666,10 +659,10 @@ def test_a_client_dormant_from_the_start_ends_as_any_other(log_stream, monkeypat
     reset, closes, idle = socks
     # Reset before the server has even looked at it (no yield between the connect and the
     # reset): the look at accept meets the reset, which must be reported as one.
-    _reset(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+    reset_close(socket.create_connection(("127.0.0.1", server.port), timeout=10))
     try:
         _dormant(server, 3)
-        _reset(reset)
+        reset_close(reset)
         closes.close()
         wait_until(lambda: server.count_dropped() == 3, timeout=10, message="resets and closed")
         wait_until(lambda: server.count_dropped() == 4, timeout=20, message="the idle timeout")
@@ -701,7 +694,7 @@ def test_every_way_a_dormant_client_ends_leaves_nothing_started(log_stream):
         evicted.sendall(b"PUT:k:" + b"x" * 8000)  # an incomplete line it holds while dormant
         dormant = {conn.client_id: conn for conn in _dormant(server, 4)}
         assert len(dormant) == 4
-        _reset(reset)
+        reset_close(reset)
         closes.close()
         wait_until(lambda: server.count_dropped() == 2, timeout=10, message="reset and closed")
         (held,) = [conn for conn in server._conns.values() if conn.buffer.pending]

@@ -6,14 +6,21 @@ import errno
 import functools
 import json
 import socket
-import struct
 import time
 
 import gevent
 import gevent.event
 import gevent.socket
 import pytest
-from conftest import Peer, WrappedStore, log_events, read_stats, small_buffer_socket, wait_until
+from conftest import (
+    Peer,
+    WrappedStore,
+    log_events,
+    read_stats,
+    reset_close,
+    small_buffer_socket,
+    wait_until,
+)
 
 from kvgevent import KeyValueServer, MemoryStore, StoreError
 from kvgevent.server import server as server_module
@@ -291,18 +298,12 @@ def test_each_episode_of_drops_is_logged_once(server, connect, log_stream):
 # --- counts ----------------------------------------------------------------------------------
 
 
-def _reset(peer: Peer) -> None:
-    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
-    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    peer.sock.close()
-
-
 def test_every_kind_of_disconnect_counts_once(server, connect):
     """Clean close, reset, half-close and connect-then-close each count as one dropped client."""
     peers = [connect(server.port) for _ in range(4)]
     wait_until(lambda: server.count_active() == 4)
     peers[0].close()
-    _reset(peers[1])
+    reset_close(peers[1].sock)
     peers[2].sock.shutdown(socket.SHUT_WR)
     connect(server.port).close()  # never sends anything
     wait_until(lambda: server.count_dropped() == 4, timeout=2)
@@ -328,7 +329,7 @@ def test_drop_reasons_are_logged(server, connect, log_stream):
     a.request(b"")
     a_peer = f"127.0.0.1:{a.sock.getsockname()[1]}"
     a.close()
-    _reset(connect(server.port))
+    reset_close(connect(server.port).sock)
     wait_until(lambda: server.count_dropped() == 2)
     events = log_events(log_stream)
     connected = [e for e in events if e["event"] == "client_connected"]
