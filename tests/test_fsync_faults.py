@@ -306,3 +306,39 @@ def test_sigterm_while_fsync_fails_keeps_every_acknowledged_write(loop_disk):
     assert replies == before.split(b"\n"), "an acknowledged write is missing, or the lost one is back"
     (torn,) = events_named(restarted, "aof_torn_tail_truncated")
     assert torn["offset"] % BLOCK == 0, torn
+
+
+def test_sigterm_as_the_disk_comes_back_rebuilds_the_log_and_exits_0(loop_disk):
+    """README ("the log's faults", SIGINT/SIGTERM): an episode still open at the stop whose
+    last attempt makes every applied write durable ends with the stop, exit status 0, no
+    aof_unwritten. The fsync of a write fails (its PING gets the ERR), rebuilds fail while
+    the disk is full (the recovery then rests between tries), the disk gets room and SIGTERM
+    comes at once: the shutdown's last attempt rebuilds the log (or the recovery did, just
+    before), the server exits 0, and on the device (mounted again) every write is there, the
+    one whose fsync failed too."""
+    disk, serve = loop_disk
+    path = disk.path / "kv.aof"
+    proc = serve("--aof", str(path), "--fsync", "always")
+    peer = Peer(proc.port)
+    watcher = Peer(proc.port)
+    try:
+        before = write_up_to_a_block_boundary(peer, watcher)
+        disk.fill()
+        peer.send(a_block_long_put(b"c") + b"PING\n")
+        assert peer.read_lines(1) == [ERR], "PONG for a write whose fsync failed (or the rig made no fault)"
+        wait_until(
+            lambda: read_stats(watcher)["aof_rewrite_failures"] >= 2, 20, "no rebuild was tried while full"
+        )
+    finally:
+        peer.close()
+        watcher.close()
+    disk.grow()
+    assert proc.stop() == 0
+    assert_no_bug_reported(proc)
+    assert not events_named(proc, "aof_unwritten")
+    assert len(events_named(proc, "aof_fsync_failed")) == 1
+    assert len(events_named(proc, "aof_recovered")) <= 1  # (only if the recovery won the race)
+
+    disk.remount()
+    replies, _ = restart_and_get(serve, path, [b"a", b"pad", b"c"])
+    assert replies == [*before.split(b"\n"), a_block_long_put(b"c")[4:-1]]
