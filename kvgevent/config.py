@@ -36,6 +36,11 @@ METRICS_CONNECTIONS = 8
 """HTTP connections the metrics port serves at once (a scraper and a few probes): more wait in
 its listen backlog, holding no file of the server's (FD_RESERVE counts these)."""
 
+METRICS_BACKLOG = 1024
+"""The metrics port's listen backlog: connections waiting there for a place cost the server no
+file, and when it is full the kernel drops a scraper's connect, which tries again 1 s and 3 s
+later (with gevent's 128, 150 connections coming back as soon as closed made scrapes take 3 s)."""
+
 METRICS_TIMEOUT = 2.0
 """Seconds a connection to the metrics port has to send a whole request (its line and
 headers), from when it came or from its last answer (kept alive), and to take its answer
@@ -43,10 +48,18 @@ headers), from when it came or from its last answer (kept alive), and to take it
 byte now and then or not reading is closed, so that a scraper waits at most this long for a
 place. A scraper sends its request at once and reads its answer."""
 
-METRICS_REQUESTS = 100
+METRICS_GRACE = 0.25
+"""Seconds a metrics connection may wait on its client (for its request, or for its answer to
+be taken) before it gives way to one in the backlog when every place is taken: a scraper
+sends at once and reads at once, though a busy process may take a while to; the attacker's
+cost, a place turned over every this long (about 0.25 s for each 8 connections ahead)."""
+
+METRICS_REQUESTS = 10
 """Requests one metrics connection may make: after the answer to that many it is closed, so a
 client pipelining requests (each answered at once, the deadline armed anew) cannot keep one
-of METRICS_CONNECTIONS places for itself."""
+of METRICS_CONNECTIONS places for itself. A scrape costs the loop about a millisecond: 100
+let 20 pipelining connections ahead of a scraper hold it up a second (a scraper keeping its
+connection alive reconnects every this many scrapes)."""
 
 METRICS_STOP = 1.0
 """At shutdown, seconds a metrics answer on its way gets to finish (a scrape is no reason to

@@ -17,6 +17,8 @@ event loop about as much as a STATS.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +32,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from kvgevent.config import METRICS_CONNECTIONS, METRICS_REQUESTS, METRICS_STOP, METRICS_TIMEOUT
+from kvgevent.config import (
+    METRICS_BACKLOG,
+    METRICS_CONNECTIONS,
+    METRICS_GRACE,
+    METRICS_REQUESTS,
+    METRICS_STOP,
+    METRICS_TIMEOUT,
+)
 from kvgevent.errors import KVError
 from kvgevent.logs import Logger
 from kvgevent.protocol import Auth, Delete, Get, Ping, Put, Stats, Update
@@ -226,6 +235,7 @@ class Monitor:
             log=None,
             error_log=_ErrorLog(self.log),  # (it has what pywsgi uses: write, flush)
             spawn=Pool(METRICS_CONNECTIONS),
+            backlog=METRICS_BACKLOG,
             failing=self.server.accept_failed,
         )
         self._http.start()
@@ -238,12 +248,12 @@ class Monitor:
         return port
 
     def close(self) -> None:
-        """Stop listening, close at once the connections waiting for a request (idle, kept
-        alive: they would hold the shutdown for METRICS_STOP), and give answers on their way
-        up to METRICS_STOP seconds to finish."""
+        """Stop listening, close at once the connections waiting for a request or its headers
+        (idle, kept alive, sending slowly: they would hold the shutdown for METRICS_STOP), and
+        give answers on their way up to METRICS_STOP seconds to finish."""
         if self._http is not None:
             self._http.close()  # (stops accepting; the handlers run on)
-            for handler in list(self._http.waiting):
+            for handler in list(self._http.waiting):  # (their request not in)
                 handler.kill(GreenletExit, block=False)
             self._http.stop(timeout=METRICS_STOP)
 
@@ -304,14 +314,11 @@ class _MetricsHandler(WSGIHandler):
             # the loop for as long as it sent (the key-value clients, signals, everything).
             sleep(0)
         self._arm()
-        server: Any = self.server  # (a _MetricsHTTP)
-        waiting: set[Any] = server.waiting
-        handler = getcurrent()
-        waiting.add(handler)
-        try:
-            return super().read_requestline()
-        finally:
-            waiting.discard(handler)
+        server: _MetricsHTTP = self.server  # type: ignore[assignment]  # (pywsgi's stubs say Any)
+        handler: Any = getcurrent()  # (until its headers are in: read_request, handle)
+        server.waiting[handler] = (time.monotonic(), functools.partial(handler.kill, GreenletExit, False))
+        server.watch_backlog()  # (a connection there now may take this place)
+        return super().read_requestline()
 
     def _handle_client_error(self, ex: BaseException) -> Any:
         """pywsgi's answer to a request it cannot read (400), without the traceback it
@@ -326,14 +333,34 @@ class _MetricsHandler(WSGIHandler):
             request = super().read_request(requestline)
         finally:
             self._end_deadline()
+            self._not_waiting()
         self._requests += 1
         if self._requests >= METRICS_REQUESTS:  # (closed after its answer)
             self.close_connection = True
         return request
 
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        """pywsgi's, with ``Connection: close`` on the last answer of a connection (its
+        METRICS_REQUESTS-th): pywsgi closes it without a word under HTTP/1.1, and a client
+        keeping it alive sent its next request to a closed connection."""
+        if self.close_connection and not any(name.lower() == "connection" for name, _ in headers):
+            headers = [*headers, ("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
+
     def process_result(self) -> None:
         self._arm()  # (pywsgi reads what is left of the body after this: under it too)
+        server: _MetricsHTTP = self.server  # type: ignore[assignment]
+        shut = functools.partial(_shut, self.socket)
+        server.answered[getcurrent()] = (time.monotonic(), shut)  # (until handle_one_response ends)
+        server.watch_backlog()
         super().process_result()
+
+    def handle_one_response(self) -> None:
+        try:
+            super().handle_one_response()
+        finally:
+            server: _MetricsHTTP = self.server  # type: ignore[assignment]
+            server.answered.pop(getcurrent(), None)
 
     def handle(self) -> None:
         try:
@@ -346,6 +373,11 @@ class _MetricsHandler(WSGIHandler):
             super().handle()
         finally:
             self._end_deadline()
+            self._not_waiting()
+
+    def _not_waiting(self) -> None:
+        server: _MetricsHTTP = self.server  # type: ignore[assignment]
+        server.waiting.pop(getcurrent(), None)
 
     def _arm(self) -> None:
         """Kill this handler's greenlet METRICS_TIMEOUT from now, and every METRICS_TIMEOUT
@@ -368,15 +400,95 @@ class _MetricsHTTP(PausingListener, WSGIServer):
     alive, sending a byte now and then, not reading); an accept() failing for want of files
     is the server's ``accept_failed`` episode (PausingListener), not an unhandled error.
     Before, idle connections were kept for ever, without limit, and could take every file of
-    the process."""
+    the process.
+
+    When every place is taken and a connection waits in the listen backlog, one that waits
+    on its client is closed to make room (:meth:`watch_backlog`): the one that has waited
+    longest for its request (line and headers: idle, kept alive after an answer, or sending
+    slowly), else the one that has waited longest for its client to take its answer. A
+    scraper sends its request as it connects and reads its answer, so it is not among them;
+    without this, connections that came back as soon as they were closed queued in the
+    backlog ahead of a scraper, which waited METRICS_TIMEOUT for each METRICS_CONNECTIONS of
+    them (40 idle ones: about 10 s)."""
 
     handler_class = _MetricsHandler
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.waiting: set[Any] = set()
-        """The handlers' greenlets waiting for a request line: nothing in hand, closed first
-        at shutdown."""
+        self.waiting: dict[Any, tuple[float, Callable[[], object]]] = {}
+        """The handlers' greenlets waiting for a request line or its headers, longest first,
+        with when they began and how to close them (kill the greenlet): nothing in hand, the
+        first to give way to a connection in the backlog, and closed first at shutdown."""
+        self.answered: dict[Any, tuple[float, Callable[[], object]]] = {}
+        """The handlers' greenlets whose answer is ready, longest first, until their client
+        has taken the answer and sent the rest of the body it declared, with when and how to
+        close them: the next to give way (a shutdown of the socket ends the write with EPIPE,
+        which pywsgi takes for a client gone, and the body's read with its end)."""
+        self._backlog: Any = None  # the loop's io watcher on the listening socket while full
+        self._later: Any = None  # the loop's timer for the next look, none past its grace yet
+        # gevent's BaseServer sets ``full`` to its pool's and calls it before each accept
+        # (gevent 26's _do_read); the backlog tests in test_monitoring fail if that changes.
+        self._places_full = self.full
+        self.full = self._full  # type: ignore[method-assign]
+
+    def _full(self) -> bool:
+        if not self._places_full():
+            return False
+        self.watch_backlog()
+        return True
+
+    def watch_backlog(self) -> None:
+        """While every place is taken, watch the listening socket: a connection there makes a
+        handler waiting on its client give way (:meth:`_give_way`). Called when the places
+        fill (gevent stops accepting then) and when a handler begins to wait for a request or
+        for its answer to be taken (the last look may have found none to give way)."""
+        if self._backlog is None and self.started and self._places_full():
+            self._backlog = self.loop.io(self.socket.fileno(), 1)
+            self._backlog.start(self._give_way)
+
+    def _give_way(self) -> None:
+        """(From the hub, the backlog readable.) Close the connection waiting longest for its
+        request, else the one waiting longest for its answer to be taken, if it has waited
+        METRICS_GRACE; the pool then frees its place and gevent accepts again. If none has
+        waited that long, look again when the first will have; if none waits (every place is
+        making an answer), the next to wait calls :meth:`watch_backlog`."""
+        self._stop_watching()
+        if not self._places_full():
+            return
+        now = time.monotonic()
+        soonest = float("inf")
+        for pending in (self.waiting, self.answered):
+            if pending:
+                handler = next(iter(pending))
+                since, close = pending[handler]
+                if now - since >= METRICS_GRACE:
+                    del pending[handler]
+                    close()
+                    return
+                soonest = min(soonest, since + METRICS_GRACE)
+        if soonest < float("inf"):
+            self._later = self.loop.timer(soonest - now)
+            self._later.start(self._look_again)
+
+    def _look_again(self) -> None:
+        self._stop_watching()  # (the timer fired: closed)
+        self.watch_backlog()
+
+    def _stop_watching(self) -> None:
+        for watcher in (self._backlog, self._later):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self._backlog = self._later = None
+
+    def close(self) -> None:
+        self._stop_watching()
+        super().close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # (gone already)
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _ErrorLog:
