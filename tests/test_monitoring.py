@@ -1109,6 +1109,41 @@ def test_connections_that_come_back_as_soon_as_closed_do_not_keep_a_scraper_out(
     assert_stopped_without_errors(proc)
 
 
+def test_the_metrics_backlog_holds_a_burst_of_connections(make_server):
+    """600 connects to the metrics port while the server's loop cannot accept (this test
+    holds the hub: stdlib sockets and poll, not gevent's): every one is established in the
+    listen backlog within a second (METRICS_BACKLOG, 1024). With gevent's default of 128
+    the kernel dropped the others' SYNs, to be tried again 1 s and 3 s later: a scraper
+    behind a burst of connections waited 3 s before it even reached the backlog."""
+    import _socket
+    import errno
+    import select
+
+    from gevent import monkey
+
+    poll = monkey.get_original("select", "poll")
+    server = make_server()
+    port = server.serve_metrics(0, "127.0.0.1")
+    socks = [_socket.socket(_socket.AF_INET, _socket.SOCK_STREAM) for _ in range(600)]
+    try:
+        waiting = poll()
+        for sock in socks:
+            sock.setblocking(False)
+            assert sock.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+            waiting.register(sock.fileno(), select.POLLOUT)
+        established: set[int] = set()
+        deadline = time.monotonic() + 1.0  # (a SYN dropped is tried again after 1 s)
+        while len(established) < len(socks) and time.monotonic() < deadline:
+            for fd, _ in waiting.poll(50):
+                waiting.unregister(fd)
+                established.add(fd)
+        assert len(established) == len(socks), len(established)
+        assert all(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR) == 0 for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_clients_beyond_the_places_that_send_at_once_are_all_answered(server_process):
     """Four times METRICS_CONNECTIONS clients connect at once, then each sends its request
     0.1 s later (a busy client's pace, under METRICS_GRACE): every one is answered, though
