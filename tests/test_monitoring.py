@@ -1109,6 +1109,42 @@ def test_connections_that_come_back_as_soon_as_closed_do_not_keep_a_scraper_out(
     assert_stopped_without_errors(proc)
 
 
+def test_a_connection_kept_alive_gives_way_after_new_ones_that_send_nothing(server_process):
+    """A client keeps its connection alive after one answer (``http.client``), then 7
+    connections that send nothing take the other places and 8 more wait in the backlog: the
+    silent ones that have waited METRICS_GRACE give way to the backlog (8 of them closed),
+    while the one kept alive keeps its place, and its second request, 1 s later, is
+    answered. Before, the one kept alive was closed as soon as it had waited METRICS_GRACE,
+    the first to have, and http.client's second request met a closed connection (an
+    attacker's pass: RemoteDisconnected)."""
+    import http.client
+
+    from kvgevent.config import METRICS_CONNECTIONS
+
+    proc, metrics = serving(server_process)
+    kept = http.client.HTTPConnection("127.0.0.1", metrics, timeout=10)
+    silent: list[socket.socket] = []
+    try:
+        kept.request("GET", "/healthz")
+        assert kept.getresponse().read() == b"ok\n"
+        for _ in range(2 * METRICS_CONNECTIONS - 1):
+            silent.append(socket.create_connection(("127.0.0.1", metrics), timeout=10))
+        gevent.sleep(1.0)  # (the client's pace, under METRICS_TIMEOUT: the scenario)
+        kept.request("GET", "/healthz")
+        assert kept.getresponse().read() == b"ok\n"
+        closed = 0
+        for sock in silent:  # (closed by the server: an end of stream at once)
+            sock.settimeout(0.01)
+            with contextlib.suppress(TimeoutError):
+                closed += sock.recv(1) == b""
+        assert closed >= METRICS_CONNECTIONS, closed
+    finally:
+        kept.close()
+        for sock in silent:
+            sock.close()
+    assert_stopped_without_errors(proc)
+
+
 def test_the_metrics_backlog_holds_a_burst_of_connections(make_server):
     """600 connects to the metrics port while the server's loop cannot accept (this test
     holds the hub: stdlib sockets and poll, not gevent's): every one is established in the

@@ -253,7 +253,7 @@ class Monitor:
         give answers on their way up to METRICS_STOP seconds to finish."""
         if self._http is not None:
             self._http.close()  # (stops accepting; the handlers run on)
-            for handler in list(self._http.waiting):  # (their request not in)
+            for handler in [*self._http.waiting, *self._http.kept]:  # (their request not in)
                 handler.kill(GreenletExit, block=False)
             self._http.stop(timeout=METRICS_STOP)
 
@@ -316,7 +316,8 @@ class _MetricsHandler(WSGIHandler):
         self._arm()
         server: _MetricsHTTP = self.server  # type: ignore[assignment]  # (pywsgi's stubs say Any)
         handler: Any = getcurrent()  # (until its headers are in: read_request, handle)
-        server.waiting[handler] = (time.monotonic(), functools.partial(handler.kill, GreenletExit, False))
+        pending = server.kept if self._requests else server.waiting
+        pending[handler] = (time.monotonic(), functools.partial(handler.kill, GreenletExit, False))
         server.watch_backlog()  # (a connection there now may take this place)
         return super().read_requestline()
 
@@ -377,7 +378,9 @@ class _MetricsHandler(WSGIHandler):
 
     def _not_waiting(self) -> None:
         server: _MetricsHTTP = self.server  # type: ignore[assignment]
-        server.waiting.pop(getcurrent(), None)
+        handler = getcurrent()
+        server.waiting.pop(handler, None)
+        server.kept.pop(handler, None)
 
     def _arm(self) -> None:
         """Kill this handler's greenlet METRICS_TIMEOUT from now, and every METRICS_TIMEOUT
@@ -402,11 +405,12 @@ class _MetricsHTTP(PausingListener, WSGIServer):
     Before, idle connections were kept for ever, without limit, and could take every file of
     the process.
 
-    When every place is taken and a connection waits in the listen backlog, one that waits
-    on its client is closed to make room (:meth:`watch_backlog`): the one that has waited
-    longest for its request (line and headers: idle, kept alive after an answer, or sending
-    slowly), else the one that has waited longest for its client to take its answer. A
-    scraper sends its request as it connects and reads its answer, so it is not among them;
+    When every place is taken and a connection waits in the listen backlog, one that has
+    waited on its client METRICS_GRACE is closed to make room (:meth:`watch_backlog`): the one
+    that has waited longest for its first request (line and headers: idle, or sending
+    slowly), else the one that has waited longest for its client to take its answer, else
+    the one kept alive longest since its last answer. A scraper sends its request as it
+    connects and reads its answer, so it is not among them;
     without this, connections that came back as soon as they were closed queued in the
     backlog ahead of a scraper, which waited METRICS_TIMEOUT for each METRICS_CONNECTIONS of
     them (40 idle ones: about 10 s)."""
@@ -416,9 +420,15 @@ class _MetricsHTTP(PausingListener, WSGIServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.waiting: dict[Any, tuple[float, Callable[[], object]]] = {}
-        """The handlers' greenlets waiting for a request line or its headers, longest first,
-        with when they began and how to close them (kill the greenlet): nothing in hand, the
-        first to give way to a connection in the backlog, and closed first at shutdown."""
+        """The handlers' greenlets waiting for the first request line of their connection or
+        its headers, longest first, with when they began and how to close them (kill the
+        greenlet): nothing in hand, the first to give way to a connection in the backlog, and
+        closed at once at shutdown."""
+        self.kept: dict[Any, tuple[float, Callable[[], object]]] = {}
+        """The same for connections kept alive after an answer: the last to give way (HTTP
+        lets a server close an idle connection kept alive, and clients such as urllib3 and
+        Go's, Prometheus's, look before they reuse one, but Python's http.client does not: a
+        request it sends as the connection closes fails)."""
         self.answered: dict[Any, tuple[float, Callable[[], object]]] = {}
         """The handlers' greenlets whose answer is ready, longest first, until their client
         has taken the answer and sent the rest of the body it declared, with when and how to
@@ -448,26 +458,26 @@ class _MetricsHTTP(PausingListener, WSGIServer):
 
     def _give_way(self) -> None:
         """(From the hub, the backlog readable.) Close the connection waiting longest for its
-        request, else the one waiting longest for its answer to be taken, if it has waited
-        METRICS_GRACE; the pool then frees its place and gevent accepts again. If none has
-        waited that long, look again when the first will have; if none waits (every place is
-        making an answer), the next to wait calls :meth:`watch_backlog`."""
+        first request; if none waits for one, the one waiting longest for its answer to be
+        taken; if none, the one kept alive longest since its last answer: once it has waited
+        METRICS_GRACE (before then, look again when it has: a connection kept alive keeps its
+        place while a new one waits for its request). The pool then frees its place and
+        gevent accepts again. If none waits on its client (every place is making an answer),
+        the next to wait calls :meth:`watch_backlog`."""
         self._stop_watching()
         if not self._places_full():
             return
-        now = time.monotonic()
-        soonest = float("inf")
-        for pending in (self.waiting, self.answered):
-            if pending:
-                handler = next(iter(pending))
-                since, close = pending[handler]
-                if now - since >= METRICS_GRACE:
-                    del pending[handler]
-                    close()
-                    return
-                soonest = min(soonest, since + METRICS_GRACE)
-        if soonest < float("inf"):
-            self._later = self.loop.timer(soonest - now)
+        pending = self.waiting or self.answered or self.kept
+        if not pending:
+            return
+        handler = next(iter(pending))
+        since, close = pending[handler]
+        wait = since + METRICS_GRACE - time.monotonic()
+        if wait <= 0:
+            del pending[handler]
+            close()
+        else:
+            self._later = self.loop.timer(wait)
             self._later.start(self._look_again)
 
     def _look_again(self) -> None:
