@@ -249,7 +249,7 @@ class Monitor:
 
     def close(self) -> None:
         """Stop listening, close at once the connections waiting for a request or its headers
-        (idle, kept alive, sending slowly: they would hold the shutdown for METRICS_STOP), and
+        (new, kept alive, sending slowly: they would hold the shutdown for METRICS_STOP), and
         give answers on their way up to METRICS_STOP seconds to finish."""
         if self._http is not None:
             self._http.close()  # (stops accepting; the handlers run on)
@@ -314,11 +314,11 @@ class _MetricsHandler(WSGIHandler):
             # the loop for as long as it sent (the key-value clients, signals, everything).
             sleep(0)
         self._arm()
-        server: _MetricsHTTP = self.server  # type: ignore[assignment]  # (pywsgi's stubs say Any)
+        listener = self._listener
         handler: Any = getcurrent()  # (until its headers are in: read_request, handle)
-        pending = server.kept if self._requests else server.waiting
+        pending = listener.kept if self._requests else listener.waiting
         pending[handler] = (time.monotonic(), functools.partial(handler.kill, GreenletExit, False))
-        server.watch_backlog()  # (a connection there now may take this place)
+        listener.watch_backlog()  # (a connection there now may take this place)
         return super().read_requestline()
 
     def _handle_client_error(self, ex: BaseException) -> Any:
@@ -350,18 +350,16 @@ class _MetricsHandler(WSGIHandler):
 
     def process_result(self) -> None:
         self._arm()  # (pywsgi reads what is left of the body after this: under it too)
-        server: _MetricsHTTP = self.server  # type: ignore[assignment]
         shut = functools.partial(_shut, self.socket)
-        server.answered[getcurrent()] = (time.monotonic(), shut)  # (until handle_one_response ends)
-        server.watch_backlog()
+        self._listener.answered[getcurrent()] = (time.monotonic(), shut)  # (to handle_one_response's end)
+        self._listener.watch_backlog()
         super().process_result()
 
     def handle_one_response(self) -> None:
         try:
             super().handle_one_response()
         finally:
-            server: _MetricsHTTP = self.server  # type: ignore[assignment]
-            server.answered.pop(getcurrent(), None)
+            self._listener.answered.pop(getcurrent(), None)
 
     def handle(self) -> None:
         try:
@@ -377,10 +375,13 @@ class _MetricsHandler(WSGIHandler):
             self._not_waiting()
 
     def _not_waiting(self) -> None:
-        server: _MetricsHTTP = self.server  # type: ignore[assignment]
         handler = getcurrent()
-        server.waiting.pop(handler, None)
-        server.kept.pop(handler, None)
+        self._listener.waiting.pop(handler, None)
+        self._listener.kept.pop(handler, None)
+
+    @property
+    def _listener(self) -> _MetricsHTTP:
+        return self.server  # type: ignore[return-value]  # (pywsgi's stubs say Any)
 
     def _arm(self) -> None:
         """Kill this handler's greenlet METRICS_TIMEOUT from now, and every METRICS_TIMEOUT
@@ -410,10 +411,9 @@ class _MetricsHTTP(PausingListener, WSGIServer):
     that has waited longest for its first request (line and headers: idle, or sending
     slowly), else the one that has waited longest for its client to take its answer, else
     the one kept alive longest since its last answer. A scraper sends its request as it
-    connects and reads its answer, so it is not among them;
-    without this, connections that came back as soon as they were closed queued in the
-    backlog ahead of a scraper, which waited METRICS_TIMEOUT for each METRICS_CONNECTIONS of
-    them (40 idle ones: about 10 s)."""
+    connects and reads its answer, so it is not among them; without this, connections that
+    came back as soon as they were closed queued in the backlog ahead of a scraper, which
+    waited METRICS_TIMEOUT for each METRICS_CONNECTIONS of them (40 idle ones: about 10 s)."""
 
     handler_class = _MetricsHandler
 
