@@ -74,6 +74,7 @@ class TlsStream:
         self._tls_lock = make_lock()
         self._send_lock = make_lock()
         self._eof = False
+        self._failure: ssl.SSLError | None = None  # met after plaintext: raised by the next recv
 
     def handshake(self) -> None:
         """Run the handshake to completion (blocking in the socket's own way)."""
@@ -94,23 +95,14 @@ class TlsStream:
         return self._tls.version()
 
     def recv(self, size: int) -> bytes:
-        """Up to ``size`` bytes of plaintext; waits for at least one byte or the end."""
+        """Up to ``size`` bytes of plaintext; waits for at least one byte or the end. A TLS
+        failure (a corrupt record, a fatal alert) after plaintext that came before it is
+        raised by the next call: that plaintext is returned first, as a socket returns the
+        bytes that came before a reset (the client's whole lines before it are served)."""
+        if self._failure is not None:
+            raise self._failure
         while True:
-            chunks = []
-            total = 0
-            try:
-                with self._tls_lock:
-                    while total < size:
-                        chunk = self._tls.read(size - total)
-                        if not chunk:  # the peer's close_notify (SSLObject returns b"" for it)
-                            self._eof = True
-                            break
-                        chunks.append(chunk)
-                        total += len(chunk)
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:  # the peer's close_notify
-                self._eof = True
+            chunks = self._decrypt(size)
             # Sent now unless the writer is sending (it may wait for a client that does not
             # read): it sends these bytes before it lets the lock go (sendall). Waiting for
             # it held a reader that had an alert to send (a refused renegotiation) from
@@ -121,6 +113,31 @@ class TlsStream:
                 return b"".join(chunks)
             if self._eof or not self._fill():
                 return b""
+
+    def _decrypt(self, size: int) -> list[bytes]:
+        """The plaintext the TLS engine can give now, up to ``size`` bytes: none when it
+        needs more ciphertext or the stream has ended (``_eof``). A TLS failure raises,
+        unless plaintext came before it: then it is kept for the next :meth:`recv`."""
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            with self._tls_lock:
+                while total < size:
+                    chunk = self._tls.read(size - total)
+                    if not chunk:  # the peer's close_notify (SSLObject returns b"" for it)
+                        self._eof = True
+                        break
+                    chunks.append(chunk)
+                    total += len(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:  # the peer's close_notify
+            self._eof = True
+        except ssl.SSLError as failure:
+            if not chunks:
+                raise
+            self._failure = failure
+        return chunks
 
     def sendall(self, data: bytes) -> None:
         """Encrypt ``data`` and write it all to the socket, SEND_SLICE bytes at a time: the
