@@ -134,6 +134,29 @@ def test_replies_queued_for_a_client_that_resets_are_counted(server_process, con
     assert read_stats(watcher)["messages_dropped"] == event["messages_dropped"]
 
 
+def test_a_batch_is_carried_out_and_counted_when_its_client_resets_mid_reply(server_process, connect):
+    """README, "Slow clients": a batch the server has read is carried out to its end when
+    the client goes meanwhile, and the lines of its replies are counted. A key holds 20
+    values of 400 kB (an 8 MB reply, over half --queue-bytes); a client pipelines 20 GETs of
+    it, reads nothing, and resets once the server has read them all (the first reply being
+    built, before the 2 s after which a silent client's replies are dropped): all 400 lines
+    are counted but those the kernels took (at most a few MB: under 20 lines), the log and
+    STATS agree, and a PUT sent in the same batch after the GETs is applied."""
+    proc = server_process()
+    watcher = connect(proc.port)
+    watcher.request(b"".join(b"PUT:big:%s\n" % (b"%02d" % n * 200_000) for n in range(20)))
+    sock = small_buffer_socket(proc.port)
+    sock.sendall(b"GET:big\n" * 20 + b"PUT:after:reset\n")
+    commands = _commands_read(watcher)
+    wait_until(lambda: commands() >= 20 + 21, timeout=10, message="the GETs were not all read")
+    reset_close(sock)
+    wait_until(lambda: _dropped_events(proc, "reset"), timeout=10, message="the reset was not seen")
+    (event,) = _dropped_events(proc, "reset")
+    assert 400 - 20 <= event["messages_dropped"] <= 400
+    assert read_stats(watcher)["messages_dropped"] == event["messages_dropped"]
+    assert watcher.request(b"GET:after\n") == [b"after:reset"]
+
+
 def test_server_stopped_carries_the_final_counts(server_process, connect):
     """README, "Logs": ``server_stopped`` carries ``dropped``, ``connections``, ``commands``,
     ``messages_dropped`` and ``rejected`` once every client is closed. Clients leave in every
