@@ -237,6 +237,10 @@ HEARTBEAT_INTERVAL = 1.0
 """Seconds between two heartbeats of a worker (a quarter of --worker-timeout if that is less):
 a few chances to beat per timeout, one cheap write each."""
 
+SUPERVISOR_CHECK = 0.5
+"""Seconds between a worker's looks at whether its supervisor is still its parent; when it is
+not (killed, even by SIGKILL), the worker shuts down as on SIGTERM (its clients flushed)."""
+
 FIRST_HEARTBEAT_TIMEOUT = 30.0
 """Seconds a new worker may take to send its first heartbeat (if --worker-timeout is less): it
 imports, connects to the store and binds first, which a busy machine can make slow."""

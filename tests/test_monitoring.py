@@ -499,10 +499,9 @@ def test_a_sigterm_sent_the_moment_ready_is_announced_shuts_down_cleanly(tmp_pat
 
 def test_a_worker_whose_supervisor_is_gone_does_not_serve(tmp_path):
     """A worker checks, once its own handlers are installed, that the supervisor that started
-    it is still its parent, and asks again for SIGTERM at the supervisor's death: the request
-    made between fork and exec is lost if the supervisor dies before it, or if SIGTERM comes
-    while the supervisor's own handler is still in place. A supervisor killed in that window
-    left an orphan worker serving the port. The window is too narrow to hit from a test: here
+    it is still its parent, and asks again for its death signal: the request made between
+    fork and exec is lost if the supervisor dies before it. A supervisor killed in that
+    window left an orphan worker serving the port. The window is too narrow to hit from a test: here
     the worker is told a supervisor pid that is not its parent's, which is what it sees when
     its supervisor died first (its parent is then init)."""
     import subprocess

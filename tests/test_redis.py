@@ -6,6 +6,7 @@ fixture)."""
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -455,16 +456,41 @@ def test_workers_stop_when_the_supervisor_is_killed(server_process, redis_server
     proc.proc.kill()
     proc.proc.wait()
 
-    def gone(pid):
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                return "zombie" in status.read() or False
-        except FileNotFoundError:
-            return True
-
     wait_until(
-        lambda: all(gone(pid) for pid in pids), timeout=15, message="workers outlived their supervisor"
+        lambda: not any(_alive(pid) for pid in pids), timeout=15, message="workers outlived their supervisor"
     )
+
+
+def test_a_stopped_worker_goes_too_when_the_supervisor_is_killed(server_process, redis_server):
+    """Two faults at once: a worker stopped by SIGSTOP, then its supervisor killed by SIGKILL.
+    The stopped worker is woken by the kernel at its parent's death (its death signal is
+    SIGCONT), sees its supervisor gone and shuts down, as the running one does: both are
+    gone, and the port is free for the next supervisor. Before, the death signal was SIGTERM,
+    which waited in the stopped worker for ever: it kept the port, the kernel handed it new
+    connections that hung, and a new supervisor could not bind (an attacker's pass)."""
+    proc = server_process("--workers", "2", "--store", redis_server.url, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    pids = [e["pid"] for e in proc.events() if e["event"] == "worker_started"]
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        proc.proc.kill()
+        proc.proc.wait()
+        wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=15, message="a worker stayed")
+        with socket.socket() as sock:  # (nobody listens on the port any more)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", proc.port))
+            sock.listen()
+    finally:
+        _kill_stuck(*pids)
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs or is stopped: neither gone nor a zombie."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "zombie" not in status.read()
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager
@@ -628,8 +654,8 @@ def test_a_stopped_worker_is_killed_and_replaced(server_process, redis_server, t
 
 def _kill_stuck(*pids: int) -> None:
     """SIGKILL each of ``pids`` that is still a kvgevent process: a worker stuck in a busy loop
-    cannot handle the SIGTERM its supervisor's death sends it, and a test that failed must not
-    leave it spinning."""
+    cannot shut down when its supervisor dies, and a test that failed must not leave it
+    spinning (or stopped)."""
     import os
     import signal
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import gevent
 
-from kvgevent.config import FIRST_HEARTBEAT_TIMEOUT, HEARTBEAT_INTERVAL
+from kvgevent.config import FIRST_HEARTBEAT_TIMEOUT, HEARTBEAT_INTERVAL, SUPERVISOR_CHECK
 from kvgevent.logs import LogFile, Logger, redacted_url
 from kvgevent.serve.signals import reopen_on_hangup, stop_requested
 from kvgevent.serve.systemd import ReadyCollector, feed_watchdog, notify
@@ -386,8 +386,7 @@ def _beat_every(fd: int, interval: float) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the worker, before exec: SIGTERM it if the supervisor dies (even by SIGKILL), so no
-    worker is left serving on its own (the worker asks again once it runs: see
+    """In the worker, before exec: SIGCONT it when the supervisor dies (see
     :func:`die_with_supervisor`); and SIGHUP ignored until the worker handles it itself (the
     supervisor passes SIGHUP on to every worker, one just started too, whose default action
     would be to die)."""
@@ -396,27 +395,41 @@ def _die_with_parent() -> None:
 
 
 def _set_death_signal() -> None:
-    """SIGTERM this process when its parent dies (Linux's PR_SET_PDEATHSIG)."""
+    """SIGCONT this process when its parent dies (Linux's PR_SET_PDEATHSIG): a worker stopped
+    by SIGSTOP runs again, to find its supervisor gone. (SIGTERM, as before, stayed pending in
+    a stopped worker for ever: it kept listening on the port, its connections hung, and a new
+    supervisor could not bind it.)"""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGCONT)
     except (OSError, AttributeError):
         pass  # not Linux: the supervisor's SIGTERM handling is all there is
 
 
 def die_with_supervisor() -> bool:
-    """In a worker whose signal handlers are installed: ask for SIGTERM when the supervisor
-    dies, and check that it has not died already; False if it has (the worker must exit). The
-    request made before exec can be lost: the supervisor dying before it was made, or its
-    SIGTERM caught between fork and exec by the handler inherited from the supervisor. True
-    for a process not started by a supervisor."""
+    """In a worker whose signal handlers are installed: check that the supervisor has not
+    died already (False if it has: the worker must exit), and from then on look every
+    SUPERVISOR_CHECK seconds, from a greenlet, whether it is still this process's parent:
+    when it is not (killed, even by SIGKILL), SIGTERM this process, whose shutdown flushes its
+    clients. The death signal (SIGCONT) is asked for again: the request made before exec is
+    lost if the supervisor died before it was made. True for a process not started by a
+    supervisor."""
     supervisor = os.environ.get(SUPERVISOR_ENV)
     if not supervisor:
         return True
     _set_death_signal()
-    return os.getppid() == int(supervisor)
+    if os.getppid() != int(supervisor):
+        return False
+    gevent.spawn(_watch_supervisor, int(supervisor))
+    return True
+
+
+def _watch_supervisor(supervisor: int) -> None:
+    while os.getppid() == supervisor:
+        gevent.sleep(SUPERVISOR_CHECK)
+    os.kill(os.getpid(), signal.SIGTERM)  # (the handler that stop_requested installed)
 
 
 def _stop_all(workers: list[Any], args: argparse.Namespace, log: Logger) -> None:
