@@ -484,6 +484,30 @@ def test_a_stopped_worker_goes_too_when_the_supervisor_is_killed(server_process,
         _kill_stuck(*pids)
 
 
+def test_a_worker_that_dies_as_the_supervisor_stops_is_logged(server_process, redis_server):
+    """A worker killed (SIGKILL) while its supervisor is stopped, then SIGTERM and SIGCONT to
+    the supervisor: its death is seen on the way out, logged once (``worker_exited``, status
+    -9) and not restarted, and the supervisor exits 0 with the other worker stopped. Before,
+    a worker that died after the supervisor's last check was reaped by the shutdown without a
+    word (an attacker's pass: killed 0-50 ms before the SIGTERM, no ``worker_exited``)."""
+    proc = server_process("--workers", "2", "--store", redis_server.url, wait=False)
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    pids = [e["pid"] for e in proc.events() if e["event"] == "worker_started"]
+    os.kill(proc.proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: not _alive(pids[0]), timeout=10)
+        os.kill(proc.proc.pid, signal.SIGTERM)
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+    assert proc.proc.wait(timeout=30) == 0
+    events = proc.events()
+    exited = [e for e in events if e["event"] == "worker_exited"]
+    assert [(e["pid"], e["exit_status"]) for e in exited] == [(pids[0], -signal.SIGKILL)]
+    assert [e["pid"] for e in events if e["event"] == "worker_started"] == pids
+    assert events[-1]["event"] == "workers_stopped"
+
+
 def _alive(pid: int) -> bool:
     """``pid`` runs or is stopped: neither gone nor a zombie."""
     try:

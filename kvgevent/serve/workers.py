@@ -205,6 +205,9 @@ class Supervisor:
             status = self._check_workers()
             self.stop.wait(CHECK_INTERVAL)
         notify("STOPPING=1")
+        for slot, proc in enumerate(self.workers):  # (died since the last check: logged too)
+            if proc is not None and proc.poll() is not None:
+                self._exited(slot, proc)
         _stop_all(self.workers, args, self.log)
         for heartbeat in self.heartbeats:
             if heartbeat is not None:
@@ -252,10 +255,7 @@ class Supervisor:
             if proc.poll() is None:
                 self._check_heartbeat(slot, proc)
                 continue
-            lived = time.monotonic() - self.started[slot]
-            self.log.warning(
-                "worker_exited", slot=slot, pid=proc.pid, exit_status=proc.returncode, lived_s=round(lived, 1)
-            )
+            lived = self._exited(slot, proc)
             quick = lived < STARTUP_GRACE and not self._had_started(slot, proc.pid)
             self.quick_deaths = self.quick_deaths + 1 if quick else 0
             if self.quick_deaths >= GIVE_UP_AFTER:
@@ -267,6 +267,16 @@ class Supervisor:
             if not self.stop.is_set():
                 self.start(slot)
         return 0
+
+    def _exited(self, slot: int, proc: subprocess.Popen[bytes]) -> float:
+        """Log ``worker_exited`` for the worker that exited from ``slot`` (reaped), and empty
+        the slot; the seconds it lived."""
+        lived = time.monotonic() - self.started[slot]
+        self.log.warning(
+            "worker_exited", slot=slot, pid=proc.pid, exit_status=proc.returncode, lived_s=round(lived, 1)
+        )
+        self.workers[slot] = None
+        return lived
 
     def _had_started(self, slot: int, pid: int) -> bool:
         """Whether the worker ``pid`` that exited from ``slot`` had started: it listened (sent
