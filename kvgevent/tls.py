@@ -91,6 +91,13 @@ class TlsStream:
                     raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, closed) from None
 
     @property
+    def failure_held(self) -> bool:
+        """A TLS failure met after plaintext waits for the next :meth:`recv` (which raises it
+        without reading the socket: a caller that waits for the socket first may wait for
+        nothing)."""
+        return self._failure is not None
+
+    @property
     def version(self) -> str | None:
         return self._tls.version()
 

@@ -420,3 +420,60 @@ def test_protocol_lines_get_their_replies_as_sent(server_process):
         ]
         (stats,) = kv.send_raw([b"STATS"])
         assert len(stats) == 1 and stats[0].startswith(b"active=")
+
+
+def _tls_reply_then_garbage(certs, reply: bytes, closed: gevent.event.Event):
+    """A respond() playing a TLS server: after the handshake it reads up to the client's
+    PING, then sends the ciphertext of ``reply`` and a record of garbage (its MAC fails) in
+    one write, and keeps the connection open until the client closes it (``closed`` set)."""
+    from gevent.lock import Semaphore
+
+    from kvgevent.tls import TlsStream
+
+    class Held:
+        """What the stream sends, kept to go out with the garbage in one write."""
+
+        data = b""
+
+        def sendall(self, data: bytes) -> None:
+            self.data += data
+
+    def respond(conn: socket.socket) -> None:
+        tls = TlsStream(conn, certs.server, server_side=True, lock_factory=Semaphore)
+        tls.handshake()
+        received = b""
+        while b"PING\n" not in received:
+            received += tls.recv(1 << 16)
+        held = Held()
+        tls.sock = held  # type: ignore[assignment]
+        tls.sendall(reply)
+        conn.sendall(held.data + b"\x17\x03\x03\x00\x20" + b"\x01" * 32)
+        while conn.recv(1 << 16):
+            pass
+        closed.set()
+
+    return respond
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-reply", "cut-reply"])
+def test_a_tls_failure_after_a_reply_keeps_the_reply_and_is_reported_at_once(fake_server, certs, whole):
+    """A TLS server sends a reply and, in the same write, a record that fails (its MAC), and
+    keeps the connection open. A whole reply is returned (the failure comes after it, as a
+    reset after a reply would); a reply cut short by it is ConnectionLost with the TLS error
+    at once, even with no timeout. Before, the failure was held for the next read, which
+    the client made only once the socket was readable again: it waited for its timeout, or
+    for ever without one (an attacker's pass: run_client.py --timeout 0 hung)."""
+    closed = gevent.event.Event()
+    reply = b"k:v1\nk:v2\nPONG\n" if whole else b"k:v1\nk:v2\n"
+    port = fake_server(_tls_reply_then_garbage(certs, reply, closed))
+    kv = Client(port=port, timeout=None, tls=certs.client)
+    try:
+        with gevent.Timeout(10, AssertionError("the client waited for a read that never came")):
+            if whole:
+                assert kv.get(b"k") == [b"v1", b"v2"]
+            else:
+                with pytest.raises(ConnectionLost, match=r"BAD_RECORD_MAC|bad record mac"):
+                    kv.get(b"k")
+    finally:
+        kv.close()
+    assert closed.wait(10)

@@ -381,12 +381,15 @@ def test_a_tls_client_that_ends_its_session_gets_the_servers_close_notify(make_s
     assert drop["reason"] == "closed"
 
 
-def test_lines_before_a_corrupt_tls_record_are_served(make_server, certs, log_stream):
-    """A TLS client sends a record with two whole lines, and in the same write a record whose
-    bytes are garbage (its MAC fails): the lines are carried out (the PUT applied, counted),
-    then the client is dropped with ``tls_error``, as a plain client's lines before a reset
-    are. Before, the server decrypted the lines and the bad record in one read and lost the
-    lines with the error (the PUT applied 0 times in 20: an attacker's pass)."""
+@pytest.mark.parametrize("ping", [False, True], ids=["puts", "puts-and-a-ping"])
+def test_lines_before_a_corrupt_tls_record_are_served(make_server, certs, log_stream, ping):
+    """A TLS client sends a record with two whole lines (and a PING, whose reply cannot be
+    sent), and in the same write a record whose bytes are garbage (its MAC fails): the lines
+    are carried out (the PUTs applied, counted), then the client is dropped with
+    ``tls_error``, as a plain client's lines before a reset are. Before, the server
+    decrypted the lines and the bad record in one read and lost the lines with the error (the
+    PUT applied 0 times in 20: an attacker's pass); and a reply that the failed session could
+    not encrypt made the reason ``write_error``."""
     server = make_server(tls=certs.server)
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -400,7 +403,7 @@ def test_lines_before_a_corrupt_tls_record_are_served(make_server, certs, log_st
                 raw.sendall(outgoing.read())
                 incoming.write(raw.recv(1 << 16))
         raw.sendall(outgoing.read())  # (the handshake's last bytes, if any)
-        session.write(b"PUT:k:before\nPUT:k:again\n")
+        session.write(b"PUT:k:before\nPUT:k:again\n" + (b"PING\n" if ping else b""))
         garbage = b"\x17\x03\x03\x00\x20" + b"\x00" * 32  # application data, 32 bytes of nonsense
         raw.sendall(outgoing.read() + garbage)
         while raw.recv(1 << 16):  # (the server closes the connection: its alert, then the end)
@@ -411,7 +414,7 @@ def test_lines_before_a_corrupt_tls_record_are_served(make_server, certs, log_st
     assert server.store.get("k") == [b"before", b"again"]
     (drop,) = [e for e in log_events(log_stream) if e["event"] == "client_dropped"]
     assert drop["reason"] == "tls_error" and "MAC" in drop["error"]
-    assert server.counters.commands == 2
+    assert server.counters.commands == 2 + ping
 
 
 def test_tls_bytes_the_reader_made_while_the_writer_sent_leave_with_that_send(certs):

@@ -350,6 +350,11 @@ class _Wire:
         """True while some bytes have not been handed to the kernel yet."""
         return bool(self.outgoing)
 
+    @property
+    def failure_held(self) -> bool:
+        """A failure waits for the next :meth:`receive`, with nothing to wait for."""
+        return False
+
     def queue(self, data: bytes) -> None:
         self.outgoing += data
 
@@ -387,7 +392,13 @@ class _TlsWire(_Wire):
 
     @property
     def pending(self) -> bool:
-        return bool(self.outgoing or self.plain)
+        # (A session that failed sends nothing more: its alert is not worth a wait, and would
+        # keep an exchange whose replies are all in from ending before it reads the failure.)
+        return bool(self.outgoing or self.plain) and not self.tls.failure_held
+
+    @property
+    def failure_held(self) -> bool:
+        return self.tls.failure_held
 
     def queue(self, data: bytes) -> None:
         self.plain += data
@@ -436,7 +447,9 @@ class _Exchange:
         self.source_open = True
         self.source_fd = source.fd
         self.source_watched = False
-        self.more_to_read = False  # the last reads were full: read again without waiting
+        # The last reads were full, or a TLS failure came after them: read again without
+        # waiting (the failure is raised then, the replies before it kept).
+        self.more_to_read = wire.failure_held
         self.last_progress = time.monotonic()
         # Since when a reply has been owed with every byte sent and nothing received (None:
         # not so): sending more (a stdin that trickles lines) is no answer from the server.
@@ -556,6 +569,7 @@ class _Exchange:
                     raise ConnectionLost("reply line too long")
                 self.replies.feed(lines)  # type: ignore[arg-type]  # (no markers: a too-long line raised just above)
             if len(data) < RECV_SIZE:
+                self.more_to_read = self.wire.failure_held
                 return
         self.more_to_read = True
 

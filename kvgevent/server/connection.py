@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -532,9 +533,7 @@ class Connection:
         """Sending failed: record why, drop what is queued, wake the reader (see the module
         docstring: the writer never closes the socket)."""
         if self.failed is None:
-            self.failed = (
-                "reset" if isinstance(exc, ConnectionResetError | BrokenPipeError) else "write_error"
-            )
+            self.failed = _write_failure(exc)
             self.count_lost(self._unsent_lines())  # (the send that failed; after an abort: counted)
         self._discard_queue()
         try:
@@ -703,3 +702,12 @@ DISCARD_READS = 16
 
 DISCARD_READ = 1 << 16
 """Bytes read at a time from a closing client's input, to be thrown away."""
+
+
+def _write_failure(exc: OSError) -> str:
+    """The drop reason of a send that failed: a TLS session that failed (its reader met a
+    corrupt record or an alert after lines whose replies are being sent) is ``tls_error``, as
+    the reader would have said."""
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return "reset"
+    return "tls_error" if isinstance(exc, ssl.SSLError) else "write_error"
