@@ -23,6 +23,7 @@ from conftest import (
     log_events,
     needs_redis,
     redis_store,
+    small_buffer_socket,
     wait_until,
 )
 
@@ -506,6 +507,38 @@ def test_a_worker_that_dies_as_the_supervisor_stops_is_logged(server_process, re
     assert [(e["pid"], e["exit_status"]) for e in exited] == [(pids[0], -signal.SIGKILL)]
     assert [e["pid"] for e in events if e["event"] == "worker_started"] == pids
     assert events[-1]["event"] == "workers_stopped"
+
+
+def test_a_worker_killed_while_it_stops_is_logged(server_process, redis_server):
+    """SIGTERM to the supervisor while clients that never read hold both workers in their
+    flush (--shutdown-flush 10), then SIGKILL to every worker still flushing: each is a
+    ``worker_exited`` (status -9; its clients' drops go unlogged with it), and the supervisor
+    exits 0. Before, the shutdown waited for them and said nothing (an attacker's pass)."""
+    proc = server_process(
+        "--workers", "2", "--store", redis_server.url, "--shutdown-flush", "10", wait=False
+    )  # fmt: skip
+    wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
+    pids = [e["pid"] for e in proc.events() if e["event"] == "worker_started"]
+    Peer(proc.port).request(b"PUT:big:" + b"v" * 1_000_000 + b"\n")
+    stuck = [small_buffer_socket(proc.port) for _ in range(8)]  # (the kernel spreads them)
+    try:
+        for sock in stuck:
+            sock.sendall(b"GET:big\n" * 20)
+        wait_until(lambda: proc.stderr.count(b'"client_connected"') >= 9, timeout=10)
+        proc.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: proc.stderr.count(b'"shutdown_requested"') >= 2, timeout=10)
+        killed = []
+        for pid in filter(_alive, pids):  # (not one that has ended: a zombie ended with 0)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        assert killed, "no worker was flushing: nothing shown"
+        assert proc.proc.wait(timeout=30) == 0
+    finally:
+        for sock in stuck:
+            sock.close()
+    exited = [(e["pid"], e["exit_status"]) for e in proc.events() if e["event"] == "worker_exited"]
+    assert sorted(exited) == sorted((pid, -signal.SIGKILL) for pid in killed)
 
 
 def _alive(pid: int) -> bool:

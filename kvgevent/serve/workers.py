@@ -208,7 +208,7 @@ class Supervisor:
         for slot, proc in enumerate(self.workers):  # (died since the last check: logged too)
             if proc is not None and proc.poll() is not None:
                 self._exited(slot, proc)
-        _stop_all(self.workers, args, self.log)
+        _stop_all(self.workers, self.started, args, self.log)
         for heartbeat in self.heartbeats:
             if heartbeat is not None:
                 heartbeat.close()
@@ -442,19 +442,25 @@ def _watch_supervisor(supervisor: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # (the handler that stop_requested installed)
 
 
-def _stop_all(workers: list[Any], args: argparse.Namespace, log: Logger) -> None:
+def _stop_all(workers: list[Any], started: list[float], args: argparse.Namespace, log: Logger) -> None:
     """SIGTERM every worker (and SIGCONT: one stopped by SIGSTOP would handle its SIGTERM only
-    once killed), wait for them (each flushes its clients), then kill stragglers."""
-    live = [p for p in workers if p is not None and p.poll() is None]
-    for proc in live:
+    once killed), wait for them (each flushes its clients), then kill stragglers. One that
+    ends otherwise than by its shutdown (killed meanwhile: its clients' drops are not logged)
+    is a ``worker_exited``."""
+    live = [(slot, p) for slot, p in enumerate(workers) if p is not None and p.poll() is None]
+    for _, proc in live:
         proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGCONT)  # (a stopped worker too: it flushes, not killed later)
     deadline = time.monotonic() + args.shutdown_flush + 5.0
-    for proc in live:
+    for slot, proc in live:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("worker_killed", pid=proc.pid)
             proc.kill()
             proc.wait()
+            continue
+        if proc.returncode != 0:
+            lived = round(time.monotonic() - started[slot], 1)
+            log.warning("worker_exited", slot=slot, pid=proc.pid, exit_status=proc.returncode, lived_s=lived)
     gevent.sleep(0)
