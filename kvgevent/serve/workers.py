@@ -206,7 +206,7 @@ class Supervisor:
             self.stop.wait(CHECK_INTERVAL)
         notify("STOPPING=1")
         for slot, proc in enumerate(self.workers):  # (died since the last check: logged too)
-            if proc is not None and proc.poll() is not None:
+            if status == 0 and proc is not None and proc.poll() is not None:
                 self._exited(slot, proc)
         _stop_all(self.workers, self.started, args, self.log)
         for heartbeat in self.heartbeats:
@@ -445,8 +445,9 @@ def _watch_supervisor(supervisor: int) -> None:
 def _stop_all(workers: list[Any], started: list[float], args: argparse.Namespace, log: Logger) -> None:
     """SIGTERM every worker (and SIGCONT: one stopped by SIGSTOP would handle its SIGTERM only
     once killed), wait for them (each flushes its clients), then kill stragglers. One that
-    ends otherwise than by its shutdown (killed meanwhile: its clients' drops are not logged)
-    is a ``worker_exited``."""
+    another signal than our SIGTERM ends meanwhile (killed: its clients' drops are not
+    logged) is a ``worker_exited``; one that exits with a status of its own has logged why,
+    and one our SIGTERM ended was still starting (its handler not yet installed)."""
     live = [(slot, p) for slot, p in enumerate(workers) if p is not None and p.poll() is None]
     for _, proc in live:
         proc.send_signal(signal.SIGTERM)
@@ -460,7 +461,7 @@ def _stop_all(workers: list[Any], started: list[float], args: argparse.Namespace
             proc.kill()
             proc.wait()
             continue
-        if proc.returncode != 0:
+        if proc.returncode < 0 and proc.returncode != -signal.SIGTERM:  # (ours: one still starting)
             lived = round(time.monotonic() - started[slot], 1)
             log.warning("worker_exited", slot=slot, pid=proc.pid, exit_status=proc.returncode, lived_s=lived)
     gevent.sleep(0)
