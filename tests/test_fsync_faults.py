@@ -23,6 +23,7 @@ Needs root, losetup, mkfs.ext4 and a free loop device; skipped, saying which is 
 otherwise. Every mount and loop device is undone after the test, failed or not.
 """
 
+import contextlib
 import errno
 import os
 import shutil
@@ -191,6 +192,28 @@ def a_block_long_put(key: bytes) -> bytes:
     return prefix + b"v" * (BLOCK - 8 - len(prefix)) + b"\n"
 
 
+@contextlib.contextmanager
+def fsync_failed(
+    disk: LoopDisk, serve: Callable[..., ServerProcess]
+) -> Iterator[tuple[ServerProcess, Peer, Peer, bytes]]:
+    """A server on ``disk`` under --fsync always, whose fsync of a write has just failed: it
+    wrote up to a block boundary (acknowledged), the disk was filled, and a block-long PUT's
+    PING got the ERR. Yields the server, the writing peer, a watcher (STATS and PING only)
+    and the GET replies of the acknowledged writes; closes both peers after."""
+    proc = serve("--aof", str(disk.path / "kv.aof"), "--fsync", "always")
+    peer = Peer(proc.port)
+    watcher = Peer(proc.port)
+    try:
+        before = write_up_to_a_block_boundary(peer, watcher)
+        disk.fill()
+        peer.send(a_block_long_put(b"c") + b"PING\n")
+        assert peer.read_lines(1) == [ERR], "PONG for a write whose fsync failed (or the rig made no fault)"
+        yield proc, peer, watcher, before
+    finally:
+        peer.close()
+        watcher.close()
+
+
 def restart_and_get(serve: Callable[..., ServerProcess], path: Path, keys: list[bytes]) -> tuple[list, Any]:
     """A new server on the log at ``path``: the GET replies for ``keys``, and the process
     (stopped: exit status 0 asserted)."""
@@ -222,14 +245,7 @@ def test_a_failed_fsync_is_never_acknowledged_and_a_rebuild_recovers(loop_disk):
     corrupt.)"""
     disk, serve = loop_disk
     path = disk.path / "kv.aof"
-    proc = serve("--aof", str(path), "--fsync", "always")
-    peer = Peer(proc.port)
-    watcher = Peer(proc.port)  # sends STATS and PING only
-    try:
-        before = write_up_to_a_block_boundary(peer, watcher)
-        disk.fill()
-        peer.send(a_block_long_put(b"c") + b"PING\n")
-        assert peer.read_lines(1) == [ERR], "PONG for a write whose fsync failed (or the rig made no fault)"
+    with fsync_failed(disk, serve) as (proc, peer, watcher, before):
         (failed,) = events_named(proc, "aof_fsync_failed")
         assert failed["errno"] in (errno.ENOSPC, errno.EIO), failed
         stats = read_stats(watcher)
@@ -263,9 +279,6 @@ def test_a_failed_fsync_is_never_acknowledged_and_a_rebuild_recovers(loop_disk):
         assert peer.request(b"") == [], "no PONG after the rebuild"
         assert peer.request(b"PUT:e:after\n") == []
         assert len(events_named(proc, "aof_fsync_failed")) == 1
-    finally:
-        peer.close()
-        watcher.close()
     assert proc.stop() == 0
     assert_no_bug_reported(proc)
 
@@ -283,17 +296,8 @@ def test_sigterm_while_fsync_fails_keeps_every_acknowledged_write(loop_disk):
     acknowledged write, cuts the tail the lost block left, and starts."""
     disk, serve = loop_disk
     path = disk.path / "kv.aof"
-    proc = serve("--aof", str(path), "--fsync", "always")
-    peer = Peer(proc.port)
-    watcher = Peer(proc.port)
-    try:
-        before = write_up_to_a_block_boundary(peer, watcher)
-        disk.fill()
-        peer.send(a_block_long_put(b"c") + b"PING\n")
-        assert peer.read_lines(1) == [ERR], "PONG for a write whose fsync failed (or the rig made no fault)"
-    finally:
-        peer.close()
-        watcher.close()
+    with fsync_failed(disk, serve) as (proc, _, _, before):
+        pass  # (the write whose fsync failed, then SIGTERM with the disk still full)
     assert proc.stop() == 1
     assert_no_bug_reported(proc)
     assert len(events_named(proc, "aof_fsync_failed")) == 1
@@ -318,20 +322,10 @@ def test_sigterm_as_the_disk_comes_back_rebuilds_the_log_and_exits_0(loop_disk):
     one whose fsync failed too."""
     disk, serve = loop_disk
     path = disk.path / "kv.aof"
-    proc = serve("--aof", str(path), "--fsync", "always")
-    peer = Peer(proc.port)
-    watcher = Peer(proc.port)
-    try:
-        before = write_up_to_a_block_boundary(peer, watcher)
-        disk.fill()
-        peer.send(a_block_long_put(b"c") + b"PING\n")
-        assert peer.read_lines(1) == [ERR], "PONG for a write whose fsync failed (or the rig made no fault)"
+    with fsync_failed(disk, serve) as (proc, _, watcher, before):
         wait_until(
             lambda: read_stats(watcher)["aof_rewrite_failures"] >= 2, 20, "no rebuild was tried while full"
         )
-    finally:
-        peer.close()
-        watcher.close()
     disk.grow()
     assert proc.stop() == 0
     assert_no_bug_reported(proc)
