@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import gevent
 
@@ -208,7 +207,7 @@ class Supervisor:
         for slot, proc in enumerate(self.workers):  # (died since the last check: logged too)
             if status == 0 and proc is not None and proc.poll() is not None:
                 self._exited(slot, proc)
-        _stop_all(self.workers, self.started, args, self.log)
+        self._stop_all()
         for heartbeat in self.heartbeats:
             if heartbeat is not None:
                 heartbeat.close()
@@ -267,6 +266,29 @@ class Supervisor:
             if not self.stop.is_set():
                 self.start(slot)
         return 0
+
+    def _stop_all(self) -> None:
+        """SIGTERM every worker (and SIGCONT: one stopped by SIGSTOP would handle its SIGTERM
+        only once killed), wait for them (each flushes its clients), then kill stragglers. One
+        that another signal than our SIGTERM ends meanwhile (killed: its clients' drops are
+        not logged) is a ``worker_exited``; one that exits with a status of its own has logged
+        why, and one our SIGTERM ended was still starting (its handler not yet installed)."""
+        live = [(slot, p) for slot, p in enumerate(self.workers) if p is not None and p.poll() is None]
+        for _, proc in live:
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)  # (a stopped worker too: it flushes, not killed later)
+        deadline = time.monotonic() + self.args.shutdown_flush + 5.0
+        for slot, proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log.warning("worker_killed", pid=proc.pid)
+                proc.kill()
+                proc.wait()
+                continue
+            if proc.returncode < 0 and proc.returncode != -signal.SIGTERM:  # (ours: one still starting)
+                self._exited(slot, proc)
+        gevent.sleep(0)
 
     def _exited(self, slot: int, proc: subprocess.Popen[bytes]) -> float:
         """Log ``worker_exited`` for the worker that exited from ``slot`` (reaped), and empty
@@ -440,28 +462,3 @@ def _watch_supervisor(supervisor: int) -> None:
     while os.getppid() == supervisor:
         gevent.sleep(SUPERVISOR_CHECK)
     os.kill(os.getpid(), signal.SIGTERM)  # (the handler that stop_requested installed)
-
-
-def _stop_all(workers: list[Any], started: list[float], args: argparse.Namespace, log: Logger) -> None:
-    """SIGTERM every worker (and SIGCONT: one stopped by SIGSTOP would handle its SIGTERM only
-    once killed), wait for them (each flushes its clients), then kill stragglers. One that
-    another signal than our SIGTERM ends meanwhile (killed: its clients' drops are not
-    logged) is a ``worker_exited``; one that exits with a status of its own has logged why,
-    and one our SIGTERM ended was still starting (its handler not yet installed)."""
-    live = [(slot, p) for slot, p in enumerate(workers) if p is not None and p.poll() is None]
-    for _, proc in live:
-        proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGCONT)  # (a stopped worker too: it flushes, not killed later)
-    deadline = time.monotonic() + args.shutdown_flush + 5.0
-    for slot, proc in live:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("worker_killed", pid=proc.pid)
-            proc.kill()
-            proc.wait()
-            continue
-        if proc.returncode < 0 and proc.returncode != -signal.SIGTERM:  # (ours: one still starting)
-            lived = round(time.monotonic() - started[slot], 1)
-            log.warning("worker_exited", slot=slot, pid=proc.pid, exit_status=proc.returncode, lived_s=lived)
-    gevent.sleep(0)
