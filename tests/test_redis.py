@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import gevent
@@ -518,27 +519,29 @@ def test_a_worker_killed_while_it_stops_is_logged(server_process, redis_server):
         "--workers", "2", "--store", redis_server.url, "--shutdown-flush", "10", wait=False
     )  # fmt: skip
     wait_until(lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20)
-    pids = [e["pid"] for e in proc.events() if e["event"] == "worker_started"]
-    Peer(proc.port).request(b"PUT:big:" + b"v" * 1_000_000 + b"\n")
+    writer = Peer(proc.port)
+    writer.request(b"PUT:big:" + b"v" * 1_000_000 + b"\n")
+    writer.close()
     stuck = [small_buffer_socket(proc.port) for _ in range(8)]  # (the kernel spreads them)
     try:
         for sock in stuck:
             sock.sendall(b"GET:big\n" * 20)
-        wait_until(lambda: proc.stderr.count(b'"client_connected"') >= 9, timeout=10)
+        wait_until(lambda: proc.stderr.count(b'"client_connected"') == 9, timeout=10)
+        wait_until(lambda: proc.stderr.count(b'"client_dropped"') == 1, timeout=10)  # (the writer)
+        held = Counter(e["worker"] for e in proc.events() if e["event"] == "client_connected")
+        held.subtract(e["worker"] for e in proc.events() if e["event"] == "client_dropped")
+        holders = sorted(pid for pid, clients in held.items() if clients > 0)  # (they flush 10 s)
+        assert holders, "no worker holds a client that does not read"
         proc.proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: proc.stderr.count(b'"shutdown_requested"') >= 2, timeout=10)
-        killed = []
-        for pid in filter(_alive, pids):  # (not one that has ended: a zombie ended with 0)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        assert killed, "no worker was flushing: nothing shown"
+        wait_until(lambda: proc.stderr.count(b'"shutdown_requested"') == 3, timeout=10)
+        for pid in holders:
+            os.kill(pid, signal.SIGKILL)
         assert proc.proc.wait(timeout=30) == 0
     finally:
         for sock in stuck:
             sock.close()
     exited = [(e["pid"], e["exit_status"]) for e in proc.events() if e["event"] == "worker_exited"]
-    assert sorted(exited) == sorted((pid, -signal.SIGKILL) for pid in killed)
+    assert sorted(exited) == [(pid, -signal.SIGKILL) for pid in holders]
 
 
 def _alive(pid: int) -> bool:
