@@ -17,6 +17,7 @@ counted, and after a restart every acknowledged write is there, in order, and no
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -389,6 +390,8 @@ def test_a_log_recovers_where_no_file_can_be_made_beside_it(server_process, tiny
     assert proc.stop() == 0
     assert_no_bug_reported(proc)
     assert [len(events_named(proc, name)) for name in ("aof_write_failed", "aof_recovered")] == [1, 1]
+    # A name with no room for ".rewrite" is said at start: compactions and rebuilds need it.
+    assert len(events_named(proc, "aof_name_too_long")) == (case == "longest name")
     replies, _ = after_restart(server_process, path, b"GET:a\nGET:b\nGET:c\n")
     assert replies == [b"a:1", b"c:1"]
 
@@ -504,6 +507,103 @@ def test_a_symlinked_log_stays_the_locked_log_across_a_compaction(server_process
     finally:
         peer.close()
     assert first.stop() == 0
+    # Every event names the log as its own events do: the file, not the link.
+    paths = {e["path"] for e in first.events() if e["event"].startswith("aof_")}
+    assert paths == {str(target)}, paths
+
+
+def _values(peer: Peer, key: bytes) -> list[bytes]:
+    return [line.split(b":", 1)[1] for line in peer.request(b"GET:" + key + b"\n")]
+
+
+@pytest.mark.parametrize("fault", ["rm", "mv", "truncate"])
+def test_a_log_file_taken_away_is_rebuilt_at_its_path(server_process, tmp_path, fault):
+    """An operator's ``rm`` or ``mv`` of the log, or logrotate's ``copytruncate``, under a
+    running server: it used to go on acknowledging writes as durable in a file no name led
+    to (or past a hole at the old offset), log nothing, and a kill -9 then lost every write
+    (20 of 20, an attacker's runs; a truncated log would not even start). Now the log looks
+    after each fsync and every second: one ``aof_file_lost`` with the reason, writes
+    refused and no PONG until the whole file is rewritten from memory at the path, then
+    ``aof_recovered``; after a kill -9 the restart finds everything, and the path is locked
+    again (a second server is refused)."""
+    path = tmp_path / "kv.aof"
+    proc = server_process("--aof", str(path), "--fsync", "always")
+    peer = Peer(proc.port)
+    try:
+        assert peer.request(b"".join(b"PUT:k:%d\n" % n for n in range(10))) == []  # (PONG: durable)
+        if fault == "rm":
+            path.unlink()
+        elif fault == "mv":
+            path.rename(tmp_path / "kv.aof.1")
+        else:
+            os.truncate(path, 0)
+        # The next PING's fsync finds it (or the log found it first and refused the PUT).
+        probe = Peer(proc.port)
+        probe.send(b"PUT:k:x\nPING\n")
+        assert probe.read_lines(1) == [b"ERR persistence failed"]
+        probe.close()
+        wait_until(lambda: events_named(proc, "aof_recovered"), 10, "the file was not rebuilt")
+        assert peer.request(b"".join(b"PUT:k:%d\n" % n for n in range(10, 20))) == []
+        served = _values(peer, b"k")
+        second = server_process("--aof", str(path), wait=False)
+        assert second.stop(sig=None, timeout=20) == 1  # the rebuilt file is locked: refused
+    finally:
+        peer.close()
+    reasons = {"rm": "removed", "mv": "renamed away", "truncate": "truncated"}
+    lost = events_named(proc, "aof_file_lost")
+    assert len(lost) == 1 and reasons[fault] in lost[0]["error"], lost
+    assert [e["reason"] for e in events_named(proc, "aof_rewritten")] == ["recovery"]
+    proc.stop(signal.SIGKILL)
+    assert served[:10] == [b"%d" % n for n in range(10)]
+    assert served[-10:] == [b"%d" % n for n in range(10, 20)]
+    replies, _ = after_restart(server_process, path, b"GET:k\n")
+    assert [line.split(b":", 1)[1] for line in replies] == served
+
+
+def test_a_log_path_another_server_took_is_never_replaced(server_process, tmp_path):
+    """The log removed while its server was stopped (SIGSTOP), and a second server started on
+    the free path: when the first resumes and finds its file gone, rewriting it at the path
+    would rename over the second's log (an attacker's run: all 20 of the second's
+    acknowledged writes lost at the first's next compaction). Instead it refuses writes,
+    says so once (``aof_file_lost``), and leaves that file alone, also once the second has
+    stopped; moved away by the operator, the path takes the first's log again."""
+    path = tmp_path / "kv.aof"
+    first = server_process("--aof", str(path), "--fsync", "always")
+    peer = Peer(first.port)
+    watcher = Peer(first.port)  # writes nothing: its PINGs never wait for the log
+    try:
+        assert peer.request(b"PUT:mine:1\n") == []
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        try:
+            path.unlink()
+            second = server_process("--aof", str(path), "--fsync", "always")
+            other = Peer(second.port)
+            assert other.request(b"".join(b"PUT:theirs:%d\n" % n for n in range(5))) == []
+            other.close()
+        finally:
+            os.kill(first.proc.pid, signal.SIGCONT)
+        wait_until(lambda: events_named(first, "aof_file_lost"), 10, "the first did not notice")
+        assert second.stop() == 0  # (its lock gone: the file is still not the first's to replace)
+        # Its rebuild is tried and refused, again and again: the other file stays.
+        wait_until(lambda: read_stats(watcher)["aof_rewrite_failures"] >= 2, 10, "no rebuild tried")
+        peer.send(b"PUT:mine:2\n")
+        assert peer.read_lines(1) == [b"ERR persistence failed"]
+        assert read_stats(watcher)["aof_ok"] == 0
+        replies, _ = after_restart(server_process, path, b"GET:theirs\nGET:mine\n")
+        assert replies == [b"theirs:%d" % n for n in range(5)]
+        path.rename(tmp_path / "theirs.aof")  # the operator moves it away: the path is free
+        wait_until(lambda: events_named(first, "aof_recovered"), 10, "the log was not rewritten")
+        assert peer.request(b"PUT:mine:3\n") == []
+    finally:
+        peer.close()
+        watcher.close()
+    assert first.stop() == 0
+    lost = events_named(first, "aof_file_lost")
+    assert len(lost) == 1 and "replaced" in lost[0]["error"], lost
+    replies, _ = after_restart(server_process, path, b"GET:mine\nGET:theirs\n")
+    assert replies == [b"mine:1", b"mine:3"]
+    replies, _ = after_restart(server_process, tmp_path / "theirs.aof", b"GET:theirs\n")
+    assert len(replies) == 5
 
 
 def test_a_log_replaced_between_its_open_and_its_lock_is_opened_again(tmp_path, monkeypatch):

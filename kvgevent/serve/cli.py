@@ -358,26 +358,26 @@ def open_store(args: argparse.Namespace, log: Logger) -> KVStore | None:
         )
         return None
     except (OSError, ValueError) as exc:
-        log.error("aof_unreadable", path=args.aof, error=str(exc))
+        log.error("aof_unreadable", path=store.aof.path, error=str(exc))
         return None
     if "truncated_at" in report:
         log.warning(
             "aof_torn_tail_truncated",
-            path=args.aof,
+            path=store.aof.path,  # (resolved, as the log's own events say it)
             offset=report["truncated_at"],
             dropped_bytes=report["dropped_bytes"],
         )
     if "repaired_at" in report:
         log.warning(
             "aof_repaired",
-            path=args.aof,
+            path=store.aof.path,
             offset=report["repaired_at"],
             dropped_records=report["dropped_records"],
             dropped_bytes=report["dropped_bytes"],
         )
     log.info(
         "aof_replayed",
-        path=args.aof,
+        path=store.aof.path,
         records=report["records"],
         seconds=report["replay_s"],
         keys=store.count_keys(),

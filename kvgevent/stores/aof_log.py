@@ -22,6 +22,16 @@ the data in memory counts), then write and fsync as many bytes as the write that
 every step succeeds the episode ends with one ``aof_recovered`` event and writes are
 accepted again.
 
+The file taken away. A log file removed, renamed away, replaced or truncated under the server
+(an operator's ``rm``, logrotate's ``copytruncate``) holds none of what it promised any more.
+After every fsync, and every FILE_CHECK_INTERVAL besides, the log looks whether the file at its
+path is still its own and no shorter (:func:`file_taken`); when not, it opens an episode
+(``aof_file_lost``, with the reason) and treats what was written as an fsync that failed would
+leave it: writes are refused and no PONG is given until the recovery has rewritten the whole
+file from memory at the path. Never over a file the server did not put there (another server's log, started on
+the path once it was free; a file an operator moved there): the episode lasts until that file
+is moved away, then the log is rewritten at the path.
+
 Policies: ``always`` (:meth:`AppendOnlyLog.barrier` returns once a position is durable;
 concurrent callers share one fsync), ``everysec`` (a background fsync each second), ``no``
 (the OS decides; fsync only at close). Every fsync runs in gevent's threadpool: the event
@@ -50,6 +60,11 @@ FSYNC_POLICIES = ("always", "everysec", "no")
 DEFAULT_FSYNC = "everysec"
 EVERYSEC_INTERVAL = 1.0
 """Seconds between background fsyncs under ``everysec``."""
+
+FILE_CHECK_INTERVAL = 1.0
+"""Seconds between two looks, besides those after each fsync, at whether the file at the
+log's path is still the log (a ``stat`` and an ``fstat``): an ``rm`` is noticed within a
+second even with no writes."""
 
 RETRY_MIN = 0.05
 """Seconds before the first attempt to recover a failing log: space an operator frees is
@@ -83,10 +98,17 @@ ERR_PERSISTENCE = StoreError("persistence failed")
 Payloads = Sequence[bytes]
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 
-Failure = Literal["write", "fsync"]
+Failure = Literal["write", "fsync", "file"]
 
-FAILURE_EVENTS = {"write": "aof_write_failed", "fsync": "aof_fsync_failed"}
+FAILURE_EVENTS = {"write": "aof_write_failed", "fsync": "aof_fsync_failed", "file": "aof_file_lost"}
 """The event that opens a failure episode, by what failed (each logged once per episode)."""
+
+FAILURE_HINTS = {
+    "write": "writes get 'ERR persistence failed' until the log recovers; reads go on",
+    "fsync": "writes get 'ERR persistence failed' until the log recovers; reads go on",
+    "file": "writes get 'ERR persistence failed' until the file is rewritten from memory at the "
+    "path (never over a file put there meanwhile: move it away); reads go on",
+}
 
 
 def fsync_directory(path: str) -> None:
@@ -151,6 +173,71 @@ def _open_locked(path: str) -> int:
             return fd
         os.close(fd)
     raise OSError(errno.EBUSY, "the file is in use by another process (replaced while opened)")
+
+
+class FileTaken(OSError):
+    """The log's file is no longer the file at its path, or was cut short (:func:`file_taken`)."""
+
+
+def file_taken(fd: int, path: str, size: int) -> str | None:
+    """Why the file open as ``fd``, holding ``size`` bytes of records, is no longer the log at
+    ``path``: "removed", "renamed away", "replaced" (another file at the path) or
+    "truncated" (shorter than ``size``, or its header gone: a cut to 0 written past since; a
+    cut further in, written past, is not seen); None while it still is. Other errors are not
+    judged here (None): a failing disk shows in the writes and fsyncs."""
+    try:
+        opened = os.fstat(fd)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            return "removed" if opened.st_nlink == 0 else "renamed away"
+    except OSError:
+        return None
+    if (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino):
+        return "replaced"
+    try:
+        # Cut short, or cut and then written past (the hole's NUL bytes where the header was:
+        # logrotate's copytruncate, then the next record at the old offset).
+        if opened.st_size < size or os.pread(fd, len(MAGIC), 0) != MAGIC:
+            return "truncated"
+    except OSError:
+        return None
+    return None
+
+
+def _fsync_and_look(fd: int, path: str, size: int) -> str | None:
+    """fsync ``fd``, then :func:`file_taken` (one trip to the threadpool for both)."""
+    os.fsync(fd)
+    return file_taken(fd, path, size)
+
+
+def name_problem(path: str) -> str | None:
+    """Why the directory does not take ``path`` with REWRITE_SUFFIX added, or None: a
+    compaction and the rebuild of a file that failed an fsync or was taken away write the new
+    file under that name first, so with no room for it every one of them fails. (The rest
+    works: the recovery from a failed write probes in the log itself.)"""
+    directory, name = os.path.split(path)
+    try:
+        longest = os.pathconf(directory or ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return None  # (not told: found at the first compaction)
+    if len(os.fsencode(name + REWRITE_SUFFIX)) <= longest:
+        return None
+    return f"no room for the suffix {REWRITE_SUFFIX!r} in the name (at most {longest} bytes here)"
+
+
+def foreign_file(path: str, fd: int) -> bool:
+    """Whether a file that is not the one open as ``fd`` is at ``path``: something the
+    server did not put there (another server's log, a file an operator moved there), which
+    no compaction or rebuild may replace. (No file at the path is not foreign.)"""
+    try:
+        current = os.stat(path)
+        opened = os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    except OSError:  # not judged here: the rename says what is wrong
+        return False
+    return (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino)
 
 
 def in_thread(function: Callable[..., Any], *args: Any) -> Any:
@@ -244,6 +331,15 @@ class AppendOnlyLog:
         ``repair``, a corrupt one), and open the file for appending. Creates a missing file.
         Raises AofCorrupt for corruption without ``repair`` (``apply`` has then seen the
         records before it), OSError if the file cannot be read or written."""
+        problem = name_problem(self.path)
+        if problem is not None:
+            self.log.warning(
+                "aof_name_too_long",
+                path=self.path,
+                error=problem,
+                hint="compactions, and the rebuild after a failed fsync or a file taken away, "
+                "cannot run: give the log a shorter name",
+            )
         fd = _open_locked(self.path)  # (before the leftovers: they may be another server's)
         try:
             for leftover in (self.path + REWRITE_SUFFIX, self.path + PROBE_SUFFIX):
@@ -264,8 +360,7 @@ class AppendOnlyLog:
         self.fd = fd
         self.size = max(found.good_end, len(MAGIC))
         self.records = found.records
-        if self.policy == "everysec":
-            self._ticker = gevent.spawn(self._every_second)
+        self._ticker = gevent.spawn(self._tick)
         return report
 
     @staticmethod
@@ -381,6 +476,8 @@ class AppendOnlyLog:
         position, records, generation = self.written, self.written_records, self.generation
         try:
             self._fsync_current()
+        except FileTaken:
+            return  # (its episode is open)
         except OSError as exc:
             self._fail("fsync", exc)
             return
@@ -388,17 +485,18 @@ class AppendOnlyLog:
             self._mark_durable(position, records)
 
     def _fsync_current(self) -> None:
-        """fsync the current file in the threadpool. On a duplicate of its descriptor: a
-        compaction may close the descriptor while the thread waits for the disk. A failed
-        fsync (not a failed dup) sets :attr:`lost`."""
+        """fsync the current file in the threadpool, then look whether it is still the log
+        (:meth:`_look`). On a duplicate of its descriptor: a compaction may close the
+        descriptor while the thread waits for the disk. A failed fsync (not a failed dup)
+        sets :attr:`lost`; so does a file taken away (FileTaken, its episode opened)."""
         try:
             fd = os.dup(self.fd)
         except OSError:  # (EMFILE): no fsync happened, so nothing is lost
             self.fsync_errors += 1
             raise
-        began = time.monotonic()
+        began, generation, size = time.monotonic(), self.generation, self.size
         try:
-            in_thread(os.fsync, fd)
+            taken = in_thread(_fsync_and_look, fd, self.path, size)
             self.fsync_seconds.observe(time.monotonic() - began)
         except OSError:
             self.fsync_errors += 1
@@ -406,17 +504,58 @@ class AppendOnlyLog:
             raise
         finally:
             os.close(fd)
+        self._judge(taken, generation)
+
+    def _look(self) -> None:
+        """Whether the file is still the log (:func:`file_taken`), with no fsync: FileTaken
+        if not (:meth:`_judge`)."""
+        generation, size = self.generation, self.size
+        try:
+            fd = os.dup(self.fd)  # (as for an fsync: a compaction may close the descriptor)
+        except OSError:
+            return  # (EMFILE) looked at next time
+        try:
+            taken = in_thread(file_taken, fd, self.path, size)
+        finally:
+            os.close(fd)
+        self._judge(taken, generation)
+
+    def _judge(self, taken: str | None, generation: int) -> None:
+        """A look's verdict: if the file was ``taken`` and is still the log's (no compaction
+        switched files meanwhile: the old file is then rightly not at the path), only a
+        rebuild makes what was written durable (nothing counts as durable until then): open
+        the episode, raise FileTaken."""
+        if taken is None or generation != self.generation or self._switching is not None:
+            return
+        self.lost = True
+        # Nothing is known to be on disk at the path now, what was synced before included: a
+        # PING waiting for none of the new writes gets ERR too, and the stop counts all.
+        self.durable = self.durable_records = 0
+        exc = FileTaken(f"the log's file was {taken} under the server")
+        self._fail("file", exc)
+        raise exc
 
     def _mark_durable(self, position: int, records: int) -> None:
         self.durable = max(self.durable, position)
         self.durable_records = max(self.durable_records, records)
         self.last_fsync = time.monotonic()
 
-    def _every_second(self) -> None:
+    def _tick(self) -> None:
+        """Under ``everysec``, fsync what was written each EVERYSEC_INTERVAL (and look at the
+        file: :meth:`_fsync_current`); otherwise, and with nothing to fsync, look at the file
+        each FILE_CHECK_INTERVAL (:meth:`_look`). Runs until killed."""
+        everysec = self.policy == "everysec"
         while True:
-            gevent.sleep(EVERYSEC_INTERVAL)
-            if self.failure is None and self.durable < self.written:
+            gevent.sleep(EVERYSEC_INTERVAL if everysec else FILE_CHECK_INTERVAL)
+            if self.failure is not None or self._switching is not None:
+                continue  # (the recovery looks after the file; a compaction is replacing it)
+            if everysec and self.durable < self.written:
                 self._request_sync(self.written)
+                continue
+            try:
+                self._look()
+            except FileTaken:
+                pass  # (its episode is open)
 
     # --- failing and recovering -------------------------------------------------------------
 
@@ -432,11 +571,7 @@ class AppendOnlyLog:
         if kind not in episode.logged:
             episode.logged.add(kind)
             self.log.error(
-                FAILURE_EVENTS[kind],
-                path=self.path,
-                error=error,
-                errno=number,
-                hint="writes get 'ERR persistence failed' until the log recovers; reads go on",
+                FAILURE_EVENTS[kind], path=self.path, error=error, errno=number, hint=FAILURE_HINTS[kind]
             )
         return episode
 
@@ -467,7 +602,9 @@ class AppendOnlyLog:
                     continue
                 # Only a log in a known good state ends the episode: something may have failed
                 # meanwhile (a compaction's rename, say) while this attempt waited for the disk.
-                if not (self.lost or self.torn or self._switching is not None):
+                # And not at the stop: close() joined this attempt, and writes are not accepted
+                # again (the README: no aof_recovered then).
+                if not (self.lost or self.torn or self._switching is not None or self._closed):
                     self._end_episode()
         finally:
             self._recovery = None
@@ -573,13 +710,23 @@ class AppendOnlyLog:
         if self.fd < 0:
             return 0
         if self.failure is not None or self.lost or self.torn or self.durable < self.written:
-            try:
-                self.make_durable()
-            except OSError as exc:
-                self._fail("fsync" if self.lost else "write", exc)
+            self._last_attempt()
         os.close(self.fd)
         self.fd = -1
         return self.written_records - self.durable_records
+
+    def _last_attempt(self) -> None:
+        """:meth:`make_durable` at the stop; a file found taken away meanwhile (its episode
+        opened) is rebuilt by a second attempt."""
+        for _ in range(2):
+            try:
+                self.make_durable()
+                return
+            except FileTaken:
+                continue
+            except OSError as exc:
+                self._fail("fsync" if self.lost else "write", exc)
+                return
 
     def stats(self) -> dict[str, int]:
         return {

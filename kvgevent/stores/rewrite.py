@@ -44,6 +44,7 @@ from kvgevent.stores.aof import HEADER, MAGIC
 from kvgevent.stores.aof_log import (
     REWRITE_SUFFIX,
     AppendOnlyLog,
+    foreign_file,
     fsync_directory,
     in_thread,
     lock,
@@ -152,6 +153,7 @@ class Rewrite:
         """Compact; returns what to log. Raises Aborted, or OSError (the old file stays the
         log if it is raised before the switch; after it, the log is failing)."""
         self._check()
+        _not_anothers(self.path, self.aof.fd)  # (before the work: a rebuild retries each second)
         began = time.perf_counter()
         before = self.aof.size
         self._create()
@@ -299,7 +301,8 @@ class Rewrite:
             self.size += copy_range(aof.fd, self.fd, self.copied, aof.size, self.size)
             self.copied = aof.size
             in_thread(os.fsync, self.fd)
-            self._check()  # (again: the log may have failed meanwhile; nothing yields after this)
+            self._check()  # (again: the log may have failed meanwhile)
+            _not_anothers(self.path, aof.fd)  # (nothing yields after this)
             # In the event loop: no wait, the old file's pages stay held by the log's descriptor.
             os.rename(self.temporary, self.path)
             return aof.switch_to(self.fd, self.size, self.records + aof.records - self.tail_records_from)
@@ -322,6 +325,14 @@ class Rewrite:
             self.aof.finish_switch(position, records, failure)
             raise
         self.aof.finish_switch(position, records, None)
+
+
+def _not_anothers(path: str, fd: int) -> None:
+    """Raise OSError if a file the server did not put there is at the log's ``path`` (the
+    log's own file, open as ``fd``, was taken away, and another server started on the path,
+    or an operator moved a file there): a rename over it would lose that file."""
+    if foreign_file(path, fd):
+        raise OSError(errno.EEXIST, f"{path} is a file this server did not put there: move it away")
 
 
 def _close(fd: int) -> None:
