@@ -10,7 +10,7 @@ import time
 import gevent
 import gevent.event
 import pytest
-from conftest import ROOT, answer, read_to_ping, wait_until
+from conftest import ROOT, answer, free_port, read_to_ping, wait_until
 
 from kvgevent.client import Client
 from kvgevent.errors import ConnectionLost, InvalidArgument, ServerError
@@ -345,6 +345,23 @@ def test_a_server_that_closed_between_two_calls_is_reported_before_sending(serve
         assert not kv.connected
     finally:
         kv.close()
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+def test_a_timeout_that_is_not_positive_is_an_invalid_argument(timeout):
+    """timeout=0 made a socket that never waits ("cannot connect ...: Operation now in
+    progress"), -1 a raw ValueError from the socket module (an attacker's pass): the CLI's
+    --timeout 0 means no limit, which is the library's None. Refused at once now."""
+    with pytest.raises(InvalidArgument, match="timeout must be a positive number"):
+        Client(port=free_port(), timeout=timeout, connect=False)
+
+
+def test_a_host_the_resolver_cannot_encode_is_connection_lost():
+    """A host name IDNA refuses (a label over 63 bytes) raised UnicodeError from the
+    resolver, not ConnectionLost (an attacker's pass)."""
+    kv = Client("a" * 64 + ".example", free_port(), timeout=2, connect=False)
+    with pytest.raises(ConnectionLost, match="not a host name"):
+        kv.connect()
 
 
 def test_a_socket_connected_to_itself_is_refused(monkeypatch):

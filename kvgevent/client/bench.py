@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ from typing import Any
 
 from kvgevent.args import check_env, positive_int, program_name
 from kvgevent.client.cli import add_connection_options, check_tls_ca, client_for, tls_choice
-from kvgevent.client.client import Client
+from kvgevent.client.client import Client, self_connected, to_bytes
 from kvgevent.client.commands import escape_line
 from kvgevent.protocol import ReplyKind, classify_reply
 
@@ -109,6 +110,10 @@ def _worker(
     def requests(share: int) -> None:
         sock = socket.create_connection((args["host"], args["port"]), timeout=args["timeout"])
         try:
+            if self_connected(sock):  # (its own echo would pass for replies: a dead local port)
+                raise ConnectionRefusedError(
+                    errno.ECONNREFUSED, "connected to itself (nothing listens there)"
+                )
             stream = _connected(sock, args)
             while share > 0:
                 count = min(pipeline, share)
@@ -185,7 +190,7 @@ def _connected(sock: Any, args: dict[str, Any]) -> Any:
 
 def _worker_connection(opts: argparse.Namespace) -> dict[str, Any]:
     """The connection options a worker process needs, in a form it can be sent (no context)."""
-    password = opts.password.encode() if opts.password is not None else None
+    password = to_bytes(opts.password, "password") if opts.password is not None else None
     return {
         "host": opts.host,
         "port": opts.port,
@@ -382,8 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _bench(opts: argparse.Namespace, tests: list[str], prefix: bytes) -> int:
     """Check the server answers, run the tests, and delete the bench's keys whatever happened
     (ending, failing, Ctrl-C, SIGTERM); the exit status."""
-    with _client(opts) as client:  # one line and exit 3, not a failure per connection
-        client.ping()
+    try:  # one line and exit 3, not a failure per connection
+        with _client(opts) as client:
+            client.ping()
+    except KeyboardInterrupt as exc:  # nothing written yet: no keys to speak of
+        return _interrupted(exc)
     try:
         status = _run_tests(opts, tests, prefix)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Stopped)

@@ -135,7 +135,10 @@ class Client:
     ) -> None:
         """``tls=True`` checks the server's certificate against ``tls_ca`` (or the system's
         CAs); an ``ssl.SSLContext`` is used as given. ``password`` is sent as ``AUTH`` on
-        every (re)connect. ``timeout`` None waits for ever."""
+        every (re)connect. ``timeout`` None waits for ever; otherwise it must be positive
+        (InvalidArgument: a socket takes 0 for "never wait", which no call could live with)."""
+        if timeout is not None and not timeout > 0:  # (also NaN)
+            raise InvalidArgument(f"timeout must be a positive number of seconds or None, not {timeout!r}")
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -160,7 +163,9 @@ class Client:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
             raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
-        if _self_connected(sock):
+        except UnicodeError as exc:  # a host name the resolver's IDNA encoding refuses
+            raise ConnectionLost(f"cannot connect to {self.host!r}: not a host name ({exc})") from exc
+        if self_connected(sock):
             sock.close()
             raise ConnectionLost(
                 f"cannot connect to {self.host}:{self.port}: connected to itself (nothing listens there)"
@@ -323,7 +328,7 @@ class Client:
             raise _stray(line)
 
 
-def _self_connected(sock: socket.socket) -> bool:
+def self_connected(sock: socket.socket) -> bool:
     """True if ``sock`` is connected to itself (TCP's simultaneous open: its own address is
     its peer's), which talks to nothing but its own echo."""
     try:
