@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvgevent.args import check_env, positive_int, program_name
-from kvgevent.client.cli import add_connection_options, check_tls_ca, client_for, tls_choice
+from kvgevent.client.cli import add_connection_options, check_tls_ca, client_for, local_failure, tls_choice
 from kvgevent.client.client import Client, self_connected, to_bytes
 from kvgevent.client.commands import escape_line
 from kvgevent.protocol import ReplyKind, classify_reply
@@ -374,9 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BrokenPipeError:  # stdout's reader has gone: the caller ends quietly (its keys are deleted)
         raise
-    except OSError as exc:  # an unreadable --tls-ca
-        print(f"run_client.py bench: {exc}", file=sys.stderr)
-        return 3
+    except OSError as exc:  # this machine's (the output), not the server's: ConnectionLost
+        return local_failure(exc, "run_client.py bench")
     except KeyboardInterrupt as exc:  # a second one, during the cleanup
         print(
             f"run_client.py bench: stopped before its keys ({prefix.decode()}*) were deleted", file=sys.stderr

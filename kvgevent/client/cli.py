@@ -20,6 +20,7 @@ was malformed), 2 bad usage, 3 the connection failed or the server made no progr
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import select
 import signal
@@ -231,9 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServerError as exc:  # a refused AUTH
         print(f"run_client.py: ERR {escape_line(exc.reason.encode())}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as exc:  # e.g. an unreadable --tls-ca
-        print(f"run_client.py: {exc}", file=sys.stderr)
-        return EXIT_CONNECTION
+    except OSError as exc:  # not the server's (sockets raise ConnectionLost): this machine's
+        return local_failure(exc, "run_client.py")
     except KeyboardInterrupt:  # Ctrl-C: how --stat and --latency end; anything else is cut short
         return 0 if args.stat or args.latency else EXIT_INTERRUPTED
 
@@ -245,6 +245,26 @@ def _open_closed_streams() -> None:
     for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, mode))  # noqa: SIM115  # (for the process's life)
+
+
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""Errors only a write gives: the client writes nothing but its output (sockets aside)."""
+
+
+def local_failure(exc: OSError, program: str) -> int:
+    """One line on stderr for an OSError of this machine's, not the server's (sockets raise
+    ConnectionLost): the output that cannot be written (a full disk, /dev/full), the input
+    that cannot be read; and EXIT_ERROR, as exit 3 says the server cannot be reached. After a
+    failed write the output is pointed at /dev/null, so the interpreter's last flush at exit
+    says nothing more."""
+    what = "error"
+    if exc.errno in WRITE_ERRORS:
+        what = "cannot write the output"
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    print(f"{program}: {what}: {exc.strerror or exc}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def _stdout_closed() -> int:
