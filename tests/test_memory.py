@@ -378,6 +378,38 @@ def test_clients_holding_the_most_buffered_bytes_are_disconnected_first(run_serv
     assert 1 <= len(events(server, "max_memory_reached")) <= 2 < len(dropped)
 
 
+def test_clients_holding_big_replies_under_way_are_counted_and_disconnected(run_server, peers):
+    """100 clients each pipeline 20 GETs of a key of 100,000 values and never read, against
+    --max-memory 100M. A GET of a big list copies it (800 kB of slots here) and the copy
+    lives until the reply is built: none of it was counted, so the limit never bit (an
+    attacker's pass: RSS at 1.8 times a 200M limit for 10 s with 200 such clients, 3 times
+    with clients that come and go; no event, no eviction). Now those bytes are the client's
+    buffers: STATS counts them, the guard disconnects the biggest holders (memory_limit),
+    the polite client is served, and once they are gone nothing is left counted."""
+    limit = 100 * MiB
+    server = run_server("--max-memory", "100M")
+    polite = peers(server.port)
+    for start in range(0, 100_000, 10_000):
+        polite.send(b"".join(b"PUT:big:%09d\n" % n for n in range(start, start + 10_000)))
+    assert polite.request(b"PUT:k:v\n") == []
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            sock = stuck_socket(server.port)
+            sock.sendall(b"GET:big\n" * 20)
+            socks.append(sock)
+        wait_until(lambda: read_stats(polite)["evicted_clients"] > 0, timeout=30, message="no eviction")
+        assert polite.request(b"GET:k\n") == [b"k:v"]
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: read_stats(polite)["active"] == 1, timeout=30)
+    assert read_stats(polite)["used_memory_clients"] == 0
+    assert len(events(server, "max_memory_reached")) >= 1
+    dropped = [e for e in events(server, "client_dropped") if e["reason"] == "memory_limit"]
+    assert dropped and rss(server.proc.pid) < 2 * limit
+
+
 def test_many_clients_holding_small_unfinished_lines_are_disconnected_too(run_server, peers):
     """1,500 connections each hold 40,000 bytes of an unfinished line (60 MB) against
     --max-memory 64M. Before, clients holding under 64 KiB were never disconnected: 8,000 of

@@ -323,6 +323,24 @@ def test_half_closed_client_still_gets_its_replies(server, connect):
     wait_until(lambda: server.count_dropped() == 1)
 
 
+def test_a_drop_reasons_error_is_the_oss_text_for_its_errno():
+    """gevent raises an OSError of its own phrase, "File descriptor was closed in another
+    greenlet", in a reader whose socket was closed under it; it reached client_dropped's
+    ``error`` (7 times in an attacker's runs), where the README allows only the OS's text or
+    kvgevent's own phrases. The errno's text now."""
+    import os
+
+    from kvgevent.server.server import drop_reason
+
+    gevents = OSError(errno.EBADF, "File descriptor was closed in another greenlet")
+    assert drop_reason(gevents, False) == ("socket_error", os.strerror(errno.EBADF))
+    assert drop_reason(OSError(errno.EPIPE, "whatever"), True) == (
+        "tls_handshake_failed",
+        os.strerror(errno.EPIPE),
+    )
+    assert drop_reason(ConnectionResetError(errno.ECONNRESET, "reset"), False) == ("reset", None)
+
+
 def test_drop_reasons_are_logged(server, connect, log_stream):
     """client_connected and client_dropped carry client_id, peer, reason and the counts."""
     a = connect(server.port)

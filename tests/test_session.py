@@ -13,7 +13,18 @@ from kvgevent.protocol import ERR_LINE_TOO_LONG, value_lines
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import MemoryGuard
-from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
+from kvgevent.server.session import (
+    NEXT_TURN,
+    Chunk,
+    Close,
+    Dropped,
+    Durable,
+    Holding,
+    Room,
+    Session,
+    Shared,
+    Sleep,
+)
 from kvgevent.stores.base import UNBOUNDED
 from kvgevent.stores.memory import MemoryStore
 
@@ -99,7 +110,8 @@ def test_a_too_long_line_is_reported_once_per_connection():
 
 def test_a_big_reply_comes_in_chunks_each_after_room_was_found():
     """A GET of 20 values of 300 bytes (too big to build at once) with chunks of at most 8
-    lines: the replies before it first, then Room before each chunk, the chunk bytes exact."""
+    lines: the replies before it first, then what its list of values holds (counted as the
+    client's buffers until the reply is built), Room before each chunk, the chunk bytes exact."""
     session = session_for(chunk=(8, 1 << 20))
     values = [(b"%02d" % i) * 150 for i in range(20)]
     run(session, b"".join(b"PUT:big:%s\n" % value for value in values))
@@ -107,12 +119,14 @@ def test_a_big_reply_comes_in_chunks_each_after_room_was_found():
     lines = [b"big:" + value + b"\n" for value in values]
     assert actions == [
         [b"PONG\n"],
+        Holding(56 + 8 * 20),
         Room(8, 8 * 305),
         Chunk(b"".join(lines[0:8]), 8),
         Room(8, 8 * 305),
         Chunk(b"".join(lines[8:16]), 8),
         Room(4, 4 * 305),
         Chunk(b"".join(lines[16:20]), 4),
+        Holding(0),
         [b"PONG\n"],
     ]
 
@@ -121,8 +135,16 @@ def test_a_big_reply_for_a_client_that_does_not_read_is_dropped_unbuilt():
     session = session_for(chunk=(2, 1 << 20))
     run(session, b"".join(b"PUT:big:%s\n" % (b"x" * 5000) for _ in range(5)))
     actions = run(session, b"GET:big\nPING\n", {"room": [True, False]})
-    assert [type(a).__name__ for a in actions] == ["Room", "Chunk", "Room", "Dropped", "list"]
-    assert actions[3] == Dropped(3) and actions[4] == [b"PONG\n"]
+    assert [type(a).__name__ for a in actions] == [
+        "Holding",
+        "Room",
+        "Chunk",
+        "Room",
+        "Dropped",
+        "Holding",
+        "list",
+    ]
+    assert actions[4] == Dropped(3) and actions[5:] == [Holding(0), [b"PONG\n"]]
 
 
 def test_a_turn_ends_when_its_work_is_done():

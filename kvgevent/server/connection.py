@@ -99,6 +99,7 @@ class Connection:
         "acked_mark",
         "guard",
         "input_held",
+        "reply_held",
         "released",
         "heavy",
         "session",
@@ -168,6 +169,7 @@ class Connection:
         self.acked_mark: int | None = None  # its acknowledged bytes at the idle sweep's last look
         self.guard = guard
         self.input_held = 0  # bytes allocated for an incomplete request line, counted in guard.buffered
+        self.reply_held = 0  # bytes the big replies being built hold (hold()), counted there too
         self.released = False  # release() has run: nothing more is counted
         self.heavy = False  # its last turn held the loop for HEAVY_TURN: the next one queues
         self.session: Any = None  # its Session (kvgevent.server.session), set by the server
@@ -296,6 +298,14 @@ class Connection:
         self.messages_dropped += count
         self.counters.messages_dropped += count
 
+    def drop_unbuilt(self, count: int) -> None:
+        """Count ``count`` lines of a big reply left unbuilt: dropped (:meth:`drop`) while the
+        client is here, else lost (gone: no episode of a full queue)."""
+        if self.failed is None:
+            self.drop(count)
+        else:
+            self.count_lost(count)
+
     def reserve(self, count: int, size: int) -> bool:
         """Whether a chunk of ``count`` lines and ``size`` bytes may be queued now, waiting
         for room as :meth:`send` does; False if the client does not read (its replies are
@@ -388,9 +398,21 @@ class Connection:
             if guard.buffered > guard.mark:
                 guard.check()
 
+    def hold(self, size: int) -> None:
+        """Count ``size`` bytes that the big replies being built for this client hold (the
+        session's :class:`~kvgevent.server.session.Holding`), in place of what was counted."""
+        delta = size - self.reply_held
+        if delta and not self.released:
+            self.reply_held = size
+            guard = self.guard
+            guard.buffered += delta
+            if guard.buffered > guard.mark:
+                guard.check()
+
     def buffered(self) -> int:
-        """Bytes this client holds now: its incomplete line, queued and in-flight replies."""
-        return self.input_held + self.queued_bytes
+        """Bytes this client holds now: its incomplete line, queued and in-flight replies, and
+        what the big replies being built hold."""
+        return self.input_held + self.queued_bytes + self.reply_held
 
     def holding(self, now: float) -> int:
         """What this client holds as eviction for --max-memory judges it: :meth:`buffered`,
@@ -402,7 +424,7 @@ class Connection:
         queued = self.queued_bytes
         if queued > PRESSED_QUEUE_BYTES and self._draining(now):
             queued = PRESSED_QUEUE_BYTES
-        return self.input_held + queued
+        return self.input_held + queued + self.reply_held
 
     def _draining(self, now: float) -> bool:
         """Whether the writer is sending the queue out: at EVICT_DRAIN_RATE or more since the
@@ -420,8 +442,8 @@ class Connection:
         nothing is counted afterwards."""
         if not self.released:
             self.released = True
-            self.guard.buffered -= self.input_held + self.queued_bytes
-            self.input_held = 0
+            self.guard.buffered -= self.input_held + self.queued_bytes + self.reply_held
+            self.input_held = self.reply_held = 0
 
     def abort(self, reason: str) -> None:
         """Disconnect now, from any greenlet, dropping what is queued: record ``reason`` as

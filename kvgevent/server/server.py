@@ -80,7 +80,18 @@ from kvgevent.server.counters import Counters
 from kvgevent.server.episodes import Episode
 from kvgevent.server.memory import MemoryGuard, release_free_memory, release_memory_loop
 from kvgevent.server.net import PausingListener, is_loopback, reuse_port_listener, worker_name
-from kvgevent.server.session import NEXT_TURN, Chunk, Close, Dropped, Durable, Room, Session, Shared, Sleep
+from kvgevent.server.session import (
+    NEXT_TURN,
+    Chunk,
+    Close,
+    Dropped,
+    Durable,
+    Holding,
+    Room,
+    Session,
+    Shared,
+    Sleep,
+)
 from kvgevent.server.turns import Turns
 from kvgevent.stores.base import STORE_WAIT, KVStore
 from kvgevent.stores.memory import MemoryStore
@@ -138,10 +149,22 @@ def drop_reason(exc: BaseException, handshaking: bool) -> tuple[str, str | None]
         )
     if not isinstance(exc, OSError):
         return "internal_error", None
-    error = None if isinstance(exc, ConnectionResetError) else exc.strerror or type(exc).__name__
+    # The OS's text for the errno: gevent raises some with a phrase of its own ("File
+    # descriptor was closed in another greenlet", its socket closed under a waiting reader).
+    error = None if isinstance(exc, ConnectionResetError) else os_text(exc)
     if handshaking:
         return "tls_handshake_failed", error
     return ("reset", None) if error is None else ("socket_error", error)
+
+
+def os_text(exc: OSError) -> str:
+    """What the OS says of ``exc``'s errno (its own text, not the raiser's), else its message."""
+    if exc.errno:
+        try:
+            return os.strerror(exc.errno)
+        except ValueError:
+            pass
+    return exc.strerror or type(exc).__name__
 
 
 def _throw_if_waiting(reader: Any, exc: type[Exception]) -> None:
@@ -888,6 +911,8 @@ class KeyValueServer:
             return conn.reserve(action.lines, action.size)
         if kind is Chunk:
             conn.put_reserved(action.data, action.lines)
+        elif kind is Holding:
+            conn.hold(action.size)
         elif action is NEXT_TURN:
             self._turns.wait()
         elif kind is Durable:
@@ -899,10 +924,7 @@ class KeyValueServer:
             finally:
                 self.barrier_seconds.observe(perf_counter() - began)
         elif kind is Dropped:
-            if conn.failed is None:
-                conn.drop(action.lines)
-            else:  # (it is gone: lost, but no episode of a full queue)
-                conn.count_lost(action.lines)
+            conn.drop_unbuilt(action.lines)
         elif kind is Sleep:  # (an AUTH held back: a shutdown interrupts it, as a read)
             conn.executing = False
             try:

@@ -14,6 +14,9 @@ error becomes its ``ERR`` line here and nowhere else. :meth:`Session.handle` is 
   for room as for any reply and sends back True (the session then builds the chunk and yields
   it as a :class:`Chunk`) or False (the client does not read: the rest of the reply is yielded
   as :class:`Dropped`, never built);
+- :class:`Holding` ``(size)``: the big replies being built hold ``size`` bytes of this client's
+  (the lists of values they copy, until their last chunk is built): count them as its buffers
+  (``--max-memory``), in place of what the last one said; 0 when they are done;
 - :data:`NEXT_TURN`: this turn's work is done (TURN_WORK); wait for the client's next turn;
 - :class:`Durable` ``(position)``: wait until the store's writes up to ``position`` are durable
   (a PING under ``--fsync always``); the read loop sends back None, or the StoreError;
@@ -107,6 +110,10 @@ class Dropped(NamedTuple):
     lines: int  # reply lines dropped unbuilt
 
 
+class Holding(NamedTuple):
+    size: int  # bytes the big replies being built hold (0: none any more)
+
+
 class Durable(NamedTuple):
     position: int
 
@@ -128,7 +135,7 @@ class _NextTurn:
 
 NEXT_TURN = _NextTurn()
 
-Action = list[bytes] | Room | Chunk | Dropped | Durable | Sleep | Close | _NextTurn
+Action = list[bytes] | Room | Chunk | Dropped | Holding | Durable | Sleep | Close | _NextTurn
 Items = list[bytes | ProtocolError]
 Actions = Generator[Action, Any, None]
 
@@ -633,7 +640,12 @@ class Session:
 
     def _replies(self, run: list[Any], results: list[Result], out: list[bytes], start: int) -> Actions:
         """Add the replies of ``results[start:]`` (of the first commands of ``run``) to
-        ``out``, yielding full chunks; a big GET reply goes through :meth:`_values`."""
+        ``out``, yielding full chunks; a big GET reply goes through :meth:`_values`. The
+        lists of values of the big replies are held until the last is built: at the first,
+        their size is yielded as :class:`Holding` (many clients each holding a GET of a big
+        list under way went unseen by --max-memory: RSS at 3 times the limit, an attacker's
+        pass), and 0 at the end (a client that goes meanwhile gives back all it held)."""
+        held = 0
         index = start
         while index < len(results):
             index = self._inline_replies(run, results, out, index)
@@ -641,10 +653,18 @@ class Session:
                 yield out
                 out.clear()
             elif index < len(results):  # a big GET reply
+                if not held:
+                    if out:
+                        yield out  # (the replies before it go first)
+                        out.clear()
+                    held = held_bytes(results, index)
+                    yield Holding(held)
                 yield from self._values(run[index][0], results[index], out)  # type: ignore[arg-type]  # (not inline: a list of values)
                 index += 1
                 if self.work >= TURN_WORK:  # (GETs of single big values add up too)
                     yield from self._next_turn(out)
+        if held:
+            yield Holding(0)
 
     def _values(self, key: bytes, values: list[bytes], out: list[bytes]) -> Actions:
         """A big GET reply, in chunks that fit the client's queue (at most REPLY_CHUNK lines
@@ -776,6 +796,16 @@ class Session:
         self.long_lines += 1
         if self.long_lines == 1:  # once per connection: a hostile client cannot flood the log
             self.logger().warning("line_too_long", max_line=self.max_line)
+
+
+LIST_COST = 56
+"""Bytes a list object costs beside its 8 bytes a slot (CPython 3.11, 64-bit)."""
+
+
+def held_bytes(results: list[Result], start: int) -> int:
+    """What the lists of values of ``results[start:]`` cost, the big replies' copies to be
+    built from (their slots: the values are the store's, unless it dropped them meanwhile)."""
+    return sum(LIST_COST + 8 * len(values) for values in results[start:] if isinstance(values, list))
 
 
 def _fetched(fetch: Callable[[list[Any]], list[Any]] | None, ops: list[Any]) -> list[Any]:
