@@ -816,6 +816,43 @@ def test_close_says_what_it_could_not_make_durable(tmp_path, log_stream, monkeyp
     assert [e["records"] for e in _logged(log_stream, "aof_unwritten")] == [3]
 
 
+def test_an_fsync_under_way_when_the_file_is_found_taken_marks_nothing_durable(tmp_path, monkeypatch):
+    """Under --fsync always the once-a-second look can find the file removed while a sync
+    round's fsync (which looked before the rm) is still on its way back: the round then
+    marked its writes durable again over the verdict, and the PING waiting for them got a
+    PONG with the file gone (a reviewer's run, with the round held as here). The verdict
+    starts a new generation: the round marks nothing. The round is held in its thread by
+    the test after its look (threading.Event); the rm is real."""
+    import threading
+
+    from kvgevent.stores import aof_log
+
+    path = tmp_path / "kv.aof"
+    store = opened(path, fsync="always")
+    real = aof_log._fsync_and_look
+    looked, release = threading.Event(), threading.Event()
+
+    def held(fd, where, size):
+        verdict = real(fd, where, size)  # (the file is still there: None)
+        looked.set()
+        release.wait(10)
+        return verdict
+
+    monkeypatch.setattr(aof_log, "_fsync_and_look", held)
+    store.put(b"k", b"1")
+    waiter = gevent.spawn(store.barrier)
+    wait_until(looked.is_set, 10, "the sync round did not look")
+    path.unlink()
+    with pytest.raises(aof_log.FileTaken):
+        store.aof._look()
+    release.set()
+    waiter.join(timeout=10)
+    assert isinstance(waiter.exception, StoreError), waiter.exception  # ERR, not a PONG
+    assert store.aof.durable == 0
+    store.close()
+    assert store.unsaved_records == 0 and path.exists()  # (rewritten at the path by then)
+
+
 def test_a_stop_during_a_rebuild_ends_the_episode_without_aof_recovered(tmp_path, log_stream, monkeypatch):
     """close() lets a recovery attempt under way (a rebuild after a failed fsync) finish
     rather than cut it short; that attempt then ended the episode with ``aof_recovered``,

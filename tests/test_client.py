@@ -347,12 +347,13 @@ def test_a_server_that_closed_between_two_calls_is_reported_before_sending(serve
         kv.close()
 
 
-@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
-def test_a_timeout_that_is_not_positive_is_an_invalid_argument(timeout):
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e300, True, "5"])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_an_invalid_argument(timeout):
     """timeout=0 made a socket that never waits ("cannot connect ...: Operation now in
-    progress"), -1 a raw ValueError from the socket module (an attacker's pass): the CLI's
-    --timeout 0 means no limit, which is the library's None. Refused at once now."""
-    with pytest.raises(InvalidArgument, match="timeout must be a positive number"):
+    progress"), -1 a raw ValueError from the socket module, inf an OverflowError at the
+    connect (an attacker's pass and a review): the CLI's --timeout 0 means no limit, which
+    is the library's None. Refused at once now, as the CLI bounds --timeout."""
+    with pytest.raises(InvalidArgument, match="timeout must be a number of seconds above 0"):
         Client(port=free_port(), timeout=timeout, connect=False)
 
 

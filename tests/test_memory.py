@@ -327,6 +327,35 @@ def test_a_prompt_reader_whose_reply_takes_the_server_over_the_limit_keeps_readi
     assert read_stats(loader)["evicted_clients"] == 0
 
 
+def test_a_prompt_reader_of_a_key_of_a_million_values_is_not_disconnected(run_server, peers):
+    """The copy of a big list a GET reply is built from is its client's buffers (8 MB for a
+    million values): counted in full for eviction, it made a prompt reader of such a key the
+    biggest holder near --max-memory (100M), disconnected at once, 6 of 6 (an attacker's pass
+    on the change that counted it). A reader draining its queue frees the copy by reading:
+    eviction does not count it, as it does not count the queue beyond the pressed bound."""
+    load = [
+        b"".join(b"PUT:big:%010d\n" % n for n in range(start, start + 50_000))
+        for start in range(0, 10**6, 50_000)
+    ]
+    probe = run_server()
+    peer = peers(probe.port)
+    for part in load:
+        peer.send(part)
+    used = read_stats(peer)["used_memory"]  # (its PING: every PUT applied)
+    probe.stop(timeout=20)
+    server = run_server("--max-memory", str(used + 4 * MiB))  # (the copy, 8 MB, takes it over)
+    loader = peers(server.port)
+    for part in load:
+        loader.send(part)
+    assert loader.request(b"") == []
+    reader = peers(server.port)
+    for _ in range(3):
+        reader.send(b"GET:big\nPING\n")
+        assert count_lines_before_pong(reader) == 1_000_000
+    assert read_stats(loader)["evicted_clients"] == 0
+    assert read_stats(loader)["used_memory_clients"] == 0
+
+
 def test_max_memory_from_the_environment(run_server, peers):
     server = run_server(env={"KVGEVENT_MAX_MEMORY": "64m"})
     assert read_stats(peers(server.port))["maxmemory"] == 64 * MiB

@@ -14,6 +14,7 @@ from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import MemoryGuard
 from kvgevent.server.session import (
+    LIST_COST,
     NEXT_TURN,
     Chunk,
     Close,
@@ -24,6 +25,7 @@ from kvgevent.server.session import (
     Session,
     Shared,
     Sleep,
+    held_bytes,
 )
 from kvgevent.stores.base import UNBOUNDED
 from kvgevent.stores.memory import MemoryStore
@@ -119,7 +121,7 @@ def test_a_big_reply_comes_in_chunks_each_after_room_was_found():
     lines = [b"big:" + value + b"\n" for value in values]
     assert actions == [
         [b"PONG\n"],
-        Holding(56 + 8 * 20),
+        Holding(LIST_COST + 8 * 20),
         Room(8, 8 * 305),
         Chunk(b"".join(lines[0:8]), 8),
         Room(8, 8 * 305),
@@ -129,6 +131,17 @@ def test_a_big_reply_comes_in_chunks_each_after_room_was_found():
         Holding(0),
         [b"PONG\n"],
     ]
+
+
+def test_what_big_replies_hold_is_their_lists_and_for_a_store_kept_elsewhere_their_values():
+    """Holding's size: 56 bytes a list and 8 a value (a memory store's values are its data);
+    a store kept elsewhere (Redis) also the values, 33 bytes beside their length (a reply
+    of 100,000 values of 1 KiB from Redis holds 100 MB, not 800 kB). Errors and None: 0."""
+    results = [None, [b"a" * 10, b"b" * 20], StoreError("x"), [b"c"]]
+    assert held_bytes(results, 1, False) == (56 + 16) + (56 + 8)
+    assert held_bytes(results, 1, True) == (56 + 16 + 30 + 2 * 33) + (56 + 8 + 1 + 33)
+    assert held_bytes(results, 3, False) == 56 + 8
+    assert held_bytes(results, 4, True) == 0
 
 
 def test_a_big_reply_for_a_client_that_does_not_read_is_dropped_unbuilt():

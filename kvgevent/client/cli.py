@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO
 
 from kvgevent.args import add_env_option, check_env, port_number, positive_int, program_name
-from kvgevent.client.client import Client
+from kvgevent.client.client import MAX_SECONDS, Client
 from kvgevent.client.commands import (
     HELP,
     Request,
@@ -65,11 +65,6 @@ DEFAULT_INTERVAL = 1.0
 CONNECTION_OPTIONS = ("--host", "--port", "--timeout", "--password", "--tls-ca")
 """The connection options that take a value."""
 CONNECTION_SWITCHES = ("--tls", "--tls-insecure")
-
-
-MAX_SECONDS = 1_000_000.0
-"""The longest --timeout or --interval (about 11.5 days): the OS's waits take at most 2^31
-milliseconds (about 24.8 days), and a longer one was a traceback."""
 
 
 def seconds(accept_zero: bool, name: str) -> Callable[[str], float]:

@@ -70,6 +70,11 @@ ERR_PREFIX = b"ERR "
 _VALUE, _PONG, _OK, _ERROR, _OTHER = ReplyKind
 
 
+MAX_SECONDS = 1_000_000.0
+"""The longest timeout (``--timeout``, ``--interval``): about 11.5 days. The OS's waits take at
+most 2^31 milliseconds (about 24.8 days), and a longer one was a traceback."""
+
+
 def to_bytes(data: bytes | str, what: str = "value") -> bytes:
     """Keys and values may be given as ``str`` (sent as UTF-8) or ``bytes``. A ``str`` from
     the command line or the environment holds bytes that are not UTF-8 as surrogate escapes
@@ -135,10 +140,16 @@ class Client:
     ) -> None:
         """``tls=True`` checks the server's certificate against ``tls_ca`` (or the system's
         CAs); an ``ssl.SSLContext`` is used as given. ``password`` is sent as ``AUTH`` on
-        every (re)connect. ``timeout`` None waits for ever; otherwise it must be positive
-        (InvalidArgument: a socket takes 0 for "never wait", which no call could live with)."""
-        if timeout is not None and not timeout > 0:  # (also NaN)
-            raise InvalidArgument(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+        every (re)connect. ``timeout`` None waits for ever; otherwise a number of seconds above
+        0 and at most MAX_SECONDS (InvalidArgument: a socket takes 0 for "never wait", which
+        no call could live with, and an infinite one raised OverflowError at the connect)."""
+        if timeout is not None and not (
+            isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout <= MAX_SECONDS
+        ):  # (NaN fails the comparison too)
+            raise InvalidArgument(
+                f"timeout must be a number of seconds above 0 and at most {MAX_SECONDS:g}, or None, "
+                f"not {timeout!r}"
+            )
         self.host = host
         self.port = port
         self.timeout = timeout

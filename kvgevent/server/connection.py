@@ -417,13 +417,16 @@ class Connection:
     def holding(self, now: float) -> int:
         """What this client holds as eviction for --max-memory judges it: :meth:`buffered`,
         but while its writer is draining the queue (:meth:`_draining`; this look is noted
-        for the next), the queue counts for no more than PRESSED_QUEUE_BYTES: over the
-        limit, a big reply is built no further ahead of its reader than that, so a prompt
-        reader's queue shrinks to it by itself, where a client that does not read keeps
-        what it holds."""
+        for the next), the queue counts for no more than PRESSED_QUEUE_BYTES and what its
+        big replies hold (:meth:`hold`) not at all: over the limit, a big reply is built no
+        further ahead of its reader than that, so a prompt reader's queue shrinks to it by
+        itself, and its copy goes at the reply's end, where a client that does not read
+        keeps what it holds."""
         queued = self.queued_bytes
-        if queued > PRESSED_QUEUE_BYTES and self._draining(now):
-            queued = PRESSED_QUEUE_BYTES
+        if (queued > PRESSED_QUEUE_BYTES or self.reply_held) and self._draining(now):
+            # (nor does what its big replies hold count: a prompt reader frees it by reading;
+            # counted, a reader of a 1M-value key was disconnected at --max-memory 100M)
+            return self.input_held + min(queued, PRESSED_QUEUE_BYTES)
         return self.input_held + queued + self.reply_held
 
     def _draining(self, now: float) -> bool:

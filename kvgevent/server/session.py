@@ -657,7 +657,7 @@ class Session:
                     if out:
                         yield out  # (the replies before it go first)
                         out.clear()
-                    held = held_bytes(results, index)
+                    held = held_bytes(results, index, self.shared.store.lookup is None)
                     yield Holding(held)
                 yield from self._values(run[index][0], results[index], out)  # type: ignore[arg-type]  # (not inline: a list of values)
                 index += 1
@@ -801,11 +801,19 @@ class Session:
 LIST_COST = 56
 """Bytes a list object costs beside its 8 bytes a slot (CPython 3.11, 64-bit)."""
 
+BYTES_COST = 33
+"""Bytes a bytes object costs beside its length (CPython 3.11, 64-bit)."""
 
-def held_bytes(results: list[Result], start: int) -> int:
-    """What the lists of values of ``results[start:]`` cost, the big replies' copies to be
-    built from (their slots: the values are the store's, unless it dropped them meanwhile)."""
-    return sum(LIST_COST + 8 * len(values) for values in results[start:] if isinstance(values, list))
+
+def held_bytes(results: list[Result], start: int, values: bool) -> int:
+    """What the lists of values of ``results[start:]`` cost, the big replies to be built from:
+    their slots, and with ``values`` the values too (a store kept elsewhere: they are the
+    reply's own; a memory store's are its data, unless it drops them meanwhile)."""
+    lists = [found for found in results[start:] if isinstance(found, list)]
+    held = sum(LIST_COST + 8 * len(found) for found in lists)
+    if values:
+        held += sum(sum(map(len, found)) + BYTES_COST * len(found) for found in lists)
+    return held
 
 
 def _fetched(fetch: Callable[[list[Any]], list[Any]] | None, ops: list[Any]) -> list[Any]:

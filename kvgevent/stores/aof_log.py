@@ -28,9 +28,9 @@ After every fsync, and every FILE_CHECK_INTERVAL besides, the log looks whether 
 path is still its own and no shorter (:func:`file_taken`); when not, it opens an episode
 (``aof_file_lost``, with the reason) and treats what was written as an fsync that failed would
 leave it: writes are refused and no PONG is given until the recovery has rewritten the whole
-file from memory at the path. Never over a file the server did not put there (another server's log, started on
-the path once it was free; a file an operator moved there): the episode lasts until that file
-is moved away, then the log is rewritten at the path.
+file from memory at the path. Never over a file the server did not put there (another
+server's log, started on the path once it was free; a file an operator moved there): the
+episode lasts until that file is moved away, then the log is rewritten at the path.
 
 Policies: ``always`` (:meth:`AppendOnlyLog.barrier` returns once a position is durable;
 concurrent callers share one fsync), ``everysec`` (a background fsync each second), ``no``
@@ -103,9 +103,11 @@ Failure = Literal["write", "fsync", "file"]
 FAILURE_EVENTS = {"write": "aof_write_failed", "fsync": "aof_fsync_failed", "file": "aof_file_lost"}
 """The event that opens a failure episode, by what failed (each logged once per episode)."""
 
+_UNTIL_RECOVERED = "writes get 'ERR persistence failed' until the log recovers; reads go on"
+
 FAILURE_HINTS = {
-    "write": "writes get 'ERR persistence failed' until the log recovers; reads go on",
-    "fsync": "writes get 'ERR persistence failed' until the log recovers; reads go on",
+    "write": _UNTIL_RECOVERED,
+    "fsync": _UNTIL_RECOVERED,
     "file": "writes get 'ERR persistence failed' until the file is rewritten from memory at the "
     "path (never over a file put there meanwhile: move it away); reads go on",
 }
@@ -176,7 +178,8 @@ def _open_locked(path: str) -> int:
 
 
 class FileTaken(OSError):
-    """The log's file is no longer the file at its path, or was cut short (:func:`file_taken`)."""
+    """The log's file is no longer the file at its path, or was cut short (:func:`file_taken`);
+    or a file the server did not put there is at the path (a rewrite over it refused)."""
 
 
 def file_taken(fd: int, path: str, size: int) -> str | None:
@@ -203,6 +206,15 @@ def file_taken(fd: int, path: str, size: int) -> str | None:
     except OSError:
         return None
     return None
+
+
+def _look_and_close(fd: int, path: str, size: int) -> str | None:
+    """:func:`file_taken`, then close ``fd`` (a duplicate): in the thread, which owns it (a
+    greenlet killed while it waits must not close a number the thread still uses)."""
+    try:
+        return file_taken(fd, path, size)
+    finally:
+        os.close(fd)
 
 
 def _fsync_and_look(fd: int, path: str, size: int) -> str | None:
@@ -486,9 +498,10 @@ class AppendOnlyLog:
 
     def _fsync_current(self) -> None:
         """fsync the current file in the threadpool, then look whether it is still the log
-        (:meth:`_look`). On a duplicate of its descriptor: a compaction may close the
-        descriptor while the thread waits for the disk. A failed fsync (not a failed dup)
-        sets :attr:`lost`; so does a file taken away (FileTaken, its episode opened)."""
+        (:func:`file_taken`, in the same trip to the thread). On a duplicate of its
+        descriptor: a compaction may close the descriptor while the thread waits for the
+        disk. A failed fsync (not a failed dup) sets :attr:`lost`; so does a file taken away
+        (FileTaken, its episode opened)."""
         try:
             fd = os.dup(self.fd)
         except OSError:  # (EMFILE): no fsync happened, so nothing is lost
@@ -514,10 +527,7 @@ class AppendOnlyLog:
             fd = os.dup(self.fd)  # (as for an fsync: a compaction may close the descriptor)
         except OSError:
             return  # (EMFILE) looked at next time
-        try:
-            taken = in_thread(file_taken, fd, self.path, size)
-        finally:
-            os.close(fd)
+        taken = in_thread(_look_and_close, fd, self.path, size)  # (the thread owns the dup)
         self._judge(taken, generation)
 
     def _judge(self, taken: str | None, generation: int) -> None:
@@ -529,9 +539,12 @@ class AppendOnlyLog:
             return
         self.lost = True
         # Nothing is known to be on disk at the path now, what was synced before included: a
-        # PING waiting for none of the new writes gets ERR too, and the stop counts all.
+        # PING waiting for none of the new writes gets ERR too, and the stop counts all. And
+        # the file is not the log's any more: a new generation, so that an fsync under way
+        # (looked at before the file went) marks nothing durable when it comes back.
         self.durable = self.durable_records = 0
-        exc = FileTaken(f"the log's file was {taken} under the server")
+        self.generation += 1
+        exc = FileTaken(None, f"the log's file was {taken} under the server")  # (no errno: none failed)
         self._fail("file", exc)
         raise exc
 
@@ -552,6 +565,8 @@ class AppendOnlyLog:
             if everysec and self.durable < self.written:
                 self._request_sync(self.written)
                 continue
+            if self._syncing:
+                continue  # (a sync round looks after its fsync: one look at a time)
             try:
                 self._look()
             except FileTaken:
@@ -722,7 +737,7 @@ class AppendOnlyLog:
             try:
                 self.make_durable()
                 return
-            except FileTaken:
+            except FileTaken:  # (said: aof_file_lost; a file put at the path stays)
                 continue
             except OSError as exc:
                 self._fail("fsync" if self.lost else "write", exc)

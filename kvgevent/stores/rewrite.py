@@ -44,6 +44,7 @@ from kvgevent.stores.aof import HEADER, MAGIC
 from kvgevent.stores.aof_log import (
     REWRITE_SUFFIX,
     AppendOnlyLog,
+    FileTaken,
     foreign_file,
     fsync_directory,
     in_thread,
@@ -328,11 +329,11 @@ class Rewrite:
 
 
 def _not_anothers(path: str, fd: int) -> None:
-    """Raise OSError if a file the server did not put there is at the log's ``path`` (the
+    """Raise FileTaken if a file the server did not put there is at the log's ``path`` (the
     log's own file, open as ``fd``, was taken away, and another server started on the path,
     or an operator moved a file there): a rename over it would lose that file."""
     if foreign_file(path, fd):
-        raise OSError(errno.EEXIST, f"{path} is a file this server did not put there: move it away")
+        raise FileTaken(errno.EEXIST, f"{path} is a file this server did not put there: move it away")
 
 
 def _close(fd: int) -> None:
