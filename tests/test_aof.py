@@ -853,6 +853,39 @@ def test_an_fsync_under_way_when_the_file_is_found_taken_marks_nothing_durable(t
     assert store.unsaved_records == 0 and path.exists()  # (rewritten at the path by then)
 
 
+def test_a_log_cut_during_a_compaction_is_not_copied_into_the_new_file(tmp_path, log_stream, monkeypatch):
+    """logrotate's copytruncate while a compaction ran: the records it copied from the old
+    file's tail were the hole's NUL bytes, and its new file, renamed over the path, was
+    corrupt at the next start (an attacker's run). The switch looks at the old file first:
+    the compaction fails, the old file stays the log, the look finds it cut and the file is
+    rewritten from memory. The cut is real (os.truncate), made as the switch copies the tail."""
+    from kvgevent.stores import rewrite
+    from kvgevent.stores.aof_log import FileTaken
+
+    path = tmp_path / "kv.aof"
+    store = opened(path, fsync="no")
+    for i in range(100):
+        store.put(b"k", b"%d" % i)
+    real, cut = rewrite.copy_range, []
+
+    def cutting(*args):
+        if not cut:
+            cut.append(True)
+            os.truncate(path, 0)
+        return real(*args)
+
+    monkeypatch.setattr(rewrite, "copy_range", cutting)
+    old = path.stat().st_ino
+    store.rewrite()
+    assert cut and path.stat().st_ino == old  # (not replaced by a copy of the hole)
+    assert "truncated during the compaction" in _logged(log_stream, "aof_rewrite_failed")[0]["error"]
+    with pytest.raises(FileTaken):
+        store.aof._look()
+    wait_until(lambda: _logged(log_stream, "aof_recovered"), 10, "the file was not rewritten")
+    store.close()
+    assert opened(path).get(b"k") == [b"%d" % i for i in range(100)]
+
+
 def test_a_stop_during_a_rebuild_ends_the_episode_without_aof_recovered(tmp_path, log_stream, monkeypatch):
     """close() lets a recovery attempt under way (a rebuild after a failed fsync) finish
     rather than cut it short; that attempt then ended the episode with ``aof_recovered``,

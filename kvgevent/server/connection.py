@@ -393,10 +393,7 @@ class Connection:
         delta = held - self.input_held
         if delta and not self.released:
             self.input_held = held
-            guard = self.guard
-            guard.buffered += delta
-            if guard.buffered > guard.mark:
-                guard.check()
+            self._count_held(delta)
 
     def hold(self, size: int) -> None:
         """Count ``size`` bytes that the big replies being built for this client hold (the
@@ -404,10 +401,15 @@ class Connection:
         delta = size - self.reply_held
         if delta and not self.released:
             self.reply_held = size
-            guard = self.guard
-            guard.buffered += delta
-            if guard.buffered > guard.mark:
-                guard.check()
+            self._count_held(delta)
+
+    def _count_held(self, delta: int) -> None:
+        """Add ``delta`` bytes to the guard's count of client buffers; past its mark, it looks
+        whether the server is over --max-memory."""
+        guard = self.guard
+        guard.buffered += delta
+        if guard.buffered > guard.mark:
+            guard.check()
 
     def buffered(self) -> int:
         """Bytes this client holds now: its incomplete line, queued and in-flight replies, and

@@ -45,6 +45,7 @@ from kvgevent.stores.aof_log import (
     REWRITE_SUFFIX,
     AppendOnlyLog,
     FileTaken,
+    file_taken,
     foreign_file,
     fsync_directory,
     in_thread,
@@ -303,7 +304,15 @@ class Rewrite:
             self.copied = aof.size
             in_thread(os.fsync, self.fd)
             self._check()  # (again: the log may have failed meanwhile)
-            _not_anothers(self.path, aof.fd)  # (nothing yields after this)
+            _not_anothers(self.path, aof.fd)
+            # The records copied from the old file are only good while it is the log: cut
+            # (copytruncate) during the compaction, the copy holds its NUL bytes. Then the old
+            # file stays the log, and the look finds it taken and rebuilds it from memory. (A
+            # rebuild copies nothing from it: writes are refused while it runs.)
+            taken = None if self.recovery else file_taken(aof.fd, self.path, aof.size)
+            if taken is not None:
+                raise OSError(errno.EIO, f"the log's file was {taken} during the compaction")
+            # (nothing yields after this)
             # In the event loop: no wait, the old file's pages stay held by the log's descriptor.
             os.rename(self.temporary, self.path)
             return aof.switch_to(self.fd, self.size, self.records + aof.records - self.tail_records_from)
