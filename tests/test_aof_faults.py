@@ -563,6 +563,28 @@ def test_a_log_file_taken_away_is_rebuilt_at_its_path(server_process, tmp_path, 
     assert [line.split(b":", 1)[1] for line in replies] == served
 
 
+@pytest.mark.parametrize("fault", ["rm", "truncate"])
+def test_a_stop_right_after_the_log_file_was_taken_rewrites_it_first(server_process, tmp_path, fault):
+    """A SIGTERM in the second after an ``rm`` (or a cut) of a log with everything synced:
+    the stop saw nothing left to sync, exited 0, and the restart started empty (12 of 12, an
+    attacker's runs). The stop looks at the file last: it is rewritten at the path from
+    memory, then the server exits 0 and the restart finds every write."""
+    path = tmp_path / "kv.aof"
+    proc = server_process("--aof", str(path), "--fsync", "always")
+    peer = Peer(proc.port)
+    try:
+        assert peer.request(b"".join(b"PUT:k:%d\n" % n for n in range(10))) == []  # (synced)
+    finally:
+        peer.close()
+    if fault == "rm":
+        path.unlink()
+    else:
+        os.truncate(path, 0)
+    assert proc.stop() == 0
+    replies, _ = after_restart(server_process, path, b"GET:k\n")
+    assert replies == [b"k:%d" % n for n in range(10)]
+
+
 def test_a_log_path_another_server_took_is_never_replaced(server_process, tmp_path):
     """The log removed while its server was stopped (SIGSTOP), and a second server started on
     the free path: when the first resumes and finds its file gone, rewriting it at the path

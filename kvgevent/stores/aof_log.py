@@ -40,6 +40,7 @@ loop never waits for the disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -724,6 +725,12 @@ class AppendOnlyLog:
                 self._recovery.join()  # an attempt under way (a rebuild) is not cut short
         if self.fd < 0:
             return 0
+        if self.failure is None:
+            # A last look: a file removed in the second before the stop, with everything
+            # synced, was left unnoticed and the server exited 0 with its data in memory only
+            # (an attacker's runs, 12 of 12). Found, it is rewritten at the path below.
+            with contextlib.suppress(FileTaken):
+                self._look()
         if self.failure is not None or self.lost or self.torn or self.durable < self.written:
             self._last_attempt()
         os.close(self.fd)
@@ -740,7 +747,10 @@ class AppendOnlyLog:
             except FileTaken:  # (said: aof_file_lost; a file put at the path stays)
                 continue
             except OSError as exc:
-                self._fail("fsync" if self.lost else "write", exc)
+                # (An episode of a file taken away has said what it is: its rebuild failing
+                # at the stop is no fsync's failure.)
+                if self.failure is None or "file" not in self.failure.logged:
+                    self._fail("fsync" if self.lost else "write", exc)
                 return
 
     def stats(self) -> dict[str, int]:
