@@ -165,14 +165,19 @@ def _slow_client_stream(client: int, messages: int, deletes: int) -> tuple[bytes
 
 
 def _read_all(sock: socket.socket, want: int, deadline: float) -> list[bytes]:
-    """Read lines until ``want`` arrived, the server goes quiet for a second, or the deadline."""
+    """Read lines until ``want`` arrived, the server goes quiet for a second, or the deadline;
+    never stopping inside a line (its rest would be taken for a line of its own by the next
+    read: "reply out of order" on a loaded machine, where a 4 KB line came in two reads a
+    second apart)."""
     data = b""
-    while data.count(b"\n") < want and time.monotonic() < deadline:
+    while (data.count(b"\n") < want or data[-1:] not in (b"", b"\n")) and time.monotonic() < deadline:
         sock.settimeout(max(0.01, min(1.0, deadline - time.monotonic())))
         try:
             chunk = sock.recv(1 << 16)
         except TimeoutError:
-            break
+            if data[-1:] in (b"", b"\n"):
+                break
+            continue  # (inside a line: its rest is on the way)
         if not chunk:
             break
         data += chunk
