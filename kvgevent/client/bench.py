@@ -28,7 +28,7 @@ from typing import Any
 
 from kvgevent.args import check_env, positive_int, program_name
 from kvgevent.client.cli import add_connection_options, check_tls_ca, client_for, local_failure, tls_choice
-from kvgevent.client.client import Client, self_connected, to_bytes
+from kvgevent.client.client import SELF_CONNECTED, Client, self_connected, to_bytes
 from kvgevent.client.commands import escape_line
 from kvgevent.protocol import ReplyKind, classify_reply
 
@@ -111,9 +111,7 @@ def _worker(
         sock = socket.create_connection((args["host"], args["port"]), timeout=args["timeout"])
         try:
             if self_connected(sock):  # (its own echo would pass for replies: a dead local port)
-                raise ConnectionRefusedError(
-                    errno.ECONNREFUSED, "connected to itself (nothing listens there)"
-                )
+                raise ConnectionRefusedError(errno.ECONNREFUSED, SELF_CONNECTED)
             stream = _connected(sock, args)
             while share > 0:
                 count = min(pipeline, share)

@@ -75,6 +75,10 @@ MAX_SECONDS = 1_000_000.0
 most 2^31 milliseconds (about 24.8 days), and a longer one was a traceback."""
 
 
+SELF_CONNECTED = "connected to itself (nothing listens there)"
+"""What a connection the kernel connected to itself is said to be (:func:`self_connected`)."""
+
+
 def to_bytes(data: bytes | str, what: str = "value") -> bytes:
     """Keys and values may be given as ``str`` (sent as UTF-8) or ``bytes``. A ``str`` from
     the command line or the environment holds bytes that are not UTF-8 as surrogate escapes
@@ -178,9 +182,7 @@ class Client:
             raise ConnectionLost(f"cannot connect to {self.host!r}: not a host name ({exc})") from exc
         if self_connected(sock):
             sock.close()
-            raise ConnectionLost(
-                f"cannot connect to {self.host}:{self.port}: connected to itself (nothing listens there)"
-            )
+            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {SELF_CONNECTED}")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         tls = self._handshake(sock) if self.tls is not None else None

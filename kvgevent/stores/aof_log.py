@@ -172,7 +172,7 @@ def _open_locked(path: str) -> int:
         except BaseException:
             os.close(fd)
             raise
-        if (opened.st_dev, opened.st_ino) == (current.st_dev, current.st_ino):
+        if os.path.samestat(opened, current):
             return fd
         os.close(fd)
     raise OSError(errno.EBUSY, "the file is in use by another process (replaced while opened)")
@@ -197,7 +197,7 @@ def file_taken(fd: int, path: str, size: int) -> str | None:
             return "removed" if opened.st_nlink == 0 else "renamed away"
     except OSError:
         return None
-    if (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino):
+    if not os.path.samestat(opened, current):
         return "replaced"
     try:
         # Cut short, or cut and then written past (the hole's NUL bytes where the header was:
@@ -246,11 +246,9 @@ def foreign_file(path: str, fd: int) -> bool:
     try:
         current = os.stat(path)
         opened = os.fstat(fd)
-    except FileNotFoundError:
+    except OSError:  # none there; or not judged here: the rename says what is wrong
         return False
-    except OSError:  # not judged here: the rename says what is wrong
-        return False
-    return (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino)
+    return not os.path.samestat(opened, current)
 
 
 def in_thread(function: Callable[..., Any], *args: Any) -> Any:
