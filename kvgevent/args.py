@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -107,6 +108,32 @@ def add_env_option(
         metavar=None if choices else flag.upper().replace("-", "_"),
         help=f"{help} (default: {'none' if default is None else default}; env {env})",
     )
+
+
+EXIT_HELP_UNWRITTEN = 1
+"""The exit status when --help cannot be written (a full disk): not the 0 of a help shown."""
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
+"""What a shell shows for a process ended by SIGPIPE: ``--help | head -1``."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a help that cannot be written says so: argparse drops a write's
+    OSError and exits 0 (``--help > /dev/full`` printed nothing, said nothing, and exit 0).
+    A reader that has gone (``--help | head -1``) ends it quietly with 141, as SIGPIPE would."""
+
+    def print_help(self, file: Any = None) -> None:  # (a stream with write, flush, fileno)
+        out = sys.stdout if file is None else file
+        try:
+            out.write(self.format_help())
+            out.flush()
+        except OSError as exc:
+            # (stdout pointed at /dev/null first: the interpreter's last flush finds nothing)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+            os.close(devnull)
+            if isinstance(exc, BrokenPipeError):
+                sys.exit(EXIT_STDOUT_CLOSED)
+            self.exit(EXIT_HELP_UNWRITTEN, f"{self.prog}: cannot write the help: {exc.strerror or exc}\n")
 
 
 def program_name(script: str, command: str) -> str:

@@ -83,6 +83,18 @@ def test_pipeline_keeps_going_past_an_error(make_server):
         assert results[3] == [b"1", b"2"]
 
 
+def test_pipeline_that_raises_keeps_every_result(make_server):
+    """A pipeline whose ERR raises (``with`` block) still holds every command's result: the
+    other commands were applied and their replies read (they were lost: results empty)."""
+    server = make_server(max_line=50)
+    with Client(port=server.port, timeout=10) as kv:
+        with pytest.raises(ServerError) as info, kv.pipeline() as pipe:
+            pipe.put("k", b"1").put("k", b"x" * 100).get("k")
+        assert info.value.reason == "line too long"
+        assert pipe.results[0] is None and pipe.results[1] is info.value
+        assert pipe.results[2] == [b"1"]
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [("", b"v"), ("a:b", b"v"), ("a\nb", b"v"), ("k", b"v\nw"), ("k", b"trailing\r")],

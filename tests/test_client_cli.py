@@ -171,6 +171,78 @@ def test_requests_from_stdin_mix_words_and_protocol_lines(port):
     assert b"unknown command 'bogus'" in result.stderr
 
 
+def test_an_unknown_word_is_shown_escaped(port):
+    """A word from stdin that holds control bytes or is not UTF-8 is named escaped in the
+    error, as everything from the server is: it reached the terminal raw (an attacker's
+    pass: an ESC sequence in the message)."""
+    result = client(port, stdin=b"\xff\x1b[2Jbogus k\n")
+    assert result.returncode == 1
+    assert b"unknown command '\\xff\\x1b[2Jbogus'" in result.stderr
+    assert b"\x1b" not in result.stderr
+
+
+@pytest.mark.parametrize("word", ["help", "HELP"])
+def test_help_as_a_command_lists_the_commands(word):
+    """``run_client.py help`` shows the commands, as ``help`` does in the REPL, and sends
+    nothing (no server is needed); it said "unknown command 'help' (try: help)", exit 2."""
+    result = client(free_port(), word)
+    assert result.returncode == 0, result.stderr
+    assert b"put KEY VALUE" in result.stdout and b"UPDATE:key:old:new" in result.stdout
+    assert result.stderr == b""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize(
+    ("script", "args"), [("run_client.py", []), ("run_client.py", ["bench"]), ("run_server.py", [])]
+)
+def test_a_help_that_cannot_be_written_is_an_error(script, args):
+    """``--help > /dev/full`` (a full disk): exit 1 and one line on stderr. argparse drops a
+    write's error: it exited 0 having written nothing."""
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / script), *args, "--help"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            cwd=ROOT,
+        )
+    assert result.returncode == 1
+    assert result.stderr.endswith(b": cannot write the help: No space left on device\n"), result.stderr
+
+
+INTERRUPT_AT_IMPORT = """
+import os, signal, sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "kvgevent.client.cli":
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C while the client imports
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+"""
+
+
+@pytest.mark.parametrize(
+    "command", [[str(ROOT / "run_client.py")], ["-c", "from kvgevent.client.entry import main; main()"]]
+)
+def test_ctrl_c_while_the_client_starts_is_not_a_traceback(tmp_path, command):
+    """A Ctrl-C in the tenth of a second the client takes to import (a ``sitecustomize``
+    sends the real SIGINT as ``kvgevent.client.cli`` is imported) ends it as the signal's
+    default does, as a shell shows it (130), with nothing on stderr; it was a
+    KeyboardInterrupt traceback and exit 1. run_client.py and the installed command alike."""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_AT_IMPORT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    result = subprocess.run(
+        [sys.executable, *command, "--port", str(free_port()), "ping"],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert (result.returncode, result.stderr) == (-signal.SIGINT, b"")
+
+
 # --- --pipe, --stat, --latency ---------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from kvgevent.args import check_env, positive_int, program_name
+from kvgevent.args import Parser, check_env, positive_int, program_name
 from kvgevent.client.cli import add_connection_options, check_tls_ca, client_for, local_failure, tls_choice
 from kvgevent.client.client import SELF_CONNECTED, Client, self_connected, to_bytes
 from kvgevent.client.commands import escape_line
@@ -38,7 +38,7 @@ PROGRESS_EVERY = 0.25
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=program_name("run_client.py", "kvgevent-cli") + " bench",
         allow_abbrev=False,  # "--proc" is a usage error, not a guess at --processes
         description="Load a kvgevent server and report ops/s and latency percentiles.",

@@ -29,7 +29,15 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO
 
-from kvgevent.args import add_env_option, check_env, port_number, positive_int, program_name
+from kvgevent.args import (
+    EXIT_STDOUT_CLOSED,
+    Parser,
+    add_env_option,
+    check_env,
+    port_number,
+    positive_int,
+    program_name,
+)
 from kvgevent.client.client import MAX_SECONDS, Client
 from kvgevent.client.commands import (
     HELP,
@@ -51,9 +59,7 @@ from kvgevent.tls import client_context
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CONNECTION = 3
-EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # (as a shell shows a command Ctrl-C ended)
-"""What a shell shows for a process ended by SIGPIPE: ``run_client.py ... | head -1``."""
 BATCH = 1000
 """Requests sent per write when reading requests from stdin: one round trip per batch."""
 STDIN_READ = 1 << 16
@@ -160,7 +166,7 @@ def leading_connection_options(argv: list[str]) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=program_name("run_client.py", "kvgevent-cli"),
         allow_abbrev=False,  # "--pip" is not "--pipe": a typo is a usage error, not a guess
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -197,7 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run the client as the arguments ask (sys.argv's by default); the exit status. A Ctrl-C
+    anywhere is 130, never a traceback (run_client.py leaves SIGINT at its default while it
+    imports this module: Python's handler comes back here)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # in the arguments' checks, before a mode's own handling
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
     _open_closed_streams()
     bench_argv = _bench_argv(argv)
     if bench_argv is not None:
@@ -298,6 +315,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if not args.request and sys.stdin.isatty():
         return run_repl(client)
+    if [word.lower() for word in args.request[:1]] == ["help"]:  # (as in the REPL: nothing sent)
+        print(HELP)
+        return 0
     one_shot = _checked_arguments(args.request, parser)  # before connecting: usage errors as such
     client.connect()
     with client:

@@ -773,8 +773,16 @@ class Pipeline:
         return self
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Send the queued commands and return their results (:meth:`Client.execute`). When
+        an ``ERR`` raises its :class:`ServerError`, :attr:`results` still holds every
+        command's result, the error in its command's place: the others were applied and
+        their replies read."""
         commands, self.commands = self.commands, []
-        self.results = self.client.execute(commands, raise_on_error) if commands else []
+        self.results = self.client.execute(commands, raise_on_error=False) if commands else []
+        if raise_on_error:
+            for result in self.results:
+                if isinstance(result, ServerError):
+                    raise result
         return self.results
 
     def __len__(self) -> int:

@@ -91,7 +91,9 @@ def command_from_words(words: list[str]) -> Command:
     """``["put", "k", "v"]`` → ``Put(b"k", b"v")``; raises InvalidArgument on bad usage."""
     name, args = words[0].lower(), [w.encode("utf-8", "surrogateescape") for w in words[1:]]
     if name not in USAGE:
-        raise InvalidArgument(f"unknown command '{words[0]}' (try: help)")
+        # (escaped: a word piped in from elsewhere may hold control bytes or not be UTF-8)
+        word = escape_line(words[0].encode("utf-8", "surrogateescape"))
+        raise InvalidArgument(f"unknown command '{word}' (try: help)")
     if len(args) != len(USAGE[name][0].split()) - 1:  # the usage line names every argument
         raise InvalidArgument(f"usage: {USAGE[name][0]}")
     command: Command

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import gevent
 
 from kvgevent.args import (
+    Parser,
     add_env_option,
     byte_size,
     check_env,
@@ -74,7 +75,7 @@ from kvgevent.tls import server_context
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=program_name("run_server.py", "kvgevent-server"),
         allow_abbrev=False,  # --worker 2 must be an error, not --workers 2
         description="kvgevent: a key-value server speaking the p0 line protocol "
