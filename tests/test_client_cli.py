@@ -477,6 +477,24 @@ def test_bench_reports_every_test_as_json(port):
     assert client(port, "stats").stdout.count(b"keys=0") == 1
 
 
+def test_a_bench_over_the_servers_max_line_says_why(server_process):
+    """Values longer than the server's --max-line: the preload's refusal is named (exit 1),
+    where GET reported "0 ERR replies, 2 failed connections" after --timeout; a write test
+    counts every ERR (8 or 9 of 10 were counted: an ERR and its batch's PONG in two reads, the
+    PONG was taken for the next batch's reply). The keys are deleted either way."""
+    port = server_process().port  # (--max-line 1 MiB: the ERR comes before the line's end)
+    common = ["bench", "--port", str(port), "-c", "2", "-n", "40", "--keys", "5", "-d", "2000000", "--json"]
+    result = client(port, *common, "-t", "get", "--timeout", "10")
+    assert result.returncode == 1
+    assert result.stderr == b"run_client.py bench: the server refused the preload: ERR line too long\n"
+    result = client(port, *common, "-t", "put,delete")
+    assert result.returncode == 1, result.stderr
+    put, delete = (json.loads(line) for line in result.stdout.splitlines())
+    assert (put["requests"], put["errors"], put["failed_connections"]) == (40, 40, 0)
+    assert (delete["errors"], delete["failed_connections"]) == (0, 0)
+    assert client(port, "stats").stdout.count(b"keys=0") == 1
+
+
 def test_bench_in_several_processes(port):
     result = client(
         port, "bench", "--port", str(port), "-c", "4", "-n", "400", "-t", "get", "--processes", "2"

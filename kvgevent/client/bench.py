@@ -93,7 +93,6 @@ def _worker(
     # GET and UPDATE use the preloaded keys (one value each, and UPDATE keeps it so); PUT and
     # DELETE use keys of their own, so they never change what a GET returns.
     space = args["prefix"] + (b"w" if test in ("put", "delete") else b"k")
-    replies_per_batch = pipeline if test in ("get", "ping") else 1
     barrier = b"" if test in ("get", "ping") else b"PING\n"
     latencies: list[float] = []
     state = {"done": 0, "errors": 0}
@@ -117,11 +116,12 @@ def _worker(
                 count = min(pipeline, share)
                 keys = [space + b"%d" % rng.randrange(args["keys"]) for _ in range(count)]
                 payload = b"".join(_requests(test, k, value) for k in keys) + barrier
-                want = count if replies_per_batch != 1 else 1
                 begin = time.perf_counter()
                 stream.sendall(payload)
                 data = b""
-                while data.count(b"\n") < want:
+                # A write batch's replies end with its barrier's PONG (ERR lines before it, if
+                # any: counting lines took an ERR for the batch and its PONG for the next's).
+                while not data.endswith(b"PONG\n") if barrier else data.count(b"\n") < count:
                     chunk = stream.recv(1 << 16)
                     if not chunk:
                         raise ConnectionError("connection closed by the server")
@@ -208,7 +208,22 @@ def _preload(opts: argparse.Namespace, prefix: bytes) -> None:
             for i in range(start, min(start + 5000, keys)):
                 key = prefix + b"k%d" % i
                 lines += [b"DELETE:" + key, b"PUT:" + key + b":" + value]
-            client.send_raw(lines)
+            _refused(client.send_raw(lines))
+
+
+class PreloadRefused(Exception):
+    """The server answered ``ERR`` to the preload's PUTs (a value over its --max-line, a full
+    --max-memory): every GET and UPDATE after would fail for a cause the report cannot name."""
+
+    def __init__(self, line: bytes) -> None:
+        super().__init__(escape_line(line))
+
+
+def _refused(results: list[list[bytes]]) -> None:
+    """Raise :class:`PreloadRefused` for the first ``ERR`` among ``send_raw``'s results."""
+    for lines in results:
+        if lines and classify_reply(lines[0]) is ReplyKind.ERROR:
+            raise PreloadRefused(lines[0])
 
 
 def _cleanup(opts: argparse.Namespace, prefix: bytes) -> None:
@@ -369,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except ServerError as exc:  # a refused AUTH
         print(f"run_client.py bench: ERR {escape_line(exc.reason.encode())}", file=sys.stderr)
+        return 1
+    except PreloadRefused as exc:
+        print(f"run_client.py bench: the server refused the preload: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # stdout's reader has gone: the caller ends quietly (its keys are deleted)
         raise
