@@ -439,6 +439,42 @@ def test_clients_holding_big_replies_under_way_are_counted_and_disconnected(run_
     assert dropped and rss(server.proc.pid) < 2 * limit
 
 
+def test_values_deleted_under_a_big_reply_are_counted_as_the_readers(run_server, peers):
+    """Five times: a client that never reads GETs a key of 40 values of 1 MB, then another
+    DELETEs the key and fills it again. Each reply's copy keeps the values the store dropped
+    (200 MB with the store's 40, against --max-memory 150M), and they were counted as 8
+    bytes each: the limit never bit (an attacker's pass: 751 MB against 200M). Now the
+    guard counts a dropped list's values as its reader's: STATS sees them, the readers are
+    disconnected (memory_limit) and RSS comes back under the limit."""
+    limit = 150 * MiB
+    server = run_server("--max-memory", "150M")
+    writer, polite = peers(server.port), peers(server.port)
+    put_big_key(writer, b"big", 40)
+    socks: list[socket.socket] = []
+    try:
+        for round_ in range(5):
+            mark = read_stats(polite)["used_memory_clients"] + BIG_VALUE // 2
+            sock = stuck_socket(server.port)
+            sock.sendall(b"GET:big\n")
+            socks.append(sock)
+            # (its reply under way: the first value queued, the list's copy held)
+            wait_until(lambda mark=mark: read_stats(polite)["used_memory_clients"] > mark, timeout=30)
+            refill = b"".join(
+                b"PUT:big:%s\n" % (b"%d" % n).rjust(BIG_VALUE, b"%d" % round_) for n in range(40)
+            )
+            writer.request(b"DELETE:big\n" + refill)  # (PUTs over the limit refused: ERR)
+        wait_until(lambda: read_stats(polite)["evicted_clients"] > 0, timeout=30, message="no eviction")
+        dropped = [e for e in events(server, "client_dropped") if e["reason"] == "memory_limit"]
+        assert dropped
+        wait_until(lambda: rss(server.proc.pid) < limit + SLACK, timeout=30, message="RSS stayed over")
+        assert polite.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: read_stats(polite)["active"] == 2, timeout=30)
+    assert read_stats(polite)["used_memory_clients"] == 0
+
+
 def test_many_clients_holding_small_unfinished_lines_are_disconnected_too(run_server, peers):
     """1,500 connections each hold 40,000 bytes of an unfinished line (60 MB) against
     --max-memory 64M. Before, clients holding under 64 KiB were never disconnected: 8,000 of

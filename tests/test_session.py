@@ -9,11 +9,12 @@ import pytest
 
 from kvgevent.config import REPLY_CHUNK
 from kvgevent.errors import StoreError
-from kvgevent.protocol import ERR_LINE_TOO_LONG, value_lines
+from kvgevent.protocol import ERR_LINE_TOO_LONG, Delete, Put, Update, value_lines
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import MemoryGuard
 from kvgevent.server.session import (
+    BYTES_COST,
     LIST_COST,
     NEXT_TURN,
     Chunk,
@@ -131,6 +132,27 @@ def test_a_big_reply_comes_in_chunks_each_after_room_was_found():
         Holding(0),
         [b"PONG\n"],
     ]
+
+
+def test_a_big_reply_whose_list_the_store_dropped_holds_its_values_too():
+    """A big reply under way (its client waits for room) holds the list's slots; once the
+    store drops the list (a DELETE, a refill), ``held_now`` adds the values, which the reply's
+    copy alone keeps: once (None after), and nothing is noted once the reply is done. An
+    UPDATE or a PUT that leaves the first or the last value in place is not a drop."""
+    session = session_for(chunk=(8, 1 << 20))
+    values = [(b"%02d" % i) * 150 for i in range(20)]
+    run(session, b"".join(b"PUT:big:%s\n" % value for value in values))
+    actions = session.handle([b"GET:big", b"PING"])
+    assert next(actions) == Holding(LIST_COST + 8 * 20) and next(actions) == Room(8, 8 * 305)
+    store = session.shared.store
+    assert session.held_now() is None
+    store.apply([Update(b"big", values[2], b"new"), Put(b"big", b"more")])  # (the first is still there)
+    assert session.held_now() is None
+    store.apply([Delete(b"big"), Put(b"big", values[0])])  # (an equal value: another object)
+    assert session.held_now() == LIST_COST + 8 * 20 + sum(map(len, values)) + 20 * BYTES_COST
+    assert session.held_now() is None  # (counted once)
+    actions.close()  # (its client went)
+    assert session.held == []
 
 
 def test_what_big_replies_hold_is_their_lists_and_for_a_store_kept_elsewhere_their_values():

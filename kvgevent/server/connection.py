@@ -402,6 +402,18 @@ class Connection:
         if delta and not self.released:
             self.reply_held = size
             self._count_held(delta)
+            if self.guard.limit:  # (looked at again while it holds any: rehold)
+                if size:
+                    self.guard.holders.add(self)
+                else:
+                    self.guard.holders.discard(self)
+
+    def rehold(self) -> None:
+        """Count again what the big replies being built hold, if that changed
+        (``Session.held_now``: values the store dropped meanwhile are theirs now)."""
+        size = self.session.held_now()
+        if size is not None:
+            self.hold(size)
 
     def _count_held(self, delta: int) -> None:
         """Add ``delta`` bytes to the guard's count of client buffers; past its mark, it looks
@@ -449,6 +461,7 @@ class Connection:
             self.released = True
             self.guard.buffered -= self.input_held + self.queued_bytes + self.reply_held
             self.input_held = self.reply_held = 0
+            self.guard.holders.discard(self)
 
     def abort(self, reason: str) -> None:
         """Disconnect now, from any greenlet, dropping what is queued: record ``reason`` as

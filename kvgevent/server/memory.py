@@ -137,6 +137,9 @@ class MemoryGuard:
         """Bytes a client's queue may hold for a big reply being built: PRESSED_QUEUE_BYTES
         while over the limit (a prompt reader of a big value then holds about that, not
         --queue-bytes, and is not what gets disconnected), else no bound beyond its own."""
+        self.holders: set[Any] = set()
+        """The connections whose big replies under way hold lists of values (with a limit):
+        :meth:`run` has them count again what those hold (``Connection.rehold``)."""
         self.oom_rejected = 0
         self.evicted = 0
         self._wake: Any = None  # a gevent Event, made by run()
@@ -194,6 +197,8 @@ class MemoryGuard:
         while True:
             self._wake.wait(MEMORY_CHECK_INTERVAL)
             self._wake.clear()
+            for holder in list(self.holders):  # (before the look: what they hold may have grown)
+                holder.rehold()
             self.mark = self.buffered + MEMORY_CHECK_STEP
             self.over()  # (sets queue_cap)
             excess = self.used() - self.limit

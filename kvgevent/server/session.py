@@ -174,6 +174,7 @@ class Session:
         "chunk_bytes",
         "verb",
         "abandoned",
+        "held",
     )
 
     def __init__(
@@ -200,6 +201,9 @@ class Session:
         # request bytes outlive their batch (a quiet client holds its incomplete line only).
         self.verb: type = type(None)
         self.abandoned = 0  # lines of big replies left unbuilt when their client went (see _values)
+        # The lists of values the big replies under way are built from, as [key, values, bytes
+        # of the values counted as the reply's own] (see held_now); empty between them.
+        self.held: list[list[Any]] = []
 
     def logger(self) -> Logger:
         """The server's logger bound to this client (made on use: most clients never log)."""
@@ -647,24 +651,61 @@ class Session:
         pass), and 0 at the end (a client that goes meanwhile gives back all it held)."""
         held = 0
         index = start
-        while index < len(results):
-            index = self._inline_replies(run, results, out, index)
-            if len(out) >= REPLY_CHUNK:
-                yield out
-                out.clear()
-            elif index < len(results):  # a big GET reply
-                if not held:
-                    if out:
-                        yield out  # (the replies before it go first)
-                        out.clear()
-                    held = held_bytes(results, index, self.shared.store.lookup is None)
-                    yield Holding(held)
-                yield from self._values(run[index][0], results[index], out)  # type: ignore[arg-type]  # (not inline: a list of values)
-                index += 1
-                if self.work >= TURN_WORK:  # (GETs of single big values add up too)
-                    yield from self._next_turn(out)
+        try:
+            while index < len(results):
+                index = self._inline_replies(run, results, out, index)
+                if len(out) >= REPLY_CHUNK:
+                    yield out
+                    out.clear()
+                elif index < len(results):  # a big GET reply
+                    if not held:
+                        if out:
+                            yield out  # (the replies before it go first)
+                            out.clear()
+                        held = self._hold(run, results, index)
+                        yield Holding(held)
+                    yield from self._values(run[index][0], results[index], out)  # type: ignore[arg-type]  # (not inline: a list of values)
+                    index += 1
+                    if self.work >= TURN_WORK:  # (GETs of single big values add up too)
+                        yield from self._next_turn(out)
+        finally:
+            self.held = []  # (closed too: its client went)
         if held:
             yield Holding(0)
+
+    def _hold(self, run: list[Any], results: list[Result], start: int) -> int:
+        """What the lists of values of ``results[start:]`` hold (:func:`held_bytes`), noted in
+        :attr:`held` when the store holds its data here (see :meth:`held_now`)."""
+        elsewhere = self.shared.store.lookup is None
+        if not elsewhere:
+            found = enumerate(results[start:], start)
+            self.held = [[run[index][0], values, 0] for index, values in found if values.__class__ is list]
+        return held_bytes(results, start, elsewhere)
+
+    def held_now(self) -> int | None:
+        """What the big replies under way hold now, if that changed since :class:`Holding`
+        counted it (else None): their lists' slots, and the values of a list the store has
+        dropped since (a DELETE, a refill), which the reply's copy alone keeps now (they went
+        uncounted: a slow reader's GET of a big key deleted and refilled six times held RSS
+        at 751 MB against --max-memory 200M, an attacker's pass). Dropped means the key's
+        list has neither the copy's first value nor its last (an UPDATE of the first value
+        then a PUT counts a list the store still holds: more, never less). The server looks
+        every MEMORY_CHECK_INTERVAL while the client holds any (``MemoryGuard.holders``)."""
+        lookup = self.shared.store.lookup
+        if not self.held or lookup is None:
+            return None
+        changed = False
+        for entry in self.held:
+            key, values, own = entry
+            if own or not values:
+                continue
+            found = lookup(key)
+            if not found or (found[0] is not values[0] and found[-1] is not values[-1]):
+                entry[2] = sum(map(len, values)) + BYTES_COST * len(values)
+                changed = True
+        if not changed:
+            return None
+        return sum(LIST_COST + 8 * len(values) + own for _, values, own in self.held)
 
     def _values(self, key: bytes, values: list[bytes], out: list[bytes]) -> Actions:
         """A big GET reply, in chunks that fit the client's queue (at most REPLY_CHUNK lines
