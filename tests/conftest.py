@@ -11,6 +11,7 @@ import fcntl  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import select  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -290,6 +291,23 @@ def read_stats(peer: Peer) -> dict[str, int]:
     """The STATS line of ``peer``'s server, as numbers by name."""
     line = peer.request(b"STATS\n")[0].decode()
     return {name: int(value) for name, value in (pair.split("=") for pair in line.split())}
+
+
+def fill_descriptors(port: int, pid: int) -> list[Peer]:
+    """Lower the soft RLIMIT_NOFILE of server ``pid`` (a real limit, set from outside as
+    ``prlimit --pid`` does) to just above its highest open descriptor, and take the free
+    numbers below it with served clients: its next accept() fails with EMFILE."""
+
+    def open_fds() -> set[int]:
+        return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
+    fillers = []
+    for _ in set(range(max(open_fds()) + 1)) - open_fds():  # (holes: a closed file's number)
+        fillers.append(Peer(port))
+        assert fillers[-1].request(b"") == []
+    return fillers
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, message: str = "") -> None:

@@ -526,20 +526,18 @@ def test_a_failed_directory_fsync_fails_the_log_until_a_rebuild(tmp_path, log_st
     """If the directory fsync after a compaction's rename fails, the rename may not survive a
     crash: nothing written since the switch counts as durable, writes are refused, and the
     recovery rebuilds the file (injected at the directory fsync: EIO cannot be made real)."""
-    from kvgevent.stores import rewrite
-
-    real = rewrite.fsync_directory
     failures = []
-
-    def once(path):
-        if not failures:
-            failures.append(path)
-            raise OSError(errno.EIO, "Input/output error")
-        real(path)
-
     store = opened(tmp_path / "kv.aof", fsync="always")
+    real = store.aof.sync_directory
+
+    def once():
+        if not failures:
+            failures.append(1)
+            raise OSError(errno.EIO, "Input/output error")
+        real()
+
     store.put(b"k", b"1")
-    monkeypatch.setattr(rewrite, "fsync_directory", once)
+    monkeypatch.setattr(store.aof, "sync_directory", once)
     store.rewrite()
     assert not store.aof.ok and store.aof.durable < store.aof.written
     with pytest.raises(StoreError):
@@ -699,14 +697,15 @@ def test_finding_the_good_records_after_damage_is_linear(tmp_path):
 # --- failures of fsync, dup, open ------------------------------------------------------------------
 
 
-def _fails_once(monkeypatch, module, name, error):
-    """Make ``module.name`` raise OSError(``error``) on its first call only."""
+def _fails_once(monkeypatch, module, name, error, times=1):
+    """Make ``module.name`` raise OSError(``error``) on its first call only (or first
+    ``times`` calls)."""
     real = getattr(module, name)
     calls = []
 
     def once(*args, **kwargs):
         calls.append(args)
-        if len(calls) == 1:
+        if len(calls) <= times:
             raise OSError(error, os.strerror(error))
         return real(*args, **kwargs)
 
@@ -758,19 +757,38 @@ def test_a_failed_fsync_is_not_forgotten(tmp_path, log_stream, connect, monkeypa
 def test_a_failed_dup_in_the_syncer_fails_the_ping_instead_of_hanging(
     tmp_path, log_stream, connect, monkeypatch
 ):
-    """EMFILE from the syncer's os.dup (injected: running out of descriptors for real would take
-    the test's sockets too): the waiting PING gets ERR at once, not a hang, the failure is
-    logged once, and the log recovers by itself."""
+    """EMFILE from the syncer's os.dup, its spare descriptor given up and EMFILE again
+    (injected: test_aof_faults runs out of descriptors for real): the waiting PING gets ERR at
+    once, not a hang, the failure is logged once, and the log recovers by itself."""
     _store, server = serving(tmp_path / "kv.aof", fsync="always")
     try:
         peer = connect(server.port)
-        _fails_once(monkeypatch, os, "dup", errno.EMFILE)
+        _fails_once(monkeypatch, os, "dup", errno.EMFILE, times=2)
         peer.send(b"PUT:k:1\nPING\n")
         assert peer.read_lines(1) == [b"ERR persistence failed"]
         wait_until(lambda: _logged(log_stream, "aof_recovered"), 10, "the log did not recover")
         assert peer.request(b"PUT:k:2\n") == []
         assert [e["errno"] for e in _logged(log_stream, "aof_fsync_failed")] == [errno.EMFILE]
         assert not _logged(log_stream, "aof_rewritten"), "no fsync failed: no rebuild needed"
+    finally:
+        server.close()
+
+
+def test_the_syncer_gives_up_its_spare_descriptor_at_the_open_files_limit(
+    tmp_path, log_stream, connect, monkeypatch
+):
+    """EMFILE from the syncer's os.dup (injected, as above): the log's spare descriptor is
+    given up for it, the PING gets its PONG and nothing fails; the spare is taken back, so
+    the next EMFILE is met the same way."""
+    store, server = serving(tmp_path / "kv.aof", fsync="always")
+    try:
+        peer = connect(server.port)
+        for value in (b"1", b"2"):
+            calls = _fails_once(monkeypatch, os, "dup", errno.EMFILE)
+            assert peer.request(b"PUT:k:" + value + b"\n") == []
+            assert len(calls) == 2 and store.aof._spare is not None
+            monkeypatch.undo()
+        assert not _logged(log_stream, "aof_fsync_failed") and store.aof.ok
     finally:
         server.close()
 

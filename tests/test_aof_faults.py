@@ -25,7 +25,7 @@ from pathlib import Path
 
 import gevent
 import pytest
-from conftest import ROOT, Peer, http_get, read_stats, scrape, wait_until
+from conftest import ROOT, Peer, fill_descriptors, http_get, read_stats, scrape, wait_until
 
 from kvgevent.stores.aof import MAGIC, encode_record
 
@@ -292,6 +292,53 @@ def test_compactions_under_fsync_always_never_strand_a_ping(server_process, tmp_
         server_process, path, b"".join(b"GET:keep%d\nGET:tmp%d\n" % (n, n) for n in range(8))
     )
     assert replies == [b"keep%d:%d" % (n, i) for n in range(8) for i in range(acknowledged[n])]
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+def test_at_the_open_files_limit_the_log_still_syncs(server_process, tmp_path, fsync):
+    """The server's open-files limit lowered for real (RLIMIT_NOFILE set on the running
+    process, as ``prlimit --pid`` does) and every free number taken by a client: no file can
+    be opened. Writes are still acknowledged and synced (the log's fsync runs on a duplicate
+    of its descriptor: it gives up a spare one held for this), compactions due meanwhile
+    fail and are retried, costing clients nothing, and once files are free again one runs.
+    Before, the duplicate's EMFILE failed every write (ERR persistence failed, 177 of 180
+    under always), and under everysec a compaction that could not open its directory to
+    sync the rename demanded a rebuild, which the limit kept failing (an auditor's and an
+    attacker's runs, 5 of 5)."""
+    path = tmp_path / "kv.aof"
+    proc = server_process(
+        "--aof", str(path), "--fsync", fsync, "--aof-rewrite-min-size", "64K", "--aof-rewrite-growth", "1.5"
+    )
+    peer = Peer(proc.port)
+    assert peer.request(b"") == []  # (accepted: its file is open before the limit is set)
+    limits = resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE)
+    fillers = fill_descriptors(proc.port, proc.proc.pid)
+    value = b"x" * 4000
+    try:
+        n, end = 0, time.monotonic() + 3  # (everysec: fsyncs a second apart)
+        while n < 60 or time.monotonic() < end:  # (240 KB or more: compactions due at 64 KB)
+            peer.send(b"PUT:churn:%s\nDELETE:churn\nPUT:k%d:%d\nPING\n" % (value, n, n))
+            assert peer.read_lines(1) == [b"PONG"], f"batch {n} refused at the open-files limit"
+            n += 1
+        stats = read_stats(peer)
+        assert stats["aof_ok"] == 1 and stats["aof_fsync_errors"] == 0
+        assert stats["aof_rewrites"] == 0 and events_named(proc, "aof_rewrite_failed")  # (no file for it)
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE, limits)
+
+        def compacted() -> bool:  # (a compaction is due at a write, after the last one's backoff)
+            assert peer.request(b"PUT:churn:%s\nDELETE:churn\n" % value) == []
+            return read_stats(peer)["aof_rewrites"] >= 1
+
+        wait_until(compacted, 30, "no compaction once files were free")
+    finally:
+        for filler in fillers:
+            filler.close()
+        peer.close()
+    assert not events_named(proc, "aof_fsync_failed")
+    assert proc.stop() == 0
+    assert_no_bug_reported(proc)
+    replies, _ = after_restart(server_process, path, b"".join(b"GET:k%d\n" % i for i in range(n)))
+    assert replies == [b"k%d:%d" % (i, i) for i in range(n)]
 
 
 @pytest.mark.parametrize("repair", [False, True])

@@ -8,7 +8,15 @@ import time
 
 import gevent
 import pytest
-from conftest import Peer, free_port, log_events, read_stats, small_buffer_socket, wait_until
+from conftest import (
+    Peer,
+    fill_descriptors,
+    free_port,
+    log_events,
+    read_stats,
+    small_buffer_socket,
+    wait_until,
+)
 from gevent.lock import Semaphore
 
 from kvgevent import KeyValueServer
@@ -709,24 +717,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _fill_descriptors(port: int, pid: int) -> list[Peer]:
-    """Lower the soft RLIMIT_NOFILE of server ``pid`` (a real limit, set from outside as
-    ``prlimit --pid`` does) to just above its highest open descriptor, and take the free
-    numbers below it with served clients: its next accept() fails with EMFILE."""
-    import resource
-
-    def open_fds() -> set[int]:
-        return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
-
-    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
-    fillers = []
-    for _ in set(range(max(open_fds()) + 1)) - open_fds():  # (holes: a closed file's number)
-        fillers.append(Peer(port))
-        assert fillers[-1].request(b"") == []
-    return fillers
-
-
 def test_accept_failing_for_want_of_files_is_one_episode(server_process):
     """Files used up by something other than clients (here the open files limit lowered
     under a running server, for real) make accept() fail with EMFILE; gevent's accept loop
@@ -738,7 +728,7 @@ def test_accept_failing_for_want_of_files_is_one_episode(server_process):
     proc = server_process()
     first = Peer(proc.port)
     assert first.request(b"") == []  # (accepted: its file is open before the limit is set)
-    peers = [first, *_fill_descriptors(proc.port, proc.proc.pid)]
+    peers = [first, *fill_descriptors(proc.port, proc.proc.pid)]
     try:
         assert first.request(b"") == []
         waiting = Peer(proc.port)  # (the kernel completes the connection: it waits in the backlog)

@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 import gevent
 import gevent.event
+from gevent.monkey import get_original
 
 from kvgevent.errors import StoreError
 from kvgevent.logs import Logger, get_logger
@@ -114,13 +115,25 @@ FAILURE_HINTS = {
 }
 
 
-def fsync_directory(path: str) -> None:
-    """Make a rename in ``path``'s directory durable."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+def open_directory(path: str) -> int:
+    """A descriptor of ``path``'s directory, to fsync a rename in it (held for the log's life:
+    see :meth:`AofLog.sync_directory`)."""
+    return os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_CLOEXEC)
+
+
+# The spare is closed with the real close(): gevent's (monkey-patched into ``os`` since 25.8.1)
+# defers closing anything but a regular file to its loop's next check, and the duplicate
+# made right after the close found no free number (EMFILE again, under strace).
+_close_now = get_original("os", "close")
+
+
+def _spare_descriptor() -> int | None:
+    """A descriptor held in reserve (/dev/null), given up for the log's own at the open-files
+    limit (:meth:`AofLog._dup`); None if none can be had now."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
@@ -334,6 +347,12 @@ class AppendOnlyLog:
         self._recovered_at = -RELAPSE_WINDOW
         self._last_delay = RETRY_MIN
         self._closed = False
+        # Held for the log's life, so that neither a rename's fsync nor an fsync's duplicate
+        # needs a new descriptor at the open-files limit (clients took the others): there an
+        # fsync that could not be tried failed every write, and a compaction's switch that
+        # could not sync its directory demanded a rebuild (an auditor's prlimit runs).
+        self._dir_fd = -1
+        self._spare: int | None = None
 
     # --- opening --------------------------------------------------------------------------
 
@@ -353,6 +372,8 @@ class AppendOnlyLog:
             )
         fd = _open_locked(self.path)  # (before the leftovers: they may be another server's)
         try:
+            self._dir_fd = open_directory(self.path)
+            self._spare = _spare_descriptor()
             for leftover in (self.path + REWRITE_SUFFIX, self.path + PROBE_SUFFIX):
                 if os.path.exists(leftover):  # left by a crash: the log itself is intact
                     os.unlink(leftover)
@@ -364,13 +385,18 @@ class AppendOnlyLog:
             if found.good_end == 0:
                 pwrite_all(fd, [MAGIC], 0)
                 os.fsync(fd)
-                fsync_directory(self.path)
+                self.sync_directory()
         except BaseException:
             os.close(fd)
+            self._close_reserved()
             raise
         self.fd = fd
         self.size = max(found.good_end, len(MAGIC))
         self.records = found.records
+        # gevent makes its threadpool, importing its module, at the first use, and starts a
+        # worker thread then: at the open-files limit the import failed (EMFILE) and the
+        # first PING after it never got an answer. Made now, before any client.
+        in_thread(int)
         self._ticker = gevent.spawn(self._tick)
         return report
 
@@ -502,8 +528,8 @@ class AppendOnlyLog:
         disk. A failed fsync (not a failed dup) sets :attr:`lost`; so does a file taken away
         (FileTaken, its episode opened)."""
         try:
-            fd = os.dup(self.fd)
-        except OSError:  # (EMFILE): no fsync happened, so nothing is lost
+            fd = self._dup()
+        except OSError:  # (EMFILE, no spare left): no fsync happened, so nothing is lost
             self.fsync_errors += 1
             raise
         began, generation, size = time.monotonic(), self.generation, self.size
@@ -516,14 +542,43 @@ class AppendOnlyLog:
             raise
         finally:
             os.close(fd)
+            self._respare()  # (the number just freed: nothing ran in between)
         self._judge(taken, generation)
+
+    def _dup(self) -> int:
+        """A duplicate of the log's descriptor for an fsync (it runs in a thread: a compaction
+        may close the descriptor meanwhile). At the open-files limit (EMFILE) the spare is
+        given up for it; :meth:`_respare` takes the number back as the duplicate is closed."""
+        try:
+            return os.dup(self.fd)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE or self._spare is None:
+                raise
+        _close_now(self._spare)
+        self._spare = None
+        return os.dup(self.fd)
+
+    def _respare(self) -> None:
+        if self._spare is None:
+            self._spare = _spare_descriptor()
+
+    def sync_directory(self) -> None:
+        """Make a rename in the log's directory durable (an fsync of its descriptor, held
+        open: no descriptor needed at the open-files limit). Raises OSError."""
+        os.fsync(self._dir_fd)
+
+    def _close_reserved(self) -> None:
+        for fd in (self._dir_fd, self._spare):
+            if fd is not None and fd >= 0:
+                _close_now(fd)
+        self._dir_fd, self._spare = -1, None
 
     def _look(self) -> None:
         """Whether the file is still the log (:func:`file_taken`), with no fsync: FileTaken
         if not (:meth:`_judge`)."""
         generation, size = self.generation, self.size
         try:
-            fd = os.dup(self.fd)  # (as for an fsync: a compaction may close the descriptor)
+            fd = os.dup(self.fd)  # (not the spare: the thread closes this one, as the loop runs)
         except OSError:
             return  # (EMFILE) looked at next time
         taken = in_thread(_look_and_close, fd, self.path, size)  # (the thread owns the dup)
@@ -733,6 +788,7 @@ class AppendOnlyLog:
             self._last_attempt()
         os.close(self.fd)
         self.fd = -1
+        self._close_reserved()
         return self.written_records - self.durable_records
 
     def _last_attempt(self) -> None:

@@ -47,7 +47,6 @@ from kvgevent.stores.aof_log import (
     FileTaken,
     file_taken,
     foreign_file,
-    fsync_directory,
     in_thread,
     lock,
     pwrite_all,
@@ -329,7 +328,7 @@ class Rewrite:
             # anyway: closing it here too could close a descriptor number reused meanwhile.)
             in_thread(_close, old)
             in_thread(os.fsync, self.fd)
-            in_thread(fsync_directory, self.path)
+            in_thread(self.aof.sync_directory)
         except BaseException as exc:  # killed too: the log must not believe the file is in place
             failure = exc if isinstance(exc, Exception) else OSError(errno.EINTR, "interrupted")
             self.aof.finish_switch(position, records, failure)
