@@ -29,8 +29,19 @@ client is accepted again, or one freeing a slot and reconnecting in a loop logs 
 
 FD_RESERVE = 32
 """File descriptors kept for what is not a client (the listening socket, the log and
-append-only files, a compaction's, the Redis store's connections, the metrics port): the
-server lowers --max-clients to its open files limit less these, as Redis does."""
+append-only files, a compaction's, the Redis store's connections, the metrics port, the
+refused clients kept open for their ERR): the server lowers --max-clients to its open files
+limit less these, as Redis does."""
+
+REFUSED_LINGER = 0.5
+"""Seconds a client refused over --max-clients is kept open after its ``ERR max clients
+reached`` (its write side shut), for its request to come and be thrown away: a socket closed
+with input unread, or receiving input after, is reset, and the reset throws away the ERR in
+the client's kernel (an attacker's pass: 5 to 11 of 20 clients that send as they connect)."""
+
+REFUSED_LINGER_MAX = 4
+"""Refused clients kept open at once (REFUSED_LINGER); more are closed at once, their input
+read first: a flood over --max-clients holds no more of the files FD_RESERVE keeps."""
 
 METRICS_CONNECTIONS = 8
 """HTTP connections the metrics port serves at once (a scraper and a few probes): more wait in

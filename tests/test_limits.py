@@ -77,6 +77,28 @@ def test_client_over_max_clients_is_told_and_closed(make_server, connect, log_st
     assert event["reason"] == "max_clients"
 
 
+def test_a_client_over_max_clients_that_sends_at_once_still_gets_its_err(make_server, connect):
+    """A client that sends its request as it connects (as every real one does) and is over
+    --max-clients: the server closed it with the request unread, the kernel reset the
+    connection, and the reset threw away the ERR it had sent (an attacker's pass: 10 of 10,
+    11 of 20, 5 of 20 got a reset). Now its input is read and thrown away, the ERR and the
+    end of the stream reach it, 20 of 20; and the client library names the refusal."""
+    server = make_server(max_clients=2)
+    holders = [connect(server.port) for _ in range(2)]
+    for holder in holders:
+        holder.request(b"")
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+            extra.sendall(b"GET:k\nPING\n")
+            received = b""
+            while chunk := extra.recv(1000):  # (a reset raises ConnectionResetError)
+                received += chunk
+        assert received == b"ERR max clients reached\n"
+    with pytest.raises(ConnectionLost, match="refused by the server: ERR max clients reached"):
+        Client(port=server.port, timeout=10).get("k")
+    wait_until(lambda: server._refused_open == 0, timeout=10)  # (each kept 0.5 s at most)
+
+
 def _refused(port: int, times: int) -> None:
     """Connect ``times`` times in a row, each refused over --max-clients (its ERR, then EOF)."""
     for _ in range(times):

@@ -329,7 +329,9 @@ class Client:
         if data is None:
             return
         if not data:
-            raise ConnectionLost("connection closed by the server")
+            raise ConnectionLost(closed_by_server(wire.first))
+        if data == REFUSAL:
+            raise ConnectionLost(REFUSED)
         raise _stray(data.split(b"\n", 1)[0])
 
     def _nothing_after(self, line: bytes | None) -> None:
@@ -350,6 +352,20 @@ def self_connected(sock: socket.socket) -> bool:
         return False
 
 
+REFUSAL = b"ERR max clients reached\n"
+"""All a kvgevent server sends a client it refuses over its --max-clients, before it closes."""
+
+REFUSED = "refused by the server: ERR max clients reached"
+
+
+def closed_by_server(first: bytes | None) -> str:
+    """Why the server closed the connection, as far as the client can tell: refused over its
+    --max-clients if that refusal is all it ever sent (``first``: what the connection's first
+    read found). Its ERR came before any request: taken as a reply, it made the close look
+    like a failure mid-command ("connection closed by the server", an attacker's pass)."""
+    return REFUSED if first == REFUSAL else "connection closed by the server"
+
+
 def _stray(line: bytes) -> ConnectionLost:
     """The error for a reply ``line`` that nothing asked for."""
     return ConnectionLost(f"unexpected reply from the server: {line[:80]!r} when nothing was asked for")
@@ -362,6 +378,7 @@ class _Wire:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.outgoing = bytearray()  # deleting its head is O(1): no copy per partial send
+        self.first: bytes | None = None  # what the first read found (closed_by_server)
 
     @property
     def pending(self) -> bool:
@@ -390,9 +407,12 @@ class _Wire:
         if there are none now. Fewer than RECV_SIZE means nothing more is readable before the
         socket is readable again."""
         try:
-            return self.sock.recv(RECV_SIZE)
+            data = self.sock.recv(RECV_SIZE)
         except BlockingIOError:
             return None
+        if self.first is None:
+            self.first = data
+        return data
 
 
 class _TlsWire(_Wire):
@@ -578,7 +598,7 @@ class _Exchange:
             if data is None:
                 return
             if not data:
-                raise ConnectionLost("connection closed by the server")
+                raise ConnectionLost(closed_by_server(self.wire.first))
             self.last_progress = time.monotonic()
             self.owed_since = None
             lines = self.buffer.feed(data)

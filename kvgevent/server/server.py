@@ -21,6 +21,7 @@ the others.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -61,6 +62,8 @@ from kvgevent.config import (
     READER_IDLE,
     READER_PATIENCE_MAX,
     RECV_SIZE,
+    REFUSED_LINGER,
+    REFUSED_LINGER_MAX,
     REJECTED_QUIET,
     REPLY_CHUNK,
     REPORT_INTERVAL,
@@ -75,7 +78,7 @@ from kvgevent.fastio import Dormant
 from kvgevent.logs import get_logger
 from kvgevent.protocol import NEWLINE
 from kvgevent.server.auth_throttle import AuthThrottle
-from kvgevent.server.connection import Connection
+from kvgevent.server.connection import DISCARD_READ, Connection
 from kvgevent.server.counters import Counters
 from kvgevent.server.episodes import Episode
 from kvgevent.server.memory import MemoryGuard, release_free_memory, release_memory_loop
@@ -110,6 +113,19 @@ def store_name(store: KVStore) -> str:
 
 class _Closing(Exception):
     """Thrown into reader greenlets by :meth:`KeyValueServer.close`."""
+
+
+def _drained(sock: Any) -> bool:
+    """Read and throw away what a refused client has sent so far, without waiting: True while
+    its connection stays open, False once its input ended or failed (closing is no reset)."""
+    try:
+        while os.read(sock.fileno(), DISCARD_READ):
+            pass
+    except BlockingIOError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 class _Idle(Exception):
@@ -201,7 +217,7 @@ class _Listener(PausingListener):
     limit keeps for others (FD_RESERVE: accept_failed, EMFILE, in an attacker's pass)."""
 
     def __init__(
-        self, *args: Any, full: Callable[[int], bool], reject: Callable[[Any, Any, int], None], **kwargs: Any
+        self, *args: Any, full: Callable[[int], bool], reject: Callable[[Any, Any, int], bool], **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         self._full, self._reject = full, reject
@@ -209,10 +225,12 @@ class _Listener(PausingListener):
 
     def do_handle(self, *args: Any) -> None:
         if self._full(self._pending):
+            kept = False  # (the refusal keeps the socket a moment, closing it itself)
             try:
-                self._reject(args[0], args[1], self._pending)  # (the socket, its address)
+                kept = self._reject(args[0], args[1], self._pending)  # (the socket, its address)
             finally:
-                self.do_close(*args)
+                if not kept:
+                    self.do_close(*args)
             return
         self._pending += 1
         # (the handler as it is now: a close() before the greenlet starts takes _handle away)
@@ -310,6 +328,7 @@ class KeyValueServer:
         self._reader_sweeper: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
         self._rejecting = Episode()  # clients refused over --max-clients
+        self._refused_open = 0  # refused clients kept open a moment for their ERR (_refuse)
         self._rejecting_watch: gevent.Greenlet | None = None  # ends that episode once quiet
         self._accept_failing = Episode()  # accept() failing for want of files or memory
         self._accept_watch: gevent.Greenlet | None = None  # ends that episode once quiet
@@ -669,12 +688,15 @@ class KeyValueServer:
         conn.log.info("client_connected", active=len(self._conns))
         return conn
 
-    def _reject(self, sock: Any, peer: str, pending: int = 0) -> None:
-        """Over --max-clients: say why (plain TCP only) and close at once. Every refusal is
-        counted; the first of an episode is logged (``client_rejected``; ``active`` counts
-        the ``pending`` clients, accepted but not yet handled), the episode's end too,
-        REJECTED_QUIET after the last refusal or at shutdown (``client_rejected_ended``)."""
+    def _reject(self, sock: Any, peer: str, pending: int = 0) -> bool:
+        """Over --max-clients: say why (plain TCP only) and close (:meth:`_refuse`); True
+        if the socket is kept a moment and closed by this server, else the caller closes it
+        now. Every refusal is counted; the first of an episode is logged
+        (``client_rejected``; ``active`` counts the ``pending`` clients, accepted but not yet
+        handled), the episode's end too, REJECTED_QUIET after the last refusal or at shutdown
+        (``client_rejected_ended``)."""
         self.counters.rejected += 1
+        kept = False
         if self._tls is None:
             try:
                 sock.send(ERR_MAX_CLIENTS.reply)  # a few bytes into an empty buffer: never blocks
@@ -682,8 +704,45 @@ class KeyValueServer:
                 pass
             else:  # (an ERR reply as any other: STATS errors, kvgevent_errors_total{reason})
                 self.counters.count_error(ERR_MAX_CLIENTS.reason)
-        if not self._rejecting.note():
-            return
+                kept = self._refuse(sock)
+        if self._rejecting.note():
+            self._log_rejecting(peer, pending)
+        return kept
+
+    def _refuse(self, sock: Any) -> bool:
+        """After the ERR of a refused client: its input read and thrown away, then closed by
+        the caller (False), or, with fewer than REFUSED_LINGER_MAX kept, its write side shut
+        and the socket kept for REFUSED_LINGER until its client closes (True): closed with
+        input unread or coming, it is reset, which throws the ERR away before the client
+        reads it."""
+        if not _drained(sock) or self._refused_open >= REFUSED_LINGER_MAX:
+            return False
+        self._refused_open += 1
+        try:
+            sock.shutdown(socket.SHUT_WR)  # (the ERR, then its end)
+        except OSError:
+            self._refused_open -= 1
+            return False
+        gevent.spawn(self._close_refused, sock)
+        return True
+
+    def _close_refused(self, sock: Any) -> None:
+        """Keep a refused client's socket until its client closes it or REFUSED_LINGER has
+        passed, throwing away what it sends; then close it."""
+        deadline = time.monotonic() + REFUSED_LINGER
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv(DISCARD_READ):
+                    break
+        except OSError:  # (its time is up, or a reset)
+            pass
+        finally:
+            self._refused_open -= 1
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _log_rejecting(self, peer: str, pending: int) -> None:
         self.log.warning(
             "client_rejected",
             peer=peer,
