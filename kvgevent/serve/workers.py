@@ -42,6 +42,11 @@ worker each time; and MIN_WORKER_TIMEOUT is a few of them."""
 RESTART_DELAY = 0.5
 """Seconds before a worker that died is started again."""
 
+START_RETRY_MAX = 10.0
+"""Most seconds between two attempts to start a worker that the system would not start (its
+fork refused for a while: systemd's TasksMax=, a pids cgroup, memory), doubling from
+RESTART_DELAY: the other workers serve meanwhile."""
+
 GIVE_UP_AFTER = 5
 """Consecutive workers that die within STARTUP_GRACE of starting, before they listened,
 before the supervisor stops."""
@@ -159,6 +164,7 @@ class Supervisor:
         )  # (a worker checks it still has us: see die_with_supervisor)
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * args.workers
         self.started = [0.0] * args.workers
+        self.retries: dict[int, tuple[float, float]] = {}  # slot: (next attempt, delay) (start)
         self.heartbeats: list[Heartbeat | None] = [None] * args.workers
         self.quick_deaths = 0
         self.stop = stop_requested(log)
@@ -218,7 +224,31 @@ class Supervisor:
             self.log.info("workers_stopped", workers=args.workers)
         return status
 
-    def start(self, slot: int) -> None:
+    def start(self, slot: int) -> bool:
+        """Start the worker of ``slot``; False if the system would not (a ``fork`` refused:
+        ``worker_start_failed``, tried again by :meth:`_retry_starts` after a delay doubling up
+        to START_RETRY_MAX). A refused fork was an uncaught traceback that took the whole
+        service down, the healthy workers with it (an attacker's pids cgroup, 4 of 4)."""
+        try:
+            self._spawn(slot)
+        except (OSError, subprocess.SubprocessError) as exc:
+            _, delay = self.retries.get(slot, (0.0, RESTART_DELAY))
+            self.retries[slot] = (time.monotonic() + delay, min(delay * 2, START_RETRY_MAX))
+            error = getattr(exc, "strerror", None) or str(exc)
+            number = getattr(exc, "errno", None)
+            self.log.error("worker_start_failed", slot=slot, error=error, errno=number, retry_in_s=delay)
+            return False
+        self.retries.pop(slot, None)
+        return True
+
+    def _retry_starts(self) -> None:
+        """Start again, once their delay is over, the workers the system would not start."""
+        now = time.monotonic()
+        for slot, (when, _) in list(self.retries.items()):
+            if now >= when and not self.stop.is_set():
+                self.start(slot)
+
+    def _spawn(self, slot: int) -> None:
         command = self.command
         if self.args.metrics_port is not None:  # one metrics port per worker: this + its slot
             metrics_port = self.args.metrics_port + slot if self.args.metrics_port else 0
@@ -248,6 +278,7 @@ class Supervisor:
     def _check_workers(self) -> int:
         """Restart the workers that died; kill those silent for --worker-timeout (restarted
         at a later check, once they are gone); 1 once too many died as soon as they started."""
+        self._retry_starts()
         for slot, proc in enumerate(self.workers):
             if proc is None:
                 continue
