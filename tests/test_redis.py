@@ -370,6 +370,24 @@ def test_a_worker_the_system_would_not_start_is_started_later(server_process, re
     assert proc.stop() == 0
 
 
+def test_two_supervisors_started_together_on_one_port_do_not_both_serve(server_process, redis_server):
+    """Two ``--workers 2`` supervisors started at the same moment on the same port: each found
+    it free, and their workers, binding it with SO_REUSEPORT, all served it, clients split
+    between two deployments (an attacker's pass: 5 of 5 at 0.4 s apart or less). Now the
+    first claims the port and the second exits 1 with ``server_start_failed``."""
+    first = server_process("--workers", "2", "--store", redis_server.url, wait=False)
+    second = server_process("--workers", "2", "--store", redis_server.url, wait=False, port=first.port)
+    procs = (first, second)
+    wait_until(lambda: any(p.proc.poll() is not None for p in procs), timeout=20, message="both run")
+    loser, winner = procs if first.proc.poll() is not None else procs[::-1]
+    assert loser.proc.wait(timeout=10) == 1
+    (failed,) = _named(loser, "server_start_failed")
+    assert failed["errno"] == errno.EADDRINUSE, failed
+    wait_until(lambda: winner.stderr.count(b'"server_started"') == 2, timeout=20)
+    _serve_new_clients(winner.port, 8)
+    assert winner.stop() == 0
+
+
 def _named(proc, name: str) -> list[dict]:
     return [e for e in proc.events() if e["event"] == name]
 

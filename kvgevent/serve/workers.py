@@ -19,6 +19,7 @@ that died. A pipe, not a file: nothing to create on a disk that may be full.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import socket
@@ -75,6 +76,25 @@ HEARTBEAT_ENV = "KVGEVENT_HEARTBEAT_FD"
 """The environment variable that gives a worker the descriptor its heartbeats are written to."""
 
 
+def _claim_port(host: str, port: int) -> tuple[int, socket.socket]:
+    """Check that ``host:port`` is free (0: pick one) and claim it for this supervisor: a
+    Unix socket bound in the abstract namespace under the port's number, held until this
+    process ends (the kernel frees it then). Workers bind the port with SO_REUSEPORT, which
+    lets any process of the same user join: a second supervisor started within half a second
+    of the first found the port free too, and both served it, clients split between them (an
+    attacker's pass, 5 of 5). OSError if the port is taken or claimed."""
+    port = _free_port(host, port)
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0kvgevent-supervisor-port-{port}")
+    except OSError as exc:
+        claim.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise OSError(errno.EADDRINUSE, "another kvgevent supervisor (--workers) serves this port") from None
+    return port, claim
+
+
 def _free_port(host: str, port: int) -> int:
     """Check that ``host:port`` is free (0: pick one); OSError if it is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -120,17 +140,18 @@ def supervise(
 ) -> int:
     """Run ``args.workers`` workers on ``args.port`` until SIGINT/SIGTERM; the exit status."""
     try:
-        port = _free_port(args.host, args.port)
+        port, claim = _claim_port(args.host, args.port)
     except OSError as exc:
         log.error(
             "server_start_failed",
             host=args.host,
             port=args.port,
-            error=os.strerror(exc.errno) if exc.errno else str(exc),
+            error=exc.strerror or str(exc),
             errno=exc.errno,
         )
         return 1
-    return Supervisor(args, parser, log, port, log_file).run()
+    with claim:
+        return Supervisor(args, parser, log, port, log_file).run()
 
 
 class Supervisor:
