@@ -363,6 +363,18 @@ def test_max_memory_from_the_environment(run_server, peers):
     assert started["max_memory"] == 64 * MiB
 
 
+def test_a_limit_under_what_the_process_uses_at_start_is_warned_of(run_server, peers):
+    """--max-memory 8M: the process alone uses more once started (an interpreter and its
+    libraries, some 40 MB), so every write is refused; this was said nowhere until a client
+    got ``ERR out of memory`` (an attacker's pass: --max-memory 40M over Redis, with
+    workers). Now one ``max_memory_below_start`` at start; a 256M limit gives none."""
+    server = run_server("--max-memory", "8M")
+    (warned,) = events(server, "max_memory_below_start")
+    assert warned["maxmemory"] == 8 * MiB < warned["used_memory"]
+    assert peers(server.port).request(b"PUT:k:v\n") == [b"ERR out of memory"]
+    assert not events(run_server("--max-memory", "256M"), "max_memory_below_start")
+
+
 # --- 4. --max-memory: client buffers -------------------------------------------------------
 
 

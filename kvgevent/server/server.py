@@ -385,6 +385,15 @@ class KeyValueServer:
         self.memory.calibrate()
         if self.memory.limit:
             self._guard = gevent.spawn(self.memory.run, self._evict)
+            if self.memory.used() >= self.memory.limit:  # (every write would be refused)
+                self.log.warning(
+                    "max_memory_below_start",
+                    maxmemory=self.memory.limit,
+                    used_memory=self.memory.used(),
+                    hint="the process uses this much once started (with --workers, each "
+                    "worker; over Redis the data is not counted): every PUT and UPDATE is "
+                    "refused; raise --max-memory",
+                )
         bound = server.address[0]
         self.log.info(
             "server_started",
