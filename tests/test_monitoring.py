@@ -27,6 +27,7 @@ from tests.conftest import (
     Peer,
     RedisProcess,
     Systemd,
+    fill_descriptors,
     free_port,
     http_get,
     log_events,
@@ -317,7 +318,7 @@ monkey.patch_all()
 import gevent.socket
 bind = gevent.socket.socket.bind
 def refused(self, address):
-    if self.family == socket.AF_UNIX:
+    if self.family == socket.AF_UNIX and "kvgevent-supervisor-port-" not in str(address):
         raise OSError(errno.EADDRINUSE, "Address already in use")
     return bind(self, address)
 gevent.socket.socket.bind = refused
@@ -325,7 +326,7 @@ from kvgevent.serve.cli import main
 sys.exit(main())
 """
 """``run_server.py`` whose Unix sockets cannot be bound (in the supervisor only: its workers
-are processes of their own)."""
+are processes of their own), but for its claim on its port."""
 
 
 def test_a_supervisor_that_cannot_bind_its_workers_notify_socket_runs_without(
@@ -658,6 +659,39 @@ def test_a_sighup_whose_log_path_cannot_be_opened_keeps_the_old_file(server_proc
     assert proc.stop() == 0
     (failed,) = [json.loads(line) for line in rotated.read_text().splitlines() if "log_reopen_failed" in line]
     assert failed["path"] == str(path) and "directory" in failed["error"]
+    assert '"server_stopped"' in path.read_text() and b"Traceback" not in proc.stderr
+
+
+def test_a_sighup_at_the_open_files_limit_reopens_the_log_once_files_are_free(server_process, tmp_path):
+    """logrotate renamed the log and sent SIGHUP while the server had no file to spare (its
+    open-files limit lowered for real, every free number taken): ``log_reopen_failed`` into
+    the old file, as documented; then, once the limit is back, the reopen is tried again by
+    itself and the log is at its path (``log_reopened`` there), with no second SIGHUP. It was
+    never tried again: a whole day written into the rotated file (an attacker's pass)."""
+    import resource
+
+    path = tmp_path / "kv.log"
+    proc = server_process("--log-file", str(path), wait=False)
+    wait_until(lambda: path.exists() and b'"server_started"' in path.read_bytes(), 10)
+    peer = Peer(proc.port, timeout=10)
+    assert peer.request(b"") == []  # (accepted: its file is open before the limit is set)
+    limits = resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE)
+    fillers = fill_descriptors(proc.port, proc.proc.pid)
+    try:
+        rotated = tmp_path / "kv.log.1"
+        os.rename(path, rotated)
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: b'"log_reopen_failed"' in rotated.read_bytes(), 10, "no log_reopen_failed")
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        assert not path.exists()
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE, limits)
+        wait_until(path.exists, 10, "not reopened once files were free")
+        wait_until(lambda: b'"log_reopened"' in path.read_bytes(), 10)
+    finally:
+        for filler in fillers:
+            filler.close()
+    peer.close()
+    assert proc.stop() == 0
     assert '"server_stopped"' in path.read_text() and b"Traceback" not in proc.stderr
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 from collections.abc import Callable
 
@@ -30,18 +31,47 @@ def stop_requested(log: Logger) -> gevent.event.Event:
     return stop
 
 
+REOPEN_RETRY = 1.0
+"""Seconds between two attempts to reopen the log file after SIGHUP met a shortage that
+passes (no file descriptor or memory free)."""
+
+PASSING = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+"""Errors of a reopen that pass by themselves: tried again, where a directory gone stays."""
+
+
 def reopen_on_hangup(log_file: LogFile | None, then: Callable[[], None] | None = None) -> None:
     """On SIGHUP, reopen ``log_file`` at its path (logrotate's ``postrotate kill -HUP``), then
     call ``then`` (the supervisor passes the signal on to its workers); without either,
-    SIGHUP is ignored (it does not stop the server)."""
+    SIGHUP is ignored (it does not stop the server). A reopen that fails for want of files
+    or memory is tried again every REOPEN_RETRY until it works (``log_reopened``) or the
+    next SIGHUP: logrotate's next run would otherwise compress the file the server still
+    writes into (an attacker's pass: the whole day into the rotated file)."""
+    retry: list[gevent.Greenlet] = []
 
     def on_hangup() -> None:
+        gevent.killall(retry)
+        retry.clear()
         if log_file is not None:
             failed = log_file.reopen()
             if failed is not None:  # (the old file stays the log: the service goes on)
                 error = failed.strerror or str(failed)
                 get_logger().error("log_reopen_failed", path=log_file.path, error=error)
+                if failed.errno in PASSING:
+                    retry.append(gevent.spawn(_reopen_later, log_file))
         if then is not None:
             then()
 
     gevent.signal_handler(signal.SIGHUP, on_hangup)
+
+
+def _reopen_later(log_file: LogFile) -> None:
+    attempts = 1
+    while True:
+        gevent.sleep(REOPEN_RETRY)
+        attempts += 1
+        failed = log_file.reopen()
+        if failed is None:
+            get_logger().info("log_reopened", path=log_file.path, attempts=attempts)
+            return
+        if failed.errno not in PASSING:
+            return  # (said at the first attempt: the old file stays the log)

@@ -625,6 +625,8 @@ class AppendOnlyLog:
                 self._look()
             except FileTaken:
                 pass  # (its episode is open)
+            except OSError:  # (not looked at: the threadpool could not run it) the next time
+                pass
 
     # --- failing and recovering -------------------------------------------------------------
 
@@ -782,7 +784,7 @@ class AppendOnlyLog:
             # A last look: a file removed in the second before the stop, with everything
             # synced, was left unnoticed and the server exited 0 with its data in memory only
             # (an attacker's runs, 12 of 12). Found, it is rewritten at the path below.
-            with contextlib.suppress(FileTaken):
+            with contextlib.suppress(OSError):  # (FileTaken too: its episode is open)
                 self._look()
         if self.failure is not None or self.lost or self.torn or self.durable < self.written:
             self._last_attempt()
