@@ -5,12 +5,14 @@ import signal
 
 # While the client starts (its imports, about a tenth of a second), a Ctrl-C ends the process
 # as the signal's default does (a shell shows 130), not with a KeyboardInterrupt traceback from
-# an import; main() puts Python's handler back.
-signal.signal(signal.SIGINT, signal.SIG_DFL)
+# an import; main() puts Python's handler back. (A SIGINT ignored, as a shell's background
+# job or `trap '' INT` leaves it, stays ignored.)
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-import sys  # noqa: E402
+import sys
 
-from kvgevent.client.cli import main  # noqa: E402
+from kvgevent.client.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -243,6 +243,24 @@ def test_ctrl_c_while_the_client_starts_is_not_a_traceback(tmp_path, command):
     assert (result.returncode, result.stderr) == (-signal.SIGINT, b"")
 
 
+def test_a_client_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    """Started with SIGINT ignored (a shell's background job, ``trap '' INT``), the client
+    goes on through a SIGINT at its import and ends as its command does (exit 3 here: no
+    server): the start-up's default handler is only put in place of Python's own (a
+    reviewer's pass: it was put in place of an ignored one, and the signal killed it)."""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_AT_IMPORT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_client.py"), "--port", str(free_port()), "ping"],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert result.returncode == 3 and b"cannot connect" in result.stderr, result
+
+
 # --- --pipe, --stat, --latency ---------------------------------------------------------------
 
 

@@ -35,8 +35,9 @@ REOPEN_RETRY = 1.0
 """Seconds between two attempts to reopen the log file after SIGHUP met a shortage that
 passes (no file descriptor or memory free)."""
 
-PASSING = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
-"""Errors of a reopen that pass by themselves: tried again, where a directory gone stays."""
+PASSING = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT})
+"""Errors of a reopen that pass by themselves (no file, memory, room or quota to spare):
+tried again, where a directory gone stays."""
 
 
 def reopen_on_hangup(log_file: LogFile | None, then: Callable[[], None] | None = None) -> None:
@@ -73,5 +74,6 @@ def _reopen_later(log_file: LogFile) -> None:
         if failed is None:
             get_logger().info("log_reopened", path=log_file.path, attempts=attempts)
             return
-        if failed.errno not in PASSING:
-            return  # (said at the first attempt: the old file stays the log)
+        if failed.errno not in PASSING:  # (another error now: said, and the old file stays)
+            get_logger().error("log_reopen_failed", path=log_file.path, error=failed.strerror or str(failed))
+            return

@@ -78,7 +78,7 @@ HEARTBEAT_ENV = "KVGEVENT_HEARTBEAT_FD"
 
 def _claim_port(host: str, port: int) -> tuple[int, socket.socket]:
     """Check that ``host:port`` is free (0: pick one) and claim it for this supervisor: a
-    Unix socket bound in the abstract namespace under the port's number, held until this
+    Unix socket bound in the abstract namespace under the address and port, held until this
     process ends (the kernel frees it then). Workers bind the port with SO_REUSEPORT, which
     lets any process of the same user join: a second supervisor started within half a second
     of the first found the port free too, and both served it, clients split between them (an
@@ -86,7 +86,7 @@ def _claim_port(host: str, port: int) -> tuple[int, socket.socket]:
     port = _free_port(host, port)
     claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        claim.bind(f"\0kvgevent-supervisor-port-{port}")
+        claim.bind(f"\0kvgevent-supervisor-port-{host}:{port}")
     except OSError as exc:
         claim.close()
         if exc.errno != errno.EADDRINUSE:

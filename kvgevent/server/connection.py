@@ -663,7 +663,7 @@ class Connection:
                 left = min(left, deadline - now)
             if left <= 0:
                 return
-            found = _discard_input(fd, min(LINGER_POLL, left), ended)
+            found = discard_input(fd, min(LINGER_POLL, left), ended)
             if found == INPUT_FAILED:
                 return
             sent_input = sent_input or found == INPUT_SOME
@@ -711,7 +711,7 @@ class Connection:
             pass
 
 
-def _discard_input(fd: int, timeout: float, ended: bool) -> int:
+def discard_input(fd: int, timeout: float, ended: bool) -> int:
     """Wait up to ``timeout`` for input on socket ``fd`` and throw away what came, at most
     DISCARD_READS reads (a client sending faster than that is read again after a wait, which
     lets the others run); once its input ``ended``, only wait. INPUT_NONE, INPUT_SOME,

@@ -377,6 +377,10 @@ class AppendOnlyLog:
             for leftover in (self.path + REWRITE_SUFFIX, self.path + PROBE_SUFFIX):
                 if os.path.exists(leftover):  # left by a crash: the log itself is intact
                     os.unlink(leftover)
+            # gevent makes its threadpool, importing its module, at the first use: at the
+            # open-files limit the import failed (EMFILE) and the first PING after it never
+            # got an answer. Made now, before any client.
+            in_thread(int)
             found = self._replay(fd, apply)
             report = self._check(found, repair)
             if found.good_end < found.size:
@@ -393,10 +397,6 @@ class AppendOnlyLog:
         self.fd = fd
         self.size = max(found.good_end, len(MAGIC))
         self.records = found.records
-        # gevent makes its threadpool, importing its module, at the first use, and starts a
-        # worker thread then: at the open-files limit the import failed (EMFILE) and the
-        # first PING after it never got an answer. Made now, before any client.
-        in_thread(int)
         self._ticker = gevent.spawn(self._tick)
         return report
 
@@ -556,7 +556,11 @@ class AppendOnlyLog:
                 raise
         _close_now(self._spare)
         self._spare = None
-        return os.dup(self.fd)
+        try:
+            return os.dup(self.fd)
+        except OSError:
+            self._respare()  # (the number just freed, if nothing took it: kept for next time)
+            raise
 
     def _respare(self) -> None:
         if self._spare is None:
@@ -788,9 +792,11 @@ class AppendOnlyLog:
                 self._look()
         if self.failure is not None or self.lost or self.torn or self.durable < self.written:
             self._last_attempt()
-        os.close(self.fd)
-        self.fd = -1
-        self._close_reserved()
+        try:
+            os.close(self.fd)
+        finally:
+            self.fd = -1
+            self._close_reserved()
         return self.written_records - self.durable_records
 
     def _last_attempt(self) -> None:
