@@ -408,12 +408,17 @@ class Connection:
                 else:
                     self.guard.holders.discard(self)
 
-    def rehold(self) -> None:
+    def rehold(self, seen: set[int]) -> None:
         """Count again what the big replies being built hold, if that changed
-        (``Session.held_now``: values the store dropped meanwhile are theirs now)."""
-        size = self.session.held_now()
+        (``Session.held_now``: values the store dropped meanwhile are theirs now, unless
+        another client's reply, in ``seen``, counts them)."""
+        size = self.session.held_now(seen)
         if size is not None:
             self.hold(size)
+
+    def counted(self, seen: set[int]) -> None:
+        """``Session.counted``: the dropped lists this client's replies count as theirs."""
+        self.session.counted(seen)
 
     def _count_held(self, delta: int) -> None:
         """Add ``delta`` bytes to the guard's count of client buffers; past its mark, it looks

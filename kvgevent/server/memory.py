@@ -197,8 +197,8 @@ class MemoryGuard:
         while True:
             self._wake.wait(MEMORY_CHECK_INTERVAL)
             self._wake.clear()
-            for holder in list(self.holders):  # (before the look: what they hold may have grown)
-                holder.rehold()
+            if self.holders:  # (before the look: what they hold may have grown)
+                self._recount(list(self.holders))
             self.mark = self.buffered + MEMORY_CHECK_STEP
             self.over()  # (sets queue_cap)
             excess = self.used() - self.limit
@@ -211,6 +211,16 @@ class MemoryGuard:
             quiet = time.monotonic() - self._last_bite >= MEMORY_OK_QUIET
             if excess <= 0 and self._episode is not None and quiet:
                 self._end()
+
+    @staticmethod
+    def _recount(holders: list[Any]) -> None:
+        """Have each connection holding big replies count again what they hold
+        (``Connection.rehold``), the values of a list dropped by the store once in all."""
+        seen: set[int] = set()
+        for holder in holders:
+            holder.counted(seen)
+        for holder in holders:
+            holder.rehold(seen)
 
     def _evict(self, excess: int, evict: Callable[[int, int], int]) -> int:
         """Disconnect clients for ``excess`` bytes over the limit, if client buffers are the

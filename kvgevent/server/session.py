@@ -202,7 +202,8 @@ class Session:
         self.verb: type = type(None)
         self.abandoned = 0  # lines of big replies left unbuilt when their client went (see _values)
         # The lists of values the big replies under way are built from, as [key, values, bytes
-        # of the values counted as the reply's own] (see held_now); empty between them.
+        # of the values counted as the reply's own, the store's list they were copied from]
+        # (see held_now); empty between them.
         self.held: list[list[Any]] = []
 
     def logger(self) -> Logger:
@@ -676,36 +677,49 @@ class Session:
     def _hold(self, run: list[Any], results: list[Result], start: int) -> int:
         """What the lists of values of ``results[start:]`` hold (:func:`held_bytes`), noted in
         :attr:`held` when the store holds its data here (see :meth:`held_now`)."""
-        elsewhere = self.shared.store.lookup is None
-        if not elsewhere:
+        lookup = self.shared.store.lookup
+        if lookup is not None:
             found = enumerate(results[start:], start)
-            self.held = [[run[index][0], values, 0] for index, values in found if values.__class__ is list]
-        return held_bytes(results, start, elsewhere)
+            keys = [(run[index][0], values) for index, values in found if values.__class__ is list]
+            self.held = [[key, values, 0, lookup(key)] for key, values in keys]
+        return held_bytes(results, start, lookup is None)
 
-    def held_now(self) -> int | None:
+    def counted(self, seen: set[int]) -> None:
+        """Add to ``seen`` the lists whose values a reply under way counts as its own (see
+        :meth:`held_now`)."""
+        for _, values, own, source in self.held:
+            if own:
+                seen.add(id(values if source is None else source))
+
+    def held_now(self, seen: set[int]) -> int | None:
         """What the big replies under way hold now, if that changed since :class:`Holding`
         counted it (else None): their lists' slots, and the values of a list the store has
         dropped since (a DELETE, a refill), which the reply's copy alone keeps now (they went
         uncounted: a slow reader's GET of a big key deleted and refilled six times held RSS
-        at 751 MB against --max-memory 200M, an attacker's pass). Dropped means the key's
-        list has neither the copy's first value nor its last (an UPDATE of the first value
-        then a PUT counts a list the store still holds: more, never less). The server looks
+        at 751 MB against --max-memory 200M, an attacker's pass). Dropped means the key no
+        longer holds the very list the copy was made from (values compared by identity were
+        fooled by CPython's shared one-byte objects, an attacker's pass); that list is kept
+        until the reply is done, so its identity cannot be taken by another. The values of a
+        list several readers copied count once, for the first of them the server looks at
+        (``seen``, which :meth:`counted` filled: each counted them in full, and prompt
+        readers of one big key were disconnected, an attacker's pass). The server looks
         every MEMORY_CHECK_INTERVAL while the client holds any (``MemoryGuard.holders``)."""
         lookup = self.shared.store.lookup
         if not self.held or lookup is None:
             return None
         changed = False
         for entry in self.held:
-            key, values, own = entry
-            if own or not values:
+            key, values, own, source = entry
+            if own or not values or (source is not None and lookup(key) is source):
                 continue
-            found = lookup(key)
-            if not found or (found[0] is not values[0] and found[-1] is not values[-1]):
+            dropped = id(values if source is None else source)
+            if dropped not in seen:  # (else another reader's reply counts them)
+                seen.add(dropped)
                 entry[2] = sum(map(len, values)) + BYTES_COST * len(values)
                 changed = True
         if not changed:
             return None
-        return sum(LIST_COST + 8 * len(values) + own for _, values, own in self.held)
+        return sum(LIST_COST + 8 * len(values) + own for _, values, own, _ in self.held)
 
     def _values(self, key: bytes, values: list[bytes], out: list[bytes]) -> Actions:
         """A big GET reply, in chunks that fit the client's queue (at most REPLY_CHUNK lines
