@@ -99,6 +99,28 @@ def test_a_client_over_max_clients_that_sends_at_once_still_gets_its_err(make_se
     wait_until(lambda: server._refused_open == 0, timeout=10)  # (each kept 0.5 s at most)
 
 
+def test_a_client_whose_replies_are_dropped_still_has_every_write_applied(make_server, connect):
+    """README, Slow clients: a client whose replies are being dropped is still read as fast
+    as it sends and its requests applied, "a write is never lost because its reply was". A
+    client that never reads (4 KB receive buffer) sends 20,000 x (a GET of a 4 KB value, a
+    PUT, an UPDATE): 80 MB of replies, nearly all dropped; another client then finds every
+    one of its PUTs, in order, and its last UPDATE. (An auditor's check, untested before.)"""
+    server = make_server()
+    other = connect(server.port)
+    assert other.request(b"PUT:big:" + b"v" * 4096 + b"\n") == []
+    stuck = small_buffer_socket(server.port)
+    try:
+        stuck.sendall(
+            b"".join(b"GET:big\nPUT:mine:%d\nUPDATE:upd:%d:%d\n" % (i, i - 1, i) for i in range(20_000))
+        )
+        wait_until(lambda: len(other.request(b"GET:mine\n")) == 20_000, timeout=60, message="writes lost")
+        assert other.request(b"GET:mine\n") == [b"mine:%d" % i for i in range(20_000)]
+        assert other.request(b"GET:upd\n") == [b"upd:19999"]
+        assert read_stats(other)["messages_dropped"] > 0  # (its replies were dropped meanwhile)
+    finally:
+        stuck.close()
+
+
 def _refused(port: int, times: int) -> None:
     """Connect ``times`` times in a row, each refused over --max-clients (its ERR, then EOF)."""
     for _ in range(times):
