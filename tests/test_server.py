@@ -788,7 +788,7 @@ def test_a_closing_clients_input_is_thrown_away_a_little_at_a_time(monkeypatch):
     try:
         right.sendall(b"x")  # (readable: the wait returns at once)
         monkeypatch.setattr(connection.os, "read", endless)
-        assert connection._discard_input(left.fileno(), 1.0, False) == connection.INPUT_SOME
+        assert connection.discard_input(left.fileno(), 1.0, False) == connection.INPUT_SOME
     finally:
         left.close()
         right.close()

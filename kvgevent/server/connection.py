@@ -740,7 +740,7 @@ def discard_input(fd: int, timeout: float, ended: bool) -> int:
 
 
 INPUT_NONE, INPUT_SOME, INPUT_ENDED, INPUT_FAILED = range(4)
-"""What :func:`_discard_input` found."""
+"""What :func:`discard_input` found."""
 
 DISCARD_READS = 16
 """Reads of a closing client's input in a row before it waits again (1 MiB at most)."""
