@@ -479,12 +479,15 @@ def test_values_deleted_under_a_big_reply_are_counted_as_the_readers(run_server,
         dropped = [e for e in events(server, "client_dropped") if e["reason"] == "memory_limit"]
         assert dropped
         wait_until(lambda: rss(server.proc.pid) < limit + SLACK, timeout=30, message="RSS stayed over")
-        assert polite.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        assert polite.request(b"GET:k\n") == []  # (served: reads go on over the limit too)
     finally:
         for sock in socks:
             sock.close()
     wait_until(lambda: read_stats(polite)["active"] == 2, timeout=30)
     assert read_stats(polite)["used_memory_clients"] == 0
+    # (writes again once the readers are gone: what they held is given back; a reader not
+    # evicted yet may have kept the server over the limit until then, on a busy machine)
+    wait_until(lambda: polite.request(b"PUT:k:v\nGET:k\n") == [b"k:v"], timeout=30, message="writes refused")
 
 
 def test_many_clients_holding_small_unfinished_lines_are_disconnected_too(run_server, peers):
