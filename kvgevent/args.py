@@ -1,6 +1,7 @@
 """Command-line argument helpers both programs use (``run_server.py`` and ``run_client.py``):
 number types that say what they accept, byte sizes with K/M/G suffixes, and options whose
-default comes from a ``KVGEVENT_*`` environment variable. No I/O, no gevent."""
+default comes from a ``KVGEVENT_*`` environment variable; a parser whose --help says when it
+cannot be written, and the standard output pointed away once it cannot be. No gevent."""
 
 from __future__ import annotations
 
@@ -116,6 +117,14 @@ EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
 """What a shell shows for a process ended by SIGPIPE: ``--help | head -1``."""
 
 
+def output_to_devnull(stream: Any) -> None:
+    """Point ``stream``'s descriptor at /dev/null: after its reader went or a write failed,
+    the interpreter's last flush of what is left then finds nothing to complain of."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser, but a help that cannot be written says so: argparse drops a write's
     OSError and exits 0 (``--help > /dev/full`` printed nothing, said nothing, and exit 0).
@@ -127,10 +136,7 @@ class Parser(argparse.ArgumentParser):
             out.write(self.format_help())
             out.flush()
         except OSError as exc:
-            # (stdout pointed at /dev/null first: the interpreter's last flush finds nothing)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, out.fileno())
-            os.close(devnull)
+            output_to_devnull(out)
             if isinstance(exc, BrokenPipeError):
                 sys.exit(EXIT_STDOUT_CLOSED)
             self.exit(EXIT_HELP_UNWRITTEN, f"{self.prog}: cannot write the help: {exc.strerror or exc}\n")

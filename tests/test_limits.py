@@ -96,7 +96,7 @@ def test_a_client_over_max_clients_that_sends_at_once_still_gets_its_err(make_se
         assert received == b"ERR max clients reached\n"
     with pytest.raises(ConnectionLost, match="refused by the server: ERR max clients reached"):
         Client(port=server.port, timeout=10).get("k")
-    wait_until(lambda: server._refused_open == 0, timeout=10)  # (each kept 0.5 s at most)
+    wait_until(lambda: len(server._refused) == 0, timeout=10)  # (each kept 0.5 s at most)
 
 
 def test_a_client_whose_replies_are_dropped_still_has_every_write_applied(make_server, connect):

@@ -34,6 +34,7 @@ from kvgevent.args import (
     Parser,
     add_env_option,
     check_env,
+    output_to_devnull,
     port_number,
     positive_int,
     program_name,
@@ -272,9 +273,7 @@ def local_failure(exc: OSError, program: str) -> int:
     what = "error"
     if exc.errno in WRITE_ERRORS:
         what = "cannot write the output"
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        output_to_devnull(sys.stdout)
     print(f"{program}: {what}: {exc.strerror or exc}", file=sys.stderr)
     return EXIT_ERROR
 
@@ -283,9 +282,7 @@ def _stdout_closed() -> int:
     """Stop quietly once stdout's reader has gone, as a Unix tool killed by SIGPIPE does, with
     the status a shell shows for one (128 + SIGPIPE = 141). Stdout is pointed at /dev/null
     first, so the interpreter's last flush of what is left finds no closed pipe."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    output_to_devnull(sys.stdout)
     return EXIT_STDOUT_CLOSED
 
 

@@ -378,7 +378,9 @@ class _Wire:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.outgoing = bytearray()  # deleting its head is O(1): no copy per partial send
-        self.first: bytes | None = None  # what the first read found (closed_by_server)
+        # The start of what the first read found: enough to tell a refusal (closed_by_server),
+        # not the whole first read kept for the connection's life.
+        self.first: bytes | None = None
 
     @property
     def pending(self) -> bool:
@@ -411,7 +413,7 @@ class _Wire:
         except BlockingIOError:
             return None
         if self.first is None:
-            self.first = data
+            self.first = data[: len(REFUSAL) + 1]
         return data
 
 

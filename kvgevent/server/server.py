@@ -337,8 +337,9 @@ class KeyValueServer:
         self._reader_sweeper: gevent.Greenlet | None = None
         self._reporter: gevent.Greenlet | None = None
         self._rejecting = Episode()  # clients refused over --max-clients
-        self._refused_open = 0  # refused clients kept open a moment for their ERR (_refuse)
-        self._refused = Group()  # their greenlets (killed by close: each closes its socket)
+        # Refused clients kept open a moment for their ERR (_refuse): their greenlets, killed
+        # by close (each closes its socket).
+        self._refused = Group()
         self._rejecting_watch: gevent.Greenlet | None = None  # ends that episode once quiet
         self._accept_failing = Episode()  # accept() failing for want of files or memory
         self._accept_watch: gevent.Greenlet | None = None  # ends that episode once quiet
@@ -735,13 +736,11 @@ class KeyValueServer:
         and the socket kept for REFUSED_LINGER until its client closes (True): closed with
         input unread or coming, it is reset, which throws the ERR away before the client
         reads it."""
-        if not _drained(sock) or self._refused_open >= REFUSED_LINGER_MAX:
+        if not _drained(sock) or len(self._refused) >= REFUSED_LINGER_MAX:
             return False
-        self._refused_open += 1
         try:
             sock.shutdown(socket.SHUT_WR)  # (the ERR, then its end)
         except OSError:
-            self._refused_open -= 1
             return False
         self._refused.spawn(self._close_refused, sock)
         return True
@@ -757,7 +756,6 @@ class KeyValueServer:
                 if discard_input(fd, left, False) in (INPUT_ENDED, INPUT_FAILED):
                     break
         finally:
-            self._refused_open -= 1
             with contextlib.suppress(OSError):
                 sock.close()
 
