@@ -507,3 +507,55 @@ def test_a_tls_failure_after_a_reply_keeps_the_reply_and_is_reported_at_once(fak
     finally:
         kv.close()
     assert closed.wait(10)
+
+
+# --- a reply line longer than the client's limit ----------------------------------------------
+
+LONG_REPLY = 66 << 20
+"""Bytes the fake below sends as one reply line, without its newline: over the 64 MiB limit."""
+
+
+def endless_value(sent: list[int], closed: gevent.event.Event):
+    """A respond() that reads up to the first PING, then answers with ``k:`` and a value of
+    LONG_REPLY bytes in all, 1 MiB a write (one buffer, reused), and no newline, then holds the
+    connection open; it stops once the client closed (a reset on a send, or the end of stream
+    after the last one). ``sent[0]``: the bytes the kernel took, then; ``closed``: set then."""
+
+    def respond(conn: socket.socket) -> None:
+        piece = memoryview(b"v" * (1 << 20))
+        try:
+            if read_to_ping(conn):
+                conn.sendall(b"k:")
+                sent[0] = 2
+                while sent[0] < LONG_REPLY:
+                    sent[0] += conn.send(piece)  # (every byte a "v": a short send needs no offset)
+                while conn.recv(1 << 16):
+                    pass
+        except OSError:  # the client closed with bytes unread: its kernel answers with a reset
+            pass
+        closed.set()
+
+    return respond
+
+
+def test_a_reply_line_longer_than_64_mib_is_connection_lost(fake_server):
+    """README, "A server that misbehaves": a server that "sends a reply line longer than
+    64 MiB" makes the call raise ``ConnectionLost("reply line too long")``, and the client is
+    closed. The server is a real loopback fake that answers GET:k with 66 MiB of one line and
+    no newline, and keeps the connection open: the client gives up once the line is over
+    64 MiB (the fake had sent more than that when the client closed: no smaller limit), not
+    after its 10 s timeout, nor at an end of stream (there is none). Nothing is injected. The
+    client may buffer the line up to its limit: about 64 MB of this process, for a moment
+    (about 0.5 s in all on the project's VM)."""
+    sent = [0]
+    closed = gevent.event.Event()
+    kv = Client(port=fake_server(endless_value(sent, closed)), timeout=10)
+    try:
+        with pytest.raises(ConnectionLost) as info:
+            kv.get("k")
+        assert str(info.value) == "reply line too long"
+        assert not kv.connected
+    finally:
+        kv.close()
+    assert closed.wait(10), "the client did not close its connection"
+    assert sent[0] > 64 << 20, f"the client gave up after {sent[0]:,} bytes of the line"

@@ -11,8 +11,10 @@ import sys
 import time
 from typing import Any
 
+import gevent.event
 import pytest
 from conftest import ROOT, Peer, Terminal, answer, free_port, wait_until
+from test_client import endless_value
 
 from kvgevent.client import Client
 from kvgevent.client.commands import escape
@@ -1296,3 +1298,24 @@ def test_stat_shows_a_figure_the_server_did_not_send_as_a_dash():
     run_stat(Stub(), 0.001, 1, out, tty=False)  # type: ignore[arg-type]
     _header, row = out.getvalue().splitlines()
     assert row.split()[1:] == ["2", "0", "-", "-", "-", "-", "-"]
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin"), [(["get", "k"], b""), (["--pipe"], b"GET:k\n")], ids=["get", "pipe"]
+)
+def test_a_reply_line_longer_than_64_mib_is_one_line_and_exit_3(fake_server, args, stdin):
+    """README, "A server that misbehaves": a server that "sends a reply line longer than
+    64 MiB" is exit 3 and one line on stderr (no traceback), for one command and for --pipe.
+    The server is a real loopback fake (test_client.py's) that answers the GET with 66 MiB of
+    one line and no newline and keeps the connection open; the client gives up once the line
+    is over 64 MiB (more than that had been sent when it closed), well within its --timeout.
+    Nothing is injected. About 0.5 s each on the project's VM; the client may hold the line
+    up to its limit, about 64 MB, for that moment."""
+    sent = [0]
+    closed = gevent.event.Event()
+    result = client(fake_server(endless_value(sent, closed)), "--timeout", "10", *args, stdin=stdin)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.decode().splitlines() == ["run_client.py: reply line too long"]
+    assert result.stdout == b""
+    assert closed.wait(10), "the client did not close its connection"
+    assert sent[0] > 64 << 20, f"the client gave up after {sent[0]:,} bytes of the line"

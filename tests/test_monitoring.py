@@ -636,29 +636,51 @@ def test_sighup_reopens_the_log_file_and_no_event_is_lost(server_process, tmp_pa
     assert proc.stderr == b"" or b"Traceback" not in proc.stderr
 
 
-def test_a_sighup_whose_log_path_cannot_be_opened_keeps_the_old_file(server_process, tmp_path):
-    """logrotate renamed the log and a directory now stands at its path when SIGHUP comes:
-    the server keeps serving, into the old file, where one ``log_reopen_failed`` says why;
-    a later SIGHUP, once the path is free, reopens it; SIGTERM exits 0. Before, the reopen's
-    error escaped the signal handler and ended the process (exit 1, every client cut)."""
-    path = tmp_path / "kv.log"
+@pytest.mark.parametrize("fault", ["directory in its place", "directory gone"])
+def test_a_sighup_whose_log_path_cannot_be_opened_keeps_the_old_file(server_process, tmp_path, fault):
+    """Running it as a service: "a SIGHUP whose path cannot be opened (its directory gone, a
+    directory in its place) keeps the old file and logs ``log_reopen_failed`` there". Real:
+    logrotate played by renames, then a real SIGHUP: either the log renamed and a directory
+    made at its path, or the log's whole directory renamed away (its path's directory gone).
+    The server keeps serving, into the old file (at its new name), where one
+    ``log_reopen_failed`` says why and the events after it follow (a client connected after
+    it); a later SIGHUP, once the path can be opened again, reopens it; SIGTERM exits 0.
+    Before, the reopen's error escaped the signal handler and ended the process (exit 1,
+    every client cut). Nothing injected. About 1 s each."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = logs / "kv.log"
     proc = server_process("--log-file", str(path), wait=False)
     wait_until(lambda: path.exists() and b'"server_started"' in path.read_bytes(), 10)
-    rotated = tmp_path / "kv.log.1"
-    os.rename(path, rotated)
-    path.mkdir()
+    if fault == "directory in its place":
+        rotated, error = logs / "kv.log.1", "Is a directory"
+        os.rename(path, rotated)
+        path.mkdir()
+    else:
+        rotated, error = tmp_path / "logs.old" / "kv.log", "No such file or directory"
+        os.rename(logs, rotated.parent)
     peer = Peer(proc.port, timeout=10)
+    assert peer.request(b"") == []  # (its client_connected is in before the SIGHUP)
     proc.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: b'"log_reopen_failed"' in rotated.read_bytes(), 10, "no log_reopen_failed")
     assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
-    path.rmdir()
+    later = Peer(proc.port, timeout=10)
+    assert later.request(b"GET:k\n") == [b"k:v"]  # (its client_connected is logged before)
+    later.close()
+    if fault == "directory in its place":
+        path.rmdir()
+    else:
+        logs.mkdir()
     proc.proc.send_signal(signal.SIGHUP)
     wait_until(path.exists, 10, "the file was not reopened")
     assert peer.request(b"GET:k\n") == [b"k:v"]
     peer.close()
     assert proc.stop() == 0
-    (failed,) = [json.loads(line) for line in rotated.read_text().splitlines() if "log_reopen_failed" in line]
-    assert failed["path"] == str(path) and "directory" in failed["error"]
+    old = [json.loads(line) for line in rotated.read_text().splitlines()]
+    (failed,) = [e for e in old if e["event"] == "log_reopen_failed"]
+    assert (failed["path"], failed["error"]) == (str(path), error)
+    after = [e["event"] for e in old[old.index(failed) + 1 :]]
+    assert after.count("client_connected") == 1, after
     assert '"server_stopped"' in path.read_text() and b"Traceback" not in proc.stderr
 
 

@@ -909,6 +909,108 @@ def test_workers_stopped_and_resumed_with_their_supervisor_are_kept(server_proce
     assert [e["pid"] for e in events if e["event"] == "worker_started"] == workers
 
 
+def _clients_by_worker(
+    proc, connect, pids: list[int], each: int = 3, most: int = 40
+) -> dict[int, list[Peer]]:
+    """Connections to ``proc``'s port, each answered (its PING barrier), opened until every
+    worker of ``pids`` holds ``each`` of them (SO_REUSEPORT spreads them by their addresses),
+    at most ``most``: each worker's, as its ``client_connected`` says."""
+    held: dict[int, list[Peer]] = {pid: [] for pid in pids}
+    for _ in range(most):
+        if min(len(peers) for peers in held.values()) >= each:
+            break
+        peer = connect(proc.port)
+        assert peer.request(b"") == []  # (client_connected is logged before the PONG)
+        port = peer.sock.getsockname()[1]
+        (worker,) = [
+            e["worker"]
+            for e in proc.events()
+            if e["event"] == "client_connected" and int(e["peer"].rsplit(":", 1)[1]) == port
+        ]
+        held[worker].append(peer)
+    assert min(len(peers) for peers in held.values()) >= each, f"connections per worker: {held}"
+    return held
+
+
+def test_a_stopped_worker_stops_counting_and_counts_again_once_resumed(server_process, redis_server, connect):
+    """Scaling out: "A worker silent for 5 s no longer counts" in STATS ``workers`` and
+    ``cluster_active``, and it counts again once it runs (and reports) again. Real: two
+    workers of run_server.py over a real redis-server, clients connected to both, one worker
+    stopped by a real SIGSTOP (about 6 s) under --worker-timeout 30, so its supervisor leaves
+    it alone, then a real SIGCONT; STATS is asked, polled with a deadline, of a client of the
+    worker that runs (which worker took each connection is read from client_connected).
+    Nothing injected. While stopped: counted in full until its last report is 5 s old, then
+    ``workers`` 1 and ``cluster_active`` less its clients; after SIGCONT both as before, its
+    clients served, no ``worker_unresponsive``. (The unit test of the table above writes its
+    entries by hand.) About 8 s."""
+    import redis
+
+    prefix = f"stopped{time.time_ns()}:"
+    proc = server_process(
+        "--workers",
+        "2",
+        "--worker-timeout",
+        "30",
+        "--store",
+        redis_server.url,
+        "--redis-prefix",
+        prefix,
+        wait=False,
+    )
+    wait_until(
+        lambda: proc.stderr.count(b'"server_started"') == 2, timeout=20, message="workers did not start"
+    )
+    stopped, running = [e["pid"] for e in proc.events() if e["event"] == "worker_started"]
+    held = _clients_by_worker(proc, connect, [stopped, running])
+    total, asker = sum(len(peers) for peers in held.values()), held[running][0]
+    seen: list[tuple[int, int]] = []
+
+    def reach(expected: tuple[int, int], timeout: float, what: str) -> None:
+        """Poll STATS on the running worker until (workers, cluster_active) is ``expected``."""
+
+        def figures() -> bool:
+            stats = stats_of(asker)
+            seen.append((stats.get("workers", -1), stats.get("cluster_active", -1)))
+            return seen[-1] == expected
+
+        seen.clear()
+        try:
+            wait_until(figures, timeout=timeout)
+        except AssertionError:
+            raise AssertionError(
+                f"{what}: (workers, cluster_active) {sorted(set(seen))}, not {expected}"
+            ) from None
+
+    reach((2, total), 10, "both workers not counted")
+    raw = redis.Redis(port=redis_server.port)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        reach((1, total - len(held[stopped])), 15, "the stopped worker still counted")
+        dropped_at = time.time()
+        (last_report,) = [
+            entry
+            for name, entry in raw.hgetall(f"{prefix}_meta:workers").items()
+            if name.endswith(b":%d" % stopped)
+        ]
+        assert set(seen[:-1]) <= {(2, total)}, f"counted otherwise before it was left out: {set(seen)}"
+        silent = dropped_at - float(last_report.split()[1])
+        assert silent >= 5.0, f"left out after {silent:.2f} s of silence"  # (the README's 5 s)
+        os.kill(stopped, signal.SIGCONT)
+        reach((2, total), 10, "the resumed worker not counted again")
+    finally:
+        _resume(stopped)
+        raw.close()
+    for peer in held[stopped]:
+        assert peer.request(b"GET:k\n") == []  # (its clients are served again)
+    for peers in held.values():
+        for peer in peers:
+            peer.close()
+    assert proc.stop() == 0
+    events = proc.events()
+    assert [e for e in events if e["event"] in ("worker_unresponsive", "worker_exited")] == []
+    assert [e["pid"] for e in events if e["event"] == "worker_started"] == [stopped, running]
+
+
 def test_workers_killed_for_their_silence_are_restarted_without_giving_up(server_process, redis_server):
     """Workers stopped (a real SIGSTOP) as soon as they serve are killed --worker-timeout
     later, here 1 s, within STARTUP_GRACE of their start. They started, though: the supervisor
