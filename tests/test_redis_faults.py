@@ -725,6 +725,207 @@ def test_a_busy_redis_is_one_outage_then_service_resumes(tmp_path, log_stream):
         redis.kill()
 
 
+def redis_says(port: int, command: bytes) -> bytes:
+    """The first bytes of Redis's reply to ``command`` (RESP) on a fresh connection; b"" if
+    nothing listens on ``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+            probe.sendall(command)
+            return probe.recv(200)
+    except OSError:
+        return b""
+
+
+def stats_names(line: bytes) -> set[str]:
+    """The names in a STATS line."""
+    return {pair.split(b"=")[0].decode() for pair in line.split()}
+
+
+@pytest.mark.parametrize("how", ["restart", "reload"])
+def test_a_loading_redis_is_one_outage_and_no_acknowledged_write_is_lost(server_process, tmp_path, how):
+    """README, When Redis fails: "``LOADING`` ... (Redis cannot serve now)": "``ERR store
+    unavailable``", ``store_unavailable`` then ``store_recovered`` once per episode, "A client
+    connection stays open through all of these, and service resumes by itself"; STATS leaves
+    ``keys`` out "While the store cannot answer".
+
+    Real: a redis-server holding 6,000 keys (run_server.py over it, a client over TCP) loads
+    its RDB for 6 s or more (``key-load-delay``, a hidden Redis setting: 1 ms a key, and
+    ``loading-process-events-interval-bytes 1024`` so that it answers ``-LOADING`` while it
+    loads), two ways. ``restart``: SIGKILLed after a SAVE and started again on the same port
+    and file, every connection of kvgevent's is new and meets LOADING in its setup; kvgevent
+    is SIGSTOPped from the kill until the new Redis answers LOADING, so that the episode
+    begins with a LOADING reply, not in the few milliseconds in which nothing listens.
+    ``reload``: ``DEBUG RELOAD`` (``--enable-debug-command``), Redis stays up and kvgevent's
+    open connections meet LOADING in reply to their commands.
+    A client sends PUT, GET and STATS of a new key then PING every 20 ms on one connection:
+    each round that ended while Redis still answered LOADING gets ERR store unavailable for
+    both, and no ``keys`` in STATS once the figure counted before may no longer be reused
+    (COUNT_KEYS_EVERY; until then that stale figure may still be shown, which the README
+    does not say); once loaded, every round is served (no second episode); one
+    ``store_unavailable`` (LOADING) and one ``store_recovered``. At the end every PUT that
+    was acknowledged, before the fault or after, is read back, and none that got an ERR was
+    applied. About 11 s each."""
+    import os
+    import signal
+
+    import redis as redis_py
+
+    from kvgevent.stores.redis_store import COUNT_KEYS_EVERY
+
+    debug = ("--enable-debug-command", "yes") if how == "reload" else ()
+    slow_load = ("--key-load-delay", "1000", "--loading-process-events-interval-bytes", "1024")
+    redis = RedisProcess(tmp_path, None, *slow_load, *debug)
+    admin = redis_py.Redis(port=redis.port)
+    admin.mset({f"filler:{index}": b"x" * 64 for index in range(6000)})
+    server = server_process("--store", redis.url)
+    reloading = None
+    try:
+        peer = Peer(server.port, timeout=30)
+        assert peer.request(b"PUT:before:v\nGET:before\n") == [b"before:v"]
+        assert "keys" in read_stats(peer)
+        counted = time.monotonic()  # (the last key count before the outage)
+        if how == "reload":
+            reloading = gevent.spawn(admin.execute_command, "DEBUG", "RELOAD")  # (saves, then loads)
+            wait_until(lambda: redis_says(redis.port, b"PING\r\n").startswith(b"-LOADING"), timeout=10)
+        else:
+            admin.save()  # (the dataset Redis loads at its restart: the fillers, and the key above)
+            assert redis.proc is not None
+            command = redis.proc.args
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                redis.kill()
+                redis.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_until(lambda: redis_says(redis.port, b"PING\r\n").startswith(b"-LOADING"), timeout=10)
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+        # (key index, replies, sent at, Redis still loading once they came)
+        rounds: list[tuple[int, list[bytes], float, bool]] = []
+        end, loaded = time.monotonic() + 30, 0.0
+        # (until the outage is over, or 10 s after Redis loaded: a retry, 2 s at most, and
+        # the settle time, 2.5 s, with room to spare)
+        while not (loaded and (events(server, "store_recovered") or time.monotonic() > loaded + 10)):
+            assert time.monotonic() < end, "Redis is still loading"
+            index, sent = len(rounds) + 1, time.monotonic()
+            replies = peer.request(b"PUT:l%d:v%d\nGET:l%d\nSTATS\n" % (index, index, index))
+            still = redis_says(redis.port, b"PING\r\n").startswith(b"-LOADING")
+            rounds.append((index, replies, sent, still))
+            loaded = loaded or (0.0 if still else time.monotonic())
+            gevent.sleep(0.02)  # (a client's pace, not a synchronisation)
+        assert redis_says(redis.port, b"PING\r\n") == b"+PONG\r\n"
+        if reloading is not None:
+            assert reloading.get(timeout=10) == b"OK"
+        loading = [(i, replies, sent) for i, replies, sent, still in rounds if still]
+        for i, replies, _ in loading:
+            assert replies[:-1] == [UNAVAILABLE] * 2, (i, replies)
+        uncounted = [replies[-1] for _, replies, sent in loading if sent > counted + COUNT_KEYS_EVERY]
+        assert len(uncounted) >= 10, f"{len(loading)} rounds while loading, {len(uncounted)} of them late"
+        assert all("keys" not in stats_names(line) for line in uncounted), uncounted
+        served = [i for i, replies, _, _ in rounds if replies[:-1] == [b"l%d:v%d" % (i, i)]]
+        assert served, "never served again"
+        # one episode: every round from the first one served on is served
+        assert [i for i, _, _, _ in rounds if i >= served[0]] == served, rounds[served[0] - 2 :]
+        outages = events(server, "store_unavailable")
+        assert len(outages) == 1 and "LOADING" in outages[0]["error"], outages
+        recoveries = events(server, "store_recovered")
+        assert len(recoveries) == 1, recoveries
+        recovered = recoveries[0]
+        assert recovered["failed_commands"] >= 2 * len(loading)
+        refused = [i for i, _, _, _ in rounds if i < served[0]]
+        assert peer.request(b"".join(b"GET:l%d\n" % i for i in served) + b"GET:before\n") == [
+            *(b"l%d:v%d" % (i, i) for i in served),
+            b"before:v",
+        ]
+        assert peer.request(b"".join(b"GET:l%d\n" % i for i in refused)) == []  # (none applied)
+        assert "keys" in read_stats(peer)
+        peer.close()
+        assert_clean_exit(server)
+    finally:
+        if reloading is not None:
+            reloading.kill()
+        admin.close()
+        redis.kill()
+
+
+def test_a_replica_whose_master_is_down_is_one_outage_until_it_is_back(server_process, tmp_path):
+    """README, When Redis fails: "``MASTERDOWN`` (Redis cannot serve now)": "``ERR store
+    unavailable``", one ``store_unavailable`` then ``store_recovered``, the client connection
+    kept, and STATS without ``keys`` meanwhile.
+
+    Real: run_server.py over a redis-server replica with ``replica-serve-stale-data no``,
+    whose master (another redis-server, its data saved to its RDB) is SIGKILLed: the replica
+    sees its link closed at once and answers every read MASTERDOWN. (SIGKILL rather than
+    SIGSTOP: a stopped master is noticed only after ``repl-timeout``, 60 s by default, and the
+    replica serves its stale data meanwhile.) A client GETs a key and asks STATS every 20 ms
+    on one connection until the key count from before the kill may no longer be reused
+    (COUNT_KEYS_EVERY; until then it may still be shown, which the README does not say) and
+    a second more: ERR store unavailable each time, no ``keys`` after that. The master
+    restarted (from its RDB), the replica syncs again and the same connection reads the
+    key's values; one ``store_unavailable`` (MASTERDOWN) and one ``store_recovered``. (The
+    replica refuses writes, READONLY, whatever its master: only reads and STATS are
+    asserted.) About 11 s."""
+    import redis as redis_py
+
+    from kvgevent import Put
+    from kvgevent.stores.redis_store import COUNT_KEYS_EVERY
+
+    (tmp_path / "master").mkdir()
+    (tmp_path / "replica").mkdir()
+    master = RedisProcess(tmp_path / "master", None, "--repl-diskless-sync-delay", "0")
+    replica = None
+    try:
+        writer = RedisStore(master.url)  # (kvgevent's own writes, under its default prefix)
+        try:
+            assert writer.apply([Put(b"k", b"v"), Put(b"k", b"w")]) == [None, None]
+        finally:
+            writer.close()
+        admin = redis_py.Redis(port=master.port)
+        admin.save()  # (what the master has again when it restarts)
+        admin.close()
+        # (RedisProcess waits for a PONG: this replica answers PING with MASTERDOWN until its
+        # first sync is done)
+        replica = RedisProcess(
+            tmp_path / "replica",
+            None,
+            "--replicaof",
+            "127.0.0.1",
+            str(master.port),
+            "--replica-serve-stale-data",
+            "no",
+        )
+        server = server_process("--store", replica.url)
+        peer = Peer(server.port, timeout=30)
+        assert peer.request(b"GET:k\n") == [b"k:v", b"k:w"]
+        assert "keys" in read_stats(peer)
+        counted = time.monotonic()  # (the last key count before the outage)
+        master.kill()
+        wait_until(lambda: redis_says(replica.port, b"GET x\r\n").startswith(b"-MASTERDOWN"), timeout=10)
+        answers: list[tuple[float, list[bytes]]] = []  # (sent at, replies)
+        while time.monotonic() < counted + COUNT_KEYS_EVERY + 1.0:
+            answers.append((time.monotonic(), peer.request(b"GET:k\nSTATS\n")))
+            gevent.sleep(0.02)  # (a client's pace, not a synchronisation)
+        for _, replies in answers:
+            assert replies[:-1] == [UNAVAILABLE], replies
+        uncounted = [replies[-1] for sent, replies in answers if sent > counted + COUNT_KEYS_EVERY]
+        assert len(uncounted) >= 10
+        assert all("keys" not in stats_names(line) for line in uncounted), uncounted
+        master.start()
+        wait_until(lambda: peer.request(b"GET:k\n") == [b"k:v", b"k:w"], timeout=15)
+        wait_until(lambda: events(server, "store_recovered"), timeout=15)  # (once answers last)
+        outages = events(server, "store_unavailable")
+        assert len(outages) == 1 and "MASTERDOWN" in outages[0]["error"], outages
+        recoveries = events(server, "store_recovered")
+        assert len(recoveries) == 1, recoveries
+        recovered = recoveries[0]
+        assert recovered["failed_commands"] >= len(answers)
+        assert "keys" in read_stats(peer)
+        peer.close()
+        assert_clean_exit(server)
+    finally:
+        if replica is not None:
+            replica.kill()
+        master.kill()
+
+
 def test_both_paths_judge_a_replicas_and_a_full_redis_refusals_alike(tmp_path, log_stream):
     """redis-py (the path of rediss:// and of a cluster) drops the code word of the error
     replies it has a class for ("You can't write against a read only replica."): a real
