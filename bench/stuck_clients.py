@@ -14,8 +14,13 @@ is dropped and counted (a big GET reply is built in pieces, and once the client'
 the rest is counted without being built). The script checks the peak per stuck client against
 ``--queue-bytes`` plus 2 MiB.
 
+With ``--redis`` the server runs over a redis-server of its own, and the script prints what
+Redis was asked for: whole GETs and first fetches (GETRANGE of a reply's first 64 KiB: a longer
+reply is fetched whole only for a client with room for it).
+
 usage: python bench/stuck_clients.py [--clients 1000] [--value-size 1000] [--replies-mb 8]
        python bench/stuck_clients.py --clients 100 --values 100 --value-size 1048576 --gets 5
+       python bench/stuck_clients.py --redis --clients 10 --values 8 --value-size 1000000 --gets 30
 """
 
 from gevent import monkey
@@ -23,6 +28,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -33,7 +39,7 @@ import gevent  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import proc_status, server  # noqa: E402
+from bench.common import proc_status, redis_server, server  # noqa: E402
 from kvgevent.client import Client  # noqa: E402
 from kvgevent.config import DEFAULT_QUEUE_BYTES  # noqa: E402
 
@@ -110,7 +116,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--replies-mb", type=float, default=8.0, help="MB of replies each client asks for")
     parser.add_argument("--gets", type=int, help="GETs each client sends (instead of --replies-mb)")
     parser.add_argument("--queue-bytes", type=int, default=DEFAULT_QUEUE_BYTES, help="the server's")
+    parser.add_argument("--redis", action="store_true", help="the server over a redis-server of its own")
     return parser.parse_args()
+
+
+def redis_calls(port: int | None) -> dict[str, int]:
+    """Whole GETs and first fetches (GETRANGE) the Redis on ``port`` has run (none: {})."""
+    if port is None:
+        return {}
+    import redis
+
+    with contextlib.closing(redis.Redis(port=port)) as raw:
+        stats = raw.info("commandstats")
+    return {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("get", "getrange")}
 
 
 def main() -> int:
@@ -119,11 +137,16 @@ def main() -> int:
     gets = args.gets or max(1, int(args.replies_mb * 1e6 / reply))
     server_args = ["--queue-bytes", str(args.queue_bytes), "--max-line", str(args.value_size + 64)]
     stuck: list[socket.socket] = []
-    with server(*server_args) as (server_proc, port):
+    with contextlib.ExitStack() as stack:
+        redis_port = stack.enter_context(redis_server()) if args.redis else None
+        if redis_port is not None:
+            server_args += ["--store", f"redis://127.0.0.1:{redis_port}/0"]
+        server_proc, port = stack.enter_context(server(*server_args))
         try:
             good = Client(port=port, timeout=60)
             store_key(good, args.values, args.value_size)
             baseline, _ = proc_status(server_proc.pid)
+            asked = redis_calls(redis_port)
             target = good.stats()["commands"] + args.clients * gets
             flood = b"GET:v\n" * gets
             prober = Prober(good)
@@ -139,6 +162,7 @@ def main() -> int:
             peak = wait_for_peak(monitor, server_proc.pid, target, baseline)
             _, fds = proc_status(server_proc.pid)
             stats = monitor.stats()
+            asked = {name: calls - asked[name] for name, calls in redis_calls(redis_port).items()}
             elapsed = time.monotonic() - prober.start
             latency = prober.stop()
             for sock in stuck:
@@ -163,6 +187,8 @@ def main() -> int:
                 f"= {bound / MiB:.0f} MiB"
             )
             print(f"replies dropped: {stats['messages_dropped']}; active while stuck: {stats['active']}")
+            if asked:
+                print(f"Redis ran {asked['get']} whole GETs and {asked['getrange']} first fetches (GETRANGE)")
             print(latency)
             if prober.slow:
                 print(f"round trips over 0.5 s, as (started at s, took s): {prober.slow}")

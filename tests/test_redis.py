@@ -24,6 +24,7 @@ from conftest import (
     Systemd,
     log_events,
     needs_redis,
+    read_stats,
     redis_store,
     small_buffer_socket,
     wait_until,
@@ -1382,6 +1383,123 @@ def test_a_batch_of_gets_alone_reads_what_the_plain_path_reads(store):
         ], keys
     assert store.get_plain([b"two", b"none", long_key]) == [b"two:a\ntwo:b:c\n", None, long_key + b":w\n"]
     assert str(store.get_plain([b"bad"])[0]) == "store error"
+
+
+def _whole_gets(store) -> int:
+    """GETs (whole replies) Redis has run since it started (first fetches are GETRANGE)."""
+    return store.client.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+
+
+def test_long_replies_are_fetched_by_their_first_bytes_then_whole(store):
+    """Over Redis a GET after a batch's last write asks for the first FIRST_FETCH_BYTES of its
+    reply (GETRANGE); a reply that long may be cut short: a Cut, fetched whole by
+    ``fetch_whole`` with the GETs after it fetched again (in the order of the GETs). A reply
+    exactly that long is a Cut too, one a byte shorter is not; a GET before a write of its
+    batch is fetched whole at once (fetched after that write, it could see it); a key of no
+    values is None, not GETRANGE's empty string. Real redis-server."""
+    from kvgevent.stores.base import Cut
+    from kvgevent.stores.redis_store import FIRST_FETCH_BYTES
+
+    big = [b"%d" % n + b"b" * 40_000 for n in range(3)]
+    lines = b"".join(b"big:" + value + b"\n" for value in big)  # 120 kB of reply
+    edge = b"e" * (FIRST_FETCH_BYTES - len(b"edge:\n"))  # a reply of exactly FIRST_FETCH_BYTES
+    under = b"u" * (FIRST_FETCH_BYTES - 1 - len(b"under:\n"))  # a byte shorter
+    store.apply([Put(b"big", value) for value in big] + [Put(b"edge", edge), Put(b"under", under)])
+    store.apply([Put(b"small", b"v")])
+    got = store.get_plain([b"big", b"small", b"edge", b"under", b"none"])
+    assert [type(r) for r in got[:3]] == [Cut, bytes, Cut] and got[3:] == [b"under:" + under + b"\n", None]
+    assert got[0].first == lines[:FIRST_FETCH_BYTES] and got[2].first == b"edge:" + edge + b"\n"
+    assert store.fetch_whole([b"big", b"small", b"edge", b"none"])[:2] == [lines, b"small:v\n"]
+    whole = store.fetch_whole([b"edge", b"big"])
+    assert whole[0] == b"edge:" + edge + b"\n" and isinstance(whole[1], Cut)  # (the rest: first bytes)
+    # writes, then GETs: by their first bytes; a GET before a write: whole, at once
+    results = store.apply_plain([(b"big",), (b"w", b"1"), (b"big",), (b"none",)])
+    assert results[0] == big and results[1] is None and isinstance(results[2], Cut) and results[3] is None
+
+
+def test_a_long_reply_is_fetched_whole_only_for_a_client_that_takes_it(store):
+    """A session over Redis (no socket: Room answered as the read loop would): a client with
+    room gets every reply whole, byte for byte and in order, long ones among short ones, in a
+    batch of GETs alone, with PINGs among them, and after writes; a client that does not read
+    (Room answered False) has its long replies dropped unfetched (Redis runs no whole GET for
+    them) and counted as the lines of their first bytes. Real redis-server."""
+    from test_session import run, served, session_for
+
+    from kvgevent.server.session import Dropped
+    from kvgevent.stores.redis_store import FIRST_FETCH_BYTES
+
+    values = [b"%d" % n + b"v" * 30_000 for n in range(4)]
+    store.apply([Put(b"big", value) for value in values] + [Put(b"small", b"s")])
+    big = b"".join(b"big:" + value + b"\n" for value in values)
+    session = session_for(store)
+    for batch, expected in [
+        ([b"GET:big", b"GET:small", b"GET:big"], big + b"small:s\n" + big),
+        (
+            [b"GET:small", b"PING", b"GET:big", b"PING", b"GET:big"],
+            b"small:s\nPONG\n" + big + b"PONG\n" + big,
+        ),
+        ([b"PUT:w:1", b"GET:big", b"GET:w"], big + b"w:1\n"),
+    ]:
+        session.work = 0
+        assert served(session, batch)[0] == expected, batch
+    before = _whole_gets(store)
+    session.work = 0
+    actions = run(session, b"GET:small\nGET:big\nGET:big\nGET:small\n", {"room": [False] * 4})
+    dropped = [action.lines for action in actions if isinstance(action, Dropped)]
+    first_lines = big[:FIRST_FETCH_BYTES].count(b"\n")
+    assert dropped == [first_lines, first_lines]
+    assert b"".join(b"".join(a) for a in actions if isinstance(a, list)) == b"small:s\nsmall:s\n"
+    assert _whole_gets(store) == before
+
+
+def test_clients_that_never_read_long_replies_ask_redis_for_little_and_hold_no_one_up(
+    server_process, redis_server
+):
+    """README "Limits": over Redis, a long GET reply is fetched whole only when its client has
+    room for it; for a client whose replies are being dropped Redis is asked for its first
+    64 KiB only. Real: run_server.py over a real redis-server with --redis-timeout 0.5 and
+    --queue-bytes 1M; six sockets with a 4 KiB receive buffer that never read each pipeline 30
+    GETs of a key of four values of 1 MB (720 MB of replies: asked whole at once, Redis built
+    them for seconds and other commands waited past the timeout). Meanwhile a polite client's
+    round trips are each answered right, no ERR, none as slow as 2 s; no store_unavailable;
+    Redis runs a few whole GETs per stuck client at most (the first replies, while their
+    queues had room), not 180; the dropped replies are counted. About 6 s."""
+    import redis
+
+    prefix = f"stuck{time.time_ns()}:"
+    proc = server_process(
+        "--store", redis_server.url, "--redis-prefix", prefix, "--redis-timeout", "0.5", "--queue-bytes", "1M"
+    )
+    writer = Peer(proc.port, timeout=30)
+    for n in range(4):
+        writer.send(b"PUT:big:%d%s\n" % (n, b"v" * 1_000_000))
+    assert writer.request(b"PUT:small:s\n") == []
+    raw = redis.Redis(port=redis_server.port)
+    whole_before = raw.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+    stuck = [small_buffer_socket(proc.port) for _ in range(6)]
+    try:
+        for sock in stuck:
+            sock.sendall(b"GET:big\n" * 30)
+        worst, trips, until = 0.0, 0, time.monotonic() + 4
+        while time.monotonic() < until:
+            began = time.monotonic()
+            # (its GET after its writes: by its first bytes, no whole GET)
+            assert writer.request(b"PUT:p:%d\nDELETE:p\nGET:small\n" % trips) == [b"small:s"]
+            worst = max(worst, time.monotonic() - began)
+            trips += 1
+            time.sleep(0.02)  # (a pace, not a synchronisation: a client's steady traffic)
+        wait_until(lambda: read_stats(writer)["messages_dropped"] >= 6 * 25, timeout=20)
+        whole = raw.info("commandstats")["cmdstat_get"]["calls"] - whole_before
+    finally:
+        for sock in stuck:
+            sock.close()
+        raw.close()
+    print(f"\n{trips} polite round trips, worst {worst * 1000:.0f} ms; {whole} whole GETs in Redis")
+    assert worst < 2.0, f"a polite round trip took {worst:.2f} s"
+    assert whole <= 6 * 3, f"Redis ran {whole} whole GETs for 180 GETs of clients that never read"
+    writer.close()
+    assert proc.stop() == 0
+    assert [e for e in proc.events() if e["event"] == "store_unavailable"] == []
 
 
 def test_a_client_library_pipeline_over_redis_gets_every_result_in_order(server_process, redis_server):

@@ -36,9 +36,10 @@ def test_the_templates_are_what_hiredis_packs(key):
     ],
 )
 def test_a_batch_of_gets_is_what_hiredis_packs_for_each_get(keys):
-    """The GETs-only path of the Redis store (``get_plain``) sends exactly one ``GET
-    <prefix><key>`` per key, in order, whatever the lengths of its keys, and gives back the
-    replies as they are (no Redis: the dispatcher is a stand-in that keeps what it is given)."""
+    """The GETs-only path of the Redis store (``get_plain``) sends exactly one ``GETRANGE
+    <prefix><key> 0 65535`` per key (its first bytes: FIRST_FETCH_BYTES), in order, whatever
+    the lengths of its keys, and gives back the replies as they are (no Redis: the
+    dispatcher is a stand-in that keeps what it is given)."""
     from kvgevent.stores.redis_store import RedisStore
 
     store = RedisStore("redis://127.0.0.1:1/0", prefix="pre:")
@@ -56,7 +57,8 @@ def test_a_batch_of_gets_is_what_hiredis_packs_for_each_get(keys):
     store._dispatcher = Keeper()  # type: ignore[assignment]
     try:
         assert store.get_plain(keys) == [b"k:v\n"] * len(keys)  # type: ignore[misc]
-        assert sent == [b"".join(hiredis.pack_command((b"GET", b"pre:" + k)) for k in keys)]
+        first = [hiredis.pack_command((b"GETRANGE", b"pre:" + k, b"0", b"65535")) for k in keys]
+        assert sent == [b"".join(first)]
     finally:
         store.close()
 
@@ -106,7 +108,8 @@ def test_updates_refused_with_noscript_are_sent_again_unless_a_later_write_ran()
 def test_the_plain_path_encodes_what_hiredis_packs(prefix):
     """RedisStore.apply_plain and get_plain build their commands from pieces (head tables
     with the prefix in them; a batch with a key too long for them, the general encoder): the
-    same bytes as pack_command, for keys and values on both sides of the tables' bound."""
+    same bytes as pack_command, for keys and values on both sides of the tables' bound; the
+    GETs after a batch's last write (all of get_plain's) as GETRANGE of their first bytes."""
     from kvgevent.stores.redis_store import RedisStore
     from kvgevent.stores.resp import HEADS
 
@@ -117,9 +120,11 @@ def test_the_plain_path_encodes_what_hiredis_packs(prefix):
     class Recorder:
         def execute_encoded(self, payload: bytes, expected: list[type], writes: bool = True) -> list[object]:
             sent.append(payload)
-            return [None if kind is bytes else 0 for kind in expected]
+            return [b"" if kind is bytes else 0 for kind in expected]  # (GETRANGE of no key: "")
 
-    def pack(op: tuple) -> bytes:
+    def pack(op: tuple, first: bool = False) -> bytes:
+        if len(op) == 1 and first:
+            return hiredis.pack_command((b"GETRANGE", prefix + op[0], b"0", b"65535"))
         if len(op) == 1:
             return hiredis.pack_command((b"GET", prefix + op[0]))
         if op[1] is None:
@@ -133,16 +138,18 @@ def test_the_plain_path_encodes_what_hiredis_packs(prefix):
         ops = [(key,) for key in keys]
         ops += [(key, value) for key, value in zip(keys, reversed(samples), strict=False)]
         ops += [(key, None) for key in keys]
-        batches += [ops, [op for op in ops if len(op) == 2]]  # mixed, and writes only
+        writes = [op for op in ops if len(op) == 2]
+        # mixed (GETs first: asked whole), writes only, and writes then GETs (by first bytes)
+        batches += [(ops, 0), (writes, 0), (writes + ops[: len(keys)], len(writes))]
     store._dispatcher = Recorder()
     try:
-        for ops in batches:
+        for ops, first in batches:
             results = store.apply_plain(ops)
             assert results == [None] * len(ops)
-            assert sent.pop() == b"".join(pack(op) for op in ops)
+            assert sent.pop() == b"".join(pack(op, 0 < first <= index) for index, op in enumerate(ops))
         for keys in (samples, short):
-            assert store.get_plain(keys) == [None] * len(keys)  # (nil: no values)
-            assert sent.pop() == b"".join(pack((key,)) for key in keys)
+            assert store.get_plain(keys) == [None] * len(keys)  # (no values)
+            assert sent.pop() == b"".join(pack((key,), True) for key in keys)
     finally:
         store._dispatcher = dispatcher
         store.close()

@@ -814,3 +814,74 @@ def test_the_keys_of_a_batch_of_gets_are_split_as_the_line_by_line_rules_say(ite
 
     assert _get_keys(items) == keys
     assert _spelled_get_keys(items) == keys
+
+
+class FirstBytesStore(MemoryStore):
+    """A store kept "elsewhere" (no serve_plain, no lookup) whose GETs give a Cut for a key
+    named ``big*`` (as the Redis store does for a reply longer than its first fetch), and
+    whose ``fetch_whole`` gives the whole of the first key and, for the others, their first
+    fetch again: a Cut, or a reply marked ``again`` (so a test can tell what was fetched
+    again); every call recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.serve_plain = None  # type: ignore[assignment]
+        self.lookup = None  # type: ignore[assignment]
+        self.calls: list[tuple[str, list[bytes]]] = []
+        self.apply_plain = self._apply_plain  # type: ignore[method-assign]
+        self.get_plain = self._get_plain  # type: ignore[method-assign]
+        self.fetch_whole = self._fetch_whole  # type: ignore[method-assign]
+
+    def _lines(self, key: bytes, whole: bool = False) -> Any:
+        from kvgevent.stores.base import Cut
+
+        if key.startswith(b"big"):
+            lines = b"".join(b"%s:%d%s\n" % (key, n, b"v" * 70_000) for n in range(2))
+            return lines if whole else Cut(lines[:65536])
+        return b"%s:first\n" % key
+
+    def _get_plain(self, keys: list[bytes]) -> list[Any]:
+        self.calls.append(("get_plain", keys))
+        return [self._lines(key) for key in keys]
+
+    def _apply_plain(self, ops: list[Any]) -> list[Any]:
+        from kvgevent.stores.redis_store import _get_result
+
+        self.calls.append(("apply_plain", [op[0] for op in ops]))
+        return [_get_result(op[0], self._lines(op[0])) if len(op) == 1 else None for op in ops]
+
+    def _fetch_whole(self, keys: list[bytes]) -> list[Any]:
+        self.calls.append(("fetch_whole", keys))
+        again = [self._lines(key) if key.startswith(b"big") else b"%s:again\n" % key for key in keys[1:]]
+        return [self._lines(keys[0], whole=True), *again]
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        b"GET:a\nGET:big1\nGET:b\nGET:big2\nGET:c\n",
+        b"GET:a\nPING\nGET:big1\nPING\nGET:b\nGET:big2\nPING\nGET:c\n",
+    ],
+    ids=["gets", "gets and pings"],
+)
+def test_a_cut_reply_is_fetched_whole_with_the_gets_after_it_or_dropped_unfetched(batch):
+    """A store that fetched the first bytes of a long reply (a Cut): for a client with room,
+    the session asks ``fetch_whole`` for it and every GET after it (so replies stay in the
+    order of the GETs: those after it are the ones fetched again, never the first fetch's),
+    in the batch's order, PONGs where they were; for a client that does not read (Room
+    answered False), nothing is fetched again, each Cut is Dropped as the lines of its first
+    bytes, and the other replies are the first fetch's. Byte for byte, no socket."""
+    big1 = b"".join(b"big1:%d%s\n" % (n, b"v" * 70_000) for n in range(2))
+    big2 = b"".join(b"big2:%d%s\n" % (n, b"v" * 70_000) for n in range(2))
+    pong = b"PONG\n" if b"PING" in batch else b""
+    store = FirstBytesStore()
+    replies, _ = served(session_for(store), batch.split(b"\n")[:-1])
+    assert replies == b"a:first\n" + pong + big1 + pong + b"b:again\n" + big2 + pong + b"c:again\n"
+    fetched = [keys for name, keys in store.calls if name == "fetch_whole"]
+    assert fetched == [[b"big1", b"b", b"big2", b"c"], [b"big2", b"c"]]
+    store = FirstBytesStore()
+    actions = run(session_for(store), batch, {"room": [False] * 8})
+    assert [a.lines for a in actions if isinstance(a, Dropped)] == [1, 1]  # (no newline in 64 KiB)
+    lines = b"".join(b"".join(a) for a in actions if isinstance(a, list))
+    assert lines == b"a:first\n" + pong + pong + b"b:first\n" + pong + b"c:first\n"
+    assert [name for name, _ in store.calls] == ["get_plain" if not pong else "apply_plain"]

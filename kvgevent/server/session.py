@@ -79,7 +79,7 @@ from kvgevent.protocol import (
 from kvgevent.server.auth_throttle import AuthThrottle
 from kvgevent.server.counters import Counters
 from kvgevent.server.memory import ERR_OUT_OF_MEMORY, MemoryGuard
-from kvgevent.stores.base import DATA_COMMANDS, WRITES, KVStore, Lines, PlainOp, Result
+from kvgevent.stores.base import DATA_COMMANDS, WRITES, Cut, KVStore, Lines, PlainOp, Result
 
 _GET_INITIALS = b"Gg"
 """What a GET line starts with (:meth:`Session.handle`)."""
@@ -391,7 +391,7 @@ class Session:
     ) -> Actions:
         """The rest of :meth:`_ponged_replies`, from the reply of ``ops[done]`` on."""
         for end in pongs:
-            yield from self._replies(ops, results[:end], out, done)
+            yield from self._replies(ops, results, out, done, end)
             self._count("ping")
             out.append(PONG)
             if len(out) >= REPLY_CHUNK:
@@ -630,7 +630,9 @@ class Session:
             index += 1
             if values is None:
                 continue
-            if values.__class__ is not list:  # a KVError
+            if values.__class__ is not list:  # a KVError, or a Cut (a big reply, fetched whole)
+                if values.__class__ is Cut:
+                    return index
                 self._reply(out, values)  # type: ignore[arg-type]  # (not a list: a KVError)
                 continue
             if len(values) == 1 and len(values[0]) <= INLINE_REPLY_BYTES:  # the usual GET
@@ -643,29 +645,40 @@ class Session:
                 return index + 1
         return len(results) if end is None else end
 
-    def _replies(self, run: list[Any], results: list[Result], out: list[bytes], start: int) -> Actions:
-        """Add the replies of ``results[start:]`` (of the first commands of ``run``) to
-        ``out``, yielding full chunks; a big GET reply goes through :meth:`_values`. The
-        lists of values of the big replies are held until the last is built: at the first,
-        their size is yielded as :class:`Holding` (many clients each holding a GET of a big
-        list under way went unseen by --max-memory: RSS at 3 times the limit, an attacker's
-        pass), and 0 at the end (a client that goes meanwhile gives back all it held)."""
+    def _replies(
+        self, run: list[Any], results: list[Any], out: list[bytes], start: int, end: int | None = None
+    ) -> Actions:
+        """Add the replies of ``results[start:end]`` (of the first commands of ``run``) to
+        ``out``, yielding full chunks; a big GET reply goes through :meth:`_values`, one the
+        store fetched the first bytes of (a :class:`~kvgevent.stores.base.Cut`) through
+        :meth:`_fetched_whole` first. The lists of values of the big replies are held until
+        the last is built: at the first, their size is yielded as :class:`Holding` (many
+        clients each holding a GET of a big list under way went unseen by --max-memory: RSS
+        at 3 times the limit, an attacker's pass), again when a whole fetch added to them,
+        and 0 at the end (a client that goes meanwhile gives back all it held)."""
         held = 0
         index = start
+        stop = len(results) if end is None else end
         try:
-            while index < len(results):
-                index = self._inline_replies(run, results, out, index)
+            while index < stop:
+                index = self._inline_replies(run, results, out, index, end)
                 if len(out) >= REPLY_CHUNK:
                     yield out
                     out.clear()
-                elif index < len(results):  # a big GET reply
+                elif index < stop:  # a big GET reply
+                    if results[index].__class__ is Cut:  # fetched whole (or dropped) first
+                        yield from self._fetched_whole(run, results, index, out)
+                        if held:
+                            held = self._hold(run, results, index)
+                            yield Holding(held)
+                        continue
                     if not held:
                         if out:
                             yield out  # (the replies before it go first)
                             out.clear()
                         held = self._hold(run, results, index)
                         yield Holding(held)
-                    yield from self._values(run[index][0], results[index], out)  # type: ignore[arg-type]  # (not inline: a list of values)
+                    yield from self._values(run[index][0], results[index], out)  # (a list of values)
                     index += 1
                     if self.work >= TURN_WORK:  # (GETs of single big values add up too)
                         yield from self._next_turn(out)
@@ -673,6 +686,26 @@ class Session:
             self.held = []  # (closed too: its client went)
         if held:
             yield Holding(0)
+
+    def _fetched_whole(self, run: list[Any], results: list[Any], index: int, out: list[bytes]) -> Actions:
+        """The GET of ``results[index]``, a :class:`~kvgevent.stores.base.Cut` (the store
+        fetched its first bytes only), fetched whole (``store.fetch_whole``) once its client
+        has room for those first bytes, with the GETs after it fetched again (each result
+        after it is a GET's: the store cuts only GETs after a batch's last write), in place
+        in ``results``. For a client that does not read, dropped unfetched: none of it is
+        asked of the store, and it counts as the lines of its first bytes (one at least),
+        what is known of it (README "Limits")."""
+        if out:
+            yield out  # the replies before it go first
+            out.clear()
+        first = results[index].first
+        if not (yield Room(1, len(first))):
+            yield Dropped(first.count(b"\n") or 1)
+            results[index] = None
+            return
+        keys = [run[later][0] for later in range(index, len(results))]
+        fetched = _fetched(self.shared.store.fetch_whole, keys)
+        results[index:] = [_lines_result(key, lines) for key, lines in zip(keys, fetched, strict=True)]
 
     def _hold(self, run: list[Any], results: list[Result], start: int) -> int:
         """What the lists of values of ``results[start:]`` hold (:func:`held_bytes`), noted in

@@ -41,10 +41,29 @@ VERBS = {Put: "put", Get: "get", Update: "update", Delete: "delete"}
 """The name of each data command, as the metrics label it."""
 WRITES = frozenset((Put, Update))
 """The commands that make the data bigger (refused over --max-memory; DELETE is not)."""
+
+
+class Cut:
+    """A GET's reply of which a store kept elsewhere fetched the first bytes only (``first``,
+    its first lines and part of the next): the whole is fetched when its client has room for
+    it (:attr:`KVStore.fetch_whole`), never for a client whose replies are being dropped."""
+
+    __slots__ = ("first",)
+
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+
+    def __repr__(self) -> str:
+        return f"Cut({len(self.first)} bytes)"
+
+
 Result = list[bytes] | KVError | None
-Lines = bytes | KVError | None
+PlainResult = list[bytes] | KVError | Cut | None
+"""A plain op's result (:attr:`KVStore.apply_plain`): a :data:`Result`, or a GET's Cut."""
+Lines = bytes | KVError | Cut | None
 """A GET's result from :attr:`KVStore.get_plain`: the reply's lines as the client gets them
-(``<key>:<value>\\n`` each), None for a key with no values, or that GET's KVError."""
+(``<key>:<value>\\n`` each), None for a key with no values, that GET's KVError, or a
+:class:`Cut` (a long reply, to be fetched whole)."""
 PlainOp = tuple[bytes] | tuple[bytes, bytes | None]
 """A plain command (:attr:`KVStore.apply_plain`): ``(key,)`` a GET, ``(key, value)`` a PUT,
 ``(key, None)`` a DELETE."""
@@ -150,7 +169,7 @@ class KVStore(abc.ABC):
     own, as :meth:`apply`'s); None for the others. The session serves batches of GETs
     through it."""
 
-    apply_plain: Callable[[list[PlainOp]], list[Result]] | None = None
+    apply_plain: Callable[[list[PlainOp]], list[PlainResult]] | None = None
     """For a store kept elsewhere (the Redis store): ``apply_plain(ops)``, plain commands in
     order in one call (it may yield): ``(key,)`` a GET, ``(key, value)`` a PUT, ``(key, None)``
     a DELETE; one result per op, as :meth:`apply` gives its command's (a GET's values or
@@ -158,6 +177,13 @@ class KVStore(abc.ABC):
     whole. Counts nothing (the caller counts what it serves). None for the others. The
     session serves runs of well-formed PUT, GET and DELETE lines through it, without a
     command object each."""
+
+    fetch_whole: Callable[[list[bytes]], list[Lines]] | None = None
+    """For a store whose :attr:`apply_plain` and :attr:`get_plain` give :class:`Cut` results:
+    ``fetch_whole(keys)``, the whole reply lines of ``keys[0]`` (a GET cut short) and a GET
+    of each key after it, as :attr:`get_plain` gives them (they are fetched again, after it:
+    the replies are in the order of the GETs); raises KVError if the store failed as a
+    whole."""
 
     get_plain: Callable[[list[bytes]], list[Lines]] | None = None
     """For a store kept elsewhere, with :attr:`apply_plain`: ``get_plain(keys)``, as

@@ -4,10 +4,11 @@ processes.
 Each kvgevent key is a Redis string named ``<prefix><key>`` that holds its reply lines,
 the bytes a GET of it answers (``<key>:<value>\n`` for each value, in order): PUT is APPEND
 of one line, GET is GET (its reply goes to the client as it is: no list or line per value
-in the worker, bench/OPTIMISATIONS.md, "the lines layout"), DELETE is DEL, and UPDATE is a Lua
-script (append ``new``'s line, remove the first line of ``old`` before it), atomic on the
-Redis side, so workers updating one key never lose or duplicate a value. A key's values live
-in one string, hence in one cluster slot. kvgevent's own bookkeeping lives under
+in the worker, bench/OPTIMISATIONS.md, "the lines layout"; on the plain path GETRANGE of
+its first FIRST_FETCH_BYTES, the whole fetched only for a client that takes it), DELETE is
+DEL, and UPDATE is a Lua script (append ``new``'s line, remove the first line of ``old``
+before it), atomic on the Redis side, so workers updating one key never lose or duplicate
+a value. A key's values live in one string, hence in one cluster slot. kvgevent's own bookkeeping lives under
 ``<prefix>_meta:``, which no client key can reach (client keys never contain ':'). Keys
 that an older kvgevent kept as Redis lists (one value an item) are converted at start
 (:meth:`RedisStore.convert_lists`).
@@ -26,12 +27,14 @@ When Redis cannot be reached or does not answer within ``timeout``, commands fai
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import gevent
+from gevent.lock import Semaphore
 
 from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
 from kvgevent.errors import KVError, StoreError
@@ -40,12 +43,13 @@ from kvgevent.protocol import COLON, Delete, Get, Put, Update, line_values, valu
 from kvgevent.stores.base import (
     STORE_WAIT,
     VERBS,
+    Cut,
     DataCommand,
     Key,
     KVStore,
     Lines,
     PlainOp,
-    Result,
+    PlainResult,
     key_bytes,
 )
 from kvgevent.stores.redis_health import ERR_UNAVAILABLE, NO_SCRIPT, READ_ONLY, RedisHealth, not_now
@@ -54,6 +58,7 @@ from kvgevent.stores.resp import (
     CRLF,
     DEL_HEAD,
     GET_HEAD,
+    GETRANGE_HEAD,
     HEADS,
     VALUE_HEAD,
     VALUE_HEADS,
@@ -65,6 +70,7 @@ from kvgevent.stores.resp import (
     delete,
     get,
     pack,
+    range_tail,
 )
 
 _T = TypeVar("_T")
@@ -174,6 +180,22 @@ one, kept for reads while Redis holds writes (resp.Dispatcher); with 4 in all, 1
 writing lost 8 %."""
 
 
+FIRST_FETCH_BYTES = 64 * 1024
+"""Bytes of a key's reply lines the plain path asks Redis for at first (``GETRANGE key 0
+65535``), where no write of the batch comes after the GET: a reply that long is a
+:class:`~kvgevent.stores.base.Cut`, fetched whole (:meth:`RedisStore._fetch_whole`) only when
+its client has room for it. Asked whole at once, ten clients that never read, each pipelining
+30 GETs of a key of 8 MB, made Redis build 2.4 GB of replies in one go: a PING waited 8 s
+behind 512 such GETs, other clients' commands past --redis-timeout (an attacker's pass). A
+round trip of MAX_ROUND_TRIP first fetches asks for 8 MB at most; most replies are far
+smaller, and come whole the first time."""
+
+BIG_FETCHES = 2
+"""Replies longer than FIRST_FETCH_BYTES one process asks Redis for at once: each is fetched in
+a round trip of its own (with the first bytes of the GETs after it in its batch); others wait
+their turn, so Redis builds at most this many big replies at a time, while the small commands
+of other clients go on beside them."""
+
 LINE_END = b"\n" + CRLF
 """The end of an APPEND's line and of the command."""
 
@@ -246,11 +268,17 @@ class RedisStore(KVStore):
             self._dispatcher = _dispatcher(url, timeout, self.log, self.node)
             self.apply_plain = self._apply_plain
             self.get_plain = self._get_plain
+            self.fetch_whole = self._fetch_whole
             # each command's head with the prefix in it, by the key's length (see _encoded)
             self._get_heads = _heads(GET_HEAD, self.prefix)
             self._get_gaps = [CRLF + head for head in self._get_heads]  # (key to key)
             self._append_heads = _heads(APPEND_HEAD, self.prefix)
             self._del_heads = _heads(DEL_HEAD, self.prefix)
+            self._first_heads = _heads(GETRANGE_HEAD, self.prefix)  # (see FIRST_FETCH_BYTES)
+            self._first_tail = range_tail(FIRST_FETCH_BYTES)
+            self._first_gaps = [self._first_tail + head for head in self._first_heads]
+            self._first_bytes = FIRST_FETCH_BYTES  # a reply this long may be cut short
+            self._big_fetches = Semaphore(BIG_FETCHES)
         self._meta = self.prefix + b"_meta:"
         self._keys = (0.0, 0)  # (reuse until, count)
         self._bookkeeping_failing: dict[str, float] = {}  # what -> since when it fails
@@ -343,27 +371,34 @@ class RedisStore(KVStore):
         for index, reply in zip(redo, again[len(_RELOAD_REPLIES) :], strict=True):
             replies[index] = reply
 
-    def _apply_plain(self, ops: list[PlainOp]) -> list[Result]:
+    def _apply_plain(self, ops: list[PlainOp]) -> list[PlainResult]:
         """See :attr:`KVStore.apply_plain`: GET, APPEND or DEL for each, in one round trip
-        shared with others, each reply judged as :meth:`apply` judges its command's."""
+        shared with others, each reply judged as :meth:`apply` judges its command's. The GETs
+        after the batch's last write ask for their first bytes only (FIRST_FETCH_BYTES: a
+        longer reply is a :class:`~kvgevent.stores.base.Cut`, fetched whole when its client
+        has room for it, :meth:`_fetch_whole`); a GET before a write of the batch is asked
+        whole (fetched after that write, it could see it)."""
+        first = _first_fetched(ops)
         try:
-            payload, expected = self._encoded(ops)
+            payload, expected = self._encoded(ops, first)
         except IndexError:  # a key too long for the head tables (rare)
-            payload, expected = _encoded_slowly(self.prefix, ops)
+            payload, expected = _encoded_slowly(self.prefix, ops, first, self._first_of)
         asked = self.health.clock()
         # (writes: an APPEND or DEL among them)
         replies = self._round_trip(payload, expected, int in expected)
+        if first < len(ops):
+            replies = self._marked(replies, first)
         return self._plain_results(ops, replies, asked)
 
-    def _encoded(self, ops: list[PlainOp]) -> tuple[bytes, list[type]]:
-        """The commands of :meth:`_apply_plain`, and their replies' types, from the head tables
-        with the prefix in them (no call, no format per op); IndexError for a key too long
-        for them."""
+    def _encoded(self, ops: list[PlainOp], first: int) -> tuple[bytes, list[type]]:
+        """The commands of :meth:`_apply_plain` (the GETs from ``first`` on by their first
+        bytes), and their replies' types, from the head tables with the prefix in them (no
+        call, no format per op); IndexError for a key too long for them."""
         get, append, delete = self._get_heads, self._append_heads, self._del_heads
         pieces: list[bytes] = []
         add = pieces.extend
         gets = False
-        for op in ops:
+        for op in ops[:first] if first < len(ops) else ops:
             key = op[0]
             if len(op) == 1:
                 add((get[len(key)], key, CRLF))
@@ -376,34 +411,100 @@ class RedisStore(KVStore):
                 m = len(key) + len(value) + 2
                 head = VALUE_HEADS[m] if m < HEADS else VALUE_HEAD % m
                 add((append[len(key)], key, head, key, b":", value, LINE_END))
+        if first < len(ops):  # (the GETs after the last write)
+            heads, tail = self._first_heads, self._first_tail
+            for op in ops[first:]:
+                add((heads[len(op[0])], op[0], tail))
+            gets = True
         # (the types afterwards: writes only, the usual run of writes, need no loop)
         expected: list[type] = [bytes if len(op) == 1 else int for op in ops] if gets else [int] * len(ops)
         return b"".join(pieces), expected
 
     def _get_plain(self, keys: list[bytes]) -> list[Lines]:
-        """See :attr:`KVStore.get_plain`: a GET for each, in one round trip shared with
-        others (as :meth:`_apply_plain`, with less to do per key); each key's reply lines as
-        Redis holds them."""
-        heads, size = self._get_heads, len(keys[0])
+        """See :attr:`KVStore.get_plain`: a GET for each, by its first bytes (as
+        :meth:`_apply_plain`'s), in one round trip shared with others (as
+        :meth:`_apply_plain`, with less to do per key); each key's reply lines as Redis holds
+        them."""
+        asked = self.health.clock()
+        replies = self._round_trip(self._first_fetch(keys), [bytes] * len(keys), False)
+        if (
+            replies.__class__ is list  # (strings only, of GETRANGE: see resp.Mixed)
+            and not self.health.outages
+            and max(map(len, replies)) < self._first_bytes
+            and b"" not in replies  # (GETRANGE of no key: an empty string)
+        ):
+            return replies
+        return self._judged(keys, self._marked(replies, 0), asked, _lines)
+
+    def _first_fetch(self, keys: list[bytes]) -> bytes:
+        """``GETRANGE`` of the first FIRST_FETCH_BYTES of each of ``keys`` (or ``GET``, once
+        Redis refused GETRANGE: :meth:`_marked`), encoded."""
+        heads, size, tail = self._first_heads, len(keys[0]), self._first_tail
         if size < len(heads) and len(set(map(len, keys))) == 1:
             # (the usual batch, keys of one length: one join, each key's head between two)
-            payload = b"".join((heads[size], self._get_gaps[size].join(keys), CRLF))
-        else:
-            pieces: list[bytes] = []
-            add = pieces.extend
-            try:
-                for key in keys:
-                    add((heads[len(key)], key, CRLF))
-            except IndexError:  # a key too long for the table (rare)
-                pieces = [get(self.prefix + key) for key in keys]
-            payload = b"".join(pieces)
-        asked = self.health.clock()
-        replies = self._round_trip(payload, [bytes] * len(keys), False)
-        if replies.__class__ is list and not self.health.outages:  # (strings only: see resp.Mixed)
-            return replies
-        return self._judged(keys, replies, asked, _lines)
+            return b"".join((heads[size], self._first_gaps[size].join(keys), tail))
+        pieces: list[bytes] = []
+        add = pieces.extend
+        try:
+            for key in keys:
+                add((heads[len(key)], key, tail))
+        except IndexError:  # a key too long for the table (rare)
+            pieces = [self._first_of(self.prefix + key) for key in keys]
+        return b"".join(pieces)
 
-    def _plain_results(self, ops: list[PlainOp], replies: list[Any], asked: float) -> list[Result]:
+    def _first_of(self, key: bytes) -> bytes:
+        """:meth:`_first_fetch` of one Redis key, by the general encoder."""
+        if self._first_tail == CRLF:
+            return get(key)
+        return pack((b"GETRANGE", key, b"0", b"%d" % (FIRST_FETCH_BYTES - 1)))
+
+    def _fetch_whole(self, keys: list[bytes]) -> list[Lines]:
+        """See :attr:`KVStore.fetch_whole`: the whole reply of ``keys[0]`` and the first
+        fetches of the keys after it, in a round trip holding one of BIG_FETCHES (Redis
+        builds no more big replies at once; the small commands of others go on beside)."""
+        payload = get(self.prefix + keys[0])
+        if len(keys) > 1:
+            payload += self._first_fetch(keys[1:])
+        asked = self.health.clock()
+        with self._big_fetches:
+            replies = self._round_trip(payload, [bytes] * len(keys), False)
+        return self._judged(keys, self._marked(replies, 1), asked, _lines)
+
+    def _marked(self, replies: list[Any], start: int) -> list[Any]:
+        """``replies`` with each first fetch from ``start`` on that may be cut short (as long
+        as a first fetch asks for) made a :class:`~kvgevent.stores.base.Cut` (a copy; the
+        list itself if there is none). An error reply that refuses GETRANGE (an ACL user
+        allowed GET only, a renamed command) is a Cut of nothing, and the first fetches are
+        whole GETs from then on (logged once: ``store_getrange_refused``)."""
+        if replies.__class__ is list and (
+            len(replies) <= start or max(map(len, replies[start:])) < self._first_bytes
+        ):
+            return replies  # (strings only, none that long: the usual batch)
+        marked: list[Any] | None = None
+        for index in range(start, len(replies)):
+            reply = replies[index]
+            if reply.__class__ is bytes:
+                if len(reply) < self._first_bytes:
+                    continue
+                cut = Cut(reply)
+            elif isinstance(reply, Exception) and "getrange" in str(reply).lower():
+                if self._first_bytes < sys.maxsize:
+                    self._whole_from_now_on(str(reply))
+                cut = Cut(b"")
+            else:
+                continue
+            if marked is None:
+                marked = replies.__class__(replies)  # (a Mixed list stays one)
+            marked[index] = cut
+        return replies if marked is None else marked
+
+    def _whole_from_now_on(self, error: str) -> None:
+        """First fetches become whole GETs (Redis refused GETRANGE: ``error``)."""
+        self._first_heads, self._first_gaps, self._first_tail = self._get_heads, self._get_gaps, CRLF
+        self._first_bytes = sys.maxsize
+        self.log.warning("store_getrange_refused", node=self.node, error=error[:200])
+
+    def _plain_results(self, ops: list[PlainOp], replies: list[Any], asked: float) -> list[PlainResult]:
         """Each plain op's result from its reply (types checked by the dispatcher: a string
         or nil for a GET, an int for a write, or an error reply)."""
         if not self.health.outages:  # the usual case: no error reply, no outage to end
@@ -425,8 +526,8 @@ class RedisStore(KVStore):
         health = self.health
         results: list[_T | KVError] = []
         for key, reply in zip(keys, replies, strict=True):
-            if isinstance(reply, Exception):  # an error reply
-                results.append(self._failed(key, reply))
+            if isinstance(reply, Exception):  # an error reply (a KVError: judged already)
+                results.append(reply if isinstance(reply, KVError) else self._failed(key, reply))
                 continue
             if health.outages:  # its node answered: any outage of it is over
                 health.up(self._node_of(self.prefix + key), asked)
@@ -545,9 +646,11 @@ class RedisStore(KVStore):
         self._raise_first(self.apply([Delete(key_bytes(key))]))
 
     def count_keys(self) -> int:
-        """Keys under the prefix (a SCAN of the keyspace, reused for COUNT_KEYS_EVERY s)."""
+        """Keys under the prefix (a SCAN of the keyspace, reused for COUNT_KEYS_EVERY s, but not
+        during an outage: STATS and the metrics leave it out then, README "When Redis fails";
+        an auditor's pass saw the last figure for up to 5 s into one)."""
         counted_at, count = self._keys
-        if time.monotonic() < counted_at:
+        if time.monotonic() < counted_at and not self.health.outages:
             return count
 
         def scan() -> int:
@@ -918,13 +1021,17 @@ def _redone(commands: Sequence[DataCommand], replies: list[Any]) -> list[int]:
     return redo
 
 
-def _get_result(key: bytes, reply: Any) -> list[bytes] | None:
-    """A plain op's result from its reply (not an error): a GET's values, None for a write."""
-    return (line_values(key, reply) or None) if reply.__class__ is bytes else None
+def _get_result(key: bytes, reply: Any) -> list[bytes] | Cut | None:
+    """A plain op's result from its reply (not an error): a GET's values (or its Cut), None
+    for a write."""
+    if reply.__class__ is bytes:
+        return line_values(key, reply) or None
+    return reply if reply.__class__ is Cut else None
 
 
-def _lines(key: bytes, reply: bytes | None) -> bytes | None:
-    """A GET's :data:`Lines` from its reply (not an error): None for none."""
+def _lines(key: bytes, reply: bytes | Cut | None) -> bytes | Cut | None:
+    """A GET's :data:`Lines` from its reply (not an error): None for none (GETRANGE's ``""``
+    too)."""
     return reply or None
 
 
@@ -975,17 +1082,28 @@ def _heads(head: bytes, prefix: bytes) -> list[bytes]:
     return [head % (len(prefix) + n) + prefix for n in range(HEADS)]
 
 
-def _encoded_slowly(prefix: bytes, ops: list[PlainOp]) -> tuple[bytes, list[type]]:
-    """:meth:`RedisStore._encoded` for keys of any length (one call per op)."""
+def _encoded_slowly(
+    prefix: bytes, ops: list[PlainOp], first: int, first_of: Callable[[bytes], bytes]
+) -> tuple[bytes, list[type]]:
+    """:meth:`RedisStore._encoded` for keys of any length (one call per op; ``first_of``
+    encodes the first fetch of a GET from ``first`` on)."""
     commands = [
-        get(prefix + op[0])
+        (get(prefix + op[0]) if index < first else first_of(prefix + op[0]))
         if len(op) == 1
         else delete(prefix + op[0])
         if op[1] is None
         else append_line(prefix + op[0], op[0], op[1])
-        for op in ops
+        for index, op in enumerate(ops)
     ]
     return b"".join(commands), [bytes if len(op) == 1 else int for op in ops]
+
+
+def _first_fetched(ops: list[PlainOp]) -> int:
+    """Where the GETs after the last write of ``ops`` begin (``len(ops)`` if a write ends it)."""
+    first = len(ops)
+    while first and len(ops[first - 1]) == 1:
+        first -= 1
+    return first
 
 
 def _glob_escape(prefix: bytes) -> bytes:

@@ -150,7 +150,16 @@ DEL_HEAD = b"*2\r\n$3\r\nDEL\r\n$%d\r\n"
 DEL_HEADS = [DEL_HEAD % n for n in range(HEADS)]
 """``DEL key`` = ``DEL_HEADS[len(key)] + key + CRLF``."""
 
+GETRANGE_HEAD = b"*4\r\n$8\r\nGETRANGE\r\n$%d\r\n"
+"""``GETRANGE key 0 end`` = ``GETRANGE_HEAD % len(key) + key + range_tail(end + 1)``."""
+
 CRLF = b"\r\n"
+
+
+def range_tail(size: int) -> bytes:
+    """What follows the key of ``GETRANGE key 0 <size - 1>`` (the first ``size`` bytes)."""
+    end = b"%d" % (size - 1)
+    return b"\r\n$1\r\n0\r\n$%d\r\n%s\r\n" % (len(end), end)
 
 
 def get(key: bytes) -> bytes:
