@@ -15,7 +15,7 @@ the rest is counted without being built). The script checks the peak per stuck c
 ``--queue-bytes`` plus 2 MiB.
 
 With ``--redis`` the server runs over a redis-server of its own, and the script prints what
-Redis was asked for: whole GETs and first fetches (GETRANGE of a reply's first 64 KiB: a longer
+Redis was asked for: whole GETs and first fetches (GETRANGE of a reply's first 256 KiB: a longer
 reply is fetched whole only for a client with room for it).
 
 usage: python bench/stuck_clients.py [--clients 1000] [--value-size 1000] [--replies-mb 8]
@@ -121,14 +121,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def redis_calls(port: int | None) -> dict[str, int]:
-    """Whole GETs and first fetches (GETRANGE) the Redis on ``port`` has run (none: {})."""
+    """Whole GETs and first fetches (GETRANGE) the Redis on ``port`` has run, and the bytes it
+    has sent (none: {}). (The whole GETs include the server's bookkeeping: a GET of the
+    cluster figures with each STATS this script polls.)"""
     if port is None:
         return {}
     import redis
 
     with contextlib.closing(redis.Redis(port=port)) as raw:
         stats = raw.info("commandstats")
-    return {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("get", "getrange")}
+        sent = raw.info("stats")["total_net_output_bytes"]
+    calls = {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("get", "getrange")}
+    return {**calls, "sent": sent}
 
 
 def main() -> int:
@@ -188,7 +192,10 @@ def main() -> int:
             )
             print(f"replies dropped: {stats['messages_dropped']}; active while stuck: {stats['active']}")
             if asked:
-                print(f"Redis ran {asked['get']} whole GETs and {asked['getrange']} first fetches (GETRANGE)")
+                print(
+                    f"Redis sent {asked['sent'] / 1e6:.1f} MB, ran {asked['get']} whole GETs (with the "
+                    f"STATS polls') and {asked['getrange']} first fetches (GETRANGE)"
+                )
             print(latency)
             if prober.slow:
                 print(f"round trips over 0.5 s, as (started at s, took s): {prober.slow}")

@@ -1400,8 +1400,8 @@ def test_long_replies_are_fetched_by_their_first_bytes_then_whole(store):
     from kvgevent.stores.base import Cut
     from kvgevent.stores.redis_store import FIRST_FETCH_BYTES
 
-    big = [b"%d" % n + b"b" * 40_000 for n in range(3)]
-    lines = b"".join(b"big:" + value + b"\n" for value in big)  # 120 kB of reply
+    big = [b"%d" % n + b"b" * 100_000 for n in range(3)]
+    lines = b"".join(b"big:" + value + b"\n" for value in big)  # 300 kB of reply
     edge = b"e" * (FIRST_FETCH_BYTES - len(b"edge:\n"))  # a reply of exactly FIRST_FETCH_BYTES
     under = b"u" * (FIRST_FETCH_BYTES - 1 - len(b"under:\n"))  # a byte shorter
     store.apply([Put(b"big", value) for value in big] + [Put(b"edge", edge), Put(b"under", under)])
@@ -1428,7 +1428,7 @@ def test_a_long_reply_is_fetched_whole_only_for_a_client_that_takes_it(store):
     from kvgevent.server.session import Dropped
     from kvgevent.stores.redis_store import FIRST_FETCH_BYTES
 
-    values = [b"%d" % n + b"v" * 30_000 for n in range(4)]
+    values = [b"%d" % n + b"v" * 80_000 for n in range(4)]
     store.apply([Put(b"big", value) for value in values] + [Put(b"small", b"s")])
     big = b"".join(b"big:" + value + b"\n" for value in values)
     session = session_for(store)
@@ -1457,7 +1457,7 @@ def test_clients_that_never_read_long_replies_ask_redis_for_little_and_hold_no_o
 ):
     """README "Limits": over Redis, a long GET reply is fetched whole only when its client has
     room for it; for a client whose replies are being dropped Redis is asked for its first
-    64 KiB only. Real: run_server.py over a real redis-server with --redis-timeout 0.5 and
+    256 KiB only. Real: run_server.py over a real redis-server with --redis-timeout 0.5 and
     --queue-bytes 1M; six sockets with a 4 KiB receive buffer that never read each pipeline 30
     GETs of a key of four values of 1 MB (720 MB of replies: asked whole at once, Redis built
     them for seconds and other commands waited past the timeout). Meanwhile a polite client's

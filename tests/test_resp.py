@@ -37,7 +37,7 @@ def test_the_templates_are_what_hiredis_packs(key):
 )
 def test_a_batch_of_gets_is_what_hiredis_packs_for_each_get(keys):
     """The GETs-only path of the Redis store (``get_plain``) sends exactly one ``GETRANGE
-    <prefix><key> 0 65535`` per key (its first bytes: FIRST_FETCH_BYTES), in order, whatever
+    <prefix><key> 0 262143`` per key (its first bytes: FIRST_FETCH_BYTES), in order, whatever
     the lengths of its keys, and gives back the replies as they are (no Redis: the
     dispatcher is a stand-in that keeps what it is given)."""
     from kvgevent.stores.redis_store import RedisStore
@@ -57,7 +57,7 @@ def test_a_batch_of_gets_is_what_hiredis_packs_for_each_get(keys):
     store._dispatcher = Keeper()  # type: ignore[assignment]
     try:
         assert store.get_plain(keys) == [b"k:v\n"] * len(keys)  # type: ignore[misc]
-        first = [hiredis.pack_command((b"GETRANGE", b"pre:" + k, b"0", b"65535")) for k in keys]
+        first = [hiredis.pack_command((b"GETRANGE", b"pre:" + k, b"0", b"262143")) for k in keys]
         assert sent == [b"".join(first)]
     finally:
         store.close()
@@ -124,7 +124,7 @@ def test_the_plain_path_encodes_what_hiredis_packs(prefix):
 
     def pack(op: tuple, first: bool = False) -> bytes:
         if len(op) == 1 and first:
-            return hiredis.pack_command((b"GETRANGE", prefix + op[0], b"0", b"65535"))
+            return hiredis.pack_command((b"GETRANGE", prefix + op[0], b"0", b"262143"))
         if len(op) == 1:
             return hiredis.pack_command((b"GET", prefix + op[0]))
         if op[1] is None:

@@ -835,6 +835,9 @@ class FirstBytesStore(MemoryStore):
     def _lines(self, key: bytes, whole: bool = False) -> Any:
         from kvgevent.stores.base import Cut
 
+        if key == b"bigsmall":  # ten lines of 46 bytes, then bytes that are not a line
+            lines = b"".join(b"bigsmall:%036d\n" % n for n in range(10)) + b"tail"
+            return lines if whole else Cut(lines[:100])
         if key.startswith(b"big"):
             lines = b"".join(b"%s:%d%s\n" % (key, n, b"v" * 70_000) for n in range(2))
             return lines if whole else Cut(lines[:65536])
@@ -865,12 +868,13 @@ class FirstBytesStore(MemoryStore):
     ids=["gets", "gets and pings"],
 )
 def test_a_cut_reply_is_fetched_whole_with_the_gets_after_it_or_dropped_unfetched(batch):
-    """A store that fetched the first bytes of a long reply (a Cut): for a client with room,
-    the session asks ``fetch_whole`` for it and every GET after it (so replies stay in the
-    order of the GETs: those after it are the ones fetched again, never the first fetch's),
-    in the batch's order, PONGs where they were; for a client that does not read (Room
-    answered False), nothing is fetched again, each Cut is Dropped as the lines of its first
-    bytes, and the other replies are the first fetch's. Byte for byte, no socket."""
+    """A store that fetched the first bytes of a long reply (a Cut): for a client with room
+    (an empty queue), the session asks ``fetch_whole`` for it and every GET after it that was
+    not cut (so replies stay in the order of the GETs: those after it are the ones fetched
+    again, never the first fetch's), in the batch's order, PONGs where they were; for a
+    client that does not read (Room answered False), nothing is fetched again, each Cut is
+    Dropped as the lines of its first bytes, and the other replies are the first fetch's.
+    Byte for byte, no socket."""
     big1 = b"".join(b"big1:%d%s\n" % (n, b"v" * 70_000) for n in range(2))
     big2 = b"".join(b"big2:%d%s\n" % (n, b"v" * 70_000) for n in range(2))
     pong = b"PONG\n" if b"PING" in batch else b""
@@ -878,10 +882,33 @@ def test_a_cut_reply_is_fetched_whole_with_the_gets_after_it_or_dropped_unfetche
     replies, _ = served(session_for(store), batch.split(b"\n")[:-1])
     assert replies == b"a:first\n" + pong + big1 + pong + b"b:again\n" + big2 + pong + b"c:again\n"
     fetched = [keys for name, keys in store.calls if name == "fetch_whole"]
-    assert fetched == [[b"big1", b"b", b"big2", b"c"], [b"big2", b"c"]]
+    # (the cut one whole, and the GETs after it that were not cut: a cut one is fetched whole
+    # later, or dropped unseen, so it needs no fetch now)
+    assert fetched == [[b"big1", b"b", b"c"], [b"big2", b"c"]]
     store = FirstBytesStore()
     actions = run(session_for(store), batch, {"room": [False] * 8})
     assert [a.lines for a in actions if isinstance(a, Dropped)] == [1, 1]  # (no newline in 64 KiB)
     lines = b"".join(b"".join(a) for a in actions if isinstance(a, list))
     assert lines == b"a:first\n" + pong + pong + b"b:first\n" + pong + b"c:first\n"
     assert [name for name, _ in store.calls] == ["get_plain" if not pong else "apply_plain"]
+
+
+def test_a_reply_fetched_whole_is_sent_in_slices_of_its_lines():
+    """A reply a store kept elsewhere fetched whole is sent as slices of its lines, not split
+    into values: each Chunk ends a line and holds at most the session's chunk lines and bytes
+    (a longer line alone), together exactly its lines (what follows the last newline is not a
+    line: left out), its lines counted; once Room is refused the rest is Dropped, unbuilt,
+    counted by its lines. Byte for byte, no socket."""
+    lines = b"".join(b"bigsmall:%036d\n" % n for n in range(10))
+    actions = run(session_for(FirstBytesStore(), chunk=(3, 100)), b"GET:bigsmall\nGET:big1\n")
+    chunks = [a for a in actions if isinstance(a, Chunk)]
+    assert [c.lines for c in chunks[:5]] == [2] * 5 and all(len(c.data) == 92 for c in chunks[:5])
+    assert b"".join(c.data for c in chunks[:5]) == lines
+    big1 = b"".join(b"big1:%d%s\n" % (n, b"v" * 70_000) for n in range(2))
+    assert [c.data for c in chunks[5:]] == big1.splitlines(keepends=True)  # (a line each)
+    # the client stops reading after two chunks: the rest dropped, by its lines, unbuilt
+    actions = run(
+        session_for(FirstBytesStore(), chunk=(3, 100)), b"GET:bigsmall\n", {"room": [True] * 3 + [False]}
+    )
+    assert [a.lines for a in actions if isinstance(a, Chunk)] == [2, 2]
+    assert [a.lines for a in actions if isinstance(a, Dropped)] == [6]

@@ -91,6 +91,10 @@ _VERB_BY_INITIAL: dict[int, type] = {ord("P"): Put, ord("p"): Put, ord("D"): Del
 """The command class of a plain PUT or DELETE line by its first byte (a GET's is the default):
 the batch's verb, for the metrics."""
 
+EMPTY_QUEUE = 1 << 62
+"""A :class:`Room` size no queue bound admits: room only once the client's queue is empty (a
+reply to fetch whole, of unknown size: :meth:`Session._fetched_whole`)."""
+
 REPLY_LINE_WORK = 18
 """Work units of building one reply line, besides one per 8 of its bytes (bench/OPTIMISATIONS.md,
 "a reply line's work")."""
@@ -116,6 +120,16 @@ class Holding(NamedTuple):
 
 class Durable(NamedTuple):
     position: int
+
+
+class Whole:
+    """A big GET reply fetched whole from a store kept elsewhere: its reply lines as they are
+    sent (``lines``), sent in slices (:meth:`Session._line_chunks`), never split into values."""
+
+    __slots__ = ("lines",)
+
+    def __init__(self, lines: bytes) -> None:
+        self.lines = lines
 
 
 class Sleep(NamedTuple):
@@ -630,8 +644,8 @@ class Session:
             index += 1
             if values is None:
                 continue
-            if values.__class__ is not list:  # a KVError, or a Cut (a big reply, fetched whole)
-                if values.__class__ is Cut:
+            if values.__class__ is not list:  # a KVError, or a Cut or Whole (a big reply)
+                if values.__class__ is Cut or values.__class__ is Whole:
                     return index
                 self._reply(out, values)  # type: ignore[arg-type]  # (not a list: a KVError)
                 continue
@@ -678,7 +692,7 @@ class Session:
                             out.clear()
                         held = self._hold(run, results, index)
                         yield Holding(held)
-                    yield from self._values(run[index][0], results[index], out)  # (a list of values)
+                    yield from self._big_reply(run[index][0], results[index], out)
                     index += 1
                     if self.work >= TURN_WORK:  # (GETs of single big values add up too)
                         yield from self._next_turn(out)
@@ -690,22 +704,31 @@ class Session:
     def _fetched_whole(self, run: list[Any], results: list[Any], index: int, out: list[bytes]) -> Actions:
         """The GET of ``results[index]``, a :class:`~kvgevent.stores.base.Cut` (the store
         fetched its first bytes only), fetched whole (``store.fetch_whole``) once its client
-        has room for those first bytes, with the GETs after it fetched again (each result
-        after it is a GET's: the store cuts only GETs after a batch's last write), in place
-        in ``results``. For a client that does not read, dropped unfetched: none of it is
-        asked of the store, and it counts as the lines of its first bytes (one at least),
-        what is known of it (README "Limits")."""
+        has taken in everything queued before it (the queue is empty: a client holds one such
+        reply at a time), in place in ``results``; with it, the GETs after it that were not
+        cut are fetched again (each result after it is a GET's: the store cuts only GETs after
+        a batch's last write), so that no reply after this one is older than it: those cut
+        are fetched whole later still, or dropped unseen. For a client that does not read,
+        dropped unfetched: none of it is asked of the store, and it counts as the lines of
+        its first bytes (one at least), what is known of it (README "Limits")."""
         if out:
             yield out  # the replies before it go first
             out.clear()
         first = results[index].first
-        if not (yield Room(1, len(first))):
+        # (a first fetch Redis refused, GETRANGE: nothing known of it, not even that it is
+        # long; fetched whole now, as every GET is from then on)
+        if first and not (yield Room(1, EMPTY_QUEUE)):
             yield Dropped(first.count(b"\n") or 1)
             results[index] = None
             return
-        keys = [run[later][0] for later in range(index, len(results))]
+        later = [at for at in range(index + 1, len(results)) if results[at].__class__ is not Cut]
+        keys = [run[at][0] for at in (index, *later)]
         fetched = _fetched(self.shared.store.fetch_whole, keys)
-        results[index:] = [_lines_result(key, lines) for key, lines in zip(keys, fetched, strict=True)]
+        whole = fetched[0]
+        # (its lines are the reply: sent in slices, not split into values, a bytes object each)
+        results[index] = Whole(whole) if whole.__class__ is bytes else _lines_result(keys[0], whole)
+        for at, key, lines in zip(later, keys[1:], fetched[1:], strict=True):
+            results[at] = _lines_result(key, lines)
 
     def _hold(self, run: list[Any], results: list[Result], start: int) -> int:
         """What the lists of values of ``results[start:]`` hold (:func:`held_bytes`), noted in
@@ -785,6 +808,51 @@ class Session:
         except GeneratorExit:  # the client goes mid-reply (shutdown, eviction, a reset)
             self.abandoned += count - index  # (the server counts them as dropped)
             raise
+
+    def _big_reply(self, key: bytes, found: list[bytes] | Whole, out: list[bytes]) -> Actions:
+        """A big GET reply in chunks: from its lines as fetched (:class:`Whole`), or from its
+        values."""
+        if found.__class__ is Whole:
+            return self._line_chunks(found.lines, out)  # (Whole: checked)
+        return self._values(key, found, out)  # type: ignore[arg-type]  # (not Whole: a list of values)
+
+    def _line_chunks(self, lines: bytes, out: list[bytes]) -> Actions:
+        """A big GET reply fetched whole (:class:`Whole`: its ``lines`` as they are sent), in
+        chunks as :meth:`_values` makes them, each a slice of ``lines`` that ends a line, built
+        only once the queue has room for it; once the client does not read, the rest is
+        :class:`Dropped`, unbuilt. What follows the last newline is not a line: left out (a
+        string another program wrote, README "When Redis fails")."""
+        if out:
+            yield out  # the replies before this one go first
+            out.clear()
+        end_of_lines = lines.rfind(b"\n") + 1
+        count = lines.count(b"\n")
+        start = sent = 0
+        try:
+            while start < end_of_lines:
+                end, n = self._line_chunk(lines, start, end_of_lines)
+                if not (yield Room(n, end - start)):
+                    yield Dropped(count - sent)
+                    return
+                yield Chunk(lines[start:end], n)
+                sent += n
+                self.work += REPLY_LINE_WORK * n + ((end - start) >> 3)
+                start = end
+                if self.work >= TURN_WORK and start < end_of_lines:
+                    yield from self._next_turn(out)
+        except GeneratorExit:  # the client goes mid-reply (shutdown, eviction, a reset)
+            self.abandoned += count - sent  # (the server counts them as dropped)
+            raise
+
+    def _line_chunk(self, lines: bytes, start: int, end_of_lines: int) -> tuple[int, int]:
+        """Where the chunk of reply ``lines`` that starts at ``start`` ends (after a newline,
+        at most ``end_of_lines``), and how many lines it holds: at most ``chunk_lines`` lines
+        and ``chunk_bytes`` bytes, at least one line."""
+        window = lines[start : min(start + self.chunk_bytes, end_of_lines)]
+        parts = window.split(b"\n", self.chunk_lines)  # (the last: what follows the chunk)
+        if len(parts) == 1:  # one line longer than a chunk: alone
+            return lines.index(b"\n", start) + 1, 1
+        return start + len(window) - len(parts[-1]), len(parts) - 1
 
     def _chunk(self, values: list[bytes], index: int, extra: int) -> tuple[int, int]:
         """Where the chunk of a big reply that starts at ``index`` ends, and its size: at
@@ -893,7 +961,7 @@ BYTES_COST = 33
 """Bytes a bytes object costs beside its length (CPython 3.11, 64-bit)."""
 
 
-def held_bytes(results: list[Result], start: int, values: bool) -> int:
+def held_bytes(results: list[Any], start: int, values: bool) -> int:
     """What the lists of values of ``results[start:]`` cost, the big replies to be built from:
     their slots, and with ``values`` the values too (a store kept elsewhere: they are the
     reply's own; a memory store's are its data, unless it drops them meanwhile)."""
@@ -901,6 +969,7 @@ def held_bytes(results: list[Result], start: int, values: bool) -> int:
     held = sum(LIST_COST + 8 * len(found) for found in lists)
     if values:
         held += sum(sum(map(len, found)) + BYTES_COST * len(found) for found in lists)
+        held += sum(len(found.lines) + BYTES_COST for found in results[start:] if found.__class__ is Whole)
     return held
 
 

@@ -180,15 +180,16 @@ one, kept for reads while Redis holds writes (resp.Dispatcher); with 4 in all, 1
 writing lost 8 %."""
 
 
-FIRST_FETCH_BYTES = 64 * 1024
+FIRST_FETCH_BYTES = 256 * 1024
 """Bytes of a key's reply lines the plain path asks Redis for at first (``GETRANGE key 0
-65535``), where no write of the batch comes after the GET: a reply that long is a
+262143``), where no write of the batch comes after the GET: a reply that long is a
 :class:`~kvgevent.stores.base.Cut`, fetched whole (:meth:`RedisStore._fetch_whole`) only when
-its client has room for it. Asked whole at once, ten clients that never read, each pipelining
-30 GETs of a key of 8 MB, made Redis build 2.4 GB of replies in one go: a PING waited 8 s
-behind 512 such GETs, other clients' commands past --redis-timeout (an attacker's pass). A
-round trip of MAX_ROUND_TRIP first fetches asks for 8 MB at most; most replies are far
-smaller, and come whole the first time."""
+its client has taken in what was queued before it. Asked whole at once, ten clients that never
+read, each pipelining 30 GETs of a key of 8 MB, made Redis build 2.4 GB of replies in one go: a
+PING waited 8 s behind 512 such GETs, other clients' commands past --redis-timeout (an
+attacker's pass). A round trip of MAX_ROUND_TRIP first fetches asks for 32 MB at most. At
+64 KiB, a reader pipelining GETs of 70 kB replies made a round trip per GET and Redis send
+twice their bytes (another pass); replies up to this size come whole the first time."""
 
 BIG_FETCHES = 2
 """Replies longer than FIRST_FETCH_BYTES one process asks Redis for at once: each is fetched in
