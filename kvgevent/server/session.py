@@ -35,8 +35,9 @@ PUT and UPDATE get ``ERR out of memory``; GET and DELETE are applied as usual.
 
 from __future__ import annotations
 
+import functools
 import hmac
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -124,7 +125,7 @@ class Durable(NamedTuple):
 
 class Whole:
     """A big GET reply fetched whole from a store kept elsewhere: its reply lines as they are
-    sent (``lines``), sent in slices (:meth:`Session._line_chunks`), never split into values."""
+    sent (``lines``), sent in slices (:meth:`Session._line_slices`), never split into values."""
 
     __slots__ = ("lines",)
 
@@ -148,6 +149,9 @@ class _NextTurn:
 
 
 NEXT_TURN = _NextTurn()
+
+ChunkPlan = tuple[int, int, Callable[[], bytes]]
+"""A chunk of a big reply to come: its lines, its bytes, and what builds it (once there is room)."""
 
 Action = list[bytes] | Room | Chunk | Dropped | Holding | Durable | Sleep | Close | _NextTurn
 Items = list[bytes | ProtocolError]
@@ -214,7 +218,7 @@ class Session:
         # The class of the last batch's first request (metrics). A class, not the line: no
         # request bytes outlive their batch (a quiet client holds its incomplete line only).
         self.verb: type = type(None)
-        self.abandoned = 0  # lines of big replies left unbuilt when their client went (see _values)
+        self.abandoned = 0  # lines of big replies left unbuilt when their client went (see _chunks)
         # The lists of values the big replies under way are built from, as [key, values, bytes
         # of the values counted as the reply's own, the store's list they were copied from]
         # (see held_now); empty between them.
@@ -663,7 +667,7 @@ class Session:
         self, run: list[Any], results: list[Any], out: list[bytes], start: int, end: int | None = None
     ) -> Actions:
         """Add the replies of ``results[start:end]`` (of the first commands of ``run``) to
-        ``out``, yielding full chunks; a big GET reply goes through :meth:`_values`, one the
+        ``out``, yielding full chunks; a big GET reply goes through :meth:`_big_reply`, one the
         store fetched the first bytes of (a :class:`~kvgevent.stores.base.Cut`) through
         :meth:`_fetched_whole` first. The lists of values of the big replies are held until
         the last is built: at the first, their size is yielded as :class:`Holding` (many
@@ -777,72 +781,61 @@ class Session:
             return None
         return sum(LIST_COST + 8 * len(values) + own for _, values, own, _ in self.held)
 
-    def _values(self, key: bytes, values: list[bytes], out: list[bytes]) -> Actions:
-        """A big GET reply, in chunks that fit the client's queue (at most REPLY_CHUNK lines
-        and one send batch, at least one line), each built only once the queue has room for
-        it, the turn ending as the work adds up; once the client does not read, the rest is
+    def _value_slices(self, key: bytes, values: list[bytes]) -> Iterator[ChunkPlan]:
+        """The :meth:`_chunks` of a big GET reply from its values, each joined from them."""
+        prefix = key + b":"
+        extra = len(prefix) + 1
+        index = 0
+        while index < len(values):
+            end, size = self._chunk(values, index, extra)
+            yield end - index, size, functools.partial(_joined_lines, prefix, values, index, end)
+            index = end
+
+    def _big_reply(self, key: bytes, found: list[bytes] | Whole, out: list[bytes]) -> Actions:
+        """A big GET reply in :meth:`_chunks`: from its lines as fetched (:class:`Whole`), or
+        from its values."""
+        if found.__class__ is Whole:
+            lines = found.lines  # (Whole: checked)
+            return self._chunks(self._line_slices(lines), lines.count(b"\n"), out)
+        values: list[bytes] = found  # type: ignore[assignment]  # (not Whole: a list of values)
+        return self._chunks(self._value_slices(key, values), len(values), out)
+
+    def _chunks(self, chunks: Iterator[ChunkPlan], count: int, out: list[bytes]) -> Actions:
+        """A big GET reply of ``count`` lines, in ``chunks`` (each: its lines, its bytes, and
+        how to build it) that fit the client's queue (at most REPLY_CHUNK lines and one send
+        batch, at least one line), each built only once the queue has room for it, the turn
+        ending as the work adds up; once the client does not read, the rest is
         :class:`Dropped`, unbuilt. Closed before its end (its client went), it adds the lines
         left unbuilt to :attr:`abandoned`."""
         if out:
             yield out  # the replies before this one go first
             out.clear()
-        prefix = key + b":"
-        extra = len(prefix) + 1
-        count = len(values)
-        index = 0
+        sent = 0
         try:
-            while index < count:
-                end, size = self._chunk(values, index, extra)
-                if not (yield Room(end - index, size)):
-                    yield Dropped(count - index)
-                    return
-                parts: list[bytes] = []
-                for value in values[index:end]:
-                    parts += (prefix, value, b"\n")
-                yield Chunk(b"".join(parts), end - index)  # one copy of each value
-                del parts
-                self.work += REPLY_LINE_WORK * (end - index) + (size >> 3)
-                index = end
-                if self.work >= TURN_WORK and index < count:
-                    yield from self._next_turn(out)
-        except GeneratorExit:  # the client goes mid-reply (shutdown, eviction, a reset)
-            self.abandoned += count - index  # (the server counts them as dropped)
-            raise
-
-    def _big_reply(self, key: bytes, found: list[bytes] | Whole, out: list[bytes]) -> Actions:
-        """A big GET reply in chunks: from its lines as fetched (:class:`Whole`), or from its
-        values."""
-        if found.__class__ is Whole:
-            return self._line_chunks(found.lines, out)  # (Whole: checked)
-        return self._values(key, found, out)  # type: ignore[arg-type]  # (not Whole: a list of values)
-
-    def _line_chunks(self, lines: bytes, out: list[bytes]) -> Actions:
-        """A big GET reply fetched whole (:class:`Whole`: its ``lines`` as they are sent), in
-        chunks as :meth:`_values` makes them, each a slice of ``lines`` that ends a line, built
-        only once the queue has room for it; once the client does not read, the rest is
-        :class:`Dropped`, unbuilt. What follows the last newline is not a line: left out (a
-        string another program wrote, README "When Redis fails")."""
-        if out:
-            yield out  # the replies before this one go first
-            out.clear()
-        end_of_lines = lines.rfind(b"\n") + 1
-        count = lines.count(b"\n")
-        start = sent = 0
-        try:
-            while start < end_of_lines:
-                end, n = self._line_chunk(lines, start, end_of_lines)
-                if not (yield Room(n, end - start)):
+            for lines, size, build in chunks:
+                if not (yield Room(lines, size)):
                     yield Dropped(count - sent)
                     return
-                yield Chunk(lines[start:end], n)
-                sent += n
-                self.work += REPLY_LINE_WORK * n + ((end - start) >> 3)
-                start = end
-                if self.work >= TURN_WORK and start < end_of_lines:
+                yield Chunk(build(), lines)
+                sent += lines
+                self.work += REPLY_LINE_WORK * lines + (size >> 3)
+                if self.work >= TURN_WORK and sent < count:
                     yield from self._next_turn(out)
         except GeneratorExit:  # the client goes mid-reply (shutdown, eviction, a reset)
             self.abandoned += count - sent  # (the server counts them as dropped)
             raise
+
+    def _line_slices(self, lines: bytes) -> Iterator[ChunkPlan]:
+        """The :meth:`_chunks` of a reply fetched whole (:class:`Whole`: its ``lines`` as they
+        are sent), each a slice of ``lines`` that ends a line. What follows the last newline
+        is not a line: left out (a string another program wrote, README "When Redis
+        fails")."""
+        end_of_lines = lines.rfind(b"\n") + 1
+        start = 0
+        while start < end_of_lines:
+            end, count = self._line_chunk(lines, start, end_of_lines)
+            yield count, end - start, functools.partial(_sliced, lines, start, end)
+            start = end
 
     def _line_chunk(self, lines: bytes, start: int, end_of_lines: int) -> tuple[int, int]:
         """Where the chunk of reply ``lines`` that starts at ``start`` ends (after a newline,
@@ -959,6 +952,16 @@ LIST_COST = 56
 
 BYTES_COST = 33
 """Bytes a bytes object costs beside its length (CPython 3.11, 64-bit)."""
+
+
+def _sliced(lines: bytes, start: int, end: int) -> bytes:
+    return lines[start:end]
+
+
+def _joined_lines(prefix: bytes, values: list[bytes], start: int, end: int) -> bytes:
+    """The reply lines of ``values[start:end]`` (``prefix`` is ``key:``), joined: one copy of
+    each value."""
+    return b"".join([piece for value in values[start:end] for piece in (prefix, value, b"\n")])
 
 
 def held_bytes(results: list[Any], start: int, values: bool) -> int:
