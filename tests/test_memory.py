@@ -403,7 +403,10 @@ def test_clients_holding_the_most_buffered_bytes_are_disconnected_first(run_serv
         for index in range(300):
             hold_unfinished_line(server.port, socks, b"PUT:k%d:" % index + b"x" * (BIG_VALUE - 20))
             assert rss(server.proc.pid) < limit * 1.1 + SLACK
-        wait_until(lambda: read_stats(polite)["evicted_clients"] > 0, timeout=30)
+        # (more than two: the episode's one event is told from one per eviction; with 100 MB
+        # over the limit there are dozens. Waiting for the first only, a loaded machine closed
+        # the senders after one: the one failure of a clean-clone run)
+        wait_until(lambda: read_stats(polite)["evicted_clients"] > 2, timeout=30)
         assert rss(server.proc.pid) < limit * 1.1 + SLACK
         assert polite.request(b"GET:k\n") == [b"k:v"]
         assert ping_rtt(polite) < 2.0
