@@ -767,6 +767,16 @@ def redis_says(port: int, command: bytes) -> bytes:
         return b""
 
 
+def one_outage(server, said: str) -> dict:
+    """The ``store_recovered`` of ``server``'s one outage, whose ``store_unavailable`` quotes
+    ``said`` (Redis's word), asserting there was exactly one of each."""
+    outages = events(server, "store_unavailable")
+    assert len(outages) == 1 and said in outages[0]["error"], outages
+    recoveries = events(server, "store_recovered")
+    assert len(recoveries) == 1, recoveries
+    return recoveries[0]
+
+
 def stats_names(line: bytes) -> set[str]:
     """The names in a STATS line."""
     return {pair.split(b"=")[0].decode() for pair in line.split()}
@@ -853,12 +863,7 @@ def test_a_loading_redis_is_one_outage_and_no_acknowledged_write_is_lost(server_
         assert served, "never served again"
         # one episode: every round from the first one served on is served
         assert [i for i, _, _, _ in rounds if i >= served[0]] == served, rounds[served[0] - 2 :]
-        outages = events(server, "store_unavailable")
-        assert len(outages) == 1 and "LOADING" in outages[0]["error"], outages
-        recoveries = events(server, "store_recovered")
-        assert len(recoveries) == 1, recoveries
-        recovered = recoveries[0]
-        assert recovered["failed_commands"] >= 2 * len(loading)
+        assert one_outage(server, "LOADING")["failed_commands"] >= 2 * len(loading)
         refused = [i for i, _, _, _ in rounds if i < served[0]]
         assert peer.request(b"".join(b"GET:l%d\n" % i for i in served) + b"GET:before\n") == [
             *(b"l%d:v%d" % (i, i) for i in served),
@@ -937,12 +942,7 @@ def test_a_replica_whose_master_is_down_is_one_outage_until_it_is_back(server_pr
         master.start()
         wait_until(lambda: peer.request(b"GET:k\n") == [b"k:v", b"k:w"], timeout=15)
         wait_until(lambda: events(server, "store_recovered"), timeout=15)  # (once answers last)
-        outages = events(server, "store_unavailable")
-        assert len(outages) == 1 and "MASTERDOWN" in outages[0]["error"], outages
-        recoveries = events(server, "store_recovered")
-        assert len(recoveries) == 1, recoveries
-        recovered = recoveries[0]
-        assert recovered["failed_commands"] >= len(answers)
+        assert one_outage(server, "MASTERDOWN")["failed_commands"] >= len(answers)
         assert "keys" in read_stats(peer)
         peer.close()
         assert_clean_exit(server)

@@ -8,10 +8,10 @@ in the worker, bench/OPTIMISATIONS.md, "the lines layout"; on the plain path GET
 its first FIRST_FETCH_BYTES, the whole fetched only for a client that takes it), DELETE is
 DEL, and UPDATE is a Lua script (append ``new``'s line, remove the first line of ``old``
 before it), atomic on the Redis side, so workers updating one key never lose or duplicate
-a value. A key's values live in one string, hence in one cluster slot. kvgevent's own bookkeeping lives under
-``<prefix>_meta:``, which no client key can reach (client keys never contain ':'). Keys
-that an older kvgevent kept as Redis lists (one value an item) are converted at start
-(:meth:`RedisStore.convert_lists`).
+a value. A key's values live in one string, hence in one cluster slot. kvgevent's own
+bookkeeping lives under ``<prefix>_meta:``, which no client key can reach (client keys never
+contain ':'). Keys that an older kvgevent kept as Redis lists (one value an item) are
+converted at start (:meth:`RedisStore.convert_lists`).
 
 Batches are not sent one round trip each: every batch queued while a round trip is in flight
 goes out together in the next one (:mod:`kvgevent.stores.resp`), so a worker serves many requests per
@@ -413,9 +413,7 @@ class RedisStore(KVStore):
                 head = VALUE_HEADS[m] if m < HEADS else VALUE_HEAD % m
                 add((append[len(key)], key, head, key, b":", value, LINE_END))
         if first < len(ops):  # (the GETs after the last write)
-            heads, tail = self._first_heads, self._first_tail
-            for op in ops[first:]:
-                add((heads[len(op[0])], op[0], tail))
+            pieces.append(self._first_fetch([op[0] for op in ops[first:]]))
             gets = True
         # (the types afterwards: writes only, the usual run of writes, need no loop)
         expected: list[type] = [bytes if len(op) == 1 else int for op in ops] if gets else [int] * len(ops)
@@ -527,8 +525,8 @@ class RedisStore(KVStore):
         health = self.health
         results: list[_T | KVError] = []
         for key, reply in zip(keys, replies, strict=True):
-            if isinstance(reply, Exception):  # an error reply (a KVError: judged already)
-                results.append(reply if isinstance(reply, KVError) else self._failed(key, reply))
+            if isinstance(reply, Exception):  # an error reply
+                results.append(self._failed(key, reply))
                 continue
             if health.outages:  # its node answered: any outage of it is over
                 health.up(self._node_of(self.prefix + key), asked)
