@@ -1502,6 +1502,49 @@ def test_clients_that_never_read_long_replies_ask_redis_for_little_and_hold_no_o
     assert [e for e in proc.events() if e["event"] == "store_unavailable"] == []
 
 
+def test_replies_fetched_whole_are_not_kept_once_their_clients_took_them(server_process, redis_server):
+    """Over Redis, a reply fetched whole is the server's to hold only while its client reads
+    it: once taken and the client gone, nothing keeps it (before, each of the Redis
+    connections kept its hiredis reader's buffer at the size of the biggest reply it read, and
+    each parked sender its last round trip's replies: 5 readers of 20 MB replies left 156 MB
+    held with no client at all). Real: run_server.py over a real redis-server; five clients
+    each GET a key of 40 values of 1 MB (a 40 MB reply, fetched whole) at once and read it
+    all; with every client gone, RSS comes back to within one such reply of what it was
+    before the GETs (freed pages go back to the OS at once for blocks this big, or at the
+    next MEMORY_TRIM_INTERVAL). About 5 s, up to 25 s."""
+    from test_memory import BIG_VALUE, rss
+
+    proc = server_process("--store", redis_server.url, "--redis-prefix", f"whole{time.time_ns()}:")
+    writer = Peer(proc.port, timeout=30)
+    for n in range(40):
+        writer.send(b"PUT:big:%d%s\n" % (n, b"v" * (BIG_VALUE - 3)))
+    assert writer.request(b"PUT:small:s\n") == []
+    writer.close()
+    reply = sum(len(b"big:%d" % n) + BIG_VALUE - 2 for n in range(40))
+    before = rss(proc.proc.pid)
+    readers = [socket.create_connection(("127.0.0.1", proc.port), timeout=30) for _ in range(5)]
+    try:
+        for sock in readers:
+            sock.sendall(b"GET:big\nPING\n")
+        for sock in readers:
+            got = bytearray()
+            while not got.endswith(b"PONG\n"):
+                data = sock.recv(1 << 20)
+                assert data, "the server closed a reader's connection"
+                got += data
+            assert len(got) == reply + len(b"PONG\n")
+    finally:
+        for sock in readers:
+            sock.close()
+    try:
+        wait_until(lambda: rss(proc.proc.pid) - before < reply, timeout=25)
+    except AssertionError:
+        raise AssertionError(
+            f"RSS still {(rss(proc.proc.pid) - before) >> 20} MB over its size before the GETs"
+        ) from None
+    assert proc.stop() == 0
+
+
 def test_a_client_library_pipeline_over_redis_gets_every_result_in_order(server_process, redis_server):
     """kvgevent's client follows each command with a PING; over Redis the PINGs stay in the
     batch's round trips (GETs fetched ROUND_TRIP_GETS at a time): through run_server.py and a

@@ -83,6 +83,13 @@ SIBLING_POLL = 0.005
 """Seconds between two looks at a sibling's connect, when one lost in its setup waits to
 know whether a sibling got in (rare: Redis at its ``maxclients``, all connecting at once)."""
 
+READER_KEEP_READS = 16
+"""Reads (of 64 KiB at most) of one round trip after which its connection's hiredis reader is
+replaced by a fresh one: hiredis keeps the buffer a reply grew to until its next read, so an
+idle connection held the size of the biggest reply it last read (5 connections held 156 MB
+after clients of 20 MB replies left, an attacker's pass); a smaller round trip costs no new
+reader."""
+
 _NOT_YET = object()
 """What the hiredis reader gives while no whole reply is there (its default, False, equals an
 integer reply of 0: ``iter(gets, False)`` would stop at one)."""
@@ -284,8 +291,10 @@ class RespConnection:
     def _replies(self, count: int) -> list[Any]:
         replies: list[Any] = []
         gets = self.reader.gets
+        reads = 0
         while len(replies) < count:
             data = self.sock.recv(1 << 16)
+            reads += 1
             if not data:  # (with the error Redis said why, if it did: max number of clients...)
                 said = [str(reply) for reply in replies if isinstance(reply, hiredis.ReplyError)]
                 if said:
@@ -295,6 +304,8 @@ class RespConnection:
             replies += iter(gets, _NOT_YET)  # every complete reply, read in C (no loop here)
         if len(replies) > count:  # (the stream is out of step with the requests)
             raise ReplyMismatch(f"{len(replies)} replies to {count} commands")
+        if reads > READER_KEEP_READS and not self.reader.has_data():
+            self.reader = _new_reader()  # (its buffer goes with it: READER_KEEP_READS)
         return replies
 
     def backing_off(self) -> float:
@@ -382,7 +393,7 @@ class RespConnection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Its waits through kvgevent.fastio: gevent's timed recv and sendall made a Timeout,
         # a Waiter and a getsockopt per round trip (bench/OPTIMISATIONS.md, "lean Redis I/O").
-        self.sock, self.reader = TimedSocket(sock, self.timeout), hiredis.Reader(notEnoughData=_NOT_YET)
+        self.sock, self.reader = TimedSocket(sock, self.timeout), _new_reader()
         commands: list[Command] = []
         if self.password is not None:
             user = [] if self.username is None else [self.username.encode()]
@@ -415,6 +426,11 @@ class RespConnection:
                 pass
         self.sock = self.reader = None
         self.ready = False
+
+
+def _new_reader() -> Any:
+    """A hiredis reader of replies as this module reads them (see _NOT_YET)."""
+    return hiredis.Reader(notEnoughData=_NOT_YET)
 
 
 def _lost(exc: BaseException) -> bool:
@@ -627,6 +643,9 @@ class Dispatcher:
                 gevent.sleep(connection.backing_off() or RECONNECT_MIN)
                 continue
             self._deliver(batch, replies, exact)
+            # (Parked, this frame would keep the last round trip's replies alive, one of
+            # them a reply fetched whole of many MB, after its client took it and left.)
+            del batch, replies, payload
 
     def _deliver(self, batch: list[_Request], replies: list[Any], exact: bool) -> None:
         """Give each request of ``batch`` its replies (a :class:`Mixed` list unless ``exact``)."""
