@@ -3,6 +3,7 @@ no greenlet: the test plays the read loop, answering Room and Durable itself."""
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 import pytest
@@ -273,6 +274,46 @@ def test_a_throttled_address_sleeps_before_its_password_is_checked():
     ]
     actions = run(session, b"PING\nAUTH:pw\n")
     assert actions == [[b"PONG\n"], Sleep(0.25), [b"OK\n"]]
+
+
+def test_the_password_is_judged_by_hmac_compare_digest(monkeypatch):
+    """README, Security: "The comparison takes constant time": an AUTH's password is compared
+    with the server's by ``hmac.compare_digest``, whose time does not depend on where the two
+    first differ (``==`` stops at the first different byte: a guesser could time it to find
+    the password a byte at a time). Injected: ``compare_digest`` is replaced by a wrapper that
+    records its arguments and answers as the real one does, or as the test forces. Every AUTH
+    checked goes through it with the candidate and the password, and its answer alone decides:
+    a wrong password is refused, the right one accepted, and with the answer forced the right
+    one is refused and a wrong one accepted. The timing itself is not measured: the two
+    comparisons differ by nanoseconds on a password, far below what a shared 2-core machine's
+    scheduling and garbage collection add to any one measurement (microseconds), so a timing
+    test could not tell them apart: it would fail at random and pass a regression."""
+    real = hmac.compare_digest
+    calls: list[tuple[bytes, ...]] = []
+    forced: list[bool] = []  # empty: the real comparison's answer
+
+    def recording(a: bytes, b: bytes) -> bool:
+        calls.append(tuple(sorted((bytes(a), bytes(b)))))  # (either order is constant time)
+        return forced[0] if forced else real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    session = session_for(password=b"secret")
+    assert run(session, b"AUTH:nope\nAUTH:secret\nPUT:k:v\nGET:k\n") == [
+        [b"ERR invalid password\n", b"OK\n"],
+        [b"k:v\n"],
+    ]
+    assert calls == [(b"nope", b"secret"), (b"secret", b"secret")]
+
+    calls.clear()
+    forced.append(False)
+    refused = session_for(password=b"secret")
+    assert run(refused, b"AUTH:secret\nGET:k\n") == [[b"ERR invalid password\n", b"ERR auth required\n"]]
+    assert not refused.authenticated
+    forced[0] = True
+    accepted = session_for(password=b"secret")
+    assert run(accepted, b"AUTH:wrong\n") == [[b"OK\n"]]
+    assert accepted.authenticated
+    assert calls == [(b"secret", b"secret"), (b"secret", b"wrong")]
 
 
 @pytest.mark.parametrize("verb", [b"PUT:k:v", b"UPDATE:k:a:b"])
