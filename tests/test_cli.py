@@ -299,6 +299,7 @@ def test_a_sigint_before_the_server_is_up_ends_it_without_a_traceback(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        path.unlink()  # (72 MB: pytest keeps the last runs' tmp_path)
     assert proc.returncode == -signal.SIGINT
     assert b"Traceback" not in stderr and b"KeyboardInterrupt" not in stderr, stderr[-2000:]
 
