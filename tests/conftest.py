@@ -310,6 +310,16 @@ def fill_descriptors(port: int, pid: int) -> list[Peer]:
     return fillers
 
 
+def memory_of(pid: int, field: str = "VmRSS") -> int:
+    """A size from ``/proc/PID/status`` in bytes: ``VmRSS`` (resident now) or ``VmHWM`` (the
+    most it has been resident since it started)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, message: str = "") -> None:
     """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
     end = time.monotonic() + timeout

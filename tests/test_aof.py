@@ -15,7 +15,7 @@ from pathlib import Path
 import gevent
 import gevent.event
 import pytest
-from conftest import Peer, log_events, wait_until
+from conftest import Peer, log_events, memory_of, wait_until
 from gevent.monkey import get_original
 
 from kvgevent import KeyValueServer
@@ -408,15 +408,6 @@ def test_graceful_shutdown_keeps_everything(server_process, tmp_path):
     peer.close()
 
 
-def peak_rss(pid: int) -> int:
-    """The highest resident set size process ``pid`` has had so far (VmHWM), in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
 CHURN_ROUNDS = 4000
 CHURN_VALUE = b"v" * (64 << 10)
 """A log of 4,000 PUTs of 64 KiB values, each followed by a DELETE of its key: 262 MB."""
@@ -449,7 +440,7 @@ def test_run_server_replays_a_big_log_in_far_less_memory_than_the_file(server_pr
         written = path.stat().st_size
         assert written > size
         proc = server_process("--aof", str(path))
-        peak = peak_rss(proc.proc.pid)  # (server_started: the replay is over)
+        peak = memory_of(proc.proc.pid, "VmHWM")  # (server_started: the replay is over)
         (replayed,) = [event for event in proc.events() if event["event"] == "aof_replayed"]
         assert (replayed["records"], replayed["keys"]) == (2 * CHURN_ROUNDS + 1, 1)
         peer = Peer(proc.port)

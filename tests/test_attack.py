@@ -9,17 +9,9 @@ import struct
 import time
 
 import gevent
-from conftest import Peer, wait_until
+from conftest import Peer, memory_of, wait_until
 
 RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def connect(port: int) -> socket.socket:
@@ -172,11 +164,11 @@ def test_server_keeps_serving_under_attack(server_process):
 def test_a_64_mib_line_is_not_buffered(server_process):
     """The server's memory does not grow by the size of a line it refuses."""
     proc = server_process()
-    before = rss_kb(proc.proc.pid)
+    before = memory_of(proc.proc.pid) // 1024
     peak = before
     job = gevent.spawn(huge_line, proc.port)
     while not job.dead:
-        peak = max(peak, rss_kb(proc.proc.pid))
+        peak = max(peak, memory_of(proc.proc.pid) // 1024)
         gevent.sleep(0.02)
     assert job.get() == [b"ERR line too long", b"PONG"]
     assert peak - before < 16 * 1024, f"RSS grew by {peak - before} kB for a 64 MiB line"

@@ -14,7 +14,7 @@ import gevent
 import pytest
 
 from kvgevent.server.memory import MEMORY_TRIM_INTERVAL
-from tests.conftest import Peer, ServerProcess, read_stats, wait_until
+from tests.conftest import Peer, ServerProcess, memory_of, read_stats, wait_until
 
 MiB = 1 << 20
 BIG_VALUE = 1_000_000  # a PUT line of it stays under the default --max-line of 1 MiB
@@ -22,11 +22,7 @@ BIG_VALUE = 1_000_000  # a PUT line of it stays under the default --max-line of 
 
 def rss(pid: int) -> int:
     """Resident memory of ``pid`` in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    return memory_of(pid)
 
 
 @pytest.fixture
