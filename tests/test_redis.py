@@ -1545,6 +1545,44 @@ def test_replies_fetched_whole_are_not_kept_once_their_clients_took_them(server_
     assert proc.stop() == 0
 
 
+def test_many_stats_at_once_read_redis_on_a_few_connections_and_keep_none(server_process, redis_server):
+    """Over Redis, STATS asks Redis for the key count and the cluster figures through
+    redis-py; many at once share one call of each (RedisStore._shared), on a pool of at most
+    BOOKKEEPING_CONNECTIONS. Before, each STATS took a pool connection of its own (up to 256),
+    kept open for good: 300 at once left 178 files held beyond --max-clients, and at the
+    open-files limit the server could neither reach Redis nor accept (an attacker's pass).
+    Real: run_server.py over a real redis-server; 200 clients send STATS at once, each gets
+    a STATS line with the cluster figures, and once they left the server holds no more than
+    a few files more than before (/proc/PID/fd) and Redis lists no more than a few more
+    connections of it (CLIENT LIST). About 2 s."""
+    import redis
+
+    from kvgevent.stores.redis_store import BOOKKEEPING_CONNECTIONS
+
+    proc = server_process("--store", redis_server.url, "--redis-prefix", f"stats{time.time_ns()}:")
+    raw = redis.Redis(port=redis_server.port)
+    peer = Peer(proc.port)
+    read_stats(peer)  # (the bookkeeping connection made once, as any first STATS makes it)
+    files, connections = len(os.listdir(f"/proc/{proc.proc.pid}/fd")), len(raw.client_list())
+    clients = [socket.create_connection(("127.0.0.1", proc.port), timeout=30) for _ in range(200)]
+    try:
+        for sock in clients:
+            sock.sendall(b"STATS\n")
+        for sock in clients:
+            line = sock.makefile("rb").readline()
+            assert b" workers=1" in line and b" cluster_active=" in line, line[:200]
+    finally:
+        for sock in clients:
+            sock.close()
+    wait_until(lambda: read_stats(peer)["active"] == 1, timeout=10)
+    held = len(os.listdir(f"/proc/{proc.proc.pid}/fd")) - files
+    more = len(raw.client_list()) - connections
+    raw.close()
+    peer.close()
+    assert held <= BOOKKEEPING_CONNECTIONS and more <= BOOKKEEPING_CONNECTIONS, (held, more)
+    assert proc.stop() == 0
+
+
 def test_a_client_library_pipeline_over_redis_gets_every_result_in_order(server_process, redis_server):
     """kvgevent's client follows each command with a PING; over Redis the PINGs stay in the
     batch's round trips (GETs fetched ROUND_TRIP_GETS at a time): through run_server.py and a

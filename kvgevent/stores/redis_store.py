@@ -30,10 +30,11 @@ import hashlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlparse
 
 import gevent
+from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 
 from kvgevent.config import DEFAULT_PREFIX, DEFAULT_REDIS_TIMEOUT
@@ -76,7 +77,15 @@ from kvgevent.stores.resp import (
 _T = TypeVar("_T")
 
 MAX_CONNECTIONS = 256
-"""Connections to Redis per kvgevent process (one per client round trip in flight)."""
+"""Connections to Redis per kvgevent process where redis-py carries the data (a cluster,
+``rediss://``): one per client round trip in flight."""
+
+BOOKKEEPING_CONNECTIONS = 8
+"""redis-py's connections per process over ``redis://``, where it carries only the bookkeeping
+(the client report, the key count, the cluster figures, a conversion: one call of each kind
+at a time, see RedisStore._shared). Its pool never closes one, and each is a file beyond
+--max-clients: 300 STATS at once left 178 open for good (an attacker's pass), and at the
+open-files limit the server could neither reach Redis nor accept clients."""
 
 COUNT_KEYS_EVERY = 5.0
 """Seconds the ``keys`` figure of STATS is reused when counting took long (it scans every key)."""
@@ -265,6 +274,7 @@ class RedisStore(KVStore):
                 f"not a Redis URL: {redacted_url(url)!r} (redis://host:port/db or redis+cluster://host:port)"
             )
         self.client: Any = _redis_py_client(url, timeout)
+        self._flights: dict[str, AsyncResult] = {}  # what -> the bookkeeping call under way
         if scheme == "redis":
             self._dispatcher = _dispatcher(url, timeout, self.log, self.node)
             self.apply_plain = self._apply_plain
@@ -658,7 +668,7 @@ class RedisStore(KVStore):
             return sum(_client_key(key, start) for key in keys)
 
         began = time.monotonic()
-        count = self._bookkeeping("key count", scan)
+        count = self._shared("key count", scan)
         took = time.monotonic() - began
         # A slow count (a big keyspace) is reused for a while; a quick one for a second.
         self._keys = (time.monotonic() + (COUNT_KEYS_EVERY if took > 0.05 else COUNT_KEYS_MIN), count)
@@ -792,7 +802,7 @@ class RedisStore(KVStore):
                     del workers[name]
             return workers, dropped
 
-        workers, dropped = self._bookkeeping("cluster figures", read)
+        workers, dropped = self._shared("cluster figures", read)
         now, total, live = time.time(), active, 1
         for name, entry in workers.items():
             count, at = _worker_report(entry) or (0, 0.0)  # (unreadable ones were deleted)
@@ -881,6 +891,27 @@ class RedisStore(KVStore):
         """The nodes of ``keys`` (data commands: the key is their first item), or the
         store's own node when none are given."""
         return {self._node_of(self.prefix + cmd[0]) for cmd in keys} if keys else {self.node}
+
+    def _shared(self, what: str, function: Callable[[], _T]) -> _T:
+        """:meth:`_bookkeeping` of ``what``, made once for all who ask while it is under way:
+        they get its result, or its StoreError (many STATS at once read Redis once, on one
+        connection: each took one of redis-py's, kept open for good)."""
+        flight = self._flights.get(what)
+        if flight is not None:
+            return cast(_T, flight.get())  # (what the call returned)
+        flight = self._flights[what] = AsyncResult()
+        try:
+            result = self._bookkeeping(what, function)
+        except Exception as exc:
+            flight.set_exception(exc)
+            raise
+        except BaseException:  # (its caller killed: the others get no GreenletExit)
+            flight.set_exception(ERR_UNAVAILABLE.fresh())
+            raise
+        finally:
+            del self._flights[what]
+        flight.set(result)
+        return result
 
     def _bookkeeping(self, what: str, function: Callable[[], _T]) -> _T:
         """``function()``, a bookkeeping call through redis-py (``what``: the client report,
@@ -1148,9 +1179,9 @@ def _redis_py_client(url: str, timeout: float) -> Any:
         options["connection_class"] = _checked(redis.connection.Connection)
         return RedisCluster.from_url("redis://" + url[len("redis+cluster://") :], **options)
     base = redis.connection.SSLConnection if url.startswith("rediss://") else redis.connection.Connection
-    pool = redis.ConnectionPool.from_url(
-        url, max_connections=MAX_CONNECTIONS, connection_class=_checked(base), **options
-    )
+    most = MAX_CONNECTIONS if url.startswith("rediss://") else BOOKKEEPING_CONNECTIONS
+    options.update(max_connections=most, connection_class=_checked(base))
+    pool = redis.ConnectionPool.from_url(url, **options)
     return redis.Redis(connection_pool=pool)
 
 
