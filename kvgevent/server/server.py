@@ -855,6 +855,8 @@ class KeyValueServer:
         if len(rest) > TURN_BYTES or conn.heavy:
             self._apply_backlog(conn, rest)
             return
+        if conn.failed is not None:  # (its AUTH's reply could not be sent)
+            return
         items = conn.buffer.feed(rest)
         conn.note_input()
         if items:
