@@ -68,6 +68,13 @@ FILE_CHECK_INTERVAL = 1.0
 log's path is still the log (a ``stat`` and an ``fstat``): an ``rm`` is noticed within a
 second even with no writes."""
 
+SLOW_SYNC_AFTER = 2.0
+"""Seconds writes may wait to be on disk (under ``everysec`` and ``always``) before the disk
+is said to be slow (``aof_fsync_slow``, once per episode; Redis warns after 2 s too): on a
+disk slower than the writes the background fsync fell behind by 13 to 48 s, and nothing
+said so (an attacker's pass). Also how long the last sync at a stop may take before the
+log says what the stop waits for."""
+
 RETRY_MIN = 0.05
 """Seconds before the first attempt to recover a failing log: space an operator frees is
 used again at once."""
@@ -337,6 +344,9 @@ class AppendOnlyLog:
         self.write_errors = 0
         self.writes_refused = 0
         self.last_fsync = time.monotonic()
+        self._pending_since: float | None = None  # about when the oldest write not on disk was made
+        self._fsync_began: float | None = None  # when the sync round's fsync under way began
+        self._slow_since: float | None = None  # when an aof_fsync_slow episode began
         self._switching: gevent.event.Event | None = None  # set while a new file is not in place
         self._syncing = False
         self._wanted = 0  # the position barrier() callers wait for
@@ -446,6 +456,8 @@ class AppendOnlyLog:
                 failure.failed_bytes = max(failure.failed_bytes, len(data))
                 self._cut_torn_tail()
             else:
+                if self._pending_since is None:
+                    self._pending_since = time.monotonic()
                 self.size += len(data)
                 self.written += len(data)
                 self.records += len(payloads)
@@ -511,6 +523,7 @@ class AppendOnlyLog:
 
     def _sync_round(self) -> None:
         position, records, generation = self.written, self.written_records, self.generation
+        began = self._fsync_began = time.monotonic()
         try:
             self._fsync_current()
         except FileTaken:
@@ -518,8 +531,10 @@ class AppendOnlyLog:
         except OSError as exc:
             self._fail("fsync", exc)
             return
+        finally:
+            self._fsync_began = None
         if generation == self.generation:  # else the file was replaced meanwhile
-            self._mark_durable(position, records)
+            self._mark_durable(position, records, began)
 
     def _fsync_current(self) -> None:
         """fsync the current file in the threadpool, then look whether it is still the log
@@ -609,10 +624,16 @@ class AppendOnlyLog:
         self._fail("file", exc)
         raise exc
 
-    def _mark_durable(self, position: int, records: int) -> None:
+    def _mark_durable(self, position: int, records: int, began: float | None = None) -> None:
+        """Everything up to ``position`` is on disk, by an fsync that ``began`` then (if
+        known: the writes after ``position`` came later)."""
         self.durable = max(self.durable, position)
         self.durable_records = max(self.durable_records, records)
         self.last_fsync = time.monotonic()
+        if self.durable >= self.written:
+            self._pending_since = None
+        elif began is not None and self._pending_since is not None:
+            self._pending_since = max(self._pending_since, began)
 
     def _tick(self) -> None:
         """Under ``everysec``, fsync what was written each EVERYSEC_INTERVAL (and look at the
@@ -621,6 +642,7 @@ class AppendOnlyLog:
         everysec = self.policy == "everysec"
         while True:
             gevent.sleep(EVERYSEC_INTERVAL if everysec else FILE_CHECK_INTERVAL)
+            self._watch_lag()
             if self.failure is not None or self._switching is not None:
                 continue  # (the recovery looks after the file; a compaction is replacing it)
             if everysec and self.durable < self.written:
@@ -634,6 +656,37 @@ class AppendOnlyLog:
                 pass  # (its episode is open)
             except OSError:  # (not looked at: the threadpool could not run it) the next time
                 pass
+
+    def _lag(self, now: float) -> float:
+        """Seconds the disk is behind: how long the fsync under way has run, and under
+        ``everysec`` how long the oldest write not on disk has waited (about), whichever is
+        longer. (Under ``always`` writes no PING waits for are not synced: no lag; under
+        ``no`` none is promised.)"""
+        running = 0.0 if self._fsync_began is None else now - self._fsync_began
+        pending = self._pending_since if self.policy == "everysec" else None
+        return max(running, 0.0 if pending is None else now - pending)
+
+    def _watch_lag(self) -> None:
+        """Begin or end an ``aof_fsync_slow`` episode: the disk SLOW_SYNC_AFTER or more
+        behind (:meth:`_lag`) begins one (not while the log is failing: that episode says
+        more); less ends it. Looked at once a second, by the ticker."""
+        now = time.monotonic()
+        lag = self._lag(now)
+        if self._slow_since is None:
+            if lag >= SLOW_SYNC_AFTER and self.failure is None:
+                self._slow_since = now
+                self.log.warning(
+                    "aof_fsync_slow",
+                    path=self.path,
+                    behind_s=round(lag, 1),
+                    unsynced_bytes=self.written - self.durable,
+                    hint="the disk takes the log's writes slower than they come: under everysec "
+                    "a crash of the machine loses more than a second of them; under always "
+                    "PINGs wait that long",
+                )
+        elif lag < SLOW_SYNC_AFTER:
+            began, self._slow_since = self._slow_since, None
+            self.log.info("aof_fsync_slow_ended", path=self.path, seconds=round(now - began, 1))
 
     # --- failing and recovering -------------------------------------------------------------
 
@@ -794,13 +847,28 @@ class AppendOnlyLog:
             with contextlib.suppress(OSError):  # (FileTaken too: its episode is open)
                 self._look()
         if self.failure is not None or self.lost or self.torn or self.durable < self.written:
-            self._last_attempt()
+            # (a slow disk makes the stop wait for it: said, or it looks hung)
+            warning = gevent.spawn_later(SLOW_SYNC_AFTER, self._say_stop_waits, self.written - self.durable)
+            try:
+                self._last_attempt()
+            finally:
+                warning.kill()
         try:
             os.close(self.fd)
         finally:
             self.fd = -1
             self._close_reserved()
         return self.written_records - self.durable_records
+
+    def _say_stop_waits(self, unsynced: int) -> None:
+        self.log.warning(
+            "aof_stop_waits_for_disk",
+            path=self.path,
+            unsynced_bytes=unsynced,
+            waited_s=SLOW_SYNC_AFTER,
+            hint="the stop ends once the log's last writes are on disk (a service manager's stop "
+            "timeout may kill it first: what was not on disk is then up to the OS)",
+        )
 
     def _last_attempt(self) -> None:
         """:meth:`make_durable` at the stop; a file found taken away meanwhile (its episode
