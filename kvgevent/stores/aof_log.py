@@ -40,6 +40,7 @@ loop never waits for the disk.
 
 from __future__ import annotations
 
+import _queue
 import contextlib
 import errno
 import fcntl
@@ -51,6 +52,7 @@ from typing import Any, Literal
 
 import gevent
 import gevent.event
+from gevent import getcurrent
 from gevent.monkey import get_original
 
 from kvgevent.errors import StoreError
@@ -67,6 +69,15 @@ FILE_CHECK_INTERVAL = 1.0
 """Seconds between two looks, besides those after each fsync, at whether the file at the
 log's path is still the log (a ``stat`` and an ``fstat``): an ``rm`` is noticed within a
 second even with no writes."""
+
+SLOW_WRITE = 0.02
+"""Seconds a write of the log made from the event loop may take before the next writes, for
+THREADED_FOR, are made by the log's thread: on a disk that keeps up, a write from the loop
+takes microseconds, a trip to the thread tens of them (bench/OPTIMISATIONS.md, "the log's
+writes in a thread")..."""
+
+THREADED_FOR = 10.0
+"""...seconds (from the last slow write)."""
 
 SLOW_SYNC_AFTER = 2.0
 """Seconds writes may wait to be on disk (under ``everysec`` and ``always``) before the disk
@@ -271,6 +282,11 @@ def foreign_file(path: str, fd: int) -> bool:
     return not os.path.samestat(opened, current)
 
 
+_disk_work = [0]
+"""Calls of :func:`in_thread` under way (fsyncs, a compaction's copies): while there are any,
+the log's writes are made by its thread (see AppendOnlyLog.append)."""
+
+
 def in_thread(function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)`` in gevent's threadpool (the calling greenlet waits; the others
     run). An exception is raised here, in the caller, and only here: gevent would also hand
@@ -283,10 +299,88 @@ def in_thread(function: Callable[..., Any], *args: Any) -> Any:
         except Exception as exc:
             return None, exc
 
-    result, error = gevent.get_hub().threadpool.apply(capture)
+    _disk_work[0] += 1
+    try:
+        result, error = gevent.get_hub().threadpool.apply(capture)
+    finally:
+        _disk_work[0] -= 1
     if error is not None:
         raise error
     return result
+
+
+_start_thread = get_original("_thread", "start_new_thread")
+Interruption = BaseException | None
+
+
+class DiskThread:
+    """An OS thread of the log's own for its writes: ``call(function, *args)`` runs there
+    while the calling greenlet waits and the others run (gevent's threadpool took 44 to 74
+    µs a call on the project's VM, this about 30: bench/OPTIMISATIONS.md, "the log's
+    writes in a thread"). The caller parks with a bare ``Hub.switch`` and is switched to from
+    the hub by a loop ``async_`` watcher that the thread ``send``s (thread-safe); requests and
+    answers cross in the unpatched ``_queue.SimpleQueue``, the thread is started with the
+    unpatched ``_thread.start_new_thread``: the gevent interfaces relied on. The watcher holds
+    the loop (``ref``) only while a call is under way. A caller interrupted while it waits (a
+    kill, an exception thrown in) waits for the answer all the same: ``call`` returns the
+    interruption beside the result, for the caller to raise once it has accounted for what
+    the thread did. :meth:`stop` ends the thread after the calls under way."""
+
+    def __init__(self) -> None:
+        self._hub = gevent.get_hub()
+        self._requests: Any = _queue.SimpleQueue()
+        self._answers: Any = _queue.SimpleQueue()
+        self._pending = 0
+        watcher: Any = self._hub.loop.async_()  # (its stub lacks ``ref``)
+        watcher.start(self._deliver)
+        watcher.ref = False
+        self._watcher = watcher
+        _start_thread(self._run, ())
+
+    def call(
+        self, function: Callable[..., Any], *args: Any
+    ) -> tuple[Any, Exception | None, BaseException | None]:
+        """(``function(*args)``'s result, the exception it raised or None, an interruption of
+        the caller that came meanwhile or None)."""
+        slot: list[Any] = [None, None, getcurrent()]  # result, exception, whom to wake
+        self._requests.put((function, args, slot))
+        self._pending += 1
+        self._watcher.ref = True
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._hub.switch()  # (woken by _deliver once the thread is done)
+                break
+            except BaseException as exc:  # (the thread goes on: its answer is waited for)
+                interrupted = interrupted or exc
+        return slot[0], slot[1], interrupted
+
+    def stop(self) -> None:
+        self._requests.put(None)
+        self._watcher.stop()
+        self._watcher.close()
+
+    def _run(self) -> None:  # (in the thread)
+        requests, answers, send = self._requests, self._answers, self._watcher.send
+        while (request := requests.get()) is not None:
+            function, args, slot = request
+            try:
+                slot[0] = function(*args)
+            except Exception as exc:
+                slot[1] = exc
+            answers.put(slot)
+            send()
+
+    def _deliver(self) -> None:  # (in the hub)
+        while True:
+            try:
+                slot = self._answers.get_nowait()
+            except _queue.Empty:
+                break
+            self._pending -= 1
+            if not self._pending:
+                self._watcher.ref = False
+            slot[2].switch()
 
 
 def _error_text(exc: BaseException) -> str:
@@ -363,6 +457,8 @@ class AppendOnlyLog:
         # could not sync its directory demanded a rebuild (an auditor's prlimit runs).
         self._dir_fd = -1
         self._spare: int | None = None
+        self._disk: DiskThread | None = None  # the thread that makes the writes (at the first)
+        self._threaded_until = 0.0  # (monotonic) writes by the thread until then: see _write
 
     # --- opening --------------------------------------------------------------------------
 
@@ -442,14 +538,19 @@ class AppendOnlyLog:
         """False while writes are refused (a failure episode)."""
         return self.failure is None
 
-    def append(self, payloads: Payloads) -> bool:
-        """Write records before they are applied. True once the OS has all of them; False if
-        the log is failing or this write failed (then none of them is in the file)."""
+    def append(self, payloads: Payloads) -> tuple[bool, BaseException | None]:
+        """Write records before they are applied: (True once the OS has all of them, False
+        if the log is failing or this write failed: then none of them is in the file; an
+        interruption of the caller while the write was made, for it to raise once it has
+        applied them). The write is made from the loop or by the log's thread (:meth:`_write`;
+        the caller holds the store's lock: one write at a time, no compaction switches files
+        meanwhile); everything else here runs in the loop."""
+        interrupted: BaseException | None = None
         if self.failure is None:
             data = b"".join([encode_record(p) for p in payloads])
-            try:
-                pwrite_all(self.fd, [data], self.size)
-            except OSError as exc:
+            error, interrupted = self._write(data)
+            if error is not None:
+                exc = error if isinstance(error, OSError) else OSError(errno.EIO, _error_text(error))
                 self.write_errors += 1
                 self.torn = True
                 failure = self._fail("write", exc)
@@ -462,10 +563,43 @@ class AppendOnlyLog:
                 self.written += len(data)
                 self.records += len(payloads)
                 self.written_records += len(payloads)
-                return True
+                return True, interrupted
         self.writes_refused += len(payloads)
         self.failure.refused += len(payloads)  # type: ignore[union-attr]  # (failing: self.failure is set)
-        return False
+        return False, interrupted
+
+    def _write(self, data: bytes) -> tuple[Exception | None, Interruption]:
+        """Write ``data`` at the end of the log; (the OSError it raised or None, an
+        interruption of the caller meanwhile, see :class:`DiskThread`). By the log's thread
+        while the disk is busy with other work of the server's (an fsync, a compaction's
+        copy: on ext4 over a slow device a write then waited for the journal behind the
+        fsync's commit for up to 33 s, and from the loop the whole server with it, an
+        attacker's pass) or was lately slow (SLOW_WRITE, THREADED_FOR); else from the loop,
+        where it takes microseconds (a trip to the thread for each took single-client
+        sequential writes from 0.15 to 0.38 ms)."""
+        began = time.monotonic()
+        error: Exception | None = None
+        interrupted: Interruption = None
+        if _disk_work[0] or began < self._threaded_until:
+            if self._disk is None:
+                self._disk = DiskThread()
+            _, error, interrupted = self._disk.call(pwrite_all, self.fd, [data], self.size)
+        else:
+            try:
+                pwrite_all(self.fd, [data], self.size)
+            except OSError as exc:
+                error = exc
+        now = time.monotonic()
+        if now - began >= SLOW_WRITE:
+            self._threaded_until = now + THREADED_FOR
+        return error, interrupted
+
+    def fail_write(self, exc: BaseException) -> None:
+        """A write whose outcome is not known (a bug on the way): the log fails as after a
+        failed fsync; only a rebuild from memory makes the file hold what was applied."""
+        self.write_errors += 1
+        self.lost = True
+        self._fail("write", exc)
 
     def _cut_torn_tail(self) -> None:
         """Truncate what a failed write left, and fsync the truncation (in the threadpool):
@@ -858,6 +992,9 @@ class AppendOnlyLog:
         finally:
             self.fd = -1
             self._close_reserved()
+            if self._disk is not None:
+                self._disk.stop()
+                self._disk = None
         return self.written_records - self.durable_records
 
     def _say_stop_waits(self, unsynced: int) -> None:

@@ -8,6 +8,14 @@ refused that way; reads go on. :meth:`DurableStore.barrier` is what the server c
 a ``PONG``: under ``--fsync always`` it returns only once the connection's earlier
 mutations are on disk, in the file that survives a compaction.
 
+The log's writes are made by one greenlet at a time (the log's writer: the caller itself when
+no write is under way), for every batch that came while the last write was made: one write for
+all of them, then each applied in the order of its records, under the store's lock. While the
+disk is busy or slow the write is made by the log's thread (AppendOnlyLog._write), so the
+event loop does not wait for it (on ext4 on a slow device a write made from the loop waited for
+the journal, and the whole server with it, for up to 33 s: an attacker's pass); reads are
+answered meanwhile, from memory as it was before the batches being written.
+
 Compaction (:mod:`kvgevent.stores.rewrite`) starts when the file has grown enough; one that fails
 is logged once, counted and retried with backoff. After a failed fsync the log's recovery
 rebuilds the file with the same machinery.
@@ -20,12 +28,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import gevent
+import gevent.event
 
 from kvgevent.errors import KVError
 from kvgevent.logs import Logger, get_logger
 from kvgevent.protocol import Delete, Get, Put, Update, parse, request_line
 from kvgevent.stores.aof_log import ERR_PERSISTENCE, AppendOnlyLog
-from kvgevent.stores.base import DATA_COMMANDS, DataCommand, Key, KVStore, key_bytes
+from kvgevent.stores.base import DATA_COMMANDS, STORE_WAIT, DataCommand, Key, KVStore, key_bytes
 from kvgevent.stores.memory import MemoryStore
 from kvgevent.stores.rewrite import Aborted, Rewrite
 from kvgevent.timings import SLOW_BUCKETS, Timings
@@ -43,6 +52,10 @@ REWRITE_RETRY_MAX = 60.0
 """...doubling up to this (a disk that stays full costs one attempt a minute)."""
 
 Result = list[bytes] | KVError | None
+
+_Write = list[Any]
+"""A batch waiting for the log's writer: [its commands, its mutations, its results (None until
+applied or refused)]."""
 
 
 class DurableStore(KVStore):
@@ -77,6 +90,9 @@ class DurableStore(KVStore):
         self._retry_at = 0.0
         self._retry_delay = REWRITE_RETRY_MIN
         self._rewrite_failing = False  # a streak of failed compactions (logged once)
+        self._queued: list[_Write] = []  # batches for the log's writer's next write
+        self._queued_done: gevent.event.Event | None = None  # set once those are applied or refused
+        self._writer: Any = None  # the log's writer (a greenlet), while it has work
 
     def open(self, repair: bool = False) -> dict[str, Any]:
         """Check, repair if asked, and replay the file. Raises aof.AofCorrupt, OSError, or
@@ -97,20 +113,78 @@ class DurableStore(KVStore):
 
     # --- the store interface ---------------------------------------------------------------
 
+    waits_elsewhere = True  # a batch of writes waits for the disk (in a thread): STORE_WAIT
+
     def apply(self, commands: Sequence[DataCommand]) -> list[Result]:
+        """A batch with mutations is applied once its records are in the file, or refused
+        (``ERR persistence failed``) if they could not be written, by the log's writer (the
+        module's docstring): the caller itself when no write is under way, else the one
+        making it, next. A caller interrupted while another writes for it leaves its batch to
+        that one (applied or refused all the same, as its records say); one interrupted while
+        it writes (the write itself cannot be stopped) finishes the writing first."""
         mutations = [c for c in commands if c.__class__ is not Get]
         if not mutations:
             return self.memory.apply(commands)
-        with self.lock:
-            if self.compaction is not None:
-                self.compaction.before_mutations(mutations)
-            if self.aof.append([request_line(c) for c in mutations]):  # write-ahead
-                results = self.memory.apply_under_lock(commands)
-            else:
-                results = self._refused(commands)
+        write: _Write = [commands, mutations, None]
+        began = time.perf_counter()
+        if self._writer is None:  # no write under way: this caller writes
+            self._queued.append(write)
+            self._writer = gevent.getcurrent()
+            self._write_queued()
+        else:
+            done = self._queued_done
+            if done is None:
+                done = self._queued_done = gevent.event.Event()
+            self._queued.append(write)
+            done.wait()
+        STORE_WAIT.set(STORE_WAIT.get() + time.perf_counter() - began)
         if self._rewriter is None and self._should_rewrite():
             self._rewriter = gevent.spawn(self._rewrite_in_background)
-        return results
+        return write[2]  # (a list, set before done)
+
+    def _write_queued(self) -> None:
+        """As the log's writer: write what is queued, a group at a time, until nothing is.
+        An interruption is raised once the group under way is applied; what is queued then
+        goes to a writer greenlet of its own, as when the lock's wait was interrupted."""
+        interrupted: BaseException | None = None
+        try:
+            while self._queued and interrupted is None:
+                with self.lock:  # (a compaction's switch may hold it: no new file meanwhile)
+                    group, self._queued = self._queued, []
+                    done, self._queued_done = self._queued_done, None
+                    try:
+                        interrupted = self._write_group(group)
+                    except Exception as exc:  # a bug: fail the log (a rebuild makes it match memory)
+                        self.log.exception("aof_write_error")
+                        self.aof.fail_write(exc)
+                        for write in group:
+                            if write[2] is None:
+                                write[2] = self._refused(write[0])
+                    finally:
+                        if done is not None:  # (someone waits: made by the first waiter)
+                            done.set()
+        finally:
+            self._writer = None
+            if self._queued:
+                self._writer = gevent.spawn(self._write_queued)
+        if interrupted is not None:
+            raise interrupted
+
+    def _write_group(self, group: list[_Write]) -> BaseException | None:
+        """Write the records of ``group`` (in the log's thread; the caller holds the lock: no
+        compaction switches files meanwhile), then apply each batch in order, or refuse them
+        all. Returns an interruption that came during the write (raised by the caller)."""
+        written, interrupted = self.aof.append([request_line(c) for write in group for c in write[1]])
+        if written:  # write-ahead
+            compaction = self.compaction  # (one may have begun while the write was made)
+            for write in group:
+                if compaction is not None:
+                    compaction.before_mutations(write[1])
+                write[2] = self.memory.apply_under_lock(write[0])
+        else:
+            for write in group:
+                write[2] = self._refused(write[0])
+        return interrupted
 
     def apply_some(self, commands: Sequence[DataCommand], budget: int) -> tuple[list[Result], int]:
         # Cut the batch before logging it: what is logged must be applied at once.
@@ -184,6 +258,8 @@ class DurableStore(KVStore):
         if self.closing:
             return
         self.closing = True
+        if self._writer is not None:
+            self._writer.join()  # (the batches it has are applied or refused first)
         if self._rewriter is not None:
             self._rewriter.join()
         self.unsaved_records = self.aof.close()
