@@ -1583,6 +1583,39 @@ def test_many_stats_at_once_read_redis_on_a_few_connections_and_keep_none(server
     assert proc.stop() == 0
 
 
+def test_a_shared_bookkeeping_call_gives_the_others_its_result_or_a_store_error(store):
+    """RedisStore._shared: callers that come while a bookkeeping call of the same kind is
+    under way get its result (the call made once); when its caller is stopped by something
+    of its own (the server's stop thrown into it: an attacker's pass saw a metrics scrape
+    get HTTP 500 and an unhandled_error for it), the others get ERR store unavailable,
+    not that. Real redis-server; the call held open by a sleep."""
+    from kvgevent.errors import StoreError
+
+    class Stopped(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def slow() -> int:
+        calls.append(1)
+        gevent.sleep(0.2)
+        return store.client.dbsize()
+
+    first = gevent.spawn(store._shared, "figure", slow)
+    later = gevent.spawn(store._shared, "figure", slow)
+    gevent.joinall([first, later], timeout=10)
+    assert first.value == later.value and calls == [1]
+    leader = gevent.spawn(store._shared, "figure", slow)
+    joiner = gevent.spawn(store._shared, "figure", slow)
+    wait_until(lambda: len(calls) == 2)
+    gevent.sleep(0.01)  # (the joiner waits on the leader's call)
+    leader.kill(Stopped, block=True, timeout=5)
+    joiner.join(timeout=5)
+    assert isinstance(leader.exception, Stopped), leader.exception
+    assert isinstance(joiner.exception, StoreError), joiner.exception
+    assert str(joiner.exception) == "store unavailable" and len(calls) == 2
+
+
 def test_a_client_library_pipeline_over_redis_gets_every_result_in_order(server_process, redis_server):
     """kvgevent's client follows each command with a PING; over Redis the PINGs stay in the
     batch's round trips (GETs fetched ROUND_TRIP_GETS at a time): through run_server.py and a

@@ -895,17 +895,23 @@ class RedisStore(KVStore):
     def _shared(self, what: str, function: Callable[[], _T]) -> _T:
         """:meth:`_bookkeeping` of ``what``, made once for all who ask while it is under way:
         they get its result, or its StoreError (many STATS at once read Redis once, on one
-        connection: each took one of redis-py's, kept open for good)."""
+        connection: each took one of redis-py's, kept open for good). Not during an outage
+        of the node: there each call fails at once unless its retry is due (one waiting
+        for that retry's answer made the STATS that joined it wait twice --redis-timeout,
+        an attacker's pass). Anything else the call raises (the server's stop thrown into
+        its caller) is the caller's alone: the others get ``ERR store unavailable``."""
+        if self.node in self.health.outages:
+            return self._bookkeeping(what, function)
         flight = self._flights.get(what)
         if flight is not None:
             return cast(_T, flight.get())  # (what the call returned)
         flight = self._flights[what] = AsyncResult()
         try:
             result = self._bookkeeping(what, function)
-        except Exception as exc:
+        except KVError as exc:
             flight.set_exception(exc)
             raise
-        except BaseException:  # (its caller killed: the others get no GreenletExit)
+        except BaseException:  # (its caller stopped or killed: not the others' to raise)
             flight.set_exception(ERR_UNAVAILABLE.fresh())
             raise
         finally:
