@@ -147,6 +147,15 @@ clients that send one expensive command per round trip (an UPDATE scanning a mil
 cannot, fifty at once, hold every other client for fifty of them per round
 (bench/OPTIMISATIONS.md, "heavy turns")."""
 
+HEAVY_HOST_MEMORY = 1.0
+"""Seconds the address of a client whose connection ended heavy (HEAVY_TURN) is remembered:
+a new connection from it starts heavy, so a client that reconnects for each expensive batch
+queues for its turn as one that stays connected does (an attacker's pass: 300 such clients
+held a polite client's round trips at 0.55 to 0.79 s at the median)."""
+
+HEAVY_HOSTS_MAX = 10_000
+"""Most addresses remembered that way (past it, the expired ones are forgotten, then all)."""
+
 TURN_BUDGET = 0.002
 """Seconds per event-loop iteration given to clients with a backlog of requests, after all
 ready I/O was served (see kvgevent.server.turns)."""

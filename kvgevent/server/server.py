@@ -56,6 +56,8 @@ from kvgevent.config import (
     DEFAULT_SHUTDOWN_FLUSH,
     EOF_FLUSH_STALL,
     FINAL_REPORT_TIMEOUT,
+    HEAVY_HOST_MEMORY,
+    HEAVY_HOSTS_MAX,
     HEAVY_TURN,
     MAX_SEND_BATCH,
     PRE_AUTH_LINE_COST,
@@ -320,6 +322,7 @@ class KeyValueServer:
         self._sweeper: gevent.Greenlet | None = None
         self._turns = Turns()
         self._conns: dict[int, Connection] = {}
+        self._heavy_hosts: dict[str, float] = {}  # address -> until when it starts heavy
         cost = CONNECTION_COST + (TLS_CONNECTION_COST if tls is not None else 0)
         self.memory = MemoryGuard(max_memory, self.store, self._conns.__len__, self.log, cost)
         self.auth_throttle = AuthThrottle()
@@ -702,6 +705,8 @@ class KeyValueServer:
             guard=self.memory,
         )
         conn.session = Session(self._shared, client_id, peer, address[0], self.max_line, self._chunk)
+        if self._heavy_hosts and self._heavy_hosts.get(address[0], 0.0) > time.monotonic():
+            conn.heavy = True  # (its address's last connection ended heavy: HEAVY_HOST_MEMORY)
         if not conn.session.authenticated:
             conn.buffer.max_line = conn.session.max_line = self._auth_max_line
         self._conns[client_id] = conn
@@ -1138,6 +1143,8 @@ class KeyValueServer:
         """Close the client's socket, count it as dropped and log it; exactly once."""
         if self._conns.pop(conn.client_id, None) is None:
             return
+        if conn.heavy:
+            self._remember_heavy(conn.host)
         self.counters.dropped += 1
         self.counters.dropped_by[reason] = self.counters.dropped_by.get(reason, 0) + 1
         conn.release()
@@ -1151,6 +1158,17 @@ class KeyValueServer:
             messages_dropped=conn.messages_dropped,
             **extra,
         )
+
+    def _remember_heavy(self, host: str) -> None:
+        """New connections from ``host`` start heavy for HEAVY_HOST_MEMORY (bounded by
+        HEAVY_HOSTS_MAX addresses)."""
+        hosts, now = self._heavy_hosts, time.monotonic()
+        if len(hosts) >= HEAVY_HOSTS_MAX:
+            for name in [name for name, until in hosts.items() if until <= now]:
+                del hosts[name]
+            if len(hosts) >= HEAVY_HOSTS_MAX:
+                hosts.clear()
+        hosts[host] = now + HEAVY_HOST_MEMORY
 
 
 def _from_store(figures: Callable[[], dict[str, int]]) -> dict[str, int]:
