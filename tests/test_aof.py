@@ -418,6 +418,40 @@ def test_after_a_slow_write_the_log_holds_neither_the_loop_nor_the_reads(tmp_pat
     assert opened(tmp_path / "kv.aof").get(b"k") == [line[2:] for line in got]  # (the file's order)
 
 
+def test_a_write_made_while_an_fsync_is_under_way_does_not_hold_the_loop(tmp_path, monkeypatch):
+    """README, Persistence: while the disk is busy with the server's other work (an fsync
+    here), the log's writes are made by its thread, the first one included: that is when a
+    write from the loop waited for the journal (an attacker's pass, ext4 over a throttled
+    device). An fsync and then a write each take 1 s; while the write is made, the event
+    loop goes on turning (no gap of 0.5 s between two 10 ms sleeps), and the write still
+    waits for its second. Injected: slow os.fsync and os.pwritev (SlowWrites)."""
+    store = opened(tmp_path / "kv.aof", fsync="always")
+    store.apply([Put(b"k", b"0")])  # (from the loop: the disk keeps up)
+    real_fsync, sleep, syncing = os.fsync, get_original("time", "sleep"), []
+
+    def slow_fsync(fd):
+        syncing.append(fd)
+        sleep(1.0)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    syncer = gevent.spawn(store.barrier)
+    wait_until(lambda: syncing, 5)
+    SlowWrites(monkeypatch, 1.0)
+    began = time.monotonic()
+    writer = gevent.spawn(store.apply, [Put(b"k", b"1")])
+    gaps, last = [], time.monotonic()
+    while not writer.ready():
+        gevent.sleep(0.01)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    assert writer.get() == [None] and time.monotonic() - began >= 1.0
+    assert max(gaps) < 0.5, f"the loop stood still for {max(gaps):.2f} s"
+    syncer.join(timeout=10)
+    assert store.get(b"k") == [b"0", b"1"]
+
+
 def test_a_writer_killed_while_its_write_is_made_applies_it_first(tmp_path, monkeypatch):
     """The log's write cannot be stopped once made: a greenlet killed while its write is
     under way (the server's stop kills the clients it could not close) waits for the write,

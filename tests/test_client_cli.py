@@ -1157,12 +1157,17 @@ def test_piped_requests_are_sent_once_stdin_has_nothing_more_ready(port):
         proc.stdin.close()
         assert proc.wait(timeout=10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        ended(proc)
+
+
+def ended(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` if it still runs, reap it and close its output pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def has_a_socket(pid: int) -> bool:
@@ -1240,12 +1245,7 @@ def test_ctrl_c_ends_stat_and_latency_with_status_0(port, mode):
         _out, err = run.communicate(timeout=20)
         assert (run.returncode, err) == (0, b"")
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-        for pipe in (run.stdout, run.stderr):
-            if pipe is not None:
-                pipe.close()
+        ended(run)
 
 
 def test_pipe_from_dev_null_sends_nothing_and_succeeds(port):

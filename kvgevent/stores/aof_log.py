@@ -310,7 +310,10 @@ def in_thread(function: Callable[..., Any], *args: Any) -> Any:
 
 
 _start_thread = get_original("_thread", "start_new_thread")
+
 Interruption = BaseException | None
+"""What was thrown into a greenlet while it waited for the log's thread (a kill, the server's
+stop): raised by the caller once it has accounted for what the thread did."""
 
 
 class DiskThread:
@@ -337,16 +340,14 @@ class DiskThread:
         self._watcher = watcher
         _start_thread(self._run, ())
 
-    def call(
-        self, function: Callable[..., Any], *args: Any
-    ) -> tuple[Any, Exception | None, BaseException | None]:
+    def call(self, function: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None, Interruption]:
         """(``function(*args)``'s result, the exception it raised or None, an interruption of
         the caller that came meanwhile or None)."""
         slot: list[Any] = [None, None, getcurrent()]  # result, exception, whom to wake
         self._requests.put((function, args, slot))
         self._pending += 1
         self._watcher.ref = True
-        interrupted: BaseException | None = None
+        interrupted: Interruption = None
         while True:
             try:
                 self._hub.switch()  # (woken by _deliver once the thread is done)
@@ -538,14 +539,14 @@ class AppendOnlyLog:
         """False while writes are refused (a failure episode)."""
         return self.failure is None
 
-    def append(self, payloads: Payloads) -> tuple[bool, BaseException | None]:
+    def append(self, payloads: Payloads) -> tuple[bool, Interruption]:
         """Write records before they are applied: (True once the OS has all of them, False
         if the log is failing or this write failed: then none of them is in the file; an
         interruption of the caller while the write was made, for it to raise once it has
         applied them). The write is made from the loop or by the log's thread (:meth:`_write`;
         the caller holds the store's lock: one write at a time, no compaction switches files
         meanwhile); everything else here runs in the loop."""
-        interrupted: BaseException | None = None
+        interrupted: Interruption = None
         if self.failure is None:
             data = b"".join([encode_record(p) for p in payloads])
             error, interrupted = self._write(data)

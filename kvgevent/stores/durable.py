@@ -33,7 +33,7 @@ import gevent.event
 from kvgevent.errors import KVError
 from kvgevent.logs import Logger, get_logger
 from kvgevent.protocol import Delete, Get, Put, Update, parse, request_line
-from kvgevent.stores.aof_log import ERR_PERSISTENCE, AppendOnlyLog
+from kvgevent.stores.aof_log import ERR_PERSISTENCE, AppendOnlyLog, Interruption
 from kvgevent.stores.base import DATA_COMMANDS, STORE_WAIT, DataCommand, Key, KVStore, key_bytes
 from kvgevent.stores.memory import MemoryStore
 from kvgevent.stores.rewrite import Aborted, Rewrite
@@ -53,9 +53,16 @@ REWRITE_RETRY_MAX = 60.0
 
 Result = list[bytes] | KVError | None
 
-_Write = list[Any]
-"""A batch waiting for the log's writer: [its commands, its mutations, its results (None until
-applied or refused)]."""
+
+class _Write:
+    """A batch for the log's writer: its commands, its mutations, and its results (None until
+    it is applied or refused)."""
+
+    __slots__ = ("commands", "mutations", "results")
+
+    def __init__(self, commands: Sequence[DataCommand], mutations: list[DataCommand]) -> None:
+        self.commands, self.mutations = commands, mutations
+        self.results: list[Result] | None = None
 
 
 class DurableStore(KVStore):
@@ -125,7 +132,7 @@ class DurableStore(KVStore):
         mutations = [c for c in commands if c.__class__ is not Get]
         if not mutations:
             return self.memory.apply(commands)
-        write: _Write = [commands, mutations, None]
+        write = _Write(commands, mutations)
         began = time.perf_counter()
         if self._writer is None:  # no write under way: this caller writes
             self._queued.append(write)
@@ -140,13 +147,13 @@ class DurableStore(KVStore):
         STORE_WAIT.set(STORE_WAIT.get() + time.perf_counter() - began)
         if self._rewriter is None and self._should_rewrite():
             self._rewriter = gevent.spawn(self._rewrite_in_background)
-        return write[2]  # (a list, set before done)
+        return write.results  # type: ignore[return-value]  # (set before done)
 
     def _write_queued(self) -> None:
         """As the log's writer: write what is queued, a group at a time, until nothing is.
         An interruption is raised once the group under way is applied; what is queued then
         goes to a writer greenlet of its own, as when the lock's wait was interrupted."""
-        interrupted: BaseException | None = None
+        interrupted: Interruption = None
         try:
             while self._queued and interrupted is None:
                 with self.lock:  # (a compaction's switch may hold it: no new file meanwhile)
@@ -158,8 +165,8 @@ class DurableStore(KVStore):
                         self.log.exception("aof_write_error")
                         self.aof.fail_write(exc)
                         for write in group:
-                            if write[2] is None:
-                                write[2] = self._refused(write[0])
+                            if write.results is None:
+                                write.results = self._refused(write.commands)
                     finally:
                         if done is not None:  # (someone waits: made by the first waiter)
                             done.set()
@@ -170,20 +177,21 @@ class DurableStore(KVStore):
         if interrupted is not None:
             raise interrupted
 
-    def _write_group(self, group: list[_Write]) -> BaseException | None:
-        """Write the records of ``group`` (in the log's thread; the caller holds the lock: no
-        compaction switches files meanwhile), then apply each batch in order, or refuse them
-        all. Returns an interruption that came during the write (raised by the caller)."""
-        written, interrupted = self.aof.append([request_line(c) for write in group for c in write[1]])
+    def _write_group(self, group: list[_Write]) -> Interruption:
+        """Write the records of ``group`` in one write (AppendOnlyLog.append: from the loop or
+        by the log's thread; the caller holds the lock: no compaction switches files
+        meanwhile), then apply each batch in order, or refuse them all. Returns an
+        interruption that came during the write (raised by the caller)."""
+        written, interrupted = self.aof.append([request_line(c) for write in group for c in write.mutations])
         if written:  # write-ahead
             compaction = self.compaction  # (one may have begun while the write was made)
             for write in group:
                 if compaction is not None:
-                    compaction.before_mutations(write[1])
-                write[2] = self.memory.apply_under_lock(write[0])
+                    compaction.before_mutations(write.mutations)
+                write.results = self.memory.apply_under_lock(write.commands)
         else:
             for write in group:
-                write[2] = self._refused(write[0])
+                write.results = self._refused(write.commands)
         return interrupted
 
     def apply_some(self, commands: Sequence[DataCommand], budget: int) -> tuple[list[Result], int]:
