@@ -13,14 +13,16 @@ since, and switches the log to the new file:
 2. **Tail.** The records appended to the old file since T0 are copied as they are, in the
    threadpool, until less than :data:`TAIL_FINAL` is left; the bulk is fsynced (no lock
    held), and the copy catches up again.
-3. **Switch**, under the store's lock: the last records are copied, the new file is fsynced
-   (what came during the last fsync without the lock: little) and renamed over the old one,
-   and the log appends to it from then on (:meth:`AppendOnlyLog.switch_to`): the path always
-   names a file with every record accepted, whenever the process is killed.
-4. **In place**, with no lock: fsync the new file again (what was appended since the switch)
-   and the directory. Only then do positions written after T0 count as durable, so a
-   ``PONG`` under ``--fsync always`` always waits for the file that survives a power loss. A
-   failure here leaves the log failing (writes refused) until a rebuild succeeds.
+3. **Switch**, under the store's lock: the last records are copied, under ``--fsync always``
+   the new file is fsynced (what came during the last fsync without the lock), and it is
+   renamed over the old one; the log appends to it from then on
+   (:meth:`AppendOnlyLog.switch_to`): the path always names a file with every record
+   accepted, whenever the process is killed.
+4. **In place**, with no lock: fsync the new file again (what was appended since the switch,
+   and under the other policies what the switch copied) and the directory. Only then do
+   positions written after T0 count as durable, so a ``PONG`` under ``--fsync always``
+   always waits for the file that survives a power loss. A failure here leaves the log
+   failing (writes refused) until a rebuild succeeds.
 
 Memory: the list of T0 keys (8 bytes a key), the lists saved by copy on first write
 (references, not bytes; a deleted value stays alive until the snapshot is written), and one
@@ -131,6 +133,7 @@ class Rewrite:
         self.records = 0
         self.copied = 0  # offset in the old file up to which records are copied
         self.tail_records_from = 0
+        self.held = 0.0  # seconds the switch held the store's lock (mutations waited)
         self._buffers: list[bytes] = []  # the turn being prepared
         self._turn_bytes = self._turn_records = 0
 
@@ -179,6 +182,7 @@ class Rewrite:
             "bytes_after": self.aof.size,
             "records": self.aof.records,
             "seconds": round(time.perf_counter() - began, 3),
+            "writes_held_s": round(self.held, 3),
         }
 
     def _create(self) -> None:
@@ -288,38 +292,54 @@ class Rewrite:
             self.copied = end
 
     def _switch(self) -> int:
-        """Copy the last records, fsync the new file and rename it over the log's path, then
-        append to it: all under the store's lock, so that the path names, at every moment, a
-        file with every record accepted (a kill -9 after a switch that left the new file
-        under its temporary name lost the records appended since: the restart replays the
-        path and deletes the temporary file). The fsync comes first (after a power loss, the
-        name may point to the new file): it covers what came during the last fsync without
-        the lock, little; mutations wait for it, reads do not. Returns the old file's
+        """Copy the last records and rename the new file over the log's path, then append to
+        it: all under the store's lock, so that the path names, at every moment, a file with
+        every record accepted (a kill -9 after a switch that left the new file under its
+        temporary name lost the records appended since: the restart replays the path and
+        deletes the temporary file). Mutations wait meanwhile, reads do not.
+
+        Under ``--fsync always`` the new file is fsynced before the rename (after a power
+        loss the name may point to the new file, and a PONG may have been given for what
+        came during the last fsync without the lock: it was on disk in the old file). Under
+        the other policies nothing was promised for those records, and that fsync is left to
+        :meth:`_put_in_place`, with no lock held: on a slow disk it held every write for 9 to
+        18 s (an attacker's pass: ext4 over a throttled device), and Redis too fsyncs a
+        rewritten file after its rename but under ``always``. Returns the old file's
         descriptor (see :meth:`_put_in_place`)."""
         aof = self.aof
         with self.store.lock:  # no mutation until the log appends to the new file
-            self._check()
-            self.size += copy_range(aof.fd, self.fd, self.copied, aof.size, self.size)
-            self.copied = aof.size
+            began = time.perf_counter()
+            try:
+                return self._switch_held(aof)
+            finally:
+                self.held = time.perf_counter() - began
+
+    def _switch_held(self, aof: AppendOnlyLog) -> int:
+        """:meth:`_switch`'s work, with the lock held."""
+        self._check()
+        self.size += copy_range(aof.fd, self.fd, self.copied, aof.size, self.size)
+        self.copied = aof.size
+        if aof.policy == "always":
             in_thread(os.fsync, self.fd)
             self._check()  # (again: the log may have failed meanwhile)
-            _not_anothers(self.path, aof.fd)
-            # The records copied from the old file are only good while it is the log: cut
-            # (copytruncate) during the compaction, the copy holds its NUL bytes. Then the old
-            # file stays the log, and the look finds it taken and rebuilds it from memory. (A
-            # rebuild copies nothing from it: writes are refused while it runs.)
-            taken = None if self.recovery else file_taken(aof.fd, self.path, aof.size)
-            if taken is not None:
-                raise OSError(errno.EIO, f"the log's file was {taken} during the compaction")
-            # (nothing yields after this)
-            # In the event loop: no wait, the old file's pages stay held by the log's descriptor.
-            os.rename(self.temporary, self.path)
-            return aof.switch_to(self.fd, self.size, self.records + aof.records - self.tail_records_from)
+        _not_anothers(self.path, aof.fd)
+        # The records copied from the old file are only good while it is the log: cut
+        # (copytruncate) during the compaction, the copy holds its NUL bytes. Then the old
+        # file stays the log, and the look finds it taken and rebuilds it from memory. (A
+        # rebuild copies nothing from it: writes are refused while it runs.)
+        taken = None if self.recovery else file_taken(aof.fd, self.path, aof.size)
+        if taken is not None:
+            raise OSError(errno.EIO, f"the log's file was {taken} during the compaction")
+        # (nothing yields after this)
+        # In the event loop: no wait, the old file's pages stay held by the log's descriptor.
+        os.rename(self.temporary, self.path)
+        return aof.switch_to(self.fd, self.size, self.records + aof.records - self.tail_records_from)
 
     def _put_in_place(self, old: int) -> None:
         """Close the old file (``old``, its descriptor), fsync the new one (what was appended
-        since the switch) and the directory; then the log's positions count as durable (and
-        nothing yields until the caller has logged the compaction)."""
+        since the switch, and what the switch copied unless it fsynced) and the directory;
+        then the log's positions count as durable (and nothing yields until the caller has
+        logged the compaction)."""
         position, records = self.aof.written, self.aof.written_records
         try:
             # The old file loses its last reference here, and the kernel frees its page cache
