@@ -76,9 +76,20 @@ from kvgevent.stores.resp import (
 
 _T = TypeVar("_T")
 
-MAX_CONNECTIONS = 256
-"""Connections to Redis per kvgevent process where redis-py carries the data (a cluster,
-``rediss://``): one per client round trip in flight."""
+REDIS_PY_CONNECTIONS = 8
+"""redis-py's calls in flight at once where it carries the data (a cluster, ``rediss://``),
+so its connections to each Redis (each node of a cluster): a call uses one per node it
+reaches. A call that finds them all busy waits for one, --redis-timeout at most (then ``ERR
+store unavailable``, as from a Redis that does not answer). Each connection is a file beyond
+--max-clients, kept open: unbounded, 300 clients at once held 148 open to a three-node
+cluster (256 at most over ``rediss://``), past FD_RESERVE's files at the open-files limit.
+(Not redis-py's blocking pool: a cluster pipeline takes its nodes' connections one after
+another, and 200 clients holding one node's while waiting for another's stalled them all
+until the timeout.)"""
+
+REDIS_PY_POOL = 2 * REDIS_PY_CONNECTIONS
+"""redis-py's pool per Redis there: room beyond REDIS_PY_CONNECTIONS for a call made outside
+them (none is known), so that one is not refused ("Too many connections")."""
 
 BOOKKEEPING_CONNECTIONS = 8
 """redis-py's connections per process over ``redis://``, where it carries only the bookkeeping
@@ -274,6 +285,9 @@ class RedisStore(KVStore):
                 f"not a Redis URL: {redacted_url(url)!r} (redis://host:port/db or redis+cluster://host:port)"
             )
         self.client: Any = _redis_py_client(url, timeout)
+        # redis-py's calls in flight where it carries the data (REDIS_PY_CONNECTIONS)
+        self._redis_py_calls = None if scheme == "redis" else Semaphore(REDIS_PY_CONNECTIONS)
+        self._timeout = timeout
         self._flights: dict[str, AsyncResult] = {}  # what -> the bookkeeping call under way
         if scheme == "redis":
             self._dispatcher = _dispatcher(url, timeout, self.log, self.node)
@@ -683,12 +697,7 @@ class RedisStore(KVStore):
         if self._dispatcher is not None:
             self._dispatcher.close()
         try:
-            self.client.close()
-            # (a cluster client has a pool per node: a scrape waiting on a stalled node still
-            # waits until the metrics listener stops it, a second later)
-            pool = getattr(self.client, "connection_pool", None)
-            if pool is not None:
-                pool.disconnect()
+            _close_redis_py(self.client)
         except Exception:
             pass
 
@@ -762,7 +771,7 @@ class RedisStore(KVStore):
                     batch = []
             self._converted(client, batch)
         finally:
-            client.close()
+            _close_redis_py(client)
         self.layout_pending = False  # (even if the marker cannot be set: nothing is left)
         began, converted = self._conversion
         if converted:
@@ -850,8 +859,12 @@ class RedisStore(KVStore):
                 raise ERR_UNAVAILABLE.fresh()
             health.trying(nodes, reads_only)  # (ended in the finally below)
         asked = health.clock()
+        calls = self._redis_py_calls
         try:
-            result = function(*args, **kwargs)
+            if calls is None:
+                result = function(*args, **kwargs)
+            else:
+                result = self._call_within(calls, function, *args, **kwargs)
         except self._redis_errors as exc:
             raise self._failure(exc, self._nodes(keys), commands, asked).fresh() from None
         finally:
@@ -862,6 +875,17 @@ class RedisStore(KVStore):
             for node in self._nodes(keys):
                 health.up(node, asked)
         return result
+
+    def _call_within(self, calls: Semaphore, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)`` once one of REDIS_PY_CONNECTIONS ``calls`` is free;
+        ``ERR store unavailable`` if none is for --redis-timeout (each call under way waits
+        for a Redis that does not answer: no outage is begun for that, theirs will be)."""
+        if not calls.acquire(timeout=self._timeout):
+            raise ERR_UNAVAILABLE.fresh()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            calls.release()
 
     def _round_trip(self, payload: bytes, expected: list[type], writes: bool) -> list[Any]:
         """The dispatcher's round trip of ``payload`` (encoded commands, one per item of
@@ -1167,9 +1191,21 @@ def _checked(base: type) -> type:
     return NotToItself
 
 
+def _close_redis_py(client: Any) -> None:
+    """Close redis-py's ``client`` and its connections: its ``close()`` alone leaves a pool it
+    was given connected (ours, and a cluster's per node): a conversion's client held one
+    connection to each node of a cluster for the process's life."""
+    client.close()
+    if hasattr(client, "disconnect_connection_pools"):  # (a cluster: a pool per node)
+        client.disconnect_connection_pools()
+    else:
+        client.connection_pool.disconnect()
+
+
 def _redis_py_client(url: str, timeout: float) -> Any:
-    """redis-py's client for ``url``: fails fast (no retries: the store backs off), and
-    never uses a connection to itself."""
+    """redis-py's client for ``url``: fails fast (no retries: the store backs off), never
+    uses a connection to itself, and holds at most REDIS_PY_POOL connections per Redis where
+    it carries the data (BOOKKEEPING_CONNECTIONS where it does not)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -1182,13 +1218,12 @@ def _redis_py_client(url: str, timeout: float) -> Any:
     if url.startswith("redis+cluster://"):
         from redis.cluster import RedisCluster
 
-        options["connection_class"] = _checked(redis.connection.Connection)
+        options.update(max_connections=REDIS_PY_POOL, connection_class=_checked(redis.connection.Connection))
         return RedisCluster.from_url("redis://" + url[len("redis+cluster://") :], **options)
     base = redis.connection.SSLConnection if url.startswith("rediss://") else redis.connection.Connection
-    most = MAX_CONNECTIONS if url.startswith("rediss://") else BOOKKEEPING_CONNECTIONS
+    most = REDIS_PY_POOL if url.startswith("rediss://") else BOOKKEEPING_CONNECTIONS
     options.update(max_connections=most, connection_class=_checked(base))
-    pool = redis.ConnectionPool.from_url(url, **options)
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, **options))
 
 
 def _dispatcher(url: str, timeout: float, log: Logger, node: str) -> Dispatcher:
