@@ -310,6 +310,36 @@ def test_a_tmpdir_too_long_for_a_unix_socket_does_not_stop_the_supervisor(server
     assert not list(long_tmpdir.iterdir())  # (nothing left behind)
 
 
+def test_a_supervisor_killed_by_sigkill_leaves_nothing_in_its_tmpdir(server_process, tmp_path, request):
+    """--workers with NOTIFY_SOCKET: the supervisor's socket for its workers' READY=1 is named
+    in the abstract namespace, so a supervisor killed by SIGKILL (no cleanup runs) leaves
+    nothing on disk. Before, the socket sat in a private directory of TMPDIR first, and each
+    such kill left a ``kvgevent-notify-*`` directory behind (185 in /tmp after test runs).
+    Real: SIGKILL after READY=1; the workers, which exit when their supervisor dies, are
+    waited for (and killed by pid if still there at the deadline)."""
+    redis = request.getfixturevalue("redis_server")
+    systemd = Systemd(tmp_path)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {"NOTIFY_SOCKET": systemd.path, "TMPDIR": str(tmpdir)}
+    workers: list[int] = []
+    try:
+        proc = server_process("--workers", "2", "--store", redis.url, env=env, wait=False)
+        assert "READY=1" in systemd.next().split("\n")
+        pid = proc.proc.pid
+        workers = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        assert len(workers) == 2, workers
+        proc.proc.kill()
+        proc.proc.wait(timeout=10)
+        wait_until(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 20, "the workers stayed")
+    finally:
+        systemd.close()
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+    assert not list(tmpdir.iterdir())
+
+
 NO_UNIX_SOCKET_BINDS = """
 import errno, socket, sys
 sys.path.insert(0, {root!r})

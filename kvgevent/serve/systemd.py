@@ -99,11 +99,13 @@ class ReadyCollector:
     gives it (SO_PASSCRED), not as a message says; :meth:`wait` waits for the workers running
     now. Whoever reads it is stopped before :meth:`close`.
 
-    The socket is ``notify`` in a private directory of the temporary directory; when that path
-    cannot be bound (a TMPDIR too long for a Unix socket's 108 bytes, a TMPDIR that does not
-    exist), a name in Linux's abstract namespace (``@kvgevent-notify-<pid>-<random>``), which
-    any local process may send to: only the workers' pids count. OSError if neither can be
-    bound, or without SO_PASSCRED (not Linux): the supervisor then runs without (logged)."""
+    The socket has a name in Linux's abstract namespace (``@kvgevent-notify-<pid>-<random>``),
+    which any local process may send to (only the workers' pids count) and which goes with
+    the socket, however the supervisor ends; when that cannot be bound, ``notify`` in a
+    private directory of the temporary directory (a supervisor killed by SIGKILL leaves that
+    behind: the path came first once, and test runs left 185 such directories in /tmp).
+    OSError if neither can be bound, or without SO_PASSCRED (not Linux): the supervisor then
+    runs without (logged)."""
 
     def __init__(self) -> None:
         self._sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -174,20 +176,19 @@ def _sender(ancillary: list[tuple[int, int, bytes]]) -> int | None:
 
 
 def _bind_notify_socket(sock: socket.socket) -> tuple[str, str | None]:
-    """Bind ``sock`` to a new private path, else to a new abstract name; return its
+    """Bind ``sock`` to a new abstract name, else to a new private path; return its
     ``NOTIFY_SOCKET`` form and the directory to remove at close (None for an abstract name).
-    OSError if neither can be bound."""
-    try:
-        directory = tempfile.mkdtemp(prefix="kvgevent-notify-")
-    except OSError:  # (TMPDIR missing or read-only)
-        directory = None
-    if directory is not None:
-        path = os.path.join(directory, "notify")
-        try:
-            sock.bind(path)
-            return path, directory
-        except OSError:  # ("AF_UNIX path too long": a long TMPDIR)
-            os.rmdir(directory)
+    OSError if neither can be bound (the last error)."""
     name = f"kvgevent-notify-{os.getpid()}-{secrets.token_hex(8)}"
-    sock.bind("\0" + name)
-    return "@" + name, None
+    try:
+        sock.bind("\0" + name)
+        return "@" + name, None
+    except OSError:
+        directory = tempfile.mkdtemp(prefix="kvgevent-notify-")  # (OSError: TMPDIR missing)
+    path = os.path.join(directory, "notify")
+    try:
+        sock.bind(path)
+    except OSError:  # ("AF_UNIX path too long": a long TMPDIR)
+        os.rmdir(directory)
+        raise
+    return path, directory
