@@ -13,15 +13,18 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import gevent
 import pytest
 from conftest import (
     REDIS_SERVER,
     ROOT,
+    Certificates,
     Peer,
     RedisProcess,
     Systemd,
+    free_port,
     log_events,
     needs_redis,
     read_stats,
@@ -1795,6 +1798,98 @@ def node_connections(pid: int, ports: set[int]) -> Counter:
     return count
 
 
+class PeakConnections:
+    """The most TCP connections process ``pid`` held to each of ``ports`` (node_connections),
+    sampled every 5 ms until :meth:`stop`, and once more then: ``highest``."""
+
+    def __init__(self, pid: int, ports: set[int]) -> None:
+        self.pid, self.ports, self.highest = pid, ports, Counter()
+        self._sampling = True
+        self._sampler = gevent.spawn(self._sample)
+
+    def _sample(self) -> None:
+        while self._sampling:
+            self._look()
+            gevent.sleep(0.005)
+
+    def _look(self) -> None:
+        self.highest |= node_connections(self.pid, self.ports)  # (the highest of each)
+
+    def stop(self) -> None:
+        self._sampling = False
+        self._sampler.join(timeout=10)
+        self._look()
+
+
+class TlsRedisProcess(RedisProcess):
+    """A throwaway redis-server that speaks TLS only, with ``certs``' server certificate."""
+
+    def __init__(self, directory: Path, certs: Certificates) -> None:
+        self.certs = certs
+        port = free_port()
+        pem = str(certs.server_pem)  # (the key and the chain in one file: Redis reads either from it)
+        tls = [
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            pem,
+            "--tls-key-file",
+            pem,
+            "--tls-auth-clients",
+            "no",
+        ]
+        super().__init__(directory, port, "--port", "0", *tls)
+
+    def _answers(self) -> bool:
+        try:
+            plain = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+            with plain, self.certs.client.wrap_socket(plain, server_hostname="127.0.0.1") as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(100).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.certs.ca_pem}"
+
+
+@pytest.fixture
+def tls_redis(tmp_path, certs):
+    """A redis-server over TLS (skipped where redis-server was built without TLS)."""
+    try:
+        redis = TlsRedisProcess(tmp_path, certs)
+    except AssertionError as exc:  # (wait_until: it never answered over TLS)
+        pytest.skip(f"redis-server does not serve TLS here: {exc}")
+    yield redis
+    redis.kill()
+
+
+def test_rediss_serves_every_command_on_at_most_8_connections(server_process, tls_redis):
+    """``--store rediss://...?ssl_ca_certs=CA`` (README "Scaling out over Redis"): redis-py
+    carries the data over TLS, at most REDIS_PY_CONNECTIONS calls in flight, so at most that
+    many connections to Redis (unbounded before: 256 at most, each a file beyond
+    --max-clients). Real: run_server.py over a redis-server speaking TLS only; 300 clients
+    send a PUT, a GET and an UPDATE each at once; every reply is right, and the server never
+    holds more than REDIS_PY_CONNECTIONS connections to Redis (sampled from /proc). About 3 s."""
+    from kvgevent.stores.redis_store import REDIS_PY_CONNECTIONS
+
+    proc = server_process("--store", tls_redis.url, "--redis-prefix", f"tls{time.time_ns()}:")
+    most = PeakConnections(proc.proc.pid, {tls_redis.port})
+    clients = [socket.create_connection(("127.0.0.1", proc.port), timeout=30) for _ in range(300)]
+    try:
+        for n, sock in enumerate(clients):
+            sock.sendall(b"PUT:k%d:v%d\nUPDATE:k%d:v%d:w%d\nGET:k%d\n" % (n, n, n, n, n, n))
+        for n, sock in enumerate(clients):
+            assert sock.makefile("rb").readline() == b"k%d:w%d\n" % (n, n)
+    finally:
+        for sock in clients:
+            sock.close()
+        most.stop()
+    assert 0 < most.highest[tls_redis.port] <= REDIS_PY_CONNECTIONS, most.highest
+    assert proc.stop() == 0
+
+
 def test_many_clients_at_once_over_a_cluster_use_a_bounded_pool_per_node(server_process, redis_cluster):
     """Over a cluster (and rediss://) redis-py carries the data, a connection per round trip
     in flight, from a pool per node: it grew without bound (256 for rediss://), each a file
@@ -1809,15 +1904,7 @@ def test_many_clients_at_once_over_a_cluster_use_a_bounded_pool_per_node(server_
     ports = {node.port for node in redis_cluster}
     url = f"redis+cluster://127.0.0.1:{redis_cluster[0].port}"
     proc = server_process("--store", url, "--redis-prefix", f"pool{time.time_ns()}:")
-    most: Counter = Counter()
-    sampling = True
-
-    def sample() -> None:
-        while sampling:
-            most.update(node_connections(proc.proc.pid, ports) - most)  # (the highest of each)
-            gevent.sleep(0.005)
-
-    sampler = gevent.spawn(sample)
+    most = PeakConnections(proc.proc.pid, ports)
     clients = [socket.create_connection(("127.0.0.1", proc.port), timeout=30) for _ in range(300)]
     try:
         for n, sock in enumerate(clients):
@@ -1827,8 +1914,7 @@ def test_many_clients_at_once_over_a_cluster_use_a_bounded_pool_per_node(server_
     finally:
         for sock in clients:
             sock.close()
-        sampling = False
-        sampler.join(timeout=10)
-    most.update(node_connections(proc.proc.pid, ports) - most)
-    assert len(most) == len(ports) and max(most.values()) <= REDIS_PY_CONNECTIONS, most
+        most.stop()
+    highest = most.highest
+    assert len(highest) == len(ports) and max(highest.values()) <= REDIS_PY_CONNECTIONS, highest
     assert proc.stop() == 0

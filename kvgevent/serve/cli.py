@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         "store",
         "memory",
-        "where values live: memory (this process), redis://host:port/db, or "
+        "where values live: memory (this process), redis://host:port/db, "
+        "rediss://host:port/db?ssl_ca_certs=CA.pem (over TLS), or "
         "redis+cluster://host:port (any node of a Redis Cluster)",
     )
     add_env_option(parser, "redis-prefix", DEFAULT_PREFIX, "with a Redis store: prefix of every key")

@@ -282,7 +282,7 @@ class RedisStore(KVStore):
         self._closed = False  # close() was called: failures after it begin no outage
         if scheme not in ("redis", "rediss", "redis+cluster"):
             raise ValueError(
-                f"not a Redis URL: {redacted_url(url)!r} (redis://host:port/db or redis+cluster://host:port)"
+                f"not a Redis URL: {redacted_url(url)!r} (redis://host:port/db, rediss://... or redis+cluster://host:port)"
             )
         self.client: Any = _redis_py_client(url, timeout)
         # redis-py's calls in flight where it carries the data (REDIS_PY_CONNECTIONS)
