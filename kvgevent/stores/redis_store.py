@@ -77,19 +77,27 @@ from kvgevent.stores.resp import (
 _T = TypeVar("_T")
 
 REDIS_PY_CONNECTIONS = 8
-"""redis-py's calls in flight at once where it carries the data (a cluster, ``rediss://``),
-so its connections to each Redis (each node of a cluster): a call uses one per node it
-reaches. A call that finds them all busy waits for one, --redis-timeout at most (then ``ERR
-store unavailable``, as from a Redis that does not answer). Each connection is a file beyond
---max-clients, kept open: unbounded, 300 clients at once held 148 open to a three-node
-cluster (256 at most over ``rediss://``), past FD_RESERVE's files at the open-files limit.
-(Not redis-py's blocking pool: a cluster pipeline takes its nodes' connections one after
-another, and 200 clients holding one node's while waiting for another's stalled them all
+"""redis-py's data calls in flight at once to each Redis (each node of a cluster) where it
+carries the data (a cluster, ``rediss://``), so its connections to it: a call uses one per node
+it reaches, and waits for a free one of each (taken in the nodes' order: no two calls each
+hold what the other waits for), --redis-timeout at most (then ``ERR store unavailable``, as
+from a Redis that does not answer). Each connection is a file beyond --max-clients, kept open:
+unbounded, 300 clients at once held 148 open to a three-node cluster (256 at most over
+``rediss://``), past FD_RESERVE's files at the open-files limit. Per node: with one bound for
+all, a node stopped (SIGSTOP) took every call's turn, and clients of the others waited 2 s and
+got errors. (Not redis-py's blocking pool: a cluster pipeline takes its nodes' connections one
+after another, and 200 clients holding one node's while waiting for another's stalled them all
 until the timeout.)"""
 
+CLUSTER_BOOKKEEPING_CALLS = 3
+"""Over a cluster, the bookkeeping calls in flight at once (the client report, the key count,
+the cluster figures: one of each kind at a time, see RedisStore._shared), beside the data's
+REDIS_PY_CONNECTIONS per node; a key count scans every node."""
+
 REDIS_PY_POOL = 2 * REDIS_PY_CONNECTIONS
-"""redis-py's pool per Redis there: room beyond REDIS_PY_CONNECTIONS for a call made outside
-them (none is known), so that one is not refused ("Too many connections")."""
+"""redis-py's pool per Redis there: room beyond REDIS_PY_CONNECTIONS and the bookkeeping's for
+a call made outside them (none is known), so that one is not refused ("Too many
+connections")."""
 
 BOOKKEEPING_CONNECTIONS = 8
 """redis-py's connections per process over ``redis://``, where it carries only the bookkeeping
@@ -286,7 +294,7 @@ class RedisStore(KVStore):
             )
         self.client: Any = _redis_py_client(url, timeout)
         # redis-py's calls in flight where it carries the data (REDIS_PY_CONNECTIONS)
-        self._redis_py_calls = None if scheme == "redis" else Semaphore(REDIS_PY_CONNECTIONS)
+        self._redis_py_calls: dict[str, Semaphore] | None = None if scheme == "redis" else {}
         self._timeout = timeout
         self._flights: dict[str, AsyncResult] = {}  # what -> the bookkeeping call under way
         if scheme == "redis":
@@ -864,7 +872,7 @@ class RedisStore(KVStore):
             if calls is None:
                 result = function(*args, **kwargs)
             else:
-                result = self._call_within(calls, function, *args, **kwargs)
+                result = self._call_within(self._nodes(keys), function, *args, **kwargs)
         except self._redis_errors as exc:
             raise self._failure(exc, self._nodes(keys), commands, asked).fresh() from None
         finally:
@@ -876,16 +884,32 @@ class RedisStore(KVStore):
                 health.up(node, asked)
         return result
 
-    def _call_within(self, calls: Semaphore, function: Any, *args: Any, **kwargs: Any) -> Any:
-        """``function(*args, **kwargs)`` once one of REDIS_PY_CONNECTIONS ``calls`` is free;
-        ``ERR store unavailable`` if none is for --redis-timeout (each call under way waits
-        for a Redis that does not answer: no outage is begun for that, theirs will be)."""
-        if not calls.acquire(timeout=self._timeout):
-            raise ERR_UNAVAILABLE.fresh()
+    def _call_within(self, nodes: set[str], function: Any, *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)`` once it holds one of the calls of each of ``nodes``
+        (REDIS_PY_CONNECTIONS each; the store's own node, for the cluster's bookkeeping,
+        CLUSTER_BOOKKEEPING_CALLS), taken in their order; ``ERR store unavailable`` if they
+        are not all free within --redis-timeout (each call under way waits for a Redis that
+        does not answer: no outage is begun for that, theirs will be)."""
+        deadline = time.monotonic() + self._timeout
+        held: list[Semaphore] = []
         try:
+            for node in sorted(nodes):
+                calls = self._calls_of(node)
+                if not calls.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    raise ERR_UNAVAILABLE.fresh()
+                held.append(calls)
             return function(*args, **kwargs)
         finally:
-            calls.release()
+            for calls in held:
+                calls.release()
+
+    def _calls_of(self, node: str) -> Semaphore:
+        every = cast(dict[str, Semaphore], self._redis_py_calls)  # (set where redis-py carries the data)
+        calls = every.get(node)
+        if calls is None:
+            most = CLUSTER_BOOKKEEPING_CALLS if self.cluster and node == self.node else REDIS_PY_CONNECTIONS
+            calls = every[node] = Semaphore(most)
+        return calls
 
     def _round_trip(self, payload: bytes, expected: list[type], writes: bool) -> list[Any]:
         """The dispatcher's round trip of ``payload`` (encoded commands, one per item of
