@@ -151,6 +151,55 @@ def test_each_port_speaks_only_its_own_protocol(server_process):
         assert b"PONG" not in reply and (reply == b"" or reply.startswith(b"HTTP/1.1 4"))
 
 
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses ``pid`` listens on, as the kernel has them: its socket inodes (in
+    /proc/PID/fd) matched against /proc/PID/net/tcp and tcp6."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # (closed meanwhile)
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/net/{table}") as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # (0A: LISTEN)
+                    address, port = fields[1].split(":")
+                    raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8))
+                    found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def test_the_metrics_port_is_off_by_default_and_on_loopback_only(server_process):
+    """Running it as a service: "``--metrics-port PORT`` (``KVGEVENT_METRICS_PORT``; off by
+    default) serves HTTP from the server's own process and event loop, on ``--metrics-host``
+    (``127.0.0.1``)", and "Keep the metrics port (``--metrics-host``) where only the scraper
+    reaches it". Real processes; their listening sockets read from the kernel (/proc/PID/fd
+    and /proc/PID/net/tcp*). Without the flag or the variable the server listens on its
+    key-value port alone (no ``metrics_listening``); with ``KVGEVENT_METRICS_PORT=P`` alone it
+    serves /healthz on P, bound to 127.0.0.1 and nothing wider (no wildcard address). Nothing
+    injected. About 1.5 s."""
+    kv_host = "127.0.0.1"  # (the suite stays on this address: see the README's Tests)
+    plain = server_process("--host", kv_host)
+    assert _listening(plain.proc.pid) == {(kv_host, plain.port)}
+    assert plain.stop() == 0
+    assert "metrics_listening" not in [e["event"] for e in plain.events()]
+    port = free_port()
+    proc = server_process("--host", kv_host, env={"KVGEVENT_METRICS_PORT": str(port)})
+    wait_until(
+        lambda: any(e["event"] == "metrics_listening" for e in proc.events()),
+        10,
+        "no metrics_listening with KVGEVENT_METRICS_PORT set",
+    )
+    assert _listening(proc.proc.pid) == {(kv_host, proc.port), ("127.0.0.1", port)}
+    assert http_get(port, "/healthz") == (200, "ok\n")
+    (listening,) = [e for e in proc.events() if e["event"] == "metrics_listening"]
+    assert (listening["host"], listening["port"]) == ("127.0.0.1", port)
+    assert_stopped_without_errors(proc)
+
+
 @needs_redis
 def test_readyz_follows_the_redis_store(server_process, tmp_path):
     """/readyz is 503 with the reason while Redis is killed, 200 once it is back."""
@@ -164,6 +213,47 @@ def test_readyz_follows_the_redis_store(server_process, tmp_path):
         assert http_get(metrics, "/healthz") == (200, "ok\n")
         redis.start()
         wait_until(lambda: http_get(metrics, "/readyz")[0] == 200, 15, "not ready again")
+    finally:
+        redis.kill()
+
+
+@needs_redis
+def test_the_store_outage_alert_follows_a_redis_killed_and_restarted(server_process, tmp_path):
+    """Running it as a service, the alert ``KvgeventStoreOutage`` ("Redis unreachable:
+    commands get ERR store unavailable"; ``kvgevent_store_nodes_down > 0 or
+    rate(kvgevent_store_unavailable_total[5m]) > 0``) and the table: "the Redis store's
+    commands failed for an unreachable node ... (commands, not episodes), and its nodes in an
+    outage". The outage is real: the test's own redis-server killed (SIGKILL, by pid), then
+    started again on its port. Scraped: both series present and 0 while Redis serves; while it
+    is dead, the failed commands counted and, once a command found Redis refusing its connect,
+    1 node down (a connection lost in its round trip is no outage by itself: README's Redis
+    table, "Redis killed, when the next connect begins the outage"); 0 nodes down once it is
+    back (the counter keeps its count). Nothing injected. About 1 s."""
+    redis = RedisProcess(tmp_path)
+    try:
+        proc, metrics = serving(server_process, "--store", redis.url)
+        peer = Peer(proc.port)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        samples = scrape(metrics)
+        for name in ("kvgevent_store_nodes_down", "kvgevent_store_unavailable_total"):
+            assert samples.get((name, ())) == 0, (name, samples.get((name, ())))
+        redis.kill()
+        assert peer.request(b"GET:k\nPUT:k:w\nGET:k\n") == [b"ERR store unavailable"] * 3
+
+        def node_down() -> bool:  # (a command each time: the one that finds Redis refusing)
+            assert peer.request(b"GET:k\n") == [b"ERR store unavailable"]
+            return value(scrape(metrics), "kvgevent_store_nodes_down") == 1
+
+        wait_until(node_down, 10, "kvgevent_store_nodes_down never said 1")
+        assert value(scrape(metrics), "kvgevent_store_unavailable_total") >= 4
+        redis.start()
+        wait_until(
+            lambda: value(scrape(metrics), "kvgevent_store_nodes_down") == 0, 15, "the outage did not end"
+        )
+        assert peer.request(b"PUT:k:x\nGET:k\n") == [b"k:x"]
+        assert value(scrape(metrics), "kvgevent_store_unavailable_total") >= 4
+        peer.close()
+        assert_stopped_without_errors(proc)
     finally:
         redis.kill()
 
@@ -484,6 +574,80 @@ def test_watchdog_usec_is_read_as_systemd_reads_it(monkeypatch):
     assert watchdog_interval() is None
 
 
+def test_the_first_watchdog_and_ready_come_once_a_long_replay_is_over(server_process, tmp_path):
+    """Running it as a service: "the server sends ``READY=1`` once it listens, after the
+    append-only file was replayed", and with ``WatchdogSec=``: "The first goes once the store
+    is loaded ...: a long append-only file replay comes under ``TimeoutStartSec=`` (90 s by
+    default), not ``WatchdogSec=``". A real log of 300,000 records (about 1 s of replay here)
+    and WATCHDOG_USEC of 0.2 s (a WATCHDOG=1 every 0.1 s): when the first WATCHDOG=1, and when
+    READY=1, reach the test's notification socket, the server has already logged
+    ``aof_replayed`` (it writes each log line before it goes on: a WATCHDOG=1 sent during the
+    replay would find none yet); at READY=1 the port serves every value replayed for a key.
+    Nothing injected. About 2 s."""
+    from kvgevent.stores.aof import MAGIC, encode_record
+
+    records = 300_000
+    path = tmp_path / "data.aof"
+    path.write_bytes(MAGIC + b"".join(encode_record(b"PUT:k%d:v%d" % (n % 1000, n)) for n in range(records)))
+    systemd = Systemd(tmp_path)
+    env = {"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "200000"}
+    try:
+        proc = server_process("--aof", str(path), env=env, wait=False)
+        replayed_when_heard: dict[str, bool] = {}
+        while len(replayed_when_heard) < 2:
+            lines = systemd.next().split("\n")
+            replayed = any(e["event"] == "aof_replayed" for e in proc.events())
+            for kind in ("WATCHDOG=1", "READY=1"):
+                if kind in lines:
+                    replayed_when_heard.setdefault(kind, replayed)
+        assert replayed_when_heard == {"WATCHDOG=1": True, "READY=1": True}
+        peer = Peer(proc.port)
+        assert peer.request(b"GET:k999\n") == [b"k999:v%d" % n for n in range(999, records, 1000)]
+        peer.close()
+        assert proc.stop() == 0
+    finally:
+        systemd.close()
+        path.unlink()
+    (replayed_event,) = [e for e in proc.events() if e["event"] == "aof_replayed"]
+    assert replayed_event["records"] == records
+
+
+def test_a_notification_socket_with_no_room_holds_up_neither_start_nor_shutdown(server_process, tmp_path):
+    """Running it as a service: "a notification never holds up the server: one the receiver
+    has no room for is dropped". A systemd that reads nothing, for real: the test's
+    notification socket has its queue of datagrams filled by the test (until the kernel
+    refuses one) before the server starts, and is read only once the server has exited; with
+    WATCHDOG_USEC set too, a WATCHDOG=1 every 0.1 s finds no room either. The server starts
+    (``server_started``), serves a client, and SIGTERM ends it with status 0 within the stop's
+    10 s; the queue then holds the test's datagrams only (the server's were dropped). Nothing
+    injected. Under 1 s."""
+    systemd = Systemd(tmp_path)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        filler.setblocking(False)
+        filler.connect(systemd.path)
+        queued: list[bytes] = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filler.send(b"FILLER=%d" % len(queued))
+                queued.append(b"FILLER=%d" % len(queued))
+        assert queued, "the queue took nothing"
+        proc = server_process(env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "200000"})
+        peer = Peer(proc.port)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        peer.close()
+        assert proc.stop() == 0
+        systemd.sock.setblocking(False)
+        heard: list[bytes] = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                heard.append(systemd.sock.recv(4096))
+        assert heard == queued
+    finally:
+        filler.close()
+        systemd.close()
+
+
 def test_a_sigterm_sent_the_moment_ready_is_announced_shuts_down_cleanly(tmp_path):
     """A SIGTERM that arrives as READY=1 is sent (systemd stopping a service just started, a
     supervisor that kills what it just saw listening) starts the usual shutdown: STOPPING=1,
@@ -712,6 +876,63 @@ def test_a_sighup_whose_log_path_cannot_be_opened_keeps_the_old_file(server_proc
     after = [e["event"] for e in old[old.index(failed) + 1 :]]
     assert after.count("client_connected") == 1, after
     assert '"server_stopped"' in path.read_text() and b"Traceback" not in proc.stderr
+
+
+@needs_redis
+def test_a_sighup_to_the_supervisor_reopens_every_workers_log_file(server_process, redis_server, tmp_path):
+    """Running it as a service: "``--log-file PATH`` writes JSON lines to PATH; SIGHUP reopens
+    it, so logrotate's usual ``postrotate`` works (with ``--workers``, the supervisor passes
+    SIGHUP on)". logrotate played for real: the log renamed, then one SIGHUP to the supervisor
+    only (``systemctl kill -s HUP``, ``kill -HUP $MAINPID``). Then every process (the
+    supervisor and both workers) holds a file at the path and none holds the rotated one
+    (their descriptors, read in /proc), a client is served, and after SIGTERM each worker's
+    ``server_stopped`` and the supervisor's ``workers_stopped`` are in the new file, none in
+    the rotated one. Nothing injected. About 1.5 s (6 s on a busy machine)."""
+    path, rotated = tmp_path / "kv.log", tmp_path / "kv.log.1"
+    proc = server_process("--workers", "2", "--store", redis_server.url, "--log-file", str(path), wait=False)
+
+    def started() -> set[int]:
+        return {e["worker"] for e in _log_lines(path) if e["event"] == "server_started"}
+
+    wait_until(lambda: len(started()) == 2 or proc.proc.poll() is not None, 30, "the workers did not start")
+    workers = started()
+    assert len(workers) == 2, proc.stderr.decode()[-2000:]
+    pids = [proc.proc.pid, *sorted(workers)]
+    os.rename(path, rotated)
+    proc.proc.send_signal(signal.SIGHUP)
+
+    def reopened() -> bool:
+        return all(str(path) in _open_paths(pid) and str(rotated) not in _open_paths(pid) for pid in pids)
+
+    try:
+        wait_until(reopened, 10)
+    except AssertionError:
+        held = {pid: sorted(p for p in _open_paths(pid) if p.startswith(str(path))) for pid in pids}
+        raise AssertionError(f"not every process reopened the log (supervisor first): {held}") from None
+    peer = Peer(proc.port)
+    assert peer.request(b"PUT:rotated:v\nGET:rotated\n") == [b"rotated:v"]
+    peer.close()
+    assert proc.stop() == 0
+    new, old = _log_lines(path), _log_lines(rotated)
+    assert {e["worker"] for e in new if e["event"] == "server_stopped"} == workers
+    assert [e["event"] for e in new].count("workers_stopped") == 1
+    assert [e["event"] for e in old if e["event"] in ("server_stopped", "workers_stopped")] == []
+    assert b"Traceback" not in proc.stderr
+
+
+def _log_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSON log file, parsed (none if it is not there)."""
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def _open_paths(pid: int) -> set[str]:
+    """What the descriptors of ``pid`` name (a renamed file by its new name)."""
+    paths = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # (closed meanwhile)
+            paths.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return paths
 
 
 def test_a_sighup_at_the_open_files_limit_reopens_the_log_once_files_are_free(server_process, tmp_path):
