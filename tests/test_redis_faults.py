@@ -6,7 +6,9 @@ killed and restarted for real; a peer that is not a Redis is a small server of t
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import struct
 import subprocess
@@ -2391,3 +2393,56 @@ def test_a_conversion_killed_in_the_middle_goes_on_where_it_stopped(server_proce
     finally:
         admin.close()
         redis.kill()
+
+
+def test_redis_killed_in_the_middle_of_a_whole_fetch_gives_err_never_part_of_it(server_process, tmp_path):
+    """A reply longer than FIRST_FETCH_BYTES is fetched whole in a round trip of its own
+    (README "Scaling out over Redis"); Redis killed while that reply is on its way must give
+    the client ``ERR store unavailable``, never the part that came (lines of the value cut
+    short, or some of its lines as if they were all), and the server serves again once Redis
+    is back. Real: run_server.py over a redis-server; a key of 40 values of about 1 MB; as
+    Redis sends its whole fetch (CLIENT LIST shows the GET with output still queued), the
+    server is frozen (SIGSTOP) so that the reply stays half sent, Redis is killed (SIGKILL),
+    and the server let go (SIGCONT). About 5 s."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path)
+    admin = redis_py.Redis(port=redis.port)
+    proc = server_process("--store", redis.url, "--redis-prefix", f"wf{time.time_ns()}:")
+    value = b"v" * 1_040_000
+    peer = Peer(proc.port, timeout=30)
+    try:
+        assert peer.request(b"".join(b"PUT:big:%s\n" % value for _ in range(40))) == []
+        caught = False
+        for _ in range(10):  # (a try whose reply was all in before the freeze is done again)
+            peer.send(b"GET:big\n")
+            caught = _freeze_during_a_whole_fetch(admin, proc.proc.pid)
+            if caught:
+                break
+            os.kill(proc.proc.pid, signal.SIGCONT)
+            assert peer.read_lines(40) == [b"big:" + value] * 40
+        assert caught, "the whole fetch was never seen under way"
+        redis.kill()
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        assert peer.read_lines(1) == [UNAVAILABLE]
+        assert peer.request(b"") == []  # (nothing else came: no line of the value)
+        redis.start()
+        wait_until(lambda: peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"], timeout=15)
+    finally:
+        peer.close()
+        admin.close()
+        redis.kill()
+    assert proc.stop() == 0
+
+
+def _freeze_during_a_whole_fetch(admin, pid: int) -> bool:
+    """SIGSTOP ``pid`` as soon as Redis (``admin``) shows one of its connections with a GET's
+    reply still queued (within 5 s); whether it did (else the process is stopped anyway)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        sending = [c for c in admin.client_list() if c["cmd"] == "get" and int(c["omem"]) > 0]
+        if sending:
+            os.kill(pid, signal.SIGSTOP)
+            return any(c["cmd"] == "get" and int(c["omem"]) > 0 for c in admin.client_list())
+    os.kill(pid, signal.SIGSTOP)
+    return False
