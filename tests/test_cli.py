@@ -2,8 +2,11 @@
 statuses) and run_client.py, each in a subprocess on a free loopback port."""
 
 import argparse
+import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -499,6 +502,39 @@ def test_shutdown_delivers_the_replies_that_left_to_a_client_with_requests_unrea
     assert set(lines[:-1]) <= {b"v:" + value, b"PONG"}
 
 
+def test_a_client_reading_a_big_reply_at_sigterm_gets_it_whole_within_the_flush(server_process):
+    """README, SIGINT or SIGTERM: the shutdown "lets a batch of requests under way (... or
+    for its client to take the replies before it: a big GET's reply is built as it leaves)
+    finish, gives queued replies up to --shutdown-flush seconds to leave". Through
+    run_server.py --shutdown-flush 10: a client reading a reply of 40 lines of 1 MB (more
+    than its queue's 16 MiB) at about 10 MB/s when SIGTERM comes gets every line and its
+    PONG, and the server exits 0 with nothing counted dropped. (Before, the reader waiting
+    for room for the reply was stopped at the signal: 20 to 28 of 40 lines, an attacker's
+    pass.) About 6 s."""
+    proc = server_process("--shutdown-flush", "10")
+    value = b"v" * 1_000_000
+    loader = Peer(proc.port, timeout=30)
+    assert loader.request(b"".join(b"PUT:big:" + value + b"\n" for _ in range(40))) == []
+    loader.close()
+    client = socket.create_connection(("127.0.0.1", proc.port), timeout=30)
+    got = bytearray()
+    try:
+        client.sendall(b"GET:big\nPING\n")
+        signalled = False
+        while chunk := client.recv(1 << 20):
+            got += chunk
+            if not signalled and len(got) >= 3_000_000:  # (the rest is built as it leaves)
+                proc.proc.send_signal(signal.SIGTERM)
+                signalled = True
+            gevent.sleep(len(chunk) / 10e6)  # (the client's pace, 10 MB/s: not a synchronisation)
+    finally:
+        client.close()
+    assert proc.stop(None, timeout=30) == 0
+    assert bytes(got) == b"big:" + b"\nbig:".join([value] * 40) + b"\nPONG\n"
+    (stopped,) = [e for e in proc.events() if e["event"] == "server_stopped"]
+    assert stopped["messages_dropped"] == 0, stopped
+
+
 GOOD_BATCH = 300
 """GETs per batch of the reading client: a batch of 4 kB values is applied in one turn."""
 
@@ -569,3 +605,141 @@ def test_shutdown_flushes_a_reading_client_past_a_stuck_one_and_a_second_sigterm
     (second,) = [event for event in events if event["event"] == "shutdown_in_progress"]
     assert second["signal"] == "SIGTERM"
     assert names[-1] == "server_stopped"
+
+
+# --- the README's Security section ----------------------------------------------------------
+
+
+def tcp_listeners(port: int) -> list[str]:
+    """The addresses a socket listens on at TCP ``port``, from the kernel's own tables
+    (``/proc/net/tcp`` and ``tcp6``; state ``0A`` is LISTEN): ``127.0.0.1`` for IPv4, the hex
+    of the address in brackets for IPv6."""
+    found = []
+    for table in ("tcp", "tcp6"):
+        if not os.path.exists(f"/proc/net/{table}"):  # (IPv6 off)
+            continue
+        with open(f"/proc/net/{table}") as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                address, hex_port = fields[1].split(":")
+                if int(hex_port, 16) == port and fields[3] == "0A":
+                    ipv4 = table == "tcp"
+                    found.append(socket.inet_ntoa(bytes.fromhex(address)[::-1]) if ipv4 else f"[{address}]")
+    return found
+
+
+def test_the_server_listens_on_loopback_unless_told_otherwise(tmp_path, log_stream):
+    """README, Security: "The server binds `127.0.0.1` unless told otherwise." Real:
+    run_server.py started as a user starts it, with no --host (and no KVGEVENT_HOST in its
+    environment), and a KeyValueServer started in this process with no host; what listens on
+    each port is read from the kernel's own tables (/proc/net/tcp and tcp6): one socket, on
+    127.0.0.1; none on any other address nor on IPv6. The server serves there, its
+    server_started event names 127.0.0.1 and it logs no unprotected_bind. Nothing is
+    injected. Under a second (0.5-0.7 s)."""
+    from kvgevent import KeyValueServer
+
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if name != "KVGEVENT_HOST"}
+    log = tmp_path / "server.log"
+    args = [sys.executable, str(ROOT / "run_server.py"), "--port", str(port), "--log-format", "json"]
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_until(
+            lambda: b'"server_started"' in log.read_bytes() or proc.poll() is not None,
+            timeout=15,
+            message="run_server.py did not start",
+        )
+        assert tcp_listeners(port) == ["127.0.0.1"], log.read_text()
+        peer = Peer(port)
+        assert peer.request(b"PUT:k:v\nGET:k\n") == [b"k:v"]
+        peer.close()
+    finally:
+        proc.terminate()  # (by pid)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["host"] for e in events if e["event"] == "server_started"] == ["127.0.0.1"]
+    assert "unprotected_bind" not in [e["event"] for e in events]
+    server = KeyValueServer()  # the library: start() with no host
+    server.start(0)
+    try:
+        assert tcp_listeners(server.port) == ["127.0.0.1"]
+    finally:
+        server.close()
+
+
+def readme_tls_recipe() -> list[list[str]]:
+    """The commands of the README's TLS recipe (the ``sh`` block of "### Security"), each as
+    its words."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Security") :]
+    block = section[section.index("```sh\n") + len("```sh\n") :]
+    block = block[: block.index("```")]
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            commands.append(shlex.split(line))
+    return commands
+
+
+def split_command(words: list[str], script: str) -> tuple[dict[str, str], list[str]]:
+    """``VAR=value ... python SCRIPT ARGS``: the environment it sets and ARGS."""
+    at = words.index(script)
+    assert words[at - 1] == "python", words
+    env = dict(word.split("=", 1) for word in words[: at - 1])
+    return env, words[at + 1 :]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the README's recipe needs the openssl command")
+def test_the_readmes_tls_recipe_works_as_written(tmp_path, server_process):
+    """README, Security: "`--tls-cert` / `--tls-key`: every client speaks TLS 1.2+", and its
+    recipe: a self-signed certificate made by ``openssl req -x509 ...`` ("it is its own CA"),
+    ``KVGEVENT_PASSWORD=s3cret python run_server.py --tls-cert server.pem --tls-key
+    server-key.pem`` and ``KVGEVENT_PASSWORD=s3cret python run_client.py --tls-ca server.pem
+    get fruit``. Real: the three commands are read from the README's block and run as written
+    (the real openssl, run_server.py and run_client.py in subprocesses, in a fresh directory),
+    only with a free loopback port (``--host 127.0.0.1 --port N``) added. The key in a file
+    of its own (--tls-key) is a path no other test takes: theirs hold the key and the chain
+    in one file. The client without the password gets ``ERR auth required`` (exit 1), and a
+    plain-TCP client is one ``client_dropped`` event with ``reason: tls_handshake_failed``.
+    Nothing is injected. About 1.5 s."""
+    make_cert, start_server, run_get = readme_tls_recipe()
+    assert make_cert[:3] == ["openssl", "req", "-x509"], make_cert
+    made = subprocess.run(make_cert, cwd=tmp_path, capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr[-1000:]
+    server_env, server_args = split_command(start_server, "run_server.py")
+    client_env, client_args = split_command(run_get, "run_client.py")
+    assert server_args[:2] == ["--tls-cert", "server.pem"] and "--tls-key" in server_args, server_args
+    proc = server_process(*server_args, env=server_env, cwd=tmp_path)
+
+    def run_client(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+        command = [sys.executable, str(ROOT / "run_client.py"), "--port", str(proc.port), *args]
+        inherited = {name: value for name, value in os.environ.items() if name != "KVGEVENT_PASSWORD"}
+        return subprocess.run(
+            command, cwd=tmp_path, capture_output=True, timeout=30, env={**inherited, **env}
+        )
+
+    put = run_client([*client_args[:-2], "put", "fruit", "apple"], client_env)
+    assert (put.returncode, put.stderr) == (0, b""), put.stderr
+    got = run_client(client_args, client_env)  # the README's line as written
+    assert (got.returncode, got.stdout, got.stderr) == (0, b"apple\n", b"")
+    refused = run_client(client_args, {})  # (and KVGEVENT_PASSWORD unset: see run_client)
+    assert (refused.returncode, refused.stdout) == (1, b""), refused.stderr
+    assert b"ERR auth required" in refused.stderr
+    plain = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+    plain.sendall(b"PING\n")
+    while plain.recv(100):  # a TLS alert at most, then the end of the stream
+        pass
+    plain.close()
+    wait_until(
+        lambda: b'"tls_handshake_failed"' in proc.stderr, timeout=10, message="no handshake failure logged"
+    )
+    assert proc.stop() == 0
+    drops = [e for e in proc.events() if e["event"] == "client_dropped" and e["reason"].startswith("tls_")]
+    assert [e["reason"] for e in drops] == ["tls_handshake_failed"] and drops[0]["error"], drops
+    assert b"Traceback" not in proc.stderr

@@ -43,6 +43,29 @@ def test_values_with_colons_and_binary_bytes_round_trip(client):
     assert client.get("bin") == [value]
 
 
+def test_str_keys_and_values_are_sent_as_utf8(make_server, connect):
+    """README, Library: "keys and values: str (UTF-8) or bytes". Real: an in-process server
+    on a loopback socket, the library's calls given non-ASCII ``str`` keys and values, and a
+    raw protocol client reading what the server holds; nothing is injected. The server holds
+    the UTF-8 bytes (not Latin-1, not replaced), a ``str`` and the ``bytes`` of its UTF-8 name
+    the same key, and every call (put, get, update, delete, a pipeline) agrees. Well under a
+    second."""
+    server = make_server()
+    raw = connect(server.port)
+    with Client(port=server.port, timeout=10) as kv:
+        kv.put("café", "thé ☕")
+        assert raw.request("GET:café\n".encode()) == ["café:thé ☕".encode()]
+        assert raw.request(b"GET:caf\xc3\xa9\n") == [b"caf\xc3\xa9:th\xc3\xa9 \xe2\x98\x95"]
+        assert kv.get("café") == kv.get(b"caf\xc3\xa9") == ["thé ☕".encode()]
+        kv.update("café", "thé ☕", "maté")
+        with kv.pipeline() as pipe:
+            pipe.put("naïve", "ø").get("café")
+        assert pipe.results[1] == ["maté".encode()]
+        assert raw.request(b"GET:na\xc3\xafve\n") == [b"na\xc3\xafve:\xc3\xb8"]
+        kv.delete("café")
+        assert raw.request("GET:café\n".encode()) == []
+
+
 def test_write_is_applied_when_the_call_returns(server, client):
     """Every call returns only after the server applied it (the PING barrier)."""
     client.put("seen", b"1")

@@ -5,6 +5,7 @@ import os
 import socket
 import ssl
 import time
+import warnings
 
 import gevent
 import pytest
@@ -618,6 +619,43 @@ def test_is_loopback():
 def test_tls_contexts_refuse_old_protocols(certs):
     assert certs.server.minimum_version >= ssl.TLSVersion.TLSv1_2
     assert certs.client.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+def test_a_client_that_speaks_only_tls_1_1_or_older_is_refused(make_server, certs, log_stream, version):
+    """README, Security: "`--tls-cert` / `--tls-key`: every client speaks TLS 1.2+. A
+    plain-TCP client, a failed [...] handshake is one `client_dropped` event (`reason:
+    tls_handshake_failed` [...], with the TLS error), never a traceback." Real: a real
+    handshake on a loopback socket from Python's ssl, its context made to offer TLS 1.0 (or
+    1.1) only, at OpenSSL's security level 0 so that this OpenSSL does send such a hello;
+    nothing is injected. The server refuses it (the client's handshake fails, nothing is
+    served) and logs one client_dropped event with the TLS error; a TLS 1.2 client right
+    after is served. (The test above reads the contexts' settings; this one is the refusal on
+    the wire.) Well under a second."""
+    server = make_server(tls=certs.server)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(str(certs.ca_pem))
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (ssl deprecates the old versions)
+        old.minimum_version = old.maximum_version = getattr(ssl.TLSVersion, version)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        with pytest.raises(ssl.SSLError) as refused:
+            tls = old.wrap_socket(sock, server_hostname="127.0.0.1")
+            tls.sendall(b"PUT:k:old\n")  # (reached only if the handshake succeeded)
+        if "NO_PROTOCOLS_AVAILABLE" in str(refused.value):
+            pytest.skip(f"this OpenSSL cannot offer {version} at all")
+    finally:
+        sock.close()
+    wait_until(lambda: server.count_dropped() == 1)
+    events = log_events(log_stream)
+    assert not [e for e in events if e["event"] in ("unhandled_error", "client_error")]
+    (drop,) = [e for e in events if e["event"] == "client_dropped"]
+    assert drop["reason"] == "tls_handshake_failed" and drop["error"], drop
+    peer = Peer(server.port, tls=certs.client)
+    assert peer.request(b"GET:k\n") == []  # served, and the old client's PUT never was
+    peer.close()
 
 
 def test_freed_memory_can_be_given_back_to_the_os():
