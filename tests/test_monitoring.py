@@ -400,34 +400,57 @@ def test_a_tmpdir_too_long_for_a_unix_socket_does_not_stop_the_supervisor(server
     assert not list(long_tmpdir.iterdir())  # (nothing left behind)
 
 
-def test_a_supervisor_killed_by_sigkill_leaves_nothing_in_its_tmpdir(server_process, tmp_path, request):
-    """--workers with NOTIFY_SOCKET: the supervisor's socket for its workers' READY=1 is named
-    in the abstract namespace, so a supervisor killed by SIGKILL (no cleanup runs) leaves
-    nothing on disk. Before, the socket sat in a private directory of TMPDIR first, and each
-    such kill left a ``kvgevent-notify-*`` directory behind (185 in /tmp after test runs).
-    Real: SIGKILL after READY=1; the workers, which exit when their supervisor dies, are
-    waited for (and killed by pid if still there at the deadline)."""
+def test_what_a_supervisor_killed_by_sigkill_left_is_removed_by_the_next(server_process, tmp_path, request):
+    """--workers with NOTIFY_SOCKET: the supervisor's socket for its workers' READY=1 is in a
+    private directory of TMPDIR (only its user can send there: a name in the abstract
+    namespace, tried first for a while, let any local user fill its queue and drop every
+    READY=1, an attacker's pass). A supervisor killed by SIGKILL (no cleanup runs) leaves
+    that directory; the next supervisor removes it (each such kill left one for good: 201
+    in /tmp after test runs), and leaves alone another user's and one whose supervisor runs
+    (a directory named for this test's own pid). Real: SIGKILL after READY=1; the workers,
+    which exit when their supervisor dies, are waited for (killed by pid if still there at
+    the deadline)."""
     redis = request.getfixturevalue("redis_server")
-    systemd = Systemd(tmp_path)
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
-    env = {"NOTIFY_SOCKET": systemd.path, "TMPDIR": str(tmpdir)}
-    workers: list[int] = []
-    try:
-        proc = server_process("--workers", "2", "--store", redis.url, env=env, wait=False)
-        assert "READY=1" in systemd.next().split("\n")
+    running = tmpdir / f"kvgevent-notify-{os.getpid()}-abc"  # (its supervisor runs: this test)
+    running.mkdir()
+    others = tmpdir / "kvgevent-notify-999999999-abc"  # (no such pid, but another user's)
+    others.mkdir()
+    os.chown(others, 65534, 65534)
+    env = {"TMPDIR": str(tmpdir)}
+
+    def supervise(name: str) -> tuple[Any, list[int], set[str]]:
+        (tmp_path / name).mkdir()
+        systemd = Systemd(tmp_path / name)
+        proc = server_process(
+            "--workers", "2", "--store", redis.url, env={**env, "NOTIFY_SOCKET": systemd.path}
+        )
+        try:
+            assert "READY=1" in systemd.next().split("\n")
+        finally:
+            systemd.close()
         pid = proc.proc.pid
         workers = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        assert len(workers) == 2, workers
-        proc.proc.kill()
-        proc.proc.wait(timeout=10)
+        return proc, workers, {entry.name for entry in tmpdir.iterdir()}
+
+    workers: list[int] = []
+    try:
+        first, workers, seen = supervise("first")
+        (left,) = seen - {running.name, others.name}
+        assert left.startswith(f"kvgevent-notify-{first.proc.pid}-"), left
+        first.proc.kill()
+        first.proc.wait(timeout=10)
         wait_until(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 20, "the workers stayed")
+        assert (tmpdir / left / "notify").exists()  # (what the kill left)
+        second, workers, seen = supervise("second")
+        assert left not in seen and {running.name, others.name} < seen, seen
+        assert second.stop() == 0
+        assert {entry.name for entry in tmpdir.iterdir()} == {running.name, others.name}
     finally:
-        systemd.close()
         for worker in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
-    assert not list(tmpdir.iterdir())
 
 
 NO_UNIX_SOCKET_BINDS = """

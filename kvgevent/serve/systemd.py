@@ -12,6 +12,7 @@ whose loop stopped running.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -99,13 +100,16 @@ class ReadyCollector:
     gives it (SO_PASSCRED), not as a message says; :meth:`wait` waits for the workers running
     now. Whoever reads it is stopped before :meth:`close`.
 
-    The socket has a name in Linux's abstract namespace (``@kvgevent-notify-<pid>-<random>``),
-    which any local process may send to (only the workers' pids count) and which goes with
-    the socket, however the supervisor ends; when that cannot be bound, ``notify`` in a
-    private directory of the temporary directory (a supervisor killed by SIGKILL leaves that
-    behind: the path came first once, and test runs left 185 such directories in /tmp).
-    OSError if neither can be bound, or without SO_PASSCRED (not Linux): the supervisor then
-    runs without (logged)."""
+    The socket is ``notify`` in a private directory (mode 0700) of the temporary directory,
+    ``kvgevent-notify-<pid>-<random>``: only its user can send to it. A supervisor killed by
+    SIGKILL leaves its directory behind; the next one started removes those of its user
+    whose supervisor is gone (:func:`_remove_leftovers`). When that path cannot be bound (a
+    TMPDIR too long for a Unix socket's 108 bytes, a TMPDIR that does not exist), a name in
+    Linux's abstract namespace (``@kvgevent-notify-<pid>-<random>``), which any local process
+    may send to: only the workers' pids count, but any user can keep its queue full (ten
+    datagrams) and so drop a worker's one READY=1 (an attacker's pass, when the abstract
+    name came first: systemd never heard READY=1, 5 of 5 runs). OSError if neither can be
+    bound, or without SO_PASSCRED (not Linux): the supervisor then runs without (logged)."""
 
     def __init__(self) -> None:
         self._sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -176,19 +180,60 @@ def _sender(ancillary: list[tuple[int, int, bytes]]) -> int | None:
 
 
 def _bind_notify_socket(sock: socket.socket) -> tuple[str, str | None]:
-    """Bind ``sock`` to a new abstract name, else to a new private path; return its
+    """Bind ``sock`` to a new private path, else to a new abstract name; return its
     ``NOTIFY_SOCKET`` form and the directory to remove at close (None for an abstract name).
-    OSError if neither can be bound (the last error)."""
-    name = f"kvgevent-notify-{os.getpid()}-{secrets.token_hex(8)}"
+    OSError if neither can be bound."""
+    prefix = f"{NOTIFY_DIRECTORY}{os.getpid()}-"
+    with contextlib.suppress(OSError):  # (a TMPDIR that cannot be listed: none removed)
+        _remove_leftovers(tempfile.gettempdir())
     try:
-        sock.bind("\0" + name)
-        return "@" + name, None
-    except OSError:
-        directory = tempfile.mkdtemp(prefix="kvgevent-notify-")  # (OSError: TMPDIR missing)
-    path = os.path.join(directory, "notify")
+        directory: str | None = tempfile.mkdtemp(prefix=prefix)
+    except OSError:  # (TMPDIR missing or read-only)
+        directory = None
+    if directory is not None:
+        path = os.path.join(directory, "notify")
+        try:
+            sock.bind(path)
+            return path, directory
+        except OSError:  # ("AF_UNIX path too long": a long TMPDIR)
+            os.rmdir(directory)
+    name = f"{prefix}{secrets.token_hex(8)}"
+    sock.bind("\0" + name)
+    return "@" + name, None
+
+
+NOTIFY_DIRECTORY = "kvgevent-notify-"
+"""The start of a supervisor's private directory's name; its pid follows, then a dash."""
+
+
+def _remove_leftovers(parent: str) -> None:
+    """Remove the notification directories in ``parent`` that supervisors of this user killed
+    by SIGKILL left (their pid runs no process now), with their socket. Another user's, or
+    one whose pid runs a process (its supervisor, or a process given the same pid since),
+    is left alone; so is anything in it but the socket. (The pids are this pid namespace's:
+    a TMPDIR shared with a container's supervisors of the same user could lose a running
+    one's directory, and its workers' READY=1 with it.)"""
+    for name in os.listdir(parent):
+        pid = name[len(NOTIFY_DIRECTORY) :].split("-", 1)[0]
+        if not (name.startswith(NOTIFY_DIRECTORY) and pid.isdigit()) or _runs(int(pid)):
+            continue
+        directory = os.path.join(parent, name)
+        try:
+            if os.lstat(directory).st_uid != os.getuid():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, "notify"))
+            os.rmdir(directory)
+        except OSError:  # (not a directory, not empty, gone meanwhile: left as it is)
+            continue
+
+
+def _runs(pid: int) -> bool:
+    """Whether a process has pid ``pid`` (of any user)."""
     try:
-        sock.bind(path)
-    except OSError:  # ("AF_UNIX path too long": a long TMPDIR)
-        os.rmdir(directory)
-        raise
-    return path, directory
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's)
+        return True
+    return True
