@@ -140,6 +140,13 @@ TURN_BYTES = 4096
 GETs, under a millisecond); a whole read per turn let flooding clients starve a polite one
 (bench/OPTIMISATIONS.md, "turn sizes")."""
 
+TLS_RECORDS_PER_TURN = 64
+"""TLS records one read may decrypt before its requests wait for a turn, as a backlog's do:
+each costs a call into the TLS engine (about 3 us), and 64 KiB of one-byte records is about
+2,800 of them, 10 ms for 3 KB of requests: eight clients sending such records held a polite
+one for 0.8 to 5.5 s, before AUTH too (an attacker's pass). Ordinary records carry up to
+16 KiB: a read of them is a few records."""
+
 HEAVY_TURN = 0.001
 """Seconds a client's turn may hold the event loop before its next request waits for its
 turn behind the ready clients, as a backlog does: a request or two costs microseconds, so

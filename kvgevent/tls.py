@@ -75,6 +75,7 @@ class TlsStream:
         self._send_lock = make_lock()
         self._eof = False
         self._failure: ssl.SSLError | None = None  # met after plaintext: raised by the next recv
+        self.records = 0  # records the last recv decrypted
 
     def handshake(self) -> None:
         """Run the handshake to completion (blocking in the socket's own way)."""
@@ -105,9 +106,11 @@ class TlsStream:
         """Up to ``size`` bytes of plaintext; waits for at least one byte or the end. A TLS
         failure (a corrupt record, a fatal alert) after plaintext that came before it is
         raised by the next call: that plaintext is returned first, as a socket returns the
-        bytes that came before a reset (the client's whole lines before it are served)."""
+        bytes that came before a reset (the client's whole lines before it are served).
+        :attr:`records` says how many records it decrypted (the work it did)."""
         if self._failure is not None:
             raise self._failure
+        self.records = 0
         while True:
             chunks = self._decrypt(size)
             # Sent now unless the writer is sending (it may wait for a client that does not
@@ -144,6 +147,7 @@ class TlsStream:
             if not chunks:
                 raise
             self._failure = failure
+        self.records += len(chunks)  # (a read gives one record's plaintext at most)
         return chunks
 
     def sendall(self, data: bytes) -> None:

@@ -71,6 +71,7 @@ from kvgevent.config import (
     REPORT_INTERVAL,
     TLS_CONNECTION_COST,
     TLS_HANDSHAKE_TIMEOUT,
+    TLS_RECORDS_PER_TURN,
     TURN_BYTES,
     WRITER_IDLE,
     WRITER_TRIM_MIN,
@@ -871,19 +872,21 @@ class KeyValueServer:
             self._execute(conn, items)
 
     def _serve(self, conn: Connection) -> None:
-        """The read loop of an authenticated client (see :meth:`_read_loop`)."""
+        """The read loop of an authenticated client (see :meth:`_read_loop`). Over TLS a read
+        that decrypted more than TLS_RECORDS_PER_TURN records waits for a turn, as a backlog."""
         recv = conn.stream.recv
         feed = conn.buffer.feed
         execute = self._execute
         session = conn.session
         track_idle = self.idle_timeout > 0
+        tls = conn.stream if conn.stream is not conn.io else None
         while conn.failed is None:
             data = recv(RECV_SIZE)
             if not data:
                 return
             if track_idle:
                 conn.last_seen = time.monotonic()
-            if len(data) > TURN_BYTES:
+            if len(data) > TURN_BYTES or (tls is not None and tls.records > TLS_RECORDS_PER_TURN):
                 self._apply_backlog(conn, data)
             else:
                 items = feed(data)
@@ -928,12 +931,15 @@ class KeyValueServer:
         read after that line (b"" if nothing), or None at end of stream or failure. Line by
         line, so that requests pipelined behind the AUTH are split with the full bound."""
         session = conn.session
+        tls = conn.stream if conn.stream is not conn.io else None
         while conn.failed is None:
             data = conn.stream.recv(RECV_SIZE)
             if not data:
                 return None
             if self.idle_timeout > 0:
                 conn.last_seen = time.monotonic()
+            if tls is not None and tls.records > TLS_RECORDS_PER_TURN:  # (see _serve)
+                self._turns.wait()
             rest = self._apply_lines(conn, data)
             if session.authenticated:
                 conn.buffer.max_line = session.max_line = self.max_line
