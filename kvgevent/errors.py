@@ -59,6 +59,12 @@ class ConnectionLost(ClientError):
     reason = "connection lost"
 
 
+class NotSent(ConnectionLost):
+    """A :class:`ConnectionLost` found before anything of the call was sent (the server had
+    closed the connection, an idle timeout perhaps, or sent what nothing asked for): none of
+    it reached the server, so the call can be made again on a new connection."""
+
+
 class InvalidArgument(ClientError, ValueError):
     """A key or value that cannot be sent (':' in a key, a newline anywhere, an empty key)."""
 

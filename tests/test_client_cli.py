@@ -464,6 +464,31 @@ def test_repl_reports_a_lost_connection_and_reconnects(server_process, tmp_path)
         term.close()
 
 
+def test_a_command_after_an_idle_timeout_is_sent_once_on_a_new_connection(server_process, tmp_path):
+    """README, the REPL: a connection the server closed while the prompt waited (its
+    --idle-timeout) is found before the next command is sent (Client: NotSent, a
+    ConnectionLost), so the REPL reconnects and sends it, once, saying so. (Before, it said
+    "the last command may or may not have been applied" and did not send it: a user left
+    unsure whether to type a PUT again, which appends, an attacker's pass.) Real: run_server.py
+    --idle-timeout 1, the REPL in a pty; the server's idle_closed is waited for."""
+    proc = server_process("--idle-timeout", "1")
+    term = repl(proc.port, tmp_path)
+    try:
+        type_at_prompt(term, b"put idle v1\r")
+        term.expect(b"OK")
+        with Client(port=proc.port, timeout=5) as kv:
+            wait_until(lambda: kv.stats()["idle_closed"] >= 1, timeout=20, message="not closed for idleness")
+        type_at_prompt(term, b"put idle v2\r")
+        term.expect(b"reconnected; the command had not been sent: sending it now")
+        term.expect(b"OK")
+        type_at_prompt(term, b"get idle\r")
+        term.expect(b'2) "v2"')
+        with Client(port=proc.port, timeout=5) as kv:
+            assert kv.get("idle") == [b"v1", b"v2"]
+    finally:
+        term.close()
+
+
 def test_escape_shows_every_byte_unambiguously():
     assert escape(b"plain text") == '"plain text"'
     assert escape(b'q"b\\s') == '"q\\"b\\\\s"'

@@ -31,7 +31,7 @@ import time
 from typing import Any, NoReturn, Protocol
 
 from kvgevent.config import DEFAULT_CLIENT_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT
-from kvgevent.errors import ConnectionLost, InvalidArgument, ProtocolError, ServerError
+from kvgevent.errors import ConnectionLost, InvalidArgument, NotSent, ProtocolError, ServerError
 from kvgevent.protocol import (
     ERR_LINE_TOO_LONG,
     PING,
@@ -320,19 +320,20 @@ class Client:
 
     def _check_quiet(self, wire: _Wire) -> None:
         """Between two exchanges the server owes nothing, so nothing may have arrived: raise
-        ConnectionLost for any byte there (a stray reply, such as a PONG nothing asked for,
-        would otherwise be taken as the next call's reply) or for the end of the stream.
-        One non-blocking read, which finds nothing in the usual case; nothing waits."""
+        NotSent (a ConnectionLost: nothing of this call was sent) for any byte there (a stray
+        reply, such as a PONG nothing asked for, would otherwise be taken as the next call's
+        reply) or for the end of the stream. One non-blocking read, which finds nothing in
+        the usual case; nothing waits."""
         if self._buffer.pending:  # part of a line after the last exchange's final reply
-            raise ConnectionLost("unexpected reply from the server: bytes after the last reply")
+            raise NotSent("unexpected reply from the server: bytes after the last reply")
         data = wire.receive()
         if data is None:
             return
         if not data:
-            raise ConnectionLost(closed_by_server(wire.first))
+            raise NotSent(closed_by_server(wire.first))
         if data == REFUSAL:
-            raise ConnectionLost(REFUSED)
-        raise _stray(data.split(b"\n", 1)[0])
+            raise NotSent(REFUSED)
+        raise NotSent(str(_stray(data.split(b"\n", 1)[0])))
 
     def _nothing_after(self, line: bytes | None) -> None:
         """``line``: the first reply line that came after the last reply due, in the same read

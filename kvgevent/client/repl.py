@@ -13,13 +13,14 @@ from typing import TextIO
 from kvgevent.client.client import Client
 from kvgevent.client.commands import (
     HELP,
+    Request,
     error_message,
     parse_request,
     reply_error,
     show_raw_reply,
     show_result,
 )
-from kvgevent.errors import ConnectionLost, InvalidArgument, ServerError
+from kvgevent.errors import ConnectionLost, InvalidArgument, NotSent, ServerError
 
 HISTORY_FILE = "~/.kvgevent_history"
 """Where the REPL keeps its history, unless KVGEVENT_HISTFILE says otherwise."""
@@ -81,15 +82,14 @@ class Repl:
         if not self.client.connected and not self._connect():
             return
         try:
-            if request.command is not None:
-                (result,) = self.client.execute([request.command])
-                lines = show_result(request.command, result, tty=True)
-            else:
-                assert request.raw is not None
-                (lines,) = self.client.send_raw([request.raw])
-                if error := reply_error(lines):
-                    raise error
-                lines = show_raw_reply(lines, tty=True)
+            try:
+                lines = self._run(request)
+            except NotSent as exc:  # (closed while the prompt waited: an idle timeout perhaps)
+                self.say(f"(error) connection lost: {exc}")
+                if not self._connect():
+                    return
+                self.say("reconnected; the command had not been sent: sending it now")
+                lines = self._run(request)
             for line in lines:
                 self.say(line.decode("utf-8", "backslashreplace"))
         except ServerError as exc:
@@ -100,6 +100,17 @@ class Repl:
             self.say(f"(error) connection lost: {exc}")
             if self._connect():
                 self.say("reconnected; the last command may or may not have been applied")
+
+    def _run(self, request: Request) -> list[bytes]:
+        """The reply lines to show for ``request`` (a parsed typed request)."""
+        if request.command is not None:
+            (result,) = self.client.execute([request.command])
+            return show_result(request.command, result, tty=True)
+        assert request.raw is not None
+        (lines,) = self.client.send_raw([request.raw])
+        if error := reply_error(lines):
+            raise error
+        return show_raw_reply(lines, tty=True)
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
