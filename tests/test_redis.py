@@ -1976,3 +1976,25 @@ def test_a_stopped_cluster_node_does_not_hold_up_the_clients_of_the_others(serve
         gevent.joinall(askers, timeout=30, raise_error=True)
     assert not wrong and slowest[0] < 1.0, (slowest, wrong[:3])
     assert proc.stop() == 0
+
+
+def test_a_clusters_own_name_is_not_counted_beside_the_node_that_is_down(redis_cluster):
+    """STATS' store_nodes_down (and kvgevent_store_nodes_down): over a cluster the
+    bookkeeping's calls, which reach any node, have the cluster's own name; when they fail
+    because a node is down, that is the same failure: one node down is 1, not 2 (an
+    attacker's pass saw 2 with one of three nodes stopped). The cluster's name alone (no node
+    known down) still counts 1; two nodes, 2. The rules on the store's own RedisHealth (over
+    a real three-node cluster, which nothing is asked of), its outages made by hand."""
+    from kvgevent.stores.redis_store import RedisStore
+
+    store = RedisStore(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", prefix="down:")
+    try:
+        health = store.health
+        health.down(store.node, "timed out", 1)
+        assert store.stats()["store_nodes_down"] == 1
+        health.down(f"127.0.0.1:{redis_cluster[2].port}", "timed out", 1)
+        assert store.stats()["store_nodes_down"] == 1
+        health.down(f"127.0.0.1:{redis_cluster[1].port}", "timed out", 1)
+        assert store.stats()["store_nodes_down"] == 2
+    finally:
+        store.close()

@@ -81,7 +81,9 @@ class Outage:
 class RedisHealth:
     """Outages by node name, error-reply episodes by phrase, and their counts (STATS).
     ``settle``: seconds a node in an outage must answer, with no command failing, for the
-    outage to be over (0: at its first answer)."""
+    outage to be over (0: at its first answer). ``aside``: a name that is not one node (a
+    cluster's, for the calls that reach any of its nodes: the bookkeeping), counted among
+    the nodes down only when no node is (one node down counted as two, an attacker's pass)."""
 
     def __init__(
         self,
@@ -90,8 +92,10 @@ class RedisHealth:
         jitter: Callable[[float, float], float] = random.uniform,
         settle: float = 0.0,
         try_limit: float = 10.0,
+        aside: str | None = None,
     ) -> None:
         self.log = log
+        self.aside = aside
         self.settle = settle
         self.try_limit = try_limit  # (the store's timeout: a try has its outcome by then)
         self.clock = clock
@@ -229,8 +233,14 @@ class RedisHealth:
         return {
             "store_unavailable": self.unavailable,
             "store_errors": self.errors,
-            "store_nodes_down": sum(not outage.answered for outage in self.outages.values()),
+            "store_nodes_down": self._nodes_down(),
         }
+
+    def _nodes_down(self) -> int:
+        down = {node for node, outage in self.outages.items() if not outage.answered}
+        if self.aside in down and len(down) > 1:  # (the same failure, seen through the cluster)
+            down.discard(self.aside)
+        return len(down)
 
 
 def _first_in_a_while(last_seen: dict[str, float], kind: str, now: float) -> bool:

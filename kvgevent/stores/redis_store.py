@@ -286,6 +286,7 @@ class RedisStore(KVStore):
         self.node = redacted_url(url)  # the node's name in logs (a cluster names each of its nodes)
         scheme = urlparse(url).scheme
         self.cluster = scheme == "redis+cluster"
+        self.health.aside = self.node if self.cluster else None  # (the bookkeeping's, not a node)
         self._dispatcher: Dispatcher | None = None  # the fast data path (plain redis:// only)
         self._closed = False  # close() was called: failures after it begin no outage
         if scheme not in ("redis", "rediss", "redis+cluster"):
