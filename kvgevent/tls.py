@@ -181,13 +181,15 @@ class TlsStream:
             return self._outgoing.read()
 
     def _fill(self) -> bool:
-        """Read ciphertext from the socket into the TLS engine; False at end of stream."""
+        """Read ciphertext from the socket into the TLS engine; False at end of stream. The
+        engine is not told of an end without the peer's close_notify (a bare FIN, as from a
+        client that half-closes): told, OpenSSL 3 fails the session, and this side's
+        close_notify, sent after the last reply, could not be made (a strict client then
+        took a complete reply for a truncated one, an attacker's pass)."""
         data = self.sock.recv(RECORD_READ)
-        with self._tls_lock:
-            if data:
+        if data:
+            with self._tls_lock:
                 self._incoming.write(data)
-            else:
-                self._incoming.write_eof()
         return bool(data)
 
     def _flush(self) -> None:

@@ -658,6 +658,41 @@ def test_a_client_that_speaks_only_tls_1_1_or_older_is_refused(make_server, cert
     peer.close()
 
 
+def test_a_tls_client_that_half_closes_with_a_bare_fin_gets_the_servers_close_notify(make_server, certs):
+    """README: "A client that half-closes its connection (shutdown(SHUT_WR), nc -N) still
+    receives the replies to everything it sent before its FIN"; over TLS they end with the
+    server's close_notify, as every other clean close does (RFC 8446 6.1), also when the
+    client's FIN came without its own close_notify. Before, the TLS engine was told of that
+    FIN, OpenSSL 3 failed the session, and no close_notify could be made: a strict client
+    (``suppress_ragged_eofs=False``) took a complete reply for a truncated one (an
+    attacker's pass, 8 of 8). Real: a TLS session over a loopback socket (Python's
+    ssl.MemoryBIO on the client's side), its TCP write side shut with no close_notify."""
+    server = make_server(tls=certs.server)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = certs.client.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(b"PUT:a:b\nGET:a\nPING\n")
+        sock.sendall(outgoing.read())
+        sock.shutdown(socket.SHUT_WR)  # (TCP's FIN alone: no close_notify of the client's)
+        while chunk := sock.recv(65536):
+            incoming.write(chunk)
+        incoming.write_eof()
+        got = bytearray()
+        while piece := tls.read(65536):  # (SSLEOFError if the stream ended without close_notify)
+            got += piece
+    finally:
+        sock.close()
+    assert bytes(got) == b"a:b\nPONG\n"
+
+
 def test_freed_memory_can_be_given_back_to_the_os():
     """On Linux/glibc the janitor's primitive works and RSS is readable."""
     from kvgevent.server.memory import release_free_memory, rss_kb
