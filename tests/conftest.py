@@ -609,6 +609,30 @@ def reset_close(sock: socket.socket) -> None:
     sock.close()
 
 
+class BioSession:
+    """A client's TLS session over a loopback socket with the TLS engine on ``ssl.MemoryBIO``
+    (the test decides what goes on the wire: records of any size, a FIN without
+    close_notify, garbage), the handshake done and its last bytes sent. ``send(plaintext)``
+    encrypts and sends; :attr:`sock`, :attr:`tls`, :attr:`incoming`, :attr:`outgoing`."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                self.incoming.write(self.sock.recv(1 << 16))
+        self.sock.sendall(self.outgoing.read())  # (the handshake's last bytes, if any)
+
+    def send(self, plaintext: bytes) -> None:
+        self.tls.write(plaintext)
+        self.sock.sendall(self.outgoing.read())
+
+
 def small_buffer_socket(port: int, rcvbuf: int = 4096) -> socket.socket:
     """A client socket connected to ``port`` with a small receive buffer (what it does not
     read stays in the server, not in this kernel) and a 10 s timeout."""

@@ -16,7 +16,7 @@ import gevent
 import pytest
 
 from kvgevent import KeyValueServer
-from tests.conftest import Peer, WrappedStore, log_events, read_stats, wait_until
+from tests.conftest import BioSession, Peer, WrappedStore, log_events, read_stats, wait_until
 from tests.test_memory import rss
 
 PASSWORD = "correct-horse-battery"
@@ -329,29 +329,19 @@ def test_neither_log_format_renders_exception_locals(fmt):
     assert "ValueError" in stream.getvalue()
 
 
-class TinyRecords:
-    """A TLS session with the server at ``port`` (handshake done) and ``plaintext``, then a
-    PING, encrypted one byte to a record, ready to send: the attacker's whole cost paid up
-    front. :meth:`attack` sends it all and reads until ``replies`` lines came back."""
+class TinyRecords(BioSession):
+    """A TLS session with the server at ``port`` and ``plaintext``, then a PING, encrypted one
+    byte to a record, ready to send: the attacker's whole cost paid up front. :meth:`attack`
+    sends it all and reads until ``replies`` lines came back."""
 
     def __init__(self, port: int, context: ssl.SSLContext, plaintext: bytes) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, outgoing, server_hostname="127.0.0.1")
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self.sock.sendall(outgoing.read())
-                self.incoming.write(self.sock.recv(65536))
-        self.sock.sendall(outgoing.read())
+        super().__init__(port, context)
         records = []
         for byte in range(len(plaintext)):
             self.tls.write(plaintext[byte : byte + 1])
-            records.append(outgoing.read())
+            records.append(self.outgoing.read())
         self.tls.write(b"PING\n")
-        records.append(outgoing.read())
+        records.append(self.outgoing.read())
         self.data = b"".join(records)
 
     def attack(self, replies: int) -> None:

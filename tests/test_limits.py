@@ -10,6 +10,7 @@ import warnings
 import gevent
 import pytest
 from conftest import (
+    BioSession,
     Peer,
     fill_descriptors,
     free_port,
@@ -444,21 +445,12 @@ def test_lines_before_a_corrupt_tls_record_are_served(make_server, certs, log_st
     PUT applied 0 times in 20: an attacker's pass); and a reply that the failed session could
     not encrypt made the reason ``write_error``."""
     server = make_server(tls=certs.server)
-    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    session = certs.client.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    session = BioSession(server.port, certs.client)
+    raw = session.sock
     try:
-        while True:
-            try:
-                session.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                raw.sendall(outgoing.read())
-                incoming.write(raw.recv(1 << 16))
-        raw.sendall(outgoing.read())  # (the handshake's last bytes, if any)
-        session.write(b"PUT:k:before\nPUT:k:again\n" + (b"PING\n" if ping else b""))
+        session.tls.write(b"PUT:k:before\nPUT:k:again\n" + (b"PING\n" if ping else b""))
         garbage = b"\x17\x03\x03\x00\x20" + b"\x00" * 32  # application data, 32 bytes of nonsense
-        raw.sendall(outgoing.read() + garbage)
+        raw.sendall(session.outgoing.read() + garbage)
         while raw.recv(1 << 16):  # (the server closes the connection: its alert, then the end)
             pass
     finally:
@@ -668,28 +660,18 @@ def test_a_tls_client_that_half_closes_with_a_bare_fin_gets_the_servers_close_no
     attacker's pass, 8 of 8). Real: a TLS session over a loopback socket (Python's
     ssl.MemoryBIO on the client's side), its TCP write side shut with no close_notify."""
     server = make_server(tls=certs.server)
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = certs.client.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    session = BioSession(server.port, certs.client)
     try:
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                sock.sendall(outgoing.read())
-                incoming.write(sock.recv(65536))
-        tls.write(b"PUT:a:b\nGET:a\nPING\n")
-        sock.sendall(outgoing.read())
-        sock.shutdown(socket.SHUT_WR)  # (TCP's FIN alone: no close_notify of the client's)
-        while chunk := sock.recv(65536):
-            incoming.write(chunk)
-        incoming.write_eof()
+        session.send(b"PUT:a:b\nGET:a\nPING\n")
+        session.sock.shutdown(socket.SHUT_WR)  # (TCP's FIN alone: no close_notify of the client's)
+        while chunk := session.sock.recv(65536):
+            session.incoming.write(chunk)
+        session.incoming.write_eof()
         got = bytearray()
-        while piece := tls.read(65536):  # (SSLEOFError if the stream ended without close_notify)
+        while piece := session.tls.read(65536):  # (SSLEOFError if it ended without close_notify)
             got += piece
     finally:
-        sock.close()
+        session.sock.close()
     assert bytes(got) == b"a:b\nPONG\n"
 
 

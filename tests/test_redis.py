@@ -1798,6 +1798,20 @@ def node_connections(pid: int, ports: set[int]) -> Counter:
     return count
 
 
+def at_once(port: int, clients: int, request: bytes, reply: bytes) -> None:
+    """``clients`` connections each send ``request`` with their number in every ``%d``, all
+    before any reply is read; each must get ``reply`` (numbered the same) as its first line."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(clients)]
+    try:
+        for n, sock in enumerate(socks):
+            sock.sendall(request % ((n,) * request.count(b"%d")))
+        for n, sock in enumerate(socks):
+            assert sock.makefile("rb").readline() == reply % ((n,) * reply.count(b"%d"))
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 class PeakConnections:
     """The most TCP connections process ``pid`` held to each of ``ports`` (node_connections),
     sampled every 5 ms until :meth:`stop`, and once more then: ``highest``."""
@@ -1876,15 +1890,9 @@ def test_rediss_serves_every_command_on_at_most_8_connections(server_process, tl
 
     proc = server_process("--store", tls_redis.url, "--redis-prefix", f"tls{time.time_ns()}:")
     most = PeakConnections(proc.proc.pid, {tls_redis.port})
-    clients = [socket.create_connection(("127.0.0.1", proc.port), timeout=30) for _ in range(300)]
     try:
-        for n, sock in enumerate(clients):
-            sock.sendall(b"PUT:k%d:v%d\nUPDATE:k%d:v%d:w%d\nGET:k%d\n" % (n, n, n, n, n, n))
-        for n, sock in enumerate(clients):
-            assert sock.makefile("rb").readline() == b"k%d:w%d\n" % (n, n)
+        at_once(proc.port, 300, b"PUT:k%d:v%d\nUPDATE:k%d:v%d:w%d\nGET:k%d\n", b"k%d:w%d\n")
     finally:
-        for sock in clients:
-            sock.close()
         most.stop()
     assert 0 < most.highest[tls_redis.port] <= REDIS_PY_CONNECTIONS, most.highest
     assert proc.stop() == 0
@@ -1905,15 +1913,9 @@ def test_many_clients_at_once_over_a_cluster_use_a_bounded_pool_per_node(server_
     url = f"redis+cluster://127.0.0.1:{redis_cluster[0].port}"
     proc = server_process("--store", url, "--redis-prefix", f"pool{time.time_ns()}:")
     most = PeakConnections(proc.proc.pid, ports)
-    clients = [socket.create_connection(("127.0.0.1", proc.port), timeout=30) for _ in range(300)]
     try:
-        for n, sock in enumerate(clients):
-            sock.sendall(b"PUT:k%d:v%d\nGET:k%d\n" % (n, n, n))
-        for n, sock in enumerate(clients):
-            assert sock.makefile("rb").readline() == b"k%d:v%d\n" % (n, n)
+        at_once(proc.port, 300, b"PUT:k%d:v%d\nGET:k%d\n", b"k%d:v%d\n")
     finally:
-        for sock in clients:
-            sock.close()
         most.stop()
     highest = most.highest  # (the bookkeeping's calls too: at most CLUSTER_BOOKKEEPING_CALLS)
     bound = REDIS_PY_CONNECTIONS + CLUSTER_BOOKKEEPING_CALLS
