@@ -872,21 +872,19 @@ class KeyValueServer:
             self._execute(conn, items)
 
     def _serve(self, conn: Connection) -> None:
-        """The read loop of an authenticated client (see :meth:`_read_loop`). Over TLS a read
-        that decrypted more than TLS_RECORDS_PER_TURN records waits for a turn, as a backlog."""
-        recv = conn.stream.recv
+        """The read loop of an authenticated client (see :meth:`_read_loop`)."""
+        recv = conn.stream.recv if conn.stream is conn.io else self._tls_reads(conn)
         feed = conn.buffer.feed
         execute = self._execute
         session = conn.session
         track_idle = self.idle_timeout > 0
-        tls = conn.stream if conn.stream is not conn.io else None
         while conn.failed is None:
             data = recv(RECV_SIZE)
             if not data:
                 return
             if track_idle:
                 conn.last_seen = time.monotonic()
-            if len(data) > TURN_BYTES or (tls is not None and tls.records > TLS_RECORDS_PER_TURN):
+            if len(data) > TURN_BYTES:
                 self._apply_backlog(conn, data)
             else:
                 items = feed(data)
@@ -931,20 +929,34 @@ class KeyValueServer:
         read after that line (b"" if nothing), or None at end of stream or failure. Line by
         line, so that requests pipelined behind the AUTH are split with the full bound."""
         session = conn.session
-        tls = conn.stream if conn.stream is not conn.io else None
+        recv = conn.stream.recv if conn.stream is conn.io else self._tls_reads(conn)
         while conn.failed is None:
-            data = conn.stream.recv(RECV_SIZE)
+            data = recv(RECV_SIZE)
             if not data:
                 return None
             if self.idle_timeout > 0:
                 conn.last_seen = time.monotonic()
-            if tls is not None and tls.records > TLS_RECORDS_PER_TURN:  # (see _serve)
-                self._turns.wait()
             rest = self._apply_lines(conn, data)
             if session.authenticated:
                 conn.buffer.max_line = session.max_line = self.max_line
                 return rest
         return None
+
+    def _tls_reads(self, conn: Connection) -> Callable[[int], bytes]:
+        """The ``recv`` of ``conn``'s TLS stream, which queues for a turn, as a backlog does,
+        after a read that decrypted more than TLS_RECORDS_PER_TURN records (whatever they
+        held: each cost a call into the TLS engine). A read of more than TURN_BYTES is left
+        to the backlog's own turns. The plain path's loop is untouched."""
+        stream = conn.stream
+        turns = self._turns
+
+        def recv(size: int) -> bytes:
+            data = stream.recv(size)
+            if stream.records > TLS_RECORDS_PER_TURN and len(data) <= TURN_BYTES:
+                turns.wait()
+            return data
+
+        return recv
 
     def _apply_lines(self, conn: Connection, data: bytes) -> bytes:
         """Apply ``data`` a line at a time until the session is authenticated (taking turns
