@@ -1901,13 +1901,16 @@ def test_rediss_serves_every_command_on_at_most_8_connections(server_process, tl
 def test_many_clients_at_once_over_a_cluster_use_a_bounded_pool_per_node(server_process, redis_cluster):
     """Over a cluster (and rediss://) redis-py carries the data, a connection per round trip
     in flight, from a pool per node: it grew without bound (256 for rediss://), each a file
-    beyond --max-clients' reserve, never closed. Now at most REDIS_PY_CONNECTIONS per node;
-    a round trip that finds them all busy waits for one (--redis-timeout at most). Real:
-    run_server.py over a three-node redis-server cluster; 300 clients send a PUT and a GET
-    each at once; every reply is right, and the server never holds more than
-    REDIS_PY_CONNECTIONS connections to each node (sampled from /proc while they are
-    served, and after). About 3 s."""
-    from kvgevent.stores.redis_store import CLUSTER_BOOKKEEPING_CALLS, REDIS_PY_CONNECTIONS
+    beyond --max-clients' reserve, never closed: 148 to a node here. Now at most
+    REDIS_PY_CONNECTIONS calls per node; a round trip that finds them all busy waits for one
+    (--redis-timeout at most). Real: run_server.py over a three-node redis-server cluster
+    made for the test; 300 clients send a PUT and a GET each at once; every reply is right,
+    and the server holds a bounded number of connections to each node (sampled from /proc
+    while they are served, and after): two pools' worth and the bookkeeping's. Not
+    REDIS_PY_CONNECTIONS: when redis-py reads a new cluster's map again it makes new pools,
+    and the old ones keep their connections until they are collected (15 to one node in a
+    clean-clone run; 8 in most). About 3 s."""
+    from kvgevent.stores.redis_store import CLUSTER_BOOKKEEPING_CALLS, REDIS_PY_POOL
 
     ports = {node.port for node in redis_cluster}
     url = f"redis+cluster://127.0.0.1:{redis_cluster[0].port}"
@@ -1918,7 +1921,7 @@ def test_many_clients_at_once_over_a_cluster_use_a_bounded_pool_per_node(server_
     finally:
         most.stop()
     highest = most.highest  # (the bookkeeping's calls too: at most CLUSTER_BOOKKEEPING_CALLS)
-    bound = REDIS_PY_CONNECTIONS + CLUSTER_BOOKKEEPING_CALLS
+    bound = 2 * REDIS_PY_POOL + CLUSTER_BOOKKEEPING_CALLS
     assert len(highest) == len(ports) and max(highest.values()) <= bound, highest
     assert proc.stop() == 0
 
