@@ -214,8 +214,10 @@ def _remove_leftovers(parent: str) -> None:
     a TMPDIR shared with a container's supervisors of the same user could lose a running
     one's directory, and its workers' READY=1 with it.)"""
     for name in os.listdir(parent):
+        if not name.startswith(NOTIFY_DIRECTORY):
+            continue
         pid = name[len(NOTIFY_DIRECTORY) :].split("-", 1)[0]
-        if not (name.startswith(NOTIFY_DIRECTORY) and pid.isdigit()) or _runs(int(pid)):
+        if not pid.isdigit() or _runs(int(pid)):
             continue
         directory = os.path.join(parent, name)
         try:

@@ -81,7 +81,9 @@ REDIS_PY_CONNECTIONS = 8
 carries the data (a cluster, ``rediss://``), so its connections to it: a call uses one per node
 it reaches, and waits for a free one of each (taken in the nodes' order: no two calls each
 hold what the other waits for), --redis-timeout at most (then ``ERR store unavailable``, as
-from a Redis that does not answer). Each connection is a file beyond --max-clients, kept open:
+from a Redis that does not answer). (While redis-py reads a cluster's map again its old pools
+keep their connections until collected: 15 to a node seen once.) Each connection is a file
+beyond --max-clients, kept open:
 unbounded, 300 clients at once held 148 open to a three-node cluster (256 at most over
 ``rediss://``), past FD_RESERVE's files at the open-files limit. Per node: with one bound for
 all, a node stopped (SIGSTOP) took every call's turn, and clients of the others waited 2 s and
@@ -860,8 +862,8 @@ class RedisStore(KVStore):
         ``reads_only``: the call writes nothing (in an outage, reads have a try of their own:
         one of writes that Redis holds, CLIENT PAUSE WRITE, must not keep them waiting)."""
         health = self.health
+        nodes = self._nodes(keys)  # (once: over a cluster each key's slot is looked up)
         if health.outages:
-            nodes = self._nodes(keys)
             if all(health.waiting(node, reads_only) for node in nodes):
                 for node in nodes:
                     health.skipped(node, commands)
@@ -873,15 +875,15 @@ class RedisStore(KVStore):
             if calls is None:
                 result = function(*args, **kwargs)
             else:
-                result = self._call_within(self._nodes(keys), function, *args, **kwargs)
+                result = self._call_within(nodes, function, *args, **kwargs)
         except self._redis_errors as exc:
-            raise self._failure(exc, self._nodes(keys), commands, asked).fresh() from None
+            raise self._failure(exc, nodes, commands, asked).fresh() from None
         finally:
             STORE_WAIT.set(STORE_WAIT.get() + health.clock() - asked)
             if health.outages:  # (if this call was a node's try, its outcome is known now)
-                health.tried(self._nodes(keys), reads_only)
+                health.tried(nodes, reads_only)
         if health.outages and not per_command:
-            for node in self._nodes(keys):
+            for node in nodes:
                 health.up(node, asked)
         return result
 
@@ -1229,8 +1231,8 @@ def _close_redis_py(client: Any) -> None:
 
 def _redis_py_client(url: str, timeout: float) -> Any:
     """redis-py's client for ``url``: fails fast (no retries: the store backs off), never
-    uses a connection to itself, and holds at most REDIS_PY_POOL connections per Redis where
-    it carries the data (BOOKKEEPING_CONNECTIONS where it does not)."""
+    uses a connection to itself, and each of its pools holds at most REDIS_PY_POOL
+    connections where it carries the data (BOOKKEEPING_CONNECTIONS where it does not)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
